@@ -1,0 +1,12 @@
+"""zcore: continuous data protection for virtual disks.
+
+Writes to protected volumes are captured in order, shipped to a recovery site and kept
+in a per-VM journal with crash-consistent checkpoints; any checkpoint reads back at once
+through the journal on top of the replica volumes.
+"""
+
+from zcore.errors import ZcoreError
+from zcore.journal import Checkpoint, Journal, JournalSettings, View
+
+__all__ = ["Checkpoint", "Journal", "JournalSettings", "View", "ZcoreError"]
+__version__ = "0.1.0"

@@ -1,0 +1,174 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Extent index and point-in-time read-through (csrc/zc_index.c, zc_record.c).
+
+Sits under `zcore.journal`: the journal feeds it every validated record and asks it to
+read a volume as of a checkpoint.  Newest-wins planning and verified copies run in C
+with the GIL released; only LZ4 payloads come back through the journal's loader.
+The caller serialises every call on one index (the journal holds its lock).
+"""
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport realloc, free
+from libc.string cimport memset, memcpy
+
+from zcore.errors import ConfigError, OutOfMemoryError, status_error
+from zcore._native.zc cimport *
+from zcore._native.record cimport ExtentBatch
+
+
+cdef class ExtentIndex:
+    """Every journaled write of one journal, by volume, offset and seq."""
+    cdef zc_index *idx
+    cdef int *seg_fds         # segment number -> fd (-1 when unknown)
+    cdef size_t nseg
+    cdef int *replica_fds     # volume -> fd of its replica image (-1: reads as zeros)
+    cdef size_t nrep
+
+    def __cinit__(self):
+        self.idx = zc_index_new()
+        if self.idx == NULL:
+            raise OutOfMemoryError("creating the extent index")
+
+    def __dealloc__(self):
+        zc_index_free(self.idx)
+        free(self.seg_fds)
+        free(self.replica_fds)
+
+    cdef int _grow_fds(self, int **arr, size_t *n, size_t need) except -1:
+        cdef size_t i, newn
+        if need <= n[0]:
+            return 0
+        newn = 2 * n[0] if 2 * n[0] > need else need
+        if newn < 16:
+            newn = 16
+        cdef int *p = <int *>realloc(arr[0], newn * sizeof(int))
+        if p == NULL:
+            raise OutOfMemoryError("growing the descriptor table")
+        for i in range(n[0], newn):
+            p[i] = -1
+        arr[0] = p
+        n[0] = newn
+        return 0
+
+    def set_segment_fd(self, unsigned int segment, int fd):
+        """Register (fd >= 0) or forget (fd = -1) the descriptor of a segment file."""
+        self._grow_fds(&self.seg_fds, &self.nseg, <size_t>segment + 1)
+        self.seg_fds[segment] = fd
+
+    def set_replica_fd(self, unsigned int volume, int fd):
+        """Register (or forget, with -1) the replica image of a volume."""
+        self._grow_fds(&self.replica_fds, &self.nrep, <size_t>volume + 1)
+        self.replica_fds[volume] = fd
+
+    def add(self, ExtentBatch batch):
+        """Index the data records of a validated batch."""
+        cdef int st = zc_index_add(self.idx, batch.vec.v, batch.vec.n)
+        if st:
+            raise status_error(st, "indexing records")
+
+    def add_array(self, const uint8_t[::1] extents):
+        """Index extents given as raw EXTENT_DTYPE bytes (from a segment index file)."""
+        if extents.shape[0] % sizeof(zc_extent):
+            raise ConfigError("extent array length is not a multiple of the entry size")
+        cdef size_t n = extents.shape[0] // sizeof(zc_extent)
+        if n == 0:
+            return
+        cdef int st = zc_index_add(self.idx, <const zc_extent *>&extents[0], n)
+        if st:
+            raise status_error(st, "indexing records")
+
+    def drop_before(self, unsigned long long seq):
+        """Forget every extent with seq < `seq` (they were promoted into the replicas)."""
+        cdef int st = zc_index_drop_before(self.idx, seq)
+        if st:
+            raise status_error(st, "dropping promoted records")
+
+    @property
+    def count(self):
+        return zc_index_count(self.idx)
+
+    @property
+    def memory(self):
+        """Bytes the native index holds allocated."""
+        return zc_index_memory(self.idx)
+
+    def plan(self, unsigned int volume, unsigned long long offset,
+             unsigned long long length, unsigned long long at):
+        """Fragments of a read as (dst, length, src, seq or 0 for the replica), by dst."""
+        cdef const zc_fragment *f
+        cdef size_t n, i
+        cdef int st = zc_index_plan(self.idx, volume, offset, length, at, &f, &n)
+        if st:
+            raise status_error(st, "planning a read")
+        return [(f[i].dst, f[i].length, f[i].src, f[i].ext.seq) for i in range(n)]
+
+    def read(self, unsigned int volume, unsigned long long offset, unsigned long long length,
+             unsigned long long at, loader):
+        """Bytes of [offset, offset+length) of `volume` as of checkpoint seq `at`.
+
+        `loader(segment, pos, stored, length)` returns the verified, decompressed data of
+        an LZ4 record.  Every journal byte returned has passed its CRC32C."""
+        out = PyBytes_FromStringAndSize(NULL, length)
+        self._read_into(volume, offset, length, at, <uint8_t *>PyBytes_AS_STRING(out), loader)
+        return out
+
+    def read_into(self, unsigned int volume, unsigned long long offset, buf,
+                  unsigned long long at, loader):
+        """Like read, into a writable buffer whose length is the read's length."""
+        cdef uint8_t[::1] o = buf
+        if o.shape[0]:
+            self._read_into(volume, offset, o.shape[0], at, &o[0], loader)
+
+    cdef int _read_into(self, uint32_t volume, uint64_t offset, uint64_t length, uint64_t at,
+                        uint8_t *out, object loader) except -1:
+        cdef const zc_fragment *f
+        cdef const zc_fragment *fr
+        cdef size_t n, i
+        cdef int st = 0, fd, pending_lz4 = 0
+        cdef size_t bad = 0
+        st = zc_index_plan(self.idx, volume, offset, length, at, &f, &n)
+        if st:
+            raise status_error(st, "planning a read")
+        with nogil:
+            for i in range(n):
+                fr = &f[i]
+                if fr.ext.type == 0:
+                    fd = self.replica_fds[volume] if volume < self.nrep else -1
+                    if fd < 0:
+                        memset(out + fr.dst, 0, fr.length)
+                    else:
+                        st = zc_pread_full(fd, out + fr.dst, fr.length, fr.src)
+                elif fr.ext.type == ZC_REC_ZERO:
+                    memset(out + fr.dst, 0, fr.length)
+                elif fr.ext.flags & ZC_FLAG_LZ4:
+                    pending_lz4 += 1
+                else:
+                    fd = self.seg_fds[fr.ext.segment] if fr.ext.segment < self.nseg else -1
+                    if fd < 0:
+                        st = -10
+                    else:
+                        st = zc_read_blockcrc(fd, fr.ext.pos, fr.ext.length, fr.src,
+                                              fr.length, out + fr.dst)
+                if st:
+                    bad = i
+                    break
+        if st:
+            memset(out, 0, length)
+            fr = &f[bad]
+            where = ("replica" if fr.ext.type == 0 else
+                     f"record seq {fr.ext.seq} (segment {fr.ext.segment}, pos {fr.ext.pos})")
+            raise status_error(st, f"reading volume {volume} at {offset}+{length} from {where}")
+        if pending_lz4:
+            for i in range(n):
+                fr = &f[i]
+                if fr.ext.type != 0 and fr.ext.flags & ZC_FLAG_LZ4:
+                    data = loader(fr.ext.segment, fr.ext.pos, fr.ext.stored, fr.ext.length)
+                    self._copy_lz4(data, fr, out)
+        return 0
+
+    cdef int _copy_lz4(self, object data, const zc_fragment *fr, uint8_t *out) except -1:
+        cdef const uint8_t[::1] d = data
+        if <uint64_t>d.shape[0] != fr.ext.length:
+            raise status_error(-4, f"decompressed record seq {fr.ext.seq} has the wrong size")
+        memcpy(out + fr.dst, &d[fr.src], fr.length)
+        return 0

@@ -1,0 +1,191 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Record codec (csrc/zc_record.c): encode records, validate bundles, CRC32C.
+
+Sits at the bottom of the data path: capture encodes with it, the journal and the
+receiver validate every bundle with `scan` before a byte of it is trusted.
+"""
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+
+import numpy as np
+
+from zcore.errors import ConfigError, status_error
+from zcore._native.zc cimport *
+
+RECORD_HEADER_SIZE = ZC_RECORD_HEADER_SIZE
+SECTOR = ZC_SECTOR
+MAX_WRITE = ZC_MAX_WRITE
+REC_WRITE = ZC_REC_WRITE
+REC_ZERO = ZC_REC_ZERO
+REC_CHECKPOINT = ZC_REC_CHECKPOINT
+REC_SYNC = ZC_REC_SYNC
+FLAG_LZ4 = ZC_FLAG_LZ4
+FLAG_BLOCKCRC = ZC_FLAG_BLOCKCRC
+
+# numpy twin of zc_extent (48 bytes); also the entry layout of segment index files
+EXTENT_DTYPE = np.dtype([
+    ("seq", "<u8"), ("offset", "<u8"), ("pos", "<u8"), ("length", "<u4"),
+    ("segment", "<u4"), ("volume", "<u4"), ("stored", "<u4"), ("type", "<u2"),
+    ("flags", "<u2"), ("reserved", "<u4"),
+])
+assert EXTENT_DTYPE.itemsize == sizeof(zc_extent)
+
+
+cdef inline const uint8_t[::1] _bytes_view(object data, str what):
+    cdef const uint8_t[::1] view
+    try:
+        view = data
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{what}: expected a contiguous buffer of bytes ({exc})") from None
+    return view
+
+
+def crc32c(data, unsigned int crc=0):
+    """CRC32C of `data` (any contiguous byte buffer), continuing from `crc`."""
+    cdef const uint8_t[::1] v = _bytes_view(data, "crc32c")
+    cdef uint32_t r
+    cdef size_t n = v.shape[0]
+    with nogil:
+        r = zc_crc32c(crc, &v[0] if n else NULL, n)
+    return r
+
+
+def record_size(unsigned long long stored):
+    """Bytes a record with `stored` payload bytes occupies (header and padding included)."""
+    return zc_record_size(stored)
+
+
+def blockcrc_table_size(unsigned int length):
+    """Bytes of the per-block CRC table (padding included) before a raw write's data."""
+    return zc_blockcrc_table_size(length)
+
+
+def raw_record_size(unsigned int length):
+    """Bytes a raw write record of `length` data bytes occupies."""
+    return zc_record_size(<uint64_t>zc_blockcrc_table_size(length) + length)
+
+
+def encode_raw_into(out, size_t at, unsigned int volume, unsigned long long seq,
+                    unsigned long long offset, data, unsigned long long time_ns,
+                    bint sync=False):
+    """Encode a raw write (or sync) record into writable buffer `out` at `at`; returns
+    the position after it."""
+    cdef uint8_t[::1] o = out
+    cdef const uint8_t[::1] d = _bytes_view(data, "write data")
+    cdef size_t written = 0, n = d.shape[0], cap
+    cdef int st
+    if n == 0 or n > ZC_MAX_WRITE:
+        raise ConfigError(f"write of {n} bytes: length must be 1 to {ZC_MAX_WRITE}")
+    if at > <size_t>o.shape[0]:
+        raise ConfigError("encode position beyond the output buffer")
+    cap = o.shape[0] - at
+    with nogil:
+        st = zc_encode_raw(&o[at], cap, ZC_REC_SYNC if sync else ZC_REC_WRITE, volume, seq,
+                           offset, &d[0], <uint32_t>n, time_ns, &written)
+    if st:
+        raise status_error(st, f"encoding write seq {seq} at {offset}+{n}")
+    return at + written
+
+
+def encode_raw(unsigned int volume, unsigned long long seq, unsigned long long offset, data,
+               unsigned long long time_ns, bint sync=False):
+    """A raw write (or sync) record as bytes."""
+    cdef const uint8_t[::1] d = _bytes_view(data, "write data")
+    out = bytearray(raw_record_size(d.shape[0]) if d.shape[0] else 0)
+    encode_raw_into(out, 0, volume, seq, offset, d, time_ns, sync)
+    return bytes(out)
+
+
+def encode_stored(unsigned int type, unsigned int flags, unsigned int volume,
+                  unsigned long long seq, unsigned long long offset, unsigned int length,
+                  unsigned long long time_ns, payload=b""):
+    """A record whose payload is stored as given (LZ4 block, zero record, checkpoint)."""
+    cdef const uint8_t[::1] p = _bytes_view(payload, "payload") if len(payload) else None
+    cdef size_t stored = len(payload), written = 0
+    cdef int st
+    if stored > 0xFFFFFFFF:
+        raise ConfigError("payload too large")
+    out = PyBytes_FromStringAndSize(NULL, zc_record_size(stored))
+    cdef uint8_t *o = <uint8_t *>PyBytes_AS_STRING(out)
+    st = zc_encode_stored(o, len(out), type, flags, volume, seq, offset, length, time_ns,
+                          &p[0] if stored else NULL, <uint32_t>stored, &written)
+    if st:
+        raise status_error(st, f"encoding record type {type} seq {seq}")
+    return out
+
+
+def parse_header(data):
+    """Check one 64-byte header; returns (extent tuple as a dict, payload_crc)."""
+    cdef const uint8_t[::1] d = _bytes_view(data, "record header")
+    cdef zc_extent e
+    cdef uint32_t pcrc
+    if d.shape[0] < ZC_RECORD_HEADER_SIZE:
+        raise status_error(-1, "parsing record header")
+    st = zc_parse_header(&d[0], &e, &pcrc)
+    if st:
+        raise status_error(st, "parsing record header")
+    return dict(type=e.type, flags=e.flags, volume=e.volume, seq=e.seq, offset=e.offset,
+                length=e.length, stored=e.stored), pcrc
+
+
+def verify_payload(header, payload):
+    """Verify a whole record payload against its header (bytes); raises on mismatch."""
+    cdef const uint8_t[::1] h = _bytes_view(header, "record header")
+    cdef const uint8_t[::1] p = _bytes_view(payload, "record payload") if len(payload) else None
+    cdef zc_extent e
+    cdef uint32_t pcrc
+    if h.shape[0] < ZC_RECORD_HEADER_SIZE:
+        raise status_error(-1, "verifying record")
+    st = zc_parse_header(&h[0], &e, &pcrc)
+    if st == 0 and <size_t>len(payload) < e.stored:
+        st = -1
+    if st == 0:
+        st = zc_verify_payload(&e, pcrc, &p[0] if e.stored else NULL)
+    if st:
+        raise status_error(st, f"verifying record seq {e.seq}")
+
+
+cdef class ExtentBatch:
+    """Records validated by `scan`: one extent per record, in stream order."""
+
+    def __dealloc__(self):
+        zc_extent_vec_free(&self.vec)
+
+    def __len__(self):
+        return self.vec.n
+
+    def array(self):
+        """A numpy copy of the extents (dtype EXTENT_DTYPE)."""
+        out = np.empty(self.vec.n, dtype=EXTENT_DTYPE)
+        cdef uint8_t[::1] o = out.view(np.uint8)
+        if self.vec.n:
+            memcpy(&o[0], self.vec.v, self.vec.n * sizeof(zc_extent))
+        return out
+
+
+def scan(data, unsigned long long base_pos, unsigned int segment,
+         unsigned long long last_seq, const uint64_t[::1] volume_sizes):
+    """Validate the records of `data` in order.  Returns an ExtentBatch whose `status` is
+    0 when every byte was consumed, else the native status of the first bad record
+    (`consumed` bytes before it are valid)."""
+    cdef const uint8_t[::1] d = _bytes_view(data, "bundle")
+    cdef ExtentBatch b = ExtentBatch()
+    cdef zc_scan_ctx ctx
+    cdef size_t consumed = 0, n = d.shape[0]
+    cdef int st
+    ctx.volume_sizes = &volume_sizes[0] if volume_sizes.shape[0] else NULL
+    ctx.nvolumes = volume_sizes.shape[0]
+    ctx.segment = segment
+    ctx.base_pos = base_pos
+    ctx.last_seq = last_seq
+    ctx.min_time = 0xFFFFFFFFFFFFFFFF
+    ctx.max_time = 0
+    with nogil:
+        st = zc_scan(&ctx, &d[0] if n else NULL, n, &b.vec, &consumed)
+    b.status = st
+    b.consumed = consumed
+    b.last_seq = ctx.last_seq
+    b.min_time = ctx.min_time
+    b.max_time = ctx.max_time
+    return b

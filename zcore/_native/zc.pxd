@@ -1,0 +1,82 @@
+# Declarations of the C kernels in csrc/ (see the headers for each contract).
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+
+cdef extern from "zc_format.h":
+    enum:
+        ZC_RECORD_HEADER_SIZE
+        ZC_SECTOR
+        ZC_MAX_WRITE
+        ZC_REC_WRITE
+        ZC_REC_ZERO
+        ZC_REC_CHECKPOINT
+        ZC_REC_SYNC
+        ZC_FLAG_LZ4
+        ZC_FLAG_BLOCKCRC
+        ZC_OK
+
+cdef extern from "zc_crc32c.h" nogil:
+    uint32_t zc_crc32c(uint32_t crc, const void *buf, size_t len)
+
+cdef extern from "zc_record.h" nogil:
+    ctypedef struct zc_extent:
+        uint64_t seq
+        uint64_t offset
+        uint64_t pos
+        uint32_t length
+        uint32_t segment
+        uint32_t volume
+        uint32_t stored
+        uint16_t type
+        uint16_t flags
+        uint32_t reserved
+
+    ctypedef struct zc_extent_vec:
+        zc_extent *v
+        size_t n
+        size_t cap
+
+    ctypedef struct zc_scan_ctx:
+        const uint64_t *volume_sizes
+        uint32_t nvolumes
+        uint32_t segment
+        uint64_t base_pos
+        uint64_t last_seq
+        uint64_t min_time
+        uint64_t max_time
+
+    void zc_extent_vec_free(zc_extent_vec *vec)
+    uint64_t zc_record_size(uint64_t stored)
+    uint32_t zc_blockcrc_table_size(uint32_t length)
+    int zc_encode_raw(uint8_t *out, size_t cap, uint16_t type, uint32_t volume, uint64_t seq,
+                      uint64_t offset, const uint8_t *data, uint32_t len, uint64_t time_ns,
+                      size_t *written)
+    int zc_encode_stored(uint8_t *out, size_t cap, uint16_t type, uint16_t flags,
+                         uint32_t volume, uint64_t seq, uint64_t offset, uint32_t length,
+                         uint64_t time_ns, const uint8_t *payload, uint32_t stored,
+                         size_t *written)
+    int zc_parse_header(const uint8_t *buf, zc_extent *out, uint32_t *payload_crc)
+    int zc_verify_payload(const zc_extent *e, uint32_t payload_crc, const uint8_t *payload)
+    int zc_scan(zc_scan_ctx *ctx, const uint8_t *buf, size_t len, zc_extent_vec *vec,
+                size_t *consumed)
+    int zc_read_blockcrc(int fd, uint64_t pos, uint32_t length, uint64_t src_off, uint64_t n,
+                         uint8_t *dst)
+    int zc_pread_full(int fd, void *buf, size_t n, uint64_t pos)
+
+cdef extern from "zc_index.h" nogil:
+    ctypedef struct zc_index:
+        pass
+
+    ctypedef struct zc_fragment:
+        uint64_t dst
+        uint64_t length
+        uint64_t src
+        zc_extent ext
+
+    zc_index *zc_index_new()
+    void zc_index_free(zc_index *idx)
+    int zc_index_add(zc_index *idx, const zc_extent *e, size_t n)
+    int zc_index_drop_before(zc_index *idx, uint64_t before)
+    size_t zc_index_count(const zc_index *idx)
+    size_t zc_index_memory(const zc_index *idx)
+    int zc_index_plan(zc_index *idx, uint32_t volume, uint64_t offset, uint64_t length,
+                      uint64_t at, const zc_fragment **frags, size_t *nfrags)

@@ -1,0 +1,1017 @@
+"""The recovery site's per-VM journal: segments, checkpoints, views, promotion.
+
+Sits at the end of the data path.  The receiver hands it bundles of records exactly as
+the protected site encoded them (`append_encoded`); it validates every record natively,
+appends the same bytes to the active segment and indexes them; `commit` is the group
+commit that makes them durable.  `view(checkpoint).read(...)` returns a volume as of a
+checkpoint: the replica image overlaid with every journaled write before the checkpoint,
+newest wins (native planner).  Promotion moves the oldest writes into the replicas.
+
+On-disk layout of a journal directory (docs/format.md):
+    journal.meta               settings, volumes, promotion watermark (atomic JSON)
+    seg-NNNNNNNN.zcj           segment: 64-byte header, then records
+    seg-NNNNNNNN.zci           index of a sealed segment (extents + checkpoints)
+    replica-NNNN.img           one sparse image per volume
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import struct
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import lz4.block
+import numpy as np
+
+from zcore import records
+from zcore._native import record as _rec
+from zcore._native.index import ExtentIndex
+from zcore.errors import (
+    CheckpointNotFoundError,
+    ClosedError,
+    ConfigError,
+    CorruptRecordError,
+    DurabilityError,
+    FormatVersionError,
+    JournalFullError,
+    OutOfRangeError,
+    TruncatedRecordError,
+    status_error,
+)
+
+META_NAME = "journal.meta"
+META_FORMAT = "zcore-journal"
+META_VERSION = 1
+SEGMENT_MAGIC = b"ZCJSEG\r\n"
+SEGMENT_VERSION = 1
+INDEX_MAGIC = b"ZCJIDX\r\n"
+INDEX_VERSION = 1
+SEGMENT_HEADER = struct.Struct("<8sII Q 16s Q 12x I")  # 64 bytes, crc last
+INDEX_HEADER = struct.Struct("<8sII Q 16s Q II I I")  # 64 bytes, body crc, header crc
+INDEX_TIMES = struct.Struct("<QQ")
+assert SEGMENT_HEADER.size == 64 and INDEX_HEADER.size == 64
+
+HOUR = 3600.0
+DAY = 24 * HOUR
+MIN_HISTORY = HOUR
+MAX_HISTORY = 30 * DAY
+
+# 64 MiB segments: reopen scans at most one of them (about 10 ms at 6 GB/s) and a sealed
+# segment's index file stays under 1 MiB even for 4 KiB writes.
+DEFAULT_SEGMENT_BYTES = 64 << 20
+# Commit when 8 MiB are unsynced: one fsync costs ~0.2 ms + 2.5 ms/MiB here, so larger
+# groups only add latency (bench/harness.py journal: journal.append).
+DEFAULT_GROUP_COMMIT_BYTES = 8 << 20
+# Decompressed LZ4 payloads kept for read-through; random 4 KiB reads over compressed
+# records otherwise decompress a whole record each time.
+LZ4_CACHE_BYTES = 64 << 20
+MAX_BUNDLE = 256 << 20
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    """A protected volume as the journal knows it: VPG-wide id, name, fixed size."""
+
+    id: int
+    name: str
+    size: int
+
+
+@dataclass
+class JournalSettings:
+    """Retention and limits of one journal (validated by `check`)."""
+
+    history_seconds: float = DAY
+    hard_limit_bytes: int | None = None
+    hard_limit_percent: float | None = None  # of the VM's provisioned size
+    warning_fraction: float = 0.8  # of the hard limit
+    segment_bytes: int = DEFAULT_SEGMENT_BYTES
+    group_commit_bytes: int = DEFAULT_GROUP_COMMIT_BYTES
+
+    def check(self) -> None:
+        if not MIN_HISTORY <= self.history_seconds <= MAX_HISTORY:
+            raise ConfigError(
+                f"journal history {self.history_seconds} s is outside 1 h to 30 days"
+            )
+        if self.hard_limit_bytes is not None and self.hard_limit_percent is not None:
+            raise ConfigError("give the hard limit in bytes or in percent, not both")
+        if self.hard_limit_bytes is not None and self.hard_limit_bytes < 4 << 20:
+            raise ConfigError("the journal hard limit must be at least 4 MiB")
+        if self.hard_limit_percent is not None and not 0 < self.hard_limit_percent <= 1000:
+            raise ConfigError("the journal hard limit percent must be in (0, 1000]")
+        if not 0 < self.warning_fraction < 1:
+            raise ConfigError("the warning threshold must be a fraction of the hard limit")
+        if self.segment_bytes < 1 << 20:
+            raise ConfigError("segments must be at least 1 MiB")
+        if self.group_commit_bytes < 0:
+            raise ConfigError("group commit size cannot be negative")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A point in the VPG's stream: every write with a smaller seq is before it.
+
+    `id` equals `seq`: seqs are unique and ordered across the whole VPG."""
+
+    id: int
+    seq: int
+    time_ns: int
+    kind: str  # "auto" or "tagged"
+    tag: str | None
+    consistent: bool
+
+    @property
+    def time(self) -> float:
+        return self.time_ns / 1e9
+
+
+@dataclass(frozen=True)
+class ReopenReport:
+    """What reopening found: dropped torn tail, segments rebuilt without an index file."""
+
+    dropped_bytes: int = 0
+    dropped_segments: int = 0
+    rescanned_segments: int = 0
+    resumed_promotion: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class JournalStatus:
+    size_bytes: int
+    records: int
+    index_bytes: int
+    oldest_checkpoint: Checkpoint | None
+    newest_checkpoint: Checkpoint | None
+    history_held_seconds: float
+    history_configured_seconds: float
+    history_state: str  # "ok", "warning" (< 85 %), "error" (< 75 %)
+    hard_limit_bytes: int | None
+    warning_limit_bytes: int | None
+    near_limit: bool
+    full: bool
+    durable_seq: int
+    last_seq: int
+    promoted_seq: int
+
+
+@dataclass
+class _Segment:
+    number: int
+    path: Path
+    fd: int
+    size: int  # bytes, header included
+    sealed: bool
+    min_seq: int = 0
+    max_seq: int = 0
+    min_time: int = 0
+    max_time: int = 0
+    records: int = 0
+    extents: list[np.ndarray] = field(default_factory=list)  # active segment only
+
+
+def _kind_name(kind: int) -> str:
+    return "tagged" if kind == records.CKPT_TAGGED else "auto"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _pread_all(fd: int, size: int, pos: int = 0) -> bytes:
+    chunks = []
+    while size > 0:
+        chunk = os.pread(fd, min(size, 1 << 30), pos)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size -= len(chunk)
+        pos += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class Journal:
+    """One VM's journal.  Thread-safe; one process opens it at a time (flock)."""
+
+    def __init__(self, path: Path, meta: dict, lock_fd: int) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        self._lock_fd = lock_fd
+        self._meta = meta
+        self.journal_id = bytes.fromhex(meta["journal_id"])
+        self.vm = meta["vm"]
+        self.settings = JournalSettings(**meta["settings"])
+        self.volumes = {
+            int(v["id"]): VolumeSpec(int(v["id"]), v["name"], int(v["size"]))
+            for v in meta["volumes"]
+        }
+        self._by_name = {v.name: v for v in self.volumes.values()}
+        self._volume_sizes = np.zeros(max(self.volumes) + 1, dtype=np.uint64)
+        for v in self.volumes.values():
+            self._volume_sizes[v.id] = v.size
+        self.created_ns = int(meta["created_ns"])
+        self.promoted_seq = int(meta["promoted_seq"])
+        self._index = ExtentIndex()
+        self._segments: OrderedDict[int, _Segment] = OrderedDict()
+        self._checkpoints: list[Checkpoint] = []
+        self._replica_fds: dict[int, int] = {}
+        self._pins: dict[int, int] = {}
+        self._lz4_cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._lz4_cache_bytes = 0
+        self.last_seq = 0
+        self.durable_seq = 0
+        self._unsynced = 0
+        self._failed: BaseException | None = None
+        self._full = False
+        self._closed = False
+        self.reopen_report = ReopenReport()
+
+    # ---- creation and reopening ---------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        volumes: Iterable[VolumeSpec | tuple[int, str, int]],
+        *,
+        vm: str = "vm",
+        settings: JournalSettings | None = None,
+    ) -> Journal:
+        """Create an empty journal (and sparse replicas) in the new or empty directory."""
+        settings = settings or JournalSettings()
+        settings.check()
+        specs = [v if isinstance(v, VolumeSpec) else VolumeSpec(*v) for v in volumes]
+        if not specs:
+            raise ConfigError("a journal needs at least one volume")
+        ids = [v.id for v in specs]
+        if len(set(ids)) != len(ids) or len({v.name for v in specs}) != len(specs):
+            raise ConfigError("volume ids and names must be unique")
+        for v in specs:
+            if not 0 <= v.id < 65536:
+                raise ConfigError(f"volume id {v.id} is outside 0..65535")
+            if v.size <= 0 or v.size % records.SECTOR:
+                raise ConfigError(f"volume {v.name!r} size {v.size} is not a positive "
+                                  f"multiple of {records.SECTOR}")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if any(path.iterdir()):
+            raise ConfigError(f"{path} is not empty: open an existing journal with Journal.open")
+        meta = {
+            "format": META_FORMAT,
+            "version": META_VERSION,
+            "journal_id": uuid.uuid4().hex,
+            "vm": vm,
+            "created_ns": time.time_ns(),
+            "volumes": [asdict(v) for v in specs],
+            "settings": asdict(settings),
+            "promoted_seq": 0,
+            "promote_target": 0,
+        }
+        for v in specs:
+            fd = os.open(path / f"replica-{v.id:04d}.img", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                os.ftruncate(fd, v.size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        cls._write_meta(path, meta)
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Journal:
+        """Open a journal, truncating a torn tail and finishing an interrupted promotion."""
+        path = Path(path)
+        lock_fd = os.open(path / META_NAME, os.O_RDONLY) if (path / META_NAME).exists() else -1
+        if lock_fd < 0:
+            raise ConfigError(f"{path} holds no journal ({META_NAME} missing)")
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            raise ConfigError(f"journal {path} is open in another process") from None
+        try:
+            meta = cls._read_meta(path)
+            journal = cls(path, meta, lock_fd)
+            journal._load()
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return journal
+
+    @staticmethod
+    def _write_meta(path: Path, meta: dict) -> None:
+        body = json.dumps(meta, sort_keys=True)
+        crc = _rec.crc32c(body.encode())
+        _atomic_write(path / META_NAME, json.dumps({"meta": meta, "crc32c": crc}).encode())
+
+    @staticmethod
+    def _read_meta(path: Path) -> dict:
+        try:
+            doc = json.loads((path / META_NAME).read_bytes())
+            meta = doc["meta"]
+            crc = doc["crc32c"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptRecordError(f"{path / META_NAME} is unreadable: {exc}") from None
+        if _rec.crc32c(json.dumps(meta, sort_keys=True).encode()) != crc:
+            raise CorruptRecordError(f"{path / META_NAME} fails its checksum")
+        if meta.get("format") != META_FORMAT:
+            raise CorruptRecordError(f"{path / META_NAME} is not a zcore journal")
+        if meta.get("version") != META_VERSION:
+            raise FormatVersionError(f"journal format version {meta.get('version')} is not "
+                                     f"supported (this build reads {META_VERSION})")
+        return meta
+
+    def _load(self) -> None:
+        for v in self.volumes.values():
+            fd = os.open(self.path / f"replica-{v.id:04d}.img", os.O_RDWR)
+            self._replica_fds[v.id] = fd
+            self._index.set_replica_fd(v.id, fd)
+        numbers = sorted(
+            int(p.name[4:12]) for p in self.path.glob("seg-*.zcj") if len(p.name) == 16
+        )
+        dropped = dropped_segments = rescanned = 0
+        reason = ""
+        last_seq = 0
+        for i, number in enumerate(numbers):
+            is_last = i == len(numbers) - 1
+            seg_path = self.path / f"seg-{number:08d}.zcj"
+            fd = os.open(seg_path, os.O_RDWR)
+            seg = _Segment(number, seg_path, fd, os.fstat(fd).st_size, sealed=not is_last)
+            self._index.set_segment_fd(number, fd)
+            loaded = None if is_last else self._load_segment_index(seg, last_seq)
+            if loaded is None:
+                outcome = self._scan_segment(seg, last_seq, is_last)
+                if outcome is None:  # the tail segment's own header is torn: nothing durable
+                    dropped += seg.size
+                    dropped_segments += 1
+                    reason = f"segment {number} has a torn header"
+                    self._index.set_segment_fd(number, -1)
+                    os.close(fd)
+                    seg_path.unlink()
+                    continue
+                if outcome:
+                    dropped += outcome[0]
+                    reason = outcome[1]
+                if not is_last:
+                    rescanned += 1
+                    self._seal_index(seg)
+            self._segments[number] = seg
+            if seg.records:
+                last_seq = seg.max_seq
+        self.last_seq = self.durable_seq = last_seq
+        if self._segments:
+            self._active = next(reversed(self._segments.values()))
+            self._active.sealed = False
+        else:
+            self._active = self._new_segment(1)
+        if self.promoted_seq:
+            self._index.drop_before(self.promoted_seq)
+        self._checkpoints = [c for c in self._checkpoints if c.seq >= self.promoted_seq]
+        resumed = False
+        target = int(self._meta.get("promote_target", 0))
+        if target > self.promoted_seq:  # a promotion was interrupted: finish it first
+            self._promote_to(target)
+            resumed = True
+        self.reopen_report = ReopenReport(dropped, dropped_segments, rescanned, resumed, reason)
+
+    def _check_segment_header(self, seg: _Segment, head: bytes) -> bool:
+        if len(head) < 64:
+            return False
+        magic, version, hsize, number, jid, _created, crc = SEGMENT_HEADER.unpack(head[:64])
+        if _rec.crc32c(head[:60]) != crc or magic != SEGMENT_MAGIC:
+            return False
+        if version != SEGMENT_VERSION:
+            raise FormatVersionError(f"segment {seg.path} has format version {version}")
+        if hsize != 64 or number != seg.number or jid != self.journal_id:
+            raise CorruptRecordError(f"segment {seg.path} belongs to another journal or slot")
+        return True
+
+    def _scan_segment(self, seg: _Segment, last_seq: int, is_last: bool):
+        """Full validation of one segment.  Returns None when the header itself is torn
+        (tail segment only), else (dropped bytes, reason) or () when the segment is whole."""
+        data = _pread_all(seg.fd, seg.size)
+        if not self._check_segment_header(seg, data):
+            if is_last:
+                return None
+            raise CorruptRecordError(f"sealed segment {seg.path} has a damaged header")
+        batch = _rec.scan(memoryview(data)[64:], 64, seg.number, last_seq, self._volume_sizes)
+        self._take_batch(seg, batch, data, 0)
+        end = 64 + batch.consumed
+        if batch.status == 0:
+            return ()
+        if not is_last:
+            # sealed segments were fsynced before they were sealed: this is media damage
+            raise status_error(batch.status, f"sealed segment {seg.path} is damaged at "
+                               f"byte {end}; the journal needs a resync from that point")
+        os.ftruncate(seg.fd, end)
+        os.fsync(seg.fd)
+        dropped = seg.size - end
+        seg.size = end
+        reason = status_error(batch.status, f"torn tail of segment {seg.number} at {end}")
+        return dropped, str(reason)
+
+    def _take_batch(self, seg: _Segment, batch, buf, buf_pos: int) -> None:
+        """Index a validated batch and learn its checkpoints and segment statistics.
+        `buf` holds the batch's bytes, `buf_pos` the file position of buf[0]."""
+        n = len(batch)
+        if not n:
+            return
+        self._index.add(batch)
+        arr = batch.array()
+        if not seg.sealed:
+            seg.extents.append(arr)
+        if not seg.records:
+            seg.min_seq = int(arr["seq"][0])
+            seg.min_time = batch.min_time
+        seg.min_time = min(seg.min_time, batch.min_time)
+        seg.max_seq = batch.last_seq
+        seg.max_time = max(seg.max_time, batch.max_time)
+        seg.records += n
+        for rec in arr[arr["type"] == records.REC_CHECKPOINT]:
+            at = int(rec["pos"]) - buf_pos
+            payload = memoryview(buf)[at + 64 : at + 64 + int(rec["stored"])]
+            self._add_checkpoint(int(rec["seq"]), records.record_time(buf, at), payload)
+
+    def _add_checkpoint(self, seq: int, time_ns: int, payload) -> None:
+        marker = records.decode_checkpoint_payload(payload)
+        self._checkpoints.append(
+            Checkpoint(seq, seq, time_ns, _kind_name(marker.kind), marker.tag, marker.consistent)
+        )
+
+    def _load_segment_index(self, seg: _Segment, last_seq: int) -> bool | None:
+        """Load a sealed segment's .zci.  None when it is missing or does not match."""
+        zci = seg.path.with_suffix(".zci")
+        try:
+            data = zci.read_bytes()
+        except FileNotFoundError:
+            return None
+        if len(data) < 64 + INDEX_TIMES.size:
+            return None
+        (magic, version, hsize, number, jid, seg_len, count, ckpt_bytes, body_crc,
+         crc) = INDEX_HEADER.unpack(data[:64])
+        if magic != INDEX_MAGIC or _rec.crc32c(data[:60]) != crc or hsize != 64:
+            return None
+        if version != INDEX_VERSION or number != seg.number or jid != self.journal_id:
+            return None
+        body = memoryview(data)[64:]
+        esize = records.EXTENT_DTYPE.itemsize
+        if len(body) != INDEX_TIMES.size + count * esize + ckpt_bytes:
+            return None
+        if _rec.crc32c(body) != body_crc or seg_len != seg.size:
+            return None
+        seg.min_time, seg.max_time = INDEX_TIMES.unpack_from(body)
+        ext_bytes = body[INDEX_TIMES.size : INDEX_TIMES.size + count * esize]
+        arr = np.frombuffer(ext_bytes, dtype=records.EXTENT_DTYPE)
+        if count:
+            seqs = arr["seq"]
+            if seqs[0] <= last_seq or np.any(np.diff(seqs.astype(np.int64)) <= 0):
+                return None
+            if np.any(arr["segment"] != seg.number) or np.any(arr["pos"] >= seg.size):
+                return None
+            seg.min_seq, seg.max_seq, seg.records = int(seqs[0]), int(seqs[-1]), count
+        self._index.add_array(ext_bytes)
+        blob = body[INDEX_TIMES.size + count * esize :]
+        at = 0
+        for rec in arr[arr["type"] == records.REC_CHECKPOINT]:
+            stored = int(rec["stored"])
+            (t,) = struct.unpack_from("<Q", blob, at)
+            self._add_checkpoint(int(rec["seq"]), t, blob[at + 8 : at + 8 + stored])
+            at += 8 + stored
+        return True
+
+    def _seal_index(self, seg: _Segment) -> None:
+        """Write the .zci of a segment whose records are all durable."""
+        arr = (np.concatenate(seg.extents) if seg.extents
+               else np.empty(0, dtype=records.EXTENT_DTYPE))
+        blob = bytearray()
+        for rec in arr[arr["type"] == records.REC_CHECKPOINT]:
+            raw = os.pread(seg.fd, 64 + int(rec["stored"]), int(rec["pos"]))
+            _rec.verify_payload(raw[:64], raw[64:])
+            blob += raw[32:40] + raw[64:]
+        body = INDEX_TIMES.pack(seg.min_time, seg.max_time) + arr.tobytes() + bytes(blob)
+        head = INDEX_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, 64, seg.number, self.journal_id,
+                                 seg.size, len(arr), len(blob), _rec.crc32c(body), 0)
+        head = head[:60] + struct.pack("<I", _rec.crc32c(head[:60]))
+        _atomic_write(seg.path.with_suffix(".zci"), head + body)
+        seg.extents = []
+
+    def _new_segment(self, number: int) -> _Segment:
+        seg_path = self.path / f"seg-{number:08d}.zcj"
+        fd = os.open(seg_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        head = SEGMENT_HEADER.pack(SEGMENT_MAGIC, SEGMENT_VERSION, 64, number, self.journal_id,
+                                   time.time_ns(), 0)
+        head = head[:60] + struct.pack("<I", _rec.crc32c(head[:60]))
+        os.pwrite(fd, head, 0)
+        os.fsync(fd)
+        _fsync_dir(self.path)
+        seg = _Segment(number, seg_path, fd, 64, sealed=False)
+        self._segments[number] = seg
+        self._index.set_segment_fd(number, fd)
+        return seg
+
+    # ---- appending -----------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise ClosedError(f"journal {self.path} is closed")
+        if self._failed is not None:
+            raise DurabilityError(
+                f"journal {self.path} stopped after an fsync failure ({self._failed}); "
+                "reopen it to recover"
+            )
+
+    def append_encoded(self, bundle: bytes | bytearray | memoryview) -> int:
+        """Append a bundle of records encoded by the protected site, byte for byte.
+
+        Every record is validated first (checksums, order, volume ranges); a bundle with
+        one bad record is refused whole.  Returns the bundle's last seq; it is durable
+        once `commit` (or the automatic group commit) has returned a seq at least as high.
+        """
+        with self._lock:
+            self._check_usable()
+            size = len(bundle)
+            if size == 0:
+                return self.last_seq
+            if size > MAX_BUNDLE:
+                raise ConfigError(f"bundle of {size} bytes exceeds the {MAX_BUNDLE}-byte limit")
+            self._make_room(size)
+            seg = self._active
+            if seg.records and seg.size + size > self._segment_limit():
+                seg = self._rotate()
+            batch = _rec.scan(bundle, seg.size, seg.number, self.last_seq, self._volume_sizes)
+            if batch.status:
+                raise status_error(
+                    batch.status,
+                    f"refusing bundle: record at byte {batch.consumed} of {size} is invalid",
+                )
+            written = os.pwrite(seg.fd, bundle, seg.size)
+            if written != size:
+                os.ftruncate(seg.fd, seg.size)
+                raise DurabilityError(f"short write to {seg.path}: {written} of {size} bytes")
+            self._take_batch(seg, batch, bundle, seg.size)
+            seg.size += size
+            self.last_seq = batch.last_seq
+            self._unsynced += size
+            if self.settings.group_commit_bytes and self._unsynced >= self.settings.group_commit_bytes:
+                self.commit()
+            return self.last_seq
+
+    def append(
+        self,
+        writes: Iterable[tuple[int | str, int, bytes | bytearray | memoryview]],
+        *,
+        compress: bool = True,
+    ) -> int:
+        """Journal local writes (volume, offset, data), numbering them after the last seq.
+
+        For tests, tools and the demo; replication appends with `append_encoded`."""
+        with self._lock:
+            self._check_usable()
+            seq = self.last_seq
+            now = time.time_ns()
+            parts = []
+            for volume, offset, data in writes:
+                spec = self._volume(volume)
+                records.check_range(offset, len(data), spec.size)
+                seq += 1
+                parts.append(records.encode_write(spec.id, seq, offset, data, now,
+                                                  compress=compress))
+            return self.append_encoded(b"".join(parts)) if parts else self.last_seq
+
+    def checkpoint(self, tag: str | None = None, *, consistent: bool = True) -> Checkpoint:
+        """Append a checkpoint marker (tagged when `tag` is given) after the last write."""
+        with self._lock:
+            self._check_usable()
+            kind = records.CKPT_TAGGED if tag else records.CKPT_AUTO
+            seq = self.last_seq + 1
+            self.append_encoded(records.encode_checkpoint(seq, time.time_ns(), kind,
+                                                          consistent, tag))
+            return self._checkpoints[-1]
+
+    def commit(self) -> int:
+        """Group commit: make every appended record durable; returns the durable seq."""
+        with self._lock:
+            self._check_usable()
+            if self.durable_seq == self.last_seq:
+                return self.durable_seq
+            try:
+                os.fdatasync(self._active.fd)
+            except OSError as exc:
+                self._failed = exc
+                raise DurabilityError(f"fsync of {self._active.path} failed: {exc}") from exc
+            self._unsynced = 0
+            self.durable_seq = self.last_seq
+            return self.durable_seq
+
+    def _segment_limit(self) -> int:
+        limit = self.settings.segment_bytes
+        hard = self.hard_limit_bytes
+        if hard is not None:
+            limit = max(1 << 20, min(limit, hard // 4))
+        return limit
+
+    def _rotate(self) -> _Segment:
+        """Seal the active segment (fsync, then its index file) and start the next one."""
+        self.commit()
+        old = self._active
+        old.sealed = True
+        self._seal_index(old)
+        self._active = self._new_segment(old.number + 1)
+        return self._active
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def checkpoints(
+        self,
+        *,
+        start: float | None = None,
+        end: float | None = None,
+        tag: str | None = None,
+        kind: str | None = None,
+        consistent: bool | None = None,
+    ) -> list[Checkpoint]:
+        """Checkpoints still in the journal, oldest first, filtered by wall-clock range
+        (seconds since the epoch, inclusive), tag substring, kind and consistency."""
+        if kind not in (None, "auto", "tagged"):
+            raise ConfigError(f"unknown checkpoint kind {kind!r}")
+        with self._lock:
+            out = []
+            for c in self._checkpoints:
+                if start is not None and c.time < start:
+                    continue
+                if end is not None and c.time > end:
+                    continue
+                if tag is not None and (c.tag is None or tag not in c.tag):
+                    continue
+                if kind is not None and c.kind != kind:
+                    continue
+                if consistent is not None and c.consistent != consistent:
+                    continue
+                out.append(c)
+            return out
+
+    def latest_checkpoint(self, *, consistent: bool = True) -> Checkpoint:
+        with self._lock:
+            for c in reversed(self._checkpoints):
+                if c.consistent or not consistent:
+                    return c
+        raise CheckpointNotFoundError(f"journal {self.path} holds no checkpoint yet")
+
+    def checkpoint_by_id(self, checkpoint_id: int) -> Checkpoint:
+        with self._lock:
+            lo, hi = 0, len(self._checkpoints)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if self._checkpoints[mid].seq < checkpoint_id:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            if lo < len(self._checkpoints) and self._checkpoints[lo].seq == checkpoint_id:
+                return self._checkpoints[lo]
+        raise CheckpointNotFoundError(
+            f"checkpoint {checkpoint_id} is not in journal {self.path} "
+            f"(promoted past {self.promoted_seq}, or never taken)"
+        )
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def view(self, checkpoint: Checkpoint | int) -> View:
+        """A read-only image of every volume as of `checkpoint`; pins it against promotion
+        until closed."""
+        with self._lock:
+            self._check_open()
+            cid = checkpoint.id if isinstance(checkpoint, Checkpoint) else int(checkpoint)
+            ckpt = self.checkpoint_by_id(cid)
+            target = max(self.promoted_seq, int(self._meta.get("promote_target", 0)))
+            if ckpt.seq < target:
+                raise CheckpointNotFoundError(f"checkpoint {cid} is being promoted away")
+            self._pins[ckpt.seq] = self._pins.get(ckpt.seq, 0) + 1
+            return View(self, ckpt)
+
+    def _unpin(self, seq: int) -> None:
+        with self._lock:
+            left = self._pins.get(seq, 0) - 1
+            if left > 0:
+                self._pins[seq] = left
+            else:
+                self._pins.pop(seq, None)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"journal {self.path} is closed")
+
+    def _volume(self, volume: int | str) -> VolumeSpec:
+        spec = self._by_name.get(volume) if isinstance(volume, str) else self.volumes.get(volume)
+        if spec is None:
+            raise OutOfRangeError(f"journal {self.path} has no volume {volume!r}")
+        return spec
+
+    def _read(self, at: int, volume: int | str, offset: int, length: int, out=None):
+        spec = self._volume(volume)
+        records.check_range(offset, length, spec.size)
+        with self._lock:
+            self._check_open()
+            if out is None:
+                return self._index.read(spec.id, offset, length, at, self._load_lz4)
+            self._index.read_into(spec.id, offset, out, at, self._load_lz4)
+            return out
+
+    def _load_lz4(self, segment: int, pos: int, stored: int, length: int) -> bytes:
+        key = (segment, pos)
+        data = self._lz4_cache.get(key)
+        if data is not None:
+            self._lz4_cache.move_to_end(key)
+            return data
+        seg = self._segments.get(segment)
+        if seg is None:
+            raise CorruptRecordError(f"record at segment {segment} pos {pos}: segment is gone")
+        raw = os.pread(seg.fd, 64 + stored, pos)
+        if len(raw) != 64 + stored:
+            raise TruncatedRecordError(f"segment {seg.path} ends inside the record at {pos}")
+        _rec.verify_payload(raw[:64], memoryview(raw)[64:])
+        try:
+            data = lz4.block.decompress(memoryview(raw)[64:], uncompressed_size=length)
+        except lz4.block.LZ4BlockError as exc:
+            raise CorruptRecordError(f"LZ4 record at {seg.path}:{pos} fails to decode") from exc
+        if len(data) != length:
+            raise CorruptRecordError(f"LZ4 record at {seg.path}:{pos} decodes to a wrong size")
+        self._lz4_cache[key] = data
+        self._lz4_cache_bytes += length
+        while self._lz4_cache_bytes > LZ4_CACHE_BYTES:
+            _, old = self._lz4_cache.popitem(last=False)
+            self._lz4_cache_bytes -= len(old)
+        return data
+
+    # ---- retention and promotion ---------------------------------------------------------
+
+    @property
+    def provisioned_bytes(self) -> int:
+        return sum(v.size for v in self.volumes.values())
+
+    @property
+    def hard_limit_bytes(self) -> int | None:
+        s = self.settings
+        if s.hard_limit_bytes is not None:
+            return s.hard_limit_bytes
+        if s.hard_limit_percent is not None:
+            return int(self.provisioned_bytes * s.hard_limit_percent / 100)
+        return None
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(s.size for s in self._segments.values())
+
+    def _min_pin(self) -> int | None:
+        return min(self._pins) if self._pins else None
+
+    def _make_room(self, incoming: int) -> None:
+        hard = self.hard_limit_bytes
+        if hard is None or self.size_bytes + incoming <= hard:
+            self._full = False
+            return
+        self.promote(incoming=incoming)
+        if self.size_bytes + incoming > hard:
+            self._full = True
+            pin = self._min_pin()
+            why = f"a view pins checkpoint {pin}" if pin is not None else "nothing to promote"
+            raise JournalFullError(
+                f"journal {self.path} is full ({self.size_bytes} of {hard} bytes) and cannot "
+                f"promote: {why}"
+            )
+        self._full = False
+
+    def promote(self, *, now: float | None = None, incoming: int = 0) -> int:
+        """Promote what retention asks for: writes older than the history, and the oldest
+        segments while the journal (plus `incoming` bytes) passes its hard limit.
+        Never past a pinned checkpoint.  Returns the new promotion watermark."""
+        with self._lock:
+            self._check_usable()
+            now_ns = int((time.time() if now is None else now) * 1e9)
+            cutoff = now_ns - int(self.settings.history_seconds * 1e9)
+            target = self.promoted_seq
+            for c in self._checkpoints:
+                if c.time_ns > cutoff:
+                    break
+                target = max(target, c.seq)
+            for seg in self._segments.values():
+                if seg.records and seg.max_time <= cutoff and seg is not self._active:
+                    target = max(target, seg.max_seq + 1)
+            hard = self.hard_limit_bytes
+            if hard is not None:
+                size = self.size_bytes + incoming
+                for seg in self._segments.values():
+                    if size <= hard:
+                        break
+                    if seg is self._active:
+                        # the active segment goes whole: promote it and start afresh
+                        target = max(target, self.last_seq + 1)
+                        break
+                    target = max(target, seg.max_seq + 1)
+                    size -= seg.size
+            pin = self._min_pin()
+            if pin is not None:
+                target = min(target, pin)
+            return self._promote_to(target)
+
+    def promote_to(self, seq: int) -> int:
+        """Promote every write with seq < `seq` (bounded by pins and the last seq)."""
+        with self._lock:
+            self._check_usable()
+            pin = self._min_pin()
+            if pin is not None and seq > pin:
+                raise JournalFullError(f"cannot promote to {seq}: a view pins checkpoint {pin}")
+            return self._promote_to(min(seq, self.last_seq + 1))
+
+    def _promote_to(self, target: int) -> int:
+        if target <= self.promoted_seq:
+            return self.promoted_seq
+        self.commit()
+        self._meta["promote_target"] = target
+        self._write_meta(self.path, self._meta)
+        touched: set[int] = set()
+        zeros = b""
+        for seg in list(self._segments.values()):
+            if not seg.records or seg.min_seq >= target:
+                continue
+            if seg.max_seq < self.promoted_seq:
+                continue
+            data = _pread_all(seg.fd, seg.size)
+            batch = _rec.scan(memoryview(data)[64:], 64, seg.number, 0, self._volume_sizes)
+            if batch.status:
+                raise status_error(batch.status, f"promoting from segment {seg.path}")
+            view = memoryview(data)
+            for rec in batch.array():
+                seq = int(rec["seq"])
+                if seq >= target:
+                    break
+                kind = int(rec["type"])
+                if seq < self.promoted_seq or kind == records.REC_CHECKPOINT:
+                    continue
+                volume, offset, length = int(rec["volume"]), int(rec["offset"]), int(rec["length"])
+                pos = int(rec["pos"]) + 64
+                if kind == records.REC_ZERO:
+                    if len(zeros) < length:
+                        zeros = bytes(length)
+                    payload = memoryview(zeros)[:length]
+                elif int(rec["flags"]) & records.FLAG_LZ4:
+                    payload = lz4.block.decompress(view[pos : pos + int(rec["stored"])],
+                                                   uncompressed_size=length)
+                else:
+                    start = pos + _rec.blockcrc_table_size(length)
+                    payload = view[start : start + length]
+                os.pwrite(self._replica_fds[volume], payload, offset)
+                touched.add(volume)
+        for volume in touched:
+            os.fsync(self._replica_fds[volume])
+        self.promoted_seq = target
+        self._meta["promoted_seq"] = target
+        self._write_meta(self.path, self._meta)
+        self._index.drop_before(target)
+        self._checkpoints = [c for c in self._checkpoints if c.seq >= target]
+        self._lz4_cache.clear()
+        self._lz4_cache_bytes = 0
+        for seg in list(self._segments.values()):
+            if seg is self._active or seg.max_seq >= target:
+                continue
+            self._drop_segment(seg)
+        if self._active.records and self._active.max_seq < target:
+            # everything journaled is in the replicas: restart with an empty segment
+            old = self._active
+            self._active = self._new_segment(old.number + 1)
+            self._drop_segment(old)
+        return target
+
+    def _drop_segment(self, seg: _Segment) -> None:
+        self._index.set_segment_fd(seg.number, -1)
+        os.close(seg.fd)
+        seg.path.with_suffix(".zci").unlink(missing_ok=True)
+        seg.path.unlink()
+        del self._segments[seg.number]
+        _fsync_dir(self.path)
+
+    # ---- status and lifetime -------------------------------------------------------------
+
+    def status(self, *, now: float | None = None) -> JournalStatus:
+        with self._lock:
+            now = time.time() if now is None else now
+            oldest = self._checkpoints[0] if self._checkpoints else None
+            newest = self._checkpoints[-1] if self._checkpoints else None
+            configured = self.settings.history_seconds
+            held = max(0.0, now - oldest.time) if oldest else 0.0
+            # a young journal cannot hold more history than it has lived
+            expected = min(configured, max(0.0, now - self.created_ns / 1e9))
+            ratio = held / expected if expected > 0 else 1.0
+            state = "ok" if ratio >= 0.85 else "warning" if ratio >= 0.75 else "error"
+            hard = self.hard_limit_bytes
+            warn = int(hard * self.settings.warning_fraction) if hard is not None else None
+            size = self.size_bytes
+            return JournalStatus(
+                size_bytes=size,
+                records=sum(s.records for s in self._segments.values()),
+                index_bytes=self._index.memory,
+                oldest_checkpoint=oldest,
+                newest_checkpoint=newest,
+                history_held_seconds=held,
+                history_configured_seconds=configured,
+                history_state=state,
+                hard_limit_bytes=hard,
+                warning_limit_bytes=warn,
+                near_limit=warn is not None and size >= warn,
+                full=self._full,
+                durable_seq=self.durable_seq,
+                last_seq=self.last_seq,
+                promoted_seq=self.promoted_seq,
+            )
+
+    @property
+    def index_count(self) -> int:
+        return self._index.count
+
+    @property
+    def index_memory(self) -> int:
+        return self._index.memory
+
+    def close(self) -> None:
+        """Commit what is appended and release every file.  Open views become unusable."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if self._failed is None:
+                    self.commit()
+            finally:
+                self._closed = True
+                for seg in self._segments.values():
+                    os.close(seg.fd)
+                for fd in self._replica_fds.values():
+                    os.close(fd)
+                self._segments.clear()
+                self._replica_fds.clear()
+                os.close(self._lock_fd)
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class View:
+    """A volume image as of a checkpoint: replica overlaid with the journal, read-only."""
+
+    def __init__(self, journal: Journal, checkpoint: Checkpoint) -> None:
+        self.journal = journal
+        self.checkpoint = checkpoint
+        self._closed = False
+
+    def read(self, volume: int | str, offset: int, length: int) -> bytes:
+        """`length` bytes of `volume` at `offset` as they were at the checkpoint."""
+        self._check()
+        return self.journal._read(self.checkpoint.seq, volume, offset, length)
+
+    def read_into(self, volume: int | str, offset: int, buf) -> None:
+        """Fill the writable buffer `buf` from `volume` at `offset`."""
+        self._check()
+        self.journal._read(self.checkpoint.seq, volume, offset, len(memoryview(buf)), buf)
+
+    def size(self, volume: int | str) -> int:
+        return self.journal._volume(volume).size
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ClosedError("view is closed")
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.journal._unpin(self.checkpoint.seq)
+
+    def __enter__(self) -> View:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

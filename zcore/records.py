@@ -1,0 +1,128 @@
+"""Encoding writes and checkpoints as records (docs/format.md, "Records").
+
+Sits between producers of writes (capture, the journal's local `append`, tests) and the
+native codec: picks the cheapest encoding of each write (zero record, LZ4 block when it
+saves space, raw with per-block CRCs otherwise) and packs checkpoint payloads.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import lz4.block
+import numpy as np
+
+from zcore._native import record as _rec
+from zcore.errors import AlignmentError, ConfigError, CorruptRecordError, OutOfRangeError
+
+SECTOR = _rec.SECTOR
+MAX_WRITE = _rec.MAX_WRITE
+HEADER_SIZE = _rec.RECORD_HEADER_SIZE
+REC_WRITE = _rec.REC_WRITE
+REC_ZERO = _rec.REC_ZERO
+REC_CHECKPOINT = _rec.REC_CHECKPOINT
+REC_SYNC = _rec.REC_SYNC
+FLAG_LZ4 = _rec.FLAG_LZ4
+FLAG_BLOCKCRC = _rec.FLAG_BLOCKCRC
+EXTENT_DTYPE = _rec.EXTENT_DTYPE
+
+CKPT_AUTO = 1
+CKPT_TAGGED = 2
+CKPT_FLAG_CONSISTENT = 0x01
+MAX_TAG = 1024
+_CKPT_HEAD = struct.Struct("<BBH")
+_TIME = struct.Struct("<Q")
+
+# LZ4 is kept only when it saves at least 1/16 of the payload: below that the raw record
+# (with its per-block CRCs, readable 4 KiB at a time) is worth more than the bytes saved.
+LZ4_MIN_SAVING = 1 / 16
+
+
+def check_range(offset: int, length: int, size: int | None = None) -> None:
+    """Raise unless [offset, offset+length) is sector-aligned, non-empty and within size."""
+    if offset < 0 or length <= 0:
+        raise ConfigError(f"invalid range {offset}+{length}")
+    if offset % SECTOR or length % SECTOR:
+        raise AlignmentError(
+            f"range {offset}+{length} is not aligned to {SECTOR}-byte sectors"
+        )
+    if size is not None and offset + length > size:
+        raise OutOfRangeError(f"range {offset}+{length} passes the volume's end ({size})")
+
+
+def is_zero(data: bytes | memoryview) -> bool:
+    """True when every byte of a sector-aligned buffer is zero."""
+    return not np.frombuffer(data, dtype=np.uint64).any()
+
+
+def encode_write(
+    volume: int,
+    seq: int,
+    offset: int,
+    data: bytes | bytearray | memoryview,
+    time_ns: int,
+    *,
+    compress: bool = True,
+    sync: bool = False,
+) -> bytes:
+    """One write as a record: zero, LZ4 (when it pays) or raw with block CRCs."""
+    length = len(data)
+    check_range(offset, length)
+    if length > MAX_WRITE:
+        raise ConfigError(f"write of {length} bytes exceeds the {MAX_WRITE}-byte record limit")
+    if is_zero(data):
+        return _rec.encode_stored(REC_ZERO, 0, volume, seq, offset, length, time_ns)
+    if compress:
+        packed = lz4.block.compress(data, store_size=False)
+        if len(packed) <= length * (1 - LZ4_MIN_SAVING):
+            kind = REC_SYNC if sync else REC_WRITE
+            return _rec.encode_stored(kind, FLAG_LZ4, volume, seq, offset, length, time_ns, packed)
+    return _rec.encode_raw(volume, seq, offset, data, time_ns, sync)
+
+
+def checkpoint_payload(kind: int, consistent: bool, tag: str | None) -> bytes:
+    raw = (tag or "").encode()
+    if len(raw) > MAX_TAG:
+        raise ConfigError(f"checkpoint tag is {len(raw)} bytes; the limit is {MAX_TAG}")
+    flags = CKPT_FLAG_CONSISTENT if consistent else 0
+    return _CKPT_HEAD.pack(kind, flags, len(raw)) + raw
+
+
+def encode_checkpoint(
+    seq: int, time_ns: int, kind: int, consistent: bool, tag: str | None = None
+) -> bytes:
+    """A checkpoint marker record."""
+    if kind not in (CKPT_AUTO, CKPT_TAGGED):
+        raise ConfigError(f"unknown checkpoint kind {kind}")
+    payload = checkpoint_payload(kind, consistent, tag)
+    return _rec.encode_stored(REC_CHECKPOINT, 0, 0, seq, 0, len(payload), time_ns, payload)
+
+
+@dataclass(frozen=True)
+class CheckpointMarker:
+    """A decoded checkpoint payload."""
+
+    kind: int
+    consistent: bool
+    tag: str | None
+
+
+def decode_checkpoint_payload(payload: bytes | memoryview) -> CheckpointMarker:
+    if len(payload) < _CKPT_HEAD.size:
+        raise CorruptRecordError("checkpoint payload shorter than its header")
+    kind, flags, taglen = _CKPT_HEAD.unpack_from(payload)
+    if kind not in (CKPT_AUTO, CKPT_TAGGED) or flags & ~CKPT_FLAG_CONSISTENT:
+        raise CorruptRecordError(f"checkpoint payload has kind {kind} flags {flags:#x}")
+    if _CKPT_HEAD.size + taglen != len(payload):
+        raise CorruptRecordError("checkpoint tag length disagrees with the payload")
+    try:
+        tag = bytes(payload[_CKPT_HEAD.size :]).decode()
+    except UnicodeDecodeError:
+        raise CorruptRecordError("checkpoint tag is not UTF-8") from None
+    return CheckpointMarker(kind, bool(flags & CKPT_FLAG_CONSISTENT), tag or None)
+
+
+def record_time(buf: bytes | memoryview, record_pos: int) -> int:
+    """time_ns field of the record header at `record_pos` of `buf`."""
+    return _TIME.unpack_from(buf, record_pos + 32)[0]

@@ -69,6 +69,14 @@ class OutOfMemoryError(ZcoreError, MemoryError):
     """A native allocation failed."""
 
 
+class ProtocolError(ZcoreError, ValueError):
+    """A peer broke its protocol (bad magic, impossible lengths): the connection is dropped."""
+
+
+class ScratchLimitError(ZcoreError, OSError):
+    """A scratch overlay would pass its size limit: the write is refused, nothing is kept."""
+
+
 # status codes of csrc/zc_format.h -> exception class
 STATUS_ERRORS: dict[int, type[ZcoreError]] = {
     -1: TruncatedRecordError,

@@ -3,7 +3,7 @@
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-C_SOURCES = ["csrc/zc_crc32c.c", "csrc/zc_record.c", "csrc/zc_index.c"]
+C_SOURCES = ["csrc/zc_crc32c.c", "csrc/zc_record.c", "csrc/zc_index.c", "csrc/zc_capture.c"]
 COMPILE_ARGS = ["-O2", "-Wall", "-Wextra", "-std=gnu11"]
 
 
@@ -18,7 +18,7 @@ def native(name: str) -> Extension:
 
 setup(
     ext_modules=cythonize(
-        [native("record"), native("index")],
+        [native("record"), native("index"), native("capture")],
         compiler_directives={"language_level": 3},
     ),
 )

@@ -53,6 +53,11 @@ class CheckpointNotFoundError(ZcoreError, LookupError):
     """No checkpoint matches (or it has been promoted away)."""
 
 
+class StateError(ZcoreError, RuntimeError):
+    """The operation is not possible in the object's current state (not started, bitmap
+    mode, ...)."""
+
+
 class JournalFullError(ZcoreError, RuntimeError):
     """The journal passed its hard limit and cannot promote (a view pins its history)."""
 

@@ -46,6 +46,7 @@ from zcore.errors import (
     TruncatedRecordError,
     status_error,
 )
+from zcore.fsutil import atomic_write, fsync_dir
 
 META_NAME = "journal.meta"
 META_FORMAT = "zcore-journal"
@@ -182,26 +183,6 @@ def _kind_name(kind: int) -> str:
     return "tagged" if kind == records.CKPT_TAGGED else "auto"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _pread_all(fd: int, size: int, pos: int = 0) -> bytes:
     chunks = []
     while size > 0:
@@ -326,7 +307,7 @@ class Journal:
     def _write_meta(path: Path, meta: dict) -> None:
         body = json.dumps(meta, sort_keys=True)
         crc = _rec.crc32c(body.encode())
-        _atomic_write(path / META_NAME, json.dumps({"meta": meta, "crc32c": crc}).encode())
+        atomic_write(path / META_NAME, json.dumps({"meta": meta, "crc32c": crc}).encode())
 
     @staticmethod
     def _read_meta(path: Path) -> dict:
@@ -516,7 +497,7 @@ class Journal:
         head = INDEX_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, 64, seg.number, self.journal_id,
                                  seg.size, len(arr), len(blob), _rec.crc32c(body), 0)
         head = head[:60] + struct.pack("<I", _rec.crc32c(head[:60]))
-        _atomic_write(seg.path.with_suffix(".zci"), head + body)
+        atomic_write(seg.path.with_suffix(".zci"), head + body)
         seg.extents = []
 
     def _new_segment(self, number: int) -> _Segment:
@@ -527,7 +508,7 @@ class Journal:
         head = head[:60] + struct.pack("<I", _rec.crc32c(head[:60]))
         os.pwrite(fd, head, 0)
         os.fsync(fd)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         seg = _Segment(number, seg_path, fd, 64, sealed=False)
         self._segments[number] = seg
         self._index.set_segment_fd(number, fd)
@@ -576,7 +557,8 @@ class Journal:
             seg.size += size
             self.last_seq = batch.last_seq
             self._unsynced += size
-            if self.settings.group_commit_bytes and self._unsynced >= self.settings.group_commit_bytes:
+            group = self.settings.group_commit_bytes
+            if group and self._unsynced >= group:
                 self.commit()
             return self.last_seq
 
@@ -911,7 +893,7 @@ class Journal:
         seg.path.with_suffix(".zci").unlink(missing_ok=True)
         seg.path.unlink()
         del self._segments[seg.number]
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
 
     # ---- status and lifetime -------------------------------------------------------------
 

@@ -80,3 +80,49 @@ cdef extern from "zc_index.h" nogil:
     size_t zc_index_memory(const zc_index *idx)
     int zc_index_plan(zc_index *idx, uint32_t volume, uint64_t offset, uint64_t length,
                       uint64_t at, const zc_fragment **frags, size_t *nfrags)
+
+cdef extern from "zc_capture.h" nogil:
+    enum:
+        ZC_CAPTURE_STREAM
+        ZC_CAPTURE_BITMAP
+        ZC_ENTRY_VOID
+        ZC_ENTRY_FILLER
+        ZC_E_FULL
+
+    ctypedef struct zc_ring_entry:
+        uint64_t seq
+        uint64_t offset
+        uint64_t time_ns
+        uint32_t volume
+        uint32_t length
+        uint32_t stored
+        uint32_t size
+        uint16_t kind
+        uint16_t committed
+
+    ctypedef struct zc_dirty:
+        uint32_t volume
+        uint32_t length
+        uint64_t offset
+
+    ctypedef struct zc_capture_stats:
+        uint64_t writes, bytes, ring_used, ring_size, next_seq, dirty_pending
+        int mode, overflowed
+
+    ctypedef struct zc_capture:
+        pass
+
+    zc_capture *zc_capture_new(uint64_t ring_bytes, uint64_t first_seq)
+    void zc_capture_free(zc_capture *c)
+    long long zc_capture_write(zc_capture *c, int fd, uint32_t volume, uint64_t offset,
+                               const uint8_t *data, uint32_t len, uint16_t kind)
+    long long zc_capture_sync(zc_capture *c, int fd, uint32_t volume, uint64_t offset,
+                              uint32_t len, int skip_zero)
+    long long zc_capture_marker(zc_capture *c, const uint8_t *payload, uint32_t len)
+    void zc_capture_peek(zc_capture *c, const uint8_t **ptr, uint64_t *nbytes,
+                         uint64_t max_bytes)
+    void zc_capture_consume(zc_capture *c, uint64_t nbytes)
+    int zc_capture_set_mode(zc_capture *c, int mode)
+    zc_dirty *zc_capture_take_dirty(zc_capture *c, size_t *n)
+    void zc_capture_stats_get(zc_capture *c, zc_capture_stats *out)
+    int zc_all_zero(const uint8_t *p, size_t n)

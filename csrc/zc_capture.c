@@ -1,0 +1,381 @@
+/* zc_capture.c - capture ring with in-flight range ordering and a dirty log. */
+#include "zc_capture.h"
+#include "zc_record.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef struct inflight {
+    uint32_t volume;
+    uint64_t lo, hi;
+} inflight;
+
+struct zc_capture {
+    pthread_mutex_t mu;
+    pthread_cond_t done; /* an in-flight write finished */
+    uint8_t *ring;
+    uint64_t size;
+    uint64_t head, tail; /* byte positions, monotonically increasing; used = tail - head */
+    uint64_t next_seq;
+    int mode, overflowed;
+    inflight *fl;
+    size_t nfl, fl_cap;
+    zc_dirty *dirty;
+    size_t ndirty, dirty_cap;
+    uint64_t writes, bytes;
+};
+
+_Static_assert(sizeof(zc_ring_entry) == 64, "ring entry header is 64 bytes");
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+zc_capture *zc_capture_new(uint64_t ring_bytes, uint64_t first_seq)
+{
+    if (ring_bytes < (1u << 20) || ring_bytes % 64 || first_seq == 0)
+        return NULL;
+    zc_capture *c = calloc(1, sizeof *c);
+    if (!c)
+        return NULL;
+    if (posix_memalign((void **)&c->ring, 64, ring_bytes)) {
+        free(c);
+        return NULL;
+    }
+    pthread_mutex_init(&c->mu, NULL);
+    pthread_cond_init(&c->done, NULL);
+    c->size = ring_bytes;
+    c->next_seq = first_seq;
+    return c;
+}
+
+void zc_capture_free(zc_capture *c)
+{
+    if (!c)
+        return;
+    pthread_mutex_destroy(&c->mu);
+    pthread_cond_destroy(&c->done);
+    free(c->ring);
+    free(c->fl);
+    free(c->dirty);
+    free(c);
+}
+
+static int overlaps_inflight(const zc_capture *c, uint32_t volume, uint64_t lo, uint64_t hi)
+{
+    for (size_t i = 0; i < c->nfl; i++)
+        if (c->fl[i].volume == volume && c->fl[i].lo < hi && lo < c->fl[i].hi)
+            return 1;
+    return 0;
+}
+
+static int push_inflight(zc_capture *c, uint32_t volume, uint64_t lo, uint64_t hi)
+{
+    if (c->nfl == c->fl_cap) {
+        size_t cap = c->fl_cap ? c->fl_cap * 2 : 16;
+        inflight *p = realloc(c->fl, cap * sizeof *p);
+        if (!p)
+            return ZC_E_NOMEM;
+        c->fl = p;
+        c->fl_cap = cap;
+    }
+    c->fl[c->nfl++] = (inflight){volume, lo, hi};
+    return ZC_OK;
+}
+
+static void pop_inflight(zc_capture *c, uint32_t volume, uint64_t lo)
+{
+    for (size_t i = 0; i < c->nfl; i++)
+        if (c->fl[i].volume == volume && c->fl[i].lo == lo) {
+            c->fl[i] = c->fl[--c->nfl];
+            break;
+        }
+    pthread_cond_broadcast(&c->done);
+}
+
+static int push_dirty(zc_capture *c, uint32_t volume, uint64_t offset, uint32_t len)
+{
+    if (c->ndirty == c->dirty_cap) {
+        size_t cap = c->dirty_cap ? c->dirty_cap * 2 : 1024;
+        zc_dirty *p = realloc(c->dirty, cap * sizeof *p);
+        if (!p)
+            return ZC_E_NOMEM;
+        c->dirty = p;
+        c->dirty_cap = cap;
+    }
+    c->dirty[c->ndirty++] = (zc_dirty){volume, len, offset};
+    return ZC_OK;
+}
+
+/* Reserve a ring entry of `stored` payload bytes (mutex held).  NULL when it does not fit. */
+static zc_ring_entry *reserve(zc_capture *c, uint32_t stored)
+{
+    uint64_t need = 64 + (((uint64_t)stored + 63) & ~(uint64_t)63);
+    uint64_t at = c->tail % c->size;
+    uint64_t filler = 0;
+    if (at + need > c->size) /* does not fit before the end: pad to the end, wrap */
+        filler = c->size - at;
+    if (c->tail - c->head + filler + need > c->size)
+        return NULL;
+    if (filler) {
+        zc_ring_entry *f = (zc_ring_entry *)(c->ring + at);
+        memset(f, 0, sizeof *f);
+        f->kind = ZC_ENTRY_FILLER;
+        f->size = (uint32_t)filler;
+        f->committed = 1;
+        c->tail += filler;
+        at = 0;
+    }
+    zc_ring_entry *e = (zc_ring_entry *)(c->ring + at);
+    memset(e, 0, sizeof *e);
+    e->size = (uint32_t)need;
+    e->stored = stored;
+    c->tail += need;
+    return e;
+}
+
+static void commit_entry(zc_ring_entry *e)
+{
+    __atomic_store_n(&e->committed, 1, __ATOMIC_RELEASE);
+}
+
+static int pwrite_full(int fd, const uint8_t *p, size_t n, uint64_t pos)
+{
+    while (n) {
+        ssize_t r = pwrite(fd, p, n, (off_t)pos);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return ZC_E_IO;
+        }
+        p += r;
+        n -= (size_t)r;
+        pos += (uint64_t)r;
+    }
+    return ZC_OK;
+}
+
+int64_t zc_capture_write(zc_capture *c, int fd, uint32_t volume, uint64_t offset,
+                         const uint8_t *data, uint32_t len, uint16_t kind)
+{
+    if (len == 0 || (kind != ZC_REC_WRITE && kind != ZC_REC_ZERO))
+        return ZC_E_ARG;
+    uint64_t hi = offset + len;
+    pthread_mutex_lock(&c->mu);
+    while (overlaps_inflight(c, volume, offset, hi))
+        pthread_cond_wait(&c->done, &c->mu);
+    if (push_inflight(c, volume, offset, hi)) {
+        pthread_mutex_unlock(&c->mu);
+        return ZC_E_NOMEM;
+    }
+    uint64_t seq = c->next_seq++;
+    zc_ring_entry *e = NULL;
+    if (c->mode == ZC_CAPTURE_STREAM) {
+        e = reserve(c, kind == ZC_REC_ZERO ? 0 : len);
+        if (!e) {
+            c->mode = ZC_CAPTURE_BITMAP;
+            c->overflowed = 1;
+        }
+    }
+    int st = ZC_OK;
+    if (!e)
+        st = push_dirty(c, volume, offset, len);
+    c->writes++;
+    c->bytes += len;
+    pthread_mutex_unlock(&c->mu);
+
+    int io = pwrite_full(fd, data, len, offset);
+    int saved_errno = errno;
+    if (e) {
+        e->seq = seq;
+        e->offset = offset;
+        e->volume = volume;
+        e->length = len;
+        e->time_ns = now_ns();
+        if (io) {
+            e->kind = ZC_ENTRY_VOID; /* whatever reached the disk is resent by a sync */
+        } else {
+            e->kind = kind;
+            if (kind != ZC_REC_ZERO)
+                memcpy((uint8_t *)e + 64, data, len);
+        }
+    }
+    pthread_mutex_lock(&c->mu);
+    if (e)
+        commit_entry(e);
+    if (io && e)
+        st = push_dirty(c, volume, offset, len);
+    pop_inflight(c, volume, offset);
+    pthread_mutex_unlock(&c->mu);
+    if (io) {
+        errno = saved_errno;
+        return ZC_E_IO;
+    }
+    return st ? st : (int64_t)seq;
+}
+
+int64_t zc_capture_sync(zc_capture *c, int fd, uint32_t volume, uint64_t offset,
+                        uint32_t len, int skip_zero)
+{
+    if (len == 0)
+        return ZC_E_ARG;
+    uint64_t hi = offset + len;
+    pthread_mutex_lock(&c->mu);
+    if (c->mode != ZC_CAPTURE_STREAM) {
+        pthread_mutex_unlock(&c->mu);
+        return ZC_E_ARG;
+    }
+    while (overlaps_inflight(c, volume, offset, hi))
+        pthread_cond_wait(&c->done, &c->mu);
+    if (push_inflight(c, volume, offset, hi)) {
+        pthread_mutex_unlock(&c->mu);
+        return ZC_E_NOMEM;
+    }
+    zc_ring_entry *e = reserve(c, len);
+    if (!e) {
+        pop_inflight(c, volume, offset);
+        pthread_mutex_unlock(&c->mu);
+        return ZC_E_FULL;
+    }
+    uint64_t seq = c->next_seq++;
+    pthread_mutex_unlock(&c->mu);
+
+    int io = zc_pread_full(fd, (uint8_t *)e + 64, len, offset);
+    int saved_errno = errno;
+    e->seq = seq;
+    e->offset = offset;
+    e->volume = volume;
+    e->length = len;
+    e->time_ns = now_ns();
+    if (io)
+        e->kind = ZC_ENTRY_VOID;
+    else if (zc_all_zero((uint8_t *)e + 64, len))
+        e->kind = skip_zero ? ZC_ENTRY_VOID : ZC_REC_ZERO;
+    else
+        e->kind = ZC_REC_SYNC;
+    pthread_mutex_lock(&c->mu);
+    commit_entry(e);
+    pop_inflight(c, volume, offset);
+    pthread_mutex_unlock(&c->mu);
+    if (io) {
+        errno = saved_errno;
+        return io;
+    }
+    return (int64_t)seq;
+}
+
+int64_t zc_capture_marker(zc_capture *c, const uint8_t *payload, uint32_t len)
+{
+    pthread_mutex_lock(&c->mu);
+    if (c->mode != ZC_CAPTURE_STREAM) {
+        pthread_mutex_unlock(&c->mu);
+        return ZC_E_ARG;
+    }
+    zc_ring_entry *e = reserve(c, len);
+    if (!e) {
+        pthread_mutex_unlock(&c->mu);
+        return ZC_E_FULL;
+    }
+    uint64_t seq = c->next_seq++;
+    e->seq = seq;
+    e->length = len;
+    e->time_ns = now_ns();
+    e->kind = ZC_REC_CHECKPOINT;
+    memcpy((uint8_t *)e + 64, payload, len);
+    commit_entry(e);
+    pthread_mutex_unlock(&c->mu);
+    return (int64_t)seq;
+}
+
+void zc_capture_peek(zc_capture *c, const uint8_t **ptr, uint64_t *nbytes, uint64_t max_bytes)
+{
+    pthread_mutex_lock(&c->mu);
+    uint64_t head = c->head, tail = c->tail;
+    /* fillers at the head are consumed here: the caller never sees them */
+    while (head < tail) {
+        zc_ring_entry *e = (zc_ring_entry *)(c->ring + head % c->size);
+        if (e->kind != ZC_ENTRY_FILLER || !__atomic_load_n(&e->committed, __ATOMIC_ACQUIRE))
+            break;
+        head += e->size;
+    }
+    c->head = head;
+    pthread_mutex_unlock(&c->mu);
+
+    uint64_t at = head, start = head % c->size;
+    while (at < tail) {
+        zc_ring_entry *e = (zc_ring_entry *)(c->ring + at % c->size);
+        if (!__atomic_load_n(&e->committed, __ATOMIC_ACQUIRE) || e->kind == ZC_ENTRY_FILLER)
+            break;
+        if (at > head && at - head + e->size > max_bytes)
+            break;
+        at += e->size;
+        if (at % c->size == 0) /* reached the ring's end: stop at the wrap */
+            break;
+    }
+    *ptr = c->ring + start;
+    *nbytes = at - head;
+}
+
+void zc_capture_consume(zc_capture *c, uint64_t nbytes)
+{
+    pthread_mutex_lock(&c->mu);
+    c->head += nbytes;
+    pthread_mutex_unlock(&c->mu);
+}
+
+int zc_capture_set_mode(zc_capture *c, int mode)
+{
+    pthread_mutex_lock(&c->mu);
+    int old = c->mode;
+    c->mode = mode;
+    c->overflowed = 0;
+    pthread_mutex_unlock(&c->mu);
+    return old;
+}
+
+zc_dirty *zc_capture_take_dirty(zc_capture *c, size_t *n)
+{
+    pthread_mutex_lock(&c->mu);
+    zc_dirty *d = c->dirty;
+    *n = c->ndirty;
+    c->dirty = NULL;
+    c->ndirty = c->dirty_cap = 0;
+    pthread_mutex_unlock(&c->mu);
+    return d;
+}
+
+void zc_capture_stats_get(zc_capture *c, zc_capture_stats *out)
+{
+    pthread_mutex_lock(&c->mu);
+    out->writes = c->writes;
+    out->bytes = c->bytes;
+    out->ring_used = c->tail - c->head;
+    out->ring_size = c->size;
+    out->next_seq = c->next_seq;
+    out->dirty_pending = c->ndirty;
+    out->mode = c->mode;
+    out->overflowed = c->overflowed;
+    pthread_mutex_unlock(&c->mu);
+}
+
+int zc_all_zero(const uint8_t *p, size_t n)
+{
+    uint64_t acc = 0;
+    for (size_t i = 0; i + 64 <= n; i += 64) {
+        uint64_t w[8];
+        memcpy(w, p + i, 64);
+        acc |= w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7];
+        if (acc)
+            return 0;
+    }
+    for (size_t i = n & ~(size_t)63; i < n; i++)
+        acc |= p[i];
+    return acc == 0;
+}

@@ -1,0 +1,100 @@
+/* zc_capture.h - the protected site's capture buffer: every write to a protected volume
+ * lands on its backing store and is copied, with a VPG-wide seq, into a ring that the
+ * VPG stream drains into bundles.
+ *
+ * Write-order fidelity: a write waits while an overlapping write of the same volume is in
+ * flight, takes its seq, then writes the backing store; so for overlapping writes the seq
+ * order is the order in which they reached the backing store.  Non-overlapping writes
+ * proceed in parallel (each call is meant to run with the GIL released).
+ *
+ * Modes: in STREAM mode writes are copied into the ring; when a write does not fit, the
+ * capture switches itself to BITMAP mode (overflowed = 1).  In BITMAP mode writes only
+ * append (volume, offset, length) to a dirty log that the caller folds into bitmaps.
+ *
+ * Ring entries (not a persistent format): a 64-byte zc_ring_entry header, then the data
+ * padded to 64 bytes, so every payload is 64-byte aligned.  Entries become visible to
+ * zc_capture_peek in seq order once their copy is complete.
+ *
+ * Thread safety: every function may be called from any thread, except that peek and
+ * consume must come from one draining thread.  Pointers from peek stay valid until the
+ * matching consume.  zc_capture_take_dirty transfers ownership of the array to the
+ * caller (release it with free()).
+ */
+#ifndef ZC_CAPTURE_H
+#define ZC_CAPTURE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "zc_format.h"
+
+#define ZC_CAPTURE_STREAM 0
+#define ZC_CAPTURE_BITMAP 1
+
+/* entry kinds: the record types of zc_format.h, plus */
+#define ZC_ENTRY_VOID 0xFFFF   /* a failed write: skip it (its range went to the dirty log) */
+#define ZC_ENTRY_FILLER 0xFFFE /* padding to the ring's end */
+
+#define ZC_E_FULL (-20)       /* sync: the ring has no room now; retry after draining */
+
+typedef struct zc_ring_entry {
+    uint64_t seq;
+    uint64_t offset;
+    uint64_t time_ns;
+    uint32_t volume;
+    uint32_t length;  /* bytes of volume covered                                      */
+    uint32_t stored;  /* bytes of payload after the header (data or checkpoint bytes) */
+    uint32_t size;    /* whole entry in the ring, header and padding included         */
+    uint16_t kind;    /* ZC_REC_WRITE / ZERO / SYNC / CHECKPOINT, VOID, FILLER          */
+    uint16_t committed;
+    uint8_t pad[20];
+} zc_ring_entry;
+
+typedef struct zc_dirty {
+    uint32_t volume;
+    uint32_t length;
+    uint64_t offset;
+} zc_dirty;
+
+typedef struct zc_capture_stats {
+    uint64_t writes, bytes, ring_used, ring_size, next_seq, dirty_pending;
+    int mode, overflowed;
+} zc_capture_stats;
+
+typedef struct zc_capture zc_capture;
+
+/* ring_bytes >= 1 MiB, multiple of 64; seqs handed out start at first_seq.  NULL on ENOMEM. */
+zc_capture *zc_capture_new(uint64_t ring_bytes, uint64_t first_seq);
+void zc_capture_free(zc_capture *c); /* no call may be running; accepts NULL */
+
+/* Write `len` bytes of `data` at `offset` of backing `fd` (volume id `volume`) and
+ * capture them.  kind is ZC_REC_WRITE, or ZC_REC_ZERO when data is all zeros (no copy).
+ * Returns the seq (> 0), or ZC_E_IO (errno set; the range is logged dirty).  Never blocks
+ * on a full ring: it switches to BITMAP mode instead. */
+int64_t zc_capture_write(zc_capture *c, int fd, uint32_t volume, uint64_t offset,
+                         const uint8_t *data, uint32_t len, uint16_t kind);
+
+/* Read `len` bytes at `offset` of `fd` into the ring as a SYNC entry, ordered like a
+ * write.  All-zero data becomes a ZERO entry, or is skipped (a VOID entry) when
+ * skip_zero is set (initial sync onto an empty replica).  Returns the seq, ZC_E_FULL when
+ * the ring lacks room, ZC_E_IO, or ZC_E_ARG in BITMAP mode. */
+int64_t zc_capture_sync(zc_capture *c, int fd, uint32_t volume, uint64_t offset,
+                        uint32_t len, int skip_zero);
+
+/* Append a checkpoint marker with `payload` (stored bytes).  Returns its seq, ZC_E_FULL
+ * when the ring lacks room, ZC_E_ARG in BITMAP mode. */
+int64_t zc_capture_marker(zc_capture *c, const uint8_t *payload, uint32_t len);
+
+/* Committed entries at the head: *ptr and *nbytes cover whole entries, contiguous in
+ * memory, at most max_bytes (at least one entry when any is committed). */
+void zc_capture_peek(zc_capture *c, const uint8_t **ptr, uint64_t *nbytes, uint64_t max_bytes);
+void zc_capture_consume(zc_capture *c, uint64_t nbytes);
+
+int zc_capture_set_mode(zc_capture *c, int mode); /* returns the previous mode; clears overflowed */
+zc_dirty *zc_capture_take_dirty(zc_capture *c, size_t *n);
+void zc_capture_stats_get(zc_capture *c, zc_capture_stats *out);
+
+/* 1 when all n bytes at p are zero (n a multiple of 8), else 0. */
+int zc_all_zero(const uint8_t *p, size_t n);
+
+#endif

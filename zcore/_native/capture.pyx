@@ -1,0 +1,257 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Capture ring (csrc/zc_capture.c) and the bundle encoder that drains it.
+
+Sits at the top of the data path: `zcore.capture.ProtectedVolume.write` is one call of
+`CaptureRing.write` (validation, ordering, backing-store write and copy, GIL released);
+`zcore.vpg` seals what the ring holds into per-VM bundles of journal records with `seal`.
+"""
+from cpython.bytes cimport PyBytes_AS_STRING
+from cpython.memoryview cimport PyMemoryView_FromMemory
+from cpython.buffer cimport PyBUF_READ
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free
+from libc.errno cimport errno
+from libc.string cimport strerror
+
+import lz4.block
+import numpy as np
+
+from zcore.errors import (
+    AlignmentError, ConfigError, NativeIOError, OutOfMemoryError, OutOfRangeError,
+    status_error,
+)
+from zcore._native.zc cimport *
+
+MODE_STREAM = ZC_CAPTURE_STREAM
+MODE_BITMAP = ZC_CAPTURE_BITMAP
+
+
+cdef class SealedBatch:
+    """Records drained from the ring: one encoded bundle part per VM, and what they cover."""
+    cdef readonly list parts           # bytearray per VM (empty when the VM had nothing)
+    cdef readonly unsigned long long first_seq, last_seq, oldest_time_ns
+    cdef readonly unsigned long long data_bytes, encoded_bytes
+    cdef readonly object volumes, offsets, lengths   # numpy arrays of the data entries
+    cdef readonly list checkpoints     # (seq, time_ns, payload bytes)
+    cdef readonly int entries
+
+
+cdef class CaptureRing:
+    """The VPG-wide capture buffer: seqs, write-order fidelity, overflow to a dirty log."""
+    cdef zc_capture *c
+
+    def __cinit__(self, unsigned long long ring_bytes, unsigned long long first_seq=1):
+        if ring_bytes < (1 << 20) or ring_bytes % 64:
+            raise ConfigError("capture buffer must be at least 1 MiB and a multiple of 64")
+        if first_seq == 0:
+            raise ConfigError("seqs start at 1")
+        self.c = zc_capture_new(ring_bytes, first_seq)
+        if self.c == NULL:
+            raise OutOfMemoryError(f"allocating a {ring_bytes}-byte capture buffer")
+
+    def __dealloc__(self):
+        zc_capture_free(self.c)
+
+    def write(self, int fd, unsigned int volume, unsigned long long size,
+              unsigned long long offset, data):
+        """Write `data` at `offset` of the backing `fd` and capture it; returns its seq."""
+        cdef const uint8_t[::1] d
+        try:
+            d = data
+        except (TypeError, ValueError):
+            raise ConfigError("write data must be a contiguous bytes-like buffer") from None
+        cdef size_t n = d.shape[0]
+        cdef long long seq
+        cdef uint16_t kind
+        if n == 0 or n > ZC_MAX_WRITE:
+            raise ConfigError(f"write of {n} bytes: length must be 1 to {ZC_MAX_WRITE}")
+        if offset % ZC_SECTOR or n % ZC_SECTOR:
+            raise AlignmentError(f"write {offset}+{n} is not aligned to {ZC_SECTOR}-byte sectors")
+        if offset + n > size:
+            raise OutOfRangeError(f"write {offset}+{n} passes the volume's end ({size})")
+        with nogil:
+            kind = ZC_REC_ZERO if zc_all_zero(&d[0], n) else ZC_REC_WRITE
+            seq = zc_capture_write(self.c, fd, volume, offset, &d[0], <uint32_t>n, kind)
+        if seq < 0:
+            if seq == -9:
+                raise NativeIOError(errno, f"writing {offset}+{n} to the backing store: "
+                                           f"{strerror(errno).decode()}")
+            raise status_error(<int>seq, f"capturing write {offset}+{n}")
+        return seq
+
+    def sync(self, int fd, unsigned int volume, unsigned long long offset, unsigned int length,
+             bint skip_zero=False):
+        """Read a range of the backing store into the stream as a sync record (zero data
+        as a zero record, or nothing with `skip_zero`).  Returns its seq, or None when the
+        ring has no room (drain, then retry)."""
+        cdef long long seq
+        if length == 0 or length > ZC_MAX_WRITE or offset % ZC_SECTOR or length % ZC_SECTOR:
+            raise AlignmentError(f"sync read {offset}+{length} must be sector-aligned, "
+                                 f"1 to {ZC_MAX_WRITE} bytes")
+        with nogil:
+            seq = zc_capture_sync(self.c, fd, volume, offset, length, skip_zero)
+        if seq == ZC_E_FULL:
+            return None
+        if seq < 0:
+            if seq == -9:
+                raise NativeIOError(errno, f"reading {offset}+{length} for a sync: "
+                                           f"{strerror(errno).decode()}")
+            raise status_error(<int>seq, f"sync read {offset}+{length}")
+        return seq
+
+    def marker(self, payload):
+        """Append a checkpoint marker; returns its seq, or None when the ring is full or
+        the capture is in bitmap mode."""
+        cdef const uint8_t[::1] p = payload
+        cdef long long seq = zc_capture_marker(self.c, &p[0], p.shape[0])
+        return None if seq < 0 else seq
+
+    def set_mode(self, int mode):
+        """Switch between MODE_STREAM and MODE_BITMAP; returns the previous mode."""
+        if mode not in (ZC_CAPTURE_STREAM, ZC_CAPTURE_BITMAP):
+            raise ConfigError(f"unknown capture mode {mode}")
+        return zc_capture_set_mode(self.c, mode)
+
+    def take_dirty(self):
+        """Ranges written while not streaming, as numpy arrays (volumes, offsets, lengths)."""
+        cdef size_t n, i
+        cdef zc_dirty *d = zc_capture_take_dirty(self.c, &n)
+        vols = np.empty(n, dtype=np.uint32)
+        offs = np.empty(n, dtype=np.uint64)
+        lens = np.empty(n, dtype=np.uint64)
+        cdef uint32_t[::1] v = vols
+        cdef uint64_t[::1] o = offs
+        cdef uint64_t[::1] l = lens
+        for i in range(n):
+            v[i] = d[i].volume
+            o[i] = d[i].offset
+            l[i] = d[i].length
+        free(d)
+        return vols, offs, lens
+
+    def stats(self):
+        cdef zc_capture_stats s
+        zc_capture_stats_get(self.c, &s)
+        return dict(writes=s.writes, bytes=s.bytes, ring_used=s.ring_used,
+                    ring_size=s.ring_size, next_seq=s.next_seq,
+                    dirty_pending=s.dirty_pending, mode=s.mode, overflowed=bool(s.overflowed))
+
+    def seal(self, unsigned long long max_bytes, const uint32_t[::1] vm_of_volume,
+             unsigned int nvms, bint compress, double min_saving):
+        """Drain up to `max_bytes` of committed entries into per-VM bundle parts.
+
+        Writes go to their volume's VM; checkpoint markers go to every VM.  LZ4 is kept
+        when it saves at least `min_saving` of a payload.  Returns None when the ring
+        holds nothing committed."""
+        cdef const uint8_t *base
+        cdef uint64_t nbytes, at = 0
+        cdef const zc_ring_entry *e
+        cdef size_t written
+        cdef int st, ndata = 0, nent = 0
+        cdef unsigned int vm
+        cdef uint64_t bound
+        zc_capture_peek(self.c, &base, &nbytes, max_bytes)
+        if nbytes == 0:
+            return None
+        # pass 1: bound each VM's output, count data entries
+        caps = [0] * nvms
+        while at < nbytes:
+            e = <const zc_ring_entry *>(base + at)
+            at += e.size
+            if e.kind == ZC_ENTRY_VOID:
+                continue
+            nent += 1
+            if e.kind == ZC_REC_CHECKPOINT:
+                for vm in range(nvms):
+                    caps[vm] += zc_record_size(e.stored)
+                continue
+            if e.volume >= <uint32_t>vm_of_volume.shape[0]:
+                raise OutOfRangeError(f"captured write names unknown volume {e.volume}")
+            ndata += 1
+            bound = zc_record_size(<uint64_t>zc_blockcrc_table_size(e.length) + e.length)
+            caps[vm_of_volume[e.volume]] += bound
+        parts = [bytearray(cap) for cap in caps]
+        fill = [0] * nvms
+        vols = np.empty(ndata, dtype=np.uint32)
+        offs = np.empty(ndata, dtype=np.uint64)
+        lens = np.empty(ndata, dtype=np.uint64)
+        cdef uint32_t[::1] vv = vols
+        cdef uint64_t[::1] ov = offs
+        cdef uint64_t[::1] lv = lens
+        cdef int k = 0
+        cdef uint8_t[::1] out
+        cdef uint8_t *dst
+        cdef size_t pos, room
+        cdef uint64_t first = 0, last = 0, oldest = 0xFFFFFFFFFFFFFFFF, data_bytes = 0
+        checkpoints = []
+        at = 0
+        while at < nbytes:
+            e = <const zc_ring_entry *>(base + at)
+            at += e.size
+            if e.kind == ZC_ENTRY_VOID:
+                continue
+            if first == 0:
+                first = e.seq
+            last = e.seq
+            if e.time_ns < oldest:
+                oldest = e.time_ns
+            payload = <const uint8_t *>e + 64
+            if e.kind == ZC_REC_CHECKPOINT:
+                for vm in range(nvms):
+                    out = parts[vm]
+                    st = zc_encode_stored(&out[fill[vm]], out.shape[0] - fill[vm],
+                                          ZC_REC_CHECKPOINT, 0, 0, e.seq, 0, e.stored,
+                                          e.time_ns, payload, e.stored, &written)
+                    if st:
+                        raise status_error(st, f"encoding checkpoint {e.seq}")
+                    fill[vm] += written
+                checkpoints.append((e.seq, e.time_ns, (<char *>payload)[:e.stored]))
+                continue
+            vm = vm_of_volume[e.volume]
+            out = parts[vm]
+            pos = fill[vm]
+            dst = &out[pos]
+            room = out.shape[0] - pos
+            vv[k] = e.volume
+            ov[k] = e.offset
+            lv[k] = e.length
+            k += 1
+            data_bytes += e.length
+            if e.kind == ZC_REC_ZERO:
+                st = zc_encode_stored(dst, room, ZC_REC_ZERO, 0,
+                                      e.volume, e.seq, e.offset, e.length, e.time_ns, NULL, 0,
+                                      &written)
+            else:
+                packed = None
+                if compress:
+                    packed = lz4.block.compress(
+                        PyMemoryView_FromMemory(<char *>payload, e.length, PyBUF_READ),
+                        store_size=False)
+                    if len(packed) > e.length * (1.0 - min_saving):
+                        packed = None
+                if packed is not None:
+                    st = zc_encode_stored(dst, room, e.kind, ZC_FLAG_LZ4, e.volume, e.seq, e.offset, e.length,
+                                          e.time_ns, <const uint8_t *>PyBytes_AS_STRING(packed),
+                                          len(packed), &written)
+                else:
+                    with nogil:
+                        st = zc_encode_raw(dst, room, e.kind,
+                                           e.volume, e.seq, e.offset, payload, e.length,
+                                           e.time_ns, &written)
+            if st:
+                raise status_error(st, f"encoding write seq {e.seq}")
+            fill[vm] += written
+        zc_capture_consume(self.c, nbytes)
+        for vm in range(nvms):
+            del parts[vm][fill[vm]:]
+        b = SealedBatch()
+        b.parts = parts
+        b.first_seq = first
+        b.last_seq = last
+        b.oldest_time_ns = oldest if nent else 0
+        b.data_bytes = data_bytes
+        b.encoded_bytes = sum(fill)
+        b.volumes, b.offsets, b.lengths = vols, offs, lens
+        b.checkpoints = checkpoints
+        b.entries = nent
+        return b

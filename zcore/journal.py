@@ -400,7 +400,8 @@ class Journal:
                 return None
             raise CorruptRecordError(f"sealed segment {seg.path} has a damaged header")
         batch = _rec.scan(memoryview(data)[64:], 64, seg.number, last_seq, self._volume_sizes)
-        self._take_batch(seg, batch, data, 0)
+        arr = batch.array()
+        self._take_batch(seg, batch, arr, self._batch_checkpoints(arr, data, 0))
         end = 64 + batch.consumed
         if batch.status == 0:
             return ()
@@ -415,14 +416,26 @@ class Journal:
         reason = status_error(batch.status, f"torn tail of segment {seg.number} at {end}")
         return dropped, str(reason)
 
-    def _take_batch(self, seg: _Segment, batch, buf, buf_pos: int) -> None:
-        """Index a validated batch and learn its checkpoints and segment statistics.
-        `buf` holds the batch's bytes, `buf_pos` the file position of buf[0]."""
+    def _batch_checkpoints(self, arr: np.ndarray, buf, buf_pos: int) -> list[Checkpoint]:
+        """Decode the checkpoint records of a validated batch (extents `arr`), raising
+        CorruptRecordError on a payload that breaks the format.  `buf` holds the batch's
+        bytes, `buf_pos` the file position of buf[0]."""
+        out = []
+        for rec in arr[arr["type"] == records.REC_CHECKPOINT]:
+            at = int(rec["pos"]) - buf_pos
+            payload = memoryview(buf)[at + 64 : at + 64 + int(rec["stored"])]
+            out.append(self._make_checkpoint(int(rec["seq"]), records.record_time(buf, at),
+                                             payload))
+        return out
+
+    def _take_batch(self, seg: _Segment, batch, arr: np.ndarray,
+                    checkpoints: list[Checkpoint]) -> None:
+        """Index a validated batch (extents `arr`, decoded `checkpoints`) and learn its
+        segment statistics.  Nothing here refuses the batch: check it before writing it."""
         n = len(batch)
         if not n:
             return
         self._index.add(batch)
-        arr = batch.array()
         if not seg.sealed:
             seg.extents.append(arr)
         if not seg.records:
@@ -432,16 +445,13 @@ class Journal:
         seg.max_seq = batch.last_seq
         seg.max_time = max(seg.max_time, batch.max_time)
         seg.records += n
-        for rec in arr[arr["type"] == records.REC_CHECKPOINT]:
-            at = int(rec["pos"]) - buf_pos
-            payload = memoryview(buf)[at + 64 : at + 64 + int(rec["stored"])]
-            self._add_checkpoint(int(rec["seq"]), records.record_time(buf, at), payload)
+        self._checkpoints.extend(checkpoints)
 
-    def _add_checkpoint(self, seq: int, time_ns: int, payload) -> None:
+    @staticmethod
+    def _make_checkpoint(seq: int, time_ns: int, payload) -> Checkpoint:
         marker = records.decode_checkpoint_payload(payload)
-        self._checkpoints.append(
-            Checkpoint(seq, seq, time_ns, _kind_name(marker.kind), marker.tag, marker.consistent)
-        )
+        return Checkpoint(seq, seq, time_ns, _kind_name(marker.kind), marker.tag,
+                          marker.consistent)
 
     def _load_segment_index(self, seg: _Segment, last_seq: int) -> bool | None:
         """Load a sealed segment's .zci.  None when it is missing or does not match."""
@@ -480,7 +490,8 @@ class Journal:
         for rec in arr[arr["type"] == records.REC_CHECKPOINT]:
             stored = int(rec["stored"])
             (t,) = struct.unpack_from("<Q", blob, at)
-            self._add_checkpoint(int(rec["seq"]), t, blob[at + 8 : at + 8 + stored])
+            self._checkpoints.append(
+                self._make_checkpoint(int(rec["seq"]), t, blob[at + 8 : at + 8 + stored]))
             at += 8 + stored
         return True
 
@@ -549,11 +560,13 @@ class Journal:
                     batch.status,
                     f"refusing bundle: record at byte {batch.consumed} of {size} is invalid",
                 )
+            arr = batch.array()
+            checkpoints = self._batch_checkpoints(arr, bundle, seg.size)  # may refuse it
             written = os.pwrite(seg.fd, bundle, seg.size)
             if written != size:
                 os.ftruncate(seg.fd, seg.size)
                 raise DurabilityError(f"short write to {seg.path}: {written} of {size} bytes")
-            self._take_batch(seg, batch, bundle, seg.size)
+            self._take_batch(seg, batch, arr, checkpoints)
             seg.size += size
             self.last_seq = batch.last_seq
             self._unsynced += size

@@ -341,10 +341,14 @@ class Journal:
             is_last = i == len(numbers) - 1
             seg_path = self.path / f"seg-{number:08d}.zcj"
             fd = os.open(seg_path, os.O_RDWR)
-            seg = _Segment(number, seg_path, fd, os.fstat(fd).st_size, sealed=not is_last)
+            # unsealed while scanned, so that _take_batch collects the extents a rebuilt
+            # index file needs
+            seg = _Segment(number, seg_path, fd, os.fstat(fd).st_size, sealed=False)
             self._index.set_segment_fd(number, fd)
             loaded = None if is_last else self._load_segment_index(seg, last_seq)
-            if loaded is None:
+            if loaded:
+                seg.sealed = True
+            else:
                 outcome = self._scan_segment(seg, last_seq, is_last)
                 if outcome is None:  # the tail segment's own header is torn: nothing durable
                     dropped += seg.size
@@ -360,6 +364,7 @@ class Journal:
                 if not is_last:
                     rescanned += 1
                     self._seal_index(seg)
+                    seg.sealed = True
             self._segments[number] = seg
             if seg.records:
                 last_seq = seg.max_seq

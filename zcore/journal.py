@@ -336,6 +336,16 @@ class Journal:
         )
         dropped = dropped_segments = rescanned = 0
         reason = ""
+        if numbers and self._tail_segment_torn(numbers[-1]):
+            # a crash while rotation created the newest segment, before its header was
+            # durable; records are only appended after that, so it held nothing
+            number = numbers.pop()
+            seg_path = self.path / f"seg-{number:08d}.zcj"
+            dropped += seg_path.stat().st_size
+            dropped_segments += 1
+            reason = f"segment {number} has a torn header"
+            seg_path.unlink()
+            fsync_dir(self.path)
         last_seq = 0
         for i, number in enumerate(numbers):
             is_last = i == len(numbers) - 1
@@ -350,14 +360,6 @@ class Journal:
                 seg.sealed = True
             else:
                 outcome = self._scan_segment(seg, last_seq, is_last)
-                if outcome is None:  # the tail segment's own header is torn: nothing durable
-                    dropped += seg.size
-                    dropped_segments += 1
-                    reason = f"segment {number} has a torn header"
-                    self._index.set_segment_fd(number, -1)
-                    os.close(fd)
-                    seg_path.unlink()
-                    continue
                 if outcome:
                     dropped += outcome[0]
                     reason = outcome[1]
@@ -396,14 +398,24 @@ class Journal:
             raise CorruptRecordError(f"segment {seg.path} belongs to another journal or slot")
         return True
 
+    def _tail_segment_torn(self, number: int) -> bool:
+        """True when the newest segment file is no longer than a header and that header is
+        not valid: the only state a crash can leave a segment's header in.  A damaged
+        header in front of records is media damage, which _scan_segment reports."""
+        seg_path = self.path / f"seg-{number:08d}.zcj"
+        head = seg_path.read_bytes()[:65]
+        if len(head) > 64:
+            return False
+        return not self._check_segment_header(_Segment(number, seg_path, -1, len(head), False),
+                                              head)
+
     def _scan_segment(self, seg: _Segment, last_seq: int, is_last: bool):
-        """Full validation of one segment.  Returns None when the header itself is torn
-        (tail segment only), else (dropped bytes, reason) or () when the segment is whole."""
+        """Full validation of one segment.  Returns (dropped bytes, reason) when the tail
+        segment had a torn tail, () when the segment is whole."""
         data = _pread_all(seg.fd, seg.size)
         if not self._check_segment_header(seg, data):
-            if is_last:
-                return None
-            raise CorruptRecordError(f"sealed segment {seg.path} has a damaged header")
+            raise CorruptRecordError(f"segment {seg.path} has a damaged header; the journal "
+                                     "needs a resync from that segment")
         batch = _rec.scan(memoryview(data)[64:], 64, seg.number, last_seq, self._volume_sizes)
         arr = batch.array()
         self._take_batch(seg, batch, arr, self._batch_checkpoints(arr, data, 0))

@@ -286,9 +286,11 @@ class Journal:
     def open(cls, path: str | os.PathLike) -> Journal:
         """Open a journal, truncating a torn tail and finishing an interrupted promotion."""
         path = Path(path)
-        lock_fd = os.open(path / META_NAME, os.O_RDONLY) if (path / META_NAME).exists() else -1
-        if lock_fd < 0:
+        if not (path / META_NAME).exists():
             raise ConfigError(f"{path} holds no journal ({META_NAME} missing)")
+        # the lock is on the directory: journal.meta is replaced (a new inode) by every
+        # metadata update, which would silently release a lock held on the file
+        lock_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -403,7 +405,8 @@ class Journal:
         not valid: the only state a crash can leave a segment's header in.  A damaged
         header in front of records is media damage, which _scan_segment reports."""
         seg_path = self.path / f"seg-{number:08d}.zcj"
-        head = seg_path.read_bytes()[:65]
+        with open(seg_path, "rb") as f:
+            head = f.read(65)
         if len(head) > 64:
             return False
         return not self._check_segment_header(_Segment(number, seg_path, -1, len(head), False),

@@ -372,7 +372,8 @@ class Journal:
             self._segments[number] = seg
             if seg.records:
                 last_seq = seg.max_seq
-        self.last_seq = self.durable_seq = last_seq
+        # a promotion may have emptied every segment: numbering continues above it
+        self.last_seq = self.durable_seq = max(last_seq, self.promoted_seq - 1)
         if self._segments:
             self._active = next(reversed(self._segments.values()))
             self._active.sealed = False

@@ -16,6 +16,7 @@ On-disk layout of a journal directory (docs/format.md):
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -655,8 +656,11 @@ class Journal:
         self.commit()
         old = self._active
         old.sealed = True
-        self._seal_index(old)
-        self._active = self._new_segment(old.number + 1)
+        try:
+            self._seal_index(old)
+            self._active = self._new_segment(old.number + 1)
+        except OSError as exc:  # appending on would go to a segment marked sealed
+            raise self._stop(exc, f"sealing segment {old.path}") from exc
         return self._active
 
     # ---- checkpoints ---------------------------------------------------------------------
@@ -866,6 +870,22 @@ class Journal:
         if target <= self.promoted_seq:
             return self.promoted_seq
         self.commit()
+        try:
+            return self._apply_promotion(target)
+        except DurabilityError:
+            raise
+        except OSError as exc:
+            # a replica write or fsync failed: retrying could "succeed" over lost pages,
+            # so stop; reopening redoes the promotion from promote_target
+            raise self._stop(exc, f"promotion to seq {target}") from exc
+
+    def _stop(self, exc: OSError, doing: str) -> DurabilityError:
+        """Enter the failed state after an I/O error that may have lost written data."""
+        self._failed = exc
+        return DurabilityError(f"{doing} failed ({exc}); journal {self.path} stops until "
+                               "it is reopened")
+
+    def _apply_promotion(self, target: int) -> int:
         self._meta["promote_target"] = target
         self._write_meta(self.path, self._meta)
         touched: set[int] = set()
@@ -899,7 +919,8 @@ class Journal:
                 else:
                     start = pos + _rec.blockcrc_table_size(length)
                     payload = view[start : start + length]
-                os.pwrite(self._replica_fds[volume], payload, offset)
+                if os.pwrite(self._replica_fds[volume], payload, offset) != length:
+                    raise OSError(errno.EIO, f"short write to the replica of volume {volume}")
                 touched.add(volume)
         for volume in touched:
             os.fsync(self._replica_fds[volume])

@@ -374,12 +374,19 @@ class Journal:
             if seg.records:
                 last_seq = seg.max_seq
         # a promotion may have emptied every segment: numbering continues above it
-        self.last_seq = self.durable_seq = max(last_seq, self.promoted_seq - 1)
+        self.last_seq = max(last_seq, self.promoted_seq - 1)
         if self._segments:
             self._active = next(reversed(self._segments.values()))
             self._active.sealed = False
+            # the tail may hold records a crashed process appended but never committed:
+            # they are in the page cache, not necessarily on disk, until this sync
+            try:
+                os.fdatasync(self._active.fd)
+            except OSError as exc:
+                raise DurabilityError(f"fsync of {self._active.path} failed: {exc}") from exc
         else:
             self._active = self._new_segment(1)
+        self.durable_seq = self.last_seq
         if self.promoted_seq:
             self._index.drop_before(self.promoted_seq)
         self._checkpoints = [c for c in self._checkpoints if c.seq >= self.promoted_seq]

@@ -297,12 +297,16 @@ class Journal:
         except BlockingIOError:
             os.close(lock_fd)
             raise ConfigError(f"journal {path} is open in another process") from None
+        journal = None
         try:
             meta = cls._read_meta(path)
             journal = cls(path, meta, lock_fd)
             journal._load()
         except BaseException:
-            os.close(lock_fd)
+            if journal is not None:  # a damaged journal must not leak its descriptors
+                journal._release()
+            else:
+                os.close(lock_fd)
             raise
         return journal
 
@@ -357,6 +361,7 @@ class Journal:
             # unsealed while scanned, so that _take_batch collects the extents a rebuilt
             # index file needs
             seg = _Segment(number, seg_path, fd, os.fstat(fd).st_size, sealed=False)
+            self._segments[number] = seg
             self._index.set_segment_fd(number, fd)
             loaded = None if is_last else self._load_segment_index(seg, last_seq)
             if loaded:
@@ -370,7 +375,6 @@ class Journal:
                     rescanned += 1
                     self._seal_index(seg)
                     seg.sealed = True
-            self._segments[number] = seg
             if seg.records:
                 last_seq = seg.max_seq
         # a promotion may have emptied every segment: numbering continues above it
@@ -1008,14 +1012,20 @@ class Journal:
                 if self._failed is None:
                     self.commit()
             finally:
-                self._closed = True
-                for seg in self._segments.values():
-                    os.close(seg.fd)
-                for fd in self._replica_fds.values():
-                    os.close(fd)
-                self._segments.clear()
-                self._replica_fds.clear()
-                os.close(self._lock_fd)
+                self._release()
+
+    def _release(self) -> None:
+        """Close every descriptor the journal holds, its lock last."""
+        self._closed = True
+        for seg in self._segments.values():
+            self._index.set_segment_fd(seg.number, -1)
+            os.close(seg.fd)
+        for volume, fd in self._replica_fds.items():
+            self._index.set_replica_fd(volume, -1)
+            os.close(fd)
+        self._segments.clear()
+        self._replica_fds.clear()
+        os.close(self._lock_fd)
 
     def __enter__(self) -> Journal:
         return self

@@ -851,6 +851,10 @@ class Journal:
             for seg in self._segments.values():
                 if seg.records and seg.max_time <= cutoff and seg is not self._active:
                     target = max(target, seg.max_seq + 1)
+            if self._checkpoints:
+                # history alone never passes the newest checkpoint: when the stream stops
+                # (a disaster at the protected site) it must stay to fail over to
+                target = min(target, max(self.promoted_seq, self._checkpoints[-1].seq))
             hard = self.hard_limit_bytes
             if hard is not None:
                 size = self.size_bytes + incoming

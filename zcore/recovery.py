@@ -1,0 +1,247 @@
+"""Recovery operations, views and scratch overlays.
+
+A view (`Journal.view`) is a read-only image of a volume at a checkpoint.  A scratch
+overlay makes one volume of a view writable without touching what it overlays: the
+writes land in a sparse temporary file of its own, kept apart from the journal and the
+replica, and are discarded when the overlay closes.  It is what a failover test runs a
+recovered VM on, and what the NBD front-end serves as a writable point-in-time export.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+
+import numpy as np
+from pyroaring import BitMap64
+
+from zcore import records
+from zcore.errors import ClosedError, ConfigError, ScratchLimitError
+from zcore.journal import Checkpoint, Journal, View
+
+SECTOR = records.SECTOR
+# Default scratch limit when none is given: capped by the volume's own size, which the
+# overlay can never pass (a rewritten sector reuses its place in the scratch file).
+DEFAULT_SCRATCH_LIMIT = 16 << 30
+
+
+def _runs(bitmap: BitMap64, start: int, end: int) -> list[tuple[int, int]]:
+    """Maximal runs [a, b) of set members of `bitmap` inside [start, end)."""
+    sub = bitmap & BitMap64(range(start, end))
+    if not sub:
+        return []
+    arr = np.frombuffer(sub.to_array(), dtype=np.uint64)
+    if len(arr) == end - start:
+        return [(start, end)]
+    breaks = np.flatnonzero(np.diff(arr) != 1)
+    firsts = np.concatenate(([0], breaks + 1))
+    lasts = np.concatenate((breaks, [len(arr) - 1]))
+    return [(int(arr[a]), int(arr[b]) + 1) for a, b in zip(firsts, lasts, strict=True)]
+
+
+class ScratchOverlay:
+    """A writable overlay on one volume of a view; its writes are discarded on close.
+
+    Writes go to a sparse, already-unlinked temporary file at their own offsets, and three
+    roaring bitmaps of 512-byte sectors say where each sector's current bytes are: in the
+    scratch file (`written`), zeroes (`zeroed`, from write_zeroes, nothing stored), or
+    still in the view.  Reads merge the three.  The view, the journal and the replica
+    are only ever read.
+
+    `limit_bytes` bounds the scratch file's disk use (sectors it ever stored); a write
+    that would pass it raises `ScratchLimitError` and changes nothing.  Zeroing and
+    trimming cost no scratch space.  Thread-safe.
+    """
+
+    readonly = False
+
+    def __init__(
+        self,
+        view: View,
+        volume: int | str,
+        *,
+        limit_bytes: int | None = None,
+        directory: str | os.PathLike | None = None,
+        owns_view: bool = False,
+    ) -> None:
+        self.view = view
+        self.volume = volume
+        self.size = view.size(volume)
+        if limit_bytes is None:
+            limit_bytes = min(DEFAULT_SCRATCH_LIMIT, self.size)
+        if limit_bytes < 0:
+            raise ConfigError(f"scratch limit {limit_bytes} cannot be negative")
+        self.limit_bytes = int(limit_bytes)
+        self._owns_view = owns_view
+        self._lock = threading.Lock()
+        self._file = tempfile.TemporaryFile(prefix="zcore-scratch-", dir=directory)
+        self._fd = self._file.fileno()
+        os.ftruncate(self._fd, self.size)
+        self._written = BitMap64()  # sectors whose bytes are in the scratch file
+        self._zeroed = BitMap64()  # sectors that read as zeroes
+        self._used = BitMap64()  # sectors the scratch file ever stored: its disk use
+        self._closed = False
+
+    @classmethod
+    def open(
+        cls,
+        journal: Journal,
+        checkpoint: Checkpoint | int,
+        volume: int | str,
+        **kwargs,
+    ) -> ScratchOverlay:
+        """Overlay on a view of `journal` at `checkpoint` that the overlay owns (and closes)."""
+        view = journal.view(checkpoint)
+        try:
+            return cls(view, volume, owns_view=True, **kwargs)
+        except BaseException:
+            view.close()
+            raise
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        return self.view.checkpoint
+
+    @property
+    def written_bytes(self) -> int:
+        """Bytes whose current content lives in the scratch file."""
+        with self._lock:
+            return len(self._written) * SECTOR
+
+    @property
+    def zeroed_bytes(self) -> int:
+        with self._lock:
+            return len(self._zeroed) * SECTOR
+
+    @property
+    def used_bytes(self) -> int:
+        """Scratch space in use, the figure `limit_bytes` bounds."""
+        with self._lock:
+            return len(self._used) * SECTOR
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check(self, offset: int, length: int) -> tuple[int, int]:
+        if self._closed:
+            raise ClosedError("scratch overlay is closed")
+        records.check_range(offset, length, self.size)
+        return offset // SECTOR, (offset + length) // SECTOR
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.read_into(offset, buf)
+        return bytes(buf)
+
+    def read_into(self, offset: int, buf) -> None:
+        """Fill `buf` from `offset`: overlay writes and zeroes over the view."""
+        out = memoryview(buf).cast("B")
+        length = len(out)
+        with self._lock:
+            s0, s1 = self._check(offset, length)
+            count = s1 - s0
+            in_file = self._written.range_cardinality(s0, s1)
+            zeroed = self._zeroed.range_cardinality(s0, s1)
+            if in_file == 0 and zeroed == 0:
+                self.view.read_into(self.volume, offset, out)
+                return
+            if in_file == count:
+                self._pread(out, offset)
+                return
+            if zeroed == count:
+                np.frombuffer(out, dtype=np.uint8)[:] = 0
+                return
+            if in_file + zeroed < count:
+                self.view.read_into(self.volume, offset, out)
+            for a, b in _runs(self._written, s0, s1):
+                self._pread(out[(a - s0) * SECTOR : (b - s0) * SECTOR], a * SECTOR)
+            if zeroed:
+                arr = np.frombuffer(out, dtype=np.uint8)
+                for a, b in _runs(self._zeroed, s0, s1):
+                    arr[(a - s0) * SECTOR : (b - s0) * SECTOR] = 0
+
+    def _pread(self, out: memoryview, pos: int) -> None:
+        done = 0
+        while done < len(out):
+            n = os.preadv(self._fd, [out[done:]], pos + done)
+            if n <= 0:  # the file has the volume's size: this is not expected
+                raise OSError(f"scratch file ended at {pos + done}")
+            done += n
+
+    # ---- writing -------------------------------------------------------------------------
+
+    def write(self, offset: int, data) -> int:
+        """Keep `data` at `offset` in the overlay; returns the bytes written."""
+        data = memoryview(data).cast("B")
+        length = len(data)
+        with self._lock:
+            s0, s1 = self._check(offset, length)
+            new = (s1 - s0) - self._used.range_cardinality(s0, s1)
+            if new and (len(self._used) + new) * SECTOR > self.limit_bytes:
+                raise ScratchLimitError(
+                    f"scratch overlay of volume {self.volume!r}: writing {length} bytes at "
+                    f"{offset} would use {(len(self._used) + new) * SECTOR} bytes, over its "
+                    f"limit of {self.limit_bytes}"
+                )
+            done = 0
+            while done < length:
+                done += os.pwrite(self._fd, data[done:], offset + done)
+            self._written.add_range(s0, s1)
+            self._used.add_range(s0, s1)
+            self._zeroed.remove_range(s0, s1)
+            return length
+
+    def write_zeroes(self, offset: int, length: int) -> int:
+        """Make the range read as zeroes (costs no scratch space)."""
+        with self._lock:
+            s0, s1 = self._check(offset, length)
+            self._zeroed.add_range(s0, s1)
+            self._written.remove_range(s0, s1)
+            return length
+
+    def trim(self, offset: int, length: int) -> int:
+        """Forget the overlay's writes in the range: it reads as the view again."""
+        with self._lock:
+            s0, s1 = self._check(offset, length)
+            self._zeroed.remove_range(s0, s1)
+            self._written.remove_range(s0, s1)
+            return length
+
+    def flush(self) -> None:
+        """Nothing to make durable: the overlay is discarded on close by design."""
+        if self._closed:
+            raise ClosedError("scratch overlay is closed")
+
+    def discard(self) -> None:
+        """Drop every overlay write now; the overlay reads as its view again."""
+        with self._lock:
+            if self._closed:
+                raise ClosedError("scratch overlay is closed")
+            self._written.clear()
+            self._zeroed.clear()
+            self._used.clear()
+            os.ftruncate(self._fd, 0)
+            os.ftruncate(self._fd, self.size)
+
+    def close(self) -> None:
+        """Discard the overlay's writes (the scratch file goes) and close an owned view."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._file.close()
+            self._written.clear()
+            self._zeroed.clear()
+            self._used.clear()
+        if self._owns_view:
+            self.view.close()
+
+    def __enter__(self) -> ScratchOverlay:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -136,6 +136,30 @@ cdef class CaptureRing:
                     ring_size=s.ring_size, next_seq=s.next_seq,
                     dirty_pending=s.dirty_pending, mode=s.mode, overflowed=bool(s.overflowed))
 
+    def discard(self):
+        """Drop every committed entry, returning what the data entries covered:
+        (volumes, offsets, lengths, oldest time_ns or 0).  Used to fold the ring into
+        dirty bitmaps."""
+        cdef const uint8_t *base
+        cdef uint64_t nbytes, at = 0, oldest = 0
+        cdef const zc_ring_entry *e
+        vols, offs, lens = [], [], []
+        zc_capture_peek(self.c, &base, &nbytes, 0xFFFFFFFFFFFFFFFF)
+        while at < nbytes:
+            e = <const zc_ring_entry *>(base + at)
+            at += e.size
+            if e.kind == ZC_REC_CHECKPOINT:
+                continue
+            # a VOID entry's range is already in the dirty log, but marking it twice is free
+            vols.append(e.volume)
+            offs.append(e.offset)
+            lens.append(e.length)
+            if e.kind != ZC_ENTRY_VOID and (oldest == 0 or e.time_ns < oldest):
+                oldest = e.time_ns
+        zc_capture_consume(self.c, nbytes)
+        return (np.array(vols, dtype=np.uint32), np.array(offs, dtype=np.uint64),
+                np.array(lens, dtype=np.uint64), oldest)
+
     def seal(self, unsigned long long max_bytes, const uint32_t[::1] vm_of_volume,
              unsigned int nvms, bint compress, double min_saving):
         """Drain up to `max_bytes` of committed entries into per-VM bundle parts.
@@ -242,6 +266,7 @@ cdef class CaptureRing:
                 raise status_error(st, f"encoding write seq {e.seq}")
             fill[vm] += written
         zc_capture_consume(self.c, nbytes)
+        out = None  # release the buffer export so each part can shrink in place
         for vm in range(nvms):
             del parts[vm][fill[vm]:]
         b = SealedBatch()

@@ -197,12 +197,14 @@ class RawClient:
                   + payload)
         return self.handle
 
-    def reply(self, read_length: int = 0) -> tuple[int, int, bytes]:
-        """(handle, error, data) of the next reply; `read_length` bytes of data for a
-        successful simple read reply."""
+    def reply(self, read_length: int = 0, lengths: dict | None = None) -> tuple[int, int, bytes]:
+        """(handle, error, data) of the next reply; `read_length` bytes of data (or
+        `lengths[handle]`) for a successful simple read reply."""
         (magic,) = struct.unpack(">I", self.recv_exact(4))
         if magic == nbd.SIMPLE_REPLY_MAGIC:
             error, handle = struct.unpack(">IQ", self.recv_exact(12))
+            if lengths is not None:
+                read_length = lengths.get(handle, 0)
             data = self.recv_exact(read_length) if read_length and not error else b""
             return handle, error, data
         assert magic == nbd.STRUCTURED_REPLY_MAGIC, hex(magic)

@@ -1,0 +1,544 @@
+"""The NBD server at the protocol level: negotiation, commands, and hostile clients, driven
+by a raw client (test_nbd_util.RawClient) that can break the protocol on purpose.  Real
+clients (qemu, libnbd's tools, fio) are in test_nbd_clients.py."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import struct
+import threading
+import time
+
+import pytest
+from test_nbd_util import MiB, RawClient, ServerClosed, build_journal, serving, write_tls_files
+
+from zcore import nbd
+from zcore.errors import ConfigError
+from zcore.nbd import Export, FileBackend, TLSConfig
+
+SIZE = 4 * MiB
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "disk.img"
+    data = os.urandom(SIZE)
+    path.write_bytes(data)
+    return path, data
+
+
+@pytest.fixture
+def server(tmp_path, image):
+    path, _ = image
+    with serving([nbd.file_export(path, "disk")], tmp_path) as srv:
+        yield srv
+
+
+def connect(srv, name="disk", *, structured=False, unix=False) -> RawClient:
+    c = RawClient(srv.server._addresses[1][1] if unix else srv.address)
+    c.connect_export(name, structured=structured)
+    return c
+
+
+def eventually(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+# ---- negotiation ---------------------------------------------------------------------------
+
+
+def test_go_reports_size_flags_and_block_sizes(server):
+    with RawClient(server.address) as c:
+        flags = c.hello()
+        assert flags == nbd.FLAG_FIXED_NEWSTYLE | nbd.FLAG_NO_ZEROES
+        info = c.go("disk", info=(nbd.INFO_BLOCK_SIZE, nbd.INFO_NAME, nbd.INFO_DESCRIPTION))
+        assert info["size"] == SIZE
+        assert info["block_sizes"] == [512, 4096, nbd.DEFAULT_MAX_REQUEST]
+        assert info["name"] == "disk"
+        assert "raw file" in info["description"]
+        f = info["flags"]
+        assert f & nbd.TF_HAS_FLAGS and f & nbd.TF_SEND_FLUSH and f & nbd.TF_SEND_FUA
+        assert f & nbd.TF_SEND_WRITE_ZEROES and f & nbd.TF_CAN_MULTI_CONN
+        assert not f & (nbd.TF_READ_ONLY | nbd.TF_SEND_TRIM | nbd.TF_SEND_DF)
+        assert c.read(0, 512)[0] == 0
+
+
+def test_info_then_go_and_structured_replies_add_df(server, image):
+    with RawClient(server.address) as c:
+        c.hello()
+        assert c.go("disk", option=nbd.OPT_INFO)["size"] == SIZE
+        info = c.go("disk", structured=True)
+        assert info["flags"] & nbd.TF_SEND_DF
+        err, data = c.read(1000, 3000)
+        assert err == 0 and data == image[1][1000:4000]
+
+
+def test_export_name_enters_transmission_without_zero_padding_when_asked(server, image):
+    for client_flags, pad in ((nbd.CLIENT_FIXED_NEWSTYLE | nbd.CLIENT_NO_ZEROES, 0),
+                              (nbd.CLIENT_FIXED_NEWSTYLE, 124)):
+        with RawClient(server.address) as c:
+            c.hello(client_flags)
+            c.option(nbd.OPT_EXPORT_NAME, b"disk")
+            size, flags = struct.unpack(">QH", c.recv_exact(10))
+            assert size == SIZE and flags & nbd.TF_HAS_FLAGS
+            assert c.recv_exact(pad) == bytes(pad)
+            assert c.read(4096, 4096) == (0, image[1][4096:8192])
+
+
+def test_list_names_every_export_and_refuses_data(tmp_path, image):
+    other = tmp_path / "other.img"
+    other.write_bytes(bytes(MiB))
+    exports = [nbd.file_export(image[0], "disk"), nbd.file_export(other, "other", readonly=True)]
+    with serving(exports, tmp_path) as srv, RawClient(srv.address) as c:
+        c.hello()
+        c.option(nbd.OPT_LIST)
+        names = []
+        while True:
+            _, kind, data = c.opt_reply()
+            if kind == nbd.REP_ACK:
+                break
+            assert kind == nbd.REP_SERVER
+            (n,) = struct.unpack_from(">I", data)
+            names.append(data[4 : 4 + n].decode())
+        assert names == ["disk", "other"]
+        c.option(nbd.OPT_LIST, b"junk")
+        assert c.opt_reply()[1] == nbd.REP_ERR_INVALID
+        assert c.go("other")["flags"] & nbd.TF_READ_ONLY
+
+
+def test_unknown_option_and_unknown_export_are_errors_not_disconnects(server):
+    with RawClient(server.address) as c:
+        c.hello()
+        c.option(99, b"whatever")
+        assert c.opt_reply()[1] == nbd.REP_ERR_UNSUP
+        assert c.go("nope")["error"] == nbd.REP_ERR_UNKNOWN
+        c.option(nbd.OPT_GO, b"\x00\x00\x00\x10abc")  # name length past the option's end
+        assert c.opt_reply()[1] == nbd.REP_ERR_INVALID
+        c.option(nbd.OPT_STARTTLS)
+        assert c.opt_reply()[1] == nbd.REP_ERR_POLICY  # no TLS configured
+        assert c.go("disk")["size"] == SIZE
+
+
+def test_default_export_answers_the_empty_name(tmp_path, image):
+    with serving([nbd.file_export(image[0], "disk")], tmp_path) as srv, \
+            RawClient(srv.address) as c:
+        c.hello()
+        assert c.go("")["size"] == SIZE
+
+
+def test_abort_is_acknowledged_then_closed(server):
+    with RawClient(server.address) as c:
+        c.hello()
+        c.option(nbd.OPT_ABORT)
+        assert c.opt_reply()[1] == nbd.REP_ACK
+        assert c.is_closed()
+
+
+def test_unix_socket_serves_the_same_export(server, image):
+    with connect(server, unix=True) as c:
+        assert c.read(0, 8192) == (0, image[1][:8192])
+    assert any(u.startswith("nbd+unix:///disk?socket=") for u in server.uris())
+    assert f"nbd://127.0.0.1:{server.address[1]}/disk" in server.uris()
+
+
+# ---- commands ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_write_read_flush_fua_and_zeroes_reach_the_file(server, image, structured):
+    path, data = image
+    with connect(server, structured=structured) as c:
+        payload = os.urandom(3 * 4096)
+        assert c.write(8192, payload) == 0
+        assert c.write(MiB, payload[:512], flags=nbd.CMD_FLAG_FUA) == 0
+        assert c.simple(nbd.CMD_WRITE_ZEROES, 2 * MiB, 64 * 1024) == 0
+        assert c.simple(nbd.CMD_WRITE_ZEROES, 3 * MiB, 512, flags=nbd.CMD_FLAG_FUA) == 0
+        assert c.simple(nbd.CMD_FLUSH) == 0
+        assert c.read(8192, len(payload)) == (0, payload)
+        assert c.read(2 * MiB, 65536) == (0, bytes(65536))
+        assert c.write(0, b"") == 0  # a zero-length write is a no-op
+        assert c.read(0, 0) == (0, b"")
+    disk = path.read_bytes()
+    assert disk[8192 : 8192 + len(payload)] == payload
+    assert disk[MiB : MiB + 512] == payload[:512]
+    assert disk[2 * MiB : 2 * MiB + 65536] == bytes(65536)
+    assert disk[:8192] == data[:8192]
+
+
+def test_pipelined_requests_of_every_size_all_get_their_reply(server, image):
+    """Requests sent back to back (small ones batched, large ones streamed into pooled
+    buffers) are answered exactly once each, with the right data."""
+    with connect(server) as c:
+        sizes = [512, 4096, 65536, 130000 // 512 * 512, MiB, 3 * MiB]
+        expect = bytearray(image[1])
+        lengths = {}
+        for i, n in enumerate(sizes):
+            payload = bytes([i + 1]) * n
+            lengths[c.request(nbd.CMD_WRITE, 0, n, payload=payload)] = 0
+            expect[:n] = payload
+            lengths[c.request(nbd.CMD_READ, 0, n)] = n
+        seen = {}
+        for _ in range(len(lengths)):
+            handle, err, data = c.reply(lengths=lengths)
+            assert err == 0 and handle not in seen
+            seen[handle] = data
+        # each read saw the writes sent before it (this server answers in order)
+        for i, n in enumerate(sizes):
+            got = seen[2 * i + 2]
+            assert got[:n] == bytes([i + 1]) * n
+        assert c.read(0, 3 * MiB) == (0, bytes(expect[: 3 * MiB]))
+
+
+def test_unaligned_reads_are_served_and_unaligned_writes_refused(server, image):
+    with connect(server, structured=True) as c:
+        assert c.read(1, 1) == (0, image[1][1:2])
+        assert c.read(511, 1026) == (0, image[1][511:1537])
+        assert c.write(100, b"x" * 512) == nbd.EINVAL
+        assert c.write(0, b"x" * 100) == nbd.EINVAL
+        assert c.simple(nbd.CMD_WRITE_ZEROES, 1, 512) == nbd.EINVAL
+    assert image[0].read_bytes() == image[1]
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_requests_past_the_end_get_einval_or_enospc_and_change_nothing(server, image,
+                                                                        structured):
+    with connect(server, structured=structured) as c:
+        assert c.read(SIZE - 512, 1024) == (nbd.EINVAL, b"")
+        assert c.read(2**63, 512) == (nbd.EINVAL, b"")
+        assert c.write(SIZE, b"y" * 512) == nbd.ENOSPC
+        assert c.write(SIZE - 512, b"y" * 1024) == nbd.ENOSPC
+        assert c.simple(nbd.CMD_WRITE_ZEROES, SIZE - 512, 1024) == nbd.ENOSPC
+        assert c.read(0, 512) == (0, image[1][:512])  # still in business
+    assert image[0].read_bytes() == image[1]
+
+
+def test_oversized_requests_are_refused_and_the_connection_survives(tmp_path, image):
+    exports = [nbd.file_export(image[0], "disk")]
+    with serving(exports, tmp_path, max_request=MiB) as srv:
+        with connect(srv, structured=True) as c:
+            assert c.read(0, MiB + 4096) == (nbd.EOVERFLOW, b"")
+            assert c.write(0, b"z" * (MiB + 4096)) == nbd.EOVERFLOW  # payload read past
+            assert c.read(0, MiB) == (0, image[1][:MiB])
+        with connect(srv) as c:
+            assert c.read(0, 2 * MiB) == (nbd.EINVAL, b"")
+            assert c.write(0, b"z" * (2 * MiB)) == nbd.EINVAL
+            assert c.read(0, 4096) == (0, image[1][:4096])
+    assert image[0].read_bytes() == image[1]
+
+
+def test_unknown_commands_and_flags_get_einval(server):
+    with connect(server, structured=True) as c:
+        assert c.simple(42) == nbd.EINVAL
+        assert c.simple(nbd.CMD_TRIM, 0, 4096) == nbd.EINVAL  # not offered by a file export
+        assert c.simple(nbd.CMD_FLUSH, flags=0x100) == nbd.EINVAL
+        assert c.read(0, 512, flags=0x40)[0] == nbd.EINVAL
+        assert c.simple(nbd.CMD_WRITE_ZEROES, 0, 512,
+                        flags=nbd.CMD_FLAG_FAST_ZERO) == nbd.ENOTSUP
+        assert c.read(0, 512)[0] == 0
+
+
+def test_disc_closes_after_answering_what_came_before(server, image):
+    with connect(server) as c:
+        h = c.request(nbd.CMD_READ, 0, 4096)
+        c.request(nbd.CMD_DISC)
+        assert c.reply(4096) == (h, 0, image[1][:4096])
+        assert c.is_closed()
+
+
+def test_read_only_export_refuses_writes_with_eperm(tmp_path, image):
+    with serving([nbd.file_export(image[0], "ro", readonly=True)], tmp_path) as srv, \
+            connect(srv, "ro") as c:
+        assert c.write(0, b"w" * 512) == nbd.EPERM
+        assert c.simple(nbd.CMD_WRITE_ZEROES, 0, 512) == nbd.EPERM
+        assert c.simple(nbd.CMD_FLUSH) == 0
+    assert image[0].read_bytes() == image[1]
+
+
+def test_backend_failures_become_nbd_errors_not_crashes(tmp_path, image):
+    class Failing(FileBackend):
+        def write(self, offset, data):
+            if offset == 0:
+                raise OSError(28, "disk full")
+            if offset == 512:
+                raise RuntimeError("bug in a backend")
+            return super().write(offset, data)
+
+        def flush(self):
+            raise OSError(5, "fsync failed")
+
+    export = Export("f", Failing(image[0]))
+    with serving([export], tmp_path) as srv, connect(srv, "f", structured=True) as c:
+        assert c.write(0, b"a" * 512) == nbd.ENOSPC
+        assert c.write(512, b"a" * 512) == nbd.EIO
+        assert c.simple(nbd.CMD_FLUSH) == nbd.EIO
+        assert c.write(1024, b"b" * 512, flags=nbd.CMD_FLAG_FUA) == nbd.EIO
+        assert c.read(1024, 512) == (0, b"b" * 512)
+
+
+# ---- hostile clients -----------------------------------------------------------------------
+
+
+def test_bad_magic_unknown_flags_and_unknown_export_name_drop_the_connection(server):
+    with RawClient(server.address) as c:
+        c.hello()
+        c.option(nbd.OPT_GO, magic=0x1234)
+        assert c.is_closed()
+    with RawClient(server.address) as c:
+        c.hello(client_flags=0x80)
+        assert c.is_closed()
+    with RawClient(server.address) as c:
+        c.hello()
+        c.option(nbd.OPT_EXPORT_NAME, b"nope")
+        assert c.is_closed()
+    with connect(server) as c:
+        c.request(nbd.CMD_READ, 0, 512, magic=0xDEADBEEF)
+        assert c.is_closed()
+    with connect(server) as c:  # the server is unharmed
+        assert c.read(0, 512)[0] == 0
+
+
+def test_oversized_option_data_is_skipped_and_refused(server):
+    with RawClient(server.address) as c:
+        c.hello()
+        c.option(nbd.OPT_GO, b"\x00" * (nbd.MAX_OPTION_DATA + 1))
+        assert c.opt_reply()[1] == nbd.REP_ERR_TOO_BIG
+        c.option(77, os.urandom(200_000))
+        assert c.opt_reply()[1] == nbd.REP_ERR_INVALID
+        assert c.go("disk")["size"] == SIZE
+    with RawClient(server.address) as c:
+        c.hello()
+        c.option(nbd.OPT_EXPORT_NAME, b"x" * (nbd.MAX_OPTION_DATA + 1))
+        assert c.is_closed()
+
+
+def test_client_vanishing_mid_write_applies_nothing(server, image):
+    path, data = image
+    for size in (8192, 3 * MiB):  # payload in the staging buffer / in a pooled buffer
+        c = connect(server)
+        c.send(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_WRITE, 7, 0, size))
+        c.send(b"\xaa" * (size // 2))
+        time.sleep(0.1)
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()  # reset, mid-payload
+    with connect(server) as c:
+        assert c.read(0, 3 * MiB) == (0, data[: 3 * MiB])
+    assert path.read_bytes() == data
+
+
+def test_client_vanishing_mid_handshake_and_mid_header(server):
+    for chunks in ([b""], [struct.pack(">I", 3)[:2]],
+                   [struct.pack(">I", 3), struct.pack(">QI", nbd.IHAVEOPT, nbd.OPT_GO)]):
+        c = RawClient(server.address)
+        c.recv_exact(18)
+        for chunk in chunks:
+            c.send(chunk)
+        c.close()
+    with connect(server) as c:
+        c.send(struct.pack(">IHHQ", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, 1))
+        c.close()
+    with connect(server) as c:
+        assert c.read(0, 512)[0] == 0
+    assert eventually(lambda: server.call(lambda: server.server.connections) == 0)
+
+
+def test_stalled_handshake_is_dropped(tmp_path, image):
+    with serving([nbd.file_export(image[0], "disk")], tmp_path,
+                 handshake_timeout=0.3) as srv, RawClient(srv.address) as c:
+        c.recv_exact(18)
+        assert c.is_closed(timeout=5)
+
+
+def test_connection_limit_refuses_the_excess(tmp_path, image):
+    with serving([nbd.file_export(image[0], "disk")], tmp_path, max_connections=2) as srv:
+        a, b = connect(srv), connect(srv)
+        with RawClient(srv.address) as c:
+            with pytest.raises((ServerClosed, ConnectionError)):
+                c.hello()
+        a.close()
+        b.close()
+        time.sleep(0.2)
+        with connect(srv) as c:
+            assert c.read(0, 512)[0] == 0
+
+
+def test_client_that_never_reads_replies_is_not_buffered_without_bound(server):
+    """A client pipelining reads without reading the replies: the server stops taking
+    requests once its socket is full instead of queueing megabytes per request."""
+    c = connect(server)
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    requests = b"".join(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, i, 0,
+                                    4 * MiB) for i in range(200))
+    sender = threading.Thread(target=lambda: _send_quietly(c.sock, requests), daemon=True)
+    sender.start()
+    time.sleep(0.5)
+
+    def buffered():
+        return [conn._transport.get_write_buffer_size()
+                for conn in server.server._connections]
+
+    assert max(server.call(buffered)) <= 4 * MiB + 64
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()
+    with connect(server) as d:
+        assert d.read(0, 512)[0] == 0
+
+
+def _send_quietly(sock, data):
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
+
+
+def test_many_connections_on_several_exports_at_once(tmp_path):
+    images = {f"d{i}": os.urandom(MiB) for i in range(3)}
+    exports = []
+    for name, data in images.items():
+        (tmp_path / name).write_bytes(data)
+        exports.append(nbd.file_export(tmp_path / name, name))
+    errors = []
+
+    def worker(name, k):
+        try:
+            with connect(srv, name, structured=bool(k % 2), unix=bool(k % 3 == 0)) as c:
+                for i in range(20):
+                    off = ((k * 20 + i) % 256) * 4096
+                    payload = bytes([k]) * 4096
+                    assert c.write(off + 0, payload) == 0 if name == "d0" else True
+                    err, got = c.read(off, 4096)
+                    assert err == 0
+                    if name != "d0":
+                        assert got == images[name][off : off + 4096]
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    with serving(exports, tmp_path) as srv:
+        threads = [threading.Thread(target=worker, args=(f"d{k % 3}", k)) for k in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+
+
+# ---- exports of views and scratch overlays -------------------------------------------------
+
+
+@pytest.fixture
+def journal(tmp_path):
+    j, snaps = build_journal(tmp_path / "j", sizes=(2 * MiB, MiB), rounds=2, writes=30)
+    yield j, snaps
+    j.close()
+
+
+def test_view_export_serves_the_checkpoint_read_only(tmp_path, journal):
+    j, snaps = journal
+    exports = [nbd.view_export(j, ckpt, "disk0", f"v{i}") for i, (ckpt, _) in enumerate(snaps)]
+    with serving(exports, tmp_path) as srv:
+        for i, (_, images) in enumerate(snaps):
+            with connect(srv, f"v{i}", structured=True) as c:
+                assert c.read(0, 2 * MiB) == (0, images["disk0"])
+                assert c.read(777, 5000) == (0, images["disk0"][777:5777])
+                assert c.write(0, b"x" * 512) == nbd.EPERM
+    assert not j._pins  # the server closed the views it owned
+
+
+def test_scratch_export_takes_writes_and_discards_them_on_close(tmp_path, journal):
+    j, snaps = journal
+    ckpt, images = snaps[-1]
+    export = nbd.scratch_export(j, ckpt, "disk1", "s", limit_bytes=256 * 1024)
+    assert export.kind == "scratch"
+    with serving([export], tmp_path) as srv:
+        with connect(srv, "s", structured=True) as c:
+            assert c.write(4096, b"\x42" * 8192, flags=nbd.CMD_FLAG_FUA) == 0
+            assert c.simple(nbd.CMD_TRIM, 0, 4096) == 0  # overlays offer trim
+            assert c.read(0, 16384) == (0, images["disk1"][:4096] + b"\x42" * 8192
+                                        + images["disk1"][12288:16384])
+            assert c.write(0, b"\x01" * (512 * 1024)) == nbd.ENOSPC  # over the limit
+        with connect(srv, "s") as c:  # a second connection sees the same overlay
+            assert c.read(4096, 8192) == (0, b"\x42" * 8192)
+    with j.view(ckpt) as v:
+        assert v.read("disk1", 0, MiB) == images["disk1"]
+    assert not j._pins
+
+
+def test_export_and_server_settings_are_validated(tmp_path, image):
+    odd = tmp_path / "odd.img"
+    odd.write_bytes(b"x" * 1000)
+    with pytest.raises(ConfigError):
+        FileBackend(odd)
+    backend = FileBackend(image[0])
+    with pytest.raises(ConfigError):
+        Export("x" * 5000, backend)
+    with pytest.raises(ConfigError):
+        nbd.NBDServer([], max_request=1000)
+    server = nbd.NBDServer([Export("a", backend)])
+    with pytest.raises(ConfigError):
+        server.add_export(Export("a", backend))
+    backend.close()
+    with pytest.raises(ConfigError):
+        TLSConfig(str(tmp_path / "missing.pem"), str(tmp_path / "missing.key")).server_context()
+
+
+# ---- TLS -----------------------------------------------------------------------------------
+
+
+def tls_client(address, tls_dir, *, client_cert=True) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(tls_dir / "ca-cert.pem"))
+    if client_cert:
+        ctx.load_cert_chain(str(tls_dir / "client-cert.pem"), str(tls_dir / "client-key.pem"))
+    return ctx
+
+
+def test_tls_is_required_then_negotiated_with_starttls(tmp_path, image):
+    tls_dir = tmp_path / "tls"
+    write_tls_files(tls_dir)
+    tls = TLSConfig(str(tls_dir / "server-cert.pem"), str(tls_dir / "server-key.pem"),
+                    ca=str(tls_dir / "ca-cert.pem"))
+    with serving([nbd.file_export(image[0], "disk")], tmp_path, tls=tls) as srv:
+        assert srv.uris()[0].startswith("nbds://")
+        with RawClient(srv.address) as c:  # options before STARTTLS: TLS required
+            c.hello()
+            assert c.go("disk")["error"] == nbd.REP_ERR_TLS_REQD
+            c.option(nbd.OPT_LIST)
+            assert c.opt_reply()[1] == nbd.REP_ERR_TLS_REQD
+            c.option(nbd.OPT_EXPORT_NAME, b"disk")  # cannot be refused: dropped
+            assert c.is_closed()
+        with RawClient(srv.address) as c:
+            c.hello()
+            c.option(nbd.OPT_STARTTLS)
+            assert c.opt_reply()[1] == nbd.REP_ACK
+            c.sock = tls_client(srv.address, tls_dir).wrap_socket(c.sock,
+                                                                  server_hostname="localhost")
+            c.option(nbd.OPT_STARTTLS)
+            assert c.opt_reply()[1] == nbd.REP_ERR_INVALID  # already running
+            assert c.go("disk", structured=True)["size"] == SIZE
+            assert c.read(0, 2 * MiB) == (0, image[1][: 2 * MiB])
+            assert c.write(0, b"t" * 4096) == 0
+        with RawClient(srv.address) as c:  # no client certificate: refused
+            c.hello()
+            c.option(nbd.OPT_STARTTLS)
+            assert c.opt_reply()[1] == nbd.REP_ACK
+            with pytest.raises((ssl.SSLError, ConnectionError, ServerClosed)):
+                c.sock = tls_client(srv.address, tls_dir, client_cert=False).wrap_socket(
+                    c.sock, server_hostname="localhost")
+                c.go("disk")
+        with connect_tls(srv, tls_dir) as c:
+            assert c.read(0, 4096) == (0, b"t" * 4096)
+
+
+def connect_tls(srv, tls_dir) -> RawClient:
+    c = RawClient(srv.address)
+    c.hello()
+    c.option(nbd.OPT_STARTTLS)
+    assert c.opt_reply()[1] == nbd.REP_ACK
+    c.sock = tls_client(srv.address, tls_dir).wrap_socket(c.sock, server_hostname="localhost")
+    c.go("disk")
+    return c

@@ -1,0 +1,124 @@
+"""`zcore nbd serve`: protected volumes captured into a journal, then that journal's
+checkpoints served as views and scratch overlays, all through real clients."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import require_tool
+from test_nbd_util import MiB, run, write_tls_files
+
+from zcore.journal import Journal
+
+
+class Served:
+    """A `zcore nbd serve` process; `uris` maps export name -> first URI printed."""
+
+    def __init__(self, *args: str, lines: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "zcore.cli", "nbd", "serve", "--port", "0", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.uris: dict[str, str] = {}
+        self.kinds: dict[str, str] = {}
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + 30
+        got = 0
+        while got < lines:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.proc.kill()
+                raise AssertionError(f"zcore nbd serve did not start: {self.proc.stderr.read()}")
+            if not sel.select(timeout=1):
+                continue
+            line = self.proc.stdout.readline()
+            if not line:
+                continue
+            uri, kind, _ = line.rstrip("\n").split("\t")
+            name = uri.split("?")[0].rsplit("/", 1)[1]
+            self.uris.setdefault(name, uri)
+            self.kinds[name] = kind
+            got += 1
+
+    def stop(self, sig=signal.SIGTERM) -> str:
+        self.proc.send_signal(sig)
+        _, err = self.proc.communicate(timeout=60)
+        assert self.proc.returncode == 0, err
+        return err
+
+
+def test_serve_protect_then_view_and_scratch_the_captured_checkpoint(tmp_path):
+    qemu_io, nbdcopy = require_tool("qemu-io"), require_tool("nbdcopy")
+    image = tmp_path / "disk0.img"
+    image.write_bytes(os.urandom(4 * MiB) + bytes(4 * MiB))  # content before protection
+    journal_dir = tmp_path / "journals" / "vm1"
+    served = Served("--journal", str(journal_dir), "--protect", f"disk0={image}",
+                    "--unix", str(tmp_path / "s.sock"), lines=2)
+    try:
+        assert served.kinds == {"disk0": "volume"}
+        assert served.uris["disk0"].startswith("nbd://127.0.0.1:")
+        run([qemu_io, "-f", "raw", "-c", "write -P 0x7e 5M 1M", served.uris["disk0"]])
+    finally:
+        err = served.stop()
+    assert "stopped at checkpoint" in err
+    disk = image.read_bytes()
+    assert disk[5 * MiB : 6 * MiB] == b"\x7e" * MiB
+
+    served = Served("--journal", str(journal_dir), "--view", "v=disk0@latest",
+                    "--view", "w=disk0@tag:stopped", "--scratch", "t=disk0",
+                    "--scratch-limit", "2M", lines=3)
+    try:
+        assert served.kinds == {"v": "view", "w": "view", "t": "scratch"}
+        for name in ("v", "w", "t"):  # the initial sync and the write were both captured
+            out = tmp_path / f"{name}.raw"
+            run([nbdcopy, served.uris[name], str(out)])
+            assert out.read_bytes() == disk
+        run([qemu_io, "-f", "raw", "-c", "write -P 0x01 0 1M", "-c", "read -P 0x01 0 1M",
+             served.uris["t"]])
+        full = subprocess.run([qemu_io, "-f", "raw", "-c", "write -P 0x01 2M 4M",
+                               served.uris["t"]], capture_output=True, text=True)
+        assert "No space left on device" in full.stdout + full.stderr
+    finally:
+        served.stop(signal.SIGINT)
+    with Journal.open(journal_dir) as journal:  # the scratch writes went nowhere
+        with journal.view(journal.latest_checkpoint()) as view:
+            assert view.read("disk0", 0, 8 * MiB) == disk
+
+
+def test_serve_files_over_tls_only(tmp_path):
+    nbdinfo = require_tool("nbdinfo")
+    tls = tmp_path / "tls"
+    write_tls_files(tls)
+    (tmp_path / "a.img").write_bytes(bytes(MiB))
+    served = Served("--file-ro", f"a={tmp_path / 'a.img'}",
+                    "--tls-cert", str(tls / "server-cert.pem"),
+                    "--tls-key", str(tls / "server-key.pem"), "--tls-ca", str(tls / "ca-cert.pem"),
+                    lines=1)
+    try:
+        uri = served.uris["a"]
+        assert uri.startswith("nbds://")
+        out = run([nbdinfo, f"{uri}?tls-certificates={tls}"]).stdout
+        assert "is_read_only: true" in out
+        assert subprocess.run([nbdinfo, uri.replace("nbds", "nbd", 1)],
+                              capture_output=True).returncode != 0
+    finally:
+        served.stop()
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "nothing to serve"),
+    (["--view", "v=disk0"], "need --journal"),
+    (["--file", "novalue"], "NAME=VALUE"),
+    (["--file", "a=/x", "--tls-cert", __file__], "TLS needs"),
+    (["--file", "a=/does/not/exist"], "No such file"),
+])
+def test_serve_refuses_bad_arguments(args, message):
+    proc = subprocess.run([sys.executable, "-m", "zcore.cli", "nbd", "serve", "--port", "0",
+                           *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert message in proc.stderr

@@ -139,7 +139,8 @@ class DirtyBitmap:
         if offsets.size == 0:
             return
         ends = offsets + lengths
-        if int(ends.max()) > self.volume_size:
+        # an end below its offset wrapped around 2**64 (a negative or huge offset)
+        if int(ends.max()) > self.volume_size or bool((ends < offsets).any()):
             raise OutOfRangeError("a marked range passes the volume's end")
         shift = self.block.bit_length() - 1
         first = offsets >> np.uint64(shift)

@@ -4,10 +4,11 @@ checkpoints served as views and scratch overlays, all through real clients."""
 from __future__ import annotations
 
 import os
-import selectors
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -26,19 +27,25 @@ class Served:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.uris: dict[str, str] = {}
         self.kinds: dict[str, str] = {}
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        lines_q: queue.Queue[str] = queue.Queue()
+
+        def reader() -> None:
+            try:
+                for text in self.proc.stdout:
+                    lines_q.put(text)
+            except (OSError, ValueError):  # stop() closed the pipe
+                pass
+
+        threading.Thread(target=reader, daemon=True).start()
         deadline = time.monotonic() + 30
         got = 0
         while got < lines:
-            if time.monotonic() > deadline or self.proc.poll() is not None:
+            try:
+                line = lines_q.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
                 self.proc.kill()
-                raise AssertionError(f"zcore nbd serve did not start: {self.proc.stderr.read()}")
-            if not sel.select(timeout=1):
-                continue
-            line = self.proc.stdout.readline()
-            if not line:
-                continue
+                raise AssertionError(f"zcore nbd serve did not start: "
+                                     f"{self.proc.communicate()[1]}") from None
             uri, kind, _ = line.rstrip("\n").split("\t")
             name = uri.split("?")[0].rsplit("/", 1)[1]
             self.uris.setdefault(name, uri)
@@ -47,7 +54,8 @@ class Served:
 
     def stop(self, sig=signal.SIGTERM) -> str:
         self.proc.send_signal(sig)
-        _, err = self.proc.communicate(timeout=60)
+        self.proc.wait(timeout=60)
+        err = self.proc.stderr.read()
         assert self.proc.returncode == 0, err
         return err
 

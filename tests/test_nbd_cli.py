@@ -44,8 +44,10 @@ class Served:
                 line = lines_q.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 self.proc.kill()
-                raise AssertionError(f"zcore nbd serve did not start: "
-                                     f"{self.proc.communicate()[1]}") from None
+                self.proc.wait()
+                err = self.proc.stderr.read()
+                self.proc.stderr.close()
+                raise AssertionError(f"zcore nbd serve did not start: {err}") from None
             uri, kind, _ = line.rstrip("\n").split("\t")
             name = uri.split("?")[0].rsplit("/", 1)[1]
             self.uris.setdefault(name, uri)
@@ -56,6 +58,8 @@ class Served:
         self.proc.send_signal(sig)
         self.proc.wait(timeout=60)
         err = self.proc.stderr.read()
+        self.proc.stderr.close()
+        self.proc.stdout.close()
         assert self.proc.returncode == 0, err
         return err
 

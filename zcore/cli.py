@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import time
 
 import click
 
-from zcore.journal import Journal, VolumeSpec
+from zcore.journal import Journal
 
 
 @click.group()
@@ -19,59 +18,36 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--volume-mib", default=64, show_default=True, help="size of each demo volume")
-@click.option("--writes", default=2000, show_default=True, help="writes before the checkpoint")
+@click.option("--volume-mib", default=64, show_default=True, help="size of each VM's disk")
+@click.option("--seconds", default=4.0, show_default=True, help="length of the workload")
+@click.option("--rate-mb", default=40.0, show_default=True, help="workload write rate, MB/s")
 @click.option("--keep", type=click.Path(file_okay=False), default=None,
               help="keep the demo's files in this directory instead of a temporary one")
-def demo(volume_mib: int, writes: int, keep: str | None) -> None:
-    """Journal a workload, tag a checkpoint, overwrite it as ransomware would, recover."""
-    import random
+def demo(volume_mib: int, seconds: float, rate_mb: float, keep: str | None) -> None:
+    """Replicate two VMs over TLS on loopback, tag a checkpoint, let ransomware overwrite
+    the disks, recover the VPG at the tagged checkpoint and verify it byte for byte."""
+    from zcore.demo import run_demo
 
-    rng = random.Random(1)
-    size = volume_mib << 20
+    if volume_mib < 1 or seconds <= 0 or rate_mb <= 0:
+        raise click.BadParameter("volume size, duration and rate must be positive")
     with tempfile.TemporaryDirectory(prefix="zcore-demo-") as tmp:
-        base = keep or tmp
-        os.makedirs(base, exist_ok=True)
-        journal = Journal.create(os.path.join(base, "vm1"),
-                                 [VolumeSpec(0, "disk0", size), VolumeSpec(1, "disk1", size)],
-                                 vm="vm1")
-        model = {0: bytearray(size), 1: bytearray(size)}
-        start = time.perf_counter()
-        written = 0
-        for _ in range(writes):
-            vol = rng.randrange(2)
-            length = rng.randrange(1, 17) * 4096
-            offset = rng.randrange(0, (size - length) // 4096) * 4096
-            data = rng.randbytes(length // 2) + bytes(length // 2)
-            journal.append([(vol, offset, data)])
-            model[vol][offset : offset + length] = data
-            written += length
-        tagged = journal.checkpoint("before ransomware")
-        journal.commit()
-        snapshot = {v: bytes(b) for v, b in model.items()}
-        for vol in (0, 1):  # "encrypt" every block of both disks
-            for offset in range(0, size, 1 << 20):
-                junk = rng.randbytes(1 << 20)
-                journal.append([(vol, offset, junk)])
-        journal.commit()
-        elapsed = time.perf_counter() - start
-        with journal.view(tagged) as view:
-            mismatches = sum(
-                view.read(vol, off, 1 << 20) != snapshot[vol][off : off + (1 << 20)]
-                for vol in (0, 1) for off in range(0, size, 1 << 20)
-            )
-        status = journal.status()
-        journal.close()
-        click.echo(f"journaled {written / 2**20:.1f} MiB in {writes} writes, then "
-                   f"{2 * size / 2**20:.0f} MiB of ransomware overwrites in {elapsed:.2f} s")
-        click.echo(f"journal: {status.size_bytes / 2**20:.1f} MiB on disk, "
-                   f"{status.records} records, checkpoint {tagged.id} "
-                   f"tagged {tagged.tag!r}")
-        if mismatches:
-            click.echo(f"FAILED: {mismatches} MiB differ from the tagged checkpoint", err=True)
-            sys.exit(1)
-        click.echo("recovered both volumes at the tagged checkpoint: byte-for-byte identical")
-
+        base = keep or os.path.join(tmp, "demo")
+        report = run_demo(base, volume_bytes=volume_mib << 20, seconds=seconds,
+                          rate_bytes=rate_mb * 1e6, say=click.echo)
+    click.echo("")
+    click.echo("report")
+    click.echo(f"  workload          {report.written_bytes / 2**20:8.1f} MiB in "
+               f"{report.workload_seconds:.1f} s, steady replication "
+               f"{report.throughput_bytes / 1e6:.1f} MB/s")
+    click.echo(f"  RPO               worst {report.rpo_max_seconds * 1000:.0f} ms")
+    click.echo(f"  journals          {report.journal_bytes / 2**20:8.1f} MiB on disk")
+    click.echo(f"  recovered         {report.recovered_bytes / 2**20:8.1f} MiB at checkpoint "
+               f"{report.checkpoint_seq} ({report.checkpoint_tag!r})")
+    if not report.ok:
+        click.echo(f"FAILED: {report.mismatched_chunks} MiB differ from the disks at the "
+                   "tagged checkpoint", err=True)
+        sys.exit(1)
+    click.echo("  verification      byte-for-byte identical to the disks at the checkpoint")
 
 
 # ---- zcore nbd ---------------------------------------------------------------------------

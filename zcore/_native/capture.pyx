@@ -82,15 +82,16 @@ cdef class CaptureRing:
     def sync(self, int fd, unsigned int volume, unsigned long long offset, unsigned int length,
              bint skip_zero=False):
         """Read a range of the backing store into the stream as a sync record (zero data
-        as a zero record, or nothing with `skip_zero`).  Returns its seq, or None when the
-        ring has no room (drain, then retry)."""
+        as a zero record, or nothing with `skip_zero`).  Returns its seq, or None when it
+        cannot go now: the ring has no room (drain, then retry) or overflowed into bitmap
+        mode (fold, then sync again later)."""
         cdef long long seq
         if length == 0 or length > ZC_MAX_WRITE or offset % ZC_SECTOR or length % ZC_SECTOR:
             raise AlignmentError(f"sync read {offset}+{length} must be sector-aligned, "
                                  f"1 to {ZC_MAX_WRITE} bytes")
         with nogil:
             seq = zc_capture_sync(self.c, fd, volume, offset, length, skip_zero)
-        if seq == ZC_E_FULL:
+        if seq == ZC_E_FULL or seq == -10:
             return None
         if seq < 0:
             if seq == -9:

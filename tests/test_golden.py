@@ -1,0 +1,218 @@
+"""Format v1 golden fixtures (tests/data/golden-v1, written by tests/data/make_golden.py).
+
+A failure here means the bytes zcore writes or reads changed: that is a format change
+(docs/format.md 2), which needs a version bump and a reader for version 1, never a
+regenerated fixture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import lz4.block
+import numpy as np
+import pytest
+
+from zcore import records
+from zcore._native import record as _rec
+from zcore.journal import Journal, ReopenReport
+
+DATA = Path(__file__).parent / "data"
+GOLDEN = DATA / "golden-v1"
+
+
+def _load_maker():
+    spec = importlib.util.spec_from_file_location("make_golden", DATA / "make_golden.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+maker = _load_maker()
+RECORDS_BIN = (GOLDEN / "records.bin").read_bytes()
+RECORDS_JSON = json.loads((GOLDEN / "records.json").read_text())
+JOURNAL_JSON = json.loads((GOLDEN / "journal.json").read_text())
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def frozen(entry: dict) -> bytes:
+    return RECORDS_BIN[entry["pos"] : entry["pos"] + entry["size"]]
+
+
+def test_golden_fixtures_stay_small():
+    total = sum(p.stat().st_size for p in GOLDEN.rglob("*") if p.is_file())
+    assert total < 200 * 1024
+
+
+# ---- records ----------------------------------------------------------------------------
+
+
+def test_golden_records_bin_is_one_valid_bundle():
+    sizes = np.zeros(65536, dtype=np.uint64)
+    sizes[[0, 1, 2, 3, 65535]] = 1 << 41
+    batch = _rec.scan(RECORDS_BIN, 0, 1, 0, sizes)
+    assert batch.status == 0 and batch.consumed == len(RECORDS_BIN)
+    exts = batch.array()
+    assert len(exts) == len(RECORDS_JSON)
+    for ext, entry in zip(exts, RECORDS_JSON, strict=True):
+        for field in ("type", "flags", "volume", "seq", "offset", "length", "stored"):
+            assert int(ext[field]) == entry[field], (entry["name"], field)
+        assert int(ext["pos"]) == entry["pos"]
+    kinds = {(e["type"], e["flags"]) for e in RECORDS_JSON}
+    assert kinds == {
+        (records.REC_WRITE, records.FLAG_BLOCKCRC), (records.REC_SYNC, records.FLAG_BLOCKCRC),
+        (records.REC_WRITE, records.FLAG_LZ4), (records.REC_SYNC, records.FLAG_LZ4),
+        (records.REC_ZERO, 0), (records.REC_CHECKPOINT, 0),
+    }
+
+
+def test_encoding_the_golden_inputs_today_yields_records_bin():
+    inputs = list(maker.record_inputs())
+    assert len(inputs) == len(RECORDS_JSON)
+    for spec, entry in zip(inputs, RECORDS_JSON, strict=True):
+        assert spec["name"] == entry["name"]
+        rec = frozen(entry)
+        if spec["data"] is not None:  # the seeded generator still makes the same inputs
+            assert sha(spec["data"]) == entry["data_sha256"], entry["name"]
+        assert records.record_time(rec, 0) == spec["time_ns"] == entry["time_ns"]
+        if entry["flags"] & records.FLAG_LZ4:
+            # LZ4's output may change with the library: check what the block decodes to,
+            # and that the codec frames the frozen block into exactly the frozen record
+            block = rec[64 : 64 + entry["stored"]]
+            assert lz4.block.decompress(block, uncompressed_size=entry["length"]) == spec["data"]
+            again = _rec.encode_stored(entry["type"], entry["flags"], entry["volume"],
+                                       entry["seq"], entry["offset"], entry["length"],
+                                       entry["time_ns"], block)
+            assert again == rec, entry["name"]
+            today = maker.encode(spec)
+            head, _ = _rec.parse_header(today[:64])
+            assert head["flags"] == records.FLAG_LZ4 and head["type"] == entry["type"]
+            assert lz4.block.decompress(today[64 : 64 + head["stored"]],
+                                        uncompressed_size=head["length"]) == spec["data"]
+        else:
+            assert maker.encode(spec) == rec, entry["name"]
+
+
+def test_golden_records_decode_to_their_inputs():
+    for spec, entry in zip(maker.record_inputs(), RECORDS_JSON, strict=True):
+        rec = frozen(entry)
+        _rec.verify_payload(rec[:64], rec[64:])
+        payload = rec[64 : 64 + entry["stored"]]
+        if entry["type"] == records.REC_CHECKPOINT:
+            kind, consistent, tag = spec["checkpoint"]
+            marker = records.decode_checkpoint_payload(payload)
+            assert (marker.kind, marker.consistent, marker.tag) == (kind, consistent, tag)
+        elif entry["type"] == records.REC_ZERO:
+            assert entry["stored"] == 0 and entry["size"] == 64
+            assert spec["data"] == bytes(entry["length"])
+        elif entry["flags"] & records.FLAG_BLOCKCRC:
+            table = _rec.blockcrc_table_size(entry["length"])
+            assert payload[table:] == spec["data"]
+        assert rec[64 + entry["stored"] :] == bytes(entry["size"] - 64 - entry["stored"])
+
+
+def _hex(rows: str) -> bytes:
+    return bytes.fromhex("".join(line.split("  ")[1] for line in rows.strip().splitlines()))
+
+
+def test_format_spec_test_vectors_match_the_codec():
+    """docs/format.md 4.9 prints two records; the codec must produce exactly those."""
+    ckpt = records.encode_checkpoint(7, 1_700_000_000_000_000_000, records.CKPT_TAGGED, True,
+                                     "nightly")
+    assert ckpt[:80] == _hex("""
+0000  03 00 00 00 00 00 00 00 07 00 00 00 00 00 00 00
+0010  00 00 00 00 00 00 00 00 0b 00 00 00 0b 00 00 00
+0020  00 00 2a 36 fe 9c 97 17 48 12 34 69 00 00 00 00
+0030  00 00 00 00 00 00 00 00 00 00 00 00 11 a4 40 34
+0040  02 01 07 00 6e 69 67 68 74 6c 79 00 00 00 00 00
+""")
+    assert len(ckpt) == 128 and ckpt[80:] == bytes(48)
+    raw = _rec.encode_raw(3, 5, 4096, bytes(range(256)) * 2, 1_700_000_000_000_000_001)
+    assert len(raw) == 640
+    assert raw[:72] == _hex("""
+0000  01 00 02 00 03 00 00 00 05 00 00 00 00 00 00 00
+0010  00 10 00 00 00 00 00 00 00 02 00 00 40 02 00 00
+0020  01 00 2a 36 fe 9c 97 17 f9 d7 08 e6 00 00 00 00
+0030  00 00 00 00 00 00 00 00 00 00 00 00 48 f2 53 40
+0040  5a ee 10 ae 00 00 00 00
+""")
+    assert raw[72:128] == bytes(56) and raw[128:] == bytes(range(256)) * 2
+    assert _rec.crc32c(b"123456789") == 0xE3069283
+    assert _rec.crc32c(b"") == 0
+
+
+# ---- the journal directory --------------------------------------------------------------
+
+
+@pytest.fixture
+def golden_journal(tmp_path) -> Path:
+    path = tmp_path / "journal"
+    shutil.copytree(GOLDEN / "journal", path)
+    return path
+
+
+def check_contents(journal: Journal) -> None:
+    expect = JOURNAL_JSON["checkpoints"]
+    got = journal.checkpoints()
+    assert [c.id for c in got] == [int(s) for s in expect]
+    for c in got:
+        e = expect[str(c.seq)]
+        assert (c.time_ns, c.kind, c.tag, c.consistent) == (
+            e["time_ns"], e["kind"], e["tag"], e["consistent"])
+        with journal.view(c) as view:
+            for v in JOURNAL_JSON["volumes"]:
+                image = view.read(v["name"], 0, v["size"])
+                assert sha(image) == e["sha256"][str(v["id"])], (c.seq, v["name"])
+
+
+def test_golden_journal_opens_and_reads_back(golden_journal):
+    journal = Journal.open(golden_journal)
+    assert journal.reopen_report == ReopenReport()  # nothing torn, no index rebuilt
+    assert journal.journal_id == maker.JOURNAL_ID.bytes
+    assert journal.vm == "golden-vm"
+    assert [(v.id, v.name, v.size) for v in journal.volumes.values()] == [
+        (v["id"], v["name"], v["size"]) for v in JOURNAL_JSON["volumes"]]
+    assert journal.last_seq == journal.durable_seq == JOURNAL_JSON["last_seq"]
+    assert journal.promoted_seq == JOURNAL_JSON["promoted_seq"]
+    check_contents(journal)
+    journal.close()
+    # reading changed nothing on disk
+    for f in (GOLDEN / "journal").iterdir():
+        assert (golden_journal / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_golden_journal_reads_back_without_its_index_files(golden_journal):
+    zcis = sorted(golden_journal.glob("seg-*.zci"))
+    for z in zcis:
+        z.unlink()
+    journal = Journal.open(golden_journal)
+    assert journal.reopen_report.rescanned_segments == len(zcis)
+    check_contents(journal)
+    journal.close()
+    for z in zcis:  # rebuilt byte for byte: the index format did not change either
+        assert z.read_bytes() == (GOLDEN / "journal" / z.name).read_bytes(), z.name
+
+
+def test_golden_journal_accepts_new_records_and_promotion(golden_journal):
+    journal = Journal.open(golden_journal)
+    journal.append([("disk0", 0, b"\xaa" * 4096)])
+    c = journal.checkpoint("after golden")
+    newest = max(int(s) for s in JOURNAL_JSON["checkpoints"])
+    journal.promote_to(newest)
+    journal.close()
+    journal = Journal.open(golden_journal)
+    assert journal.checkpoints()[-1] == c
+    with journal.view(newest) as view:
+        image = view.read(0, 0, 32 * 1024)
+        assert sha(image) == JOURNAL_JSON["checkpoints"][str(newest)]["sha256"]["0"]
+    with journal.view(c) as view:
+        assert view.read(0, 0, 4096) == b"\xaa" * 4096
+        assert view.read(0, 4096, 32 * 1024 - 4096) == image[4096:]
+    journal.close()

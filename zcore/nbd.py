@@ -747,6 +747,9 @@ class _Connection(asyncio.BufferedProtocol):
         if self._end != self._start:
             raise ProtocolError("client sent data after NBD_OPT_STARTTLS")
         self._opt_reply(OPT_STARTTLS, REP_ACK)
+        # TLS buffers its own output: the SSL layer keeps its default flow control and
+        # the socket under it the asyncio default (a zero limit there would stall it).
+        self._transport.set_write_buffer_limits()
         self._transport = await self._loop.start_tls(
             self._transport, self, self.server._ssl, server_side=True,
             ssl_handshake_timeout=self.server.handshake_timeout,

@@ -5,13 +5,18 @@ clients (qemu, libnbd's tools, fio) are in test_nbd_clients.py."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import ssl
 import struct
+import tempfile
 import threading
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from test_nbd_util import MiB, RawClient, ServerClosed, build_journal, serving, write_tls_files
 
 from zcore import nbd
@@ -542,3 +547,123 @@ def connect_tls(srv, tls_dir) -> RawClient:
     c.sock = tls_client(srv.address, tls_dir).wrap_socket(c.sock, server_hostname="localhost")
     c.go("disk")
     return c
+
+
+# ---- properties ----------------------------------------------------------------------------
+
+@settings(max_examples=60)
+@given(garbage=st.binary(min_size=1, max_size=2000),
+       phase=st.sampled_from(["hello", "options", "transmission"]))
+def test_garbage_from_a_client_never_crashes_the_server_nor_writes(tmp_path_factory, garbage,
+                                                                   phase):
+    tmp = tmp_path_factory.mktemp("garbage")
+    data = os.urandom(MiB)
+    (tmp / "d.img").write_bytes(data)
+    with serving([nbd.file_export(tmp / "d.img", "d")], tmp, handshake_timeout=2) as srv:
+        c = RawClient(srv.address, timeout=2)
+        if phase != "hello":
+            c.hello()
+        if phase == "transmission":
+            c.go("d")
+        c.send(garbage)
+        c.sock.settimeout(0.05)
+        try:
+            while c.sock.recv(65536):
+                pass
+        except (TimeoutError, ConnectionError):
+            pass
+        c.close()
+        with connect(srv, "d") as good:
+            assert good.read(0, MiB) == (0, data)
+    assert (tmp / "d.img").read_bytes() == data
+
+
+class NBDModel(RuleBasedStateMachine):
+    """Reads, writes, zeroes, flushes over several connections (simple and structured
+    replies, pipelined), against a bytearray."""
+
+    SIZE = 256 * 1024
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = tempfile.mkdtemp(prefix="zcore-nbd-model-")
+        self.model = bytearray(os.urandom(self.SIZE))
+        path = os.path.join(self.tmp, "d.img")
+        with open(path, "wb") as f:
+            f.write(self.model)
+        self.ctx = serving([nbd.file_export(path, "d")], self.tmp, max_request=64 * 1024)
+        self.srv = self.ctx.__enter__()
+        self.clients = [connect(self.srv, "d"), connect(self.srv, "d", structured=True)]
+
+    sectors = st.integers(0, 511)
+
+    @rule(k=st.integers(0, 1), first=sectors, count=st.integers(1, 160), byte=st.integers(0, 255))
+    def write(self, k, first, count, byte):
+        offset, length = first * 512, count * 512
+        payload = bytes([byte]) * length
+        err = self.clients[k].write(offset, payload)
+        if length > 64 * 1024:  # refused before its payload is even looked at
+            assert err in (nbd.EINVAL, nbd.EOVERFLOW)
+        elif offset + length > self.SIZE:
+            assert err == nbd.ENOSPC
+        else:
+            assert err == 0
+            self.model[offset : offset + length] = payload
+
+    @rule(k=st.integers(0, 1), first=sectors, count=st.integers(1, 512))
+    def zero(self, k, first, count):
+        offset, length = first * 512, count * 512
+        err = self.clients[k].simple(nbd.CMD_WRITE_ZEROES, offset, length)
+        if offset + length > self.SIZE:
+            assert err == nbd.ENOSPC
+        else:
+            assert err == 0
+            self.model[offset : offset + length] = bytes(length)
+
+    @rule(k=st.integers(0, 1), offset=st.integers(0, 256 * 1024),
+          length=st.integers(0, 70 * 1024))
+    def read(self, k, offset, length):
+        err, data = self.clients[k].read(offset, length)
+        if offset + length > self.SIZE:
+            assert err == nbd.EINVAL
+        elif length > 64 * 1024:
+            assert err in (nbd.EINVAL, nbd.EOVERFLOW)
+        else:
+            assert err == 0 and data == self.model[offset : offset + length]
+
+    @rule(k=st.integers(0, 1), ops=st.lists(st.tuples(st.integers(0, 500),
+                                                       st.integers(1, 12)), max_size=12))
+    def pipelined_writes(self, k, ops):
+        c = self.clients[k]
+        handles = []
+        for i, (first, count) in enumerate(ops):
+            payload = bytes([i + 1]) * (count * 512)
+            handles.append(c.request(nbd.CMD_WRITE, first * 512, len(payload),
+                                     payload=payload))
+            self.model[first * 512 : first * 512 + len(payload)] = payload
+        for h in handles:  # this server applies and answers in order
+            assert c.reply()[:2] == (h, 0)
+
+    @rule(k=st.integers(0, 1))
+    def flush(self, k):
+        assert self.clients[k].simple(nbd.CMD_FLUSH, flags=nbd.CMD_FLAG_FUA) == 0
+
+    @rule(k=st.integers(0, 1), structured=st.booleans())
+    def reconnect(self, k, structured):
+        self.clients[k].request(nbd.CMD_DISC)
+        self.clients[k].close()
+        self.clients[k] = connect(self.srv, "d", structured=structured)
+
+    @invariant()
+    def file_matches(self):
+        with open(os.path.join(self.tmp, "d.img"), "rb") as f:
+            assert f.read() == self.model
+
+    def teardown(self):
+        for c in self.clients:
+            c.close()
+        self.ctx.__exit__(None, None, None)
+        shutil.rmtree(self.tmp)
+
+
+TestNBDModel = NBDModel.TestCase

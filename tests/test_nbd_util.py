@@ -99,6 +99,7 @@ class RawClient:
             self.sock.connect(os.fspath(address))
         else:
             self.sock = socket.create_connection(address, timeout=timeout)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.structured = False
         self.handle = 0
 

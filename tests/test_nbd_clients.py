@@ -17,6 +17,7 @@ from conftest import require_tool
 from test_nbd_util import MiB, build_journal, run, serving, write_tls_files
 
 from zcore import nbd
+from zcore.errors import ConfigError
 from zcore.nbd import TLSConfig
 from zcore.vpg import VPG, LocalLink, VPGSettings
 
@@ -281,3 +282,30 @@ def test_tls_exports_work_with_libnbd_and_qemu_and_refuse_plain_clients(tmp_path
         plain = subprocess.run([nbdinfo, uri.replace("nbds://", "nbd://")],
                                capture_output=True, text=True, timeout=60)
         assert plain.returncode != 0
+
+
+def test_tls_with_the_site_identity_used_for_replication(tmp_path):
+    qemu_img = require_tool("qemu-img")
+    from zcore.security import SERVER_NAME, SiteIdentity
+
+    identity = SiteIdentity.load_or_create(tmp_path / "site", "recovery")
+    client_dir = tmp_path / "client"
+    client_dir.mkdir()
+    shutil.copyfile(identity.cert_path, client_dir / "ca-cert.pem")
+    (tmp_path / "d.raw").write_bytes(bytes(MiB))
+    tls = TLSConfig.from_site(tmp_path / "site")
+    with serving([nbd.file_export(tmp_path / "d.raw", "d")], tmp_path, tls=tls) as srv:
+        host, port = srv.address
+        out = run([qemu_img, "info", "--output=json", "--object",
+                   f"tls-creds-x509,id=tls0,dir={client_dir},endpoint=client", "--image-opts",
+                   f"driver=nbd,host={host},port={port},export=d,tls-creds=tls0,"
+                   f"tls-hostname={SERVER_NAME}"]).stdout
+        assert json.loads(out)["virtual-size"] == MiB
+        wrong = subprocess.run([qemu_img, "info", "--object",
+                                f"tls-creds-x509,id=tls0,dir={client_dir},endpoint=client",
+                                "--image-opts",
+                                f"driver=nbd,host={host},port={port},export=d,tls-creds=tls0,"
+                                "tls-hostname=someone-else"], capture_output=True, text=True)
+        assert wrong.returncode != 0
+    with pytest.raises(ConfigError, match="no site identity"):
+        TLSConfig.from_site(tmp_path / "client")

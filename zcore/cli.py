@@ -129,6 +129,9 @@ def nbd() -> None:
               help="server private key (PEM)")
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), default=None,
               help="CA (PEM) that must have signed client certificates")
+@click.option("--tls-site", type=click.Path(exists=True, file_okay=False), default=None,
+              help="use this site identity directory (as for replication) for the server "
+                   "certificate instead of --tls-cert/--tls-key")
 @click.option("--scratch-limit", default="16G", show_default=True,
               help="scratch space each --scratch export may use (e.g. 4G)")
 @click.option("--scratch-dir", type=click.Path(file_okay=False, exists=True), default=None,
@@ -137,7 +140,7 @@ def nbd() -> None:
 @click.option("-v", "--verbose", is_flag=True, help="log connections and refused requests")
 def nbd_serve(protect, views, scratches, files, files_ro, journal, vpg_state,
               checkpoint_interval, bind, port, unix_path, no_tcp, tls_cert, tls_key, tls_ca,
-              scratch_limit, scratch_dir, max_connections, verbose) -> None:
+              tls_site, scratch_limit, scratch_dir, max_connections, verbose) -> None:
     """Serve exports over NBD until interrupted, printing their nbd:// URIs.
 
     \b
@@ -159,8 +162,11 @@ def nbd_serve(protect, views, scratches, files, files_ro, journal, vpg_state,
         raise click.UsageError("nothing to serve: give --protect, --view, --scratch or --file")
     if (protect or views or scratches) and journal is None:
         raise click.UsageError("--protect, --view and --scratch need --journal")
-    if bool(tls_cert) != bool(tls_key) or (tls_ca and not tls_cert):
-        raise click.UsageError("TLS needs --tls-cert and --tls-key (and optionally --tls-ca)")
+    if tls_site and (tls_cert or tls_key):
+        raise click.UsageError("give --tls-site or --tls-cert/--tls-key, not both")
+    if not tls_site and (bool(tls_cert) != bool(tls_key) or (tls_ca and not tls_cert)):
+        raise click.UsageError("TLS needs --tls-cert and --tls-key, or --tls-site (and "
+                               "optionally --tls-ca)")
     if no_tcp and not unix_path:
         raise click.UsageError("--no-tcp needs --unix")
     limit = _parse_size(scratch_limit)
@@ -208,7 +214,8 @@ def nbd_serve(protect, views, scratches, files, files_ro, journal, vpg_state,
             for spec in specs:
                 name, image = _name_value("--file", spec)
                 exports.append(nbdmod.file_export(image, name, readonly=ro))
-        tls = nbdmod.TLSConfig(tls_cert, tls_key, tls_ca) if tls_cert else None
+        tls = (nbdmod.TLSConfig.from_site(tls_site, ca=tls_ca) if tls_site
+               else nbdmod.TLSConfig(tls_cert, tls_key, tls_ca) if tls_cert else None)
         server = nbdmod.NBDServer(exports, tls=tls, max_connections=max_connections)
         exports = []  # the server owns them now
 

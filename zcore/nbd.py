@@ -422,6 +422,19 @@ class TLSConfig:
     key: str
     ca: str | None = None
 
+    @classmethod
+    def from_site(cls, directory: str | os.PathLike, *, ca: str | None = None) -> TLSConfig:
+        """The site's own identity, the one replication uses (`site.crt` and `site.key`
+        of `zcore.security.SiteIdentity`), as the server certificate.  Its only name is
+        `zcore.security.SERVER_NAME`: clients trust site.crt as their CA and check that
+        name (qemu: `tls-hostname=zcore-site`)."""
+        cert = os.path.join(directory, "site.crt")
+        key = os.path.join(directory, "site.key")
+        for path in (cert, key):
+            if not os.path.isfile(path):
+                raise ConfigError(f"{directory} holds no site identity ({path} missing)")
+        return cls(cert, key, ca)
+
     def server_context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2

@@ -623,7 +623,6 @@ class _Connection(asyncio.BufferedProtocol):
             raise ProtocolError("client keeps sending while not reading its replies")
         bigger = bytearray(len(self._buf) * 2)
         bigger[:pending] = self._mv[:pending]
-        self._mv.release()
         self._buf, self._mv = bigger, memoryview(bigger)
 
     # -- handshake --

@@ -138,15 +138,61 @@ __attribute__((target("sse4.2"))) static uint32_t crc_hw(uint32_t crc, const uns
 }
 #endif
 
+#if defined(__x86_64__)
+/* three whole blocks at once: independent dependency chains keep the CRC unit busy */
+__attribute__((target("sse4.2"))) static void crc_hw_blocks3(const unsigned char *p,
+                                                              size_t block, uint32_t *out)
+{
+    uint64_t a = 0xFFFFFFFFu, b = 0xFFFFFFFFu, c = 0xFFFFFFFFu;
+    const unsigned char *pb = p + block, *pc = p + 2 * block;
+    for (size_t i = 0; i < block; i += 8) {
+        uint64_t wa, wb, wc;
+        memcpy(&wa, p + i, 8);
+        memcpy(&wb, pb + i, 8);
+        memcpy(&wc, pc + i, 8);
+        a = _mm_crc32_u64(a, wa);
+        b = _mm_crc32_u64(b, wb);
+        c = _mm_crc32_u64(c, wc);
+    }
+    out[0] = ~(uint32_t)a;
+    out[1] = ~(uint32_t)b;
+    out[2] = ~(uint32_t)c;
+}
+#endif
+
+static int have_hw_crc(void)
+{
+#if defined(__x86_64__)
+    static int have_hw = -1;
+    if (have_hw < 0)
+        have_hw = __builtin_cpu_supports("sse4.2") ? 1 : 0;
+    return have_hw;
+#else
+    return 0;
+#endif
+}
+
+void zc_crc32c_blocks(const void *buf, size_t len, size_t block, uint32_t *out)
+{
+    const unsigned char *p = buf;
+    size_t i = 0;
+#if defined(__x86_64__)
+    if (have_hw_crc())
+        for (; (i + 3) * block <= len; i += 3)
+            crc_hw_blocks3(p + i * block, block, out + i);
+#endif
+    for (; i * block < len; i++) {
+        size_t n = len - i * block < block ? len - i * block : block;
+        out[i] = zc_crc32c(0, p + i * block, n);
+    }
+}
+
 uint32_t zc_crc32c(uint32_t crc, const void *buf, size_t len)
 {
     const unsigned char *p = buf;
     crc = ~crc;
 #if defined(__x86_64__)
-    static int have_hw = -1;
-    if (have_hw < 0)
-        have_hw = __builtin_cpu_supports("sse4.2") ? 1 : 0;
-    if (have_hw)
+    if (have_hw_crc())
         return ~crc_hw(crc, p, len);
 #endif
     return ~crc_sw(crc, p, len);

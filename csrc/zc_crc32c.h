@@ -13,4 +13,9 @@
 
 uint32_t zc_crc32c(uint32_t crc, const void *buf, size_t len);
 
+/* CRC32C (from 0) of each consecutive `block`-byte piece of buf[0..len) into out[i]; the
+ * last piece may be shorter.  `block` must be a positive multiple of 8.  Same values as
+ * calling zc_crc32c per piece, computed several pieces at a time. */
+void zc_crc32c_blocks(const void *buf, size_t len, size_t block, uint32_t *out);
+
 #endif

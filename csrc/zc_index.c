@@ -136,6 +136,22 @@ static int flush_tail(volume_index *vi)
     return compact(vi);
 }
 
+static volume_index *volume_slot(zc_index *idx, uint32_t volume)
+{
+    if (volume >= idx->nvols) {
+        uint32_t nv = volume + 1;
+        volume_index **vols = realloc(idx->vols, nv * sizeof *vols);
+        if (!vols)
+            return NULL;
+        memset(vols + idx->nvols, 0, (nv - idx->nvols) * sizeof *vols);
+        idx->vols = vols;
+        idx->nvols = nv;
+    }
+    if (!idx->vols[volume])
+        idx->vols[volume] = calloc(1, sizeof(volume_index));
+    return idx->vols[volume];
+}
+
 int zc_index_add(zc_index *idx, const zc_extent *e, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
@@ -144,22 +160,9 @@ int zc_index_add(zc_index *idx, const zc_extent *e, size_t n)
             continue;
         if (x->volume >= ZC_MAX_VOLUMES)
             return ZC_E_RANGE;
-        if (x->volume >= idx->nvols) {
-            uint32_t nv = x->volume + 1;
-            volume_index **vols = realloc(idx->vols, nv * sizeof *vols);
-            if (!vols)
-                return ZC_E_NOMEM;
-            memset(vols + idx->nvols, 0, (nv - idx->nvols) * sizeof *vols);
-            idx->vols = vols;
-            idx->nvols = nv;
-        }
-        volume_index *vi = idx->vols[x->volume];
-        if (!vi) {
-            vi = calloc(1, sizeof *vi);
-            if (!vi)
-                return ZC_E_NOMEM;
-            idx->vols[x->volume] = vi;
-        }
+        volume_index *vi = volume_slot(idx, x->volume);
+        if (!vi)
+            return ZC_E_NOMEM;
         if (x->seq <= vi->last_seq)
             return ZC_E_ORDER;
         if (vi->ntail == TAIL_CAP && flush_tail(vi))
@@ -167,6 +170,57 @@ int zc_index_add(zc_index *idx, const zc_extent *e, size_t n)
         vi->tail[vi->ntail++] = *x;
         vi->last_seq = x->seq;
         idx->count++;
+    }
+    return ZC_OK;
+}
+
+int zc_index_add_sorted(zc_index *idx, const zc_extent *e, size_t n, uint32_t segment,
+                        uint64_t seg_len, const uint64_t *volume_sizes, uint32_t nvolumes)
+{
+    for (size_t i = 0; i < n; i++) {
+        const zc_extent *x = &e[i];
+        if (i && ext_cmp(&e[i - 1], x) >= 0 && e[i - 1].volume == x->volume)
+            return ZC_E_ARG;
+        if (i && e[i - 1].volume > x->volume)
+            return ZC_E_ARG;
+        if (x->type != ZC_REC_WRITE && x->type != ZC_REC_ZERO && x->type != ZC_REC_SYNC)
+            return ZC_E_BAD_RECORD;
+        if (x->segment != segment || x->length == 0 || (x->offset | x->length) % ZC_SECTOR ||
+            x->volume >= nvolumes || x->volume >= ZC_MAX_VOLUMES ||
+            x->offset + x->length < x->offset ||
+            x->offset + x->length > volume_sizes[x->volume] ||
+            x->pos + zc_record_size(x->stored) > seg_len || x->pos < 64)
+            return ZC_E_BAD_RECORD;
+        const volume_index *vi = x->volume < idx->nvols ? idx->vols[x->volume] : NULL;
+        if (vi && x->seq <= vi->last_seq)
+            return ZC_E_BAD_RECORD;
+    }
+    size_t i = 0;
+    while (i < n) {
+        size_t j = i;
+        uint64_t max_seq = 0;
+        while (j < n && e[j].volume == e[i].volume) {
+            if (e[j].seq > max_seq)
+                max_seq = e[j].seq;
+            j++;
+        }
+        volume_index *vi = volume_slot(idx, e[i].volume);
+        if (!vi)
+            return ZC_E_NOMEM;
+        void *runs = vi->runs;
+        if (grow(&runs, &vi->runs_cap, vi->nruns + 1, sizeof(run)))
+            return ZC_E_NOMEM;
+        vi->runs = runs;
+        zc_extent *copy = malloc((j - i) * sizeof *copy);
+        if (!copy)
+            return ZC_E_NOMEM;
+        memcpy(copy, e + i, (j - i) * sizeof *copy);
+        vi->runs[vi->nruns++] = (run){copy, j - i, max_len_of(copy, j - i)};
+        vi->last_seq = max_seq;
+        idx->count += j - i;
+        if (compact(vi))
+            return ZC_E_NOMEM;
+        i = j;
     }
     return ZC_OK;
 }

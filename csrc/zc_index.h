@@ -41,6 +41,15 @@ void zc_index_free(zc_index *idx);          /* accepts NULL */
  * (volume >= ZC_MAX_VOLUMES), ZC_E_NOMEM (index unchanged for the failing extent). */
 int zc_index_add(zc_index *idx, const zc_extent *e, size_t n);
 
+/* Adopt the data extents of one sealed segment, already sorted by (volume, offset, seq),
+ * as ready-made runs (no sorting).  Validates every extent first: data type, sector
+ * alignment, segment number, record inside seg_len, range inside volume_sizes[volume]
+ * (0 = unknown volume), and seqs above those already indexed for the volume; on any
+ * violation returns ZC_E_BAD_RECORD (or ZC_E_ARG when not sorted) and adds nothing.
+ * ZC_E_NOMEM leaves the index holding a prefix of the volumes. */
+int zc_index_add_sorted(zc_index *idx, const zc_extent *e, size_t n, uint32_t segment,
+                        uint64_t seg_len, const uint64_t *volume_sizes, uint32_t nvolumes);
+
 /* Remove every extent with seq < before (after promotion). ZC_OK or ZC_E_NOMEM. */
 int zc_index_drop_before(zc_index *idx, uint64_t before);
 

@@ -45,6 +45,17 @@ class ExtentIndex:
         """Index extents given as raw EXTENT_DTYPE bytes (a segment index file's entries);
         a structured numpy array must be passed as `arr.view(np.uint8)` or bytes."""
 
+    def add_sorted(
+        self,
+        extents: _Buffer,
+        segment: int,
+        seg_len: int,
+        volume_sizes: npt.NDArray[np.uint64],
+    ) -> None:
+        """Adopt a sealed segment's data extents, sorted by (volume, offset, seq), as
+        ready-made runs; every extent is checked first (CorruptRecordError, nothing
+        added)."""
+
     def drop_before(self, seq: int) -> None:
         """Forget every extent with seq < `seq` (promoted into the replicas)."""
 

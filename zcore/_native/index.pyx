@@ -77,6 +77,24 @@ cdef class ExtentIndex:
         if st:
             raise status_error(st, "indexing records")
 
+    def add_sorted(self, const uint8_t[::1] extents, unsigned int segment,
+                   unsigned long long seg_len, const uint64_t[::1] volume_sizes):
+        """Adopt a sealed segment's data extents, given as raw EXTENT_DTYPE bytes sorted
+        by (volume, offset, seq), as ready-made runs.  Every extent is checked first
+        (type, alignment, segment, position, volume range, seq order); on a violation
+        nothing is added and CorruptRecordError is raised."""
+        if extents.shape[0] % sizeof(zc_extent):
+            raise ConfigError("extent array length is not a multiple of the entry size")
+        cdef size_t n = extents.shape[0] // sizeof(zc_extent)
+        if n == 0:
+            return
+        cdef int st = zc_index_add_sorted(
+            self.idx, <const zc_extent *>&extents[0], n, segment, seg_len,
+            &volume_sizes[0] if volume_sizes.shape[0] else NULL, volume_sizes.shape[0])
+        if st:
+            raise status_error(st if st != -10 else -4,
+                               f"adopting the index of segment {segment}")
+
     def drop_before(self, unsigned long long seq):
         """Forget every extent with seq < `seq` (they were promoted into the replicas)."""
         cdef int st = zc_index_drop_before(self.idx, seq)

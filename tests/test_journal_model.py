@@ -385,8 +385,13 @@ class JournalMachine(RuleBasedStateMachine):
             event(f"segments: {min(n, 3)}{'+' if n >= 3 else ''}")
 
     @invariant()
-    def newest_checkpoint_reads_back_whole(self):
-        if self.journal is not None and self.ckpts:
+    def checkpoints_read_back_whole(self):
+        """The newest checkpoint always; every one while the volumes are small."""
+        if self.journal is None or not self.ckpts:
+            return
+        if sum(self.sizes.values()) <= 512 * KiB:
+            self._check_all()
+        else:
             self._check_checkpoint(max(self.ckpts))
 
 

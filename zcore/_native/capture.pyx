@@ -52,10 +52,15 @@ cdef class CaptureRing:
     def __dealloc__(self):
         zc_capture_free(self.c)
 
-    def write(self, int fd, unsigned int volume, unsigned long long size,
-              unsigned long long offset, data):
+    def write(self, int fd, unsigned int volume, unsigned long long size, offset, data):
         """Write `data` at `offset` of the backing `fd` and capture it; returns its seq."""
         cdef const uint8_t[::1] d
+        cdef unsigned long long off
+        # range first, as a Python int: a negative offset is out of range, not an
+        # OverflowError, and offset + length must not wrap around 2**64
+        if not 0 <= offset <= size:
+            raise OutOfRangeError(f"write at {offset} is outside the volume (0..{size})")
+        off = offset
         try:
             d = data
         except (TypeError, ValueError):
@@ -65,13 +70,13 @@ cdef class CaptureRing:
         cdef uint16_t kind
         if n == 0 or n > ZC_MAX_WRITE:
             raise ConfigError(f"write of {n} bytes: length must be 1 to {ZC_MAX_WRITE}")
-        if offset % ZC_SECTOR or n % ZC_SECTOR:
+        if off % ZC_SECTOR or n % ZC_SECTOR:
             raise AlignmentError(f"write {offset}+{n} is not aligned to {ZC_SECTOR}-byte sectors")
-        if offset + n > size:
+        if n > size - off:
             raise OutOfRangeError(f"write {offset}+{n} passes the volume's end ({size})")
         with nogil:
             kind = ZC_REC_ZERO if zc_all_zero(&d[0], n) else ZC_REC_WRITE
-            seq = zc_capture_write(self.c, fd, volume, offset, &d[0], <uint32_t>n, kind)
+            seq = zc_capture_write(self.c, fd, volume, off, &d[0], <uint32_t>n, kind)
         if seq < 0:
             if seq == -9:
                 raise NativeIOError(errno, f"writing {offset}+{n} to the backing store: "

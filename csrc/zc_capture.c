@@ -118,6 +118,12 @@ static int push_dirty(zc_capture *c, uint32_t volume, uint64_t offset, uint32_t 
 static zc_ring_entry *reserve(zc_capture *c, uint32_t stored)
 {
     uint64_t need = 64 + (((uint64_t)stored + 63) & ~(uint64_t)63);
+    /* An empty ring restarts at the buffer's start (nothing is reserved or peeked: the
+     * drainer consumes what it peeked before head can equal tail), so any entry that fits
+     * the buffer fits an empty ring; otherwise padding to the end could make an empty
+     * ring refuse a write of more than half its size. */
+    if (c->tail == c->head && c->tail % c->size)
+        c->head = c->tail = c->tail - c->tail % c->size + c->size;
     uint64_t at = c->tail % c->size;
     uint64_t filler = 0;
     if (at + need > c->size) /* does not fit before the end: pad to the end, wrap */

@@ -23,6 +23,7 @@ from zcore.journal import Journal, ReopenReport
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = DATA / "golden-v1"
+GOLDEN_INDEX_V2 = DATA / "golden-index-v2"
 
 
 def _load_maker():
@@ -196,8 +197,24 @@ def test_golden_journal_reads_back_without_its_index_files(golden_journal):
     assert journal.reopen_report.rescanned_segments == len(zcis)
     check_contents(journal)
     journal.close()
-    for z in zcis:  # rebuilt byte for byte: the index format did not change either
-        assert z.read_bytes() == (GOLDEN / "journal" / z.name).read_bytes(), z.name
+    for z in zcis:  # rebuilt byte for byte in the current index format (v2)
+        assert z.read_bytes() == (GOLDEN_INDEX_V2 / z.name).read_bytes(), z.name
+
+
+def test_golden_journal_reads_back_through_v2_index_files(golden_journal):
+    for z in GOLDEN_INDEX_V2.glob("seg-*.zci"):
+        shutil.copy(z, golden_journal / z.name)
+    journal = Journal.open(golden_journal)
+    assert journal.reopen_report.rescanned_segments == 0
+    check_contents(journal)
+    journal.close()
+
+
+def test_golden_v1_index_files_are_still_read(golden_journal):
+    journal = Journal.open(golden_journal)  # the v1 fixtures hold v1 index files
+    assert journal.reopen_report.rescanned_segments == 0
+    check_contents(journal)
+    journal.close()
 
 
 def test_golden_journal_accepts_new_records_and_promotion(golden_journal):

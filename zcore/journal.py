@@ -55,10 +55,13 @@ META_VERSION = 1
 SEGMENT_MAGIC = b"ZCJSEG\r\n"
 SEGMENT_VERSION = 1
 INDEX_MAGIC = b"ZCJIDX\r\n"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # v2: data extents sorted by (volume, offset, seq), checkpoint table
+INDEX_V1 = 1  # v1: every extent in seq order, checkpoint blob; still read
 SEGMENT_HEADER = struct.Struct("<8sII Q 16s Q 12x I")  # 64 bytes, crc last
 INDEX_HEADER = struct.Struct("<8sII Q 16s Q II I I")  # 64 bytes, body crc, header crc
-INDEX_TIMES = struct.Struct("<QQ")
+INDEX_TIMES = struct.Struct("<QQ")  # v1 body prefix: min_time, max_time
+INDEX_STATS = struct.Struct("<QQQQQ")  # v2: min_time, max_time, min_seq, max_seq, records
+INDEX_CKPT = struct.Struct("<QQQII")  # v2 entry: seq, pos, time_ns, stored, 0; payload follows
 assert SEGMENT_HEADER.size == 64 and INDEX_HEADER.size == 64
 
 HOUR = 3600.0
@@ -499,9 +502,14 @@ class Journal:
          crc) = INDEX_HEADER.unpack(data[:64])
         if magic != INDEX_MAGIC or _rec.crc32c(data[:60]) != crc or hsize != 64:
             return None
-        if version != INDEX_VERSION or number != seg.number or jid != self.journal_id:
+        if version not in (INDEX_V1, INDEX_VERSION) or number != seg.number \
+                or jid != self.journal_id:
             return None
         body = memoryview(data)[64:]
+        if _rec.crc32c(body) != body_crc or seg_len != seg.size:
+            return None
+        if version == INDEX_VERSION:
+            return self._load_index_v2(seg, last_seq, body, count, ckpt_bytes)
         esize = records.EXTENT_DTYPE.itemsize
         if len(body) != INDEX_TIMES.size + count * esize + ckpt_bytes:
             return None
@@ -528,20 +536,59 @@ class Journal:
             at += 8 + stored
         return True
 
+    def _load_index_v2(self, seg: _Segment, last_seq: int, body: memoryview, count: int,
+                       ckpt_bytes: int) -> bool | None:
+        esize = records.EXTENT_DTYPE.itemsize
+        if len(body) != INDEX_STATS.size + count * esize + ckpt_bytes:
+            return None
+        min_time, max_time, min_seq, max_seq, nrecords = INDEX_STATS.unpack_from(body)
+        if nrecords and (min_seq <= last_seq or max_seq < min_seq or nrecords < count):
+            return None
+        checkpoints = []
+        blob = body[INDEX_STATS.size + count * esize :]
+        at = 0
+        try:
+            while at < len(blob):
+                seq, pos, t, stored, zero = INDEX_CKPT.unpack_from(blob, at)
+                at += INDEX_CKPT.size
+                if zero or not min_seq <= seq <= max_seq or pos >= seg.size \
+                        or at + stored > len(blob):
+                    return None
+                checkpoints.append(self._make_checkpoint(seq, t, blob[at : at + stored]))
+                at += stored
+            self._index.add_sorted(body[INDEX_STATS.size : INDEX_STATS.size + count * esize],
+                                   seg.number, seg.size, self._volume_sizes)
+        except (struct.error, CorruptRecordError):
+            return None
+        seg.min_time, seg.max_time = min_time, max_time
+        seg.min_seq, seg.max_seq, seg.records = min_seq, max_seq, nrecords
+        self._checkpoints.extend(checkpoints)
+        return True
+
     def _seal_index(self, seg: _Segment) -> None:
-        """Write the .zci of a segment whose records are all durable."""
+        """Write the .zci of a segment whose records are all durable.  No fsync: the file
+        only spares a rescan, and a torn or missing one is rebuilt by rescanning."""
         arr = (np.concatenate(seg.extents) if seg.extents
                else np.empty(0, dtype=records.EXTENT_DTYPE))
+        is_ckpt = arr["type"] == records.REC_CHECKPOINT
+        data = arr[~is_ckpt]
+        data = data[np.lexsort((data["seq"], data["offset"], data["volume"]))]
         blob = bytearray()
-        for rec in arr[arr["type"] == records.REC_CHECKPOINT]:
+        for rec in arr[is_ckpt]:
             raw = os.pread(seg.fd, 64 + int(rec["stored"]), int(rec["pos"]))
             _rec.verify_payload(raw[:64], raw[64:])
-            blob += raw[32:40] + raw[64:]
-        body = INDEX_TIMES.pack(seg.min_time, seg.max_time) + arr.tobytes() + bytes(blob)
+            blob += INDEX_CKPT.pack(int(rec["seq"]), int(rec["pos"]),
+                                    records.record_time(raw, 0), int(rec["stored"]), 0)
+            blob += raw[64:]
+        body = (INDEX_STATS.pack(seg.min_time, seg.max_time, seg.min_seq, seg.max_seq,
+                                 seg.records) + data.tobytes() + bytes(blob))
         head = INDEX_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, 64, seg.number, self.journal_id,
-                                 seg.size, len(arr), len(blob), _rec.crc32c(body), 0)
+                                 seg.size, len(data), len(blob), _rec.crc32c(body), 0)
         head = head[:60] + struct.pack("<I", _rec.crc32c(head[:60]))
-        atomic_write(seg.path.with_suffix(".zci"), head + body)
+        zci = seg.path.with_suffix(".zci")
+        tmp = zci.with_name(zci.name + ".tmp")
+        tmp.write_bytes(head + body)
+        os.replace(tmp, zci)
         seg.extents = []
 
     def _new_segment(self, number: int) -> _Segment:
@@ -905,38 +952,51 @@ class Journal:
         self._write_meta(self.path, self._meta)
         touched: set[int] = set()
         zeros = b""
+        buf = bytearray()  # one buffer for every segment: fresh 64 MiB buffers page-fault
         for seg in list(self._segments.values()):
             if not seg.records or seg.min_seq >= target:
                 continue
             if seg.max_seq < self.promoted_seq:
                 continue
-            data = _pread_all(seg.fd, seg.size)
-            batch = _rec.scan(memoryview(data)[64:], 64, seg.number, 0, self._volume_sizes)
+            if len(buf) < seg.size:
+                buf = bytearray(seg.size)
+            view = memoryview(buf)[: seg.size]
+            if os.preadv(seg.fd, [view], 0) != seg.size:
+                raise TruncatedRecordError(f"segment {seg.path} is shorter than recorded")
+            batch = _rec.scan(view[64:], 64, seg.number, 0, self._volume_sizes)
             if batch.status:
                 raise status_error(batch.status, f"promoting from segment {seg.path}")
-            view = memoryview(data)
-            for rec in batch.array():
-                seq = int(rec["seq"])
+            arr = batch.array()
+            columns = zip(arr["seq"].tolist(), arr["type"].tolist(), arr["flags"].tolist(),
+                          arr["volume"].tolist(), arr["offset"].tolist(),
+                          arr["length"].tolist(), arr["pos"].tolist(), arr["stored"].tolist(),
+                          strict=True)
+            for seq, kind, flags, volume, offset, length, pos, stored in columns:
                 if seq >= target:
                     break
-                kind = int(rec["type"])
                 if seq < self.promoted_seq or kind == records.REC_CHECKPOINT:
                     continue
-                volume, offset, length = int(rec["volume"]), int(rec["offset"]), int(rec["length"])
-                pos = int(rec["pos"]) + 64
+                pos += 64
                 if kind == records.REC_ZERO:
                     if len(zeros) < length:
                         zeros = bytes(length)
                     payload = memoryview(zeros)[:length]
-                elif int(rec["flags"]) & records.FLAG_LZ4:
-                    payload = lz4.block.decompress(view[pos : pos + int(rec["stored"])],
-                                                   uncompressed_size=length)
+                elif flags & records.FLAG_LZ4:
+                    try:
+                        payload = lz4.block.decompress(view[pos : pos + stored],
+                                                       uncompressed_size=length)
+                    except lz4.block.LZ4BlockError:
+                        payload = b""
+                    if len(payload) != length:
+                        raise CorruptRecordError(f"LZ4 record seq {seq} in {seg.path} does not "
+                                                 f"decode to its {length} bytes")
                 else:
                     start = pos + _rec.blockcrc_table_size(length)
                     payload = view[start : start + length]
                 if os.pwrite(self._replica_fds[volume], payload, offset) != length:
                     raise OSError(errno.EIO, f"short write to the replica of volume {volume}")
                 touched.add(volume)
+            del view, batch
         for volume in touched:
             os.fsync(self._replica_fds[volume])
         self.promoted_seq = target
@@ -955,15 +1015,16 @@ class Journal:
             old = self._active
             self._active = self._new_segment(old.number + 1)
             self._drop_segment(old)
+        fsync_dir(self.path)
         return target
 
     def _drop_segment(self, seg: _Segment) -> None:
+        """Delete a fully promoted segment (the caller fsyncs the directory once)."""
         self._index.set_segment_fd(seg.number, -1)
         os.close(seg.fd)
         seg.path.with_suffix(".zci").unlink(missing_ok=True)
         seg.path.unlink()
         del self._segments[seg.number]
-        fsync_dir(self.path)
 
     # ---- status and lifetime -------------------------------------------------------------
 

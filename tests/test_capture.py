@@ -484,16 +484,16 @@ def test_write_zeroes_larger_than_one_record_is_split_and_captured(tmp_path):
 # ---- write-order fidelity -------------------------------------------------------------
 
 HAMMER_THREADS = 8
-HAMMER_WRITES = 250  # per thread; overlapping ranges inside HAMMER_SPAN
+HAMMER_WRITES = 500  # per thread; overlapping ranges inside HAMMER_SPAN
 HAMMER_SPAN = 96 * KiB
 HAMMER_VOLUME = 256 * KiB
 
 
 def test_overlapping_concurrent_writes_reach_disk_and_journal_in_seq_order(tmp_path):
-    """Many threads hammer overlapping ranges of one volume while the stream runs and
-    checkpoints itself every 0.1 s.  Replaying the writes in seq order must give the
-    backing store, and every consistent checkpoint must be exactly that replay up to its
-    seq (an automatic checkpoint lands mid-hammer, not at a quiet point)."""
+    """Many threads hammer overlapping ranges of one volume while another thread cuts
+    checkpoints.  Replaying the writes in seq order must give the backing store, and
+    every consistent checkpoint must be exactly that replay up to its seq (checkpoints
+    cut mid-hammer included, not only quiet ones)."""
     disk = tmp_path / "hammer.img"
     with open(disk, "wb") as f:
         f.truncate(HAMMER_VOLUME)
@@ -528,12 +528,24 @@ def test_overlapping_concurrent_writes_reach_disk_and_journal_in_seq_order(tmp_p
         with lock:
             log.extend(mine)
 
+    done = threading.Event()
+    taken: list[int] = []
+
+    def checkpointer() -> None:  # checkpoints cut while the writers run
+        while not done.is_set():
+            taken.append(vpg.checkpoint())
+            done.wait(0.002)
+
     threads = [threading.Thread(target=hammer, args=(t,)) for t in range(HAMMER_THREADS)]
+    cutter = threading.Thread(target=checkpointer)
     try:
+        cutter.start()
         for th in threads:
             th.start()
         for th in threads:
             th.join()
+        done.set()
+        cutter.join()
         assert not errors, errors
         final = vpg.checkpoint("final")
         link.stop()
@@ -547,7 +559,9 @@ def test_overlapping_concurrent_writes_reach_disk_and_journal_in_seq_order(tmp_p
         consistent = j.checkpoints(consistent=True)
         assert final in [c.seq for c in consistent]
         assert vpg.status().mode == "streaming"
-        # every consistent checkpoint, including those the timer cut mid-hammer
+        # every consistent checkpoint, most of them cut while the writers ran
+        assert sum(seqs[0] < c < seqs[-1] for c in taken) >= 3
+        assert set(taken) <= {c.seq for c in consistent}
         for c in consistent:
             with j.view(c) as view:
                 got = view.read(vol.id, 0, HAMMER_VOLUME)

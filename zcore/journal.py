@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import json
 import os
 import struct
@@ -380,6 +381,7 @@ class Journal:
                     seg.sealed = True
             if seg.records:
                 last_seq = seg.max_seq
+        self._check_contiguous()
         # a promotion may have emptied every segment: numbering continues above it
         self.last_seq = max(last_seq, self.promoted_seq - 1)
         if self._segments:
@@ -403,6 +405,21 @@ class Journal:
             self._promote_to(target)
             resumed = True
         self.reopen_report = ReopenReport(dropped, dropped_segments, rescanned, resumed, reason)
+
+    def _check_contiguous(self) -> None:
+        """Refuse a gap in the segment numbers that promotion cannot have left.
+
+        Promotion deletes the segments whose records are all below the new watermark
+        (with one directory fsync at the end, so a crash may leave any subset of them).
+        A missing segment after one that is itself wholly promoted is such a leftover;
+        after any other segment it is a lost file, and reading on would return stale
+        data where its writes were newest."""
+        segs = list(self._segments.values())
+        for before, after in itertools.pairwise(segs):
+            if after.number != before.number + 1 and before.max_seq >= self.promoted_seq:
+                raise CorruptRecordError(
+                    f"journal {self.path} lacks segment(s) {before.number + 1} to "
+                    f"{after.number - 1}; the journal needs a resync from there")
 
     def _check_segment_header(self, seg: _Segment, head: bytes) -> bool:
         if len(head) < 64:

@@ -1203,3 +1203,52 @@ def test_concurrent_appends_and_reads_stay_consistent(tmp_path):
                     image[off : off + len(data)] = data
         assert read_all(j, c) == image, c.seq
     j.close()
+
+
+def test_missing_middle_segment_is_refused(tmp_path):
+    """Promotion only removes segments from the oldest end, so a gap in the numbers is
+    damage (a lost or half-restored file): reading on would return stale data."""
+    rng = random.Random(25)
+    j = make(tmp_path / "j")
+    model = bytearray(MiB)
+    fill_until_rotation(j, model, rng, segments=3)
+    j.checkpoint()
+    j.close()
+    files = segment_files(tmp_path / "j")
+    assert len(files) == 4
+    files[1].unlink()
+    files[1].with_suffix(".zci").unlink()
+    with pytest.raises(CorruptRecordError):
+        Journal.open(tmp_path / "j")
+
+
+def test_crash_while_promotion_deletes_segments_leaves_a_usable_journal(tmp_path, monkeypatch):
+    """Promotion fsyncs the directory once after deleting segments, so a crash may leave
+    any subset of them: a hole among wholly promoted segments is not damage."""
+    rng = random.Random(26)
+    j = make(tmp_path / "j")
+    model = bytearray(MiB)
+    fill_until_rotation(j, model, rng, segments=4)
+    c = j.checkpoint()
+    assert len(segment_files(j.path)) == 5
+    real_drop = Journal._drop_segment
+
+    def drop(self, seg):
+        if seg.number == 2:  # only the second deletion reaches the disk, then the crash
+            real_drop(self, seg)
+            raise Crash()
+
+    monkeypatch.setattr(Journal, "_drop_segment", drop)
+    third = j._segments[3]
+    with pytest.raises(Crash):
+        j.promote_to(third.max_seq + 1)  # segments 1 to 3 are due to go
+    monkeypatch.undo()
+    abandon(j)
+    assert [f.name[4:12] for f in segment_files(tmp_path / "j")] == [
+        "00000001", "00000003", "00000004", "00000005"]
+    j = Journal.open(tmp_path / "j")
+    assert j.promoted_seq == third.max_seq + 1
+    assert read_all(j, c) == model
+    j.promote_to(c.seq)  # the next promotion clears what the crash left
+    assert len(segment_files(tmp_path / "j")) == 1
+    j.close()

@@ -65,6 +65,8 @@ HANDSHAKE_TIMEOUT = 10.0
 # Stop reading from a peer while this much received data waits for its journals.
 RECEIVE_QUEUE_BYTES = 64 << 20
 RECONNECT_BACKOFF = (0.05, 2.0)  # first and largest delay between connection attempts
+# How often a disconnected sender checks whether its VPG overflowed into bitmap mode.
+OUTAGE_POLL = 0.05
 PRIORITY_WEIGHTS = {"high": 4, "medium": 2, "low": 1}
 
 
@@ -548,21 +550,40 @@ class Replication:
         self._rate = _Rate()
         self._inflight: deque[tuple[int, int]] = deque()  # (last seq, data bytes)
         self._task: asyncio.Task | None = None
+        self._watch: asyncio.Task | None = None
+        self._declared_down = False
         self._resume = asyncio.Event()
         self._resume.set()
         self.sessions = 0
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run())
+        self._watch = loop.create_task(self._watch_outage())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        for task in (self._watch, self._task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._task = self._watch = None
+
+    async def _watch_outage(self) -> None:
+        """While the recovery site is unreachable, a VPG that overflowed waits in bitmap
+        mode: a bitmap sync now would fill a buffer nobody drains, overflow again and
+        start over, rereading the disks each time.  It starts on reconnect (link_up)."""
+        while True:
+            await asyncio.sleep(OUTAGE_POLL)
+            if (not self.connected and not self._declared_down
+                    and self.vpg.mode in ("bitmap", "bitmap_syncing")):
+                try:
+                    self.vpg.link_down("the recovery site is unreachable")
+                except StateError:  # the VPG stopped
+                    continue
+                self._declared_down = True
 
     def pause(self) -> None:
         self.paused = True
@@ -611,6 +632,7 @@ class Replication:
             self._inflight.clear()
             self.connected = True
             self.sessions += 1
+            self._declared_down = False
             self.vpg.link_up()
             self.last_error = ""
             tasks = [asyncio.create_task(self._send_loop(writer)),

@@ -194,6 +194,18 @@ def to_array(extents: list[ref.Extent]) -> np.ndarray:
     return arr
 
 
+ANY_VOLUME_SIZE = np.full(65536, 4 << 20, dtype=np.uint64)
+
+
+def sorted_extents(extents: list[ref.Extent]) -> np.ndarray:
+    """Extents as a sealed segment's v2 index file holds them: by (volume, offset, seq),
+    each at a distinct position of segment 1."""
+    arr = to_array(extents)
+    arr = arr[np.lexsort((arr["seq"], arr["offset"], arr["volume"]))]
+    arr["pos"] = 64 * (1 + np.arange(len(arr)))
+    return arr
+
+
 @st.composite
 def index_scripts(draw):
     """A sequence of add / drop_before / plan steps over a few volumes."""
@@ -219,7 +231,9 @@ def index_scripts(draw):
             kind = rng.choice([records.REC_WRITE, records.REC_WRITE, records.REC_ZERO,
                                records.REC_SYNC, records.REC_CHECKPOINT])
             batch.append(ref.Extent(seq, rng.choice(volumes), offset, length, kind))
-        steps.append(("add", batch))
+        # a sealed segment's sorted extents are adopted whole (add_sorted: sector-aligned)
+        sorted_ok = granule == 512 and rng.random() < 0.5
+        steps.append(("add sorted" if sorted_ok else "add", batch))
         extents += batch
         if rng.random() < 0.3:  # often exactly at a held seq: the off-by-one boundary
             steps.append(("drop", rng.choice(extents).seq + rng.choice([0, 0, 1])
@@ -256,6 +270,11 @@ def test_index_plan_matches_reference(script):
         if op == "add":
             index.add_array(to_array(arg).view(np.uint8))
             held += [e for e in arg if e.type in ref.DATA_TYPES]
+        elif op == "add sorted":
+            data = [e for e in arg if e.type in ref.DATA_TYPES]
+            arr = sorted_extents(data)
+            index.add_sorted(arr.view(np.uint8), 1, 64 * (len(arr) + 1), ANY_VOLUME_SIZE)
+            held += data
         elif op == "drop":
             index.drop_before(arg)
             held = [e for e in held if e.seq >= arg]
@@ -395,3 +414,48 @@ def test_index_read_never_returns_a_flipped_byte(seed, which, bit):
                         assert index.read(0, 4096 + start, n, 2, None) == data[start : start + n]
         finally:
             os.close(fd)
+
+
+def test_index_add_sorted_refuses_bad_extents_whole():
+    good = [ref.Extent(10 + i, i % 2, (i * 4096) % 65536, 4096) for i in range(40)]
+    index = ExtentIndex()
+    index.add_sorted(sorted_extents(good[:20]).view(np.uint8), 1, 64 * 21, ANY_VOLUME_SIZE)
+    before = [index.plan(v, 0, 65536, 1000) for v in (0, 1)]
+    rest = sorted_extents(good[20:])
+
+    def damaged(change):
+        arr = rest.copy()
+        change(arr)
+        return arr
+
+    def swap(a):
+        a[[0, 1]] = a[[1, 0]]
+
+    def field(name, value, i=3):
+        def change(a):
+            a[i][name] = value
+        return change
+
+    def volume_first(a):
+        a[:] = np.concatenate([a[-1:], a[:-1]])  # a volume 1 extent before volume 0's
+
+    cases = {
+        "not sorted": swap,
+        "volumes out of order": volume_first,
+        "checkpoint": field("type", records.REC_CHECKPOINT),
+        "misaligned": field("offset", 100),
+        "past the volume": field("offset", (4 << 20) - 512),
+        "other segment": field("segment", 2),
+        "inside the header": field("pos", 0),
+        "past the segment": field("pos", 64 * 40),
+        "seq not above": field("seq", 5, i=0),
+        "empty extent": field("length", 0),
+    }
+    for name, change in cases.items():
+        with pytest.raises(ZcoreError):
+            index.add_sorted(damaged(change).view(np.uint8), 1, 64 * 21, ANY_VOLUME_SIZE)
+        assert index.count == 20, name
+        assert [index.plan(v, 0, 65536, 1000) for v in (0, 1)] == before, name
+    index.add_sorted(rest.view(np.uint8), 1, 64 * 21, ANY_VOLUME_SIZE)
+    assert index.count == 40
+    assert index.plan(0, 0, 65536, 1000) == ref.plan(good, 0, 0, 65536, 1000)

@@ -87,6 +87,10 @@ class VPGSettings:
             raise ConfigError("the RPO alert threshold must be positive")
         if self.sync_chunk_bytes % 4096 or not 4096 <= self.sync_chunk_bytes <= records.MAX_WRITE:
             raise ConfigError("sync chunk must be a multiple of 4 KiB up to the write limit")
+        # a sync record must fit the capture ring (half the buffer) with room to spare, or
+        # the bitmap sync retries it forever
+        if self.sync_chunk_bytes > self.buffer_bytes // 4:
+            raise ConfigError("sync chunk must be at most a quarter of the buffer")
 
 
 @dataclass(frozen=True)

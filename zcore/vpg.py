@@ -768,14 +768,24 @@ class LocalLink:
 
     def drain(self, timeout: float = 30.0) -> int:
         """Seal and deliver everything captured so far (link thread stopped); returns the
-        last seq the journals hold."""
+        last seq the journals hold.
+
+        It pumps while it seals: with nothing acknowledging them, bundles stop being sealed
+        at the VPG's pending bound.  Done when the VPG streams, has sealed every captured
+        seq and no sealed bundle is left undelivered."""
+        vpg = self.vpg
         deadline = time.monotonic() + timeout
-        target = self.vpg.flush(timeout)
-        while self.sent_seq < target or self.vpg.mode != "streaming":
+        while True:
+            with vpg._lock:
+                vpg._check_running()
+                done = False
+                if vpg._mode == "streaming":
+                    vpg._seal()
+                    captured = vpg._ring.stats()["next_seq"] - 1
+                    done = vpg._last_seq >= captured and not vpg.bundles_after(self.sent_seq)
+            if done:
+                return self.sent_seq
             if time.monotonic() > deadline:
-                raise StateError(f"VPG {self.vpg.name} did not drain in {timeout} s "
-                                 f"(mode {self.vpg.mode})")
-            self.pump(timeout=0.01)
-            if self.vpg.mode == "streaming":
-                target = max(target, self.vpg.flush(timeout))
-        return self.sent_seq
+                raise StateError(f"VPG {vpg.name} did not drain in {timeout} s "
+                                 f"(mode {vpg.mode})")
+            self.pump(timeout=0.005)

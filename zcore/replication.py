@@ -68,6 +68,10 @@ RECONNECT_BACKOFF = (0.05, 2.0)  # first and largest delay between connection at
 # How often a disconnected sender checks whether its VPG overflowed into bitmap mode.
 OUTAGE_POLL = 0.05
 PRIORITY_WEIGHTS = {"high": 4, "medium": 2, "low": 1}
+# Before HELLO, and on pairing connections, no bundle can be valid: binary frames are
+# bounded to a heartbeat's size there, so an unauthenticated peer cannot make the server
+# allocate (and wait for) a bundle-sized payload.
+UNAUTHENTICATED_PAYLOAD = wire.HEARTBEAT_BODY.size
 
 
 # ============================================================ recovery site ==============
@@ -273,7 +277,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def __init__(self, site: RecoverySite) -> None:
         self.site = site
-        self.reader = wire.FrameReader()
+        self.reader = wire.FrameReader(max_payload=UNAUTHENTICATED_PAYLOAD)
         self.transport: asyncio.Transport | None = None
         self.peer: Peer | None = None
         self.pairing = False
@@ -315,7 +319,10 @@ class _Connection(asyncio.BufferedProtocol):
                 if self.closed:
                     return
         except (ProtocolError, ZcoreError) as exc:
-            self.close(str(exc), error=True)
+            reason = str(exc)
+            if not self.greeted or self.pairing:
+                reason += " (before HELLO or on a pairing connection)"
+            self.close(reason, error=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -341,6 +348,8 @@ class _Connection(asyncio.BufferedProtocol):
             if msg["role"] != "protected":
                 raise ProtocolError("only protected sites connect to a recovery site")
             self.greeted = True
+            if not self.pairing:
+                self.reader.max_payload = wire.MAX_PAYLOAD
             self._send(wire.control(wire.HELLO, protocol=wire.PROTOCOL_VERSION,
                                     site_id=self.site.identity.site_id,
                                     site_name=self.site.identity.name, role="recovery"))

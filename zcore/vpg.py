@@ -245,10 +245,12 @@ class VPG:
                         bm.mark_all()
                     self._event("initial sync of every volume")
             elif state["clean"]:
-                self._skip_zero = bool(state.get("initial_sync_pending"))
+                # zero blocks may be skipped only while the replicas hold nothing: after a
+                # restart, part of an initial sync (or writes since) may be journaled
+                self._skip_zero = False
                 self._load_bitmaps()
             else:
-                self._skip_zero = bool(state.get("initial_sync_pending"))
+                self._skip_zero = False
                 for bm in self.bitmaps.values():
                     bm.mark_all()
                 self._event("unclean shutdown: every volume will be resent")
@@ -481,6 +483,9 @@ class VPG:
 
     def _fold(self, reason: str | None) -> None:
         """Stop streaming: queued and pending writes become dirty bits."""
+        # Part of an initial sync may already be journaled: a block zeroed since must be
+        # resent as zeros, so the sync that follows skips no zero block.
+        self._skip_zero = False
         ring = self._ring
         if ring is not None:
             ring.set_mode(MODE_BITMAP)
@@ -551,6 +556,7 @@ class VPG:
 
     def _finish_sync(self) -> None:
         if any(self.bitmaps.values()):  # failed writes re-dirtied blocks: go again
+            self._skip_zero = False  # their old contents may already be journaled
             self._sync_iter = self._sync_extents()
             return
         was = self._mode

@@ -346,7 +346,10 @@ class VPG:
     def _load_bitmaps(self) -> None:
         for vid, vol in self.volumes.items():
             path = self._bitmap_path(vid)
-            if not path.exists():
+            if not path.exists():  # a clean stop persists every bitmap: this one was lost
+                self.bitmaps[vid].mark_all()
+                self._event(f"bitmap of volume {vol.name} is missing ({path}): "
+                            "the whole volume will be resent")
                 continue
             try:
                 self.bitmaps[vid] = DirtyBitmap.load(

@@ -1,0 +1,602 @@
+"""VPG behaviour, one scenario at a time: definition and settings, checkpoints, bitmap
+mode after a link outage or a buffer overflow, bitmap and initial syncs, clean and
+unclean restarts, persisted bitmaps that are damaged or missing, failed backing writes.
+
+Each scenario ends the same way: drain the stream into the journals through a LocalLink
+and check that the newest crash-consistent checkpoint holds the backing stores byte for
+byte.  tests/test_vpg_model.py runs the same path under a randomized program.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from zcore.bitmap import DirtyBitmap
+from zcore.errors import (
+    ConfigError,
+    CorruptRecordError,
+    FormatVersionError,
+    NativeIOError,
+    StateError,
+)
+from zcore.journal import JournalSettings
+from zcore.vpg import STATE_NAME, VPG, LocalLink, VPGSettings
+
+KiB, MiB = 1 << 10, 1 << 20
+
+LAYOUT = {"vm1": [("a", 2 * MiB), ("b", 1 * MiB)], "vm2": [("c", 1 * MiB + 512 * KiB)]}
+
+
+def wait_for(pred, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+class Site:
+    """Disks, a VPG over them and one journal per VM, fed by a LocalLink."""
+
+    def __init__(self, root: Path, settings: VPGSettings | None = None,
+                 layout=LAYOUT, fill: bool = False) -> None:
+        self.root = root
+        self.layout = layout
+        self.settings = settings or VPGSettings(checkpoint_interval=3600)
+        self.paths: list[Path] = []
+        rng = random.Random(5)
+        for vm, vols in layout.items():
+            for name, size in vols:
+                path = root / f"{vm}-{name}.img"
+                with open(path, "wb") as f:
+                    if fill:  # half random, half zero, in 64 KiB stripes
+                        for at in range(0, size, 64 * KiB):
+                            f.write(rng.randbytes(64 * KiB) if (at // (64 * KiB)) % 2 == 0
+                                    else bytes(64 * KiB))
+                    f.truncate(size)
+                self.paths.append(path)
+        self.journals = None
+        self.vpg = self._make()
+        self.link: LocalLink | None = None
+
+    def _make(self) -> VPG:
+        vpg = VPG("g", self.root / "state", self.settings)
+        for vm, vols in self.layout.items():
+            vpg.add_vm(vm)
+            for name, _ in vols:
+                vpg.add_volume(vm, name, self.root / f"{vm}-{name}.img")
+        return vpg
+
+    @property
+    def volumes(self):
+        return [self.vpg.volumes[i] for i in range(len(self.vpg.volumes))]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for vols in self.layout.values() for _, size in vols)
+
+    def start(self, *, link: bool = True, **kw) -> None:
+        min_seq = max((j.last_seq for j in self.journals.values()), default=0) \
+            if self.journals else 0
+        self.vpg.start(min_seq=min_seq, **kw)
+        if self.journals is None:
+            self.journals = LocalLink.create_journals(self.vpg, self.root / "journals")
+        self.link = LocalLink(self.vpg, self.journals)
+        if link:
+            self.link.start()
+
+    def stop_link(self) -> None:
+        if self.link is not None:
+            self.link.stop()
+
+    def restart(self, **kw) -> None:
+        """Clean: stop the link and the VPG, then a new VPG over the same state."""
+        self.stop_link()
+        self.vpg.close()
+        self.vpg = self._make()
+        self.start(**kw)
+
+    def crash(self) -> None:
+        """Unclean: the stream thread stops and the process "dies" without stop(): no fold,
+        no persisted bitmaps, the state file still says running."""
+        self.stop_link()
+        vpg = self.vpg
+        with vpg._lock:
+            vpg._stopping = True
+            vpg._wake.notify_all()
+        vpg._thread.join()
+        for vol in vpg.volumes.values():
+            vol.close()
+
+    def drain(self, timeout: float = 30.0) -> int:
+        self.stop_link()
+        self.vpg.link_up()
+        return self.link.drain(timeout)
+
+    def image(self, vid: int) -> bytes:
+        return self.paths[vid].read_bytes()
+
+    def check_latest(self) -> None:
+        """A fresh checkpoint, drained: every journal's newest consistent checkpoint holds
+        every volume of its VM exactly as its backing store."""
+        self.drain()
+        seq = self.vpg.checkpoint("check")
+        self.drain()
+        for vm, j in self.journals.items():
+            ckpt = j.latest_checkpoint()
+            assert ckpt.seq == seq and ckpt.consistent
+            with j.view(ckpt) as view:
+                for vol in self.vpg.vms[vm].volumes:
+                    assert view.read(vol.id, 0, vol.size) == self.image(vol.id), \
+                        f"{vm}/{vol.name} differs at checkpoint {ckpt}"
+
+    def sync_started(self) -> list[str]:
+        return [e for e in self.vpg.status().events if "syncing of" in e or
+                "initial sync of" in e]
+
+    def close(self) -> None:
+        try:
+            self.stop_link()
+        finally:
+            self.vpg.close()
+            for j in (self.journals or {}).values():
+                j.close()
+
+
+@pytest.fixture
+def site(tmp_path):
+    s = Site(tmp_path)
+    yield s
+    s.close()
+
+
+def scribble(site: Site, n: int, seed: int, *, size: int = 64 * KiB, span: int | None = None):
+    rng = random.Random(seed)
+    for _ in range(n):
+        vol = rng.choice(site.volumes)
+        length = rng.randrange(1, size // 512 + 1) * 512
+        top = min(vol.size, span or vol.size)
+        off = rng.randrange(0, (top - length) // 512 + 1) * 512
+        vol.write(off, rng.randbytes(length) if rng.random() < 0.8 else bytes(length))
+
+
+# ---- definition and settings ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [
+    dict(checkpoint_interval=0.01),
+    dict(lz4_min_saving=1.0),
+    dict(buffer_bytes=2 * MiB),
+    dict(buffer_bytes=4 * MiB + 64),
+    dict(bundle_bytes=32 * KiB),
+    dict(buffer_bytes=4 * MiB, bundle_bytes=2 * MiB),
+    dict(bundle_age=0),
+    dict(priority="urgent"),
+    dict(rpo_alert_seconds=0),
+    dict(sync_chunk_bytes=1000),
+    dict(sync_chunk_bytes=64 * MiB),
+    dict(journal=JournalSettings(history_seconds=1)),
+])
+def test_settings_outside_their_range_are_refused(tmp_path, bad):
+    with pytest.raises(ConfigError):
+        VPG("g", tmp_path, VPGSettings(**bad))
+
+
+def test_a_sync_chunk_that_cannot_fit_the_capture_buffer_is_refused(tmp_path):
+    """A sync record larger than the ring can never be captured: the bitmap sync would
+    retry it forever and never finish."""
+    with pytest.raises(ConfigError):
+        VPG("g", tmp_path, VPGSettings(buffer_bytes=4 * MiB, sync_chunk_bytes=4 * MiB))
+    VPG("g", tmp_path, VPGSettings(buffer_bytes=4 * MiB, sync_chunk_bytes=1 * MiB))
+
+
+def test_vms_and_volumes_are_defined_once_and_only_while_stopped(tmp_path):
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 * MiB))
+    vpg = VPG("g", tmp_path / "state")
+    with pytest.raises(ConfigError):
+        vpg.start()  # protects nothing
+    vpg.add_vm("vm")
+    for bad in ("", "vm"):
+        with pytest.raises(ConfigError):
+            vpg.add_vm(bad)
+    with pytest.raises(ConfigError):
+        vpg.add_volume("nope", "a", disk)
+    vol = vpg.add_volume("vm", "a", disk)
+    assert vol.size == 1 * MiB and vol.id == 0
+    with pytest.raises(ConfigError):
+        vpg.add_volume("vm", "a", disk)
+    with pytest.raises(ConfigError):
+        vpg.add_volume("vm", "big", disk, size=2 * MiB)
+    with pytest.raises(StateError):
+        vpg.checkpoint()
+    vpg.start()
+    try:
+        with pytest.raises(StateError):
+            vpg.add_vm("vm2")
+        with pytest.raises(StateError):
+            vpg.add_volume("vm", "b", disk)
+        with pytest.raises(StateError):
+            vpg.start()
+    finally:
+        vpg.close()
+    vpg.stop()  # stopping twice is harmless
+    assert vol.closed
+
+
+def test_a_link_needs_a_journal_for_every_vm(site):
+    site.start(link=False)
+    with pytest.raises(ConfigError):
+        LocalLink(site.vpg, {"vm1": site.journals["vm1"]})
+
+
+# ---- streaming and checkpoints --------------------------------------------------------
+
+
+def test_tagged_and_automatic_checkpoints_reach_every_journal(site):
+    site.start()
+    scribble(site, 50, 1)
+    t = site.vpg.checkpoint("after-50")
+    scribble(site, 50, 2)
+    a = site.vpg.checkpoint()
+    site.drain()
+    for j in site.journals.values():
+        got = {c.seq: c for c in j.checkpoints()}
+        assert got[t].tag == "after-50" and got[t].kind == "tagged" and got[t].consistent
+        assert got[a].tag is None and got[a].kind == "auto" and got[a].consistent
+    site.check_latest()
+    st = site.vpg.status()
+    assert st.mode == "streaming" and st.acked_seq == st.last_seq
+    assert st.writes == 100 and st.dirty_bytes == 0
+
+
+def test_the_stream_cuts_automatic_checkpoints_on_its_own(tmp_path):
+    s = Site(tmp_path, VPGSettings(checkpoint_interval=0.1))
+    try:
+        s.start()
+        scribble(s, 20, 3)
+        wait_for(lambda: len(s.journals["vm1"].checkpoints()) >= 3, what="3 checkpoints")
+        assert all(c.kind == "auto" for c in s.journals["vm1"].checkpoints())
+        s.check_latest()
+    finally:
+        s.close()
+
+
+def test_on_checkpoint_reports_each_sealed_marker(site):
+    seen = []
+    site.vpg.on_checkpoint = seen.append
+    site.start()
+    seq = site.vpg.checkpoint("x")
+    site.drain()
+    assert [(c.seq, c.tag, c.consistent) for c in seen] == [(seq, "x", True)]
+
+
+# ---- bitmap mode ----------------------------------------------------------------------
+
+
+def test_link_down_folds_into_bitmaps_and_link_up_syncs_them(site):
+    site.start()
+    scribble(site, 30, 4)
+    site.vpg.checkpoint("before")
+    site.drain()
+    site.link.start()
+    site.vpg.link_down("maintenance")
+    st = site.vpg.status()
+    assert st.mode == "bitmap" and not st.link_up
+    assert any("bitmap mode: maintenance" in e for e in st.events)
+    with pytest.raises(StateError, match="bitmap mode"):
+        site.vpg.checkpoint("impossible")
+    vol = site.volumes[0]
+    vol.write(512 * KiB, b"\x11" * 8192)
+    vol.write(1 * MiB, bytes(4096))
+    assert site.vpg.status().dirty_bytes >= 12 * KiB
+    site.vpg.link_up()
+    site.check_latest()
+    st = site.vpg.status()
+    assert st.mode == "streaming" and st.dirty_bytes == 0
+    # the sync sent the dirty blocks only
+    assert 12 * KiB <= st.sync_total_bytes < site.total_bytes // 4
+    assert any("bitmap syncing complete" in e for e in st.events)
+
+
+SMALL = VPGSettings(checkpoint_interval=3600, buffer_bytes=4 * MiB, bundle_bytes=256 * KiB,
+                    sync_chunk_bytes=64 * KiB)
+BIG_LAYOUT = {"vm1": [("a", 8 * MiB)], "vm2": [("b", 1 * MiB)]}
+
+
+def dirty_everything(s: Site) -> None:
+    """Rewrite every volume whole with random data (in bitmap mode: all of it dirty, more
+    than a 4 MiB buffer can hold)."""
+    rng = random.Random(99)
+    for vol in s.volumes:
+        for at in range(0, vol.size, 1 * MiB):
+            vol.write(at, rng.randbytes(min(1 * MiB, vol.size - at)))
+
+
+def test_checkpoints_during_a_bitmap_sync_are_flagged_not_consistent(tmp_path):
+    s = Site(tmp_path, SMALL, layout=BIG_LAYOUT)
+    try:
+        s.start(link=False)
+        s.vpg.link_down()
+        dirty_everything(s)  # more than the buffer takes: the sync waits for the link
+        s.vpg.link_up()
+        wait_for(lambda: s.vpg.mode == "bitmap_syncing", what="the sync")
+        seq = s.vpg.checkpoint("mid-sync")
+        s.drain()
+        for j in s.journals.values():
+            c = j.checkpoint_by_id(seq)
+            assert c.tag == "mid-sync" and not c.consistent
+        s.check_latest()
+    finally:
+        s.close()
+
+
+def test_a_buffer_overflow_folds_into_bitmaps_then_syncs(tmp_path):
+    s = Site(tmp_path, VPGSettings(checkpoint_interval=3600, buffer_bytes=4 * MiB,
+                                   bundle_bytes=256 * KiB))
+    try:
+        s.start(link=False)  # nothing drains: the buffer must overflow
+        scribble(s, 200, 6)  # ~6.5 MiB of writes
+        wait_for(lambda: any("buffer overflow" in e for e in s.vpg.status().events),
+                 what="the overflow")
+        s.check_latest()
+        assert s.vpg.status().mode == "streaming"
+    finally:
+        s.close()
+
+
+def test_a_tagged_checkpoint_folded_before_delivery_is_reported_lost(site):
+    site.start(link=False)
+    scribble(site, 5, 7)
+    site.vpg.checkpoint("doomed")
+    site.vpg.flush()
+    site.vpg.link_down()
+    assert any("'doomed'" in e and "lost" in e for e in site.vpg.status().events)
+    site.check_latest()
+    for j in site.journals.values():
+        assert j.checkpoints(tag="doomed") == []
+
+
+def test_a_failed_backing_write_is_raised_and_its_range_resent(site):
+    site.start()
+    vol = site.volumes[1]
+    vol.write(0, b"\x22" * 8192)
+    good_fd = vol._fd
+    ro = os.open(vol.path, os.O_RDONLY)
+    vol._fd = ro  # the next write's pwrite fails (EBADF)
+    try:
+        with pytest.raises(NativeIOError):
+            vol.write(4096, b"\x33" * 4096)
+    finally:
+        vol._fd = good_fd
+        os.close(ro)
+    wait_for(lambda: any("writes failed" in e for e in site.vpg.status().events),
+             what="the failed write to be noticed")
+    vol.write(64 * KiB, b"\x44" * 4096)
+    site.check_latest()
+
+
+# ---- syncs: initial, and after an initial sync was interrupted ------------------------
+
+
+def test_initial_sync_copies_the_volumes_before_the_first_consistent_checkpoint(tmp_path):
+    s = Site(tmp_path, fill=True)
+    try:
+        s.start(initial_sync=True)
+        assert any("initial sync of every volume" in e for e in s.vpg.status().events)
+        scribble(s, 30, 8)  # writes racing the sync
+        s.check_latest()
+        st = s.vpg.status()
+        assert st.sync_total_bytes == s.total_bytes
+        for j in s.journals.values():
+            assert j.checkpoints(consistent=True)[0].seq > 1
+    finally:
+        s.close()
+
+
+def _interrupted_initial_sync(tmp_path) -> Site:
+    """An initial sync of striped data through a 4 MiB buffer: part of it is journaled,
+    the rest waits for the link."""
+    s = Site(tmp_path, SMALL, layout={"vm1": [("a", 8 * MiB)]}, fill=True)
+    s.start(link=False, initial_sync=True)
+    wait_for(lambda: s.vpg.status().pending_bundles > 0, what="sealed sync bundles")
+    assert s.link.pump() > 0  # the start of the volume is journaled
+    j = s.journals["vm1"]
+    assert j.last_seq > 0
+    return s
+
+
+def test_blocks_zeroed_after_an_interrupted_initial_sync_are_resent(tmp_path):
+    """Zero blocks may be skipped only while the replica still holds nothing of them:
+    once part of the initial sync is journaled, a block zeroed during an outage must be
+    sent as zeros, or the replica keeps its old data."""
+    s = _interrupted_initial_sync(tmp_path)
+    try:
+        s.vpg.link_down("outage during the initial sync")
+        s.volumes[0].write_zeroes(0, 64 * KiB)  # was random, and is journaled
+        s.vpg.link_up()
+        s.check_latest()
+    finally:
+        s.close()
+
+
+def test_blocks_zeroed_before_a_restart_that_resumes_an_initial_sync_are_resent(tmp_path):
+    s = _interrupted_initial_sync(tmp_path)
+    try:
+        s.volumes[0].write_zeroes(0, 64 * KiB)
+        s.restart()
+        s.check_latest()
+    finally:
+        s.close()
+
+
+def test_blocks_zeroed_before_a_crash_during_an_initial_sync_are_resent(tmp_path):
+    s = _interrupted_initial_sync(tmp_path)
+    try:
+        s.volumes[0].write_zeroes(0, 64 * KiB)
+        s.crash()
+        s.vpg = s._make()
+        s.start()
+        s.check_latest()
+    finally:
+        s.close()
+
+
+# ---- restarts -------------------------------------------------------------------------
+
+
+def _dirty_then_stop(site: Site) -> int:
+    """Stream some writes, then leave a few dirty blocks and stop cleanly; returns the
+    dirty bytes the persisted bitmaps hold."""
+    site.start()
+    scribble(site, 40, 9)
+    site.vpg.checkpoint("streamed")
+    site.drain()
+    site.link.start()
+    site.vpg.link_down()
+    scribble(site, 10, 10, size=8 * KiB, span=256 * KiB)
+    site.stop_link()
+    site.vpg.close()
+    dirty = 0
+    for vid, vol in site.vpg.volumes.items():
+        path = site.vpg._bitmap_path(vid)
+        assert path.exists()
+        dirty += DirtyBitmap.load(path, volume_size=vol.size, volume_id=vid).dirty_bytes
+    assert json.loads((site.root / "state" / STATE_NAME).read_text())["clean"] is True
+    return dirty
+
+
+def test_a_clean_restart_resumes_the_bitmap_sync_from_persisted_bitmaps(site):
+    dirty = _dirty_then_stop(site)
+    assert 0 < dirty < site.total_bytes // 8
+    site.vpg = site._make()
+    site.start()
+    wait_for(lambda: site.vpg.mode == "streaming", what="the resumed sync to end")
+    st = site.vpg.status()
+    assert st.sync_total_bytes == dirty
+    assert any(f"bitmap syncing of {dirty} bytes" in e for e in st.events)
+    # the journals kept their seqs; new seqs continue above them
+    assert st.last_seq > max(j.last_seq for j in site.journals.values()) - 1
+    site.check_latest()
+    for vid in site.vpg.volumes:  # a completed sync removes the bitmap files
+        assert not site.vpg._bitmap_path(vid).exists()
+
+
+def test_a_restart_while_syncing_resumes_what_is_left(tmp_path):
+    s = Site(tmp_path, SMALL, layout=BIG_LAYOUT)
+    try:
+        s.start(link=False)
+        s.vpg.link_down()
+        dirty_everything(s)
+        s.vpg.link_up()
+        wait_for(lambda: s.vpg.mode == "bitmap_syncing" and
+                 s.vpg.status().pending_bundles > 0, what="sync bundles")
+        assert s.link.pump() > 0  # part of the sync is journaled
+        s.restart(link=False)
+        assert s.vpg.mode == "bitmap"
+        wait_for(lambda: s.vpg.mode != "bitmap", what="the resumed sync")
+        resumed = s.vpg.status().sync_total_bytes
+        assert 0 < resumed < s.total_bytes
+        s.check_latest()
+        assert any("bitmap syncing complete" in e for e in s.vpg.status().events)
+    finally:
+        s.close()
+
+
+def test_a_corrupt_persisted_bitmap_resends_its_whole_volume(site):
+    dirty = _dirty_then_stop(site)
+    path = site.vpg._bitmap_path(1)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    site.vpg = site._make()
+    site.start()
+    wait_for(lambda: site.vpg.mode == "streaming", what="the resumed sync to end")
+    st = site.vpg.status()
+    assert any("bitmap of volume b is unreadable" in e and "whole volume" in e
+               for e in st.events)
+    assert dirty < st.sync_total_bytes
+    assert st.sync_total_bytes >= site.vpg.volumes[1].size
+    site.check_latest()
+
+
+def test_a_missing_persisted_bitmap_resends_its_whole_volume(site):
+    """After a clean stop every volume has a bitmap file; one that is gone cannot be read
+    as "nothing dirty"."""
+    _dirty_then_stop(site)
+    site.vpg._bitmap_path(2).unlink()
+    site.vpg = site._make()
+    site.start()
+    wait_for(lambda: site.vpg.mode == "streaming", what="the resumed sync to end")
+    st = site.vpg.status()
+    assert st.sync_total_bytes >= site.vpg.volumes[2].size
+    assert any("volume c" in e and "whole volume" in e for e in st.events)
+    site.check_latest()
+
+
+def test_an_unclean_restart_resends_every_volume(site):
+    site.start()
+    scribble(site, 40, 12)
+    site.vpg.checkpoint("before-crash")
+    scribble(site, 40, 13)  # some of these never reach the journals
+    site.crash()
+    site.vpg = site._make()
+    site.start()
+    st = site.vpg.status()
+    assert any("unclean shutdown" in e for e in st.events)
+    wait_for(lambda: site.vpg.mode == "streaming", what="the full resend")
+    assert site.vpg.status().sync_total_bytes == site.total_bytes
+    site.check_latest()
+
+
+def test_seqs_after_a_restart_stay_above_what_the_journals_hold(site):
+    site.start()
+    scribble(site, 10, 14)
+    site.drain()
+    held = max(j.last_seq for j in site.journals.values())
+    site.restart()
+    seq = site.volumes[0].write(0, b"\x01" * 512)
+    assert seq > held
+    site.check_latest()
+
+
+def test_a_state_file_for_other_volumes_or_damaged_is_refused(tmp_path):
+    s = Site(tmp_path)
+    s.start(link=False)
+    s.close()
+    other = VPG("g", tmp_path / "state")
+    other.add_vm("vm1")
+    other.add_volume("vm1", "a", tmp_path / "vm1-a.img")
+    with pytest.raises(ConfigError, match="other volumes"):
+        other.start()
+    state = tmp_path / "state" / STATE_NAME
+    doc = json.loads(state.read_text())
+    state.write_text(json.dumps(dict(doc, version=99)))
+    with pytest.raises(FormatVersionError):
+        Site(tmp_path).vpg.start()
+    state.write_text(json.dumps(dict(doc, format="something-else")))
+    with pytest.raises(CorruptRecordError):
+        Site(tmp_path).vpg.start()
+    state.write_text("{ not json")
+    with pytest.raises(CorruptRecordError):
+        Site(tmp_path).vpg.start()
+
+
+def test_status_reports_buffer_rpo_and_progress(site):
+    site.start(link=False)
+    scribble(site, 20, 15)
+    site.vpg.flush()
+    st = site.vpg.status()
+    assert st.pending_bundles > 0 and st.buffer_used > 0
+    assert st.buffer_bytes == site.settings.buffer_bytes
+    assert st.last_seq > st.acked_seq
+    assert st.rpo_seconds >= 0
+    site.drain()
+    st = site.vpg.status()
+    assert st.acked_seq == st.last_seq and st.pending_bundles == 0

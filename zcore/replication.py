@@ -53,6 +53,8 @@ from zcore.security import (
     pem_to_der,
     proofs_equal,
     server_context,
+    token_id,
+    token_key,
     trust,
 )
 from zcore.vpg import VPG
@@ -396,10 +398,13 @@ class _Connection(asyncio.BufferedProtocol):
         client_der = pem_to_der(msg["cert"])
         server_fp = site.identity.fingerprint
         client_fp = fingerprint(client_der)
-        expected = pairing_proof(msg["token"], "protected", server_fp, client_fp)
+        key = site.tokens.key_for(msg["token_id"])
+        if key is None:
+            raise ProtocolError("pairing token is wrong, expired or already used")
+        expected = pairing_proof(key, "protected", server_fp, client_fp)
         if not proofs_equal(expected, msg["proof"]):
             raise ProtocolError("pairing proof does not match its certificates")
-        if not site.tokens.consume(msg["token"]):
+        if not site.tokens.consume(msg["token_id"]):  # a concurrent pairing took it
             raise ProtocolError("pairing token is wrong, expired or already used")
         peer_name = str(msg.get("site_name", "protected"))[:128]
         peer_id = str(msg.get("site_id", ""))[:64] or client_fp[:32]
@@ -407,7 +412,7 @@ class _Connection(asyncio.BufferedProtocol):
         trust(site._ssl, msg["cert"])
         self._send(wire.control(
             wire.PAIRED, cert=site.identity.cert_pem,
-            proof=pairing_proof(msg["token"], "recovery", server_fp, client_fp),
+            proof=pairing_proof(key, "recovery", server_fp, client_fp),
             site_id=site.identity.site_id, site_name=site.identity.name))
         log.info("paired with site %s (%s)", peer_name, client_fp[:16])
         self.close("pairing complete", error=False, tell=False)
@@ -790,14 +795,15 @@ class ProtectedSite:
             frames = _FrameStream(reader)
             writer.write(self.hello())
             await asyncio.wait_for(frames.expect(wire.HELLO), HANDSHAKE_TIMEOUT)
+            key = token_key(token)  # the token itself never leaves this site
             writer.write(wire.control(
-                wire.PAIR, token=token, cert=self.identity.cert_pem,
-                proof=pairing_proof(token, "protected", server_fp, self.identity.fingerprint),
+                wire.PAIR, token_id=token_id(token), cert=self.identity.cert_pem,
+                proof=pairing_proof(key, "protected", server_fp, self.identity.fingerprint),
                 site_id=self.identity.site_id, site_name=self.identity.name))
             msg = await asyncio.wait_for(frames.expect(wire.PAIRED), HANDSHAKE_TIMEOUT)
             if fingerprint(pem_to_der(msg["cert"])) != server_fp:
                 raise ProtocolError("PAIRED certificate differs from the TLS certificate")
-            want = pairing_proof(token, "recovery", server_fp, self.identity.fingerprint)
+            want = pairing_proof(key, "recovery", server_fp, self.identity.fingerprint)
             if not proofs_equal(want, msg["proof"]):
                 raise ProtocolError("recovery site could not prove it knows the token")
             return self.peers.add(msg["site_id"], msg["site_name"], msg["cert"])

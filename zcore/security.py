@@ -2,9 +2,10 @@
 
 Each site owns a self-signed certificate and key made once (`SiteIdentity`).  Two sites
 pair once: the recovery site issues a one-time token (`PairingTokens`); the protected
-site connects in pairing mode (TLS without client certificate), and both sides prove
-knowledge of the token with an HMAC bound to both certificates' fingerprints, so a man in
-the middle presenting other certificates cannot pair.  Each side then pins the other's
+site connects in pairing mode (TLS without client certificate), names the token by its
+id, and both sides prove knowledge of the token with an HMAC bound to both certificates'
+fingerprints; the token itself is never sent, so a man in the middle presenting other
+certificates cannot pair.  Each side then pins the other's
 certificate (`PeerStore`); every later connection is mutual TLS against the pinned
 certificates only.
 """
@@ -154,44 +155,63 @@ class PeerStore:
 
 
 class PairingTokens:
-    """One-time pairing tokens: only their hashes are stored, each expires and is
-    consumed by its first use."""
+    """One-time pairing tokens.  A token never travels: the protected site sends its id
+    and proves knowledge of it with an HMAC keyed by a second one-way derivation
+    (`token_id`, `token_key`), so a man in the middle of the pairing TLS session learns
+    nothing it can pair with.  Only the id and key derivations are stored; each token
+    expires and is consumed by its first successful use."""
 
     def __init__(self, directory: str | os.PathLike) -> None:
         self.path = Path(directory) / "pairing-tokens.json"
         self._lock = threading.Lock()
 
-    def _load(self) -> dict[str, float]:
+    def _load(self) -> dict[str, list]:
         if not self.path.exists():
             return {}
-        return json.loads(self.path.read_text())
+        doc = json.loads(self.path.read_text())
+        # entries of another shape (an older format) are no valid tokens
+        return {k: v for k, v in doc.items() if isinstance(v, list) and len(v) == 2}
 
     def issue(self, ttl: float = TOKEN_TTL) -> str:
         token = secrets.token_urlsafe(24)
         with self._lock:
-            tokens = {h: exp for h, exp in self._load().items() if exp > time.time()}
-            tokens[self._hash(token)] = time.time() + ttl
+            tokens = {i: e for i, e in self._load().items() if e[1] > time.time()}
+            tokens[token_id(token)] = [token_key(token), time.time() + ttl]
             atomic_write(self.path, json.dumps(tokens).encode())
         return token
 
-    def consume(self, token: str) -> bool:
-        """True (once) for a valid, unexpired token."""
-        h = self._hash(token)
+    def key_for(self, tid: str) -> str | None:
+        """The proof key of the valid, unexpired token with id `tid` (not consumed)."""
+        with self._lock:
+            entry = self._load().get(tid)
+        if entry is None or entry[1] <= time.time():
+            return None
+        return str(entry[0])
+
+    def consume(self, tid: str) -> bool:
+        """True (once) for the valid, unexpired token with id `tid`."""
         with self._lock:
             tokens = self._load()
-            exp = tokens.pop(h, None)
+            entry = tokens.pop(tid, None)
             atomic_write(self.path, json.dumps(tokens).encode())
-        return exp is not None and exp > time.time()
-
-    @staticmethod
-    def _hash(token: str) -> str:
-        return hashlib.sha256(token.encode()).hexdigest()
+        return entry is not None and entry[1] > time.time()
 
 
-def pairing_proof(token: str, role: str, server_fp: str, client_fp: str) -> str:
-    """HMAC proving knowledge of `token`, bound to both certificates and the role."""
+def token_id(token: str) -> str:
+    """The public id of a pairing token (names it in PAIR; reveals nothing of it)."""
+    return hashlib.sha256(b"zcore-pairing-id|" + token.encode()).hexdigest()
+
+
+def token_key(token: str) -> str:
+    """The secret a pairing proof is keyed by, derived one-way from the token."""
+    return hashlib.sha256(b"zcore-pairing-key|" + token.encode()).hexdigest()
+
+
+def pairing_proof(key: str, role: str, server_fp: str, client_fp: str) -> str:
+    """HMAC proving knowledge of a token (`key` = token_key(token)), bound to both
+    certificates and the role."""
     msg = f"zcore-pairing|{role}|{server_fp}|{client_fp}".encode()
-    return hmac.new(token.encode(), msg, hashlib.sha256).hexdigest()
+    return hmac.new(key.encode(), msg, hashlib.sha256).hexdigest()
 
 
 def proofs_equal(a: str, b: str) -> bool:

@@ -141,7 +141,7 @@ class FrameReader:
 # required keys and their types per control message
 SCHEMAS: dict[int, dict[str, type | tuple[type, ...]]] = {
     HELLO: {"protocol": int, "site_id": str, "site_name": str, "role": str},
-    PAIR: {"token": str, "cert": str, "proof": str},
+    PAIR: {"token_id": str, "cert": str, "proof": str},  # never the token itself
     PAIRED: {"cert": str, "proof": str, "site_id": str, "site_name": str},
     ATTACH: {"vpg": str, "vms": list, "journal": dict},
     ATTACHED: {"durable_seq": int, "max_seq": int},

@@ -408,6 +408,10 @@ class _Connection(asyncio.BufferedProtocol):
             raise ProtocolError("pairing token is wrong, expired or already used")
         peer_name = str(msg.get("site_name", "protected"))[:128]
         peer_id = str(msg.get("site_id", ""))[:64] or client_fp[:32]
+        # VPG ownership follows the site id: one id, one pinned certificate
+        if any(p.site_id == peer_id and p.fingerprint != client_fp for p in site.peers.all()):
+            raise ProtocolError(f"site id {peer_id} is already paired with another "
+                                "certificate")
         site.peers.add(peer_id, peer_name, msg["cert"])
         trust(site._ssl, msg["cert"])
         self._send(wire.control(

@@ -550,8 +550,10 @@ class VPG:
             vid, offset, length = item
             vol = self.volumes[vid]
             if ring.sync(vol.fd, vid, offset, length, self._skip_zero) is None:
-                self._sync_next = item  # ring full: seal first, retry next round
-                return True
+                # ring full: retry after sealing.  Not "busy": when sealing is blocked too
+                # (pending bound, no acks), the thread must wait for an ack, not spin.
+                self._sync_next = item
+                return False
             self.bitmaps[vid].clear(offset, length)
             self._sync_done += length
             sent += length

@@ -134,3 +134,27 @@ def test_serve_refuses_bad_arguments(args, message):
                            *args], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert message in proc.stderr
+
+
+def test_serve_stopped_during_the_initial_sync_resumes_it_next_time(tmp_path):
+    nbdcopy = require_tool("nbdcopy")
+    image = tmp_path / "big.img"
+    image.write_bytes(os.urandom(24 * MiB))
+    journal_dir = tmp_path / "journals" / "vm1"
+    outcomes = []
+    for _ in range(20):  # stop at once, then until a run ends with a final checkpoint
+        served = Served("--journal", str(journal_dir), "--protect", f"disk0={image}", lines=1)
+        if outcomes:
+            time.sleep(0.5)
+        err = served.stop()
+        outcomes.append("stopped at checkpoint" in err)
+        assert outcomes[-1] or "no final checkpoint" in err, err
+        if outcomes[-1]:
+            break
+    assert outcomes[-1]
+    served = Served("--journal", str(journal_dir), "--view", "v=disk0", lines=1)
+    try:
+        run([nbdcopy, served.uris["v"], str(tmp_path / "v.raw")])
+    finally:
+        served.stop()
+    assert (tmp_path / "v.raw").read_bytes() == image.read_bytes()

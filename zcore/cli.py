@@ -240,11 +240,14 @@ def nbd_serve(protect, views, scratches, files, files_ro, journal, vpg_state,
                 await server.close()
 
         asyncio.run(serve())
-        if vpg is not None:
+        if vpg is not None and vpg.mode == "streaming":
             seq = vpg.checkpoint("zcore nbd serve stopped")
             link.stop()
             link.drain()
             click.echo(f"protected volumes stopped at checkpoint {seq}", err=True)
+        elif vpg is not None:  # a sync was still running: its bitmaps resume next time
+            click.echo(f"protected volumes stopped while the VPG was in {vpg.mode} mode: "
+                       "no final checkpoint; the next start resumes the sync", err=True)
     except (ZcoreError, OSError) as exc:
         click.echo(f"zcore nbd serve: {exc}", err=True)
         sys.exit(1)

@@ -152,7 +152,7 @@ static volume_index *volume_slot(zc_index *idx, uint32_t volume)
     return idx->vols[volume];
 }
 
-int zc_index_add(zc_index *idx, const zc_extent *e, size_t n)
+int zc_index_add(zc_index *idx, const zc_extent *e, size_t n, int ordered)
 {
     for (size_t i = 0; i < n; i++) {
         const zc_extent *x = &e[i];
@@ -163,19 +163,21 @@ int zc_index_add(zc_index *idx, const zc_extent *e, size_t n)
         volume_index *vi = volume_slot(idx, x->volume);
         if (!vi)
             return ZC_E_NOMEM;
-        if (x->seq <= vi->last_seq)
+        if (ordered && x->seq <= vi->last_seq)
             return ZC_E_ORDER;
         if (vi->ntail == TAIL_CAP && flush_tail(vi))
             return ZC_E_NOMEM;
         vi->tail[vi->ntail++] = *x;
-        vi->last_seq = x->seq;
+        if (x->seq > vi->last_seq)
+            vi->last_seq = x->seq;
         idx->count++;
     }
     return ZC_OK;
 }
 
 int zc_index_add_sorted(zc_index *idx, const zc_extent *e, size_t n, uint32_t segment,
-                        uint64_t seg_len, const uint64_t *volume_sizes, uint32_t nvolumes)
+                        uint64_t seg_len, const uint64_t *volume_sizes, uint32_t nvolumes,
+                        int ordered)
 {
     for (size_t i = 0; i < n; i++) {
         const zc_extent *x = &e[i];
@@ -192,7 +194,7 @@ int zc_index_add_sorted(zc_index *idx, const zc_extent *e, size_t n, uint32_t se
             x->pos + zc_record_size(x->stored) > seg_len || x->pos < 64)
             return ZC_E_BAD_RECORD;
         const volume_index *vi = x->volume < idx->nvols ? idx->vols[x->volume] : NULL;
-        if (vi && x->seq <= vi->last_seq)
+        if (ordered && vi && x->seq <= vi->last_seq)
             return ZC_E_BAD_RECORD;
     }
     size_t i = 0;
@@ -216,7 +218,8 @@ int zc_index_add_sorted(zc_index *idx, const zc_extent *e, size_t n, uint32_t se
             return ZC_E_NOMEM;
         memcpy(copy, e + i, (j - i) * sizeof *copy);
         vi->runs[vi->nruns++] = (run){copy, j - i, max_len_of(copy, j - i)};
-        vi->last_seq = max_seq;
+        if (max_seq > vi->last_seq)
+            vi->last_seq = max_seq;
         idx->count += j - i;
         if (compact(vi))
             return ZC_E_NOMEM;

@@ -36,19 +36,22 @@ typedef struct zc_fragment {
 zc_index *zc_index_new(void);               /* NULL when out of memory */
 void zc_index_free(zc_index *idx);          /* accepts NULL */
 
-/* Add extents of data-bearing records (WRITE, ZERO, SYNC; others are skipped).
- * Within a volume, seqs must ascend across calls.  ZC_OK, ZC_E_ORDER, ZC_E_RANGE
- * (volume >= ZC_MAX_VOLUMES), ZC_E_NOMEM (index unchanged for the failing extent). */
-int zc_index_add(zc_index *idx, const zc_extent *e, size_t n);
+/* Add extents of data-bearing records (WRITE, ZERO, SYNC; others are skipped).  When
+ * `ordered`, seqs must ascend within a volume across calls (ZC_E_ORDER otherwise);
+ * unordered adds load older segments after newer records and leave ordering to the
+ * caller.  ZC_OK, ZC_E_ORDER, ZC_E_RANGE (volume >= ZC_MAX_VOLUMES), ZC_E_NOMEM (index
+ * unchanged for the failing extent). */
+int zc_index_add(zc_index *idx, const zc_extent *e, size_t n, int ordered);
 
 /* Adopt the data extents of one sealed segment, already sorted by (volume, offset, seq),
  * as ready-made runs (no sorting).  Validates every extent first: data type, sector
  * alignment, segment number, record inside seg_len, range inside volume_sizes[volume]
- * (0 = unknown volume), and seqs above those already indexed for the volume; on any
- * violation returns ZC_E_BAD_RECORD (or ZC_E_ARG when not sorted) and adds nothing.
- * ZC_E_NOMEM leaves the index holding a prefix of the volumes. */
+ * (0 = unknown volume), and, when `ordered`, seqs above those already indexed for the
+ * volume; on any violation returns ZC_E_BAD_RECORD (or ZC_E_ARG when not sorted) and
+ * adds nothing.  ZC_E_NOMEM leaves the index holding a prefix of the volumes. */
 int zc_index_add_sorted(zc_index *idx, const zc_extent *e, size_t n, uint32_t segment,
-                        uint64_t seg_len, const uint64_t *volume_sizes, uint32_t nvolumes);
+                        uint64_t seg_len, const uint64_t *volume_sizes, uint32_t nvolumes,
+                        int ordered);
 
 /* Remove every extent with seq < before (after promotion). ZC_OK or ZC_E_NOMEM. */
 int zc_index_drop_before(zc_index *idx, uint64_t before);

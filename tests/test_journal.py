@@ -10,6 +10,8 @@ import errno
 import os
 import random
 import struct
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1218,8 +1220,18 @@ def test_missing_middle_segment_is_refused(tmp_path):
     assert len(files) == 4
     files[1].unlink()
     files[1].with_suffix(".zci").unlink()
-    with pytest.raises(CorruptRecordError):
-        Journal.open(tmp_path / "j")
+    # sealed segments load in the background: the damage is refused by the first call
+    # that needs them, never by returning stale data
+    j = Journal.open(tmp_path / "j")
+    try:
+        with pytest.raises(CorruptRecordError):
+            j.wait_loaded()
+        with pytest.raises(CorruptRecordError):
+            j.checkpoints()
+        with pytest.raises(CorruptRecordError):
+            j.view(j.last_seq)
+    finally:
+        j.close()
 
 
 def test_crash_while_promotion_deletes_segments_leaves_a_usable_journal(tmp_path, monkeypatch):
@@ -1252,3 +1264,62 @@ def test_crash_while_promotion_deletes_segments_leaves_a_usable_journal(tmp_path
     j.promote_to(c.seq)  # the next promotion clears what the crash left
     assert len(segment_files(tmp_path / "j")) == 1
     j.close()
+
+
+def test_appends_proceed_while_sealed_segments_load_and_reads_wait(tmp_path, monkeypatch):
+    """Opening does not read the sealed segments' index files: appends go on at once,
+    and reads, views and listings wait until every sealed segment is indexed."""
+    rng = random.Random(31)
+    j = make(tmp_path / "j")
+    model = bytearray(MiB)
+    fill_until_rotation(j, model, rng, segments=3)
+    old = j.checkpoint()
+    snapshot = bytes(model)
+    j.close()
+
+    release = threading.Event()
+    real = Journal._read_segment_index
+
+    def slow(self, *args, **kwargs):
+        release.wait(10)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Journal, "_read_segment_index", slow)
+    j = Journal.open(tmp_path / "j")
+    try:
+        assert not j._loaded.is_set()
+        started = time.monotonic()
+        j.append([(0, 0, b"\x5a" * 4096)])  # not blocked by the loading
+        new = j.checkpoint("while loading")
+        j.commit()
+        assert not j._loaded.is_set() and time.monotonic() - started < 5
+        release.set()
+        with j.view(old) as view:
+            assert view.read(0, 0, MiB) == snapshot
+        with j.view(new) as view:
+            assert view.read(0, 0, MiB) == b"\x5a" * 4096 + snapshot[4096:]
+        assert [c.seq for c in j.checkpoints()] == sorted(c.seq for c in j.checkpoints())
+        assert j.reopen_report.rescanned_segments == 0
+    finally:
+        release.set()
+        j.close()
+
+
+def test_close_during_background_load_stops_it(tmp_path, monkeypatch):
+    rng = random.Random(32)
+    j = make(tmp_path / "j")
+    fill_until_rotation(j, bytearray(MiB), rng, segments=3)
+    j.close()
+    calls = []
+    real = Journal._read_segment_index
+
+    def slow(self, *args, **kwargs):
+        calls.append(1)
+        time.sleep(0.05)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Journal, "_read_segment_index", slow)
+    j = Journal.open(tmp_path / "j")
+    j.close()  # joins the loader, which stops between segments
+    assert len(calls) < 3
+    Journal.open(tmp_path / "j").close()  # and the lock was released

@@ -45,7 +45,9 @@ from zcore.errors import (
     FormatVersionError,
     JournalFullError,
     OutOfRangeError,
+    StateError,
     TruncatedRecordError,
+    ZcoreError,
     status_error,
 )
 from zcore.fsutil import atomic_write, fsync_dir
@@ -184,6 +186,20 @@ class _Segment:
     extents: list[np.ndarray] = field(default_factory=list)  # active segment only
 
 
+@dataclass
+class _SegmentIndex:
+    """A sealed segment's index file, read and checked but not yet adopted."""
+
+    min_time: int
+    max_time: int
+    min_seq: int
+    max_seq: int
+    records: int
+    extents: memoryview  # EXTENT_DTYPE entries
+    presorted: bool  # v2: data extents sorted by (volume, offset, seq)
+    checkpoints: list[Checkpoint]
+
+
 def _kind_name(kind: int) -> str:
     return "tagged" if kind == records.CKPT_TAGGED else "auto"
 
@@ -234,7 +250,13 @@ class Journal:
         self._failed: BaseException | None = None
         self._full = False
         self._closed = False
-        self.reopen_report = ReopenReport()
+        self._closing = False
+        self._report = ReopenReport()
+        # sealed segments' indexes load in the background after open (see _load)
+        self._loaded = threading.Event()
+        self._loaded.set()
+        self._load_error: BaseException | None = None
+        self._loader: threading.Thread | None = None
 
     # ---- creation and reopening ---------------------------------------------------------
 
@@ -338,14 +360,19 @@ class Journal:
         return meta
 
     def _load(self) -> None:
+        """Open what appends need now: metadata, replicas, every segment's descriptor and
+        size, and the tail segment (scanned, torn tail truncated).  The sealed segments'
+        index files load in a background thread, so opening does not grow with the amount
+        journaled; reads, views, promotion and listings wait for it (`wait_loaded`)."""
         for v in self.volumes.values():
             fd = os.open(self.path / f"replica-{v.id:04d}.img", os.O_RDWR)
             self._replica_fds[v.id] = fd
             self._index.set_replica_fd(v.id, fd)
-        numbers = sorted(
-            int(p.name[4:12]) for p in self.path.glob("seg-*.zcj") if len(p.name) == 16
+        numbers = sorted(  # other names are not this journal's files
+            int(p.name[4:12]) for p in self.path.glob("seg-*.zcj")
+            if len(p.name) == 16 and p.name[4:12].isdigit()
         )
-        dropped = dropped_segments = rescanned = 0
+        dropped = dropped_segments = 0
         reason = ""
         if numbers and self._tail_segment_torn(numbers[-1]):
             # a crash while rotation created the newest segment, before its header was
@@ -357,45 +384,111 @@ class Journal:
             reason = f"segment {number} has a torn header"
             seg_path.unlink()
             fsync_dir(self.path)
-        last_seq = 0
-        for i, number in enumerate(numbers):
-            is_last = i == len(numbers) - 1
+        for number in numbers:
             seg_path = self.path / f"seg-{number:08d}.zcj"
             fd = os.open(seg_path, os.O_RDWR)
-            # unsealed while scanned, so that _take_batch collects the extents a rebuilt
-            # index file needs
-            seg = _Segment(number, seg_path, fd, os.fstat(fd).st_size, sealed=False)
+            seg = _Segment(number, seg_path, fd, os.fstat(fd).st_size, sealed=True)
             self._segments[number] = seg
             self._index.set_segment_fd(number, fd)
-            loaded = None if is_last else self._load_segment_index(seg, last_seq)
-            if loaded:
-                seg.sealed = True
-            else:
-                outcome = self._scan_segment(seg, last_seq, is_last)
-                if outcome:
-                    dropped += outcome[0]
-                    reason = outcome[1]
-                if not is_last:
-                    rescanned += 1
-                    self._seal_index(seg)
-                    seg.sealed = True
-            if seg.records:
-                last_seq = seg.max_seq
-        self._check_contiguous()
-        # a promotion may have emptied every segment: numbering continues above it
-        self.last_seq = max(last_seq, self.promoted_seq - 1)
-        if self._segments:
-            self._active = next(reversed(self._segments.values()))
-            self._active.sealed = False
+        sealed = numbers[:-1]
+        background = bool(sealed)
+        prev_max = self._sealed_tail_max_seq(sealed[-1]) if sealed else 0
+        if prev_max is None:
+            # the newest sealed segment cannot vouch for its last seq: load everything now
+            self._load_sealed(sealed, ordered=True)
+            background = False
+            prev_max = max((self._segments[n].max_seq for n in sealed), default=0)
+        if numbers:
+            tail = self._segments[numbers[-1]]
+            tail.sealed = False  # collect extents: it is the active segment again
+            outcome = self._scan_segment(tail, prev_max, is_last=True)
+            if outcome:
+                dropped += outcome[0]
+                reason = outcome[1]
+            last_seq = tail.max_seq if tail.records else prev_max
+            self._active = tail
             # the tail may hold records a crashed process appended but never committed:
             # they are in the page cache, not necessarily on disk, until this sync
             try:
-                os.fdatasync(self._active.fd)
+                os.fdatasync(tail.fd)
             except OSError as exc:
-                raise DurabilityError(f"fsync of {self._active.path} failed: {exc}") from exc
+                raise DurabilityError(f"fsync of {tail.path} failed: {exc}") from exc
         else:
+            last_seq = 0
             self._active = self._new_segment(1)
-        self.durable_seq = self.last_seq
+        # a promotion may have emptied every segment: numbering continues above it
+        self.last_seq = self.durable_seq = max(last_seq, self.promoted_seq - 1)
+        self._report = ReopenReport(dropped, dropped_segments, 0, False, reason)
+        if background:
+            self._loaded.clear()
+            self._loader = threading.Thread(target=self._load_in_background,
+                                            args=(sealed, prev_max),
+                                            name=f"journal-load-{self.vm}", daemon=True)
+            self._loader.start()
+        else:
+            self._finish_load()
+
+    def _sealed_tail_max_seq(self, number: int) -> int | None:
+        """Last seq of the newest sealed segment, from its (checked) v2 index file."""
+        seg = self._segments[number]
+        try:
+            data = seg.path.with_suffix(".zci").read_bytes()
+        except FileNotFoundError:
+            return None
+        if len(data) < 64 + INDEX_STATS.size:
+            return None
+        (magic, version, hsize, num, jid, seg_len, _count, _ckpt, body_crc,
+         crc) = INDEX_HEADER.unpack(data[:64])
+        if (magic != INDEX_MAGIC or _rec.crc32c(data[:60]) != crc or hsize != 64
+                or version != INDEX_VERSION or num != number or jid != self.journal_id
+                or seg_len != seg.size or _rec.crc32c(memoryview(data)[64:]) != body_crc):
+            return None
+        _t0, _t1, min_seq, max_seq, nrecords = INDEX_STATS.unpack_from(data, 64)
+        return max_seq if nrecords and max_seq >= min_seq else None
+
+    def _load_sealed(self, numbers: list[int], *, ordered: bool) -> int:
+        """Index the sealed segments `numbers` (oldest first) from their index files,
+        rescanning (and re-indexing) those without a valid one.  Holds the lock one
+        segment at a time.  Returns how many were rescanned."""
+        last_seq = rescanned = 0
+        for number in numbers:
+            if self._closing:
+                break
+            seg = self._segments[number]
+            parsed = self._read_segment_index(seg, last_seq)  # file I/O without the lock
+            with self._lock:
+                if self._closing:
+                    break
+                if parsed is None or not self._adopt_index(seg, parsed, ordered):
+                    seg.sealed = False  # collect the extents the rebuilt index needs
+                    self._scan_segment(seg, last_seq, is_last=False, ordered=ordered)
+                    self._seal_index(seg)
+                    seg.sealed = True
+                    rescanned += 1
+                if seg.records:
+                    last_seq = seg.max_seq
+        self._rescanned = rescanned
+        return last_seq
+
+    def _load_in_background(self, numbers: list[int], expected_last: int) -> None:
+        try:
+            last = self._load_sealed(numbers, ordered=False)
+            with self._lock:
+                if self._closing:
+                    return
+                if last != expected_last:
+                    raise CorruptRecordError(
+                        f"journal {self.path}: sealed segments end at seq {last}, their "
+                        f"newest index says {expected_last}")
+                self._finish_load()
+        except BaseException as exc:  # surfaced by every call that waits for the index
+            self._load_error = exc
+        finally:
+            self._loaded.set()
+
+    def _finish_load(self) -> None:
+        self._check_contiguous()
+        self._checkpoints.sort(key=lambda c: c.seq)
         if self.promoted_seq:
             self._index.drop_before(self.promoted_seq)
         self._checkpoints = [c for c in self._checkpoints if c.seq >= self.promoted_seq]
@@ -404,7 +497,26 @@ class Journal:
         if target > self.promoted_seq:  # a promotion was interrupted: finish it first
             self._promote_to(target)
             resumed = True
-        self.reopen_report = ReopenReport(dropped, dropped_segments, rescanned, resumed, reason)
+        r = self._report
+        self._report = ReopenReport(r.dropped_bytes, r.dropped_segments,
+                                    getattr(self, "_rescanned", 0), resumed, r.reason)
+
+    def wait_loaded(self, timeout: float | None = None) -> None:
+        """Wait until the sealed segments' indexes are loaded; raises what loading found
+        (a damaged sealed segment) and StateError on timeout.  Do not call with the
+        journal's lock held."""
+        if not self._loaded.wait(timeout):
+            raise StateError(f"journal {self.path} is still loading its index")
+        if self._load_error is not None:
+            err = self._load_error
+            raise err.with_traceback(None) if isinstance(err, ZcoreError) else \
+                CorruptRecordError(f"loading journal {self.path} failed: {err!r}")
+
+    @property
+    def reopen_report(self) -> ReopenReport:
+        """What opening found (waits for the background index load)."""
+        self.wait_loaded()
+        return self._report
 
     def _check_contiguous(self) -> None:
         """Refuse a gap in the segment numbers that promotion cannot have left.
@@ -445,7 +557,8 @@ class Journal:
         return not self._check_segment_header(_Segment(number, seg_path, -1, len(head), False),
                                               head)
 
-    def _scan_segment(self, seg: _Segment, last_seq: int, is_last: bool):
+    def _scan_segment(self, seg: _Segment, last_seq: int, is_last: bool,
+                      ordered: bool = True):
         """Full validation of one segment.  Returns (dropped bytes, reason) when the tail
         segment had a torn tail, () when the segment is whole."""
         data = _pread_all(seg.fd, seg.size)
@@ -454,7 +567,7 @@ class Journal:
                                      "needs a resync from that segment")
         batch = _rec.scan(memoryview(data)[64:], 64, seg.number, last_seq, self._volume_sizes)
         arr = batch.array()
-        self._take_batch(seg, batch, arr, self._batch_checkpoints(arr, data, 0))
+        self._take_batch(seg, batch, arr, self._batch_checkpoints(arr, data, 0), ordered)
         end = 64 + batch.consumed
         if batch.status == 0:
             return ()
@@ -482,13 +595,13 @@ class Journal:
         return out
 
     def _take_batch(self, seg: _Segment, batch, arr: np.ndarray,
-                    checkpoints: list[Checkpoint]) -> None:
+                    checkpoints: list[Checkpoint], ordered: bool = True) -> None:
         """Index a validated batch (extents `arr`, decoded `checkpoints`) and learn its
         segment statistics.  Nothing here refuses the batch: check it before writing it."""
         n = len(batch)
         if not n:
             return
-        self._index.add(batch)
+        self._index.add(batch, ordered)
         if not seg.sealed:
             seg.extents.append(arr)
         if not seg.records:
@@ -506,11 +619,18 @@ class Journal:
         return Checkpoint(seq, seq, time_ns, _kind_name(marker.kind), marker.tag,
                           marker.consistent)
 
-    def _load_segment_index(self, seg: _Segment, last_seq: int) -> bool | None:
-        """Load a sealed segment's .zci.  None when it is missing or does not match."""
-        zci = seg.path.with_suffix(".zci")
+    def _load_segment_index(self, seg: _Segment, last_seq: int, ordered: bool = True) -> bool:
+        """Read, check and adopt a sealed segment's .zci; False when it is missing or does
+        not match (the caller rescans the segment)."""
+        parsed = self._read_segment_index(seg, last_seq)
+        return parsed is not None and self._adopt_index(seg, parsed, ordered)
+
+    def _read_segment_index(self, seg: _Segment, last_seq: int) -> _SegmentIndex | None:
+        """Read and check a sealed segment's .zci without changing any state (the
+        background loader calls it without the lock).  None when it is missing or does
+        not match."""
         try:
-            data = zci.read_bytes()
+            data = seg.path.with_suffix(".zci").read_bytes()
         except FileNotFoundError:
             return None
         if len(data) < 64 + INDEX_TIMES.size:
@@ -525,36 +645,15 @@ class Journal:
         body = memoryview(data)[64:]
         if _rec.crc32c(body) != body_crc or seg_len != seg.size:
             return None
-        if version == INDEX_VERSION:
-            return self._load_index_v2(seg, last_seq, body, count, ckpt_bytes)
-        esize = records.EXTENT_DTYPE.itemsize
-        if len(body) != INDEX_TIMES.size + count * esize + ckpt_bytes:
+        try:
+            if version == INDEX_VERSION:
+                return self._parse_index_v2(seg, last_seq, body, count, ckpt_bytes)
+            return self._parse_index_v1(seg, last_seq, body, count, ckpt_bytes)
+        except (struct.error, CorruptRecordError):
             return None
-        if _rec.crc32c(body) != body_crc or seg_len != seg.size:
-            return None
-        seg.min_time, seg.max_time = INDEX_TIMES.unpack_from(body)
-        ext_bytes = body[INDEX_TIMES.size : INDEX_TIMES.size + count * esize]
-        arr = np.frombuffer(ext_bytes, dtype=records.EXTENT_DTYPE)
-        if count:
-            seqs = arr["seq"]
-            if seqs[0] <= last_seq or np.any(np.diff(seqs.astype(np.int64)) <= 0):
-                return None
-            if np.any(arr["segment"] != seg.number) or np.any(arr["pos"] >= seg.size):
-                return None
-            seg.min_seq, seg.max_seq, seg.records = int(seqs[0]), int(seqs[-1]), count
-        self._index.add_array(ext_bytes)
-        blob = body[INDEX_TIMES.size + count * esize :]
-        at = 0
-        for rec in arr[arr["type"] == records.REC_CHECKPOINT]:
-            stored = int(rec["stored"])
-            (t,) = struct.unpack_from("<Q", blob, at)
-            self._checkpoints.append(
-                self._make_checkpoint(int(rec["seq"]), t, blob[at + 8 : at + 8 + stored]))
-            at += 8 + stored
-        return True
 
-    def _load_index_v2(self, seg: _Segment, last_seq: int, body: memoryview, count: int,
-                       ckpt_bytes: int) -> bool | None:
+    def _parse_index_v2(self, seg: _Segment, last_seq: int, body: memoryview, count: int,
+                        ckpt_bytes: int) -> _SegmentIndex | None:
         esize = records.EXTENT_DTYPE.itemsize
         if len(body) != INDEX_STATS.size + count * esize + ckpt_bytes:
             return None
@@ -564,22 +663,63 @@ class Journal:
         checkpoints = []
         blob = body[INDEX_STATS.size + count * esize :]
         at = 0
-        try:
-            while at < len(blob):
-                seq, pos, t, stored, zero = INDEX_CKPT.unpack_from(blob, at)
-                at += INDEX_CKPT.size
-                if zero or not min_seq <= seq <= max_seq or pos >= seg.size \
-                        or at + stored > len(blob):
-                    return None
-                checkpoints.append(self._make_checkpoint(seq, t, blob[at : at + stored]))
-                at += stored
-            self._index.add_sorted(body[INDEX_STATS.size : INDEX_STATS.size + count * esize],
-                                   seg.number, seg.size, self._volume_sizes)
-        except (struct.error, CorruptRecordError):
+        while at < len(blob):
+            seq, pos, t, stored, zero = INDEX_CKPT.unpack_from(blob, at)
+            at += INDEX_CKPT.size
+            if zero or not min_seq <= seq <= max_seq or pos >= seg.size \
+                    or at + stored > len(blob):
+                return None
+            checkpoints.append(self._make_checkpoint(seq, t, blob[at : at + stored]))
+            at += stored
+        extents = body[INDEX_STATS.size : INDEX_STATS.size + count * esize]
+        return _SegmentIndex(min_time, max_time, min_seq, max_seq, nrecords, extents, True,
+                             checkpoints)
+
+    def _parse_index_v1(self, seg: _Segment, last_seq: int, body: memoryview, count: int,
+                        ckpt_bytes: int) -> _SegmentIndex | None:
+        esize = records.EXTENT_DTYPE.itemsize
+        if len(body) != INDEX_TIMES.size + count * esize + ckpt_bytes:
             return None
-        seg.min_time, seg.max_time = min_time, max_time
-        seg.min_seq, seg.max_seq, seg.records = min_seq, max_seq, nrecords
-        self._checkpoints.extend(checkpoints)
+        min_time, max_time = INDEX_TIMES.unpack_from(body)
+        extents = body[INDEX_TIMES.size : INDEX_TIMES.size + count * esize]
+        arr = np.frombuffer(extents, dtype=records.EXTENT_DTYPE)
+        min_seq = max_seq = 0
+        if count:
+            seqs = arr["seq"]
+            if seqs[0] <= last_seq or np.any(np.diff(seqs.astype(np.int64)) <= 0):
+                return None
+            if np.any(arr["segment"] != seg.number) or np.any(arr["pos"] >= seg.size):
+                return None
+            min_seq, max_seq = int(seqs[0]), int(seqs[-1])
+        blob = body[INDEX_TIMES.size + count * esize :]
+        checkpoints = []
+        at = 0
+        for rec in arr[arr["type"] == records.REC_CHECKPOINT]:
+            stored = int(rec["stored"])
+            (t,) = struct.unpack_from("<Q", blob, at)
+            if at + 8 + stored > len(blob):
+                return None
+            checkpoints.append(
+                self._make_checkpoint(int(rec["seq"]), t, blob[at + 8 : at + 8 + stored]))
+            at += 8 + stored
+        if at != len(blob):
+            return None
+        return _SegmentIndex(min_time, max_time, min_seq, max_seq, count, extents, False,
+                             checkpoints)
+
+    def _adopt_index(self, seg: _Segment, parsed: _SegmentIndex, ordered: bool) -> bool:
+        """Put a checked index file's extents, statistics and checkpoints in place."""
+        try:
+            if parsed.presorted:
+                self._index.add_sorted(parsed.extents, seg.number, seg.size,
+                                       self._volume_sizes, ordered)
+            else:
+                self._index.add_array(parsed.extents, ordered)
+        except CorruptRecordError:
+            return False
+        seg.min_time, seg.max_time = parsed.min_time, parsed.max_time
+        seg.min_seq, seg.max_seq, seg.records = parsed.min_seq, parsed.max_seq, parsed.records
+        self._checkpoints.extend(parsed.checkpoints)
         return True
 
     def _seal_index(self, seg: _Segment) -> None:
@@ -753,6 +893,7 @@ class Journal:
         (seconds since the epoch, inclusive), tag substring, kind and consistency."""
         if kind not in (None, "auto", "tagged"):
             raise ConfigError(f"unknown checkpoint kind {kind!r}")
+        self.wait_loaded()
         with self._lock:
             out = []
             for c in self._checkpoints:
@@ -770,6 +911,7 @@ class Journal:
             return out
 
     def latest_checkpoint(self, *, consistent: bool = True) -> Checkpoint:
+        self.wait_loaded()
         with self._lock:
             for c in reversed(self._checkpoints):
                 if c.consistent or not consistent:
@@ -777,6 +919,7 @@ class Journal:
         raise CheckpointNotFoundError(f"journal {self.path} holds no checkpoint yet")
 
     def checkpoint_by_id(self, checkpoint_id: int) -> Checkpoint:
+        self.wait_loaded()
         with self._lock:
             lo, hi = 0, len(self._checkpoints)
             while lo < hi:
@@ -797,6 +940,7 @@ class Journal:
     def view(self, checkpoint: Checkpoint | int) -> View:
         """A read-only image of every volume as of `checkpoint`; pins it against promotion
         until closed."""
+        self.wait_loaded()
         with self._lock:
             self._check_open()
             cid = checkpoint.id if isinstance(checkpoint, Checkpoint) else int(checkpoint)
@@ -888,6 +1032,9 @@ class Journal:
         if hard is None or self.size_bytes + incoming <= hard:
             self._full = False
             return
+        if not self._loaded.is_set():  # promotion needs the whole index (and our lock)
+            raise JournalFullError(f"journal {self.path} passed its hard limit while its "
+                                   "index is still loading; retry shortly")
         self.promote(incoming=incoming)
         if self.size_bytes + incoming > hard:
             self._full = True
@@ -903,6 +1050,7 @@ class Journal:
         """Promote what retention asks for: writes older than the history, and the oldest
         segments while the journal (plus `incoming` bytes) passes its hard limit.
         Never past a pinned checkpoint.  Returns the new promotion watermark."""
+        self.wait_loaded()
         with self._lock:
             self._check_usable()
             now_ns = int((time.time() if now is None else now) * 1e9)
@@ -938,6 +1086,7 @@ class Journal:
 
     def promote_to(self, seq: int) -> int:
         """Promote every write with seq < `seq` (bounded by pins and the last seq)."""
+        self.wait_loaded()
         with self._lock:
             self._check_usable()
             pin = self._min_pin()
@@ -1046,6 +1195,7 @@ class Journal:
     # ---- status and lifetime -------------------------------------------------------------
 
     def status(self, *, now: float | None = None) -> JournalStatus:
+        self.wait_loaded()
         with self._lock:
             now = time.time() if now is None else now
             oldest = self._checkpoints[0] if self._checkpoints else None
@@ -1079,14 +1229,20 @@ class Journal:
 
     @property
     def index_count(self) -> int:
+        self.wait_loaded()
         return self._index.count
 
     @property
     def index_memory(self) -> int:
+        self.wait_loaded()
         return self._index.memory
 
     def close(self) -> None:
         """Commit what is appended and release every file.  Open views become unusable."""
+        loader = self._loader
+        if loader is not None and loader.is_alive():
+            self._closing = True
+            loader.join()
         with self._lock:
             if self._closed:
                 return

@@ -37,11 +37,11 @@ class ExtentIndex:
         """Register (or forget, with -1) the replica image of a volume; a volume without
         one reads as zeros where no journaled write covers it."""
 
-    def add(self, batch: ExtentBatch) -> None:
+    def add(self, batch: ExtentBatch, ordered: bool = True) -> None:
         """Index the data records (WRITE, ZERO, SYNC) of a validated batch; seqs must
         ascend per volume across calls."""
 
-    def add_array(self, extents: _Buffer) -> None:
+    def add_array(self, extents: _Buffer, ordered: bool = True) -> None:
         """Index extents given as raw EXTENT_DTYPE bytes (a segment index file's entries);
         a structured numpy array must be passed as `arr.view(np.uint8)` or bytes."""
 
@@ -51,6 +51,7 @@ class ExtentIndex:
         segment: int,
         seg_len: int,
         volume_sizes: npt.NDArray[np.uint64],
+        ordered: bool = True,
     ) -> None:
         """Adopt a sealed segment's data extents, sorted by (volume, offset, seq), as
         ready-made runs; every extent is checked first (CorruptRecordError, nothing

@@ -60,25 +60,27 @@ cdef class ExtentIndex:
         self._grow_fds(&self.replica_fds, &self.nrep, <size_t>volume + 1)
         self.replica_fds[volume] = fd
 
-    def add(self, ExtentBatch batch):
-        """Index the data records of a validated batch."""
-        cdef int st = zc_index_add(self.idx, batch.vec.v, batch.vec.n)
+    def add(self, ExtentBatch batch, bint ordered=True):
+        """Index the data records of a validated batch (`ordered`: their seqs must follow
+        those already indexed per volume; False when loading older segments)."""
+        cdef int st = zc_index_add(self.idx, batch.vec.v, batch.vec.n, ordered)
         if st:
             raise status_error(st, "indexing records")
 
-    def add_array(self, const uint8_t[::1] extents):
+    def add_array(self, const uint8_t[::1] extents, bint ordered=True):
         """Index extents given as raw EXTENT_DTYPE bytes (from a segment index file)."""
         if extents.shape[0] % sizeof(zc_extent):
             raise ConfigError("extent array length is not a multiple of the entry size")
         cdef size_t n = extents.shape[0] // sizeof(zc_extent)
         if n == 0:
             return
-        cdef int st = zc_index_add(self.idx, <const zc_extent *>&extents[0], n)
+        cdef int st = zc_index_add(self.idx, <const zc_extent *>&extents[0], n, ordered)
         if st:
             raise status_error(st, "indexing records")
 
     def add_sorted(self, const uint8_t[::1] extents, unsigned int segment,
-                   unsigned long long seg_len, const uint64_t[::1] volume_sizes):
+                   unsigned long long seg_len, const uint64_t[::1] volume_sizes,
+                   bint ordered=True):
         """Adopt a sealed segment's data extents, given as raw EXTENT_DTYPE bytes sorted
         by (volume, offset, seq), as ready-made runs.  Every extent is checked first
         (type, alignment, segment, position, volume range, seq order); on a violation
@@ -90,7 +92,8 @@ cdef class ExtentIndex:
             return
         cdef int st = zc_index_add_sorted(
             self.idx, <const zc_extent *>&extents[0], n, segment, seg_len,
-            &volume_sizes[0] if volume_sizes.shape[0] else NULL, volume_sizes.shape[0])
+            &volume_sizes[0] if volume_sizes.shape[0] else NULL, volume_sizes.shape[0],
+            ordered)
         if st:
             raise status_error(st if st != -10 else -4,
                                f"adopting the index of segment {segment}")

@@ -74,10 +74,10 @@ cdef extern from "zc_index.h" nogil:
 
     zc_index *zc_index_new()
     void zc_index_free(zc_index *idx)
-    int zc_index_add(zc_index *idx, const zc_extent *e, size_t n)
+    int zc_index_add(zc_index *idx, const zc_extent *e, size_t n, int ordered)
     int zc_index_add_sorted(zc_index *idx, const zc_extent *e, size_t n, uint32_t segment,
                             uint64_t seg_len, const uint64_t *volume_sizes,
-                            uint32_t nvolumes)
+                            uint32_t nvolumes, int ordered)
     int zc_index_drop_before(zc_index *idx, uint64_t before)
     size_t zc_index_count(const zc_index *idx)
     size_t zc_index_memory(const zc_index *idx)

@@ -368,10 +368,14 @@ class Journal:
             fd = os.open(self.path / f"replica-{v.id:04d}.img", os.O_RDWR)
             self._replica_fds[v.id] = fd
             self._index.set_replica_fd(v.id, fd)
-        numbers = sorted(  # other names are not this journal's files
-            int(p.name[4:12]) for p in self.path.glob("seg-*.zcj")
-            if len(p.name) == 16 and p.name[4:12].isdigit()
-        )
+        sizes = {}  # segment number -> file size; other names are not this journal's
+        with os.scandir(self.path) as entries:
+            for entry in entries:
+                name = entry.name
+                if (len(name) == 16 and name.startswith("seg-") and name.endswith(".zcj")
+                        and name[4:12].isdigit()):
+                    sizes[int(name[4:12])] = entry.stat().st_size
+        numbers = sorted(sizes)
         dropped = dropped_segments = 0
         reason = ""
         if numbers and self._tail_segment_torn(numbers[-1]):
@@ -384,12 +388,13 @@ class Journal:
             reason = f"segment {number} has a torn header"
             seg_path.unlink()
             fsync_dir(self.path)
-        for number in numbers:
+        for number in numbers:  # sealed ones get their descriptor from the loader
             seg_path = self.path / f"seg-{number:08d}.zcj"
-            fd = os.open(seg_path, os.O_RDWR)
-            seg = _Segment(number, seg_path, fd, os.fstat(fd).st_size, sealed=True)
-            self._segments[number] = seg
-            self._index.set_segment_fd(number, fd)
+            self._segments[number] = _Segment(number, seg_path, -1, sizes[number], sealed=True)
+        if numbers:
+            self._open_segment(self._segments[numbers[-1]])
+            if len(numbers) > 1:
+                self._open_segment(self._segments[numbers[-2]])
         sealed = numbers[:-1]
         background = bool(sealed)
         prev_max = self._sealed_tail_max_seq(sealed[-1]) if sealed else 0
@@ -428,6 +433,11 @@ class Journal:
         else:
             self._finish_load()
 
+    def _open_segment(self, seg: _Segment) -> None:
+        seg.fd = os.open(seg.path, os.O_RDWR)
+        seg.size = os.fstat(seg.fd).st_size
+        self._index.set_segment_fd(seg.number, seg.fd)
+
     def _sealed_tail_max_seq(self, number: int) -> int | None:
         """Last seq of the newest sealed segment, from its (checked) v2 index file."""
         seg = self._segments[number]
@@ -459,6 +469,8 @@ class Journal:
             with self._lock:
                 if self._closing:
                     break
+                if seg.fd < 0:
+                    self._open_segment(seg)
                 if parsed is None or not self._adopt_index(seg, parsed, ordered):
                     seg.sealed = False  # collect the extents the rebuilt index needs
                     self._scan_segment(seg, last_seq, is_last=False, ordered=ordered)
@@ -1256,8 +1268,9 @@ class Journal:
         """Close every descriptor the journal holds, its lock last."""
         self._closed = True
         for seg in self._segments.values():
-            self._index.set_segment_fd(seg.number, -1)
-            os.close(seg.fd)
+            if seg.fd >= 0:
+                self._index.set_segment_fd(seg.number, -1)
+                os.close(seg.fd)
         for volume, fd in self._replica_fds.items():
             self._index.set_replica_fd(volume, -1)
             os.close(fd)

@@ -853,22 +853,52 @@ def test_fsync_failure_stops_acknowledging(tmp_path, monkeypatch):
     j.close()
 
 
-def test_group_commit_failure_inside_append_stops_acknowledging(tmp_path, monkeypatch):
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
+
+
+def test_group_commit_failure_in_the_background_stops_acknowledging(tmp_path, monkeypatch):
+    """The automatic group commit fsyncs in the background; when that fsync fails the
+    durable seq stays where it was and every later call refuses until reopened."""
     rng = random.Random(23)
     j = make(tmp_path / "j", group_commit_bytes=4 * KiB)
     j.append([(0, 0, rand(rng, 4096))])
-    assert j.durable_seq == 1  # the group commit ran inside append
+    wait_for(lambda: j.durable_seq == 1)  # the group commit ran, after append returned
+
+    def fail(fd):
+        raise OSError(errno.EIO, "injected fsync failure")
+
+    monkeypatch.setattr(os, "fdatasync", fail)
+    j.append([(0, 4096, rand(rng, 4096))])  # hands its group commit to the committer
+    wait_for(lambda: j._failed is not None)
+    monkeypatch.undo()
+    assert j.durable_seq == 1
+    with pytest.raises(DurabilityError):
+        j.append([(0, 8192, rand(rng, 4096))])
+    with pytest.raises(DurabilityError):
+        j.commit()
+    j.close()
+    j = Journal.open(tmp_path / "j")  # reopening recovers
+    assert j.last_seq >= 1
+    j.close()
+
+
+def test_explicit_commit_failure_raises_at_once(tmp_path, monkeypatch):
+    rng = random.Random(24)
+    j = make(tmp_path / "j")
+    j.append([(0, 0, rand(rng, 4096))])
 
     def fail(fd):
         raise OSError(errno.EIO, "injected fsync failure")
 
     monkeypatch.setattr(os, "fdatasync", fail)
     with pytest.raises(DurabilityError):
-        j.append([(0, 4096, rand(rng, 4096))])
+        j.commit()
     monkeypatch.undo()
-    assert j.durable_seq == 1
-    with pytest.raises(DurabilityError):
-        j.append([(0, 8192, rand(rng, 4096))])
+    assert j.durable_seq == 0
     j.close()
 
 

@@ -20,6 +20,7 @@ import errno
 import fcntl
 import itertools
 import json
+import logging
 import os
 import struct
 import threading
@@ -51,6 +52,8 @@ from zcore.errors import (
     status_error,
 )
 from zcore.fsutil import atomic_write, fsync_dir
+
+log = logging.getLogger(__name__)
 
 META_NAME = "journal.meta"
 META_FORMAT = "zcore-journal"
@@ -257,6 +260,10 @@ class Journal:
         self._loaded.set()
         self._load_error: BaseException | None = None
         self._loader: threading.Thread | None = None
+        # background group commit (see _commit_in_background)
+        self._sync_cond = threading.Condition(threading.Lock())
+        self._sync_target: tuple[int, int] | None = None
+        self._committer: threading.Thread | None = None
 
     # ---- creation and reopening ---------------------------------------------------------
 
@@ -821,7 +828,7 @@ class Journal:
             self._unsynced += size
             group = self.settings.group_commit_bytes
             if group and self._unsynced >= group:
-                self.commit()
+                self._commit_in_background()
             return self.last_seq
 
     def append(
@@ -860,16 +867,59 @@ class Journal:
         """Group commit: make every appended record durable; returns the durable seq."""
         with self._lock:
             self._check_usable()
+            self._unsynced = 0
             if self.durable_seq == self.last_seq:
                 return self.durable_seq
+            target = self.last_seq
             try:
                 os.fdatasync(self._active.fd)
             except OSError as exc:
                 self._failed = exc
                 raise DurabilityError(f"fsync of {self._active.path} failed: {exc}") from exc
-            self._unsynced = 0
-            self.durable_seq = self.last_seq
+            self.durable_seq = max(self.durable_seq, target)
             return self.durable_seq
+
+    def _commit_in_background(self) -> None:
+        """The automatic group commit: the committer thread fsyncs the active segment
+        while appends go on (the fsync of one group overlaps the writes of the next).
+        `durable_seq` moves only when that fsync has returned; a failure stops the
+        journal like any failed fsync.  Rotation and `commit` sync synchronously."""
+        self._unsynced = 0
+        with self._sync_cond:
+            self._sync_target = (self.last_seq, self._active.fd)
+            if self._committer is None:
+                self._committer = threading.Thread(target=self._run_committer,
+                                                   name=f"journal-commit-{self.vm}",
+                                                   daemon=True)
+                self._committer.start()
+            self._sync_cond.notify()
+
+    def _run_committer(self) -> None:
+        while True:
+            with self._sync_cond:
+                while self._sync_target is None and not self._closing:
+                    self._sync_cond.wait()
+                if self._sync_target is None:
+                    return
+                (seq, fd), self._sync_target = self._sync_target, None
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:
+                self._failed = exc
+                log.error("journal %s: background fsync failed: %s", self.path, exc)
+                return
+            with self._lock:
+                if not self._closing and seq > self.durable_seq:
+                    self.durable_seq = seq
+
+    def _stop_committer(self) -> None:
+        with self._sync_cond:
+            self._closing = True
+            self._sync_target = None
+            self._sync_cond.notify()
+        if self._committer is not None:
+            self._committer.join()
+            self._committer = None
 
     def _segment_limit(self) -> int:
         limit = self.settings.segment_bytes
@@ -1255,14 +1305,21 @@ class Journal:
         if loader is not None and loader.is_alive():
             self._closing = True
             loader.join()
+        error: DurabilityError | None = None
         with self._lock:
             if self._closed:
                 return
-            try:
-                if self._failed is None:
+            if self._failed is None:
+                try:
                     self.commit()
-            finally:
+                except DurabilityError as exc:
+                    error = exc
+        self._stop_committer()  # without the lock: the committer takes it to finish
+        with self._lock:
+            if not self._closed:
                 self._release()
+        if error is not None:
+            raise error
 
     def _release(self) -> None:
         """Close every descriptor the journal holds, its lock last."""

@@ -260,6 +260,7 @@ class Journal:
         self._loaded.set()
         self._load_error: BaseException | None = None
         self._loader: threading.Thread | None = None
+        self._go = threading.Event()
         # background group commit (see _commit_in_background)
         self._sync_cond = threading.Condition(threading.Lock())
         self._sync_target: tuple[int, int] | None = None
@@ -335,6 +336,7 @@ class Journal:
             meta = cls._read_meta(path)
             journal = cls(path, meta, lock_fd)
             journal._load()
+            journal._go.set()  # the background loader starts only once open has returned
         except BaseException:
             if journal is not None:  # a damaged journal must not leak its descriptors
                 journal._release()
@@ -490,6 +492,7 @@ class Journal:
         return last_seq
 
     def _load_in_background(self, numbers: list[int], expected_last: int) -> None:
+        self._go.wait()  # leave the GIL to the opening thread until open() returns
         try:
             last = self._load_sealed(numbers, ordered=False)
             with self._lock:

@@ -171,15 +171,15 @@ def test_fio_random_writes_verify_live_and_at_the_checkpoint(tmp_path, protected
     fio = require_tool("fio")
     with serving([nbd.volume_export(protected.volume)], tmp_path) as srv:
         before = protected.checkpoint("before fio")
-        run(fio_job(fio, srv.uri("disk0")))
+        run(fio_job(fio, srv.uri("disk0")), cwd=tmp_path)  # fio leaves state files
         seq = protected.checkpoint("after fio")
         srv.call(srv.server.add_export, nbd.view_export(protected.journal, seq, "disk0", "pit"))
         srv.call(srv.server.add_export,
                  nbd.view_export(protected.journal, before, "disk0", "old"))
-        run(fio_job(fio, srv.uri("pit"), "--verify_only"))
+        run(fio_job(fio, srv.uri("pit"), "--verify_only"), cwd=tmp_path)
         # the same verification fails on the checkpoint taken before fio wrote
         stale = subprocess.run(fio_job(fio, srv.uri("old"), "--verify_only"),
-                               capture_output=True, text=True, timeout=120)
+                               capture_output=True, text=True, timeout=120, cwd=tmp_path)
         assert stale.returncode != 0
 
 

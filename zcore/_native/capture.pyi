@@ -1,0 +1,77 @@
+"""Capture ring (csrc/zc_capture.c) and the bundle encoder that drains it."""
+
+from typing import TypeAlias, TypedDict
+
+import numpy as np
+import numpy.typing as npt
+from typing_extensions import Buffer, disjoint_base
+
+_Buffer: TypeAlias = Buffer | npt.NDArray[np.uint8]
+
+MODE_STREAM: int
+MODE_BITMAP: int
+
+class _Stats(TypedDict):
+    writes: int
+    bytes: int
+    ring_used: int
+    ring_size: int
+    next_seq: int
+    dirty_pending: int
+    mode: int
+    overflowed: bool
+
+@disjoint_base
+class SealedBatch:
+    """Records drained from the ring: one encoded bundle part per VM, and what they cover."""
+
+    @property
+    def parts(self) -> list[bytearray]: ...
+    @property
+    def first_seq(self) -> int: ...
+    @property
+    def last_seq(self) -> int: ...
+    @property
+    def oldest_time_ns(self) -> int: ...
+    @property
+    def data_bytes(self) -> int: ...
+    @property
+    def encoded_bytes(self) -> int: ...
+    @property
+    def volumes(self) -> npt.NDArray[np.uint32]: ...
+    @property
+    def offsets(self) -> npt.NDArray[np.uint64]: ...
+    @property
+    def lengths(self) -> npt.NDArray[np.uint64]: ...
+    @property
+    def checkpoints(self) -> list[tuple[int, int, bytes]]:
+        """(seq, time_ns, payload) of each checkpoint marker."""
+    @property
+    def entries(self) -> int: ...
+
+@disjoint_base
+class CaptureRing:
+    """The VPG-wide capture buffer: seqs, write-order fidelity, overflow to a dirty log."""
+
+    def __init__(self, ring_bytes: int, first_seq: int = 1) -> None: ...
+    def write(self, fd: int, volume: int, size: int, offset: int, data: _Buffer) -> int:
+        """Write `data` at `offset` of the backing `fd` and capture it; returns its seq."""
+    def sync(self, fd: int, volume: int, offset: int, length: int,
+             skip_zero: bool = False) -> int | None:
+        """Read a range into the stream as a sync record; None when it cannot go now."""
+    def marker(self, payload: _Buffer) -> int | None:
+        """Append a checkpoint marker; None when the ring is full or in bitmap mode."""
+    def set_mode(self, mode: int) -> int:
+        """Switch between MODE_STREAM and MODE_BITMAP; returns the previous mode."""
+    def take_dirty(
+        self,
+    ) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+        """Ranges written while not streaming: (volumes, offsets, lengths)."""
+    def stats(self) -> _Stats: ...
+    def discard(
+        self,
+    ) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint64], npt.NDArray[np.uint64], int]:
+        """Drop every committed entry; (volumes, offsets, lengths, oldest time_ns)."""
+    def seal(self, max_bytes: int, vm_of_volume: npt.NDArray[np.uint32], nvms: int,
+             compress: bool, min_saving: float) -> SealedBatch | None:
+        """Drain up to `max_bytes` of committed entries into per-VM bundle parts."""

@@ -7,6 +7,7 @@ test comes back to: a bitmap may resend more than was written, never less.
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import numpy as np
@@ -72,8 +73,10 @@ def test_bulk_runs_refuse_blocks_beyond_32_bits():
 
 
 def test_bulk_runs_of_nothing_are_empty():
-    assert runs_to_bitmap(np.array([], dtype=np.uint64), np.array([], dtype=np.uint64)) == BitMap()
-    assert runs_to_bitmap(np.array([5], dtype=np.uint64), np.array([5], dtype=np.uint64)) == BitMap()
+    empty = np.array([], dtype=np.uint64)
+    five = np.array([5], dtype=np.uint64)
+    assert runs_to_bitmap(empty, empty) == BitMap()
+    assert runs_to_bitmap(five, five) == BitMap()
 
 
 # ---- marking, clearing, extents against a set of blocks --------------------------------
@@ -133,7 +136,7 @@ def test_marks_and_clears_match_a_set_of_blocks(case):
     assert bm.dirty_bytes == len(model) * BLOCK - (BLOCK - size % BLOCK if last_partial else 0)
     # extents: ascending, merged, clipped to the volume, exactly the dirty blocks
     ext = list(bm.extents())
-    assert all(a[0] + a[1] < b[0] for a, b in zip(ext, ext[1:], strict=False))
+    assert all(a[0] + a[1] < b[0] for a, b in itertools.pairwise(ext))
     assert all(o + n <= size and n > 0 for o, n in ext)
     covered = set()
     for o, n in ext:

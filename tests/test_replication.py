@@ -1,0 +1,498 @@
+"""Site-to-site replication end to end over loopback TLS: resume after disconnects and
+restarts of either site, initial sync, status states, pause and resume, several VPGs,
+and the site-wide throttle with VPG priorities.  Every journal is checked against the
+model of the protected volumes (tests/test_replication_util.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+
+import pytest
+from faultproxy import FaultProxy
+from test_replication_util import (
+    KiB,
+    MiB,
+    Model,
+    catch_up,
+    fast_timeouts,
+    free_port,
+    make_vpg,
+    pair_sites,
+    verify_journals,
+    vm_like,
+    wait_until,
+)
+
+from zcore import replication
+from zcore.errors import ConfigError
+from zcore.replication import PRIORITY_WEIGHTS, ProtectedSite, RecoverySite, Throttle
+from zcore.vpg import VPGSettings
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rep")
+    asyncio.run(pair_sites(root / "rs", root / "ps"))
+    return root
+
+
+def run(coro):
+    async def main():
+        with fast_timeouts():
+            return await coro
+    return asyncio.run(main())
+
+
+def _name(prefix="g") -> str:
+    return f"{prefix}{next(_names)}"
+
+
+async def _write(model: Model, rng: random.Random, n: int, max_bytes: int = 64 * KiB):
+    for i in range(n):
+        model.random_write(rng, max_bytes)
+        if i % 8 == 7:
+            await asyncio.sleep(0)
+
+
+# ---- resume --------------------------------------------------------------------------------
+
+def test_recovery_site_restart_resumes_from_its_durable_seq_without_duplicates(sites):
+    """The recovery site restarts (same port): its journals reopen, ATTACHED reports what
+    they hold, and the sender resends only what is missing (the journals refuse
+    duplicates, so a resend applied twice would show up as a refusal)."""
+    async def main():
+        port = free_port()
+        rs = RecoverySite(sites / "rs")
+        await rs.start("127.0.0.1", port)
+        ps = ProtectedSite(sites / "ps")
+        name = _name()
+        vpg = make_vpg(sites / name, name, {"vm1": [1 * MiB], "vm2": [1 * MiB]})
+        vpg.start()
+        model = Model(vpg)
+        rep = ps.protect(vpg, "127.0.0.1", port)
+        rng = random.Random(1)
+        try:
+            for _ in range(3):
+                await _write(model, rng, 40)
+                vpg.checkpoint("before")
+                await asyncio.sleep(0.05)
+                await rs.stop()  # mid-stream: some bundles are journaled, unacked
+                await _write(model, rng, 20)  # captured while the site is away
+                rs = RecoverySite(sites / "rs")
+                await rs.start("127.0.0.1", port)
+                await catch_up(vpg, rep, rs)
+                assert verify_journals(rs, model) >= 1
+            assert rep.sessions >= 4
+            assert not [r for r in rs.refused if "refused" in r], list(rs.refused)
+        finally:
+            await ps.stop()
+            vpg.close()
+            await rs.stop()
+    run(main())
+
+
+def test_protected_site_restart_resumes_after_a_clean_stop(sites):
+    """The sender and the VPG stop cleanly and start again: what was not acknowledged
+    is folded into the persisted bitmaps and resent by a bitmap sync."""
+    async def main():
+        rs = RecoverySite(sites / "rs")
+        host, port = await rs.start()
+        name = _name()
+        vpg = make_vpg(sites / name, name, {"vm1": [1 * MiB], "vm2": [512 * KiB]})
+        vpg.start()
+        model = Model(vpg)
+        ps = ProtectedSite(sites / "ps")
+        rep = ps.protect(vpg, host, port)
+        rng = random.Random(2)
+        try:
+            await _write(model, rng, 60)
+            await catch_up(vpg, rep, rs)
+            rs_refuse = FaultProxy((host, port))  # nothing gets through it
+            rs_refuse.refuse(True)
+            await ps.stop()
+            ps = ProtectedSite(sites / "ps")
+            rep = ps.protect(vpg, rs_refuse.host, rs_refuse.port)
+            await _write(model, rng, 60)  # never delivered before the stop
+            await ps.stop()
+            vpg.stop()
+            rs_refuse.close()
+            vpg.start()  # clean restart: resumes the bitmaps
+            model.base = {vid: bytearray(img) for vid, img in model.base.items()}
+            ps = ProtectedSite(sites / "ps")
+            rep = ps.protect(vpg, host, port)
+            await _write(model, rng, 20)
+            await catch_up(vpg, rep, rs)
+            assert verify_journals(rs, model) >= 1
+        finally:
+            await ps.stop()
+            vpg.close()
+            await rs.stop()
+    run(main())
+
+
+def test_two_vpgs_of_one_site_replicate_side_by_side(sites):
+    async def main():
+        rs = RecoverySite(sites / "rs")
+        host, port = await rs.start()
+        ps = ProtectedSite(sites / "ps")
+        groups = []
+        try:
+            for i in range(2):
+                name = _name()
+                vpg = make_vpg(sites / name, name, {"vm1": [1 * MiB], f"vm{i + 2}": [1 * MiB]})
+                vpg.start()
+                groups.append((vpg, Model(vpg), ps.protect(vpg, host, port)))
+            rng = random.Random(3)
+            for _ in range(100):
+                vpg, model, rep = rng.choice(groups)
+                model.random_write(rng)
+                await asyncio.sleep(0)
+            for vpg, model, rep in groups:
+                await catch_up(vpg, rep, rs)
+                assert verify_journals(rs, model) >= 1
+        finally:
+            await ps.stop()
+            for vpg, _, _ in groups:
+                vpg.close()
+            await rs.stop()
+    run(main())
+
+
+def test_a_vpg_cannot_be_protected_twice(sites):
+    async def main():
+        ps = ProtectedSite(sites / "ps")
+        name = _name()
+        vpg = make_vpg(sites / name, name, {"vm1": [1 * MiB]})
+        vpg.start()
+        try:
+            ps.protect(vpg, "127.0.0.1", 9)
+            with pytest.raises(ConfigError):
+                ps.protect(vpg, "127.0.0.1", 9)
+        finally:
+            await ps.stop()
+            vpg.close()
+    run(main())
+
+
+# ---- initial sync --------------------------------------------------------------------------
+
+def _half_zero(rng: random.Random, size: int) -> bytes:
+    """VM-like contents where every other 64 KiB run is zero (50 % zero)."""
+    out = bytearray(size)
+    for at in range(0, size, 128 * KiB):
+        out[at : at + 64 * KiB] = vm_like(rng, 64 * KiB)
+    return bytes(out)
+
+
+def test_initial_sync_copies_existing_data_while_new_writes_are_captured(sites):
+    async def main():
+        rs = RecoverySite(sites / "rs")
+        host, port = await rs.start()
+        rng = random.Random(4)
+        sizes = {"vm1": [8 * MiB], "vm2": [4 * MiB]}
+        contents = {0: _half_zero(rng, 8 * MiB), 1: _half_zero(rng, 4 * MiB)}
+        name = _name()
+        vpg = make_vpg(sites / name, name, sizes,
+                       # a buffer smaller than the data: the sync is paced by the link
+                       VPGSettings(checkpoint_interval=0.1, sync_chunk_bytes=256 * KiB,
+                                   buffer_bytes=4 << 20, bundle_bytes=256 * KiB),
+                       contents=contents)
+        ps = ProtectedSite(sites / "ps", rate_limit_bytes=12e6)  # slow enough to watch
+        vpg.start(initial_sync=True)
+        model = Model(vpg, base=contents)
+        rep = ps.protect(vpg, host, port)
+        states, progress = set(), []
+
+        def synced():
+            return any("initial sync complete" in e for e in vpg.events)
+        try:
+            await wait_until(lambda: vpg.mode == "initial_sync", 10, "the initial sync")
+            while not synced():
+                st = rep.status()
+                states.add(st.state)
+                progress.append((st.sync_done_bytes, st.sync_total_bytes))
+                model.random_write(rng, 32 * KiB)  # new writes during the sync
+                try:
+                    vpg.checkpoint("during")
+                except Exception:
+                    pass
+                await asyncio.sleep(0.02)
+            assert "initializing" in states
+            total = progress[0][1]
+            assert total == 12 * MiB  # every block is marked...
+            done = [d for d, _ in progress]
+            assert done == sorted(done) and done[-1] > 0  # ...and progress only grows
+            await catch_up(vpg, rep, rs)
+            # no checkpoint is crash-consistent before the sync completes
+            for vm, journal in rs.journals(name).items():
+                marks = journal.checkpoints()
+                first = next(i for i, c in enumerate(marks) if c.consistent)
+                assert first > 0, "checkpoints taken during the sync must exist"
+                assert not any(c.consistent for c in marks[:first])
+                assert all(c.consistent for c in marks[first:])
+            assert verify_journals(rs, model) >= 1
+            # zero blocks were skipped: less than the nonzero half plus what was written
+            sent = rs.receivers[name].stats.bytes
+            nonzero = sum(len(c) for c in contents.values()) // 2
+            assert sent < nonzero + model.bytes, (sent, nonzero, model.bytes)
+            assert rep.status().state == "meeting_sla"
+        finally:
+            await ps.stop()
+            vpg.close()
+            await rs.stop()
+    run(main())
+
+
+# ---- status, pause and resume ----------------------------------------------------------
+
+def test_status_reports_every_state(sites):
+    async def main():
+        rs = RecoverySite(sites / "rs")
+        host, port = await rs.start()
+        proxy = FaultProxy((host, port))
+        name = _name()
+        vpg = make_vpg(sites / name, name, {"vm1": [16 * MiB]},
+                       VPGSettings(checkpoint_interval=0.2, buffer_bytes=4 << 20,
+                                   rpo_alert_seconds=0.3, bundle_bytes=256 * KiB))
+        vpg.start()
+        model = Model(vpg)
+        ps = ProtectedSite(sites / "ps")
+        rep = ps.protect(vpg, proxy.host, proxy.port)
+        rng = random.Random(5)
+        seen = []
+
+        async def until(state, what, timeout=10):
+            await wait_until(lambda: rep.status().state == state, timeout,
+                             f"state {state} ({what}); now {rep.status()}")
+            seen.append(state)
+        try:
+            await _write(model, rng, 10)
+            await until("meeting_sla", "connected")
+            st = rep.status()
+            assert st.connected and st.rpo_seconds < 1 and st.buffer_bytes == 4 << 20
+            proxy.stall()  # no acks: the RPO grows past its alert threshold
+            await _write(model, rng, 10)
+            await until("rpo_not_meeting_sla", "stalled link", 5)
+            assert rep.status().rpo_seconds > 0.3
+            await until("disconnected", "peer timeout")
+            # overflow while disconnected: bitmap mode, still reported disconnected
+            proxy.refuse(True)
+            proxy.unstall()
+            proxy.reset_all()
+            while not any("overflow" in e for e in vpg.events):
+                model.random_write(rng, 256 * KiB, incompressible=True)
+                await asyncio.sleep(0)
+            await wait_until(lambda: vpg.mode == "bitmap", 5, "bitmap mode")
+            assert rep.status().state == "disconnected"
+            assert rep.status().connected is False
+            ps.throttle.set_rate(4e6)  # a slow sync, to watch it
+            proxy.heal()
+            await until("bitmap_syncing", "reconnected with dirty blocks")
+            st = rep.status()
+            assert st.sync_total_bytes > 0
+            ps.throttle.set_rate(None)
+            await until("meeting_sla", "sync done", 20)
+            rep.pause()
+            await until("paused", "paused")
+            await catch_up_paused_check(vpg, rep, model, rng)
+            rep.resume()
+            await catch_up(vpg, rep, rs)
+            assert verify_journals(rs, model) >= 1
+            assert seen == ["meeting_sla", "rpo_not_meeting_sla", "disconnected",
+                            "bitmap_syncing", "meeting_sla", "paused"]
+        finally:
+            await ps.stop()
+            vpg.close()
+            proxy.close()
+            await rs.stop()
+    run(main())
+
+
+async def catch_up_paused_check(vpg, rep, model, rng):
+    """While paused, writes are captured but nothing is sent."""
+    await asyncio.sleep(0.1)
+    sent = rep.sent_seq
+    await _write(model, rng, 20)
+    vpg.checkpoint("paused")
+    await asyncio.sleep(0.3)
+    assert rep.sent_seq == sent
+    assert vpg.status().last_seq > vpg.acked_seq
+
+
+def test_pause_holds_the_stream_and_resume_delivers_it_in_order(sites):
+    async def main():
+        rs = RecoverySite(sites / "rs")
+        host, port = await rs.start()
+        name = _name()
+        vpg = make_vpg(sites / name, name, {"vm1": [1 * MiB]})
+        vpg.start()
+        model = Model(vpg)
+        ps = ProtectedSite(sites / "ps")
+        rep = ps.protect(vpg, host, port)
+        rng = random.Random(6)
+        try:
+            await _write(model, rng, 10)
+            await catch_up(vpg, rep, rs)
+            acked = vpg.acked_seq
+            rep.pause()
+            await _write(model, rng, 30)
+            seq = vpg.checkpoint("held")
+            await asyncio.sleep(0.3)
+            assert vpg.acked_seq <= max(acked, rep.sent_seq) < seq
+            assert rep.status().state == "paused"
+            rep.resume()
+            await wait_until(lambda: vpg.acked_seq >= seq, 10, "the held checkpoint")
+            await catch_up(vpg, rep, rs)
+            assert verify_journals(rs, model) >= 2
+        finally:
+            await ps.stop()
+            vpg.close()
+            await rs.stop()
+    run(main())
+
+
+# ---- throttle ------------------------------------------------------------------------------
+
+def test_throttle_grants_in_weighted_shares_under_a_cap():
+    """Three always-backlogged priorities under one cap: the grants follow the weights
+    (high > medium > low), and the total stays near the cap."""
+    async def main():
+        rate = 20e6
+        t = Throttle(rate)
+        got = dict.fromkeys(PRIORITY_WEIGHTS, 0)
+        stop = False
+
+        async def flow(prio):
+            while not stop:
+                await t.acquire(64 * KiB, prio)
+                got[prio] += 64 * KiB
+
+        tasks = [asyncio.create_task(flow(p)) for p in PRIORITY_WEIGHTS]
+        await asyncio.sleep(0.2)  # warm up
+        base = dict(got)
+        t0 = time.monotonic()
+        await asyncio.sleep(1.0)
+        elapsed = time.monotonic() - t0
+        share = {p: got[p] - base[p] for p in got}
+        stop = True
+        t.set_rate(None)  # lets every waiter through
+        await asyncio.gather(*tasks)
+        total = sum(share.values())
+        assert 0.5 * rate * elapsed < total < 1.5 * rate * elapsed, (total, rate * elapsed)
+        assert share["high"] > share["medium"] > share["low"] > 0, share
+        assert share["high"] > 2 * share["low"], share
+    asyncio.run(main())
+
+
+def test_unlimited_throttle_never_waits_and_a_bad_rate_is_refused():
+    async def main():
+        t = Throttle(None)
+        t0 = time.monotonic()
+        for _ in range(1000):
+            await t.acquire(1 << 20, "low")
+        assert time.monotonic() - t0 < 1
+        with pytest.raises(ConfigError):
+            t.set_rate(0)
+        with pytest.raises(ConfigError):
+            t.set_rate(-5)
+    asyncio.run(main())
+
+
+def test_site_wide_cap_bounds_replication_and_priorities_share_it(sites):
+    """Three VPGs (high, medium, low) replicating incompressible data as fast as they can
+    through one site capped at 8 MB/s: the acknowledged rate stays near the cap and the
+    shares are ordered by priority.  Generous bounds: no timing is asserted tightly."""
+    async def main():
+        cap = 8e6
+        rs = RecoverySite(sites / "rs")
+        host, port = await rs.start()
+        ps = ProtectedSite(sites / "ps", rate_limit_bytes=cap)
+        groups = {}
+        rng = random.Random(7)
+        try:
+            for prio in ("high", "medium", "low"):
+                name = _name(prio)
+                vpg = make_vpg(sites / name, name, {"vm1": [8 * MiB]},
+                               VPGSettings(priority=prio, buffer_bytes=64 << 20,
+                                           bundle_bytes=256 * KiB, checkpoint_interval=1.0))
+                vpg.start()
+                groups[prio] = (vpg, Model(vpg), ps.protect(vpg, host, port))
+            await wait_until(lambda: all(r.connected for _, _, r in groups.values()), 10,
+                             "three connections")
+            # a backlog for everyone, written round robin (nobody starts first): ~20 MiB
+            # of incompressible writes each, more than the cap lets through meanwhile
+            for _ in range(160):
+                for vpg, model, _ in groups.values():
+                    model.random_write(rng, 256 * KiB, incompressible=True)
+                await asyncio.sleep(0)
+            start = {p: v.acked_seq for p, (v, _, _) in groups.items()}
+
+            def acked_bytes(prio):
+                vpg, model, _ = groups[prio]
+                return sum(len(d) for s, _, _, d in model.log
+                           if start[prio] < s <= vpg.acked_seq)
+
+            await asyncio.sleep(0.3)
+            b0 = {p: acked_bytes(p) for p in groups}
+            t0 = time.monotonic()
+            await asyncio.sleep(1.5)
+            b1 = {p: acked_bytes(p) for p in groups}
+            elapsed = time.monotonic() - t0
+            share = {p: b1[p] - b0[p] for p in groups}
+            total = sum(share.values())
+            assert total < 1.5 * cap * elapsed, (total, cap * elapsed)
+            assert total > 0.3 * cap * elapsed, (total, cap * elapsed)
+            assert share["high"] > share["medium"] > share["low"], share
+            assert all(v.status().pending_bundles for v, _, _ in groups.values()), \
+                "a VPG ran out of backlog during the measurement"
+            ps.throttle.set_rate(None)
+            for vpg, model, rep in groups.values():
+                await catch_up(vpg, rep, rs)
+                assert verify_journals(rs, model) >= 1
+        finally:
+            await ps.stop()
+            for vpg, _, _ in groups.values():
+                vpg.close()
+            await rs.stop()
+    run(main())
+
+
+def test_backoff_returns_to_its_minimum_after_a_successful_session(sites):
+    """After a long outage the reconnect delay has grown to its maximum; once a session
+    has succeeded, the next disconnect is retried at the minimum delay again."""
+    async def main():
+        rs = RecoverySite(sites / "rs")
+        host, port = await rs.start()
+        proxy = FaultProxy((host, port))
+        name = _name()
+        vpg = make_vpg(sites / name, name, {"vm1": [1 * MiB]})
+        vpg.start()
+        ps = ProtectedSite(sites / "ps")
+        saved = replication.RECONNECT_BACKOFF
+        replication.RECONNECT_BACKOFF = (0.02, 1.0)
+        rep = ps.protect(vpg, proxy.host, proxy.port)
+        try:
+            await wait_until(lambda: rep.connected, 10, "the first session")
+            proxy.refuse(True)
+            proxy.reset_all()
+            await asyncio.sleep(2.0)  # failed attempts every 0.02 ... 1.0 s: at the max
+            proxy.refuse(False)
+            await wait_until(lambda: rep.connected, 10, "the second session")
+            await asyncio.sleep(0.3)
+            accepted = proxy.accepted
+            proxy.reset_all()
+            t0 = time.monotonic()
+            await wait_until(lambda: proxy.accepted > accepted, 10, "a reconnect attempt")
+            assert time.monotonic() - t0 < 0.5  # not the 1 s maximum
+        finally:
+            replication.RECONNECT_BACKOFF = saved
+            await ps.stop()
+            vpg.close()
+            proxy.close()
+            await rs.stop()
+    run(main())

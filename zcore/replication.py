@@ -614,9 +614,9 @@ class Replication:
     async def _run(self) -> None:
         delay = RECONNECT_BACKOFF[0]
         while True:
+            sessions = self.sessions
             try:
                 await self._session()
-                delay = RECONNECT_BACKOFF[0]
             except asyncio.CancelledError:
                 raise
             except (OSError, ssl.SSLError, ProtocolError, ZcoreError,
@@ -625,6 +625,8 @@ class Replication:
                 log.info("VPG %s: link lost: %s", self.vpg.name, self.last_error)
             finally:
                 self.connected = False
+            if self.sessions > sessions:  # the link worked: the backoff starts over
+                delay = RECONNECT_BACKOFF[0]
             await asyncio.sleep(delay)
             delay = min(RECONNECT_BACKOFF[1], delay * 2)
 

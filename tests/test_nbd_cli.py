@@ -8,6 +8,7 @@ import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -17,6 +18,10 @@ from test_nbd_util import MiB, run, write_tls_files
 
 from zcore.journal import Journal
 
+# `python -m` puts the working directory first on sys.path: run from outside the source
+# tree, so the subprocess imports the installed (compiled) package, not the sources.
+OUTSIDE_SOURCE = tempfile.gettempdir()
+
 
 class Served:
     """A `zcore nbd serve` process; `uris` maps export name -> first URI printed."""
@@ -24,7 +29,7 @@ class Served:
     def __init__(self, *args: str, lines: int) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "zcore.cli", "nbd", "serve", "--port", "0", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=OUTSIDE_SOURCE)
         self.uris: dict[str, str] = {}
         self.kinds: dict[str, str] = {}
         lines_q: queue.Queue[str] = queue.Queue()
@@ -131,7 +136,8 @@ def test_serve_files_over_tls_only(tmp_path):
 ])
 def test_serve_refuses_bad_arguments(args, message):
     proc = subprocess.run([sys.executable, "-m", "zcore.cli", "nbd", "serve", "--port", "0",
-                           *args], capture_output=True, text=True, timeout=60)
+                           *args], capture_output=True, text=True, timeout=60,
+                          cwd=OUTSIDE_SOURCE)
     assert proc.returncode != 0
     assert message in proc.stderr
 

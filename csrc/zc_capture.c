@@ -21,7 +21,7 @@ struct zc_capture {
     uint64_t size;
     uint64_t head, tail; /* byte positions, monotonically increasing; used = tail - head */
     uint64_t next_seq;
-    int mode, overflowed;
+    int mode, overflowed, closed;
     inflight *fl;
     size_t nfl, fl_cap;
     zc_dirty *dirty;
@@ -175,8 +175,12 @@ int64_t zc_capture_write(zc_capture *c, int fd, uint32_t volume, uint64_t offset
         return ZC_E_ARG;
     uint64_t hi = offset + len;
     pthread_mutex_lock(&c->mu);
-    while (overlaps_inflight(c, volume, offset, hi))
+    while (!c->closed && overlaps_inflight(c, volume, offset, hi))
         pthread_cond_wait(&c->done, &c->mu);
+    if (c->closed) {
+        pthread_mutex_unlock(&c->mu);
+        return ZC_E_CLOSED;
+    }
     if (push_inflight(c, volume, offset, hi)) {
         pthread_mutex_unlock(&c->mu);
         return ZC_E_NOMEM;
@@ -238,8 +242,12 @@ int64_t zc_capture_sync(zc_capture *c, int fd, uint32_t volume, uint64_t offset,
         pthread_mutex_unlock(&c->mu);
         return ZC_E_ARG;
     }
-    while (overlaps_inflight(c, volume, offset, hi))
+    while (!c->closed && overlaps_inflight(c, volume, offset, hi))
         pthread_cond_wait(&c->done, &c->mu);
+    if (c->closed) {
+        pthread_mutex_unlock(&c->mu);
+        return ZC_E_CLOSED;
+    }
     if (push_inflight(c, volume, offset, hi)) {
         pthread_mutex_unlock(&c->mu);
         return ZC_E_NOMEM;
@@ -280,6 +288,10 @@ int64_t zc_capture_sync(zc_capture *c, int fd, uint32_t volume, uint64_t offset,
 int64_t zc_capture_marker(zc_capture *c, const uint8_t *payload, uint32_t len)
 {
     pthread_mutex_lock(&c->mu);
+    if (c->closed) {
+        pthread_mutex_unlock(&c->mu);
+        return ZC_E_CLOSED;
+    }
     if (c->mode != ZC_CAPTURE_STREAM) {
         pthread_mutex_unlock(&c->mu);
         return ZC_E_ARG;
@@ -344,6 +356,16 @@ int zc_capture_set_mode(zc_capture *c, int mode)
     c->overflowed = 0;
     pthread_mutex_unlock(&c->mu);
     return old;
+}
+
+void zc_capture_close(zc_capture *c)
+{
+    pthread_mutex_lock(&c->mu);
+    c->closed = 1;
+    pthread_cond_broadcast(&c->done); /* writers waiting on an overlap give up */
+    while (c->nfl)
+        pthread_cond_wait(&c->done, &c->mu);
+    pthread_mutex_unlock(&c->mu);
 }
 
 zc_dirty *zc_capture_take_dirty(zc_capture *c, size_t *n)

@@ -36,6 +36,7 @@
 #define ZC_ENTRY_FILLER 0xFFFE /* padding to the ring's end */
 
 #define ZC_E_FULL (-20)       /* sync: the ring has no room now; retry after draining */
+#define ZC_E_CLOSED (-21)     /* the capture is closed: the write was refused untouched */
 
 typedef struct zc_ring_entry {
     uint64_t seq;
@@ -69,8 +70,8 @@ void zc_capture_free(zc_capture *c); /* no call may be running; accepts NULL */
 
 /* Write `len` bytes of `data` at `offset` of backing `fd` (volume id `volume`) and
  * capture them.  kind is ZC_REC_WRITE, or ZC_REC_ZERO when data is all zeros (no copy).
- * Returns the seq (> 0), or ZC_E_IO (errno set; the range is logged dirty).  Never blocks
- * on a full ring: it switches to BITMAP mode instead. */
+ * Returns the seq (> 0), ZC_E_IO (errno set; the range is logged dirty) or ZC_E_CLOSED
+ * (nothing written).  Never blocks on a full ring: it switches to BITMAP mode instead. */
 int64_t zc_capture_write(zc_capture *c, int fd, uint32_t volume, uint64_t offset,
                          const uint8_t *data, uint32_t len, uint16_t kind);
 
@@ -91,6 +92,11 @@ void zc_capture_peek(zc_capture *c, const uint8_t **ptr, uint64_t *nbytes, uint6
 void zc_capture_consume(zc_capture *c, uint64_t nbytes);
 
 int zc_capture_set_mode(zc_capture *c, int mode); /* returns the previous mode; clears overflowed */
+
+/* Refuse every later write, sync read and marker (ZC_E_CLOSED, before the backing store is
+ * touched), then wait until no write or sync read is in flight: afterwards every write
+ * that completed is in the ring or in the dirty log, and stays so.  Idempotent. */
+void zc_capture_close(zc_capture *c);
 zc_dirty *zc_capture_take_dirty(zc_capture *c, size_t *n);
 void zc_capture_stats_get(zc_capture *c, zc_capture_stats *out);
 

@@ -291,6 +291,10 @@ class VPG:
         with self._lock:
             for vol in self.volumes.values():
                 vol._attach(None)
+            # a writer may still hold the ring (looked up before the detach, or waiting on
+            # an overlapping write): refuse it and let in-flight writes finish, so every
+            # completed write is folded below
+            self._ring.close()
             self._fold(reason=None)
             for vid, bm in self.bitmaps.items():
                 bm.persist(self._bitmap_path(vid), vid)

@@ -18,9 +18,14 @@ import numpy as np
 
 from zcore.errors import (
     AlignmentError, ConfigError, NativeIOError, OutOfMemoryError, OutOfRangeError,
-    status_error,
+    StateError, status_error,
 )
 from zcore._native.zc cimport *
+
+cdef extern from "zc_capture.h" nogil:
+    void zc_capture_close(zc_capture *c)
+    enum:
+        ZC_E_CLOSED
 
 MODE_STREAM = ZC_CAPTURE_STREAM
 MODE_BITMAP = ZC_CAPTURE_BITMAP
@@ -78,6 +83,9 @@ cdef class CaptureRing:
             kind = ZC_REC_ZERO if zc_all_zero(&d[0], n) else ZC_REC_WRITE
             seq = zc_capture_write(self.c, fd, volume, off, &d[0], <uint32_t>n, kind)
         if seq < 0:
+            if seq == ZC_E_CLOSED:
+                raise StateError(f"write {offset}+{n} refused: the capture is closed "
+                                 "(its VPG is stopping)")
             if seq == -9:
                 raise NativeIOError(errno, f"writing {offset}+{n} to the backing store: "
                                            f"{strerror(errno).decode()}")
@@ -96,7 +104,7 @@ cdef class CaptureRing:
                                  f"1 to {ZC_MAX_WRITE} bytes")
         with nogil:
             seq = zc_capture_sync(self.c, fd, volume, offset, length, skip_zero)
-        if seq == ZC_E_FULL or seq == -10:
+        if seq == ZC_E_FULL or seq == -10 or seq == ZC_E_CLOSED:
             return None
         if seq < 0:
             if seq == -9:
@@ -111,6 +119,13 @@ cdef class CaptureRing:
         cdef const uint8_t[::1] p = payload
         cdef long long seq = zc_capture_marker(self.c, &p[0], p.shape[0])
         return None if seq < 0 else seq
+
+    def close(self):
+        """Refuse every later write (StateError, backing store untouched), sync read and
+        marker (None), and wait until no write is in flight: afterwards every completed
+        write is in the ring or the dirty log."""
+        with nogil:
+            zc_capture_close(self.c)
 
     def set_mode(self, int mode):
         """Switch between MODE_STREAM and MODE_BITMAP; returns the previous mode."""

@@ -579,6 +579,25 @@ def test_an_unclean_restart_resends_every_volume(site):
     site.check_latest()
 
 
+def test_a_write_racing_stop_is_refused_not_lost(site):
+    """A writer that looked the ring up just before stop() detached it, and calls it just
+    after stop() folded the ring into the bitmaps: its write must be refused before it
+    reaches the backing store.  Were it written, nothing would record it dirty and the
+    restart would never resend it."""
+    site.start()
+    vol = site.volumes[0]
+    late = vol._ring.write  # preempted between the lookup and the call
+    site.stop_link()
+    site.vpg.stop()
+    with pytest.raises(StateError):
+        late(vol.fd, vol.id, vol.size, 64 * KiB, b"\x5a" * 4096)
+    assert site.image(vol.id)[64 * KiB:68 * KiB] == bytes(4096)
+    site.vpg.close()
+    site.vpg = site._make()
+    site.start()
+    site.check_latest()
+
+
 def test_seqs_after_a_restart_stay_above_what_the_journals_hold(site):
     site.start()
     scribble(site, 10, 14)

@@ -888,8 +888,13 @@ class Journal:
         `durable_seq` moves only when that fsync has returned; a failure stops the
         journal like any failed fsync.  Rotation and `commit` sync synchronously."""
         self._unsynced = 0
+        # the committer gets its own descriptor: promotion may close the segment's before
+        # the fsync runs, and a closed number can be reused by another file
+        fd = os.dup(self._active.fd)
         with self._sync_cond:
-            self._sync_target = (self.last_seq, self._active.fd)
+            if self._sync_target is not None:
+                os.close(self._sync_target[1])
+            self._sync_target = (self.last_seq, fd)
             if self._committer is None:
                 self._committer = threading.Thread(target=self._run_committer,
                                                    name=f"journal-commit-{self.vm}",
@@ -911,6 +916,8 @@ class Journal:
                 self._failed = exc
                 log.error("journal %s: background fsync failed: %s", self.path, exc)
                 return
+            finally:
+                os.close(fd)
             with self._lock:
                 if not self._closing and seq > self.durable_seq:
                     self.durable_seq = seq
@@ -918,6 +925,8 @@ class Journal:
     def _stop_committer(self) -> None:
         with self._sync_cond:
             self._closing = True
+            if self._sync_target is not None:
+                os.close(self._sync_target[1])
             self._sync_target = None
             self._sync_cond.notify()
         if self._committer is not None:

@@ -48,11 +48,23 @@ def make(path: Path, sizes=(MiB,), **settings) -> Journal:
     )
 
 
+def quiesce(journal: Journal) -> None:
+    """Stop the journal's background threads (index loader, group committer) without
+    letting them change anything more, as a crash would."""
+    journal._closing = True
+    journal._go.set()
+    if journal._loader is not None:
+        journal._loader.join()
+    journal._stop_committer()
+
+
 def abandon(journal: Journal) -> None:
-    """Simulate a crash of the process: release the journal's descriptors (and its lock)
-    without committing, sealing or writing anything."""
+    """Simulate a crash of the process: stop the background threads, then release the
+    journal's descriptors (and its lock) without committing, sealing or writing anything."""
+    quiesce(journal)
     for seg in journal._segments.values():
-        os.close(seg.fd)
+        if seg.fd >= 0:
+            os.close(seg.fd)
     for fd in journal._replica_fds.values():
         os.close(fd)
     os.close(journal._lock_fd)
@@ -1353,3 +1365,38 @@ def test_close_during_background_load_stops_it(tmp_path, monkeypatch):
     j.close()  # joins the loader, which stops between segments
     assert len(calls) < 3
     Journal.open(tmp_path / "j").close()  # and the lock was released
+
+
+def test_background_commit_racing_promotion_does_not_stop_the_journal(tmp_path, monkeypatch):
+    """The committer thread is handed the active segment's descriptor; a promotion of
+    everything replaces and closes that segment before the fsync runs.  The late fsync
+    must not hit a closed (or by then reused) descriptor and stop the journal."""
+    rng = random.Random(33)
+    j = make(tmp_path / "j", group_commit_bytes=4 * KiB)
+    real = os.fdatasync
+    entered, release, done = threading.Event(), threading.Event(), threading.Event()
+
+    def fdatasync(fd):
+        if threading.current_thread().name.startswith("journal-commit") and not done.is_set():
+            entered.set()
+            release.wait(10)
+            try:
+                return real(fd)
+            finally:
+                done.set()
+        return real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    j.append([(0, 0, rand(rng, 8192))])  # hands a group commit to the committer
+    assert entered.wait(10)
+    c = j.checkpoint()
+    j.promote_to(j.last_seq + 1)  # the active segment is replaced and its file closed
+    assert c not in j.checkpoints()
+    release.set()
+    assert done.wait(10)
+    data = rand(rng, 8192)
+    j.append([(0, 8192, data)])  # another group commit, for a live committer to finish
+    wait_for(lambda: j.durable_seq == j.last_seq)
+    c = j.checkpoint()
+    assert read_all(j, c)[8192:16384] == data
+    j.close()

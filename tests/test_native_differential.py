@@ -459,3 +459,41 @@ def test_index_add_sorted_refuses_bad_extents_whole():
     index.add_sorted(rest.view(np.uint8), 1, 64 * 21, ANY_VOLUME_SIZE)
     assert index.count == 40
     assert index.plan(0, 0, 65536, 1000) == ref.plan(good, 0, 0, 65536, 1000)
+
+
+@given(script=index_scripts(), qseed=st.integers(0, 2**32))
+def test_index_plan_is_independent_of_add_order(script, qseed):
+    """Reopening indexes the tail segment first and the older sealed segments afterwards
+    (unordered adds, as the background loader does): plans must not depend on it."""
+    volumes, span, steps, last_seq = script
+    batches = [(op == "add sorted", arg) for op, arg in steps if op.startswith("add")]
+    index = ExtentIndex()
+    rng = random.Random(qseed)
+    newest_first = [batches[-1], *batches[:-1]]
+    held: list[ref.Extent] = []
+    for i, (sorted_ok, batch) in enumerate(newest_first):
+        data = [e for e in batch if e.type in ref.DATA_TYPES]
+        ordered = i == 0
+        if sorted_ok:
+            arr = sorted_extents(data)
+            index.add_sorted(arr.view(np.uint8), 1, 64 * (len(arr) + 1), ANY_VOLUME_SIZE,
+                             ordered)
+        else:
+            index.add_array(to_array(batch).view(np.uint8), ordered)
+        held += data
+    assert index.count == len(held)
+    for volume, offset, length, at in index_queries(rng, held, volumes, span, last_seq, 20):
+        assert index.plan(volume, offset, length, at) == ref.plan(held, volume, offset,
+                                                                  length, at)
+    before = rng.choice(held).seq if held else 1
+    index.drop_before(before)
+    held = [e for e in held if e.seq >= before]
+    assert index.count == len(held)
+    later = [ref.Extent(last_seq + 1 + i, e.volume, e.offset, e.length) for i, e in
+             enumerate(held[:50])]
+    index.add_array(to_array(later).view(np.uint8))  # ordered adds go on above them all
+    held += later
+    for volume, offset, length, at in index_queries(rng, held, volumes, span, last_seq + 60,
+                                                    20):
+        assert index.plan(volume, offset, length, at) == ref.plan(held, volume, offset,
+                                                                  length, at)

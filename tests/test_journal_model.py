@@ -315,8 +315,8 @@ class JournalMachine(RuleBasedStateMachine):
         assert [c.id for c in self.journal.checkpoints()] == sorted(self.ckpts)
         self._check_all()
 
-    @rule(drop_index=st.booleans())
-    def reopen(self, drop_index):
+    @rule(drop_index=st.booleans(), write_at_once=st.booleans(), data=st.data())
+    def reopen(self, drop_index, write_at_once, data):
         self.journal.close()
         self._advance_durable()
         assert self.base_seq == self.last_seq  # close commits
@@ -325,10 +325,16 @@ class JournalMachine(RuleBasedStateMachine):
             sealed[0].unlink()
         old_views, self.views = self.views, []
         self.journal = Journal.open(self.path)
+        assert self.journal.last_seq == self.last_seq
+        if write_at_once:  # while the sealed segments still load in the background
+            self.write(data, 2, True)
+            self.checkpoint("at once", True)
         report = self.journal.reopen_report
         assert report.dropped_bytes == 0 and report.dropped_segments == 0
         assert report.rescanned_segments == (1 if drop_index and sealed else 0)
-        assert self.journal.last_seq == self.journal.durable_seq == self.last_seq
+        assert self.journal.last_seq == self.last_seq
+        if not write_at_once:
+            assert self.journal.durable_seq == self.last_seq
         self._after_reopen(old_views)
 
     @rule(data=st.data())

@@ -776,9 +776,13 @@ class Journal:
         head = SEGMENT_HEADER.pack(SEGMENT_MAGIC, SEGMENT_VERSION, 64, number, self.journal_id,
                                    time.time_ns(), 0)
         head = head[:60] + struct.pack("<I", _rec.crc32c(head[:60]))
-        os.pwrite(fd, head, 0)
-        os.fsync(fd)
-        fsync_dir(self.path)
+        try:
+            os.pwrite(fd, head, 0)
+            os.fsync(fd)
+            fsync_dir(self.path)
+        except BaseException:
+            os.close(fd)
+            raise
         seg = _Segment(number, seg_path, fd, 64, sealed=False)
         self._segments[number] = seg
         self._index.set_segment_fd(number, fd)

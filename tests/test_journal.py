@@ -953,6 +953,7 @@ def test_promotion_fsync_failure_stops_the_journal(tmp_path, monkeypatch):
 
 def test_index_file_failure_during_rotation_stops_the_journal(tmp_path, monkeypatch):
     rng = random.Random(24)
+    fds_before = len(os.listdir("/proc/self/fd"))
     j = make(tmp_path / "j")
     model = bytearray(MiB)
     record = _rec.raw_record_size(64 * KiB)
@@ -966,13 +967,15 @@ def test_index_file_failure_during_rotation_stops_the_journal(tmp_path, monkeypa
     def fail(fd):
         raise OSError(errno.EIO, "injected fsync failure")
 
-    monkeypatch.setattr(os, "fsync", fail)  # the .zci write fails; fdatasync still works
+    # sealing fails (the new segment's header fsync; fdatasync still works)
+    monkeypatch.setattr(os, "fsync", fail)
     with pytest.raises(DurabilityError):
         j.append([(0, 0, rand(rng, 64 * KiB))])  # does not fit: rotates
     monkeypatch.undo()
     with pytest.raises(DurabilityError):
         j.append([(0, 0, rand(rng, 64 * KiB))])
     j.close()
+    assert len(os.listdir("/proc/self/fd")) == fds_before  # nothing leaked on the way
     j = Journal.open(tmp_path / "j")
     assert j.last_seq == c.seq
     assert read_all(j, c) == model

@@ -170,7 +170,8 @@ class VPG:
         self._last_seq = 0
         self._mode = "stopped"
         self._link_up = True
-        self._skip_zero = False
+        self._skip_zero = False  # the replicas are still empty: zero blocks need not go
+        self._initial = False  # an initial sync has not completed yet
         self._sync_iter = None
         self._sync_total = 0
         self._sync_done = 0
@@ -239,7 +240,7 @@ class VPG:
             for vid, vol in self.volumes.items():
                 self.bitmaps[vid] = DirtyBitmap(vol.size, max_bytes=s.bitmap_max_bytes)
             if state is None:
-                self._skip_zero = initial_sync
+                self._skip_zero = self._initial = initial_sync
                 if initial_sync:
                     for bm in self.bitmaps.values():
                         bm.mark_all()
@@ -248,9 +249,11 @@ class VPG:
                 # zero blocks may be skipped only while the replicas hold nothing: after a
                 # restart, part of an initial sync (or writes since) may be journaled
                 self._skip_zero = False
+                self._initial = bool(state.get("initial_sync_pending"))
                 self._load_bitmaps()
             else:
                 self._skip_zero = False
+                self._initial = bool(state.get("initial_sync_pending"))
                 for bm in self.bitmaps.values():
                     bm.mark_all()
                 self._event("unclean shutdown: every volume will be resent")
@@ -342,7 +345,7 @@ class VPG:
             "volumes": self._definition(),
             "seq_reserved": self._seq_reserved,
             "clean": clean,
-            "initial_sync_pending": self._skip_zero,
+            "initial_sync_pending": self._initial,
             "settings": asdict(self.settings),
         }
         atomic_write(self.state_dir / STATE_NAME, json.dumps(doc, indent=1).encode())
@@ -527,7 +530,7 @@ class VPG:
 
     def _begin_sync(self) -> None:
         self._ring.set_mode(MODE_STREAM)
-        self._mode = "initial_sync" if self._skip_zero else "bitmap_syncing"
+        self._mode = "initial_sync" if self._initial else "bitmap_syncing"
         self._sync_total = sum(bm.dirty_bytes for bm in self.bitmaps.values())
         self._sync_done = 0
         self._sync_iter = self._sync_extents()
@@ -570,7 +573,7 @@ class VPG:
             return
         was = self._mode
         self._mode = "streaming"
-        self._skip_zero = False
+        self._skip_zero = self._initial = False
         self._sync_iter = None
         self._unsynced_since_ns = 0
         self._marker(records.CKPT_AUTO, None)

@@ -50,6 +50,10 @@ SEQ_RESERVE = 1 << 24
 PRIORITIES = ("high", "medium", "low")
 # How long checkpoint() waits for room in a full capture buffer before giving up.
 CHECKPOINT_WAIT = 10.0
+# A sync reads into the ring only while this fraction of it (1/SYNC_HEADROOM) stays free
+# for the guest's writes: a quarter of a 4 MiB buffer's ring holds 0.5 MiB of writes
+# arriving between two seals.
+SYNC_HEADROOM = 4
 
 
 @dataclass
@@ -544,7 +548,9 @@ class VPG:
                 yield vid, offset, length
 
     def _sync_step(self) -> bool:
-        """Send dirty blocks as sync records while the ring has room."""
+        """Send dirty blocks as sync records while the ring has room, leaving a part of it
+        free for the guest's writes (else the first write after each refill overflows it
+        and the sync starts over)."""
         ring = self._ring
         budget = self.settings.buffer_bytes // 8
         sent = 0
@@ -556,7 +562,10 @@ class VPG:
                 return False
             vid, offset, length = item
             vol = self.volumes[vid]
-            if ring.sync(vol.fd, vid, offset, length, self._skip_zero) is None:
+            stats = ring.stats()
+            room = stats["ring_size"] - stats["ring_size"] // SYNC_HEADROOM - stats["ring_used"]
+            if length + 64 > room or ring.sync(vol.fd, vid, offset, length,
+                                               self._skip_zero) is None:
                 # ring full: retry after sealing.  Not "busy": when sealing is blocked too
                 # (pending bound, no acks), the thread must wait for an ack, not spin.
                 self._sync_next = item

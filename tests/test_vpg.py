@@ -512,6 +512,33 @@ def test_a_sync_stalled_on_an_unacknowledging_link_waits_instead_of_spinning(tmp
         s.close()
 
 
+def test_a_sync_leaves_room_in_the_buffer_for_the_guests_writes(tmp_path):
+    """A sync stalled on the link (ring and pending bound full of sync data) must not
+    have filled the ring to the brim: a guest write then overflows it, and the fold
+    throws the sync's progress away, again and again under a steady trickle."""
+    s = Site(tmp_path, SMALL, layout=BIG_LAYOUT)
+    try:
+        s.start(link=False)
+        s.vpg.link_down()
+        dirty_everything(s)
+        s.vpg.link_up()
+        ring = s.vpg._ring
+        wait_for(lambda: s.vpg.mode == "bitmap_syncing" and
+                 s.vpg.status().pending_bundles > 0 and
+                 ring.stats()["ring_used"] > ring.stats()["ring_size"] // 2,
+                 what="the sync to stall on the link")
+        time.sleep(0.1)  # the sync took all the room it will take
+        rng = random.Random(17)
+        for k in range(8):  # 256 KiB of guest writes between two seals
+            s.volumes[0].write(k * 32 * KiB, rng.randbytes(32 * KiB))
+        time.sleep(0.05)
+        assert not any("overflow" in e for e in s.vpg.status().events)
+        assert s.vpg.mode == "bitmap_syncing"
+        s.check_latest()
+    finally:
+        s.close()
+
+
 def test_a_restart_while_syncing_resumes_what_is_left(tmp_path):
     s = Site(tmp_path, SMALL, layout=BIG_LAYOUT)
     try:

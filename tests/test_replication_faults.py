@@ -21,6 +21,7 @@ from test_replication_util import (
     MiB,
     Model,
     catch_up,
+    checkpoint,
     fast_timeouts,
     make_vpg,
     pair_sites,
@@ -98,7 +99,7 @@ class Scenario:
 
     async def checkpoint(self) -> None:
         try:
-            self.tags.append(self.vpg.checkpoint(f"t{len(self.tags)}"))
+            self.tags.append(await checkpoint(self.vpg, f"t{len(self.tags)}"))
         except StateError:  # bitmap mode: no checkpoint can be taken, as documented
             assert self.vpg.mode == "bitmap" or self.vpg.status().mode == "bitmap"
 
@@ -127,7 +128,8 @@ class Scenario:
     async def finish(self) -> int:
         self.proxy.heal()
         seq = await catch_up(self.vpg, self.rep, self.rs)
-        last = self.vpg.flush()  # everything captured is sealed...
+        # everything captured is sealed (flush blocks: not in the loop, which must send)...
+        last = await asyncio.to_thread(self.vpg.flush)
         assert last >= seq
         await wait_until(lambda: self.vpg.acked_seq >= last, 20,  # ...and acknowledged
                          f"the last seq {last} to be acked ({self.rep.status()})")

@@ -152,6 +152,12 @@ def verify_journals(rs: RecoverySite, model: Model) -> int:
     return checked
 
 
+async def checkpoint(vpg: VPG, tag: str | None = None) -> int:
+    """VPG.checkpoint in a thread: it blocks while the capture ring is full, and the
+    event loop it would block is the one whose sender drains the ring."""
+    return await asyncio.to_thread(vpg.checkpoint, tag)
+
+
 async def catch_up(vpg: VPG, rep: Replication, rs: RecoverySite,
                    timeout: float = 30.0) -> int:
     """Once the link is healthy: wait for any sync to end, take a checkpoint, wait for
@@ -162,7 +168,7 @@ async def catch_up(vpg: VPG, rep: Replication, rs: RecoverySite,
                          f"VPG {vpg.name} to stream again (mode {vpg.mode}, "
                          f"{rep.status()})")
         try:
-            seq = vpg.checkpoint("caught-up")
+            seq = await checkpoint(vpg, "caught-up")
         except StateError:
             continue
         await wait_until(lambda: vpg.acked_seq >= seq, deadline - time.monotonic(),

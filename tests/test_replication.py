@@ -523,3 +523,41 @@ def test_backoff_returns_to_its_minimum_after_a_successful_session(sites):
             proxy.close()
             await rs.stop()
     run(main())
+
+
+def test_a_vpg_that_lost_its_state_is_refused_rather_than_silently_acked(sites):
+    """The protected site loses a VPG's state and protects it again from seq 1 under the
+    same name: the recovery site's journals already reach a later seq.  Acking that seq
+    would drop every new write below it unsent; the sender must refuse instead."""
+    async def main():
+        rs = RecoverySite(sites / "rs")
+        host, port = await rs.start()
+        name = _name()
+        layout = {"vm1": [1 * MiB]}
+        first = make_vpg(sites / name / "first", name, layout)
+        first.start()
+        ps = ProtectedSite(sites / "ps")
+        rep = ps.protect(first, host, port)
+        rng = random.Random(8)
+        model = Model(first)
+        try:
+            await _write(model, rng, 50)
+            held = await catch_up(first, rep, rs)
+            await ps.stop()
+            first.close()
+            again = make_vpg(sites / name / "again", name, layout)  # fresh state: seq 1
+            again.start()
+            for i in range(10):
+                again.volumes[0].write(i * 4096, b"n" * 4096)
+            ps = ProtectedSite(sites / "ps")
+            rep = ps.protect(again, host, port)
+            await wait_until(lambda: "another history" in rep.last_error, 5,
+                             f"the refusal ({rep.last_error!r})")
+            assert again.acked_seq == 0 < held
+            assert again.status().pending_bundles > 0  # nothing was dropped
+            await ps.stop()
+            again.close()
+        finally:
+            await ps.stop()
+            await rs.stop()
+    run(main())

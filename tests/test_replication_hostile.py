@@ -32,7 +32,8 @@ from test_replication_util import (
 from zcore import records, replication, wire
 from zcore._native.record import crc32c
 from zcore.replication import ProtectedSite, RecoverySite
-from zcore.security import SERVER_NAME, client_context
+from zcore.errors import ProtocolError
+from zcore.security import SERVER_NAME, SiteIdentity, client_context
 from zcore.vpg import VPGSettings
 
 _names = itertools.count()
@@ -514,3 +515,122 @@ def test_error_frames_tell_the_peer_the_reason(sites):
         assert reasons and "did not attach" in reasons[0]
         assert json.dumps(reasons)
     _run(sites, body)
+
+
+# ---- a hostile recovery site: the sender treats its answers as untrusted too ---------------
+
+class FakeRecovery:
+    """A server holding the real recovery site's certificate and key (so the sender's
+    pinning accepts it) that answers HELLO and ATTACH as told, then sends `after`."""
+
+    def __init__(self, rs_root, hello=None, attached=None, after=b"") -> None:
+        self.identity = SiteIdentity.load_or_create(rs_root / "site", "recovery")
+        self.hello = hello or {}
+        self.attached = attached or {}
+        self.after = after
+        self.received: list[int] = []
+
+    async def start(self) -> tuple[str, int]:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(self.identity.cert_path, self.identity.key_path)
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=ctx)
+        return self.server.sockets[0].getsockname()[:2]
+
+    async def _serve(self, reader, writer):
+        parser = wire.FrameReader()
+        try:
+            while data := await reader.read(65536):
+                for f in parser.feed(data):
+                    self.received.append(f.type)
+                    if f.type == wire.HELLO:
+                        msg = dict(protocol=1, site_id=self.identity.site_id,
+                                   site_name="recovery", role="recovery")
+                        msg.update(self.hello)
+                        writer.write(wire.control(wire.HELLO, **msg))
+                    elif f.type == wire.ATTACH:
+                        msg = dict(durable_seq=0, max_seq=0)
+                        msg.update(self.attached)
+                        writer.write(wire.control(wire.ATTACHED, f.channel, **msg))
+                        writer.write(self.after)
+        except (ConnectionError, ssl.SSLError, ProtocolError):
+            pass
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def _against(sites, fake: FakeRecovery, check) -> None:
+    async def main():
+        with fast_timeouts():
+            host, port = await fake.start()
+            name = f"victim{next(_names)}"
+            vpg = make_vpg(sites / name, name, {"vm1": [1 * MiB]})
+            vpg.start()
+            for i in range(20):
+                vpg.volumes[0].write(i * 4096, bytes([i + 1]) * 4096)
+            ps = ProtectedSite(sites / "ps")
+            rep = ps.protect(vpg, host, port)
+            try:
+                await wait_until(lambda: rep.last_error, 5, "the sender's refusal")
+                await asyncio.sleep(0.2)
+                check(vpg, rep)
+            finally:
+                await ps.stop()
+                vpg.close()
+                fake.close()
+    asyncio.run(main())
+
+
+def test_sender_refuses_a_recovery_site_speaking_another_protocol_version(sites):
+    fake = FakeRecovery(sites / "rs", hello={"protocol": 2})
+
+    def check(vpg, rep):
+        assert "protocol 2" in rep.last_error
+        assert wire.ATTACH not in fake.received
+        assert vpg.acked_seq == 0
+    _against(sites, fake, check)
+
+
+def test_sender_refuses_an_ack_of_a_seq_it_never_sent(sites):
+    """An ACK beyond what was sent would make the VPG drop writes the recovery site
+    never received."""
+    fake = FakeRecovery(sites / "rs", after=wire.ack(1, 10**9))
+
+    def check(vpg, rep):
+        assert "ACK" in rep.last_error, rep.last_error
+        assert vpg.acked_seq == 0
+        assert vpg.status().pending_bundles > 0
+    _against(sites, fake, check)
+
+
+def test_sender_refuses_a_durable_seq_beyond_anything_it_captured(sites):
+    """A recovery site holding a later history of a VPG of the same name (say the
+    protected site lost its VPG state and started over at seq 1): acking its durable
+    seq would silently drop every write the new VPG makes below it."""
+    fake = FakeRecovery(sites / "rs", attached={"durable_seq": 10**6, "max_seq": 10**6})
+
+    def check(vpg, rep):
+        assert "durable" in rep.last_error or "seq" in rep.last_error, rep.last_error
+        assert vpg.acked_seq == 0
+        assert vpg.status().pending_bundles > 0
+    _against(sites, fake, check)
+
+
+@pytest.mark.parametrize("after", [
+    random.Random(2).randbytes(300),
+    wire.control(wire.PAIRED, cert="c", proof="p", site_id="s", site_name="n"),
+    wire.ack(7, 1),  # for a channel the sender did not attach
+    wire.frame(wire.ACK, 1, b"\x01\x02"),  # malformed
+    wire.control(wire.ERROR, reason="disk on fire"),
+])
+def test_sender_drops_a_connection_that_sends_it_nonsense(sites, after):
+    fake = FakeRecovery(sites / "rs", after=after)
+
+    def check(vpg, rep):
+        assert not rep.connected or rep.sessions > 1
+        assert vpg.acked_seq == 0
+        if b"disk on fire" in after:
+            assert "disk on fire" in rep.last_error
+    _against(sites, fake, check)

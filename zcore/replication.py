@@ -647,6 +647,12 @@ class Replication:
             writer.write(wire.control(wire.ATTACH, self.CHANNEL, **self._attach_message()))
             attached = await asyncio.wait_for(frames.expect(wire.ATTACHED), HANDSHAKE_TIMEOUT)
             durable = attached["durable_seq"]
+            last = self.vpg.status().last_seq
+            if durable > last:  # acking it would drop this VPG's writes up to it, unsent
+                raise ProtocolError(
+                    f"recovery site holds VPG {self.vpg.name} up to seq {durable}, beyond "
+                    f"this VPG's last seq {last}: it holds another history (start the VPG "
+                    f"with min_seq={durable} to continue after it)")
             self.vpg.ack(durable)
             self.sent_seq = max(self.vpg.acked_seq, durable)
             self._inflight.clear()
@@ -706,6 +712,9 @@ class Replication:
                 if f.channel != self.CHANNEL:
                     raise ProtocolError(f"ACK for unknown channel {f.channel}")
                 seq = wire.parse_ack(f)
+                if seq > self.sent_seq:  # acking it would drop writes never sent
+                    raise ProtocolError(f"ACK of seq {seq}, beyond the last seq sent "
+                                        f"({self.sent_seq})")
                 self.vpg.ack(seq)
                 while self._inflight and self._inflight[0][0] <= seq:
                     self._rate.add(self._inflight.popleft()[1])

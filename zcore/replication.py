@@ -571,21 +571,26 @@ class Replication:
         self._watch: asyncio.Task | None = None
         self._declared_down = False
         self._resume = asyncio.Event()
+        self._stopping = False
         self._resume.set()
         self.sessions = 0
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self._stopping = False
         self._task = loop.create_task(self._run())
         self._watch = loop.create_task(self._watch_outage())
 
     async def stop(self) -> None:
+        # Python 3.11's wait_for can swallow a cancellation that races its own result, so
+        # the loops also check this flag: a lost cancel costs one backoff, never a hang.
+        self._stopping = True
         for task in (self._watch, self._task):
-            if task is not None:
+            while task is not None and not task.done():
                 task.cancel()
                 try:
-                    await task
-                except asyncio.CancelledError:
+                    await asyncio.wait_for(asyncio.shield(task), 1.0)
+                except (asyncio.CancelledError, TimeoutError):
                     pass
         self._task = self._watch = None
 
@@ -593,7 +598,7 @@ class Replication:
         """While the recovery site is unreachable, a VPG that overflowed waits in bitmap
         mode: a bitmap sync now would fill a buffer nobody drains, overflow again and
         start over, rereading the disks each time.  It starts on reconnect (link_up)."""
-        while True:
+        while not self._stopping:
             await asyncio.sleep(OUTAGE_POLL)
             if (not self.connected and not self._declared_down
                     and self.vpg.mode in ("bitmap", "bitmap_syncing")):
@@ -613,7 +618,7 @@ class Replication:
 
     async def _run(self) -> None:
         delay = RECONNECT_BACKOFF[0]
-        while True:
+        while not self._stopping:
             sessions = self.sessions
             try:
                 await self._session()

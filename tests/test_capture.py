@@ -462,7 +462,7 @@ def test_closing_waits_for_writes_in_flight_and_refuses_those_queued_behind_them
             t.join()
         assert outcome["big"] == 1
         assert all(isinstance(outcome[f"q{i}"], StateError) for i in range(4))
-        vols, offs, lens = ring.take_dirty()
+        _vols, offs, lens = ring.take_dirty()
         assert (offs.tolist(), lens.tolist()) == ([0], [records.MAX_WRITE])
         assert read_file(path)[records.MAX_WRITE:][:4096 * 4] == bytes(4096 * 4)
     finally:

@@ -253,7 +253,7 @@ def test_pairing_connection_cannot_do_anything_but_pair(tmp_path):
                 writer.write(frame)
                 await _closed(reader)
                 writer.close()
-                await wait_until(lambda: len(rs.refused) > n, 5, "the refusal")
+                await wait_until(lambda n=n: len(rs.refused) > n, 5, "the refusal")
                 assert "pairing connection" in rs.refused[-1]
             assert rs.receivers == {}
         finally:

@@ -248,7 +248,7 @@ def test_initial_sync_copies_existing_data_while_new_writes_are_captured(sites):
     assert seen["progress"][0][1] == 24 * MiB  # every block is marked at first...
     assert any(0 < d < t for d, t in seen["progress"])  # ...and progress is reported
     # no checkpoint is crash-consistent before the sync completes
-    for vm, marks in seen["journals"].items():
+    for marks in seen["journals"].values():
         first = next(i for i, c in enumerate(marks) if c.consistent)
         assert first > 0, "checkpoints taken during the sync must exist"
         assert all(c.consistent for c in marks[first:])
@@ -311,7 +311,9 @@ def test_status_reports_every_state(sites):
             proxy.reset_all()
             # (until the sender has declared the link down: a first overflow's sync may
             # fit in the buffer and end before the sender notices the overflow)
+            start = model.bytes
             while not any("unreachable" in e for e in vpg.events):
+                assert model.bytes - start < 256 * MiB, list(vpg.events)
                 model.random_write(rng, 256 * KiB, incompressible=True)
                 await asyncio.sleep(0.001)
             await wait_until(lambda: vpg.mode == "bitmap", 5, "bitmap mode")
@@ -454,7 +456,7 @@ def test_site_wide_cap_bounds_replication_and_priorities_share_it(sites):
             # a backlog for everyone, written round robin (nobody starts first): ~20 MiB
             # of incompressible writes each, more than the cap lets through meanwhile
             for _ in range(160):
-                for vpg, model, _ in groups.values():
+                for _, model, _ in groups.values():
                     model.random_write(rng, 256 * KiB, incompressible=True)
                 await asyncio.sleep(0)
             start = {p: v.acked_seq for p, (v, _, _) in groups.items()}
@@ -549,6 +551,7 @@ def test_a_vpg_that_lost_its_state_is_refused_rather_than_silently_acked(sites):
             again.start()
             for i in range(10):
                 again.volumes[0].write(i * 4096, b"n" * 4096)
+            await asyncio.to_thread(again.flush)  # sealed into bundles before protecting
             ps = ProtectedSite(sites / "ps")
             rep = ps.protect(again, host, port)
             await wait_until(lambda: "another history" in rep.last_error, 5,

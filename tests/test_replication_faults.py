@@ -8,8 +8,8 @@ newest consistent checkpoint equals the volumes."""
 from __future__ import annotations
 
 import asyncio
-import os
 import itertools
+import os
 import random
 
 import pytest
@@ -196,7 +196,8 @@ async def _run(sc: Scenario, plan) -> int:
 
 # ~0.1-1.5 s an example: half the profile's examples keeps the file near half a minute
 # (ZCORE_FAULT_EXAMPLES overrides, for long hunts).
-@settings(max_examples=int(os.environ.get("ZCORE_FAULT_EXAMPLES", 0)) or max(6, settings.default.max_examples // 2),
+@settings(max_examples=(int(os.environ.get("ZCORE_FAULT_EXAMPLES", 0))
+                       or max(6, settings.default.max_examples // 2)),
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(plan=steps, seed=st.integers(0, 2**32 - 1))
 def test_every_consistent_checkpoint_survives_any_fault_scenario(sites, plan, seed):
@@ -233,7 +234,7 @@ def test_connection_cut_mid_frame_resumes_from_the_last_acked_seq(sites, directi
             sessions = sc.rep.sessions
             sc.proxy.arm(Fault("cut", direction, after=after))
             await sc.fire_all()
-            await wait_until(lambda: sc.rep.sessions > sessions and sc.rep.connected, 10,
+            await wait_until(lambda s=sessions: sc.rep.sessions > s and sc.rep.connected, 10,
                              "a new session after the cut")
     sc = _scenario(sites, 1, body)
     assert sc.rep.sessions >= 5
@@ -246,7 +247,7 @@ def test_flipped_byte_kills_the_tls_session_and_nothing_corrupt_is_journaled(sit
             sessions = sc.rep.sessions
             sc.proxy.arm(Fault("flip", direction, after=after, bit=bit))
             await sc.fire_all()
-            await wait_until(lambda: sc.rep.sessions > sessions and sc.rep.connected, 10,
+            await wait_until(lambda s=sessions: sc.rep.sessions > s and sc.rep.connected, 10,
                              "a new session after the flip")
     sc = _scenario(sites, 2, body)
     assert len(sc.proxy.fired) == 3
@@ -257,7 +258,7 @@ def test_dropped_bytes_kill_the_session_which_then_resumes(sites):
         sessions = sc.rep.sessions
         sc.proxy.arm(Fault("drop", "up", after=2000, count=700))
         await sc.fire_all()
-        await wait_until(lambda: sc.rep.sessions > sessions and sc.rep.connected, 10,
+        await wait_until(lambda s=sessions: sc.rep.sessions > s and sc.rep.connected, 10,
                          "a new session after the drop")
     _scenario(sites, 3, body)
 
@@ -268,7 +269,7 @@ def test_reset_connection_resumes_without_gap_or_duplicate(sites, direction):
         sessions = sc.rep.sessions
         sc.proxy.arm(Fault("reset", direction, after=9000 if direction == "up" else 500))
         await sc.fire_all()
-        await wait_until(lambda: sc.rep.sessions > sessions and sc.rep.connected, 10,
+        await wait_until(lambda s=sessions: sc.rep.sessions > s and sc.rep.connected, 10,
                          "a new session after the reset")
     _scenario(sites, 4, body)
 
@@ -282,7 +283,7 @@ def test_stall_longer_than_the_peer_timeout_reconnects(sites):
         await wait_until(lambda: not sc.rep.connected, 10, "the stall to be noticed")
         assert "Timeout" in sc.rep.last_error or sc.rep.last_error
         sc.proxy.unstall()
-        await wait_until(lambda: sc.rep.sessions > sessions and sc.rep.connected, 10,
+        await wait_until(lambda s=sessions: sc.rep.sessions > s and sc.rep.connected, 10,
                          "a new session after the stall")
     _scenario(sites, 5, body)
 
@@ -297,7 +298,7 @@ def test_acks_lost_in_a_one_way_stall_are_not_applied_twice_on_resend(sites):
         await sc.writes(40)
         await sc.checkpoint()
         sent = sc.rep.sent_seq
-        await wait_until(lambda: sc.rep.sessions > sessions and sc.rep.connected, 10,
+        await wait_until(lambda s=sessions: sc.rep.sessions > s and sc.rep.connected, 10,
                          "a new session after the one-way stall")
         assert sc.vpg.acked_seq >= acked
         # what was journaled during the stall was not sent back into the journals

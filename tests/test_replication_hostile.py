@@ -31,8 +31,8 @@ from test_replication_util import (
 
 from zcore import records, replication, wire
 from zcore._native.record import crc32c
-from zcore.replication import ProtectedSite, RecoverySite
 from zcore.errors import ProtocolError
+from zcore.replication import ProtectedSite, RecoverySite
 from zcore.security import SERVER_NAME, SiteIdentity, client_context
 from zcore.vpg import VPGSettings
 
@@ -238,7 +238,7 @@ def _hostile(send_before_hello=None, after_hello=None, attach=False, pattern="."
     hostile bytes, and expect the refusal."""
     def body_factory():
         async def body(bench):
-            async def action():
+            async def action(pairing=pairing):
                 raw = await bench.raw(pairing)
                 if send_before_hello is not None:
                     raw.send(send_before_hello(bench))
@@ -434,7 +434,7 @@ def test_header_of_a_huge_frame_before_hello_is_refused_at_once(sites):
     allocating) the payload."""
     async def body(bench):
         for pairing in (False, True):
-            async def action():
+            async def action(pairing=pairing):
                 raw = await bench.raw(pairing)
                 raw.send(_head(wire.BUNDLE, 1, length=wire.MAX_PAYLOAD))
                 t0 = time.monotonic()

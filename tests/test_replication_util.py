@@ -171,7 +171,7 @@ async def catch_up(vpg: VPG, rep: Replication, rs: RecoverySite,
             seq = await checkpoint(vpg, "caught-up")
         except StateError:
             continue
-        await wait_until(lambda: vpg.acked_seq >= seq, deadline - time.monotonic(),
+        await wait_until(lambda s=seq: vpg.acked_seq >= s, deadline - time.monotonic(),
                          f"ack of seq {seq} (acked {vpg.acked_seq}, {rep.status()})")
         journals = rs.journals(vpg.name)
         marks = [j.checkpoint_by_id(seq) for j in journals.values()]

@@ -22,11 +22,8 @@ import os
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if str(HERE.parent) not in sys.path:
-    sys.path.insert(0, str(HERE.parent))
-
-from zcore.replication import RecoverySite  # noqa: E402
+# zcore comes from the installed package (the source tree holds no compiled modules)
+from zcore.replication import RecoverySite
 
 
 def _journal_bytes(path: Path) -> int:

@@ -187,7 +187,7 @@ class VPG:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._error: BaseException | None = None
-        self.events: deque[str] = deque(maxlen=100)
+        self._events: deque[str] = deque(maxlen=100)
         self.on_checkpoint: Callable[[CheckpointInfo], None] | None = None
 
     # ---- definition ----------------------------------------------------------------------
@@ -593,7 +593,7 @@ class VPG:
         self._event(f"{was.replace('_', ' ')} complete: consistent checkpoint emitted")
 
     def _event(self, text: str) -> None:
-        self.events.append(f"{time.strftime('%H:%M:%S')} {text}")
+        self._events.append(f"{time.strftime('%H:%M:%S')} {text}")
         log.info("VPG %s: %s", self.name, text)
 
     # ---- what links and users call -------------------------------------------------------
@@ -682,6 +682,13 @@ class VPG:
             return self._last_seq
 
     @property
+    def events(self) -> tuple[str, ...]:
+        """The last 100 events (mode changes, syncs, refusals), oldest first: a snapshot,
+        safe to iterate from any thread."""
+        with self._lock:
+            return tuple(self._events)
+
+    @property
     def mode(self) -> str:
         return self._mode
 
@@ -724,7 +731,7 @@ class VPG:
                 last_seq=self._last_seq,
                 acked_seq=self._acked_seq,
                 link_up=self._link_up,
-                events=tuple(self.events),
+                events=tuple(self._events),
             )
 
 

@@ -6,8 +6,8 @@ Starts `RecoverySite(ROOT)` on 127.0.0.1 (an ephemeral port), issues a pairing t
 prints one JSON line {"host", "port", "token", "pid"} on stdout.  Then it reads commands,
 one per line, on stdin, answering each with one JSON line:
 
-    stats   {"cpu": seconds of CPU used so far, "vpgs": {name: {"bytes", "bundles",
-             "acked_seq", "journal_bytes"}}}
+    stats   {"cpu": seconds of CPU used so far, "threads": {thread name: CPU seconds},
+             "vpgs": {name: {"bytes", "bundles", "acked_seq", "journal_bytes"}}}
     quit    stops the site (closing every journal) and exits; so does end of input.
 
 Running the recovery site in a separate process keeps its journal appends, fsyncs and TLS
@@ -20,6 +20,7 @@ import asyncio
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 # zcore comes from the installed package (the source tree holds no compiled modules)
@@ -31,10 +32,26 @@ def _journal_bytes(path: Path) -> int:
         else 0
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds used by each live thread of this process, by thread name (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for t in threading.enumerate():
+        try:
+            with open(f"/proc/self/task/{t.native_id}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, TypeError):
+            continue
+        name = "executor" if t.name.startswith("asyncio_") else t.name
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def _stats(site: RecoverySite) -> dict:
     t = os.times()
     return {
         "cpu": t.user + t.system,
+        "threads": thread_cpu(),
         "vpgs": {name: {"bytes": r.stats.bytes, "bundles": r.stats.bundles,
                         "acked_seq": r.stats.acked_seq,
                         "journal_bytes": _journal_bytes(site.vpgs_dir / name)}

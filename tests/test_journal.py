@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from journal_util import abandon
 
 from zcore import records
 from zcore._native import record as _rec
@@ -46,31 +47,6 @@ def make(path: Path, sizes=(MiB,), **settings) -> Journal:
         [VolumeSpec(i, f"disk{i}", size) for i, size in enumerate(sizes)],
         settings=JournalSettings(**settings),
     )
-
-
-def quiesce(journal: Journal) -> None:
-    """Stop the journal's background threads (index loader, group committer) without
-    letting them change anything more, as a crash would."""
-    journal._closing = True
-    journal._go.set()
-    if journal._loader is not None:
-        journal._loader.join()
-    journal._stop_committer()
-
-
-def abandon(journal: Journal) -> None:
-    """Simulate a crash of the process: stop the background threads, then release the
-    journal's descriptors (and its lock) without committing, sealing or writing anything."""
-    quiesce(journal)
-    for seg in journal._segments.values():
-        if seg.fd >= 0:
-            os.close(seg.fd)
-    for fd in journal._replica_fds.values():
-        os.close(fd)
-    os.close(journal._lock_fd)
-    journal._segments.clear()
-    journal._replica_fds.clear()
-    journal._closed = True
 
 
 def rand(rng: random.Random, n: int) -> bytes:

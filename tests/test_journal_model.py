@@ -26,6 +26,7 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+from journal_util import abandon, quiesce
 
 from zcore._native import record as _rec
 from zcore.errors import (
@@ -40,31 +41,6 @@ KiB = 1 << 10
 MiB = 1 << 20
 SECTOR = 512
 SEGMENT_BYTES = MiB  # the smallest segment the settings accept: rotation comes quickly
-
-
-def quiesce(journal: Journal) -> None:
-    """Stop the journal's background threads (index loader, group committer) without
-    letting them change anything more, as a crash would."""
-    journal._closing = True
-    journal._go.set()
-    if journal._loader is not None:
-        journal._loader.join()
-    journal._stop_committer()
-
-
-def abandon(journal: Journal) -> None:
-    """Simulate a crash of the process: stop the background threads, then release the
-    journal's descriptors (and its lock) without committing, sealing or writing anything."""
-    quiesce(journal)
-    for seg in journal._segments.values():
-        if seg.fd >= 0:
-            os.close(seg.fd)
-    for fd in journal._replica_fds.values():
-        os.close(fd)
-    os.close(journal._lock_fd)
-    journal._segments.clear()
-    journal._replica_fds.clear()
-    journal._closed = True
 
 
 def make_data(kind: str, length: int, seed: int) -> bytes:

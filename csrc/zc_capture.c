@@ -76,16 +76,27 @@ static int overlaps_inflight(const zc_capture *c, uint32_t volume, uint64_t lo, 
     return 0;
 }
 
+/* Make room for one more element in a growable array (doubling, `first` at start). */
+static int room_for_one(void **arr, size_t n, size_t *cap, size_t elem, size_t first)
+{
+    if (n < *cap)
+        return ZC_OK;
+    size_t want = *cap ? *cap * 2 : first;
+    void *p = realloc(*arr, want * elem);
+    if (!p)
+        return ZC_E_NOMEM;
+    *arr = p;
+    *cap = want;
+    return ZC_OK;
+}
+
 static int push_inflight(zc_capture *c, uint32_t volume, uint64_t lo, uint64_t hi)
 {
-    if (c->nfl == c->fl_cap) {
-        size_t cap = c->fl_cap ? c->fl_cap * 2 : 16;
-        inflight *p = realloc(c->fl, cap * sizeof *p);
-        if (!p)
-            return ZC_E_NOMEM;
-        c->fl = p;
-        c->fl_cap = cap;
-    }
+    void *arr = c->fl;
+    int st = room_for_one(&arr, c->nfl, &c->fl_cap, sizeof(inflight), 16);
+    c->fl = arr;
+    if (st)
+        return st;
     c->fl[c->nfl++] = (inflight){volume, lo, hi};
     return ZC_OK;
 }
@@ -102,14 +113,11 @@ static void pop_inflight(zc_capture *c, uint32_t volume, uint64_t lo)
 
 static int push_dirty(zc_capture *c, uint32_t volume, uint64_t offset, uint32_t len)
 {
-    if (c->ndirty == c->dirty_cap) {
-        size_t cap = c->dirty_cap ? c->dirty_cap * 2 : 1024;
-        zc_dirty *p = realloc(c->dirty, cap * sizeof *p);
-        if (!p)
-            return ZC_E_NOMEM;
-        c->dirty = p;
-        c->dirty_cap = cap;
-    }
+    void *arr = c->dirty;
+    int st = room_for_one(&arr, c->ndirty, &c->dirty_cap, sizeof(zc_dirty), 1024);
+    c->dirty = arr;
+    if (st)
+        return st;
     c->dirty[c->ndirty++] = (zc_dirty){volume, len, offset};
     return ZC_OK;
 }

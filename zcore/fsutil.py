@@ -1,13 +1,71 @@
-"""Crash-safe file replacement, shared by every file zcore rewrites in place
-(journal metadata, segment index files, bitmaps, VPG state)."""
+"""The one file layer of zcore: every full read, full write, atomic replacement and
+checked state file goes through these helpers, so a short read means one thing everywhere
+and crash simulation or error injection reaches every file operation from one place.
+
+Durability, stated plainly: `os.fsync` of a file makes its data durable; a creation,
+rename or unlink is durable only after an `fsync` of its directory (`fsync_dir`).  POSIX
+promises nothing about the order in which unsynced writes reach the disk.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
+
+from zcore._native import record
+from zcore.errors import CorruptRecordError, FormatVersionError, TruncatedRecordError
+
+# one pread/pwrite call moves at most this much: Linux caps a call near 2 GiB anyway
+_MAX_IO = 1 << 30
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
+def pread_exact(fd: int, size: int, offset: int, *, what: str = "file") -> bytes:
+    """`size` bytes at `offset`; a file that ends first raises `TruncatedRecordError`."""
+    buf = bytearray(size)
+    preadinto_exact(fd, buf, offset, what=what)
+    return bytes(buf)
+
+
+def preadinto_exact(fd: int, buf: Any, offset: int, *, what: str = "file") -> None:
+    """Fill `buf` (any writable buffer) from `offset`; a file that ends first raises
+    `TruncatedRecordError` naming `what`."""
+    done = preadinto_upto(fd, buf, offset)
+    if done != memoryview(buf).nbytes:
+        raise TruncatedRecordError(f"{what} ends at {offset + done}, before "
+                                   f"{offset + memoryview(buf).nbytes}")
+
+
+def preadinto_upto(fd: int, buf: Any, offset: int) -> int:
+    """Fill `buf` from `offset` until it is full or the file ends; returns the bytes read
+    (fewer than `len(buf)` only at end of file: the caller decides what that means)."""
+    view = memoryview(buf).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:done + _MAX_IO]], offset + done)
+        if n <= 0:
+            break
+        done += n
+    return done
+
+
+def pwrite_all(fd: int, data: Any, offset: int) -> None:
+    """Write all of `data` at `offset` (retrying short writes; errors raise `OSError`)."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:done + _MAX_IO], offset + done)
+
+
+def write_all(fd: int, data: Any) -> None:
+    """Write all of `data` at the descriptor's position."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view[:_MAX_IO]):]
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Make a directory's entries (creations, renames, unlinks) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -16,18 +74,62 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
     """Replace `path` with `data`: temp file, fsync, rename, directory fsync.  After a
     crash the file holds either the old or the new bytes, never a mix."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+# ---- checked state files (docs/format.md 7.2) ---------------------------------------------
+
+def _canonical(meta: dict[str, Any]) -> bytes:
+    return json.dumps(meta, sort_keys=True).encode()
+
+
+def _crc32c(data: bytes) -> int:
+    return int(record.crc32c(data))
+
+
+def write_state(path: str | os.PathLike[str], fmt: str, version: int,
+                meta: dict[str, Any]) -> None:
+    """Atomically replace the checked state file `path` with `meta`, stamped with its
+    format name and version: `{"meta": {...}, "crc32c": N}`, the CRC32C over the canonical
+    JSON of `meta` (docs/format.md 7.2)."""
+    meta = {**meta, "format": fmt, "version": version}
+    body = json.dumps({"meta": meta, "crc32c": _crc32c(_canonical(meta))}).encode()
+    atomic_write(path, body)
+
+
+def read_state(path: str | os.PathLike[str], fmt: str,
+               versions: int | tuple[int, ...]) -> dict[str, Any]:
+    """The `meta` object of the checked state file `path`.  A file that does not parse,
+    fails its CRC or is of another format raises `CorruptRecordError`; a version not in
+    `versions` raises `FormatVersionError`; a missing file raises `FileNotFoundError`."""
+    path = Path(path)
+    known = (versions,) if isinstance(versions, int) else versions
+    raw = path.read_bytes()
+    try:
+        doc = json.loads(raw)
+        meta, crc = doc["meta"], doc["crc32c"]
+        if not isinstance(meta, dict) or type(crc) is not int:
+            raise TypeError("meta must be an object and crc32c an integer")
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise CorruptRecordError(f"{path} is unreadable: {exc}") from None
+    if _crc32c(_canonical(meta)) != crc:
+        raise CorruptRecordError(f"{path} fails its checksum")
+    if meta.get("format") != fmt:
+        raise CorruptRecordError(f"{path} is not a {fmt} file (format {meta.get('format')!r})")
+    version = meta.get("version")
+    if type(version) is not int or version not in known:
+        raise FormatVersionError(f"{path}: {fmt} format version {version!r} is not "
+                                 f"supported (this build reads {', '.join(map(str, known))})")
+    return meta

@@ -52,6 +52,7 @@ from zcore.errors import (
     status_error,
 )
 from zcore.fsutil import atomic_write, fsync_dir
+from zcore.records import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -127,24 +128,6 @@ class JournalSettings:
 
 
 @dataclass(frozen=True)
-class Checkpoint:
-    """A point in the VPG's stream: every write with a smaller seq is before it.
-
-    `id` equals `seq`: seqs are unique and ordered across the whole VPG."""
-
-    id: int
-    seq: int
-    time_ns: int
-    kind: str  # "auto" or "tagged"
-    tag: str | None
-    consistent: bool
-
-    @property
-    def time(self) -> float:
-        return self.time_ns / 1e9
-
-
-@dataclass(frozen=True)
 class ReopenReport:
     """What reopening found: dropped torn tail, segments rebuilt without an index file."""
 
@@ -201,10 +184,6 @@ class _SegmentIndex:
     extents: memoryview  # EXTENT_DTYPE entries
     presorted: bool  # v2: data extents sorted by (volume, offset, seq)
     checkpoints: list[Checkpoint]
-
-
-def _kind_name(kind: int) -> str:
-    return "tagged" if kind == records.CKPT_TAGGED else "auto"
 
 
 def _pread_all(fd: int, size: int, pos: int = 0) -> bytes:
@@ -612,8 +591,8 @@ class Journal:
         for rec in arr[arr["type"] == records.REC_CHECKPOINT]:
             at = int(rec["pos"]) - buf_pos
             payload = memoryview(buf)[at + 64 : at + 64 + int(rec["stored"])]
-            out.append(self._make_checkpoint(int(rec["seq"]), records.record_time(buf, at),
-                                             payload))
+            out.append(Checkpoint.from_payload(int(rec["seq"]), records.record_time(buf, at),
+                                               payload))
         return out
 
     def _take_batch(self, seg: _Segment, batch, arr: np.ndarray,
@@ -634,12 +613,6 @@ class Journal:
         seg.max_time = max(seg.max_time, batch.max_time)
         seg.records += n
         self._checkpoints.extend(checkpoints)
-
-    @staticmethod
-    def _make_checkpoint(seq: int, time_ns: int, payload) -> Checkpoint:
-        marker = records.decode_checkpoint_payload(payload)
-        return Checkpoint(seq, seq, time_ns, _kind_name(marker.kind), marker.tag,
-                          marker.consistent)
 
     def _load_segment_index(self, seg: _Segment, last_seq: int, ordered: bool = True) -> bool:
         """Read, check and adopt a sealed segment's .zci; False when it is missing or does
@@ -691,7 +664,7 @@ class Journal:
             if zero or not min_seq <= seq <= max_seq or pos >= seg.size \
                     or at + stored > len(blob):
                 return None
-            checkpoints.append(self._make_checkpoint(seq, t, blob[at : at + stored]))
+            checkpoints.append(Checkpoint.from_payload(seq, t, blob[at : at + stored]))
             at += stored
         extents = body[INDEX_STATS.size : INDEX_STATS.size + count * esize]
         return _SegmentIndex(min_time, max_time, min_seq, max_seq, nrecords, extents, True,
@@ -722,7 +695,7 @@ class Journal:
             if at + 8 + stored > len(blob):
                 return None
             checkpoints.append(
-                self._make_checkpoint(int(rec["seq"]), t, blob[at + 8 : at + 8 + stored]))
+                Checkpoint.from_payload(int(rec["seq"]), t, blob[at + 8 : at + 8 + stored]))
             at += 8 + stored
         if at != len(blob):
             return None

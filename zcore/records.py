@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from enum import StrEnum
 
 import lz4.block
 import numpy as np
@@ -99,16 +100,49 @@ def encode_checkpoint(
     return _rec.encode_stored(REC_CHECKPOINT, 0, 0, seq, 0, len(payload), time_ns, payload)
 
 
+class CheckpointKind(StrEnum):
+    """Who made a checkpoint: the cadence of its VPG, or a user with a tag."""
+
+    AUTO = "auto"
+    TAGGED = "tagged"
+
+
 @dataclass(frozen=True)
-class CheckpointMarker:
-    """A decoded checkpoint payload."""
+class Checkpoint:
+    """A point in a VPG's stream: every write with a smaller seq is before it.  The one
+    checkpoint type of the protected site, the wire and the journal.
+
+    `id` equals `seq`: seqs are unique and ordered across the whole VPG."""
+
+    id: int
+    seq: int
+    time_ns: int
+    kind: CheckpointKind
+    tag: str | None
+    consistent: bool
+
+    @property
+    def time(self) -> float:
+        return self.time_ns / 1e9
+
+    @classmethod
+    def from_payload(cls, seq: int, time_ns: int, payload: bytes | memoryview) -> Checkpoint:
+        """The checkpoint a CHECKPOINT record at `seq` stands for (payload checked)."""
+        marker = decode_checkpoint_payload(payload)
+        kind = CheckpointKind.TAGGED if marker.kind == CKPT_TAGGED else CheckpointKind.AUTO
+        return cls(seq, seq, time_ns, kind, marker.tag, marker.consistent)
+
+
+@dataclass(frozen=True)
+class CheckpointPayload:
+    """A decoded CHECKPOINT record payload (docs/format.md 4.7): kind code, flag, tag."""
 
     kind: int
     consistent: bool
     tag: str | None
 
 
-def decode_checkpoint_payload(payload: bytes | memoryview) -> CheckpointMarker:
+def decode_checkpoint_payload(payload: bytes | memoryview) -> CheckpointPayload:
     if len(payload) < _CKPT_HEAD.size:
         raise CorruptRecordError("checkpoint payload shorter than its header")
     kind, flags, taglen = _CKPT_HEAD.unpack_from(payload)
@@ -120,7 +154,7 @@ def decode_checkpoint_payload(payload: bytes | memoryview) -> CheckpointMarker:
         tag = bytes(payload[_CKPT_HEAD.size :]).decode()
     except UnicodeDecodeError:
         raise CorruptRecordError("checkpoint tag is not UTF-8") from None
-    return CheckpointMarker(kind, bool(flags & CKPT_FLAG_CONSISTENT), tag or None)
+    return CheckpointPayload(kind, bool(flags & CKPT_FLAG_CONSISTENT), tag or None)
 
 
 def record_time(buf: bytes | memoryview, record_pos: int) -> int:

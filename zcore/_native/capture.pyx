@@ -22,11 +22,6 @@ from zcore.errors import (
 )
 from zcore._native.zc cimport *
 
-cdef extern from "zc_capture.h" nogil:
-    void zc_capture_close(zc_capture *c)
-    enum:
-        ZC_E_CLOSED
-
 MODE_STREAM = ZC_CAPTURE_STREAM
 MODE_BITMAP = ZC_CAPTURE_BITMAP
 
@@ -86,7 +81,7 @@ cdef class CaptureRing:
             if seq == ZC_E_CLOSED:
                 raise StateError(f"write {offset}+{n} refused: the capture is closed "
                                  "(its VPG is stopping)")
-            if seq == -9:
+            if seq == ZC_E_IO:
                 raise NativeIOError(errno, f"writing {offset}+{n} to the backing store: "
                                            f"{strerror(errno).decode()}")
             raise status_error(<int>seq, f"capturing write {offset}+{n}")
@@ -104,10 +99,10 @@ cdef class CaptureRing:
                                  f"1 to {ZC_MAX_WRITE} bytes")
         with nogil:
             seq = zc_capture_sync(self.c, fd, volume, offset, length, skip_zero)
-        if seq == ZC_E_FULL or seq == -10 or seq == ZC_E_CLOSED:
+        if seq == ZC_E_FULL or seq == ZC_E_ARG or seq == ZC_E_CLOSED:
             return None
         if seq < 0:
-            if seq == -9:
+            if seq == ZC_E_IO:
                 raise NativeIOError(errno, f"reading {offset}+{length} for a sync: "
                                            f"{strerror(errno).decode()}")
             raise status_error(<int>seq, f"sync read {offset}+{length}")
@@ -240,7 +235,7 @@ cdef class CaptureRing:
             last = e.seq
             if e.time_ns < oldest:
                 oldest = e.time_ns
-            payload = <const uint8_t *>e + 64
+            payload = <const uint8_t *>e + sizeof(zc_ring_entry)
             if e.kind == ZC_REC_CHECKPOINT:
                 for vm in range(nvms):
                     out = parts[vm]

@@ -8,7 +8,8 @@ through the journal on top of the replica volumes.
 from importlib.metadata import PackageNotFoundError, version
 
 from zcore.errors import ZcoreError
-from zcore.journal import Checkpoint, Journal, JournalSettings, View
+from zcore.journal import Journal, JournalSettings, View
+from zcore.records import Checkpoint
 
 __all__ = ["Checkpoint", "Journal", "JournalSettings", "View", "ZcoreError"]
 

@@ -58,7 +58,7 @@ def check_range(offset: int, length: int, size: int | None = None) -> None:
         raise OutOfRangeError(f"range {offset}+{length} passes the volume's end ({size})")
 
 
-def is_zero(data: bytes | memoryview) -> bool:
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
     """True when every byte of a sector-aligned buffer is zero."""
     return not np.frombuffer(data, dtype=np.uint64).any()
 

@@ -31,7 +31,7 @@ def native(name: str) -> Extension:
         include_dirs=["csrc"],
         libraries=["zc"],
         extra_compile_args=C_FLAGS,
-        depends=C_HEADERS,
+        depends=[*C_SOURCES, *C_HEADERS],  # relink when the library's sources change
     )
 
 

@@ -5,12 +5,15 @@ module fails `pytest` with the tool's own report.
 mypy reads its configuration from pyproject.toml (strict for the public modules).
 stubtest checks the `.pyi` stubs of zcore._native against the compiled extensions;
 tests/stubtest_allowlist.txt lists, each with its reason, the names Cython adds.
+The version, too, is checked to be written once (pyproject.toml).
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
+from importlib.metadata import version
 from pathlib import Path
 
 import zcore
@@ -68,3 +71,8 @@ def test_stubs_of_native_modules_match_the_compiled_extensions(tmp_path: Path) -
         cwd=where,
     )
     assert proc.returncode == 0, report(proc)
+
+
+def test_version_is_written_once_in_pyproject() -> None:
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert zcore.__version__ == version("zcore") == declared

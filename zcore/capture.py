@@ -74,6 +74,12 @@ class ProtectedVolume:
         return self._fd
 
     @property
+    def ring(self) -> CaptureRing | None:
+        """The capture ring this volume's writes go to; None while its VPG is stopped or
+        the volume is closed."""
+        return None if isinstance(self._ring, _NoRing) else self._ring
+
+    @property
     def closed(self) -> bool:
         return self._fd < 0
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from zcore import records
 from zcore.errors import ClosedError, ConfigError, StateError
+from zcore.fsutil import preadinto_upto
 
 if TYPE_CHECKING:
     from zcore._native.capture import CaptureRing
@@ -108,12 +109,9 @@ class ProtectedVolume:
         self._check_open()
         view = memoryview(buf).cast("B")
         records.check_range(offset, len(view), self.size)
-        done = 0
-        while done < len(view):
-            n = os.preadv(self._fd, [view[done:]], offset + done)
-            if n == 0:
-                raise ConfigError(f"backing store {self.path} ends before {offset + done}")
-            done += n
+        done = preadinto_upto(self._fd, view, offset)
+        if done < len(view):
+            raise ConfigError(f"backing store {self.path} ends before {offset + done}")
 
     def flush(self) -> None:
         """Make completed writes durable on the backing store."""

@@ -1,10 +1,15 @@
-"""Recovery operations, views and scratch overlays.
+"""Scratch overlays: writable point-in-time images over a journal view.
 
+Sits on the journal (zcore.journal), beside the NBD front-end that serves its overlays.
 A view (`Journal.view`) is a read-only image of a volume at a checkpoint.  A scratch
 overlay makes one volume of a view writable without touching what it overlays: the
 writes land in a sparse temporary file of its own, kept apart from the journal and the
 replica, and are discarded when the overlay closes.  It is what a failover test runs a
 recovered VM on, and what the NBD front-end serves as a writable point-in-time export.
+
+This module holds the overlay only.  The recovery operations built on it (failover
+test, failover with commit or rollback, move, reverse protection, failback) come with
+the site service, in later issues.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import numpy as np
 from pyroaring import BitMap64
 
 from zcore import records
+from zcore.bitmap import id_runs
 from zcore.errors import ClosedError, ConfigError, ScratchLimitError
+from zcore.fsutil import preadinto_upto, pwrite_all
 from zcore.journal import Checkpoint, Journal, View
 
 SECTOR = records.SECTOR
@@ -34,10 +41,8 @@ def _runs(bitmap: BitMap64, start: int, end: int) -> list[tuple[int, int]]:
     arr = np.frombuffer(sub.to_array(), dtype=np.uint64)
     if len(arr) == end - start:
         return [(start, end)]
-    breaks = np.flatnonzero(np.diff(arr) != 1)
-    firsts = np.concatenate(([0], breaks + 1))
-    lasts = np.concatenate((breaks, [len(arr) - 1]))
-    return [(int(arr[a]), int(arr[b]) + 1) for a, b in zip(firsts, lasts, strict=True)]
+    starts, ends = id_runs(arr)
+    return list(zip(starts.tolist(), ends.tolist(), strict=True))
 
 
 class ScratchOverlay:
@@ -165,12 +170,9 @@ class ScratchOverlay:
                     arr[(a - s0) * SECTOR : (b - s0) * SECTOR] = 0
 
     def _pread(self, out: memoryview, pos: int) -> None:
-        done = 0
-        while done < len(out):
-            n = os.preadv(self._fd, [out[done:]], pos + done)
-            if n <= 0:  # the file has the volume's size: this is not expected
-                raise OSError(f"scratch file ended at {pos + done}")
-            done += n
+        done = preadinto_upto(self._fd, out, pos)
+        if done < len(out):  # the file has the volume's size: this is not expected
+            raise OSError(f"scratch file ended at {pos + done}")
 
     # ---- writing -------------------------------------------------------------------------
 
@@ -187,9 +189,7 @@ class ScratchOverlay:
                     f"{offset} would use {(len(self._used) + new) * SECTOR} bytes, over its "
                     f"limit of {self.limit_bytes}"
                 )
-            done = 0
-            while done < length:
-                done += os.pwrite(self._fd, data[done:], offset + done)
+            pwrite_all(self._fd, data, offset)
             self._written.add_range(s0, s1)
             self._used.add_range(s0, s1)
             self._zeroed.remove_range(s0, s1)

@@ -54,6 +54,9 @@ def id_runs(ids: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.uint64],
 
 def runs_to_bitmap(starts: np.ndarray, ends: np.ndarray) -> BitMap:
     """A BitMap of the union of half-open integer ranges [starts[i], ends[i]) (< 2**32)."""
+    # One function of ~60 lines on purpose: it is one numpy pipeline (merge the ranges,
+    # split them at container boundaries, lay out the portable serialization) whose
+    # stages pass seven arrays to each other; cut up, each piece means nothing alone.
     starts = np.asarray(starts, dtype=np.uint64)
     ends = np.asarray(ends, dtype=np.uint64)
     keep = ends > starts
@@ -265,14 +268,14 @@ class DirtyBitmap:
             raise CorruptRecordError("bitmap marks blocks past the volume's end")
         return out
 
-    def persist(self, path: str | os.PathLike, volume_id: int = 0) -> int:
+    def persist(self, path: str | os.PathLike[str], volume_id: int = 0) -> int:
         """Write atomically (temp file, fsync, rename, directory fsync); returns bytes."""
         data = self.serialize(volume_id)
         atomic_write(path, data)
         return len(data)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, volume_size: int, volume_id: int = 0,
+    def load(cls, path: str | os.PathLike[str], *, volume_size: int, volume_id: int = 0,
              max_bytes: int = DEFAULT_MAX_BYTES) -> DirtyBitmap:
         return cls.deserialize(Path(path).read_bytes(), volume_size=volume_size,
                                volume_id=volume_id, max_bytes=max_bytes)

@@ -32,7 +32,7 @@ class _NoRing:
         raise self.error
 
 
-def backing_size(path: str | os.PathLike) -> int:
+def backing_size(path: str | os.PathLike[str]) -> int:
     """Size in bytes of a raw image file or block device."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -47,7 +47,7 @@ def backing_size(path: str | os.PathLike) -> int:
 class ProtectedVolume:
     """One virtual disk of a protected VM, backed by a raw image file or block device."""
 
-    def __init__(self, vm: str, volume_id: int, name: str, path: str | os.PathLike,
+    def __init__(self, vm: str, volume_id: int, name: str, path: str | os.PathLike[str],
                  size: int) -> None:
         if size <= 0 or size % records.SECTOR:
             raise ConfigError(f"volume {name!r}: size {size} is not a positive multiple of "

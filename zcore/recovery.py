@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pyroaring import BitMap64
@@ -25,7 +26,11 @@ from zcore import records
 from zcore.bitmap import id_runs
 from zcore.errors import ClosedError, ConfigError, ScratchLimitError
 from zcore.fsutil import preadinto_upto, pwrite_all
-from zcore.journal import Checkpoint, Journal, View
+from zcore.journal import Journal, View
+from zcore.records import Checkpoint
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 SECTOR = records.SECTOR
 # Default scratch limit when none is given: capped by the volume's own size, which the
@@ -67,7 +72,7 @@ class ScratchOverlay:
         volume: int | str,
         *,
         limit_bytes: int | None = None,
-        directory: str | os.PathLike | None = None,
+        directory: str | os.PathLike[str] | None = None,
         owns_view: bool = False,
     ) -> None:
         self.view = view
@@ -80,7 +85,8 @@ class ScratchOverlay:
         self.limit_bytes = int(limit_bytes)
         self._owns_view = owns_view
         self._lock = threading.Lock()
-        self._file = tempfile.TemporaryFile(prefix="zcore-scratch-", dir=directory)
+        self._file = tempfile.TemporaryFile(
+            prefix="zcore-scratch-", dir=None if directory is None else os.fspath(directory))
         self._fd = self._file.fileno()
         os.ftruncate(self._fd, self.size)
         self._written = BitMap64()  # sectors whose bytes are in the scratch file
@@ -94,7 +100,7 @@ class ScratchOverlay:
         journal: Journal,
         checkpoint: Checkpoint | int,
         volume: int | str,
-        **kwargs,
+        **kwargs: Any,
     ) -> ScratchOverlay:
         """Overlay on a view of `journal` at `checkpoint` that the overlay owns (and closes)."""
         view = journal.view(checkpoint)
@@ -142,7 +148,7 @@ class ScratchOverlay:
         self.read_into(offset, buf)
         return bytes(buf)
 
-    def read_into(self, offset: int, buf) -> None:
+    def read_into(self, offset: int, buf: Buffer) -> None:
         """Fill `buf` from `offset`: overlay writes and zeroes over the view."""
         out = memoryview(buf).cast("B")
         length = len(out)
@@ -176,7 +182,7 @@ class ScratchOverlay:
 
     # ---- writing -------------------------------------------------------------------------
 
-    def write(self, offset: int, data) -> int:
+    def write(self, offset: int, data: Buffer) -> int:
         """Keep `data` at `offset` in the overlay; returns the bytes written."""
         data = memoryview(data).cast("B")
         length = len(data)
@@ -243,5 +249,5 @@ class ScratchOverlay:
     def __enter__(self) -> ScratchOverlay:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -143,6 +143,10 @@ class VPGCore:
         if self._mode == VPGMode.STOPPED:
             raise StateError(f"VPG {self.name} is not started")
 
+    def _in_bitmap_mode(self) -> bool:
+        """A method, not a comparison inline: the mode changes under calls that seal."""
+        return self._mode == VPGMode.BITMAP
+
     def _live_ring(self) -> CaptureRing:
         """The ring of a started VPG (every caller runs between start and stop)."""
         ring = self._ring

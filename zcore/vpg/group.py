@@ -187,7 +187,7 @@ class VPG(VPGStream):
                 if ckpt is not None:
                     self._wake.notify_all()
                     return ckpt
-                if self._mode == VPGMode.BITMAP:  # the ring overflowed under us
+                if self._in_bitmap_mode():  # the ring overflowed under us
                     raise StateError(f"VPG {self.name} fell into bitmap mode")
                 if time.monotonic() > deadline:
                     raise StateError(f"VPG {self.name}: no room for a checkpoint marker in "

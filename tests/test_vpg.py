@@ -27,6 +27,7 @@ from zcore.errors import (
 )
 from zcore.fsutil import write_state
 from zcore.journal import JournalSettings
+from zcore.records import Checkpoint, CheckpointKind
 from zcore.vpg import (
     STATE_FORMAT,
     STATE_NAME,
@@ -278,6 +279,35 @@ def test_on_checkpoint_reports_each_sealed_marker(site):
     seq = site.vpg.checkpoint("x").seq
     site.drain()
     assert [(c.seq, c.tag, c.consistent) for c in seen] == [(seq, "x", True)]
+
+
+def test_checkpoint_returns_the_checkpoint_every_journal_holds(site):
+    """VPG.checkpoint() and Journal.checkpoints() hand out one Checkpoint type: what the
+    protected site returns is what the recovery site lists, field for field."""
+    site.start()
+    scribble(site, 10, 21)
+    taken = [site.vpg.checkpoint("tagged-one"), site.vpg.checkpoint()]
+    site.drain()
+    for j in site.journals.values():
+        for c in taken:
+            held = j.checkpoint_by_id(c.id)
+            assert isinstance(c, Checkpoint) and c.id == c.seq == held.seq
+            assert (c.kind, c.tag, c.consistent) == (held.kind, held.tag, held.consistent)
+            assert abs(c.time_ns - held.time_ns) < 1_000_000_000
+    assert taken[0].kind == CheckpointKind.TAGGED and taken[1].kind == CheckpointKind.AUTO
+
+
+def test_a_mode_still_compares_equal_to_its_bare_string(site):
+    """Callers (replication, the CLI, the demo) compare modes with strings."""
+    assert site.vpg.mode == VPGMode.STOPPED == "stopped"
+    site.start()
+    st = site.vpg.status()
+    assert st.mode is VPGMode.STREAMING and st.mode == "streaming"
+    assert f"{st.mode}" == "streaming" and json.dumps(st.mode) == '"streaming"'
+    site.vpg.link_down()
+    assert site.vpg.mode in ("bitmap", "bitmap_syncing")
+    assert {m.value for m in VPGMode} == {"stopped", "streaming", "bitmap", "bitmap_syncing",
+                                          "initial_sync"}
 
 
 # ---- bitmap mode ----------------------------------------------------------------------

@@ -42,7 +42,7 @@ class Protected:
 
     def checkpoint(self, tag: str) -> int:
         """A tagged checkpoint, delivered with everything before it into the journal."""
-        seq = self.vpg.checkpoint(tag)
+        seq = self.vpg.checkpoint(tag).seq
         self.link.stop()
         self.link.drain()
         self.link.start()

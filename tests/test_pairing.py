@@ -94,7 +94,7 @@ def test_pairing_pins_each_site_on_the_other_and_replication_then_works(tmp_path
             model = Model(vpg)
             rep = ps.protect(vpg, host, port)
             model.write(0, 0, b"x" * 4096)
-            seq = vpg.checkpoint("one")
+            seq = vpg.checkpoint("one").seq
             await wait_until(lambda: vpg.acked_seq >= seq, 10, "the ack")
             assert verify_journals(rs, model) >= 1
             assert rep.sessions == 1
@@ -117,7 +117,7 @@ def test_pairing_survives_restarts_of_both_sites(tmp_path):
             vpg.start()
             ps.protect(vpg, host, port)
             vpg.volumes[0].write(0, b"y" * 512)
-            seq = vpg.checkpoint()
+            seq = vpg.checkpoint().seq
             await wait_until(lambda: vpg.acked_seq >= seq, 10, "the ack")
             await ps.stop()
             vpg.close()
@@ -499,7 +499,7 @@ def test_a_site_claiming_another_sites_id_cannot_take_over_its_vpg(tmp_path):
         vpg.start()
         rep = owner.protect(vpg, host, port)
         vpg.volumes[0].write(0, b"o" * 4096)
-        seq = vpg.checkpoint()
+        seq = vpg.checkpoint().seq
         await wait_until(lambda: vpg.acked_seq >= seq, 10, "the owner's ack")
         # a second site that claims to be the owner
         thief_dir = tmp_path / "thief"

@@ -155,7 +155,7 @@ def verify_journals(rs: RecoverySite, model: Model) -> int:
 async def checkpoint(vpg: VPG, tag: str | None = None) -> int:
     """VPG.checkpoint in a thread: it blocks while the capture ring is full, and the
     event loop it would block is the one whose sender drains the ring."""
-    return await asyncio.to_thread(vpg.checkpoint, tag)
+    return (await asyncio.to_thread(vpg.checkpoint, tag)).seq
 
 
 async def catch_up(vpg: VPG, rep: Replication, rs: RecoverySite,

@@ -241,7 +241,7 @@ def nbd_serve(protect, views, scratches, files, files_ro, journal, vpg_state,
 
         asyncio.run(serve())
         if vpg is not None and vpg.mode == "streaming":
-            seq = vpg.checkpoint("zcore nbd serve stopped")
+            seq = vpg.checkpoint("zcore nbd serve stopped").seq
             link.stop()
             link.drain()
             click.echo(f"protected volumes stopped at checkpoint {seq}", err=True)

@@ -61,6 +61,8 @@ class CaptureRing:
         """Read a range into the stream as a sync record; None when it cannot go now."""
     def marker(self, payload: _Buffer) -> int | None:
         """Append a checkpoint marker; None when the ring is full or in bitmap mode."""
+    def close(self) -> None:
+        """Refuse every later write, sync read and marker; wait out in-flight writes."""
     def set_mode(self, mode: int) -> int:
         """Switch between MODE_STREAM and MODE_BITMAP; returns the previous mode."""
     def take_dirty(

@@ -14,13 +14,15 @@ checkpoint one journal has promoted away (or never got) is not usable.
 Cost.  A 30-day history holds about half a million checkpoints, so the usable ones are
 kept as sorted numpy columns (seq, time key, flags, and the `Checkpoint` objects of the
 first journal, shared rather than copied), updated incrementally: `refresh` reads each
-journal's `status()` (O(segments)) and lists a journal's checkpoints only when its newest
-one changed, then merges the new seqs of every journal (O(new)).  Listing, paging,
-`before`, `by_id` and `buckets` bisect those columns and filter with vectorized numpy, so
-a page of n costs O(n + log total), never O(total) Python work.  Memory: 25 bytes per
-usable checkpoint (about 12 MB for 500,000) plus what the journals already hold.
-(Listing a journal's checkpoints is the journal's own O(total) loop: `Journal` has no
-"checkpoints after seq" call today; it runs only when a journal gained a checkpoint.)
+journal's `status()` (O(segments)); when the first journal's newest checkpoint changed it
+lists that journal's checkpoints and takes the new ones as candidates, and asks every
+other journal for each candidate by id (a bisect) once it has passed that seq (O(new log
+total)).  Listing, paging, `before`, `by_id` and `buckets` bisect the columns and filter
+with vectorized numpy, so a page of n costs O(n + log total), never O(total) Python
+work.  Memory: 25 bytes per usable checkpoint (about 12 MB for 500,000) plus what the
+journals already hold.  (Listing the first journal's checkpoints is the journal's own
+O(total) loop, about 0.3 us per checkpoint: `Journal` has no "checkpoints after seq"
+call today; it runs only when a checkpoint arrived.)
 
 Time.  Checkpoint times come from the protected site's clock.  Ranges, `before` and
 buckets use a time key that never decreases along seq (the running maximum of the
@@ -234,8 +236,8 @@ class RecoveryVPG:
         self._lock = threading.RLock()
         self._cols = _Columns()
         n = len(self._vms)
-        self._pending: list[deque[Checkpoint]] = [deque() for _ in range(n)]
-        self._seen_ckpt = [0] * n  # newest checkpoint seq taken from each journal
+        self._pending: deque[Checkpoint] = deque()  # the first journal's, not decided yet
+        self._seen_ckpt = 0  # newest checkpoint seq taken from the first journal
         self._seen = [0] * n  # each journal's checkpoints are known up to this seq
         self._durable = [0] * n
         self._statuses: list[JournalStatus] = []
@@ -274,30 +276,32 @@ class RecoveryVPG:
     # ---- keeping up with the journals --------------------------------------------------
 
     def refresh(self) -> None:
-        """Take in what the journals gained (and lost to promotion) since the last call."""
+        """Take in what the journals gained (and lost to promotion) since the last call.
+
+        Only the first journal's checkpoints are listed (when its newest one changed):
+        they are the candidates, since a checkpoint it lacks is not usable; each other
+        journal is asked for a candidate by id (a bisect) once it has passed that seq."""
         with self._lock:
             self._statuses = [j.status() for j in self._journals.values()]
+            first = self._statuses[0].newest_checkpoint
+            if first is not None and first.seq > self._seen_ckpt:
+                self._take_new(self._journals[self._vms[0]].checkpoints())
             floor = 0
-            for i, (j, st) in enumerate(zip(self._journals.values(), self._statuses,
-                                            strict=True)):
-                newest = st.newest_checkpoint
-                if newest is not None and newest.seq > self._seen_ckpt[i]:
-                    self._take_new(i, j.checkpoints())
-                self._seen[i] = max(self._seen[i], st.last_seq, self._seen_ckpt[i])
+            for i, st in enumerate(self._statuses):
+                self._seen[i] = max(self._seen[i], st.last_seq)
                 self._durable[i] = max(self._durable[i], st.durable_seq)
                 oldest = st.oldest_checkpoint
                 # below its oldest checkpoint a journal holds none any more; holding none
                 # at all, it holds none up to what it has seen
                 floor = max(floor, oldest.seq if oldest is not None else self._seen[i] + 1)
             self._cols.drop_below(floor)
-            for q in self._pending:
-                while q and q[0].seq < floor:
-                    q.popleft()
+            while self._pending and self._pending[0].seq < floor:
+                self._pending.popleft()
             self._merge()
             self._last_refresh = time.monotonic()
 
-    def _take_new(self, i: int, listed: list[Checkpoint]) -> None:
-        seen = self._seen_ckpt[i]
+    def _take_new(self, listed: list[Checkpoint]) -> None:
+        seen = self._seen_ckpt
         lo, hi = 0, len(listed)
         while lo < hi:  # first listed checkpoint past the ones already taken
             mid = (lo + hi) // 2
@@ -306,36 +310,27 @@ class RecoveryVPG:
             else:
                 hi = mid
         if lo < len(listed):
-            self._pending[i].extend(listed[lo:])
-            self._seen_ckpt[i] = listed[-1].seq
+            self._pending.extend(listed[lo:])
+            self._seen_ckpt = listed[-1].seq
 
     def _merge(self) -> None:
-        """Move the checkpoints every journal holds durably from the pending queues into
-        the columns, in seq order; drop those some journal has passed without."""
-        queues, n = self._pending, len(self._pending)
-        while True:
-            heads = [q[0].seq if q else None for q in queues]
-            present = [h for h in heads if h is not None]
-            if not present:
+        """Move the candidates every journal holds durably into the columns, in seq
+        order; drop those some journal has passed without.  Stops at the first candidate
+        a journal has not reached yet, or holds but not durably."""
+        others = [self._journals[vm] for vm in self._vms[1:]]
+        while self._pending:
+            c = self._pending[0]
+            if any(seen < c.seq for seen in self._seen) or \
+                    any(d < c.seq for d in self._durable):
                 return
-            s = min(present)
-            missing = waiting = False
-            for i in range(n):
-                if heads[i] != s:
-                    if self._seen[i] >= s:
-                        missing = True  # journal i went past s without it: never usable
-                    else:
-                        waiting = True  # journal i has not got that far yet
-            if missing:
-                for i in range(n):
-                    if heads[i] == s:
-                        queues[i].popleft()
+            try:
+                for j in others:
+                    j.checkpoint_by_id(c.seq)
+            except CheckpointNotFoundError:
+                self._pending.popleft()  # some journal went past it without it
                 continue
-            if waiting or any(d < s for d in self._durable):
-                return
-            self._cols.append(queues[0][0])
-            for q in queues:
-                q.popleft()
+            self._cols.append(c)
+            self._pending.popleft()
 
     def _fresh(self) -> _Columns:
         if self._closed:

@@ -238,7 +238,7 @@ def test_listing_a_long_history_keeps_up_across_many_refreshes(tmp_path):
     with RecoveryVPG("vpg", journals, owns_journals=True) as vpg:
         for k in range(3000):  # past the initial column capacity, through several regrows
             model.checkpoint([0, 1], "t" if k % 100 == 0 else None, k % 7 != 0)
-            if k % 250 == 0:
+            if k % 400 == 0:  # 400 new at a time: the bulk check (above BULK_CHECK)
                 model.commit(0)
                 model.commit(1)
                 vpg.refresh()

@@ -192,6 +192,7 @@ class MetricHistory:
         self.save_interval = save_interval
         self.load_error: str | None = None
         self._lock = threading.Lock()
+        self._save_lock = threading.Lock()  # one writer of the state file at a time
         self._vpgs: dict[str, list[_Ring]] = {}
         self._dirty = False
         self._last_save = time.monotonic()
@@ -227,6 +228,8 @@ class MetricHistory:
         if not math.isfinite(value):
             return  # a chart has no point for an unknown figure
         now = time.time() if now is None else now
+        if now < 0:
+            raise ConfigError(f"metric sample time {now} is before the epoch")
         with self._lock:
             rings = self._vpgs.get(vpg)
             if rings is None:
@@ -304,9 +307,10 @@ class MetricHistory:
         """Write the snapshot now (atomic replacement of the state file)."""
         if self.path is None:
             return
-        meta = self.snapshot()
-        write_state(self.path, STATE_FORMAT, STATE_VERSION, meta)
-        self._last_save = time.monotonic()
+        with self._save_lock:
+            meta = self.snapshot()
+            write_state(self.path, STATE_FORMAT, STATE_VERSION, meta)
+            self._last_save = time.monotonic()
 
     def maybe_save(self) -> bool:
         """Save when something changed and `save_interval` has passed since the last save;

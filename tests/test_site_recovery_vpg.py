@@ -335,3 +335,42 @@ def test_unknown_kind_and_bad_bucket_requests_are_refused(tmp_path):
             vpg.buckets(10, 5, 1)
         with pytest.raises(ConfigError, match="limit"):
             vpg.buckets(0, 1e9, 1)
+
+
+def test_a_protected_vpg_streamed_into_journals_lists_and_recovers_its_checkpoints(tmp_path):
+    """The real path: ProtectedVolume writes on two VMs, the VPG stream's bundles (one part
+    per VM, every checkpoint marker in each) delivered by LocalLink."""
+    from zcore.vpg import VPG, LocalLink, VPGSettings
+
+    vpg = VPG("e2e", tmp_path / "state", VPGSettings(checkpoint_interval=3600))
+    volumes = []
+    for i in range(2):
+        disk = tmp_path / f"disk{i}.img"
+        disk.write_bytes(bytes(VOLUME))
+        vpg.add_vm(f"vm{i}")
+        volumes.append(vpg.add_volume(f"vm{i}", f"disk{i}", disk))
+    vpg.start()
+    journals = LocalLink.create_journals(vpg, tmp_path / "journals")
+    link = LocalLink(vpg, journals)
+    images = [bytearray(VOLUME), bytearray(VOLUME)]
+    taken: dict[int, list[bytes]] = {}
+    try:
+        with RecoveryVPG("e2e", journals) as recovery:
+            for round_ in range(3):
+                for i, vol in enumerate(volumes):
+                    data = bytes([round_ + 1 + 10 * i]) * 8192
+                    vol.write(round_ * 8192, data)
+                    images[i][round_ * 8192:(round_ + 1) * 8192] = data
+                seq = vpg.checkpoint(f"round-{round_}" if round_ == 1 else None)
+                taken[seq] = [bytes(img) for img in images]
+                link.drain()
+            assert [c.id for c in recovery.checkpoints()] == sorted(taken)
+            assert recovery.latest(tagged=True).tag == "round-1"
+            for seq, then in taken.items():
+                with recovery.views(seq) as views:
+                    for i, vol in enumerate(volumes):
+                        assert views.read(f"vm{i}", vol.id, 0, VOLUME) == then[i]
+    finally:
+        vpg.close()
+        for j in journals.values():
+            j.close()

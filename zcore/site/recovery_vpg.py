@@ -392,12 +392,12 @@ class RecoveryVPG:
         """How many usable checkpoints `checkpoints` would list without a limit."""
         with self._lock:
             cols = self._fresh()
-            lo, hi = self._bounds(None if start is None else _ns(start),
-                                  None if end is None else _ns(end), None, False)
-            if tag is not None:
-                return len(self._select(None if start is None else _ns(start),
-                                        None if end is None else _ns(end), tag, _kind(kind),
-                                        consistent, None, None, False))
+            lo_ns = None if start is None else _ns(start)
+            hi_ns = None if end is None else _ns(end)
+            if tag is not None:  # the tag test is per checkpoint: count what matches
+                return len(self._select(lo_ns, hi_ns, tag, _kind(kind), consistent, None,
+                                        None, False))
+            lo, hi = self._bounds(lo_ns, hi_ns, None, False)
             mask, want = self._flag_filter(_kind(kind), consistent)
             if not mask:
                 return hi - lo

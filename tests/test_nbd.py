@@ -1,5 +1,5 @@
 """The NBD server at the protocol level: negotiation, commands, and hostile clients, driven
-by a raw client (test_nbd_util.RawClient) that can break the protocol on purpose.  Real
+by a raw client (helpers.nbd.RawClient) that can break the protocol on purpose.  Real
 clients (qemu, libnbd's tools, fio) are in test_nbd_clients.py."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import threading
 import time
 
 import pytest
+from helpers.nbd import MiB, RawClient, ServerClosed, build_journal, serving, write_tls_files
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-from test_nbd_util import MiB, RawClient, ServerClosed, build_journal, serving, write_tls_files
 
 from zcore import nbd
 from zcore.errors import ConfigError
@@ -42,7 +42,7 @@ def server(tmp_path, image):
 
 
 def connect(srv, name="disk", *, structured=False, unix=False) -> RawClient:
-    c = RawClient(srv.server._addresses[1][1] if unix else srv.address)
+    c = RawClient(srv.server.addresses[1][1] if unix else srv.address)
     c.connect_export(name, structured=structured)
     return c
 
@@ -385,8 +385,7 @@ def test_client_that_never_reads_replies_is_not_buffered_without_bound(server):
     time.sleep(0.5)
 
     def buffered():
-        return [conn._transport.get_write_buffer_size()
-                for conn in server.server._connections]
+        return [conn.queued_reply_bytes for conn in server.server.connection_info()]
 
     assert max(server.call(buffered)) <= 4 * MiB + 64
     c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from zcore import nbd
-from zcore.errors import ConfigError
+from zcore.errors import ConfigError, ProtocolError
 from zcore.nbd import Export, FileBackend, TLSConfig
 
 SIZE = 4 * MiB
@@ -288,6 +288,26 @@ def test_backend_failures_become_nbd_errors_not_crashes(tmp_path, image):
 
 
 # ---- hostile clients -----------------------------------------------------------------------
+
+
+def test_request_header_of_the_wrong_length_or_magic_is_a_protocol_error():
+    header = struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0x1, nbd.CMD_WRITE, 7, 4096, 512)
+    assert nbd.parse_request(header) == nbd.Request(0x1, nbd.CMD_WRITE, 7, 4096, 512)
+    assert nbd.parse_request(memoryview(bytearray(header))).handle == 7
+    for bad in (b"", header[:-1], header + b"\0", b"\xff" + header[1:]):
+        with pytest.raises(ProtocolError):
+            nbd.parse_request(bad)
+
+
+@given(data=st.binary(max_size=64)
+       | st.binary(min_size=24, max_size=24).map(lambda rest: struct.pack(">I", 0x25609513) + rest))
+def test_any_bytes_parse_as_a_request_or_raise_protocol_error(data):
+    try:
+        req = nbd.parse_request(data)
+    except ProtocolError:
+        assert len(data) != nbd.REQUEST_SIZE or data[:4] != struct.pack(">I", nbd.REQUEST_MAGIC)
+        return
+    assert struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, *req) == data
 
 
 def test_bad_magic_unknown_flags_and_unknown_export_name_drop_the_connection(server):

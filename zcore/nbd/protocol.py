@@ -120,6 +120,9 @@ class Request(NamedTuple):
 
 
 _unpack_request = REQUEST.unpack
+# tuple.__new__ straight from the unpacked fields: about half the cost of Request(...)
+# with five arguments, on the path every request takes
+_new_request = tuple.__new__
 
 
 def parse_request(header: bytes | bytearray | memoryview) -> Request:
@@ -131,7 +134,7 @@ def parse_request(header: bytes | bytearray | memoryview) -> Request:
     accept with an NBD error, and the connection stays up."""
     if len(header) != REQUEST_SIZE:
         raise ProtocolError(f"request header of {len(header)} bytes, not {REQUEST_SIZE}")
-    magic, flags, command, handle, offset, length = _unpack_request(header)
-    if magic != REQUEST_MAGIC:
-        raise ProtocolError(f"bad request magic {magic:#x}")
-    return Request(flags, command, handle, offset, length)
+    fields = _unpack_request(header)
+    if fields[0] != REQUEST_MAGIC:
+        raise ProtocolError(f"bad request magic {fields[0]:#x}")
+    return _new_request(Request, fields[1:])

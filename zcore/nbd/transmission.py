@@ -88,7 +88,7 @@ class PooledBuffer:
         self.cap = cap
         self.arr = np.empty(cap + HEADROOM + 64, dtype=np.uint8)  # no zero-fill
         skew = (-(self.arr.ctypes.data + HEADROOM)) % 64
-        self.mv = memoryview(self.arr)[skew : skew + HEADROOM + cap]
+        self.mv = self.arr.data[skew : skew + HEADROOM + cap]
         self.data = self.mv[HEADROOM:]
 
 

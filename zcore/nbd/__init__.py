@@ -44,6 +44,7 @@ from zcore.nbd.connection import (
 from zcore.nbd.exports import (
     Backend,
     Export,
+    ExportKind,
     FileBackend,
     ViewBackend,
     VolumeBackend,
@@ -222,6 +223,7 @@ __all__ = [
     "Backend",
     "ConnectionInfo",
     "Export",
+    "ExportKind",
     "FileBackend",
     "NBDClientConnection",
     "NBDServer",

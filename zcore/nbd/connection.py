@@ -43,9 +43,16 @@ WRITE_LOW_WATER = 0
 
 
 class Phase(IntEnum):
+    """Where a connection is: negotiating, serving requests, or closed."""
+
     HANDSHAKE = 0
     TRANSMISSION = 1
     CLOSED = 2
+
+
+# module-level aliases: an enum member costs a class-attribute lookup (about 0.15 us) per
+# comparison, and the receive path compares the phase per request
+_HANDSHAKE, _TRANSMISSION, _CLOSED = Phase.HANDSHAKE, Phase.TRANSMISSION, Phase.CLOSED
 
 
 class NBDClientConnection(asyncio.BufferedProtocol):
@@ -60,7 +67,7 @@ class NBDClientConnection(asyncio.BufferedProtocol):
         self._start = 0
         self._end = 0
         self._transport: Any = None
-        self._phase = Phase.HANDSHAKE
+        self._phase = _HANDSHAKE
         self._waiter: asyncio.Future[None] | None = None
         self._lost = False
         self.export: Export | None = None
@@ -89,7 +96,7 @@ class NBDClientConnection(asyncio.BufferedProtocol):
         refusal = self.server.register_connection(self)
         if refusal is not None:
             log.warning("nbd: refusing connection from %s (%s)", self.peer, refusal)
-            self._phase = Phase.CLOSED
+            self._phase = _CLOSED
             cast(asyncio.Transport, transport).abort()
             return
         self._transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
@@ -97,7 +104,7 @@ class NBDClientConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        self._phase = Phase.CLOSED
+        self._phase = _CLOSED
         self._release_payload()  # a write whose payload did not arrive whole is dropped
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
@@ -110,12 +117,12 @@ class NBDClientConnection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        if self._phase == Phase.TRANSMISSION and self._transport is not None:
+        if self._phase == _TRANSMISSION and self._transport is not None:
             self._transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._phase == Phase.TRANSMISSION and self._transport is not None:
+        if self._phase == _TRANSMISSION and self._transport is not None:
             self._transport.resume_reading()
             self._loop.call_soon(self._process)
 
@@ -127,7 +134,7 @@ class NBDClientConnection(asyncio.BufferedProtocol):
         return self._mv[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._phase == Phase.CLOSED:
+        if self._phase == _CLOSED:
             return
         if self._payload is not None:
             self._payload_filled += nbytes
@@ -135,7 +142,7 @@ class NBDClientConnection(asyncio.BufferedProtocol):
                 self._process(finish_payload=True)
             return
         self._end += nbytes
-        if self._phase == Phase.TRANSMISSION:
+        if self._phase == _TRANSMISSION:
             self._process()
         elif self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
@@ -221,7 +228,7 @@ class NBDClientConnection(asyncio.BufferedProtocol):
         self.export = export
         self._tx = Transmission(export, self._transport, self._pool, structured=structured,
                                 max_request=self.server.max_request, peer=self.peer)
-        self._phase = Phase.TRANSMISSION
+        self._phase = _TRANSMISSION
         log.debug("nbd: %s uses export %r", self.peer, export.name)
         if self._end > self._start:
             self._process()
@@ -239,7 +246,7 @@ class NBDClientConnection(asyncio.BufferedProtocol):
         except Exception:
             log.exception("nbd: internal error serving %s; connection dropped", self.peer)
             self._abort()
-        if self._tx is not None and self._phase != Phase.CLOSED:
+        if self._tx is not None and self._phase != _CLOSED:
             self._tx.flush_out()
 
     def _run_requests(self) -> None:
@@ -251,7 +258,7 @@ class NBDClientConnection(asyncio.BufferedProtocol):
         mv = self._mv
         start, end = self._start, self._end
         max_request = self.server.max_request
-        while self._phase == Phase.TRANSMISSION and not self._write_paused:
+        while self._phase == _TRANSMISSION and not self._write_paused:
             if self._discard:
                 take = min(self._discard, end - start)
                 start += take
@@ -320,18 +327,18 @@ class NBDClientConnection(asyncio.BufferedProtocol):
 
     def _close_gracefully(self) -> None:
         """Send what is queued, then close (NBD_CMD_DISC, NBD_OPT_ABORT, shutdown)."""
-        if self._phase == Phase.CLOSED:
+        if self._phase == _CLOSED:
             return
         if self._tx is not None:
             self._tx.flush_out()
-        self._phase = Phase.CLOSED
+        self._phase = _CLOSED
         self._release_payload()
         if self._transport is not None:
             self._transport.close()
 
     def _abort(self) -> None:
         """Hard disconnect: nothing more is sent or applied."""
-        self._phase = Phase.CLOSED
+        self._phase = _CLOSED
         self._release_payload()
         if self._tx is not None:
             self._tx.out = bytearray()
@@ -343,7 +350,7 @@ class NBDClientConnection(asyncio.BufferedProtocol):
         the handshake."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
-        if self._phase == Phase.TRANSMISSION:
+        if self._phase == _TRANSMISSION:
             self._close_gracefully()
         else:
             self._abort()

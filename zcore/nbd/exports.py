@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from zcore.errors import ConfigError, OutOfRangeError
@@ -147,16 +148,25 @@ class ViewBackend:
             self.view.close()
 
 
+class ExportKind(StrEnum):
+    """What an export serves (informational: shown to people, not to NBD clients)."""
+
+    VOLUME = "volume"
+    VIEW = "view"
+    SCRATCH = "scratch"
+    FILE = "file"
+
+
 @dataclass
 class Export:
     """A named backend.  `owned`: the server closes the backend when it closes or drops
-    the export.  `kind` is informational ("volume", "view", "scratch", "file")."""
+    the export.  `kind` is informational."""
 
     name: str
     backend: Backend
     description: str = ""
     owned: bool = True
-    kind: str = "file"
+    kind: ExportKind = ExportKind.FILE
 
     def __post_init__(self) -> None:
         raw = self.name.encode("utf-8")
@@ -188,13 +198,13 @@ def file_export(path: str | os.PathLike[str], name: str | None = None, *,
     """A raw file served as is (writes are not captured)."""
     backend = FileBackend(path, readonly=readonly)
     return Export(name if name is not None else os.path.basename(os.fspath(path)), backend,
-                  f"raw file {os.fspath(path)}", kind="file")
+                  f"raw file {os.fspath(path)}", kind=ExportKind.FILE)
 
 
 def volume_export(volume: Any, name: str | None = None, *, owned: bool = False) -> Export:
     """A protected volume, read-write; every write is captured."""
     return Export(name if name is not None else volume.name, VolumeBackend(volume, owns=owned),
-                  f"protected volume {volume.name}", owned=True, kind="volume")
+                  f"protected volume {volume.name}", owned=True, kind=ExportKind.VOLUME)
 
 
 def view_export(journal: Journal, checkpoint: Any, volume: int | str,
@@ -207,7 +217,7 @@ def view_export(journal: Journal, checkpoint: Any, volume: int | str,
         backend = ViewBackend(view, spec.id, owns=True)
         ckpt = view.checkpoint
         return Export(name if name is not None else f"{spec.name}@{ckpt.id}", backend,
-                      _checkpoint_text(journal, spec.name, ckpt), kind="view")
+                      _checkpoint_text(journal, spec.name, ckpt), kind=ExportKind.VIEW)
     except BaseException:
         view.close()
         raise
@@ -227,7 +237,7 @@ def scratch_export(journal: Journal, checkpoint: Any, volume: int | str,
     try:
         return Export(name if name is not None else f"{spec.name}@{ckpt.id}-scratch", overlay,
                       "scratch overlay on " + _checkpoint_text(journal, spec.name, ckpt),
-                      kind="scratch")
+                      kind=ExportKind.SCRATCH)
     except BaseException:
         overlay.close()
         raise

@@ -272,10 +272,10 @@ class NBDClientConnection(asyncio.BufferedProtocol):
                 break
             req = parse_request(mv[start : start + REQUEST_SIZE])
             start += REQUEST_SIZE
-            length = req.length
-            if req.command != CMD_WRITE:
+            _, command, _, _, length = req
+            if command != CMD_WRITE:
                 self._start, self._end = start, end
-                if req.command == CMD_DISC:
+                if command == CMD_DISC:
                     self._close_gracefully()
                 else:
                     tx.request(req)

@@ -187,12 +187,12 @@ class Transmission:
                 return
             self._run(req.handle, cmd, self._backend.flush)
         elif cmd == CMD_WRITE_ZEROES:
-            err, message = self._check(req, writes=True)
+            err, message = self._check(req.flags, req.offset, req.length, writes=True)
             if not err and req.flags & CMD_FLAG_FAST_ZERO:
                 err, message = ENOTSUP, "fast zeroing is not offered"
             self._ranged(req, err, message, self._backend.write_zeroes)
         elif cmd == CMD_TRIM:
-            err, message = self._check(req, writes=True)
+            err, message = self._check(req.flags, req.offset, req.length, writes=True)
             if not err and not self._can_trim:
                 err, message = EINVAL, "TRIM is not offered on this export"
             self._ranged(req, err, message, getattr(self._backend, "trim", None))
@@ -201,21 +201,21 @@ class Transmission:
 
     def write(self, req: Request, payload: memoryview) -> None:
         """A WRITE whose whole payload (`req.length` bytes) has arrived."""
-        err, message = self._check(req, writes=True)
-        if req.flags & CMD_FLAG_DF:
+        flags, _, handle, offset, length = req  # one unpack: this is the per-request path
+        err, message = self._check(flags, offset, length, writes=True)
+        if flags & CMD_FLAG_DF:
             err, message = EINVAL, "DF is a flag of READ"
         if err:
-            self.error(req.handle, CMD_WRITE, err, message)
-        elif req.length:
-            self._run(req.handle, CMD_WRITE, self._backend.write, req.offset, payload,
-                      fua=bool(req.flags & CMD_FLAG_FUA))
+            self.error(handle, CMD_WRITE, err, message)
+        elif length:
+            self._run(handle, CMD_WRITE, self._backend.write, offset, payload,
+                      fua=bool(flags & CMD_FLAG_FUA))
         else:
-            self._ok(req.handle)
+            self._ok(handle)
 
     # -- running --
 
-    def _check(self, req: Request, *, writes: bool) -> tuple[int, str]:
-        flags, offset, length = req.flags, req.offset, req.length
+    def _check(self, flags: int, offset: int, length: int, *, writes: bool) -> tuple[int, str]:
         if flags & ~KNOWN_CMD_FLAGS:
             return EINVAL, f"unknown command flags {flags:#x}"
         if writes and self._readonly:
@@ -250,8 +250,8 @@ class Transmission:
         self._ok(handle)
 
     def _read(self, req: Request) -> None:
-        handle, offset, length = req.handle, req.offset, req.length
-        err, message = self._check(req, writes=False)
+        flags, _, handle, offset, length = req
+        err, message = self._check(flags, offset, length, writes=False)
         if not err and length > self._max_request:
             err = self.too_big_errno()
             message = f"read of {length} bytes is over the {self._max_request}-byte limit"

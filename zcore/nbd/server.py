@@ -95,6 +95,7 @@ class NBDServer:
 
     @property
     def closing(self) -> bool:
+        """True once `close` has begun: new connections and options are refused."""
         return self._closing
 
     # -- exports --

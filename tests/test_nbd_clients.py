@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require_tool
-from test_nbd_util import MiB, build_journal, run, serving, write_tls_files
+from helpers.nbd import MiB, build_journal, run, serving, write_tls_files
 
 from zcore import nbd
 from zcore.errors import ConfigError

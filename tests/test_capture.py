@@ -582,7 +582,7 @@ def test_overlapping_concurrent_writes_reach_disk_and_journal_in_seq_order(tmp_p
                 data = tag * (n // 2) if rng.random() < 0.9 else bytes(n)
                 mine.append((vol.write(off, data), off, data))
                 if t == 0 and i % 25 == 24:  # checkpoints cut among the writes
-                    taken.append(vpg.checkpoint())
+                    taken.append(vpg.checkpoint().seq)
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
         with lock:
@@ -595,7 +595,7 @@ def test_overlapping_concurrent_writes_reach_disk_and_journal_in_seq_order(tmp_p
         for th in threads:
             th.join()
         assert not errors, errors
-        final = vpg.checkpoint("final")
+        final = vpg.checkpoint("final").seq
         link.stop()
         link.drain()
         log.sort()

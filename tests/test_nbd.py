@@ -1,5 +1,5 @@
 """The NBD server at the protocol level: negotiation, commands, and hostile clients, driven
-by a raw client (test_nbd_util.RawClient) that can break the protocol on purpose.  Real
+by a raw client (helpers.nbd.RawClient) that can break the protocol on purpose.  Real
 clients (qemu, libnbd's tools, fio) are in test_nbd_clients.py."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import threading
 import time
 
 import pytest
+from helpers.nbd import MiB, RawClient, ServerClosed, build_journal, serving, write_tls_files
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-from test_nbd_util import MiB, RawClient, ServerClosed, build_journal, serving, write_tls_files
 
 from zcore import nbd
-from zcore.errors import ConfigError
+from zcore.errors import ConfigError, ProtocolError
 from zcore.nbd import Export, FileBackend, TLSConfig
 
 SIZE = 4 * MiB
@@ -42,7 +42,7 @@ def server(tmp_path, image):
 
 
 def connect(srv, name="disk", *, structured=False, unix=False) -> RawClient:
-    c = RawClient(srv.server._addresses[1][1] if unix else srv.address)
+    c = RawClient(srv.server.addresses[1][1] if unix else srv.address)
     c.connect_export(name, structured=structured)
     return c
 
@@ -290,6 +290,26 @@ def test_backend_failures_become_nbd_errors_not_crashes(tmp_path, image):
 # ---- hostile clients -----------------------------------------------------------------------
 
 
+def test_request_header_of_the_wrong_length_or_magic_is_a_protocol_error():
+    header = struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0x1, nbd.CMD_WRITE, 7, 4096, 512)
+    assert nbd.parse_request(header) == nbd.Request(0x1, nbd.CMD_WRITE, 7, 4096, 512)
+    assert nbd.parse_request(memoryview(bytearray(header))).handle == 7
+    for bad in (b"", header[:-1], header + b"\0", b"\xff" + header[1:]):
+        with pytest.raises(ProtocolError):
+            nbd.parse_request(bad)
+
+
+@given(data=st.binary(max_size=64)
+       | st.binary(min_size=24, max_size=24).map(lambda rest: struct.pack(">I", 0x25609513) + rest))
+def test_any_bytes_parse_as_a_request_or_raise_protocol_error(data):
+    try:
+        req = nbd.parse_request(data)
+    except ProtocolError:
+        assert len(data) != nbd.REQUEST_SIZE or data[:4] != struct.pack(">I", nbd.REQUEST_MAGIC)
+        return
+    assert struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, *req) == data
+
+
 def test_bad_magic_unknown_flags_and_unknown_export_name_drop_the_connection(server):
     with RawClient(server.address) as c:
         c.hello()
@@ -385,8 +405,7 @@ def test_client_that_never_reads_replies_is_not_buffered_without_bound(server):
     time.sleep(0.5)
 
     def buffered():
-        return [conn._transport.get_write_buffer_size()
-                for conn in server.server._connections]
+        return [conn.queued_reply_bytes for conn in server.server.connection_info()]
 
     assert max(server.call(buffered)) <= 4 * MiB + 64
     c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -14,7 +14,7 @@ import time
 
 import pytest
 from conftest import require_tool
-from test_nbd_util import MiB, run, write_tls_files
+from helpers.nbd import MiB, run, write_tls_files
 
 from zcore.journal import Journal
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require_tool
-from test_nbd_util import MiB, build_journal, run, serving, write_tls_files
+from helpers.nbd import MiB, build_journal, run, serving, write_tls_files
 
 from zcore import nbd
 from zcore.errors import ConfigError
@@ -42,7 +42,7 @@ class Protected:
 
     def checkpoint(self, tag: str) -> int:
         """A tagged checkpoint, delivered with everything before it into the journal."""
-        seq = self.vpg.checkpoint(tag)
+        seq = self.vpg.checkpoint(tag).seq
         self.link.stop()
         self.link.drain()
         self.link.start()

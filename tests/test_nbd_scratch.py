@@ -11,9 +11,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from helpers.nbd import MiB, build_journal
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from test_nbd_util import MiB, build_journal
 
 from zcore.errors import AlignmentError, ClosedError, OutOfRangeError, ScratchLimitError
 from zcore.journal import Journal, VolumeSpec

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import re
 import ssl
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from test_replication_util import (
+from helpers.replication import (
     MiB,
     Model,
     fast_timeouts,
@@ -27,7 +29,8 @@ from test_replication_util import (
 )
 
 from zcore import wire
-from zcore.errors import ProtocolError
+from zcore.errors import CorruptRecordError, ProtocolError
+from zcore.fsutil import read_state, write_state
 from zcore.replication import ProtectedSite, RecoverySite
 from zcore.security import (
     SERVER_NAME,
@@ -38,6 +41,8 @@ from zcore.security import (
     fingerprint,
     pairing_proof,
     pem_to_der,
+    token_id,
+    token_key,
 )
 
 
@@ -94,7 +99,7 @@ def test_pairing_pins_each_site_on_the_other_and_replication_then_works(tmp_path
             model = Model(vpg)
             rep = ps.protect(vpg, host, port)
             model.write(0, 0, b"x" * 4096)
-            seq = vpg.checkpoint("one")
+            seq = vpg.checkpoint("one").seq
             await wait_until(lambda: vpg.acked_seq >= seq, 10, "the ack")
             assert verify_journals(rs, model) >= 1
             assert rep.sessions == 1
@@ -117,7 +122,7 @@ def test_pairing_survives_restarts_of_both_sites(tmp_path):
             vpg.start()
             ps.protect(vpg, host, port)
             vpg.volumes[0].write(0, b"y" * 512)
-            seq = vpg.checkpoint()
+            seq = vpg.checkpoint().seq
             await wait_until(lambda: vpg.acked_seq >= seq, 10, "the ack")
             await ps.stop()
             vpg.close()
@@ -499,7 +504,7 @@ def test_a_site_claiming_another_sites_id_cannot_take_over_its_vpg(tmp_path):
         vpg.start()
         rep = owner.protect(vpg, host, port)
         vpg.volumes[0].write(0, b"o" * 4096)
-        seq = vpg.checkpoint()
+        seq = vpg.checkpoint().seq
         await wait_until(lambda: vpg.acked_seq >= seq, 10, "the owner's ack")
         # a second site that claims to be the owner
         thief_dir = tmp_path / "thief"
@@ -517,7 +522,7 @@ def test_a_site_claiming_another_sites_id_cannot_take_over_its_vpg(tmp_path):
                 host, port, ssl=client_context(thief.identity, rs.identity.cert_pem),
                 server_hostname=SERVER_NAME)
             writer.write(thief.hello())
-            writer.write(wire.control(wire.ATTACH, 1, **rep._attach_message()))
+            writer.write(wire.control(wire.ATTACH, 1, **rep.attach_message()))
             await _closed(reader)
             assert rep.sessions == 1 and rep.connected, "the thief took over the VPG"
             assert any("belongs to another site" in r for r in rs.refused), list(rs.refused)
@@ -537,3 +542,122 @@ def test_peer_store_pins_by_fingerprint(tmp_path):
     assert store.get(a.fingerprint) == peer
     assert store.get("0" * 64) is None
     assert a.cert_pem in store.trust_bundle()
+
+
+# ---- site state files (docs/format.md 10b) --------------------------------------------------
+
+def _damages(path: Path) -> dict[str, bytes]:
+    """Ways a site state file is found damaged on disk."""
+    good = path.read_bytes()
+    doc = json.loads(good)
+    doc["crc32c"] ^= 1
+    return {"empty": b"", "not_json": b"{not json", "torn": good[: len(good) // 2],
+            "checksum_mismatch": json.dumps(doc).encode(), "a_list": b"[1, 2]",
+            "deep": b"[" * 60_000}
+
+
+def test_site_files_are_written_as_checked_state_files(tmp_path):
+    identity = SiteIdentity.load_or_create(tmp_path, "a")
+    PeerStore(tmp_path).add(identity.site_id, "a", identity.cert_pem)
+    PairingTokens(tmp_path).issue()
+    assert read_state(tmp_path / "site.json", "zcore-site", 1)["site_id"] == identity.site_id
+    assert identity.fingerprint in read_state(tmp_path / "peers.json", "zcore-peers", 1)["peers"]
+    assert len(read_state(tmp_path / "pairing-tokens.json", "zcore-pairing-tokens",
+                          1)["tokens"]) == 1
+
+
+def test_site_files_of_the_plain_json_layout_still_load(tmp_path):
+    """Sites created before checked state files hold plain JSON: it still loads, and a
+    file that is rewritten (peers, tokens) is rewritten as a checked file."""
+    made = SiteIdentity.load_or_create(tmp_path / "other", "other")
+    (tmp_path / "site.crt").write_text(made.cert_pem)
+    (tmp_path / "site.json").write_text(json.dumps({"site_id": "abc", "name": "old"}))
+    (tmp_path / "peers.json").write_text(json.dumps(
+        {made.fingerprint: {"site_id": made.site_id, "name": "other", "cert": made.cert_pem}},
+        indent=1))
+    token = "old-token"
+    (tmp_path / "pairing-tokens.json").write_text(json.dumps(
+        {token_id(token): [token_key(token), time.time() + 60], "x": "older shape"}))
+    identity = SiteIdentity.load_or_create(tmp_path, "ignored")
+    assert (identity.site_id, identity.name, identity.cert_pem) == ("abc", "old", made.cert_pem)
+    peers = PeerStore(tmp_path)
+    assert peers.get(made.fingerprint).site_id == made.site_id
+    tokens = PairingTokens(tmp_path)
+    assert tokens.key_for(token_id(token)) == token_key(token)
+    assert tokens.key_for("x") is None
+    assert tokens.consume(token_id(token)) and not tokens.consume(token_id(token))
+    assert read_state(tmp_path / "pairing-tokens.json", "zcore-pairing-tokens",
+                      1)["tokens"] == {}
+    peers.add("s2", "n2", SiteIdentity.load_or_create(tmp_path / "n2", "n2").cert_pem)
+    assert len(read_state(tmp_path / "peers.json", "zcore-peers", 1)["peers"]) == 2
+
+
+@pytest.mark.parametrize("damage", ["empty", "not_json", "torn", "checksum_mismatch",
+                                    "a_list", "deep"])
+@pytest.mark.parametrize("name", ["site.json", "peers.json", "pairing-tokens.json"])
+def test_damaged_site_file_raises_corrupt_record_error_naming_it(tmp_path, name, damage):
+    identity = SiteIdentity.load_or_create(tmp_path, "a")
+    PeerStore(tmp_path).add(identity.site_id, "a", identity.cert_pem)
+    PairingTokens(tmp_path).issue()
+    path = tmp_path / name
+    path.write_bytes(_damages(path)[damage])
+    load = {"site.json": lambda: SiteIdentity.load_or_create(tmp_path, "a"),
+            "peers.json": lambda: PeerStore(tmp_path).all(),
+            "pairing-tokens.json": lambda: PairingTokens(tmp_path).key_for("x")}[name]
+    with pytest.raises(CorruptRecordError, match=re.escape(name)):
+        load()
+
+
+@pytest.mark.parametrize("doc", [{"site_id": 5, "name": "a"}, {"name": "a"}])
+def test_site_json_with_a_field_of_the_wrong_type_is_damage(tmp_path, doc):
+    SiteIdentity.load_or_create(tmp_path, "a")
+    write_state(tmp_path / "site.json", "zcore-site", 1, doc)  # a valid checksum
+    with pytest.raises(CorruptRecordError, match="site_id"):
+        SiteIdentity.load_or_create(tmp_path, "a")
+    (tmp_path / "site.json").write_text(json.dumps(doc))  # the plain layout likewise
+    with pytest.raises(CorruptRecordError, match="site_id"):
+        SiteIdentity.load_or_create(tmp_path, "a")
+
+
+def test_site_json_without_its_certificate_is_damage(tmp_path):
+    SiteIdentity.load_or_create(tmp_path, "a")
+    (tmp_path / "site.crt").unlink()
+    with pytest.raises(CorruptRecordError, match=r"site\.crt"):
+        SiteIdentity.load_or_create(tmp_path, "a")
+
+
+def test_damaged_peers_file_refuses_a_connection_with_its_reason_not_a_traceback(tmp_path):
+    async def main():
+        rs, host, port = await _started(tmp_path / "rs")
+        ps = ProtectedSite(tmp_path / "ps")
+        try:
+            await ps.pair(host, port, rs.issue_pairing_token())
+            (tmp_path / "rs" / "site" / "peers.json").write_bytes(b"{torn")
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=client_context(ps.identity, rs.identity.cert_pem),
+                server_hostname=SERVER_NAME)
+            await _closed(reader)
+            writer.close()
+            await wait_until(lambda: len(rs.refused) > 0, 5, "the refusal")
+            assert "peers.json" in rs.refused[-1], list(rs.refused)
+            assert rs.receivers == {}
+        finally:
+            await rs.stop()
+    run(main())
+
+
+def test_damaged_token_file_refuses_the_pairing_with_its_reason_not_a_traceback(tmp_path):
+    async def main():
+        rs, host, port = await _started(tmp_path / "rs")
+        token = rs.issue_pairing_token()
+        (tmp_path / "rs" / "site" / "pairing-tokens.json").write_bytes(b'{"meta": 1}')
+        ps = ProtectedSite(tmp_path / "ps")
+        try:
+            with pytest.raises(ProtocolError, match="refused"):
+                await ps.pair(host, port, token)
+            await wait_until(lambda: len(rs.refused) > 0, 5, "the refusal")
+            assert "pairing-tokens.json" in rs.refused[-1], list(rs.refused)
+            assert rs.peers.all() == [] and ps.peers.all() == []
+        finally:
+            await rs.stop()
+    run(main())

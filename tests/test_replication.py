@@ -1,7 +1,7 @@
 """Site-to-site replication end to end over loopback TLS: resume after disconnects and
 restarts of either site, initial sync, status states, pause and resume, several VPGs,
 and the site-wide throttle with VPG priorities.  Every journal is checked against the
-model of the protected volumes (tests/test_replication_util.py)."""
+model of the protected volumes (tests/helpers/replication.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import asyncio
 import itertools
 import random
 import time
+from types import SimpleNamespace
 
 import pytest
-from faultproxy import FaultProxy
-from test_replication_util import (
+from helpers.faultproxy import FaultProxy
+from helpers.replication import (
     KiB,
     MiB,
     Model,
@@ -26,9 +27,16 @@ from test_replication_util import (
     wait_until,
 )
 
-from zcore import replication
 from zcore.errors import ConfigError, StateError
-from zcore.replication import PRIORITY_WEIGHTS, ProtectedSite, RecoverySite, Throttle
+from zcore.replication import (
+    PRIORITY_WEIGHTS,
+    ProtectedSite,
+    RecoverySite,
+    ReplicationState,
+    Throttle,
+    timing,
+)
+from zcore.replication.status import replication_state
 from zcore.vpg import VPGSettings
 
 _names = itertools.count()
@@ -275,6 +283,25 @@ def test_writes_during_an_initial_sync_do_not_overflow_the_buffer(sites):
 
 # ---- status, pause and resume ----------------------------------------------------------
 
+@pytest.mark.parametrize("mode, connected, paused, rpo_alert, want", [
+    ("streaming", True, True, False, "paused"),
+    ("initial_sync", True, False, False, "initializing"),
+    ("initial_sync", False, False, True, "initializing"),
+    ("bitmap_syncing", True, False, False, "bitmap_syncing"),
+    ("bitmap_syncing", False, False, False, "bitmap_syncing"),
+    ("bitmap", True, False, False, "bitmap_syncing"),
+    ("bitmap", False, False, False, "disconnected"),
+    ("streaming", False, False, False, "disconnected"),
+    ("streaming", True, False, True, "rpo_not_meeting_sla"),
+    ("streaming", True, False, False, "meeting_sla"),
+])
+def test_replication_state_is_the_most_pressing_one_and_an_enum(mode, connected, paused,
+                                                                rpo_alert, want):
+    vpg = SimpleNamespace(mode=mode, rpo_alert=rpo_alert)
+    state = replication_state(vpg, connected, paused)  # type: ignore[arg-type]
+    assert state is ReplicationState(want) and state == want
+
+
 def test_status_reports_every_state(sites):
     async def main():
         rs = RecoverySite(sites / "rs")
@@ -297,37 +324,40 @@ def test_status_reports_every_state(sites):
             seen.append(state)
         try:
             await _write(model, rng, 10)
-            await until("meeting_sla", "connected")
+            await until(ReplicationState.MEETING_SLA, "connected")
             st = rep.status()
+            assert isinstance(st.state, ReplicationState)
             assert st.connected and st.rpo_seconds < 1 and st.buffer_bytes == 4 << 20
             proxy.stall()  # no acks: the RPO grows past its alert threshold
             await _write(model, rng, 10)
-            await until("rpo_not_meeting_sla", "stalled link", 5)
+            await until(ReplicationState.RPO_NOT_MEETING_SLA, "stalled link", 5)
             assert rep.status().rpo_seconds > 0.3
-            await until("disconnected", "peer timeout")
+            await until(ReplicationState.DISCONNECTED, "peer timeout")
             # overflow while disconnected: bitmap mode, still reported disconnected
             proxy.refuse(True)
             proxy.unstall()
             proxy.reset_all()
             # (until the sender has declared the link down: a first overflow's sync may
-            # fit in the buffer and end before the sender notices the overflow)
+            # fit in the buffer and end before the sender notices the overflow; a VPG
+            # still in bitmap mode when it does logs no "unreachable" event, so wait for
+            # the link state itself)
             start = model.bytes
-            while not any("unreachable" in e for e in vpg.events):
+            while vpg.status().link_up:
                 assert model.bytes - start < 256 * MiB, list(vpg.events)
                 model.random_write(rng, 256 * KiB, incompressible=True)
                 await asyncio.sleep(0.001)
             await wait_until(lambda: vpg.mode == "bitmap", 5, "bitmap mode")
-            assert rep.status().state == "disconnected"
+            assert rep.status().state is ReplicationState.DISCONNECTED
             assert rep.status().connected is False
             ps.throttle.set_rate(4e6)  # a slow sync, to watch it
             proxy.heal()
-            await until("bitmap_syncing", "reconnected with dirty blocks")
+            await until(ReplicationState.BITMAP_SYNCING, "reconnected with dirty blocks")
             st = rep.status()
             assert st.sync_total_bytes > 0
             ps.throttle.set_rate(None)
-            await until("meeting_sla", "sync done", 20)
+            await until(ReplicationState.MEETING_SLA, "sync done", 20)
             rep.pause()
-            await until("paused", "paused")
+            await until(ReplicationState.PAUSED, "paused")
             await catch_up_paused_check(vpg, rep, model, rng)
             rep.resume()
             await catch_up(vpg, rep, rs)
@@ -502,8 +532,8 @@ def test_backoff_returns_to_its_minimum_after_a_successful_session(sites):
         vpg = make_vpg(sites / name, name, {"vm1": [1 * MiB]})
         vpg.start()
         ps = ProtectedSite(sites / "ps")
-        saved = replication.RECONNECT_BACKOFF
-        replication.RECONNECT_BACKOFF = (0.02, 1.0)
+        saved = timing.RECONNECT_BACKOFF
+        timing.RECONNECT_BACKOFF = (0.02, 1.0)
         rep = ps.protect(vpg, proxy.host, proxy.port)
         try:
             await wait_until(lambda: rep.connected, 10, "the first session")
@@ -519,7 +549,7 @@ def test_backoff_returns_to_its_minimum_after_a_successful_session(sites):
             await wait_until(lambda: proxy.accepted > accepted, 10, "a reconnect attempt")
             assert time.monotonic() - t0 < 0.5  # not the 1 s maximum
         finally:
-            replication.RECONNECT_BACKOFF = saved
+            timing.RECONNECT_BACKOFF = saved
             await ps.stop()
             vpg.close()
             proxy.close()

@@ -17,7 +17,7 @@ import struct
 import time
 
 import pytest
-from test_replication_util import (
+from helpers.replication import (
     KiB,
     MiB,
     Model,
@@ -29,10 +29,11 @@ from test_replication_util import (
     wait_until,
 )
 
-from zcore import records, replication, wire
+from zcore import records, wire
 from zcore._native.record import crc32c
 from zcore.errors import ProtocolError
-from zcore.replication import ProtectedSite, RecoverySite
+from zcore.fsutil import read_state
+from zcore.replication import ProtectedSite, RecoverySite, timing
 from zcore.security import SERVER_NAME, SiteIdentity, client_context
 from zcore.vpg import VPGSettings
 
@@ -283,6 +284,14 @@ CASES = {
                                role="recovery"), pattern="only protected sites"),
     "malformed_json": _hostile(lambda b: wire.frame(wire.HELLO, 0, b"{not json"),
                                pattern="not JSON"),
+    "deeply_nested_hello": _hostile(lambda b: wire.frame(wire.HELLO, 0, b"[" * 60_000),
+                                    pattern="HELLO payload nests too deeply"),
+    "deeply_nested_attach": _hostile(
+        after_hello=lambda b: wire.frame(wire.ATTACH, 1, b"[" * 60_000),
+        pattern="ATTACH payload nests too deeply"),
+    "deeply_nested_pair": _hostile(
+        after_hello=lambda b: wire.frame(wire.PAIR, 0, b"[" * 60_000), pairing=True,
+        pattern="PAIR payload nests too deeply"),
     "hello_missing_fields": _hostile(lambda b: wire.frame(wire.HELLO, 0, b'{"protocol": 1}'),
                                      pattern="lacks"),
     "attach_on_channel_zero": _hostile(
@@ -365,7 +374,7 @@ def test_attach_of_a_vpg_owned_by_another_site_is_refused(sites):
         async def action():
             raw = await bench.raw()
             await raw.hello()
-            raw.send(wire.control(wire.ATTACH, 1, **bench.rep._attach_message()))
+            raw.send(wire.control(wire.ATTACH, 1, **bench.rep.attach_message()))
             await raw.closed()
         reason = await bench.refused_after(action, "belongs to another site")
         assert bench.rs.receivers[bench.healthy_name].owner != bench.evil.identity.site_id
@@ -380,7 +389,7 @@ def test_attach_of_a_vpg_owned_by_another_site_is_refused_after_a_restart(sites)
         with fast_timeouts():
             async with Bench(sites) as bench:
                 name = bench.healthy_name
-                attach = bench.rep._attach_message()
+                attach = bench.rep.attach_message()
             rs = RecoverySite(sites / "rs")
             host, port = await rs.start()
             try:
@@ -393,6 +402,95 @@ def test_attach_of_a_vpg_owned_by_another_site_is_refused_after_a_restart(sites)
             finally:
                 await rs.stop()
     asyncio.run(main())
+
+
+def test_deeply_nested_control_message_before_hello_is_refused_with_its_reason(sites):
+    """issue 9 finding 9: 60,000 nested "[" fit one control frame before HELLO; the
+    RecursionError escaped the connection's handler, so no refusal reason was kept."""
+    async def body(bench):
+        for pairing in (False, True):
+            async def action(pairing=pairing):
+                raw = await bench.raw(pairing)
+                raw.send(wire.frame(wire.HELLO, 0, b"[" * 60_000))
+                await raw.closed()
+            await bench.refused_after(action, "HELLO payload nests too deeply")
+    _run(sites, body)
+
+
+def _attach_vms() -> list[dict]:
+    return [{"name": "vm1", "volumes": [{"id": 0, "name": "d0", "size": HOSTILE_VOLUME}]}]
+
+
+OWNER_DAMAGE = {
+    "empty": b"",
+    "not_json": b"{not json",
+    "torn": b'{"meta": {"site_id": "ab',
+    "checksum_mismatch": b'{"meta": {"format": "zcore-vpg-owner", "version": 1, '
+                         b'"site_id": "x", "name": "y"}, "crc32c": 1}',
+    "plain_without_a_site_id": b'{"name": "y"}',
+    "a_list": b'["site_id"]',
+    "deep": b"[" * 60_000,
+}
+
+
+@pytest.mark.parametrize("damage", sorted(OWNER_DAMAGE))
+def test_damaged_owner_file_refuses_the_attach_with_its_reason_not_a_traceback(sites, damage):
+    """A damaged vpgs/<vpg>/owner.json is a CorruptRecordError naming it: the ATTACH is
+    refused with that reason (it escaped the handler as a ValueError or KeyError before),
+    and the file is left as found, never overwritten by a guess."""
+    async def body(bench):
+        name = bench.hostile_vpg()
+        vpg_dir = bench.rs.vpgs_dir / name
+        vpg_dir.mkdir(parents=True)
+        (vpg_dir / "owner.json").write_bytes(OWNER_DAMAGE[damage])
+        reasons = []
+
+        async def action():
+            raw = await bench.raw()
+            await raw.hello()
+            raw.send(wire.control(wire.ATTACH, 1, vpg=name, vms=_attach_vms(), journal={}))
+            reasons.extend(await raw.closed())
+        reason = await bench.refused_after(action, "owner.json")
+        assert reasons and "owner.json" in reasons[0], (reasons, reason)  # told to the peer
+        assert name not in bench.rs.receivers
+        assert (vpg_dir / "owner.json").read_bytes() == OWNER_DAMAGE[damage]
+        assert sorted(p.name for p in vpg_dir.iterdir()) == ["owner.json"]
+    _run(sites, body)
+
+
+def test_owner_file_of_the_plain_json_layout_still_decides_ownership(sites):
+    """Recovery sites written before checked state files hold owner.json as plain JSON
+    {"site_id", "name"}: it still grants the owner and refuses every other site."""
+    async def body(bench):
+        mine, theirs = bench.hostile_vpg(), bench.hostile_vpg()
+        for name, owner in ((mine, bench.evil.identity.site_id), (theirs, "another-site")):
+            (bench.rs.vpgs_dir / name).mkdir(parents=True)
+            (bench.rs.vpgs_dir / name / "owner.json").write_text(
+                json.dumps({"site_id": owner, "name": "old"}))
+        raw = await bench.raw()
+        await raw.hello()
+        assert (await raw.attach(1, mine))["durable_seq"] == 0
+        raw.writer.close()
+
+        async def action():
+            raw = await bench.raw()
+            await raw.hello()
+            raw.send(wire.control(wire.ATTACH, 1, vpg=theirs, vms=_attach_vms(), journal={}))
+            await raw.closed()
+        await bench.refused_after(action, f"VPG {theirs} belongs to another site")
+    _run(sites, body)
+
+
+def test_owner_file_is_a_checked_state_file(sites):
+    async def body(bench):
+        name = bench.hostile_vpg()
+        raw = await bench.raw()
+        await raw.hello()
+        await raw.attach(1, name)
+        raw.writer.close()
+        meta = read_state(bench.rs.vpgs_dir / name / "owner.json", "zcore-vpg-owner", 1)
+        assert meta["site_id"] == bench.evil.identity.site_id
+    _run(sites, body)
 
 
 def test_valid_bundle_then_invalid_one_keeps_only_the_valid_one(sites):
@@ -423,7 +521,7 @@ def test_silent_peer_is_closed_after_the_peer_timeout(sites):
     async def body(bench):
         async def action():
             raw = await bench.raw()
-            await raw.closed(timeout=replication.PEER_TIMEOUT + 3)
+            await raw.closed(timeout=timing.PEER_TIMEOUT + 3)
         await bench.refused_after(action, "silent")
     _run(sites, body)
 
@@ -439,18 +537,18 @@ def test_header_of_a_huge_frame_before_hello_is_refused_at_once(sites):
                 raw.send(_head(wire.BUNDLE, 1, length=wire.MAX_PAYLOAD))
                 t0 = time.monotonic()
                 await raw.closed(timeout=5)
-                assert time.monotonic() - t0 < replication.PEER_TIMEOUT
+                assert time.monotonic() - t0 < timing.PEER_TIMEOUT
             await bench.refused_after(action, "before HELLO|exceeds|pairing")
 
     async def main():
-        saved = replication.PEER_TIMEOUT
+        saved = timing.PEER_TIMEOUT
         with fast_timeouts():
-            replication.PEER_TIMEOUT = 10.0  # a silent-peer close must not be the reason
+            timing.PEER_TIMEOUT = 10.0  # a silent-peer close must not be the reason
             try:
                 async with Bench(sites) as bench:
                     await body(bench)
             finally:
-                replication.PEER_TIMEOUT = saved
+                timing.PEER_TIMEOUT = saved
     asyncio.run(main())
 
 

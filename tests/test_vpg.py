@@ -25,8 +25,18 @@ from zcore.errors import (
     NativeIOError,
     StateError,
 )
+from zcore.fsutil import write_state
 from zcore.journal import JournalSettings
-from zcore.vpg import STATE_NAME, VPG, LocalLink, VPGSettings
+from zcore.records import Checkpoint, CheckpointKind
+from zcore.vpg import (
+    STATE_FORMAT,
+    STATE_NAME,
+    VPG,
+    LocalLink,
+    VPGMode,
+    VPGSettings,
+    read_vpg_state,
+)
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -106,13 +116,7 @@ class Site:
         """Unclean: the stream thread stops and the process "dies" without stop(): no fold,
         no persisted bitmaps, the state file still says running."""
         self.stop_link()
-        vpg = self.vpg
-        with vpg._lock:
-            vpg._stopping = True
-            vpg._wake.notify_all()
-        vpg._thread.join()
-        for vol in vpg.volumes.values():
-            vol.close()
+        self.vpg.abandon()
 
     def drain(self, timeout: float = 30.0) -> int:
         self.stop_link()
@@ -126,7 +130,7 @@ class Site:
         """A fresh checkpoint, drained: every journal's newest consistent checkpoint holds
         every volume of its VM exactly as its backing store."""
         self.drain()
-        seq = self.vpg.checkpoint("check")
+        seq = self.vpg.checkpoint("check").seq
         self.drain()
         for vm, j in self.journals.items():
             ckpt = j.latest_checkpoint()
@@ -242,9 +246,9 @@ def test_a_link_needs_a_journal_for_every_vm(site):
 def test_tagged_and_automatic_checkpoints_reach_every_journal(site):
     site.start()
     scribble(site, 50, 1)
-    t = site.vpg.checkpoint("after-50")
+    t = site.vpg.checkpoint("after-50").seq
     scribble(site, 50, 2)
-    a = site.vpg.checkpoint()
+    a = site.vpg.checkpoint().seq
     site.drain()
     for j in site.journals.values():
         got = {c.seq: c for c in j.checkpoints()}
@@ -272,9 +276,38 @@ def test_on_checkpoint_reports_each_sealed_marker(site):
     seen = []
     site.vpg.on_checkpoint = seen.append
     site.start()
-    seq = site.vpg.checkpoint("x")
+    seq = site.vpg.checkpoint("x").seq
     site.drain()
     assert [(c.seq, c.tag, c.consistent) for c in seen] == [(seq, "x", True)]
+
+
+def test_checkpoint_returns_the_checkpoint_every_journal_holds(site):
+    """VPG.checkpoint() and Journal.checkpoints() hand out one Checkpoint type: what the
+    protected site returns is what the recovery site lists, field for field."""
+    site.start()
+    scribble(site, 10, 21)
+    taken = [site.vpg.checkpoint("tagged-one"), site.vpg.checkpoint()]
+    site.drain()
+    for j in site.journals.values():
+        for c in taken:
+            held = j.checkpoint_by_id(c.id)
+            assert isinstance(c, Checkpoint) and c.id == c.seq == held.seq
+            assert (c.kind, c.tag, c.consistent) == (held.kind, held.tag, held.consistent)
+            assert abs(c.time_ns - held.time_ns) < 1_000_000_000
+    assert taken[0].kind == CheckpointKind.TAGGED and taken[1].kind == CheckpointKind.AUTO
+
+
+def test_a_mode_still_compares_equal_to_its_bare_string(site):
+    """Callers (replication, the CLI, the demo) compare modes with strings."""
+    assert site.vpg.mode == VPGMode.STOPPED == "stopped"
+    site.start()
+    st = site.vpg.status()
+    assert st.mode is VPGMode.STREAMING and st.mode == "streaming"
+    assert f"{st.mode}" == "streaming" and json.dumps(st.mode) == '"streaming"'
+    site.vpg.link_down()
+    assert site.vpg.mode in ("bitmap", "bitmap_syncing")
+    assert {m.value for m in VPGMode} == {"stopped", "streaming", "bitmap", "bitmap_syncing",
+                                          "initial_sync"}
 
 
 # ---- bitmap mode ----------------------------------------------------------------------
@@ -327,7 +360,7 @@ def test_checkpoints_during_a_bitmap_sync_are_flagged_not_consistent(tmp_path):
         dirty_everything(s)  # more than the buffer takes: the sync waits for the link
         s.vpg.link_up()
         wait_for(lambda: s.vpg.mode == "bitmap_syncing", what="the sync")
-        seq = s.vpg.checkpoint("mid-sync")
+        seq = s.vpg.checkpoint("mid-sync").seq
         s.drain()
         for j in s.journals.values():
             c = j.checkpoint_by_id(seq)
@@ -367,14 +400,15 @@ def test_a_failed_backing_write_is_raised_and_its_range_resent(site):
     site.start()
     vol = site.volumes[1]
     vol.write(0, b"\x22" * 8192)
-    good_fd = vol._fd
+    good = os.dup(vol.fd)
     ro = os.open(vol.path, os.O_RDONLY)
-    vol._fd = ro  # the next write's pwrite fails (EBADF)
+    os.dup2(ro, vol.fd)  # the next write's pwrite fails (EBADF)
     try:
         with pytest.raises(NativeIOError):
             vol.write(4096, b"\x33" * 4096)
     finally:
-        vol._fd = good_fd
+        os.dup2(good, vol.fd)
+        os.close(good)
         os.close(ro)
     wait_for(lambda: any("writes failed" in e for e in site.vpg.status().events),
              what="the failed write to be noticed")
@@ -465,10 +499,10 @@ def _dirty_then_stop(site: Site) -> int:
     site.vpg.close()
     dirty = 0
     for vid, vol in site.vpg.volumes.items():
-        path = site.vpg._bitmap_path(vid)
+        path = site.vpg.bitmap_path(vid)
         assert path.exists()
         dirty += DirtyBitmap.load(path, volume_size=vol.size, volume_id=vid).dirty_bytes
-    assert json.loads((site.root / "state" / STATE_NAME).read_text())["clean"] is True
+    assert read_vpg_state(site.root / "state" / STATE_NAME)["clean"] is True
     return dirty
 
 
@@ -485,7 +519,7 @@ def test_a_clean_restart_resumes_the_bitmap_sync_from_persisted_bitmaps(site):
     assert st.last_seq > max(j.last_seq for j in site.journals.values()) - 1
     site.check_latest()
     for vid in site.vpg.volumes:  # a completed sync removes the bitmap files
-        assert not site.vpg._bitmap_path(vid).exists()
+        assert not site.vpg.bitmap_path(vid).exists()
 
 
 def test_a_sync_stalled_on_an_unacknowledging_link_waits_instead_of_spinning(tmp_path):
@@ -500,13 +534,10 @@ def test_a_sync_stalled_on_an_unacknowledging_link_waits_instead_of_spinning(tmp
         wait_for(lambda: s.vpg.mode == "bitmap_syncing" and
                  s.vpg.status().pending_bundles > 0, what="the stalled sync")
         time.sleep(0.1)
-        rounds = []
-        real_tick = s.vpg._tick
-        s.vpg._tick = lambda: rounds.append(1) or real_tick()
+        before = s.vpg.stream_rounds
         time.sleep(0.5)
         # bundle_age (20 ms) between idle rounds: ~25; a spinning thread does thousands
-        assert len(rounds) < 100
-        del s.vpg._tick
+        assert s.vpg.stream_rounds - before < 100
         s.check_latest()
     finally:
         s.close()
@@ -522,10 +553,12 @@ def test_a_sync_leaves_room_in_the_buffer_for_the_guests_writes(tmp_path):
         s.vpg.link_down()
         dirty_everything(s)
         s.vpg.link_up()
-        ring = s.vpg._ring
-        wait_for(lambda: s.vpg.mode == "bitmap_syncing" and
-                 s.vpg.status().pending_bundles > 0 and
-                 ring.stats()["ring_used"] > ring.stats()["ring_size"] // 2,
+        def stalled() -> bool:
+            st = s.vpg.status()
+            return (st.mode == "bitmap_syncing" and st.pending_bundles > 0 and
+                    st.ring_used > st.ring_bytes // 2)
+
+        wait_for(stalled,
                  what="the sync to stall on the link")
         time.sleep(0.1)  # the sync took all the room it will take
         rng = random.Random(17)
@@ -562,7 +595,7 @@ def test_a_restart_while_syncing_resumes_what_is_left(tmp_path):
 
 def test_a_corrupt_persisted_bitmap_resends_its_whole_volume(site):
     dirty = _dirty_then_stop(site)
-    path = site.vpg._bitmap_path(1)
+    path = site.vpg.bitmap_path(1)
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 0xFF
     path.write_bytes(bytes(raw))
@@ -581,7 +614,7 @@ def test_a_missing_persisted_bitmap_resends_its_whole_volume(site):
     """After a clean stop every volume has a bitmap file; one that is gone cannot be read
     as "nothing dirty"."""
     _dirty_then_stop(site)
-    site.vpg._bitmap_path(2).unlink()
+    site.vpg.bitmap_path(2).unlink()
     site.vpg = site._make()
     site.start()
     wait_for(lambda: site.vpg.mode == "streaming", what="the resumed sync to end")
@@ -613,7 +646,7 @@ def test_a_write_racing_stop_is_refused_not_lost(site):
     restart would never resend it."""
     site.start()
     vol = site.volumes[0]
-    late = vol._ring.write  # preempted between the lookup and the call
+    late = vol.ring.write  # preempted between the lookup and the call
     site.stop_link()
     site.vpg.stop()
     with pytest.raises(StateError):
@@ -646,16 +679,55 @@ def test_a_state_file_for_other_volumes_or_damaged_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="other volumes"):
         other.start()
     state = tmp_path / "state" / STATE_NAME
-    doc = json.loads(state.read_text())
-    state.write_text(json.dumps(dict(doc, version=99)))
+    meta = read_vpg_state(state)
+    write_state(state, STATE_FORMAT, 99, meta)
     with pytest.raises(FormatVersionError):
         Site(tmp_path).vpg.start()
-    state.write_text(json.dumps(dict(doc, format="something-else")))
+    write_state(state, "something-else", 2, meta)
     with pytest.raises(CorruptRecordError):
         Site(tmp_path).vpg.start()
+    doc = json.loads(state.read_text())  # a flipped field fails the checksum
+    doc["meta"]["seq_reserved"] += 1
+    state.write_text(json.dumps(doc))
+    with pytest.raises(CorruptRecordError):
+        Site(tmp_path).vpg.start()
+    for v1 in (dict(meta, version=99), dict(meta, version=1, format="something-else")):
+        state.write_text(json.dumps(v1))  # the plain JSON of version 1
+        with pytest.raises((FormatVersionError, CorruptRecordError)):
+            Site(tmp_path).vpg.start()
     state.write_text("{ not json")
     with pytest.raises(CorruptRecordError):
         Site(tmp_path).vpg.start()
+
+
+V1_STATE = Path(__file__).parent / "data" / "vpg-state-v1"
+
+
+def test_a_version_1_state_directory_still_resumes_its_bitmap_sync(tmp_path):
+    """tests/data/vpg-state-v1 was written by the VPG of format version 1 (plain JSON
+    vpg.json): VPG "golden", VM vm1 with volume a of 1 MiB, stopped cleanly in bitmap mode
+    after an 8 KiB write at 64 KiB.  It loads, resumes the bitmap sync of exactly those
+    blocks, and is rewritten as version 2."""
+    state = tmp_path / "state"
+    state.mkdir()
+    for f in V1_STATE.iterdir():
+        (state / f.name).write_bytes(f.read_bytes())
+    assert json.loads((state / STATE_NAME).read_text())["version"] == 1
+    v1 = read_vpg_state(state / STATE_NAME)
+    assert v1["clean"] and v1["seq_reserved"] == 16777217
+    (tmp_path / "disk.img").write_bytes(bytes(1 * MiB))
+    vpg = VPG("golden", state, VPGSettings(checkpoint_interval=3600))
+    vpg.add_vm("vm1")
+    vpg.add_volume("vm1", "a", tmp_path / "disk.img")
+    try:
+        vpg.start()
+        wait_for(lambda: vpg.mode == VPGMode.STREAMING, what="the resumed sync to end")
+        assert vpg.status().sync_total_bytes == 8 * KiB
+        assert vpg.volumes[0].write(0, bytes(512)) >= v1["seq_reserved"]
+        v2 = json.loads((state / STATE_NAME).read_text())
+        assert v2["meta"]["version"] == 2 and not read_vpg_state(state / STATE_NAME)["clean"]
+    finally:
+        vpg.close()
 
 
 def test_status_reports_buffer_rpo_and_progress(site):

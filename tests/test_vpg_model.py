@@ -134,7 +134,7 @@ class Run:
             self.link.start()
 
     def ensure_link(self) -> None:
-        if self.link._thread is None:
+        if not self.link.running:
             self.link.start()
 
     # writes ----------------------------------------------------------------------------
@@ -177,7 +177,7 @@ class Run:
     def checkpoint(self, tag: str | None) -> None:
         """Quiescent (no writer runs): checkpoint, then copy the backing stores."""
         try:
-            seq = self.vpg.checkpoint(tag)
+            seq = self.vpg.checkpoint(tag).seq
         except StateError as exc:  # bitmap mode (a link outage, or an overflow just now)
             assert "bitmap mode" in str(exc), exc
             return
@@ -208,7 +208,7 @@ class Run:
 
     def persisted_dirty(self) -> int:
         return sum(
-            DirtyBitmap.load(self.vpg._bitmap_path(vid), volume_size=vol.size,
+            DirtyBitmap.load(self.vpg.bitmap_path(vid), volume_size=vol.size,
                              volume_id=vid).dirty_bytes
             for vid, vol in self.vpg.volumes.items())
 
@@ -239,13 +239,7 @@ class Run:
     def crash(self) -> None:
         """Stop the stream thread and drop the VPG without stop(): nothing is folded or
         persisted, and the state file still says running."""
-        vpg = self.vpg
-        with vpg._lock:
-            vpg._stopping = True
-            vpg._wake.notify_all()
-        vpg._thread.join()
-        for vol in vpg.volumes.values():
-            vol.close()
+        self.vpg.abandon()
 
     def await_pending(self) -> None:
         """Until a bundle is sealed (the stream cuts a checkpoint every 0.1 s anyway)."""
@@ -272,7 +266,7 @@ class Run:
         self.link.stop()
         self.vpg.link_up()
         self.link.drain(60)
-        final = self.vpg.checkpoint("final")
+        final = self.vpg.checkpoint("final").seq
         self.snapshots[final] = [p.read_bytes() for p in self.paths()]
         self.link.drain(60)
 

@@ -107,7 +107,7 @@ def test_oversized_control_frame_is_refused_at_its_header(ftype):
     reader = wire.FrameReader()
     with pytest.raises(ProtocolError, match="exceeds"):
         reader.feed(_header(ftype, length=wire.MAX_CONTROL + 1))
-    assert reader._payload is None  # nothing was allocated for it
+    assert reader.payload_allocated == 0  # nothing was allocated for it
 
 
 @pytest.mark.parametrize("length", [wire.MAX_PAYLOAD + 1, 2**32 - 1])
@@ -115,7 +115,7 @@ def test_oversized_bundle_is_refused_at_its_header(length):
     reader = wire.FrameReader()
     with pytest.raises(ProtocolError, match="exceeds"):
         reader.feed(_header(wire.BUNDLE, 1, length=length))
-    assert reader._payload is None
+    assert reader.payload_allocated == 0
 
 
 def test_a_reader_with_a_smaller_bound_refuses_above_it():
@@ -182,6 +182,16 @@ def test_control_messages_round_trip():
 def test_malformed_json_is_refused(payload):
     with pytest.raises(ProtocolError, match="not JSON"):
         wire.parse_control(_control(wire.HELLO, payload))
+
+
+@pytest.mark.parametrize("payload", [b"[" * 60_000, b'{"a": ' * 10_000, b'[{"a": ' * 8_000])
+def test_deeply_nested_control_payload_is_a_protocol_error_not_a_recursion_error(payload):
+    # issue 9 finding 9: it fits one control frame (even before HELLO), and a
+    # RecursionError escaped the connection's handler, so no refusal reason was recorded
+    frame = wire.frame(wire.HELLO, 0, payload)
+    assert len(payload) <= wire.MAX_CONTROL
+    with pytest.raises(ProtocolError, match="nests too deeply"):
+        wire.parse_control(_parse(frame)[0])
 
 
 @pytest.mark.parametrize("doc", [[], "hello", 1, None])

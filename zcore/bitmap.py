@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 from pyroaring import BitMap
 
 from zcore._native.record import crc32c
@@ -36,8 +37,26 @@ _ROARING_COOKIE = 12347  # portable format, with run containers
 _NO_OFFSET_THRESHOLD = 4
 
 
+def id_runs(ids: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.uint64],
+                                                    npt.NDArray[np.uint64]]:
+    """The maximal runs of consecutive members of `ids` (ascending, distinct integers):
+    (starts, ends), each run the half-open range [starts[i], ends[i]).  The one run
+    extraction of zcore, for dirty bitmaps and scratch overlays alike."""
+    ids = np.asarray(ids, dtype=np.uint64)
+    if ids.size == 0:
+        empty = np.empty(0, dtype=np.uint64)
+        return empty, empty.copy()
+    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+    starts = ids[np.concatenate(([0], breaks))]
+    ends = ids[np.concatenate((breaks - 1, [ids.size - 1]))] + np.uint64(1)
+    return starts, ends
+
+
 def runs_to_bitmap(starts: np.ndarray, ends: np.ndarray) -> BitMap:
     """A BitMap of the union of half-open integer ranges [starts[i], ends[i]) (< 2**32)."""
+    # One function of ~60 lines on purpose: it is one numpy pipeline (merge the ranges,
+    # split them at container boundaries, lay out the portable serialization) whose
+    # stages pass seven arrays to each other; cut up, each piece means nothing alone.
     starts = np.asarray(starts, dtype=np.uint64)
     ends = np.asarray(ends, dtype=np.uint64)
     keep = ends > starts
@@ -171,7 +190,7 @@ class DirtyBitmap:
 
     def coarsen(self) -> None:
         """Double the block size: each new bit covers two old ones."""
-        ids = np.frombuffer(self._bm.to_array(), dtype=np.uint32)
+        ids = self.block_ids()
         self.block *= 2
         coarse = np.unique(ids >> 1)
         self._bm = runs_to_bitmap(coarse.astype(np.uint64), coarse.astype(np.uint64) + 1)
@@ -183,6 +202,11 @@ class DirtyBitmap:
 
     def __bool__(self) -> bool:
         return bool(self._bm)
+
+    def block_ids(self) -> npt.NDArray[np.uint32]:
+        """The dirty blocks' numbers (block i covers bytes [i*block, (i+1)*block)),
+        ascending: a copy, safe to keep."""
+        return np.frombuffer(self._bm.to_array(), dtype=np.uint32)
 
     @property
     def dirty_bytes(self) -> int:
@@ -202,10 +226,7 @@ class DirtyBitmap:
         each at most `max_length` bytes."""
         if not self._bm:
             return
-        ids = np.frombuffer(self._bm.to_array(), dtype=np.uint32).astype(np.uint64)
-        breaks = np.flatnonzero(np.diff(ids) != 1) + 1
-        starts = ids[np.concatenate(([0], breaks))]
-        ends = ids[np.concatenate((breaks - 1, [ids.size - 1]))] + 1
+        starts, ends = id_runs(self.block_ids().astype(np.uint64))
         for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
             lo, hi = s * self.block, min(e * self.block, self.volume_size)
             step = max_length or hi - lo
@@ -247,14 +268,14 @@ class DirtyBitmap:
             raise CorruptRecordError("bitmap marks blocks past the volume's end")
         return out
 
-    def persist(self, path: str | os.PathLike, volume_id: int = 0) -> int:
+    def persist(self, path: str | os.PathLike[str], volume_id: int = 0) -> int:
         """Write atomically (temp file, fsync, rename, directory fsync); returns bytes."""
         data = self.serialize(volume_id)
         atomic_write(path, data)
         return len(data)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, volume_size: int, volume_id: int = 0,
+    def load(cls, path: str | os.PathLike[str], *, volume_size: int, volume_id: int = 0,
              max_bytes: int = DEFAULT_MAX_BYTES) -> DirtyBitmap:
         return cls.deserialize(Path(path).read_bytes(), volume_size=volume_size,
                                volume_id=volume_id, max_bytes=max_bytes)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from zcore import records
 from zcore.errors import ClosedError, ConfigError, StateError
+from zcore.fsutil import preadinto_upto
 
 if TYPE_CHECKING:
     from zcore._native.capture import CaptureRing
@@ -31,7 +32,7 @@ class _NoRing:
         raise self.error
 
 
-def backing_size(path: str | os.PathLike) -> int:
+def backing_size(path: str | os.PathLike[str]) -> int:
     """Size in bytes of a raw image file or block device."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -46,7 +47,7 @@ def backing_size(path: str | os.PathLike) -> int:
 class ProtectedVolume:
     """One virtual disk of a protected VM, backed by a raw image file or block device."""
 
-    def __init__(self, vm: str, volume_id: int, name: str, path: str | os.PathLike,
+    def __init__(self, vm: str, volume_id: int, name: str, path: str | os.PathLike[str],
                  size: int) -> None:
         if size <= 0 or size % records.SECTOR:
             raise ConfigError(f"volume {name!r}: size {size} is not a positive multiple of "
@@ -72,6 +73,12 @@ class ProtectedVolume:
     @property
     def fd(self) -> int:
         return self._fd
+
+    @property
+    def ring(self) -> CaptureRing | None:
+        """The capture ring this volume's writes go to; None while its VPG is stopped or
+        the volume is closed."""
+        return None if isinstance(self._ring, _NoRing) else self._ring
 
     @property
     def closed(self) -> bool:
@@ -102,12 +109,9 @@ class ProtectedVolume:
         self._check_open()
         view = memoryview(buf).cast("B")
         records.check_range(offset, len(view), self.size)
-        done = 0
-        while done < len(view):
-            n = os.preadv(self._fd, [view[done:]], offset + done)
-            if n == 0:
-                raise ConfigError(f"backing store {self.path} ends before {offset + done}")
-            done += n
+        done = preadinto_upto(self._fd, view, offset)
+        if done < len(view):
+            raise ConfigError(f"backing store {self.path} ends before {offset + done}")
 
     def flush(self) -> None:
         """Make completed writes durable on the backing store."""

@@ -126,7 +126,7 @@ async def _run(base: Path, volume_bytes: int, seconds: float, rate_bytes: float,
     while vpg.mode != "streaming":  # a checkpoint during a sync is not crash-consistent
         await asyncio.sleep(0.05)
     tag = "before-ransomware"
-    seq = vpg.checkpoint(tag)
+    seq = vpg.checkpoint(tag).seq
     expected = {v.vm: _digest_chunks(Path(v.path), v.size) for v in volumes}
     while vpg.acked_seq < seq:
         await asyncio.sleep(0.01)
@@ -136,7 +136,7 @@ async def _run(base: Path, volume_bytes: int, seconds: float, rate_bytes: float,
     for vol in volumes:
         for offset in range(0, vol.size, CHUNK):
             vol.write(offset, rng.randbytes(CHUNK))
-    last = vpg.checkpoint()
+    last = vpg.checkpoint().seq
     while vpg.acked_seq < last:
         await asyncio.sleep(0.01)
     say("ransomware overwrote both disks; the damage is replicated too")

@@ -1,10 +1,15 @@
-"""Recovery operations, views and scratch overlays.
+"""Scratch overlays: writable point-in-time images over a journal view.
 
+Sits on the journal (zcore.journal), beside the NBD front-end that serves its overlays.
 A view (`Journal.view`) is a read-only image of a volume at a checkpoint.  A scratch
 overlay makes one volume of a view writable without touching what it overlays: the
 writes land in a sparse temporary file of its own, kept apart from the journal and the
 replica, and are discarded when the overlay closes.  It is what a failover test runs a
 recovered VM on, and what the NBD front-end serves as a writable point-in-time export.
+
+This module holds the overlay only.  The recovery operations built on it (failover
+test, failover with commit or rollback, move, reverse protection, failback) come with
+the site service, in later issues.
 """
 
 from __future__ import annotations
@@ -12,13 +17,20 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pyroaring import BitMap64
 
 from zcore import records
+from zcore.bitmap import id_runs
 from zcore.errors import ClosedError, ConfigError, ScratchLimitError
-from zcore.journal import Checkpoint, Journal, View
+from zcore.fsutil import preadinto_upto, pwrite_all
+from zcore.journal import Journal, View
+from zcore.records import Checkpoint
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 SECTOR = records.SECTOR
 # Default scratch limit when none is given: capped by the volume's own size, which the
@@ -34,10 +46,8 @@ def _runs(bitmap: BitMap64, start: int, end: int) -> list[tuple[int, int]]:
     arr = np.frombuffer(sub.to_array(), dtype=np.uint64)
     if len(arr) == end - start:
         return [(start, end)]
-    breaks = np.flatnonzero(np.diff(arr) != 1)
-    firsts = np.concatenate(([0], breaks + 1))
-    lasts = np.concatenate((breaks, [len(arr) - 1]))
-    return [(int(arr[a]), int(arr[b]) + 1) for a, b in zip(firsts, lasts, strict=True)]
+    starts, ends = id_runs(arr)
+    return list(zip(starts.tolist(), ends.tolist(), strict=True))
 
 
 class ScratchOverlay:
@@ -62,7 +72,7 @@ class ScratchOverlay:
         volume: int | str,
         *,
         limit_bytes: int | None = None,
-        directory: str | os.PathLike | None = None,
+        directory: str | os.PathLike[str] | None = None,
         owns_view: bool = False,
     ) -> None:
         self.view = view
@@ -75,7 +85,8 @@ class ScratchOverlay:
         self.limit_bytes = int(limit_bytes)
         self._owns_view = owns_view
         self._lock = threading.Lock()
-        self._file = tempfile.TemporaryFile(prefix="zcore-scratch-", dir=directory)
+        self._file = tempfile.TemporaryFile(
+            prefix="zcore-scratch-", dir=None if directory is None else os.fspath(directory))
         self._fd = self._file.fileno()
         os.ftruncate(self._fd, self.size)
         self._written = BitMap64()  # sectors whose bytes are in the scratch file
@@ -89,7 +100,7 @@ class ScratchOverlay:
         journal: Journal,
         checkpoint: Checkpoint | int,
         volume: int | str,
-        **kwargs,
+        **kwargs: Any,
     ) -> ScratchOverlay:
         """Overlay on a view of `journal` at `checkpoint` that the overlay owns (and closes)."""
         view = journal.view(checkpoint)
@@ -137,7 +148,7 @@ class ScratchOverlay:
         self.read_into(offset, buf)
         return bytes(buf)
 
-    def read_into(self, offset: int, buf) -> None:
+    def read_into(self, offset: int, buf: Buffer) -> None:
         """Fill `buf` from `offset`: overlay writes and zeroes over the view."""
         out = memoryview(buf).cast("B")
         length = len(out)
@@ -165,16 +176,13 @@ class ScratchOverlay:
                     arr[(a - s0) * SECTOR : (b - s0) * SECTOR] = 0
 
     def _pread(self, out: memoryview, pos: int) -> None:
-        done = 0
-        while done < len(out):
-            n = os.preadv(self._fd, [out[done:]], pos + done)
-            if n <= 0:  # the file has the volume's size: this is not expected
-                raise OSError(f"scratch file ended at {pos + done}")
-            done += n
+        done = preadinto_upto(self._fd, out, pos)
+        if done < len(out):  # the file has the volume's size: this is not expected
+            raise OSError(f"scratch file ended at {pos + done}")
 
     # ---- writing -------------------------------------------------------------------------
 
-    def write(self, offset: int, data) -> int:
+    def write(self, offset: int, data: Buffer) -> int:
         """Keep `data` at `offset` in the overlay; returns the bytes written."""
         data = memoryview(data).cast("B")
         length = len(data)
@@ -187,9 +195,7 @@ class ScratchOverlay:
                     f"{offset} would use {(len(self._used) + new) * SECTOR} bytes, over its "
                     f"limit of {self.limit_bytes}"
                 )
-            done = 0
-            while done < length:
-                done += os.pwrite(self._fd, data[done:], offset + done)
+            pwrite_all(self._fd, data, offset)
             self._written.add_range(s0, s1)
             self._used.add_range(s0, s1)
             self._zeroed.remove_range(s0, s1)
@@ -243,5 +249,5 @@ class ScratchOverlay:
     def __enter__(self) -> ScratchOverlay:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

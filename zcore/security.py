@@ -8,6 +8,10 @@ fingerprints; the token itself is never sent, so a man in the middle presenting 
 certificates cannot pair.  Each side then pins the other's
 certificate (`PeerStore`); every later connection is mutual TLS against the pinned
 certificates only.
+
+The site's state files (site.json, peers.json, pairing-tokens.json, and the recovery
+site's owner.json per VPG) are checked state files (zcore.fsutil.write_state,
+docs/format.md 10b); `read_site_state` also reads the plain-JSON layout written before.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ import ssl
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -31,10 +37,43 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from zcore.errors import ConfigError, CorruptRecordError
-from zcore.fsutil import atomic_write
+from zcore.fsutil import atomic_write, read_state, write_all, write_state
 
 SERVER_NAME = "zcore-site"  # TLS server name; certificates are pinned, not named
 TOKEN_TTL = 3600.0
+
+# checked state files of a site (docs/format.md 10b): format names, and the version
+SITE_FORMAT = "zcore-site"
+PEERS_FORMAT = "zcore-peers"
+TOKENS_FORMAT = "zcore-pairing-tokens"
+SITE_STATE_VERSION = 1
+
+
+def read_site_state(path: Path, fmt: str,
+                    plain: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    """The `meta` of the site state file `path`: a checked state file of format `fmt`
+    (fsutil.read_state), or the plain-JSON layout written before checked files, which
+    `plain` decodes (raising `CorruptRecordError` for a document of another shape).
+    Damage raises `CorruptRecordError` naming the file, a version this build does not
+    know `FormatVersionError`, a missing file `FileNotFoundError`."""
+    raw = path.read_bytes()
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise CorruptRecordError(f"{path} is unreadable: {exc}") from None
+    if isinstance(doc, dict) and ("meta" in doc or "crc32c" in doc):
+        # no plain layout has these keys.  Reread: the file is replaced atomically, so
+        # both reads see a whole file
+        return read_state(path, fmt, SITE_STATE_VERSION)
+    return plain(doc)
+
+
+def state_str(doc: Any, key: str, path: Path) -> str:
+    """`doc[key]`, which a site state file must hold as a string."""
+    value = doc.get(key) if isinstance(doc, dict) else None
+    if not isinstance(value, str):
+        raise CorruptRecordError(f"{path} lacks a valid {key!r}")
+    return value
 
 
 def fingerprint(der: bytes) -> str:
@@ -72,14 +111,12 @@ class SiteIdentity:
         return fingerprint(pem_to_der(self.cert_pem))
 
     @classmethod
-    def load_or_create(cls, directory: str | os.PathLike, name: str) -> SiteIdentity:
+    def load_or_create(cls, directory: str | os.PathLike[str], name: str) -> SiteIdentity:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         meta = directory / "site.json"
         if meta.exists():
-            doc = json.loads(meta.read_text())
-            return cls(directory, doc["site_id"], doc["name"],
-                       (directory / "site.crt").read_text())
+            return cls._load(directory, meta)
         site_id = uuid.uuid4().hex
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([
@@ -105,10 +142,28 @@ class SiteIdentity:
                                     serialization.NoEncryption())
         cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
         fd = os.open(directory / "site.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key_pem)
-        atomic_write(directory / "site.crt", cert_pem.encode())
-        atomic_write(meta, json.dumps({"site_id": site_id, "name": name}).encode())
+        try:
+            write_all(fd, key_pem)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        atomic_write(directory / "site.crt", cert_pem.encode())  # its fsync_dir covers the key
+        # site.json last: its presence says the key and certificate are complete
+        write_state(meta, SITE_FORMAT, SITE_STATE_VERSION, {"site_id": site_id, "name": name})
+        return cls(directory, site_id, name, cert_pem)
+
+    @classmethod
+    def _load(cls, directory: Path, meta_path: Path) -> SiteIdentity:
+        # both layouts hold {"site_id", "name"}: the plain one as the whole document
+        meta = read_site_state(meta_path, SITE_FORMAT, lambda doc: doc)
+        site_id, name = state_str(meta, "site_id", meta_path), state_str(meta, "name", meta_path)
+        cert_path = directory / "site.crt"
+        try:
+            cert_pem = cert_path.read_text()
+            pem_to_der(cert_pem)
+        except (OSError, UnicodeDecodeError, ConfigError) as exc:
+            raise CorruptRecordError(f"{cert_path} (the certificate of site {name}) is "
+                                     f"missing or unreadable: {exc}") from None
         return cls(directory, site_id, name, cert_pem)
 
 
@@ -123,24 +178,31 @@ class Peer:
 class PeerStore:
     """Certificates of paired sites, pinned by fingerprint (peers.json)."""
 
-    def __init__(self, directory: str | os.PathLike) -> None:
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.path = Path(directory) / "peers.json"
         self._lock = threading.Lock()
 
-    def _load(self) -> dict[str, dict]:
-        if not self.path.exists():
-            return {}
+    def _load(self) -> dict[str, dict[str, str]]:
+        """{fingerprint: {"site_id", "name", "cert"}}; damage raises CorruptRecordError."""
         try:
-            return json.loads(self.path.read_text())
-        except ValueError as exc:
-            raise CorruptRecordError(f"{self.path} is unreadable: {exc}") from None
+            # the plain layout is that mapping as the whole document
+            meta = read_site_state(self.path, PEERS_FORMAT, lambda doc: {"peers": doc})
+        except FileNotFoundError:
+            return {}
+        peers = meta.get("peers")
+        if not isinstance(peers, dict):
+            raise CorruptRecordError(f"{self.path} lacks a valid 'peers'")
+        for entry in peers.values():
+            for key in ("site_id", "name", "cert"):
+                state_str(entry, key, self.path)
+        return peers
 
     def add(self, site_id: str, name: str, cert_pem: str) -> Peer:
         fp = fingerprint(pem_to_der(cert_pem))
         with self._lock:
             peers = self._load()
             peers[fp] = {"site_id": site_id, "name": name, "cert": cert_pem}
-            atomic_write(self.path, json.dumps(peers, indent=1).encode())
+            write_state(self.path, PEERS_FORMAT, SITE_STATE_VERSION, {"peers": peers})
         return Peer(site_id, name, cert_pem, fp)
 
     def get(self, fp: str) -> Peer | None:
@@ -161,23 +223,32 @@ class PairingTokens:
     nothing it can pair with.  Only the id and key derivations are stored; each token
     expires and is consumed by its first successful use."""
 
-    def __init__(self, directory: str | os.PathLike) -> None:
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.path = Path(directory) / "pairing-tokens.json"
         self._lock = threading.Lock()
 
-    def _load(self) -> dict[str, list]:
-        if not self.path.exists():
+    def _load(self) -> dict[str, list[Any]]:
+        """{token id: [proof key, expiry (epoch seconds)]}; damage raises
+        CorruptRecordError."""
+        try:
+            meta = read_site_state(self.path, TOKENS_FORMAT, _plain_tokens(self.path))
+        except FileNotFoundError:
             return {}
-        doc = json.loads(self.path.read_text())
-        # entries of another shape (an older format) are no valid tokens
-        return {k: v for k, v in doc.items() if isinstance(v, list) and len(v) == 2}
+        tokens = meta.get("tokens")
+        if not isinstance(tokens, dict) or not all(
+                _token_entry(e) for e in tokens.values()):
+            raise CorruptRecordError(f"{self.path} lacks valid 'tokens'")
+        return tokens
+
+    def _save(self, tokens: dict[str, list[Any]]) -> None:
+        write_state(self.path, TOKENS_FORMAT, SITE_STATE_VERSION, {"tokens": tokens})
 
     def issue(self, ttl: float = TOKEN_TTL) -> str:
         token = secrets.token_urlsafe(24)
         with self._lock:
             tokens = {i: e for i, e in self._load().items() if e[1] > time.time()}
             tokens[token_id(token)] = [token_key(token), time.time() + ttl]
-            atomic_write(self.path, json.dumps(tokens).encode())
+            self._save(tokens)
         return token
 
     def key_for(self, tid: str) -> str | None:
@@ -193,8 +264,24 @@ class PairingTokens:
         with self._lock:
             tokens = self._load()
             entry = tokens.pop(tid, None)
-            atomic_write(self.path, json.dumps(tokens).encode())
+            self._save(tokens)
         return entry is not None and entry[1] > time.time()
+
+
+def _token_entry(entry: Any) -> bool:
+    """True for a [proof key, expiry] token entry."""
+    return (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+            and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool))
+
+
+def _plain_tokens(path: Path) -> Callable[[Any], dict[str, Any]]:
+    """The decoder of the plain token layout: {token id: [key, expiry]} as the whole
+    document; entries of another shape (an even older format) are no valid tokens."""
+    def decode(doc: Any) -> dict[str, Any]:
+        if not isinstance(doc, dict):
+            raise CorruptRecordError(f"{path} is not a token table")
+        return {"tokens": {k: v for k, v in doc.items() if _token_entry(v)}}
+    return decode
 
 
 def token_id(token: str) -> str:

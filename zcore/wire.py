@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from zcore._native.record import crc32c
 from zcore.errors import ProtocolError
@@ -80,6 +81,12 @@ class FrameReader:
         self._fill = 0
         self._type = self._channel = self._length = self._crc = 0
         self._frames: list[Frame] = []
+
+    @property
+    def payload_allocated(self) -> int:
+        """Bytes allocated for the payload of the frame being received (0 between frames
+        and while a header is incomplete)."""
+        return 0 if self._payload is None else len(self._payload)
 
     def get_buffer(self) -> memoryview:
         if self._payload is None:
@@ -154,8 +161,9 @@ def control(ftype: int, channel: int = 0, **fields: object) -> bytes:
     return frame(ftype, channel, json.dumps(fields).encode())
 
 
-def parse_control(f: Frame) -> dict:
-    """Decode and check a control message against its schema."""
+def parse_control(f: Frame) -> dict[str, Any]:
+    """Decode and check a control message against its schema; anything else raises
+    `ProtocolError` (never another exception: the caller refuses the peer with it)."""
     schema = SCHEMAS.get(f.type)
     if schema is None:
         raise ProtocolError(f"{f.name} is not a control message")
@@ -163,6 +171,8 @@ def parse_control(f: Frame) -> dict:
         msg = json.loads(bytes(f.payload))
     except (ValueError, UnicodeDecodeError):
         raise ProtocolError(f"{f.name} payload is not JSON") from None
+    except RecursionError:  # e.g. 60,000 nested "[" fit one 64 KiB control frame
+        raise ProtocolError(f"{f.name} payload nests too deeply") from None
     if not isinstance(msg, dict):
         raise ProtocolError(f"{f.name} payload is not an object")
     for key, kind in schema.items():
@@ -172,7 +182,7 @@ def parse_control(f: Frame) -> dict:
     return msg
 
 
-def parse_attach_vms(msg: dict) -> list[tuple[str, list[tuple[int, str, int]]]]:
+def parse_attach_vms(msg: dict[str, Any]) -> list[tuple[str, list[tuple[int, str, int]]]]:
     """The VMs and volumes of an ATTACH, checked: [(vm, [(volume id, name, size)])]."""
     vms = []
     seen_ids: set[int] = set()
@@ -212,7 +222,7 @@ def safe_name(name: str) -> bool:
 # ---- bundles and acks -------------------------------------------------------------------
 
 def bundle_frames(channel: int, first_seq: int, last_seq: int,
-                  parts: list[tuple[int, bytes | bytearray]]) -> list[bytes | bytearray]:
+                  parts: Sequence[tuple[int, bytes | bytearray]]) -> list[bytes | bytearray]:
     """A BUNDLE frame as buffers for writelines (parts are not copied)."""
     head = bytearray(BUNDLE_HEAD.pack(first_seq, last_seq, len(parts), 0))
     for vm_index, data in parts:
@@ -263,7 +273,8 @@ def ack(channel: int, seq: int) -> bytes:
 def parse_ack(f: Frame) -> int:
     if len(f.payload) != ACK_BODY.size:
         raise ProtocolError("ACK payload has the wrong size")
-    return ACK_BODY.unpack(f.payload)[0]
+    seq: int = ACK_BODY.unpack(f.payload)[0]
+    return seq
 
 
 def heartbeat(time_ns: int) -> bytes:

@@ -12,9 +12,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from zcore import replication
 from zcore.errors import StateError
-from zcore.replication import ProtectedSite, RecoverySite, Replication
+from zcore.replication import ProtectedSite, RecoverySite, Replication, timing
 from zcore.vpg import VPG, VPGSettings
 
 KiB = 1 << 10
@@ -32,14 +31,14 @@ FAST_TIMEOUTS = {
 
 @contextlib.contextmanager
 def fast_timeouts() -> Iterator[None]:
-    saved = {k: getattr(replication, k) for k in FAST_TIMEOUTS}
+    saved = {k: getattr(timing, k) for k in FAST_TIMEOUTS}
     for k, v in FAST_TIMEOUTS.items():
-        setattr(replication, k, v)
+        setattr(timing, k, v)
     try:
         yield
     finally:
         for k, v in saved.items():
-            setattr(replication, k, v)
+            setattr(timing, k, v)
 
 
 async def pair_sites(rs_root: Path, ps_root: Path, name: str = "protected") -> None:
@@ -155,7 +154,7 @@ def verify_journals(rs: RecoverySite, model: Model) -> int:
 async def checkpoint(vpg: VPG, tag: str | None = None) -> int:
     """VPG.checkpoint in a thread: it blocks while the capture ring is full, and the
     event loop it would block is the one whose sender drains the ring."""
-    return await asyncio.to_thread(vpg.checkpoint, tag)
+    return (await asyncio.to_thread(vpg.checkpoint, tag)).seq
 
 
 async def catch_up(vpg: VPG, rep: Replication, rs: RecoverySite,

@@ -1,0 +1,1 @@
+"""Shared helpers of the tests (no tests here): import as `from helpers.X import ...`."""

@@ -1,0 +1,26 @@
+"""The `zcore` command line: the demo, and the tools that sit on top of the library.
+
+One module per command group, so a command is one room: `demo_cmd` (`zcore demo`),
+`nbd_cmd` (`zcore nbd ...`); option parsers shared between groups live in `params`.
+A new group is a `*_cmd.py` module whose click command or group is added to `main` here.
+The console script `zcore` is `zcore.cli:main`; `python -m zcore.cli` runs the same.
+"""
+
+from __future__ import annotations
+
+import click
+
+from zcore.cli.demo_cmd import demo
+from zcore.cli.nbd_cmd import nbd
+
+
+@click.group()
+@click.version_option(package_name="zcore")
+def main() -> None:
+    """zcore: continuous data protection for virtual disks."""
+
+
+main.add_command(demo)
+main.add_command(nbd)
+
+__all__ = ["main"]

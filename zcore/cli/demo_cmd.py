@@ -1,0 +1,43 @@
+"""`zcore demo`: two VMs replicated over TLS on loopback, ransomware, and a recovery
+verified byte for byte (the work is `zcore.demo.run_demo`; this module prints it)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+import click
+
+
+@click.command()
+@click.option("--volume-mib", default=64, show_default=True, help="size of each VM's disk")
+@click.option("--seconds", default=4.0, show_default=True, help="length of the workload")
+@click.option("--rate-mb", default=40.0, show_default=True, help="workload write rate, MB/s")
+@click.option("--keep", type=click.Path(file_okay=False), default=None,
+              help="keep the demo's files in this directory instead of a temporary one")
+def demo(volume_mib: int, seconds: float, rate_mb: float, keep: str | None) -> None:
+    """Replicate two VMs over TLS on loopback, tag a checkpoint, let ransomware overwrite
+    the disks, recover the VPG at the tagged checkpoint and verify it byte for byte."""
+    from zcore.demo import run_demo
+
+    if volume_mib < 1 or seconds <= 0 or rate_mb <= 0:
+        raise click.BadParameter("volume size, duration and rate must be positive")
+    with tempfile.TemporaryDirectory(prefix="zcore-demo-") as tmp:
+        base = keep or os.path.join(tmp, "demo")
+        report = run_demo(base, volume_bytes=volume_mib << 20, seconds=seconds,
+                          rate_bytes=rate_mb * 1e6, say=click.echo)
+    click.echo("")
+    click.echo("report")
+    click.echo(f"  workload          {report.written_bytes / 2**20:8.1f} MiB in "
+               f"{report.workload_seconds:.1f} s, steady replication "
+               f"{report.throughput_bytes / 1e6:.1f} MB/s")
+    click.echo(f"  RPO               worst {report.rpo_max_seconds * 1000:.0f} ms")
+    click.echo(f"  journals          {report.journal_bytes / 2**20:8.1f} MiB on disk")
+    click.echo(f"  recovered         {report.recovered_bytes / 2**20:8.1f} MiB at checkpoint "
+               f"{report.checkpoint_seq} ({report.checkpoint_tag!r})")
+    if not report.ok:
+        click.echo(f"FAILED: {report.mismatched_chunks} MiB differ from the disks at the "
+                   "tagged checkpoint", err=True)
+        sys.exit(1)
+    click.echo("  verification      byte-for-byte identical to the disks at the checkpoint")

@@ -1,0 +1,51 @@
+"""Parsers for option values the command groups share: sizes, NAME=VALUE pairs and
+checkpoint selectors.  Each raises `click.BadParameter` with the form it expects."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import click
+
+if TYPE_CHECKING:
+    from zcore.journal import Journal
+    from zcore.records import Checkpoint
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """"4G", "512M", "1048576" -> bytes (binary units)."""
+    raw = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = raw[-1:] if raw[-1:] in _SIZE_UNITS else ""
+    try:
+        value = float(raw[: len(raw) - len(unit)])
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size (like 4G, 512M or 1048576)") from None
+    return int(value * _SIZE_UNITS[unit])
+
+
+def name_value(option: str, text: str) -> tuple[str, str]:
+    """"NAME=VALUE" -> (NAME, VALUE), both non-empty."""
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise click.BadParameter(f"{option} takes NAME=VALUE, not {text!r}")
+    return name, value
+
+
+def checkpoint_of(journal: Journal, text: str) -> Checkpoint:
+    """A checkpoint from "latest", "tag:TEXT" (newest whose tag contains TEXT) or an id."""
+    from zcore.errors import CheckpointNotFoundError
+
+    if text in ("", "latest"):
+        return journal.latest_checkpoint()
+    if text.startswith("tag:"):
+        found = journal.checkpoints(tag=text[4:])
+        if not found:
+            raise CheckpointNotFoundError(f"no checkpoint tagged like {text[4:]!r}")
+        return found[-1]
+    try:
+        return journal.checkpoint_by_id(int(text))
+    except ValueError:
+        raise click.BadParameter(f"checkpoint {text!r}: give an id, 'latest' or "
+                                 "'tag:TEXT'") from None

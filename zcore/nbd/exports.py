@@ -1,0 +1,255 @@
+"""What the NBD server serves: the `Backend` interface, its four implementations' glue,
+and `Export` (a named backend) with the constructors the CLI and library use.
+
+- `volume_export`: a protected volume (read-write; every write goes through
+  `ProtectedVolume.write` and is captured; FLUSH and FUA make its backing store durable);
+- `view_export`: a view of a volume at a checkpoint (read-only);
+- `scratch_export`: the same view under a `zcore.recovery.ScratchOverlay` (writable, the
+  writes kept apart from the journal and the replica and discarded on close: the basis
+  of failover test);
+- `file_export`: a plain file, for tools and tests.
+
+Anything with the small `Backend` interface can be served.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from zcore.errors import ConfigError, OutOfRangeError
+from zcore.fsutil import preadinto_upto, pwrite_all
+from zcore.nbd.protocol import MAX_NAME, SECTOR
+
+if TYPE_CHECKING:
+    from zcore.journal import Journal
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What an export serves.  Offsets and lengths of writes are sector-aligned and
+    within `size` (the server checks before calling); reads are sector-aligned too.
+    An optional `trim(offset, length)` method is advertised to clients as TRIM."""
+
+    size: int
+    readonly: bool
+
+    def read_into(self, offset: int, buf: Any) -> None: ...
+
+    def write(self, offset: int, data: Any) -> object: ...
+
+    def write_zeroes(self, offset: int, length: int) -> object: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+_ZEROES = bytes(1 << 20)
+
+
+class FileBackend:
+    """A raw image file or block device, read-write unless `readonly` (for tools and
+    tests: writes to it are not captured).  FLUSH is fdatasync."""
+
+    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False,
+                 size: int | None = None) -> None:
+        self.path = os.fspath(path)
+        self.readonly = readonly
+        flags = os.O_RDONLY if readonly else os.O_RDWR
+        if size is not None and not readonly:
+            flags |= os.O_CREAT
+        self._fd = os.open(self.path, flags | os.O_CLOEXEC, 0o644)
+        try:
+            if size is not None and not readonly and os.fstat(self._fd).st_size != size:
+                os.ftruncate(self._fd, size)
+            self.size = os.lseek(self._fd, 0, os.SEEK_END)
+            if self.size <= 0 or self.size % SECTOR:
+                raise ConfigError(f"{self.path}: size {self.size} is not a positive multiple "
+                                  f"of {SECTOR}")
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._closed = False
+
+    def read_into(self, offset: int, buf: Any) -> None:
+        out = memoryview(buf).cast("B")
+        done = preadinto_upto(self._fd, out, offset)
+        if done < len(out):
+            out[done:] = bytes(len(out) - done)  # a file shrunk under us reads as zeroes
+
+    def write(self, offset: int, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        pwrite_all(self._fd, view, offset)
+        return len(view)
+
+    def write_zeroes(self, offset: int, length: int) -> int:
+        for at in range(offset, offset + length, len(_ZEROES)):
+            pwrite_all(self._fd, memoryview(_ZEROES)[: min(len(_ZEROES), offset + length - at)],
+                       at)
+        return length
+
+    def flush(self) -> None:
+        os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+
+
+class VolumeBackend:
+    """A `zcore.capture.ProtectedVolume`, read-write: every write is captured; FLUSH and
+    FUA make the backing store durable.  Closes the volume only when it `owns` it."""
+
+    readonly = False
+
+    def __init__(self, volume: Any, *, owns: bool = False) -> None:
+        self.volume = volume
+        self.size = int(volume.size)
+        self._owns = owns
+        self.read_into = volume.read_into
+        self.write = volume.write
+        self.write_zeroes = volume.write_zeroes
+        self.flush = volume.flush
+
+    def close(self) -> None:
+        if self._owns:
+            self.volume.close()
+
+
+class ViewBackend:
+    """One volume of a journal view (a point-in-time image), read-only."""
+
+    readonly = True
+
+    def __init__(self, view: Any, volume: int | str, *, owns: bool = True) -> None:
+        self.view = view
+        self.volume = volume
+        self.size = int(view.size(volume))
+        self._owns = owns
+
+    def read_into(self, offset: int, buf: Any) -> None:
+        self.view.read_into(self.volume, offset, buf)
+
+    def write(self, offset: int, data: Any) -> int:
+        raise PermissionError("a point-in-time view is read-only")
+
+    def write_zeroes(self, offset: int, length: int) -> int:
+        raise PermissionError("a point-in-time view is read-only")
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._owns:
+            self.view.close()
+
+
+class ExportKind(StrEnum):
+    """What an export serves (informational: shown to people, not to NBD clients)."""
+
+    VOLUME = "volume"
+    VIEW = "view"
+    SCRATCH = "scratch"
+    FILE = "file"
+
+
+@dataclass
+class Export:
+    """A named backend.  `owned`: the server closes the backend when it closes or drops
+    the export.  `kind` is informational."""
+
+    name: str
+    backend: Backend
+    description: str = ""
+    owned: bool = True
+    kind: ExportKind = ExportKind.FILE
+
+    def __post_init__(self) -> None:
+        raw = self.name.encode("utf-8")
+        if len(raw) > MAX_NAME or "\0" in self.name:
+            raise ConfigError(f"export name {self.name[:40]!r}... is longer than {MAX_NAME} "
+                              "bytes or holds a NUL")
+        if len(self.description.encode("utf-8")) > MAX_NAME:
+            raise ConfigError(f"description of export {self.name!r} is too long")
+        size = int(self.backend.size)
+        if size <= 0 or size % SECTOR:
+            raise ConfigError(f"export {self.name!r}: size {size} is not a positive multiple "
+                              f"of {SECTOR}")
+
+    @property
+    def size(self) -> int:
+        return int(self.backend.size)
+
+    @property
+    def readonly(self) -> bool:
+        return bool(self.backend.readonly)
+
+    @property
+    def can_trim(self) -> bool:
+        return not self.readonly and callable(getattr(self.backend, "trim", None))
+
+
+def file_export(path: str | os.PathLike[str], name: str | None = None, *,
+                readonly: bool = False) -> Export:
+    """A raw file served as is (writes are not captured)."""
+    backend = FileBackend(path, readonly=readonly)
+    return Export(name if name is not None else os.path.basename(os.fspath(path)), backend,
+                  f"raw file {os.fspath(path)}", kind=ExportKind.FILE)
+
+
+def volume_export(volume: Any, name: str | None = None, *, owned: bool = False) -> Export:
+    """A protected volume, read-write; every write is captured."""
+    return Export(name if name is not None else volume.name, VolumeBackend(volume, owns=owned),
+                  f"protected volume {volume.name}", owned=True, kind=ExportKind.VOLUME)
+
+
+def view_export(journal: Journal, checkpoint: Any, volume: int | str,
+                name: str | None = None) -> Export:
+    """Volume `volume` of `journal` at `checkpoint`, read-only.  The export owns the view
+    (it pins the checkpoint against promotion until the export is closed)."""
+    spec = _volume_spec(journal, volume)
+    view = journal.view(checkpoint)
+    try:
+        backend = ViewBackend(view, spec.id, owns=True)
+        ckpt = view.checkpoint
+        return Export(name if name is not None else f"{spec.name}@{ckpt.id}", backend,
+                      _checkpoint_text(journal, spec.name, ckpt), kind=ExportKind.VIEW)
+    except BaseException:
+        view.close()
+        raise
+
+
+def scratch_export(journal: Journal, checkpoint: Any, volume: int | str,
+                   name: str | None = None, *, limit_bytes: int | None = None,
+                   directory: str | os.PathLike[str] | None = None) -> Export:
+    """Volume `volume` of `journal` at `checkpoint` under a scratch overlay: writable, the
+    writes discarded when the export closes; the journal and replica stay untouched."""
+    from zcore.recovery import ScratchOverlay
+
+    spec = _volume_spec(journal, volume)
+    overlay = ScratchOverlay.open(journal, checkpoint, spec.id, limit_bytes=limit_bytes,
+                                  directory=directory)
+    ckpt = overlay.checkpoint
+    try:
+        return Export(name if name is not None else f"{spec.name}@{ckpt.id}-scratch", overlay,
+                      "scratch overlay on " + _checkpoint_text(journal, spec.name, ckpt),
+                      kind=ExportKind.SCRATCH)
+    except BaseException:
+        overlay.close()
+        raise
+
+
+def _volume_spec(journal: Journal, volume: int | str) -> Any:
+    for spec in journal.volumes.values():
+        if volume in (spec.id, spec.name):
+            return spec
+    raise OutOfRangeError(f"journal {journal.path} has no volume {volume!r}")
+
+
+def _checkpoint_text(journal: Journal, volume_name: str, ckpt: Any) -> str:
+    tag = f" {ckpt.tag!r}" if ckpt.tag else ""
+    return f"{journal.vm}/{volume_name} at checkpoint {ckpt.id}{tag} ({ckpt.kind})"

@@ -1,0 +1,234 @@
+"""The recovery site's side of one peer connection: `RecoveryConnection`, an asyncio
+BufferedProtocol that parses frames as they arrive (docs/format.md 10.3).
+
+A peer must complete TLS (a pinned certificate, or pairing mode without one) and HELLO
+before anything else is read.  A pairing connection then carries exactly one PAIR; a
+data connection ATTACHes VPGs on channels and sends their BUNDLEs, which go to each
+VPG's journal worker (zcore.replication.journals); acks come back from the worker.
+Every refusal closes the connection with its reason recorded in `RecoverySite.refused`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from zcore import wire
+from zcore.errors import ProtocolError, ZcoreError
+from zcore.replication import timing
+from zcore.replication.journals import VPGReceiver
+from zcore.security import Peer, fingerprint, pairing_proof, pem_to_der, proofs_equal, trust
+
+if TYPE_CHECKING:
+    from zcore.replication.recovery_site import RecoverySite
+
+log = logging.getLogger(__name__)
+
+
+class RecoveryConnection(asyncio.BufferedProtocol):
+    """One peer (protected site) connection on the recovery site."""
+
+    def __init__(self, site: RecoverySite) -> None:
+        self.site = site
+        self.reader = wire.FrameReader(max_payload=timing.UNAUTHENTICATED_PAYLOAD)
+        self.transport: asyncio.Transport | None = None
+        self.peer: Peer | None = None
+        self.pairing = False
+        self.greeted = False
+        self.closed = False
+        self.channels: dict[int, VPGReceiver] = {}
+        self.queued = 0  # bundle bytes received and not yet acknowledged
+        self.paused = False
+        self.last_frame = time.monotonic()
+        self.remote = ""
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    # -- transport callbacks --
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.remote = str(transport.get_extra_info("peername"))
+        self.site.connections.add(self)
+        sslobj = transport.get_extra_info("ssl_object")
+        der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+        if der is None:
+            self.pairing = True  # pairing mode: the PAIR proof is the only way in
+        else:
+            try:
+                self.peer = self.site.peers.get(fingerprint(der))
+            except ZcoreError as exc:  # a damaged peers.json: refuse, with the reason
+                self.close(f"pinned certificates unreadable: {exc}")
+                return
+            if self.peer is None:
+                self.close("certificate not pinned")
+                return
+        self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.reader.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.closed:
+            return
+        try:
+            for f in self.reader.received(nbytes):
+                self.last_frame = time.monotonic()
+                self._handle(f)
+                if self.closed:
+                    return
+        except ZcoreError as exc:  # ProtocolError, and damaged state files
+            reason = str(exc)
+            if not self.greeted or self.pairing:
+                reason += " (before HELLO or on a pairing connection)"
+            self.close(reason, error=True)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.site.connections.discard(self)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        for r in self.channels.values():
+            if r.conn is self:
+                r.conn = None
+                r.stats.connected = False
+
+    def eof_received(self) -> bool:
+        return False
+
+    # -- frames --
+    def _handle(self, f: wire.Frame) -> None:
+        if not self.greeted:
+            if f.type != wire.HELLO:
+                raise ProtocolError(f"{f.name} before HELLO")
+            self._hello(wire.parse_control(f))
+        elif self.pairing:
+            if f.type != wire.PAIR:
+                raise ProtocolError(f"{f.name} on a pairing connection")
+            self._pair(wire.parse_control(f))
+        elif f.type == wire.ATTACH:
+            self._attach(f)
+        elif f.type == wire.BUNDLE:
+            self._bundle(f)
+        elif f.type == wire.HEARTBEAT:
+            pass
+        elif f.type == wire.CLOSE:
+            self.close("peer closed", error=False, tell=False)
+        else:
+            raise ProtocolError(f"unexpected {f.name}")
+
+    def _hello(self, msg: dict[str, Any]) -> None:
+        if msg["protocol"] != wire.PROTOCOL_VERSION:
+            raise ProtocolError(f"protocol version {msg['protocol']} is not supported")
+        if msg["role"] != "protected":
+            raise ProtocolError("only protected sites connect to a recovery site")
+        self.greeted = True
+        if not self.pairing:
+            self.reader.max_payload = wire.MAX_PAYLOAD
+        identity = self.site.identity
+        self._send(wire.control(wire.HELLO, protocol=wire.PROTOCOL_VERSION,
+                                site_id=identity.site_id, site_name=identity.name,
+                                role="recovery"))
+
+    def _attach(self, f: wire.Frame) -> None:
+        peer = self.peer
+        assert peer is not None  # a data connection presented a pinned certificate
+        if f.channel == 0 or f.channel in self.channels:
+            raise ProtocolError(f"ATTACH on channel {f.channel} is not allowed")
+        receiver = self.site.attach(peer, wire.parse_control(f))
+        if receiver.conn is not None and receiver.conn is not self:
+            receiver.conn.close(f"VPG {receiver.name} re-attached by a new connection")
+        receiver.conn = self
+        receiver.stats.connected = True
+        receiver.stats.peer = peer.name
+        self.channels[f.channel] = receiver
+        self._send(wire.control(wire.ATTACHED, f.channel,
+                                durable_seq=receiver.durable_seq(),
+                                max_seq=receiver.max_seq()))
+
+    def _bundle(self, f: wire.Frame) -> None:
+        receiver = self.channels.get(f.channel)
+        if receiver is None:
+            raise ProtocolError(f"BUNDLE for channel {f.channel}, which this peer "
+                                "did not attach")
+        bundle = wire.parse_bundle(f.payload, len(receiver.vms))
+        size = len(f.payload)
+        self.queued += size
+        if self.queued > timing.RECEIVE_QUEUE_BYTES and not self.paused:
+            self.paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+        receiver.submit(self, f.channel, bundle, size)
+
+    def _pair(self, msg: dict[str, Any]) -> None:
+        site = self.site
+        client_der = pem_to_der(msg["cert"])
+        server_fp = site.identity.fingerprint
+        client_fp = fingerprint(client_der)
+        key = site.tokens.key_for(msg["token_id"])
+        if key is None:
+            raise ProtocolError("pairing token is wrong, expired or already used")
+        expected = pairing_proof(key, "protected", server_fp, client_fp)
+        if not proofs_equal(expected, msg["proof"]):
+            raise ProtocolError("pairing proof does not match its certificates")
+        if not site.tokens.consume(msg["token_id"]):  # a concurrent pairing took it
+            raise ProtocolError("pairing token is wrong, expired or already used")
+        peer_name = str(msg.get("site_name", "protected"))[:128]
+        peer_id = str(msg.get("site_id", ""))[:64] or client_fp[:32]
+        # VPG ownership follows the site id: one id, one pinned certificate
+        if any(p.site_id == peer_id and p.fingerprint != client_fp for p in site.peers.all()):
+            raise ProtocolError(f"site id {peer_id} is already paired with another "
+                                "certificate")
+        site.peers.add(peer_id, peer_name, msg["cert"])
+        trust(site.ssl_context, msg["cert"])
+        self._send(wire.control(
+            wire.PAIRED, cert=site.identity.cert_pem,
+            proof=pairing_proof(key, "recovery", server_fp, client_fp),
+            site_id=site.identity.site_id, site_name=site.identity.name))
+        log.info("paired with site %s (%s)", peer_name, client_fp[:16])
+        self.close("pairing complete", error=False, tell=False)
+
+    # -- output --
+    def _send(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def ack_threadsafe(self, channel: int, seq: int, size: int) -> None:
+        """Acknowledge `seq` on `channel` (from the journal worker's thread)."""
+        self.site.call_soon_threadsafe(self._acked, channel, seq, size)
+
+    def _acked(self, channel: int, seq: int, size: int) -> None:
+        self.queued -= size
+        if (self.paused and self.queued <= timing.RECEIVE_QUEUE_BYTES // 2
+                and not self.closed and self.transport is not None):
+            self.paused = False
+            self.transport.resume_reading()
+        self._send(wire.ack(channel, seq))
+
+    def fail_threadsafe(self, reason: str, channel: int = 0) -> None:
+        """Close with an error (from the journal worker's thread)."""
+        self.site.call_soon_threadsafe(self.close, reason, True)
+
+    def close(self, reason: str, error: bool = True, tell: bool = True) -> None:
+        """Close the connection; an `error` records `reason` in `RecoverySite.refused`,
+        and `tell` sends it to a greeted peer first (ERROR, or CLOSE if no error)."""
+        if self.closed:
+            return
+        if error:
+            self.site.refuse(f"{self.remote}: {reason}")
+        if tell and self.transport is not None and self.greeted:
+            self.transport.write(wire.control(wire.ERROR if error else wire.CLOSE,
+                                              reason=reason))
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    async def _beat(self) -> None:
+        while not self.closed:
+            await asyncio.sleep(timing.HEARTBEAT_INTERVAL)
+            if time.monotonic() - self.last_frame > timing.PEER_TIMEOUT:
+                self.close("peer silent for too long")
+                return
+            if self.greeted:
+                self._send(wire.heartbeat(time.time_ns()))

@@ -1,0 +1,152 @@
+"""The recovery-site server: `RecoverySite` listens for protected sites over TLS, holds
+the site's identity, pinned peers and pairing tokens (zcore.security), checks VPG
+ownership (zcore.replication.ownership) and opens each attaching VPG's journals, whose
+worker (zcore.replication.journals) appends what the connections
+(zcore.replication.receiver) receive."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from zcore import wire
+from zcore.errors import ConfigError, ProtocolError, StateError
+from zcore.fsutil import fsync_dir
+from zcore.journal import Journal, JournalSettings, VolumeSpec
+from zcore.replication import timing
+from zcore.replication.journals import VPGReceiver
+from zcore.replication.ownership import read_owner, write_owner
+from zcore.replication.receiver import RecoveryConnection
+from zcore.security import PairingTokens, Peer, PeerStore, SiteIdentity, server_context
+
+log = logging.getLogger(__name__)
+
+
+class RecoverySite:
+    """The recovery-site server: receives many VPGs into their journals."""
+
+    def __init__(self, root: str | os.PathLike[str], name: str = "recovery") -> None:
+        self.root = Path(root)
+        self.identity = SiteIdentity.load_or_create(self.root / "site", name)
+        self.peers = PeerStore(self.root / "site")
+        self.tokens = PairingTokens(self.root / "site")
+        self.vpgs_dir = self.root / "vpgs"
+        self.vpgs_dir.mkdir(parents=True, exist_ok=True)
+        self.receivers: dict[str, VPGReceiver] = {}
+        self.connections: set[RecoveryConnection] = set()
+        self.refused: deque[str] = deque(maxlen=200)  # reasons of refused connections
+        self._server: asyncio.AbstractServer | None = None
+        self._ssl: ssl.SSLContext | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def issue_pairing_token(self, ttl: float = 3600.0) -> str:
+        return self.tokens.issue(ttl)
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        """Listen on host:port (0: any free port); returns the address listened on."""
+        self.loop = asyncio.get_running_loop()
+        self._ssl = ctx = server_context(self.identity, self.peers)
+        self._server = await self.loop.create_server(
+            lambda: RecoveryConnection(self), host, port, ssl=ctx,
+            ssl_handshake_timeout=timing.HANDSHAKE_TIMEOUT)
+        sock = self._server.sockets[0].getsockname()
+        return sock[0], sock[1]
+
+    async def stop(self) -> None:
+        """Close every connection, stop listening, close every journal."""
+        if self._server is not None:
+            self._server.close()
+            for conn in list(self.connections):
+                conn.close("recovery site stopping")
+            await self._server.wait_closed()
+            self._server = None
+        for r in self.receivers.values():
+            await asyncio.to_thread(r.close)
+        self.receivers.clear()
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """The listening TLS context (newly paired peers are trusted in it)."""
+        if self._ssl is None:
+            raise StateError("the recovery site is not started")
+        return self._ssl
+
+    def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any) -> None:
+        """Run `callback(*args)` on the site's event loop (from any thread)."""
+        if self.loop is None:
+            raise StateError("the recovery site is not started")
+        self.loop.call_soon_threadsafe(callback, *args)
+
+    def journals(self, vpg: str) -> dict[str, Journal]:
+        """The journals of an attached VPG, by VM name."""
+        return self.receivers[vpg].journals
+
+    def refuse(self, reason: str) -> None:
+        """Log and keep the reason a connection was refused or closed in error."""
+        log.warning("recovery site: %s", reason)
+        self.refused.append(reason)
+
+    def attach(self, peer: Peer, msg: dict[str, Any]) -> VPGReceiver:
+        """Open (or create) the journals of an attaching VPG; checks ownership."""
+        name = msg["vpg"]
+        if not wire.safe_name(name):
+            raise ProtocolError(f"VPG name {name!r} is not allowed")
+        vms = wire.parse_attach_vms(msg)
+        try:
+            settings = JournalSettings(**msg["journal"])
+            settings.check()
+        except (TypeError, ConfigError) as exc:
+            raise ProtocolError(f"ATTACH journal settings refused: {exc}") from None
+        receiver = self.receivers.get(name)
+        if receiver is not None:
+            if receiver.owner != peer.site_id:
+                raise ProtocolError(f"VPG {name} belongs to another site")
+            if receiver.vms != [vm for vm, _ in vms]:
+                raise ProtocolError(f"VPG {name} was attached with other VMs")
+            return receiver
+        vpg_dir = self.vpgs_dir / name
+        self._claim(vpg_dir, name, peer)
+        journals = self._open_journals(vpg_dir, name, vms, settings)
+        receiver = VPGReceiver(name, peer.site_id, [vm for vm, _ in vms], journals)
+        self.receivers[name] = receiver
+        return receiver
+
+    def _claim(self, vpg_dir: Path, name: str, peer: Peer) -> None:
+        """Check that `peer` owns the VPG, or make it the owner of a new one.  A damaged
+        owner.json raises CorruptRecordError: the connection is refused with its name."""
+        owner = read_owner(vpg_dir)
+        if owner is None:
+            vpg_dir.mkdir(parents=True, exist_ok=True)
+            fsync_dir(self.vpgs_dir)
+            write_owner(vpg_dir, peer.site_id, peer.name)
+        elif owner != peer.site_id:
+            raise ProtocolError(f"VPG {name} belongs to another site")
+
+    @staticmethod
+    def _open_journals(vpg_dir: Path, name: str,
+                       vms: list[tuple[str, list[tuple[int, str, int]]]],
+                       settings: JournalSettings) -> dict[str, Journal]:
+        journals: dict[str, Journal] = {}
+        try:
+            for vm, vols in vms:
+                specs = [VolumeSpec(*v) for v in vols]
+                path = vpg_dir / vm
+                if (path / "journal.meta").exists():
+                    j = Journal.open(path)
+                    if sorted(j.volumes.values(), key=lambda v: v.id) != specs:
+                        j.close()
+                        raise ProtocolError(f"VM {vm} of VPG {name} has other volumes now")
+                else:
+                    j = Journal.create(path, specs, vm=vm, settings=settings)
+                journals[vm] = j
+        except BaseException:
+            for j in journals.values():
+                j.close()
+            raise
+        return journals

@@ -1,0 +1,76 @@
+"""What a VPG's replication reports: its state (`ReplicationState`), the status record
+the protected site's sender (zcore.replication.sender) builds from the VPG's own status
+and the link, and the recent acknowledged-throughput meter behind it."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from zcore.vpg import VPGStatus
+
+
+class ReplicationState(StrEnum):
+    """The replication state of one VPG, most pressing first (a StrEnum: it compares equal
+    to its string value, as states did before the enum)."""
+
+    PAUSED = "paused"  # the user paused replication
+    INITIALIZING = "initializing"  # the initial sync runs
+    BITMAP_SYNCING = "bitmap_syncing"  # resending what the dirty bitmaps mark
+    DISCONNECTED = "disconnected"  # the recovery site is unreachable
+    RPO_NOT_MEETING_SLA = "rpo_not_meeting_sla"  # streaming, RPO above its alert
+    MEETING_SLA = "meeting_sla"  # streaming within the RPO alert
+
+
+def replication_state(vpg: VPGStatus, connected: bool, paused: bool) -> ReplicationState:
+    """The state a VPG with status `vpg` is in, over a link that is or is not up."""
+    if paused:
+        return ReplicationState.PAUSED
+    if vpg.mode == "initial_sync":
+        return ReplicationState.INITIALIZING
+    if vpg.mode == "bitmap_syncing" or (vpg.mode == "bitmap" and connected):
+        return ReplicationState.BITMAP_SYNCING
+    if not connected:
+        return ReplicationState.DISCONNECTED
+    if vpg.rpo_alert:
+        return ReplicationState.RPO_NOT_MEETING_SLA
+    return ReplicationState.MEETING_SLA
+
+
+@dataclass(frozen=True)
+class ReplicationStatus:
+    vpg: str
+    state: ReplicationState
+    rpo_seconds: float
+    throughput_bytes: float  # acknowledged data bytes per second (recent)
+    buffer_used: int
+    buffer_bytes: int
+    sent_seq: int
+    acked_seq: int
+    connected: bool
+    sync_total_bytes: int
+    sync_done_bytes: int
+    last_error: str
+
+
+@dataclass
+class ThroughputMeter:
+    """Bytes per second over the last `window` seconds."""
+
+    window: float = 2.0
+    samples: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def add(self, nbytes: int) -> None:
+        now = time.monotonic()
+        self.samples.append((now, nbytes))
+        self._expire(now)
+
+    def value(self) -> float:
+        self._expire(time.monotonic())
+        return sum(n for _, n in self.samples) / self.window
+
+    def _expire(self, now: float) -> None:
+        while self.samples and now - self.samples[0][0] > self.window:
+            self.samples.popleft()

@@ -1,0 +1,1 @@
+"""The site service: one zcore process per site (issue 10)."""

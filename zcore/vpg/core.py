@@ -1,0 +1,207 @@
+"""The state every part of a VPG shares, and the records it hands out.
+
+Sits at the bottom of the VPG class: `VPGCore` holds the definition, the capture ring,
+the pending bundles, the mode and the counters, with the few helpers every layer above
+uses (events, dirty marks, checkpoint markers, the state file).  The layers build on it
+in one line, each calling only down: `VPGSyncs` (zcore.vpg.syncs: bitmap mode and
+syncs) <- `VPGStream` (zcore.vpg.stream: the stream thread and sealing) <- `VPG`
+(zcore.vpg.group: definition, lifetime and what links and users call).
+
+Lock: `_lock` (an RLock, with the condition `_wake`) guards every attribute below; the
+stream thread holds it for each round.  The capture ring has its own native lock, a
+leaf: it is taken under `_lock`, never the other way round.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from zcore import records
+from zcore._native.capture import CaptureRing
+from zcore.bitmap import DirtyBitmap
+from zcore.capture import ProtectedVolume
+from zcore.errors import StateError
+from zcore.records import Checkpoint, CheckpointKind
+from zcore.vpg.settings import VPGMode, VPGSettings
+from zcore.vpg.state import StateFiles
+
+log = logging.getLogger("zcore.vpg")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """Records sealed together: seqs first_seq..last_seq, one encoded part per VM."""
+
+    first_seq: int
+    last_seq: int
+    parts: dict[str, bytearray]
+    data_bytes: int
+    encoded_bytes: int
+    oldest_time_ns: int
+    volumes: npt.NDArray[np.uint32]
+    offsets: npt.NDArray[np.uint64]
+    lengths: npt.NDArray[np.uint64]
+    checkpoints: tuple[Checkpoint, ...]
+
+
+@dataclass(frozen=True)
+class VPGStatus:
+    name: str
+    mode: VPGMode
+    rpo_seconds: float
+    rpo_alert: bool
+    buffer_used: int  # capture ring in use plus sealed, unacknowledged bundles
+    buffer_bytes: int
+    pending_bundles: int
+    dirty_bytes: int
+    sync_total_bytes: int
+    sync_done_bytes: int
+    writes: int
+    bytes_written: int
+    last_seq: int
+    acked_seq: int
+    link_up: bool
+    events: tuple[str, ...]
+    ring_used: int = 0  # bytes of the capture ring in use...
+    ring_bytes: int = 0  # ...of its size (half the buffer; 0 while stopped)
+
+
+class VM:
+    """A protected VM: a name and its volumes."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.volumes: list[ProtectedVolume] = []
+
+    def __repr__(self) -> str:
+        return f"VM({self.name}, {len(self.volumes)} volumes)"
+
+
+SyncItem = tuple[int, int, int]  # volume id, offset, length
+
+
+class VPGCore:
+    """The shared state of a VPG (see the module docstring for the layers on top)."""
+
+    def __init__(self, name: str, state_dir: str | os.PathLike[str],
+                 settings: VPGSettings | None = None) -> None:
+        self.name = name
+        self.settings = settings or VPGSettings()
+        self.settings.check()
+        self.files = StateFiles(state_dir)
+        self.state_dir: Path = self.files.dir
+        self.vms: dict[str, VM] = {}
+        self.volumes: dict[int, ProtectedVolume] = {}
+        self.bitmaps: dict[int, DirtyBitmap] = {}
+        self._ring: CaptureRing | None = None
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._pending: deque[Bundle] = deque()
+        self._pending_bytes = 0
+        self._acked_seq = 0
+        self._last_seq = 0
+        self._mode = VPGMode.STOPPED
+        self._link_up = True
+        self._skip_zero = False  # the replicas are still empty: zero blocks need not go
+        self._initial = False  # an initial sync has not completed yet
+        self._sync_iter: Iterator[SyncItem] | None = None
+        self._sync_next: SyncItem | None = None
+        self._sync_total = 0
+        self._sync_done = 0
+        self._unsynced_since_ns = 0
+        self._last_seal_ns = 0
+        self._next_checkpoint = 0.0
+        self._last_persist = 0.0
+        self._seq_reserved = 0
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._events: deque[str] = deque(maxlen=100)
+        self._rounds = 0
+        self.on_checkpoint: Callable[[Checkpoint], None] | None = None
+
+    # ---- checks --------------------------------------------------------------------------
+
+    def _require_stopped(self, what: str) -> None:
+        if self._mode != VPGMode.STOPPED:
+            raise StateError(f"cannot {what} while VPG {self.name} runs")
+
+    def _check_running(self) -> None:
+        if self._error is not None:
+            raise StateError(f"VPG {self.name} stream failed: {self._error!r}")
+        if self._mode == VPGMode.STOPPED:
+            raise StateError(f"VPG {self.name} is not started")
+
+    def _in_bitmap_mode(self) -> bool:
+        """A method, not a comparison inline: the mode changes under calls that seal."""
+        return self._mode == VPGMode.BITMAP
+
+    def _live_ring(self) -> CaptureRing:
+        """The ring of a started VPG (every caller runs between start and stop)."""
+        ring = self._ring
+        if ring is None:
+            raise StateError(f"VPG {self.name} is not started")
+        return ring
+
+    # ---- shared helpers ------------------------------------------------------------------
+
+    def _event(self, text: str) -> None:
+        self._events.append(f"{time.strftime('%H:%M:%S')} {text}")
+        log.info("VPG %s: %s", self.name, text)
+
+    def _mark(self, vols: npt.NDArray[np.uint32], offs: npt.NDArray[np.uint64],
+              lens: npt.NDArray[np.uint64]) -> None:
+        for vid in np.unique(vols).tolist():
+            sel = vols == vid
+            self.bitmaps[vid].mark_many(offs[sel], lens[sel])
+
+    def _marker(self, kind: CheckpointKind, tag: str | None) -> Checkpoint | None:
+        """Append a checkpoint marker to the ring; None when it has no room (or is in
+        bitmap mode).  The marker is crash-consistent only while streaming.
+
+        `time_ns` is read just after the ring stamped the record: the journaled record's
+        time is the ring's own reading, a few microseconds earlier."""
+        consistent = self._mode == VPGMode.STREAMING
+        code = records.CKPT_TAGGED if kind == CheckpointKind.TAGGED else records.CKPT_AUTO
+        payload = records.checkpoint_payload(code, consistent, tag)
+        seq = self._live_ring().marker(payload)
+        if seq is None:
+            return None
+        return Checkpoint(seq, seq, time.time_ns(), kind, tag or None, consistent)
+
+    # ---- the state directory -------------------------------------------------------------
+
+    def bitmap_path(self, vid: int) -> Path:
+        """Where volume `vid`'s dirty bitmap is persisted."""
+        return self.files.bitmap_path(vid)
+
+    def _definition(self) -> list[dict[str, Any]]:
+        return [{"id": v.id, "vm": v.vm, "name": v.name, "size": v.size}
+                for v in self.volumes.values()]
+
+    def _save_state(self, *, clean: bool) -> None:
+        self.files.save({
+            "name": self.name,
+            "volumes": self._definition(),
+            "seq_reserved": self._seq_reserved,
+            "clean": clean,
+            "initial_sync_pending": self._initial,
+            "settings": asdict(self.settings),
+        })
+
+    def persist_bitmaps(self) -> None:
+        """Write every bitmap now (crash-safe), with what is queued folded in."""
+        with self._lock:
+            self.files.persist_bitmaps(self.bitmaps)
+            self._last_persist = time.monotonic()

@@ -1,0 +1,326 @@
+"""The VPG: a consistency group of VMs and volumes, and what links and users call.
+
+Sits on top of the stream (zcore.vpg.stream) and is what `zcore.vpg` exports: defining
+VMs and volumes, start and stop (with the state files of zcore.vpg.state), checkpoints,
+link up and down, the bundles a sender takes and the acks it returns, status and RPO.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from zcore import records
+from zcore._native.capture import MODE_BITMAP, CaptureRing
+from zcore.bitmap import DirtyBitmap
+from zcore.capture import ProtectedVolume, backing_size
+from zcore.errors import ConfigError, StateError
+from zcore.journal import VolumeSpec
+from zcore.records import Checkpoint, CheckpointKind
+from zcore.vpg.core import VM, Bundle, VPGStatus
+from zcore.vpg.settings import CHECKPOINT_WAIT, SEQ_RESERVE, VPGMode
+from zcore.vpg.stream import VPGStream
+
+
+class VPG(VPGStream):
+    """A consistency group: every write of every volume in one seq order."""
+
+    # ---- definition ----------------------------------------------------------------------
+
+    def add_vm(self, name: str) -> VM:
+        with self._lock:
+            self._require_stopped("add a VM")
+            if not name or name in self.vms:
+                raise ConfigError(f"VM name {name!r} is empty or already in VPG {self.name}")
+            vm = self.vms[name] = VM(name)
+            return vm
+
+    def add_volume(self, vm: VM | str, name: str, path: str | os.PathLike[str],
+                   size: int | None = None) -> ProtectedVolume:
+        """Protect the raw image or block device at `path` (size: the whole store)."""
+        with self._lock:
+            self._require_stopped("add a volume")
+            vm_obj = self.vms.get(vm if isinstance(vm, str) else vm.name)
+            if vm_obj is None:
+                raise ConfigError(f"VPG {self.name} has no VM {vm!r}")
+            if any(v.name == name for v in vm_obj.volumes):
+                raise ConfigError(f"VM {vm_obj.name} already has a volume {name!r}")
+            if size is None:
+                size = backing_size(path) // records.SECTOR * records.SECTOR
+            volume_id = len(self.volumes)
+            if volume_id >= 65536:
+                raise ConfigError("a VPG holds at most 65536 volumes")
+            volume = ProtectedVolume(vm_obj.name, volume_id, name, path, size)
+            vm_obj.volumes.append(volume)
+            self.volumes[volume_id] = volume
+            return volume
+
+    def journal_volumes(self, vm: str) -> list[VolumeSpec]:
+        """The volumes a recovery-site journal of `vm` holds."""
+        return [VolumeSpec(v.id, v.name, v.size) for v in self.vms[vm].volumes]
+
+    # ---- lifetime ------------------------------------------------------------------------
+
+    def start(self, *, initial_sync: bool = False, min_seq: int = 0) -> None:
+        """Start capturing.  `initial_sync` copies the volumes' current contents (zero
+        blocks skipped) before the first consistent checkpoint; `min_seq` is the highest
+        seq the recovery site already holds.  A restart after a clean stop resumes the
+        persisted bitmaps; after a crash every volume is resent whole."""
+        with self._lock:
+            self._require_stopped("start")
+            if not self.volumes:
+                raise ConfigError(f"VPG {self.name} protects no volume")
+            state = self.files.load(self._definition(), self.name)
+            self._restore_bitmaps(state, initial_sync)
+            first_seq = max(int(state["seq_reserved"]) if state else 1, min_seq + 1)
+            self._seq_reserved = first_seq + SEQ_RESERVE
+            self._last_seq = first_seq - 1
+            self._acked_seq = max(self._acked_seq, min_seq)
+            ring = self._ring = CaptureRing(self._ring_bytes(), first_seq)
+            dirty = any(self.bitmaps.values())
+            self._mode = VPGMode.BITMAP if dirty else VPGMode.STREAMING
+            if dirty:
+                ring.set_mode(MODE_BITMAP)
+                self._unsynced_since_ns = time.time_ns()
+            self._save_state(clean=False)
+            for vol in self.volumes.values():
+                vol._attach(ring)
+            self._stopping = False
+            self._error = None
+            self._next_checkpoint = time.monotonic() + self.settings.checkpoint_interval
+            self._last_persist = time.monotonic()
+            self._thread = threading.Thread(target=self._run, name=f"vpg-{self.name}",
+                                            daemon=True)
+            self._thread.start()
+
+    def _restore_bitmaps(self, state: dict[str, object] | None, initial_sync: bool) -> None:
+        """Fresh bitmaps, then what the saved state says is dirty: nothing or everything
+        (first start), the persisted bitmaps (clean stop) or everything (crash)."""
+        for vid, vol in self.volumes.items():
+            self.bitmaps[vid] = DirtyBitmap(vol.size, max_bytes=self.settings.bitmap_max_bytes)
+        if state is None:
+            self._skip_zero = self._initial = initial_sync
+            if initial_sync:
+                for bm in self.bitmaps.values():
+                    bm.mark_all()
+                self._event("initial sync of every volume")
+            return
+        # zero blocks may be skipped only while the replicas hold nothing: after a restart,
+        # part of an initial sync (or writes since) may be journaled
+        self._skip_zero = False
+        self._initial = bool(state.get("initial_sync_pending"))
+        if state["clean"]:
+            self.files.load_bitmaps(self.volumes, self.bitmaps,
+                                    self.settings.bitmap_max_bytes, self._event)
+        else:
+            for bm in self.bitmaps.values():
+                bm.mark_all()
+            self._event("unclean shutdown: every volume will be resent")
+
+    def _ring_bytes(self) -> int:
+        return self.settings.buffer_bytes // 2 // 64 * 64
+
+    def stop(self) -> None:
+        """Clean shutdown: fold everything not yet acknowledged into the bitmaps, persist
+        them, and mark the state clean (the next start resumes with a bitmap sync)."""
+        if not self._stop_thread():
+            return
+        with self._lock:
+            for vol in self.volumes.values():
+                vol._attach(None)
+            # a writer may still hold the ring (looked up before the detach, or waiting on
+            # an overlapping write): refuse it and let in-flight writes finish, so every
+            # completed write is folded below
+            self._live_ring().close()
+            self._fold(reason=None)
+            self.files.persist_bitmaps(self.bitmaps)
+            self._save_state(clean=True)
+            self._ring = None
+            self._mode = VPGMode.STOPPED
+            self._sync_iter = None
+
+    def _stop_thread(self) -> bool:
+        """Stop the stream thread and wait for it; False when the VPG was not running."""
+        with self._lock:
+            if self._mode == VPGMode.STOPPED:
+                return False
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        return True
+
+    def abandon(self) -> None:
+        """Die as a crashed process would: the stream thread stops and the volumes close,
+        with no fold, no persisted bitmaps, and the state file still saying "running", so
+        the next start (of this VPG or of a new one over the same state directory) resends
+        every volume.  For crash tests."""
+        self._stop_thread()
+        for vol in self.volumes.values():
+            vol.close()
+        with self._lock:  # a later stop() or close() must not call this state clean
+            self._ring = None
+            self._mode = VPGMode.STOPPED
+
+    def close(self) -> None:
+        """Stop, then close every volume."""
+        self.stop()
+        for vol in self.volumes.values():
+            vol.close()
+
+    # ---- what links and users call -------------------------------------------------------
+
+    def checkpoint(self, tag: str | None = None) -> Checkpoint:
+        """Take a tagged (or, without a tag, automatic) checkpoint now.  Raises
+        StateError in bitmap mode, where no checkpoint can be taken.  The checkpoint's
+        `time_ns` is read as its marker enters the ring (the journals' copy carries the
+        ring's reading of the same moment, microseconds apart)."""
+        with self._lock:
+            self._check_running()
+            if self._mode == VPGMode.BITMAP:
+                raise StateError(f"VPG {self.name} is in bitmap mode: no checkpoint possible")
+            kind = CheckpointKind.TAGGED if tag else CheckpointKind.AUTO
+            deadline = time.monotonic() + CHECKPOINT_WAIT
+            while True:
+                ckpt = self._marker(kind, tag)
+                if ckpt is not None:
+                    self._wake.notify_all()
+                    return ckpt
+                if self._in_bitmap_mode():  # the ring overflowed under us
+                    raise StateError(f"VPG {self.name} fell into bitmap mode")
+                if time.monotonic() > deadline:
+                    raise StateError(f"VPG {self.name}: no room for a checkpoint marker in "
+                                     f"{CHECKPOINT_WAIT} s (the link is not draining)")
+                self._seal()
+                self._wake.wait(0.005)
+
+    def link_down(self, reason: str = "link declared down") -> None:
+        """The recovery site is unreachable for long: fold into bitmaps now."""
+        with self._lock:
+            self._check_running()
+            self._link_up = False
+            if self._mode != VPGMode.BITMAP:
+                self._fold(reason)
+
+    def link_up(self) -> None:
+        """The recovery site is back: a bitmap sync starts when the queue is empty."""
+        with self._lock:
+            self._link_up = True
+            self._wake.notify_all()
+
+    def bundles_after(self, seq: int) -> list[Bundle]:
+        """Pending bundles with seqs above `seq` (what a sender has not sent yet)."""
+        with self._lock:
+            return [b for b in self._pending if b.last_seq > seq]
+
+    def wait_bundles(self, after_seq: int, timeout: float) -> list[Bundle]:
+        """Like bundles_after, waiting up to `timeout` seconds for at least one."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                found = [b for b in self._pending if b.last_seq > after_seq]
+                left = deadline - time.monotonic()
+                if found or left <= 0 or self._stopping or self._mode == VPGMode.STOPPED:
+                    return found
+                self._wake.wait(left)
+
+    def ack(self, seq: int) -> None:
+        """The recovery site holds every record up to `seq` durably."""
+        with self._lock:
+            if seq <= self._acked_seq:
+                return
+            self._acked_seq = seq
+            while self._pending and self._pending[0].last_seq <= seq:
+                b = self._pending.popleft()
+                self._pending_bytes -= b.encoded_bytes
+            self._wake.notify_all()
+
+    def flush(self, timeout: float = 10.0) -> int:
+        """Seal everything captured so far; returns the last seq sealed."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._check_running()
+            target = self._live_ring().stats()["next_seq"] - 1
+            while self._last_seq < target and self._mode != VPGMode.BITMAP:
+                if time.monotonic() > deadline:
+                    raise StateError(f"VPG {self.name}: sealing did not catch up in {timeout} s")
+                self._seal()
+                if self._last_seq < target:
+                    self._wake.wait(0.001)
+            return self._last_seq
+
+    def seal_for_drain(self, sent_seq: int) -> bool:
+        """Seal what the pending bound allows; True when the VPG streams, has sealed every
+        seq captured so far and holds no bundle above `sent_seq` (a link that delivered up
+        to `sent_seq` is drained).  One atomic look, for `LocalLink.drain`."""
+        with self._lock:
+            self._check_running()
+            if self._mode != VPGMode.STREAMING:
+                return False
+            self._seal()
+            captured = self._live_ring().stats()["next_seq"] - 1
+            return self._last_seq >= captured and not self.bundles_after(sent_seq)
+
+    # ---- what is going on ----------------------------------------------------------------
+
+    @property
+    def events(self) -> tuple[str, ...]:
+        """The last 100 events (mode changes, syncs, refusals), oldest first: a snapshot,
+        safe to iterate from any thread."""
+        with self._lock:
+            return tuple(self._events)
+
+    @property
+    def mode(self) -> VPGMode:
+        return self._mode
+
+    @property
+    def acked_seq(self) -> int:
+        return self._acked_seq
+
+    @property
+    def stream_rounds(self) -> int:
+        """Rounds the stream thread has run since the VPG was made: an idle or stalled
+        VPG adds about one per `bundle_age`, so a spinning thread shows here."""
+        return self._rounds
+
+    def rpo_seconds(self) -> float:
+        """Age of the oldest captured write not yet durable at the recovery site."""
+        with self._lock:
+            now = time.time_ns()
+            oldest = now
+            if self._unsynced_since_ns:
+                oldest = self._unsynced_since_ns
+            if self._pending:
+                oldest = min(oldest, min(b.oldest_time_ns for b in self._pending))
+            if self._ring is not None and self._ring.stats()["ring_used"] and self._last_seal_ns:
+                oldest = min(oldest, self._last_seal_ns)
+            return max(0.0, (now - oldest) / 1e9)
+
+    def status(self) -> VPGStatus:
+        with self._lock:
+            if self._ring is not None and self._mode == VPGMode.BITMAP:
+                self._mark(*self._ring.take_dirty())
+            stats = self._ring.stats() if self._ring is not None else None
+            rpo = self.rpo_seconds()
+            return VPGStatus(
+                name=self.name,
+                mode=self._mode,
+                rpo_seconds=rpo,
+                rpo_alert=rpo > self.settings.rpo_alert_seconds,
+                buffer_used=(stats["ring_used"] if stats else 0) + self._pending_bytes,
+                buffer_bytes=self.settings.buffer_bytes,
+                pending_bundles=len(self._pending),
+                dirty_bytes=sum(bm.dirty_bytes for bm in self.bitmaps.values()),
+                sync_total_bytes=self._sync_total,
+                sync_done_bytes=self._sync_done,
+                writes=stats["writes"] if stats else 0,
+                bytes_written=stats["bytes"] if stats else 0,
+                last_seq=self._last_seq,
+                acked_seq=self._acked_seq,
+                link_up=self._link_up,
+                events=tuple(self._events),
+                ring_used=stats["ring_used"] if stats else 0,
+                ring_bytes=stats["ring_size"] if stats else 0,
+            )

@@ -1,0 +1,126 @@
+"""The VPG's stream thread: sealing the capture ring into bundles, checkpoint cadence,
+seq reservation and the switches into and out of bitmap mode.
+
+Sits on `VPGSyncs`, under the public `VPG` (zcore.vpg.group).  Each round, under the
+VPG lock, seals committed ring entries into bundles (by size, or when the round finds
+them older than `bundle_age`), cuts an automatic checkpoint when one is due, folds into
+bitmaps on overflow, and drives a running sync.  Bundles carry one encoded part per VM
+(the records of its volumes plus every checkpoint marker), so each recovery-site journal
+appends its part exactly as received.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import numpy.typing as npt
+
+from zcore.records import Checkpoint, CheckpointKind
+from zcore.vpg.core import Bundle, log
+from zcore.vpg.settings import SEQ_RESERVE, VPGMode
+from zcore.vpg.syncs import VPGSyncs
+
+
+class VPGStream(VPGSyncs):
+    """The stream thread's work (every method runs under `_lock`)."""
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    if self._stopping:
+                        return
+                    self._rounds += 1
+                    busy = self._tick()
+                    if not busy:
+                        self._wake.wait(self.settings.bundle_age)
+        except BaseException as exc:  # surfaced by status() and by every later call
+            log.exception("VPG %s stream thread failed", self.name)
+            self._error = exc
+            self._event(f"stream stopped: {exc!r}")
+
+    def _tick(self) -> bool:
+        """One round of stream work; True when there may be more to do right away."""
+        ring = self._live_ring()
+        stats = ring.stats()
+        if stats["next_seq"] + SEQ_RESERVE // 2 > self._seq_reserved:
+            self._seq_reserved = stats["next_seq"] + SEQ_RESERVE
+            self._save_state(clean=False)
+        busy = False
+        if self._mode in (VPGMode.STREAMING, VPGMode.BITMAP_SYNCING, VPGMode.INITIAL_SYNC):
+            if stats["overflowed"]:
+                self._fold("buffer overflow")
+                return True
+            vols, offs, lens = ring.take_dirty()
+            if vols.size:  # write errors: their ranges must be resent
+                self._mark(vols, offs, lens)
+                self._event(f"{vols.size} writes failed on a backing store: resending them")
+                if self._mode == VPGMode.STREAMING:
+                    self._begin_sync()
+            busy = self._seal()
+            now = time.monotonic()
+            if now >= self._next_checkpoint:
+                self._next_checkpoint = now + self.settings.checkpoint_interval
+                self._marker(CheckpointKind.AUTO, None)
+            if self._mode != VPGMode.STREAMING:
+                busy = self._sync_step() or busy
+        elif self._mode == VPGMode.BITMAP:
+            self._mark(*ring.take_dirty())
+            if self._link_up and self._pending_bytes == 0:
+                self._begin_sync()
+                busy = True
+        if (self._mode != VPGMode.STREAMING and
+                time.monotonic() - self._last_persist >= self.settings.bitmap_persist_interval):
+            self.persist_bitmaps()
+        return busy
+
+    def _seal(self) -> bool:
+        """Seal committed ring entries into bundles while the pending bound allows."""
+        ring = self._live_ring()
+        limit = self.settings.buffer_bytes // 2
+        sealed = False
+        names = self._vm_names
+        while self._pending_bytes < limit:
+            batch = ring.seal(self.settings.bundle_bytes, self._vm_of_volume, len(names),
+                              self.settings.compression, self.settings.lz4_min_saving)
+            if batch is None:
+                break
+            self._last_seal_ns = time.time_ns()
+            if batch.entries == 0:
+                continue
+            ckpts = tuple(Checkpoint.from_payload(seq, t, payload)
+                          for seq, t, payload in batch.checkpoints)
+            bundle = Bundle(
+                first_seq=batch.first_seq,
+                last_seq=batch.last_seq,
+                parts=dict(zip(names, batch.parts, strict=True)),
+                data_bytes=batch.data_bytes,
+                encoded_bytes=batch.encoded_bytes,
+                oldest_time_ns=batch.oldest_time_ns,
+                volumes=batch.volumes,
+                offsets=batch.offsets,
+                lengths=batch.lengths,
+                checkpoints=ckpts,
+            )
+            self._pending.append(bundle)
+            self._pending_bytes += bundle.encoded_bytes
+            self._last_seq = bundle.last_seq
+            sealed = True
+            self._wake.notify_all()
+            if self.on_checkpoint is not None:
+                for c in ckpts:
+                    self.on_checkpoint(c)
+        return sealed and self._pending_bytes < limit
+
+    @property
+    def _vm_names(self) -> list[str]:
+        return list(self.vms)
+
+    @property
+    def _vm_of_volume(self) -> npt.NDArray[np.uint32]:
+        index = {name: i for i, name in enumerate(self.vms)}
+        out = np.zeros(len(self.volumes), dtype=np.uint32)
+        for vid, vol in self.volumes.items():
+            out[vid] = index[vol.vm]
+        return out

@@ -73,9 +73,10 @@ class CaptureRing:
         """Ranges written while not streaming: (volumes, offsets, lengths)."""
     def stats(self) -> _Stats: ...
     def discard(
-        self,
+        self, checkpoints: list[tuple[int, int, bytes]] | None = None,
     ) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint64], npt.NDArray[np.uint64], int]:
-        """Drop every committed entry; (volumes, offsets, lengths, oldest time_ns)."""
+        """Drop every committed entry; (volumes, offsets, lengths, oldest time_ns).  The
+        dropped checkpoint markers go to `checkpoints` as (seq, time_ns, payload)."""
     def seal(self, max_bytes: int, vm_of_volume: npt.NDArray[np.uint32], nvms: int,
              compress: bool, min_saving: float) -> SealedBatch | None:
         """Drain up to `max_bytes` of committed entries into per-VM bundle parts."""

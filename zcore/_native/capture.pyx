@@ -152,10 +152,11 @@ cdef class CaptureRing:
                     ring_size=s.ring_size, next_seq=s.next_seq,
                     dirty_pending=s.dirty_pending, mode=s.mode, overflowed=bool(s.overflowed))
 
-    def discard(self):
+    def discard(self, list checkpoints=None):
         """Drop every committed entry, returning what the data entries covered:
         (volumes, offsets, lengths, oldest time_ns or 0).  Used to fold the ring into
-        dirty bitmaps."""
+        dirty bitmaps.  The dropped checkpoint markers are appended to `checkpoints`
+        (when given) as (seq, time_ns, payload bytes), so none vanishes unseen."""
         cdef const uint8_t *base
         cdef uint64_t nbytes, at = 0, oldest = 0
         cdef const zc_ring_entry *e
@@ -165,6 +166,8 @@ cdef class CaptureRing:
             e = <const zc_ring_entry *>(base + at)
             at += e.size
             if e.kind == ZC_REC_CHECKPOINT:
+                if checkpoints is not None:
+                    checkpoints.append((e.seq, e.time_ns, (<char *>e + 64)[:e.stored]))
                 continue
             # a VOID entry's range is already in the dirty log, but marking it twice is free
             vols.append(e.volume)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from journal_util import abandon
+from helpers.journal import abandon
 
 from zcore import records
 from zcore._native import record as _rec

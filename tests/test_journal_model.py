@@ -26,7 +26,7 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-from journal_util import abandon, quiesce
+from helpers.journal import abandon, quiesce
 
 from zcore._native import record as _rec
 from zcore.errors import (

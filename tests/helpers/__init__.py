@@ -1,0 +1,1 @@
+"""Helpers shared by the tests (imported as `helpers.NAME`; tests/ is on sys.path)."""

@@ -109,10 +109,9 @@ def create_segment(directory: Path, number: int, journal_id: bytes) -> Segment:
     return Segment(number, path, fd, 64, sealed=False)
 
 
-def read_segment(seg: Segment, buf: bytearray | None = None) -> memoryview:
-    """The bytes of `seg` (up to its recorded size; fewer if the file ends first), in
-    `buf` when it is large enough (one buffer reused spares page faults)."""
-    if buf is None or len(buf) < seg.size:
-        buf = bytearray(seg.size)
-    view = memoryview(buf)[: seg.size]
+def read_segment(seg: Segment) -> memoryview:
+    """The bytes of `seg` (up to its recorded size; fewer if the file ends first)."""
+    # np.empty, not bytearray: a bytearray is zero-filled first, one more pass over up to
+    # 64 MiB on every reopen (bench/harness.py journal: journal.reopen)
+    view = memoryview(np.empty(seg.size, dtype=np.uint8))
     return view[: preadinto_upto(seg.fd, view, 0)]

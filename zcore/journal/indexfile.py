@@ -59,8 +59,8 @@ def encode_index(seg: Segment, journal_id: bytes) -> bytes:
         blob += INDEX_CKPT.pack(int(rec["seq"]), int(rec["pos"]),
                                 records.record_time(raw, 0), int(rec["stored"]), 0)
         blob += raw[64:]
-    body = (INDEX_STATS.pack(seg.min_time, seg.max_time, seg.min_seq, seg.max_seq,
-                             seg.records) + data.tobytes() + bytes(blob))
+    body: bytes = (INDEX_STATS.pack(seg.min_time, seg.max_time, seg.min_seq, seg.max_seq,
+                                    seg.records) + data.tobytes() + bytes(blob))
     head = INDEX_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, 64, seg.number, journal_id,
                              seg.size, len(data), len(blob), _rec.crc32c(body), 0)
     return head[:60] + struct.pack("<I", _rec.crc32c(head[:60])) + body

@@ -124,9 +124,9 @@ class ReadThroughMixin(JournalState):
     def _load_lz4(self, segment: int, pos: int, stored: int, length: int) -> bytes:
         """The native reader's loader for LZ4 records (called under the index lock)."""
         key = (segment, pos)
-        data = self._lz4_cache.get(key)
-        if data is not None:
-            return data
+        cached = self._lz4_cache.get(key)
+        if cached is not None:
+            return cached
         seg = self._segments.get(segment)
         if seg is None or seg.fd < 0:
             raise CorruptRecordError(f"record at segment {segment} pos {pos}: segment is gone")
@@ -134,7 +134,7 @@ class ReadThroughMixin(JournalState):
                           what=f"segment {seg.path} (inside the record at {pos})")
         _rec.verify_payload(raw[:64], memoryview(raw)[64:])
         try:
-            data = lz4.block.decompress(memoryview(raw)[64:], uncompressed_size=length)
+            data: bytes = lz4.block.decompress(memoryview(raw)[64:], uncompressed_size=length)
         except lz4.block.LZ4BlockError as exc:
             raise CorruptRecordError(f"LZ4 record at {seg.path}:{pos} fails to decode") from exc
         if len(data) != length:

@@ -113,5 +113,5 @@ def read_segment(seg: Segment) -> memoryview:
     """The bytes of `seg` (up to its recorded size; fewer if the file ends first)."""
     # np.empty, not bytearray: a bytearray is zero-filled first, one more pass over up to
     # 64 MiB on every reopen (bench/harness.py journal: journal.reopen)
-    view = memoryview(np.empty(seg.size, dtype=np.uint8))
+    view = np.empty(seg.size, dtype=np.uint8).data
     return view[: preadinto_upto(seg.fd, view, 0)]

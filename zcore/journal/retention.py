@@ -22,7 +22,6 @@ from zcore.errors import (
     status_error,
 )
 from zcore.fsutil import fsync_dir, preadinto_exact, pwrite_all
-from zcore.journal import segments
 from zcore.journal.meta import write_meta
 from zcore.journal.segments import Segment
 from zcore.journal.state import JournalState
@@ -221,6 +220,5 @@ class RetentionMixin(JournalState):
             os.close(seg.fd)
             seg.fd = -1
             del self._segments[seg.number]
-        segments.segment_path(self.path, seg.number).with_suffix(".zci").unlink(
-            missing_ok=True)
+        seg.path.with_suffix(".zci").unlink(missing_ok=True)
         seg.path.unlink()

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -129,33 +130,72 @@ def pg_server() -> Iterator[PgServer]:
         shutil.rmtree(server.root, ignore_errors=True)
 
 
+def _pg_admin(server: PgServer, sql: str) -> None:
+    import psycopg
+
+    with psycopg.connect(server.url("postgres"), autocommit=True) as conn:
+        conn.execute(sql)
+
+
+def _pg_database(server: PgServer, template: str | None = None) -> Iterator[str]:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    _pg_admin(server, f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
+    try:
+        yield server.url(name)
+    finally:
+        _pg_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture
 def pg_url(pg_server: PgServer) -> Iterator[str]:
     """A fresh, empty PostgreSQL database for one test."""
-    import psycopg
+    yield from _pg_database(pg_server)
 
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = pg_server.url("postgres").replace("postgresql://", "postgresql://", 1)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield pg_server.url(name)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+@pytest.fixture(scope="session")
+def pg_head_template(pg_server: PgServer) -> str:
+    """A database migrated to head once per session, copied by each test that needs one
+    (CREATE DATABASE ... TEMPLATE): migrating every test's database costs a second."""
+    name = "zcore_head_template"
+    _pg_admin(pg_server, f'CREATE DATABASE "{name}"')
+    SiteDB.open(pg_server.url(name)).close()
+    return name
+
+
+@pytest.fixture(scope="session")
+def sqlite_head_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "head.db"
+    SiteDB.open(f"sqlite:///{path}").close()
+    return path
 
 
 @pytest.fixture(params=BACKENDS)
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each database backend in turn: "sqlite", "postgresql"."""
+    return str(request.param)
+
+
+@pytest.fixture
+def db_url(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> str:
     """An empty database on each backend."""
-    if request.param == "sqlite":
+    if backend == "sqlite":
         return f"sqlite:///{tmp_path / 'site.db'}"
     return str(request.getfixturevalue("pg_url"))
 
 
 @pytest.fixture
-def db(db_url: str) -> Iterator[SiteDB]:
-    site_db = SiteDB.open(db_url)
+def db(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> Iterator[SiteDB]:
+    """A site database at head holding the identity of "Site A" (copied from a template
+    migrated once per session; SiteDB.open still checks the revision)."""
+    if backend == "sqlite":
+        shutil.copyfile(request.getfixturevalue("sqlite_head_template"), tmp_path / "site.db")
+        site_db = SiteDB.open(f"sqlite:///{tmp_path / 'site.db'}")
+    else:
+        server = request.getfixturevalue("pg_server")
+        template = request.getfixturevalue("pg_head_template")
+        gen = _pg_database(server, template)
+        request.addfinalizer(lambda: next(gen, None))
+        site_db = SiteDB.open(next(gen))
     site_db.init_site("site-a", "Site A")
     try:
         yield site_db
@@ -174,17 +214,25 @@ class Api:
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
 
-    async def get(self, path: str, **kw: object) -> httpx.Response:
-        return await self.client.get(path, headers=self.auth, **kw)  # type: ignore[arg-type]
+    async def request(
+        self, method: str, path: str, headers: dict[str, str] | None = None, **kw: Any
+    ) -> httpx.Response:
+        """`method` on `path` with the admin token (plus `headers`)."""
+        return await self.client.request(
+            method, path, headers={**self.auth, **(headers or {})}, **kw
+        )
 
-    async def post(self, path: str, **kw: object) -> httpx.Response:
-        return await self.client.post(path, headers=self.auth, **kw)  # type: ignore[arg-type]
+    async def get(self, path: str, **kw: Any) -> httpx.Response:
+        return await self.request("GET", path, **kw)
 
-    async def patch(self, path: str, **kw: object) -> httpx.Response:
-        return await self.client.patch(path, headers=self.auth, **kw)  # type: ignore[arg-type]
+    async def post(self, path: str, **kw: Any) -> httpx.Response:
+        return await self.request("POST", path, **kw)
 
-    async def delete(self, path: str) -> httpx.Response:
-        return await self.client.delete(path, headers=self.auth)
+    async def patch(self, path: str, **kw: Any) -> httpx.Response:
+        return await self.request("PATCH", path, **kw)
+
+    async def delete(self, path: str, **kw: Any) -> httpx.Response:
+        return await self.request("DELETE", path, **kw)
 
 
 @pytest.fixture

@@ -112,6 +112,11 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+    cause = exc.__cause__
+    if isinstance(cause, RecursionError):
+        message = "the JSON body is nested too deeply"
+    elif isinstance(cause, UnicodeDecodeError):
+        message = "the JSON body is not valid UTF-8"
     return error_response(exc.status_code, code, message, headers=exc.headers)
 
 

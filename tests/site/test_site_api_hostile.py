@@ -14,6 +14,15 @@ from conftest import Api
 
 pytestmark = pytest.mark.anyio
 V1 = "/api/v1"
+
+
+@pytest.fixture
+def backend() -> str:
+    """SQLite only: these requests are refused before any database call (the API suite
+    runs on both backends)."""
+    return "sqlite"
+
+
 JSON = {"Content-Type": "application/json"}
 
 

@@ -90,3 +90,15 @@ async def test_close_cancels_what_runs(db: SiteDB) -> None:
     await asyncio.sleep(0)
     await runner.close()
     assert db.get_task(task.id).state == TaskState.CANCELLED
+
+
+async def test_a_task_cancelled_before_it_starts_is_recorded_cancelled(db: SiteDB) -> None:
+    runner = TaskRunner(db)
+
+    async def work(progress: Progress) -> None:
+        await asyncio.sleep(60)
+
+    task = await runner.submit("sync", work)
+    done = await runner.cancel(task.id)  # no await in between: its first step never ran
+    assert done.state == TaskState.CANCELLED
+    assert done.error is not None and done.error.code == "cancelled"

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from zcore.site.db import SiteDB, TaskError, TaskRecord, TaskState
 from zcore.site.errors import error_code
@@ -31,6 +31,20 @@ CANCELLED_CODE = "cancelled"
 PROGRESS_INTERVAL_S = 0.5  # progress is written at most this often (plus the final value)
 
 TaskFn = Callable[["Progress"], Awaitable[Any]]
+CANCELLED = TaskError(CANCELLED_CODE, "cancelled")
+R = TypeVar("R")
+
+
+async def _settled(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    """`fn` in a worker thread; if the caller is cancelled meanwhile, wait for the thread
+    to finish before the cancellation goes on, so a later write cannot be overtaken by
+    this one."""
+    future = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
 
 
 class Progress:
@@ -53,9 +67,7 @@ class Progress:
         self._last_write = stamp
         if message is not None:
             self._message = message
-        await asyncio.to_thread(
-            self._db.update_task, self.task_id, progress=self.fraction, message=message
-        )
+        await _settled(self._db.update_task, self.task_id, progress=self.fraction, message=message)
 
 
 class TaskRunner:
@@ -64,6 +76,7 @@ class TaskRunner:
     def __init__(self, db: SiteDB) -> None:
         self._db = db
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._ended: set[str] = set()  # ids whose end was recorded, until cancel() looks
 
     async def recover(self) -> list[str]:
         """Fail every task a previous process left queued or running; their ids."""
@@ -82,18 +95,24 @@ class TaskRunner:
         record = await asyncio.to_thread(self._db.create_task, kind, vpg, message)
         task = asyncio.create_task(self._run(record.id, fn), name=f"zcore-task-{record.id}")
         self._running[record.id] = task
-        task.add_done_callback(lambda _t, tid=record.id: self._running.pop(tid, None))
+        task.add_done_callback(self._forget(record.id))
         return record
+
+    def _forget(self, task_id: str) -> Callable[[asyncio.Task[None]], None]:
+        def forget(task: asyncio.Task[None]) -> None:
+            self._running.pop(task_id, None)
+            if not task.cancelled():
+                self._ended.discard(task_id)
+
+        return forget
 
     async def _run(self, task_id: str, fn: TaskFn) -> None:
         db = self._db
         try:
-            await asyncio.to_thread(db.update_task, task_id, state=TaskState.RUNNING)
+            await _settled(db.update_task, task_id, state=TaskState.RUNNING)
             result = await fn(Progress(db, task_id))
         except asyncio.CancelledError:
-            await self._finish(
-                task_id, TaskState.CANCELLED, error=TaskError(CANCELLED_CODE, "cancelled")
-            )
+            await self._finish(task_id, TaskState.CANCELLED, error=CANCELLED)
             raise
         except Exception as exc:  # every failure is recorded, none escapes the loop
             log.warning("task %s failed: %s", task_id, exc, exc_info=exc)
@@ -108,10 +127,21 @@ class TaskRunner:
         kwargs: dict[str, Any] = {"state": state, "error": error}
         if state == TaskState.SUCCEEDED:
             kwargs.update(progress=1.0, result=result)
+        self._ended.add(task_id)
         try:
-            await asyncio.shield(asyncio.to_thread(self._db.update_task, task_id, **kwargs))
+            await _settled(self._db.update_task, task_id, **kwargs)
         except Exception:
             log.exception("task %s: could not record its end", task_id)
+
+    async def _cancel(self, tasks: dict[str, asyncio.Task[None]]) -> None:
+        for task in tasks.values():
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks.values())
+        for task_id in tasks:
+            if task_id not in self._ended:  # cancelled before its first step ran
+                await self._finish(task_id, TaskState.CANCELLED, error=CANCELLED)
+            self._ended.discard(task_id)
 
     async def wait(self, task_id: str) -> TaskRecord:
         """The task's record once it has finished (at once if it already has)."""
@@ -124,8 +154,7 @@ class TaskRunner:
         """Cancel a running task (recorded cancelled); a finished one is returned as is."""
         task = self._running.get(task_id)
         if task is not None:
-            task.cancel()
-            await asyncio.wait([task])
+            await self._cancel({task_id: task})
         return await asyncio.to_thread(self._db.get_task, task_id)
 
     @property
@@ -135,8 +164,4 @@ class TaskRunner:
 
     async def close(self) -> None:
         """Cancel every running task and wait for each to record its end."""
-        tasks = list(self._running.values())
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        await self._cancel(dict(self._running))

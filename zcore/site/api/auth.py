@@ -40,7 +40,7 @@ def _bearer_token(scope: Scope) -> str | None:
     for key, value in scope.get("headers", ()):
         if key == b"authorization":
             try:
-                text = value.decode("latin-1")
+                text = bytes(value).decode("latin-1")
             except UnicodeDecodeError:
                 return None
             scheme, _, token = text.partition(" ")

@@ -117,7 +117,8 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
         message = "the JSON body is nested too deeply"
     elif isinstance(cause, UnicodeDecodeError):
         message = "the JSON body is not valid UTF-8"
-    return error_response(exc.status_code, code, message, headers=exc.headers)
+    headers = dict(exc.headers) if exc.headers else None
+    return error_response(exc.status_code, code, message, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -51,7 +51,7 @@ class ErrorBody(Model):
 class Page(Model, Generic[T]):
     items: list[T]
     next_cursor: str | None = Field(
-        None, description="pass as `cursor` (or `after`) for the next page; null at the end"
+        default=None, description="pass as `cursor` (or `after`) for the next page; null at the end"
     )
 
 
@@ -99,7 +99,7 @@ class PairRequest(Model):
 class VolumeSpec(Model):
     name: Name
     size: int = Field(ge=SECTOR, le=MAX_VOLUME_BYTES, multiple_of=SECTOR)
-    path: str | None = Field(None, max_length=4096)
+    path: str | None = Field(default=None, max_length=4096)
     role: VolumeRole = VolumeRole.PROTECTED
 
 
@@ -129,32 +129,32 @@ class Vm(Model):
 class VpgSettings(Model):
     """How a VPG protects its VMs (stored with the VPG; the service applies them)."""
 
-    rpo_alert_seconds: float = Field(300.0, gt=0, le=86_400)
-    history_seconds: int = Field(86_400, ge=60, le=30 * 86_400)
-    checkpoint_interval_seconds: float = Field(5.0, ge=0.1, le=3600)
-    journal_warn_bytes: int | None = Field(None, ge=1 << 20)
-    journal_hard_limit_bytes: int | None = Field(None, ge=1 << 20)
+    rpo_alert_seconds: float = Field(default=300.0, gt=0, le=86_400)
+    history_seconds: int = Field(default=86_400, ge=60, le=30 * 86_400)
+    checkpoint_interval_seconds: float = Field(default=5.0, ge=0.1, le=3600)
+    journal_warn_bytes: int | None = Field(default=None, ge=1 << 20)
+    journal_hard_limit_bytes: int | None = Field(default=None, ge=1 << 20)
     compression: bool = True
-    bandwidth_limit_bytes_per_s: int | None = Field(None, ge=1)
+    bandwidth_limit_bytes_per_s: int | None = Field(default=None, ge=1)
 
 
 class VpgSettingsPatch(Model):
     """Only the settings to change; the result is validated as a whole."""
 
-    rpo_alert_seconds: float | None = Field(None, gt=0, le=86_400)
-    history_seconds: int | None = Field(None, ge=60, le=30 * 86_400)
-    checkpoint_interval_seconds: float | None = Field(None, ge=0.1, le=3600)
-    journal_warn_bytes: int | None = Field(None, ge=1 << 20)
-    journal_hard_limit_bytes: int | None = Field(None, ge=1 << 20)
+    rpo_alert_seconds: float | None = Field(default=None, gt=0, le=86_400)
+    history_seconds: int | None = Field(default=None, ge=60, le=30 * 86_400)
+    checkpoint_interval_seconds: float | None = Field(default=None, ge=0.1, le=3600)
+    journal_warn_bytes: int | None = Field(default=None, ge=1 << 20)
+    journal_hard_limit_bytes: int | None = Field(default=None, ge=1 << 20)
     compression: bool | None = None
-    bandwidth_limit_bytes_per_s: int | None = Field(None, ge=1)
+    bandwidth_limit_bytes_per_s: int | None = Field(default=None, ge=1)
 
 
 class VpgCreate(Model):
     name: Name
     role: VpgRole = VpgRole.PROTECTED
     vms: list[Name] = Field(default_factory=list, max_length=1000)
-    peer: str | None = Field(None, max_length=64, description="site id of a paired site")
+    peer: str | None = Field(default=None, max_length=64, description="site id of a paired site")
     settings: VpgSettings = Field(default_factory=VpgSettings)
 
 

@@ -74,7 +74,7 @@ class InventoryRepository(Repository):
 
     def list_vms(self, limit: int | None = None, after: str | None = None) -> list[VmRecord]:
         """VMs by name (those after `after`, at most `limit`), each with its volumes: two
-        queries whatever the count.  Blocks."""
+        queries whatever the count (the second over the page's name range).  Blocks."""
         query = sa.select(t.vms).order_by(t.vms.c.name).limit(clamp_limit(limit))
         if after is not None:
             query = query.where(t.vms.c.name > after)
@@ -82,18 +82,19 @@ class InventoryRepository(Repository):
             rows = conn.execute(query).all()
             if not rows:
                 return []
-            ids = [r.id for r in rows]
-            by_vm: dict[int, list[sa.Row[Any]]] = {i: [] for i in ids}
-            vol_query = sa.select(t.volumes).order_by(t.volumes.c.vm_id, t.volumes.c.name)
-            if after is not None or limit is not None:
-                vol_query = vol_query.where(t.volumes.c.vm_id.in_(sa.select(query.subquery().c.id)))
+            vol_query = (
+                sa.select(t.volumes)
+                .join(t.vms, t.vms.c.id == t.volumes.c.vm_id)
+                .where(t.vms.c.name >= rows[0].name, t.vms.c.name <= rows[-1].name)
+                .order_by(t.volumes.c.vm_id, t.volumes.c.name)
+            )
+            by_vm: dict[int, list[VolumeRecord]] = {r.id: [] for r in rows}
+            names = {r.id: r.name for r in rows}
             for v in conn.execute(vol_query):
-                if v.vm_id in by_vm:
-                    by_vm[v.vm_id].append(v)
-        return [
-            VmRecord(r.id, r.name, r.created_at, tuple(_volume(v, r.name) for v in by_vm[r.id]))
-            for r in rows
-        ]
+                vols = by_vm.get(v.vm_id)
+                if vols is not None:
+                    vols.append(_volume(v, names[v.vm_id]))
+        return [VmRecord(r.id, r.name, r.created_at, tuple(by_vm[r.id])) for r in rows]
 
     def count_vms(self) -> int:
         """How many VMs the site holds.  Blocks."""

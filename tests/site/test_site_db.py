@@ -3,6 +3,8 @@ and how it names what exists when a name is unknown."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import sqlalchemy as sa
 
@@ -172,3 +174,19 @@ def test_alert_raised_twice_is_one_alert_until_cleared(db: SiteDB) -> None:
     assert db.raise_alert("rpo", "again", vpg="g").id != first.id
     assert len(db.list_alerts(active=True)) == 1
     assert len(db.list_alerts()) == 2
+
+
+def test_concurrent_writers_all_succeed(db: SiteDB) -> None:
+    """Writers in many threads (the service's worker threads) wait for each other instead
+    of failing with "database is locked" (SQLite takes the write lock at BEGIN)."""
+
+    def writer(n: int) -> None:
+        for i in range(15):
+            db.create_vm(f"vm{n}-{i}", [{"name": "d0", "size": 512}])
+            db.add_event("e", f"{n}-{i}")
+            db.list_vms(limit=5)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(writer, range(8)))
+    assert db.count_vms() == 120
+    assert len(db.list_events(limit=None)) == 120

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from zcore.site.db.engine import WRITE_OPTION
 from zcore.site.errors import AlreadyExistsError, InUseError
 
 LIST_MAX = 100_000  # the largest page any list call returns
@@ -34,8 +35,10 @@ class Repository:
         """One transaction; a unique or foreign-key violation raised by a concurrent writer
         becomes AlreadyExistsError / InUseError naming `what`."""
         try:
-            with self._engine.begin() as conn:
-                yield conn
+            with self._engine.connect() as conn:
+                conn.execution_options(**{WRITE_OPTION: True})
+                with conn.begin():
+                    yield conn
         except sa.exc.IntegrityError as exc:
             text = str(exc.orig).lower()
             if "unique" in text or "duplicate" in text:

@@ -41,7 +41,12 @@ def normalize_url(url: str | URL) -> URL:
     raise ConfigError(f"unsupported database {backend!r}: use sqlite:///PATH or postgresql://...")
 
 
+WRITE_OPTION = "zcore_write"  # execution option: this transaction will write
+
+
 def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    # pysqlite's own BEGIN handling is off; _sqlite_on_begin issues every BEGIN
+    dbapi_conn.isolation_level = None
     cursor = dbapi_conn.cursor()
     try:
         cursor.execute("PRAGMA journal_mode=WAL")
@@ -50,6 +55,14 @@ def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")
     finally:
         cursor.close()
+
+
+def _sqlite_on_begin(conn: sa.Connection) -> None:
+    # A writer takes the write lock at BEGIN (IMMEDIATE), so it waits its turn under the
+    # busy timeout; a deferred transaction that reads and then writes would instead fail
+    # at once with SQLITE_BUSY when another writer committed after its read.
+    write = conn.get_execution_options().get(WRITE_OPTION, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
 def create_site_engine(url: str | URL) -> Engine:
@@ -65,6 +78,7 @@ def create_site_engine(url: str | URL) -> Engine:
             Path(parsed.database or "").parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(parsed, **kwargs)
         sa.event.listen(engine, "connect", _sqlite_on_connect)
+        sa.event.listen(engine, "begin", _sqlite_on_begin)
         return engine
     return sa.create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10)
 
@@ -83,7 +97,10 @@ def migrate(engine: Engine, revision: str = HEAD) -> None:
     step.  Blocks."""
     from alembic import command
 
-    with engine.begin() as connection:
+    with (
+        engine.connect() as connection,
+        connection.execution_options(**{WRITE_OPTION: True}).begin(),
+    ):
         command.upgrade(_alembic_config(connection), revision)
 
 

@@ -36,6 +36,7 @@ from zcore.site.errors import (
 
 TOKEN_PREFIX = "zc_"
 TOKEN_BYTES = 32
+TOKEN_USE_RESOLUTION_S = 60.0  # last_used_at is this coarse
 
 
 def hash_token(secret: str) -> str:
@@ -177,20 +178,23 @@ class SiteDB(InventoryRepository, ActivityRepository):
             return [_token(r) for r in conn.execute(query)]
 
     def verify_token(self, secret: str) -> TokenRecord | None:
-        """The unrevoked token whose secret this is, or None; records its use.  Blocks."""
+        """The unrevoked token whose secret this is, or None.  A read; its use is written
+        (last_used_at) at most once a minute per token, so requests do not queue on the
+        write lock.  Blocks."""
         if not secret.startswith(TOKEN_PREFIX) or len(secret) > 256:
             return None
         digest = hash_token(secret)
-        with self._engine.begin() as conn:
+        with self._engine.connect() as conn:
             row = conn.execute(
                 sa.select(t.api_tokens).where(t.api_tokens.c.token_hash == digest)
             ).first()
-            if row is None or row.revoked_at is not None:
-                return None
-            if not hmac.compare_digest(row.token_hash, digest):
-                return None
-            stamp = now()
-            if row.last_used_at is None or stamp - row.last_used_at > 60:
+        if row is None or row.revoked_at is not None:
+            return None
+        if not hmac.compare_digest(row.token_hash, digest):
+            return None
+        stamp = now()
+        if row.last_used_at is None or stamp - row.last_used_at > TOKEN_USE_RESOLUTION_S:
+            with self._write("token use") as conn:
                 conn.execute(
                     sa.update(t.api_tokens)
                     .where(t.api_tokens.c.id == row.id)

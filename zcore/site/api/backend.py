@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from zcore import __version__
 from zcore.records import Checkpoint, CheckpointKind
 from zcore.site.db import (
     AlertRecord,
@@ -189,4 +190,4 @@ class SiteContext:
     db: SiteDB
     backend: SiteBackend
     max_body_bytes: int = DEFAULT_BODY_LIMIT
-    version: str = "0.1.0"
+    version: str = __version__

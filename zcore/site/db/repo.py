@@ -95,6 +95,12 @@ class SiteDB(InventoryRepository, ActivityRepository):
             conn.execute(sa.insert(t.site).values(id=site_id, name=name, created_at=now()))
         return self.get_site()
 
+    def bootstrap(self, site_id: str, name: str, token_name: str = "admin") -> NewToken:
+        """What `zcore site init` does in the database: record the site identity and create
+        its first API token, whose secret is in the result only (print it once).  Blocks."""
+        self.init_site(site_id, name)
+        return self.create_token(token_name)
+
     def get_site(self) -> SiteRecord:
         """This site's identity; SiteNotInitializedError before init_site.  Blocks."""
         with self._engine.connect() as conn:

@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from zcore.site.db import SiteDB, current_revision, head_revision, schema
+from zcore.site.db import SiteDB, current_revision, downgrade, head_revision, migrate, schema
 
 
 def _diff(db: SiteDB) -> list[object]:
@@ -68,3 +68,16 @@ def test_sqlite_runs_in_wal_with_foreign_keys(tmp_path: object) -> None:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 10_000
+
+
+def test_downgrade_steps_back_to_base_and_up_again(db_url: str) -> None:
+    with SiteDB.open(db_url) as db:
+        downgrade(db.engine, "0001")
+        assert current_revision(db.engine) == "0001"
+        columns = {c["name"] for c in sa.inspect(db.engine).get_columns("api_tokens")}
+        assert "last_used_at" not in columns
+        downgrade(db.engine, "base")
+        assert current_revision(db.engine) is None
+        assert set(sa.inspect(db.engine).get_table_names()) <= {"alembic_version"}
+        migrate(db.engine)
+        assert _diff(db) == []

@@ -4,7 +4,13 @@
 Public facade: import from `zcore.site.db`.
 """
 
-from zcore.site.db.engine import create_site_engine, current_revision, head_revision, migrate
+from zcore.site.db.engine import (
+    create_site_engine,
+    current_revision,
+    downgrade,
+    head_revision,
+    migrate,
+)
 from zcore.site.db.records import (
     AlertRecord,
     EventRecord,
@@ -45,6 +51,7 @@ __all__ = [
     "VpgState",
     "create_site_engine",
     "current_revision",
+    "downgrade",
     "hash_token",
     "head_revision",
     "migrate",

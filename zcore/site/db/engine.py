@@ -104,6 +104,18 @@ def migrate(engine: Engine, revision: str = HEAD) -> None:
         command.upgrade(_alembic_config(connection), revision)
 
 
+def downgrade(engine: Engine, revision: str) -> None:
+    """Step the schema back to `revision` ("base": no tables).  For tests and for a
+    rollback an operator chooses; the service never downgrades.  Blocks."""
+    from alembic import command
+
+    with (
+        engine.connect() as connection,
+        connection.execution_options(**{WRITE_OPTION: True}).begin(),
+    ):
+        command.downgrade(_alembic_config(connection), revision)
+
+
 def current_revision(engine: Engine) -> str | None:
     """The revision the database is at (None for an empty database).  Blocks."""
     from alembic.runtime.migration import MigrationContext

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import Api
+
+from site_service.apiclient import Api
 
 pytestmark = pytest.mark.anyio
 V1 = "/api/v1"

@@ -20,15 +20,15 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
+from conftest import IN_CI
 
+from site_service.apiclient import Api
 from zcore.site.api import DbSiteBackend, SiteContext, create_app
 from zcore.site.db import SiteDB
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 BACKENDS = ["sqlite", "postgresql"]
 
 
@@ -79,6 +79,16 @@ def _start_pg(bindir: Path) -> PgServer:
     if as_postgres:
         shutil.chown(root, "postgres", "postgres")
     server = PgServer(bindir, root, _free_port(), as_postgres)
+    try:
+        _init_and_start(server)
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    return server
+
+
+def _init_and_start(server: PgServer) -> None:
+    bindir, root = server.bindir, server.root
     done = server.run(
         str(bindir / "initdb"),
         "-D",
@@ -113,7 +123,6 @@ def _start_pg(bindir: Path) -> PgServer:
     if done.returncode != 0:
         log = (root / "log").read_text(errors="replace") if (root / "log").exists() else ""
         raise RuntimeError(f"pg_ctl start failed: {done.stderr} {log}")
-    return server
 
 
 @pytest.fixture(scope="session")
@@ -201,38 +210,6 @@ def db(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> Iterator
         yield site_db
     finally:
         site_db.close()
-
-
-@dataclass
-class Api:
-    client: httpx.AsyncClient
-    db: SiteDB
-    backend: DbSiteBackend
-    token: str
-
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-    async def request(
-        self, method: str, path: str, headers: dict[str, str] | None = None, **kw: Any
-    ) -> httpx.Response:
-        """`method` on `path` with the admin token (plus `headers`)."""
-        return await self.client.request(
-            method, path, headers={**self.auth, **(headers or {})}, **kw
-        )
-
-    async def get(self, path: str, **kw: Any) -> httpx.Response:
-        return await self.request("GET", path, **kw)
-
-    async def post(self, path: str, **kw: Any) -> httpx.Response:
-        return await self.request("POST", path, **kw)
-
-    async def patch(self, path: str, **kw: Any) -> httpx.Response:
-        return await self.request("PATCH", path, **kw)
-
-    async def delete(self, path: str, **kw: Any) -> httpx.Response:
-        return await self.request("DELETE", path, **kw)
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Api
+
+from site_service.apiclient import Api
 
 pytestmark = pytest.mark.anyio
 V1 = "/api/v1"

@@ -271,9 +271,11 @@ class RelayLink:
 
 
 def make_link() -> NetnsLink | RelayLink:
-    """Namespaces where they can be made (required in CI: CI=true), else the relay."""
+    """Namespaces where they can be made (required in CI: CI=true), else the relay
+    (or where ZCORE_TWO_SITES_LINK=relay asks for it, outside CI)."""
     ci = os.environ.get("CI", "").lower() == "true"
-    if os.geteuid() != 0 and not ci:
+    relay = os.environ.get("ZCORE_TWO_SITES_LINK") == "relay"
+    if (os.geteuid() != 0 or relay) and not ci:
         return RelayLink()
     try:
         return NetnsLink()
@@ -438,6 +440,7 @@ class Checked:
     rpo_violations: list[str] = field(default_factory=list)  # below by more than RPO_SLACK
     folds: list[int] = field(default_factory=list)  # per link outage
     outage_refolds: list[str] = field(default_factory=list)
+    connected_in_outage: list[str] = field(default_factory=list)
     writes: int = 0
     generations: int = 0
 
@@ -542,7 +545,8 @@ def _check_images(journals: dict[str, Any], writes: list[Write],
 
 def _check_tags(journals: dict[str, Any], entries: list[dict[str, Any]],
                 faults: list[dict[str, Any]], out: Checked) -> None:
-    held = [{(c.seq, c.tag) for c in j.checkpoints(kind="tagged")} for j in journals.values()]
+    # by tag (unique per run): a fix may carry a checkpoint through a fold at a new seq
+    held = [{c.tag for c in j.checkpoints(kind="tagged")} for j in journals.values()]
     lost_events = [(e["gen"], e["text"]) for e in entries if e["k"] == "E"]
     killed = {f["gen"] - 1 for f in faults if f["kind"] == "kill_protected"}
     acked: dict[int, int] = {}  # generation -> highest acked seq sampled
@@ -553,7 +557,7 @@ def _check_tags(journals: dict[str, Any], entries: list[dict[str, Any]],
         if e["k"] != "C":
             continue
         out.tagged += 1
-        key = (e["seq"], e["tag"])
+        key = e["tag"]
         if all(key in h for h in held):
             out.tagged_present += 1
         elif any(g == e["gen"] and f"{e['tag']!r}" in text and "lost" in text
@@ -606,9 +610,18 @@ def _check_rpo(entries: list[dict[str, Any]], writes: list[Write],
 def _check_folds(entries: list[dict[str, Any]], faults: list[dict[str, Any]],
                  out: Checked) -> None:
     folds = [e["t"] for e in entries if e["k"] == "E" and "bitmap mode:" in e["text"]]
+    samples = [e for e in entries if e["k"] == "S"]
     for f in faults:
         if f["kind"] not in ("cut", "stall"):
             continue
+        # the session in use dies PEER_TIMEOUT after its last frame and no new one can
+        # be made: later samples must say disconnected
+        late = f["t0"] + int((PEER_TIMEOUT + 0.5) * 1e9)
+        for e in samples:
+            if late <= e["t0"] and e["t1"] <= f["t1"] and e["connected"]:
+                out.connected_in_outage.append(
+                    f"{(e['t0'] - f['t0']) / 1e9:.2f} s into a {f['kind']} of "
+                    f"{f['hold']:.1f} s the status said connected ({e['state']})")
         n = sum(f["t0"] <= t <= f["t1"] for t in folds)
         out.folds.append(n)
         if n > 1:

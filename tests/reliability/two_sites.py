@@ -270,10 +270,15 @@ class RelayLink:
         self.proxy.close()
 
 
+def in_ci() -> bool:
+    """As tests/conftest.py reads CI."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
 def make_link() -> NetnsLink | RelayLink:
     """Namespaces where they can be made (required in CI: CI=true), else the relay
     (or where ZCORE_TWO_SITES_LINK=relay asks for it, outside CI)."""
-    ci = os.environ.get("CI", "").lower() == "true"
+    ci = in_ci()
     relay = os.environ.get("ZCORE_TWO_SITES_LINK") == "relay"
     if (os.geteuid() != 0 or relay) and not ci:
         return RelayLink()
@@ -293,6 +298,8 @@ class Site:
     """One site process: JSON lines on stdout, commands on stdin."""
 
     def __init__(self, argv: list[str], stderr: Path) -> None:
+        self.name = f"{argv[argv.index(str(PEER)) + 1]} site"
+        self.stderr = stderr
         self._err = open(stderr, "ab")
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._err)
@@ -309,10 +316,11 @@ class Site:
         try:
             line = self._lines.get(timeout=timeout)
         except queue.Empty:
-            raise AssertionError(f"site {self.proc.args} did not answer in {timeout} s") \
-                from None
+            raise AssertionError(f"the {self.name} did not answer in {timeout} s "
+                                 f"(stderr: {self.stderr})") from None
         if not line:
-            raise AssertionError(f"site {self.proc.args} exited ({self.proc.wait()})")
+            raise AssertionError(f"the {self.name} exited ({self.proc.wait()}; stderr: "
+                                 f"{self.stderr})")
         return dict(json.loads(line))
 
     def send(self, cmd: str) -> None:

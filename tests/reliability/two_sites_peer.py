@@ -176,7 +176,7 @@ async def finish(vpg: VPG, work: Workload) -> int:
         while vpg.acked_seq < c.seq and time.monotonic() < deadline and vpg.mode == "streaming":
             await asyncio.sleep(0.02)
         if vpg.acked_seq >= c.seq and c.consistent:
-            return c.seq
+            return int(c.seq)
     raise StateError(f"no consistent checkpoint acknowledged in {ts.CATCH_UP} s")
 
 

@@ -75,7 +75,6 @@ def test_the_final_catch_up_checkpoint_is_consistent_at_the_recovery_site(campai
             j.close()
 
 
-@pytest.mark.xfail(strict=False, reason="issue 9 finding 13")
 def test_every_tagged_checkpoint_is_at_the_recovery_site_or_reported_lost(checked):
     assert checked.tagged > 0
     assert not checked.tagged_unaccounted, (
@@ -83,7 +82,6 @@ def test_every_tagged_checkpoint_is_at_the_recovery_site_or_reported_lost(checke
         + "\n".join(checked.tagged_unaccounted[:20]))
 
 
-@pytest.mark.xfail(strict=False, reason="issue 9 finding 14")
 def test_reported_rpo_is_never_below_the_true_rpo(checked):
     assert checked.samples > 100
     assert not checked.rpo_violations, (

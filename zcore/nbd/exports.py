@@ -247,7 +247,9 @@ def _volume_spec(journal: Journal, volume: int | str) -> Any:
     for spec in journal.volumes.values():
         if volume in (spec.id, spec.name):
             return spec
-    raise OutOfRangeError(f"journal {journal.path} has no volume {volume!r}")
+    names = ", ".join(f"{v.name} (id {v.id})" for v in journal.volumes.values())
+    raise OutOfRangeError(f"journal {journal.path} has no volume {volume!r}; it holds: "
+                          f"{names or 'none'}")
 
 
 def _checkpoint_text(journal: Journal, volume_name: str, ckpt: Any) -> str:

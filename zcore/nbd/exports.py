@@ -42,7 +42,7 @@ class Backend(Protocol):
 
     def write_zeroes(self, offset: int, length: int) -> object: ...
 
-    def flush(self) -> None: ...
+    def flush(self) -> None: ...  # may run in a worker thread (`Export.sync_in_thread`)
 
     def close(self) -> None: ...
 
@@ -187,6 +187,13 @@ class Export:
     @property
     def readonly(self) -> bool:
         return bool(self.backend.readonly)
+
+    @property
+    def sync_in_thread(self) -> bool:
+        """FLUSH and FUA run the backend's `flush` in a worker thread (it may block for
+        long: an fdatasync), concurrently with other connections' requests; views and
+        scratch overlays have nothing to make durable and flush inline."""
+        return not self.readonly and self.kind in (ExportKind.VOLUME, ExportKind.FILE)
 
     @property
     def can_trim(self) -> bool:

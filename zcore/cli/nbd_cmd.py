@@ -208,8 +208,10 @@ class _Session:
         self._cleanup: list[Callable[[], None]] = []  # closed in reverse order
         self.served = False  # listening began: what was created is kept from then on
         # directories this start creates (--journal, --vpg-state and missing parents):
-        # removed again when the start fails before serving
+        # removed again when the start fails before serving, if this start got hold of
+        # the journal (its lock: no other process was creating the same one)
         self.created: list[str] = []
+        self._journal_ours = False
         if opts.protect:
             assert opts.journal is not None
             for path in (opts.journal, self.vpg_state_dir):
@@ -226,6 +228,8 @@ class _Session:
         """After a failed start (and `close`): remove the directories this start made."""
         import shutil
 
+        if not self._journal_ours:
+            return
         for path in self.created:
             shutil.rmtree(path, ignore_errors=True)
 
@@ -268,6 +272,7 @@ class _Session:
             vpg.add_volume(vm, name, image)
         journals = LocalLink.create_journals(vpg, jpath.parent)
         self.journal = journals[vm]
+        self._journal_ours = True
         self._cleanup.append(self.journal.close)
         self.link = LocalLink(vpg, journals)
         # a first start copies the images whole; a restart resumes the VPG's state

@@ -49,7 +49,9 @@ def checkpoint_of(journal: Journal, text: str) -> Checkpoint:
             return found[-1]
         return journal.checkpoint_by_id(int(text))
     except CheckpointNotFoundError as exc:
-        raise CheckpointNotFoundError(f"{exc}\n{checkpoints_hint(journal)}") from None
+        hint = checkpoints_hint(journal)
+        message = str(exc) if hint in str(exc) else f"{exc}\n{hint}"
+        raise CheckpointNotFoundError(message) from None
 
 
 def check_checkpoint_text(option: str, text: str) -> None:

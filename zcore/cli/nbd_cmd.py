@@ -1,9 +1,12 @@
 """`zcore nbd serve`: protected volumes, point-in-time views, scratch overlays and raw
-files served over NBD (the server is `zcore.nbd`) until SIGINT or SIGTERM.
+files served over NBD (the server is `zcore.nbd`) until SIGINT or SIGTERM; and
+`zcore nbd checkpoints`, the listing of a journal's checkpoints a view or scratch picks from.
 
-The command is staged: check the options (`_check_options`), open what is served into a
-`_Session` (protection through a VPG, a journal, the exports), serve (`_serve`), then stop
-the protection with a final checkpoint and close the session in reverse order.
+The command is staged: check the options (`_check_options`: everything that can be checked
+before anything is created), open what is served into a `_Session` (protection through a
+VPG, a journal, the exports), serve (`_serve`), then stop the protection with a final
+checkpoint and close the session in reverse order.  A start that fails before it listens
+closes what it opened and removes the journal and VPG state directories it created.
 """
 
 from __future__ import annotations

@@ -35,8 +35,7 @@
 #define ZC_ENTRY_VOID 0xFFFF   /* a failed write: skip it (its range went to the dirty log) */
 #define ZC_ENTRY_FILLER 0xFFFE /* padding to the ring's end */
 
-#define ZC_E_FULL (-20)       /* sync: the ring has no room now; retry after draining */
-#define ZC_E_CLOSED (-21)     /* the capture is closed: the write was refused untouched */
+/* ZC_E_FULL and ZC_E_CLOSED, the capture's own statuses, are in zc_format.h's zc_status */
 
 typedef struct zc_ring_entry {
     uint64_t seq;

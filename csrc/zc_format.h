@@ -63,9 +63,11 @@ enum zc_record_type {
 
 /* ---- segment index file (.zci) -------------------------------------------------------- */
 #define ZC_INDEX_MAGIC "ZCJIDX\r\n"
-#define ZC_INDEX_VERSION 1u
+#define ZC_INDEX_VERSION 2u                /* version 1 files are still read (format.md 7.1) */
 
-/* status codes returned by every zc_ function (0 = success, negative = failure) */
+/* status codes returned by every zc_ function (0 = success, negative = failure).
+ * zcore.errors.Status mirrors this enum member for member, and tests/test_errors.py
+ * checks the two (and the status -> exception table) against this header. */
 enum zc_status {
     ZC_OK = 0,
     ZC_E_TRUNCATED = -1,     /* buffer ends inside a record                               */
@@ -77,7 +79,9 @@ enum zc_status {
     ZC_E_ORDER = -7,         /* seq not strictly increasing                               */
     ZC_E_RANGE = -8,         /* write beyond the volume's end, unknown volume             */
     ZC_E_IO = -9,            /* a read or write system call failed (errno preserved)      */
-    ZC_E_ARG = -10           /* caller passed an invalid argument                         */
+    ZC_E_ARG = -10,          /* caller passed an invalid argument                         */
+    ZC_E_FULL = -20,         /* capture sync or marker: the ring has no room now; drain, retry */
+    ZC_E_CLOSED = -21        /* the capture is closed: the write was refused untouched    */
 };
 
 #endif

@@ -502,6 +502,22 @@ def test_discard_returns_every_captured_range_and_empties_the_ring(backing):
     assert ring.seal(1 * MiB, np.zeros(3, np.uint32), 1, True, 0.0) is None
 
 
+def test_discard_hands_back_the_checkpoint_markers_it_drops(backing):
+    """A fold must see every marker it drops (a tagged one is carried, not lost)."""
+    _, fd = backing
+    ring = CaptureRing(1 * MiB, first_seq=10)
+    ring.write(fd, 1, VOL, 0, b"a" * 4096)
+    tagged = records.checkpoint_payload(records.CKPT_TAGGED, True, "keep")
+    seq = ring.marker(tagged)
+    ring.write(fd, 1, VOL, 4096, b"b" * 4096)
+    dropped: list[tuple[int, int, bytes]] = []
+    vols, _, _, _ = ring.discard(dropped)
+    assert vols.tolist() == [1, 1]
+    assert [(s, p) for s, _, p in dropped] == [(seq, tagged)] and seq == 11
+    assert dropped[0][1] > 0
+    assert ring.stats()["ring_used"] == 0
+
+
 def test_markers_reach_every_vm_part_and_writes_only_their_own(backing):
     _, fd = backing
     ring = CaptureRing(1 * MiB)

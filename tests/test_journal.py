@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from journal_util import abandon
+from helpers.journal import abandon
 
 from zcore import records
 from zcore._native import record as _rec
@@ -861,7 +861,7 @@ def test_group_commit_failure_in_the_background_stops_acknowledging(tmp_path, mo
 
     monkeypatch.setattr(os, "fdatasync", fail)
     j.append([(0, 4096, rand(rng, 4096))])  # hands its group commit to the committer
-    wait_for(lambda: j._failed is not None)
+    wait_for(lambda: j.failed is not None)
     monkeypatch.undo()
     assert j.durable_seq == 1
     with pytest.raises(DurabilityError):
@@ -1272,7 +1272,7 @@ def test_crash_while_promotion_deletes_segments_leaves_a_usable_journal(tmp_path
             raise Crash()
 
     monkeypatch.setattr(Journal, "_drop_segment", drop)
-    third = j._segments[3]
+    third = {s.number: s for s in j.segments()}[3]
     with pytest.raises(Crash):
         j.promote_to(third.max_seq + 1)  # segments 1 to 3 are due to go
     monkeypatch.undo()
@@ -1308,12 +1308,12 @@ def test_appends_proceed_while_sealed_segments_load_and_reads_wait(tmp_path, mon
     monkeypatch.setattr(Journal, "_read_segment_index", slow)
     j = Journal.open(tmp_path / "j")
     try:
-        assert not j._loaded.is_set()
+        assert not j.loaded
         started = time.monotonic()
         j.append([(0, 0, b"\x5a" * 4096)])  # not blocked by the loading
         new = j.checkpoint("while loading")
         j.commit()
-        assert not j._loaded.is_set() and time.monotonic() - started < 5
+        assert not j.loaded and time.monotonic() - started < 5
         release.set()
         with j.view(old) as view:
             assert view.read(0, 0, MiB) == snapshot

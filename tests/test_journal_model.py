@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.journal import abandon, quiesce
 from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -26,7 +27,6 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-from journal_util import abandon, quiesce
 
 from zcore._native import record as _rec
 from zcore.errors import (

@@ -361,7 +361,7 @@ def test_a_protected_vpg_streamed_into_journals_lists_and_recovers_its_checkpoin
                     data = bytes([round_ + 1 + 10 * i]) * 8192
                     vol.write(round_ * 8192, data)
                     images[i][round_ * 8192:(round_ + 1) * 8192] = data
-                seq = vpg.checkpoint(f"round-{round_}" if round_ == 1 else None)
+                seq = vpg.checkpoint(f"round-{round_}" if round_ == 1 else None).seq
                 taken[seq] = [bytes(img) for img in images]
                 link.drain()
             assert [c.id for c in recovery.checkpoints()] == sorted(taken)

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from zcore.bitmap import DirtyBitmap
+from zcore.capture import ProtectedVolume
 from zcore.errors import (
+    AlignmentError,
     ConfigError,
     CorruptRecordError,
     FormatVersionError,
@@ -32,6 +34,7 @@ from zcore.vpg import (
     STATE_FORMAT,
     STATE_NAME,
     VPG,
+    CheckpointState,
     LocalLink,
     VPGMode,
     VPGSettings,
@@ -384,16 +387,134 @@ def test_a_buffer_overflow_folds_into_bitmaps_then_syncs(tmp_path):
         s.close()
 
 
-def test_a_tagged_checkpoint_folded_before_delivery_is_reported_lost(site):
+def test_a_tagged_checkpoint_folded_before_delivery_is_journaled_after_the_sync(site):
+    """Sealed but unacknowledged at the fold: carried through the bitmap sync and
+    journaled after every sync record, flagged not crash-consistent (its image also
+    holds later writes), never silently dropped."""
     site.start(link=False)
     scribble(site, 5, 7)
-    site.vpg.checkpoint("doomed")
+    ckpt = site.vpg.checkpoint("carried")
     site.vpg.flush()
     site.vpg.link_down()
-    assert any("'doomed'" in e and "lost" in e for e in site.vpg.status().events)
+    assert site.vpg.checkpoint_state(ckpt).state == CheckpointState.PENDING
     site.check_latest()
+    report = site.vpg.checkpoint_state(ckpt)
+    assert report.state == CheckpointState.DURABLE and not report.consistent
     for j in site.journals.values():
-        assert j.checkpoints(tag="doomed") == []
+        (held,) = j.checkpoints(tag="carried")
+        assert held.seq == report.journal_seq > ckpt.seq and not held.consistent
+        syncs = [c for c in j.checkpoints() if c.consistent and c.seq < held.seq]
+        assert not syncs or syncs[-1].seq < ckpt.seq  # no consistent one between
+    assert any("'carried'" in e and "not crash-consistent" in e for e in site.vpg.events)
+
+
+def test_a_tagged_checkpoint_in_the_ring_at_an_overflow_is_not_dropped_unseen(tmp_path):
+    """The pending bound is reached first, so the marker waits in the ring when it
+    overflows: the ring's discard used to skip it with no event, and acked_seq later
+    passed its seq.  It must reach the journals (or be reported lost), and the VPG says
+    which."""
+    s = Site(tmp_path, VPGSettings(checkpoint_interval=3600, buffer_bytes=4 * MiB,
+                                   bundle_bytes=256 * KiB))
+    try:
+        s.start(link=False)
+        vols = s.volumes
+        for i in range(48):  # 3 MiB: the pending bound (2 MiB) fills, the ring holds the rest
+            vols[i % 3].write((i // 3) * 64 * KiB, random.Random(i).randbytes(64 * KiB))
+        wait_for(lambda: (lambda st: st.buffer_used - st.ring_used >= 2 * MiB)(
+            s.vpg.status()), what="the pending bound")
+        ckpt = s.vpg.checkpoint("kept")
+        for i in range(32):  # 2 MiB more: the ring overflows with the marker in it
+            vols[i % 3].write((i // 3) * 64 * KiB, random.Random(100 + i).randbytes(64 * KiB))
+        wait_for(lambda: any("buffer overflow" in e for e in s.vpg.events),
+                 what="the overflow")
+        s.check_latest()
+        held = [c for j in s.journals.values() for c in j.checkpoints(tag="kept")]
+        lost = [e for e in s.vpg.events if "'kept'" in e and "lost" in e]
+        assert held or lost, "tagged checkpoint neither journaled nor reported lost"
+        assert s.vpg.acked_seq > ckpt.seq
+        report = s.vpg.checkpoint_state(ckpt)
+        assert report.state == CheckpointState.DURABLE
+        assert len(held) == len(s.journals) and {c.seq for c in held} == {report.journal_seq}
+        assert not report.consistent and report.checkpoint == ckpt
+        assert s.vpg.status().checkpoints_pending == 0
+    finally:
+        s.close()
+
+
+def test_a_tagged_checkpoint_undelivered_at_stop_is_reported_lost(site):
+    site.start(link=False)
+    scribble(site, 5, 8)
+    ckpt = site.vpg.checkpoint("unsent")
+    site.vpg.flush()
+    assert site.vpg.status().checkpoints_pending == 1
+    site.vpg.stop()
+    report = site.vpg.checkpoint_state(ckpt)
+    assert report.state == CheckpointState.LOST and report.journal_seq is None
+    assert any("'unsent'" in e and "lost" in e for e in site.vpg.events)
+    assert site.vpg.status().checkpoints_lost == 1
+
+
+def test_a_delivered_tagged_checkpoint_is_durable_only_once_acknowledged(site):
+    site.start(link=False)
+    scribble(site, 3, 9)
+    ckpt = site.vpg.checkpoint("ok")
+    site.vpg.flush()
+    report = site.vpg.checkpoint_state(ckpt)
+    assert report.state == CheckpointState.PENDING and report.journal_seq == ckpt.seq
+    site.drain()
+    report = site.vpg.checkpoint_state(ckpt)
+    assert report.state == CheckpointState.DURABLE and report.consistent
+    assert report.journal_seq == ckpt.seq
+    auto = site.vpg.checkpoint()
+    assert site.vpg.checkpoint_state(auto) is None  # only tagged ones are promises
+
+
+def test_rpo_after_a_fold_is_not_reset_before_the_sync_is_acknowledged(site):
+    """The sync's finish used to reset the unsynced-since time when the dirty blocks were
+    read into the ring: RPO read near 0 while nothing of them was durable."""
+    site.start(link=False)
+    scribble(site, 5, 3)
+    written = time.time()
+    site.vpg.link_down()
+    time.sleep(0.5)
+    site.vpg.link_up()
+    wait_for(lambda: site.vpg.mode == "streaming", what="the sync")
+    site.vpg.flush()
+    assert site.vpg.status().pending_bundles  # the sync's data is sealed, unacknowledged
+    true_rpo = time.time() - written
+    assert site.vpg.rpo_seconds() >= true_rpo
+    assert site.vpg.status().rpo_seconds >= true_rpo
+    site.drain()
+    assert site.vpg.rpo_seconds() < 0.5
+
+
+@pytest.mark.parametrize("bad", [True, 0.0, 512.0])
+def test_a_bool_or_float_offset_or_length_is_refused_and_nothing_written(site, bad):
+    site.start()
+    vol = site.volumes[0]
+    before = site.image(0)
+    calls = [lambda: vol.write(bad, bytes(512)), lambda: vol.write_zeroes(bad, 512),
+             lambda: vol.write_zeroes(0, bad), lambda: vol.read(bad, 512),
+             lambda: vol.read(0, bad), lambda: vol.read_into(bad, bytearray(512))]
+    for call in calls:
+        with pytest.raises((ConfigError, AlignmentError)):
+            call()
+    assert site.vpg.status().writes == 0
+    assert site.image(0) == before
+
+
+@pytest.mark.parametrize("bad", [True, 0.0, 512.0])
+def test_a_bool_or_float_volume_id_or_size_is_refused(tmp_path, bad):
+    path = tmp_path / "v.img"
+    path.write_bytes(bytes(4096))
+    with pytest.raises(ConfigError):
+        ProtectedVolume("vm", bad, "v", path, 4096)
+    if bad != 0.0:
+        with pytest.raises(ConfigError):
+            ProtectedVolume("vm", 0, "v", path, bad)
+    vpg = VPG("g", tmp_path / "state")
+    with pytest.raises(ConfigError):
+        vpg.bitmap_path(bad)
 
 
 def test_a_failed_backing_write_is_raised_and_its_range_resent(site):

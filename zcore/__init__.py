@@ -5,8 +5,16 @@ in a per-VM journal with crash-consistent checkpoints; any checkpoint reads back
 through the journal on top of the replica volumes.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from zcore.errors import ZcoreError
-from zcore.journal import Checkpoint, Journal, JournalSettings, View
+from zcore.journal import Journal, JournalSettings, View
+from zcore.records import Checkpoint
 
 __all__ = ["Checkpoint", "Journal", "JournalSettings", "View", "ZcoreError"]
-__version__ = "0.1.0"
+
+# the one version source is pyproject.toml; an uninstalled source tree has none
+try:
+    __version__ = version("zcore")
+except PackageNotFoundError:  # pragma: no cover - only outside any installation
+    __version__ = "0+unknown"

@@ -10,6 +10,7 @@ replication is asynchronous (like DRBD protocol A).  Volumes are created and own
 
 from __future__ import annotations
 
+import operator
 import os
 import stat
 from typing import TYPE_CHECKING
@@ -32,6 +33,20 @@ class _NoRing:
         raise self.error
 
 
+def check_int(what: str, value: object) -> int:
+    """`value` as an int, or ConfigError: a bool or a float (`True`, `0.0`, `512.0`) is
+    refused as a volume id, offset or length, never read as the number it equals."""
+    if type(value) is int:
+        return value
+    if isinstance(value, bool):
+        raise ConfigError(f"{what} must be an integer, not a bool ({value!r})")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ConfigError(f"{what} must be an integer, not {type(value).__name__} "
+                          f"({value!r})") from None
+
+
 def backing_size(path: str | os.PathLike[str]) -> int:
     """Size in bytes of a raw image file or block device."""
     fd = os.open(path, os.O_RDONLY)
@@ -49,6 +64,8 @@ class ProtectedVolume:
 
     def __init__(self, vm: str, volume_id: int, name: str, path: str | os.PathLike[str],
                  size: int) -> None:
+        volume_id = check_int("volume id", volume_id)
+        size = check_int("volume size", size)
         if size <= 0 or size % records.SECTOR:
             raise ConfigError(f"volume {name!r}: size {size} is not a positive multiple of "
                               f"{records.SECTOR}")
@@ -85,11 +102,16 @@ class ProtectedVolume:
         return self._fd < 0
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
-        """Write sector-aligned `data` at `offset` and capture it; returns its seq."""
+        """Write sector-aligned `data` at `offset` and capture it; returns its seq.  An
+        offset that is not an int (a bool, a float) is a ConfigError; nothing is written."""
+        if type(offset) is not int:
+            offset = check_int("write offset", offset)
         return self._ring.write(self._fd, self.id, self.size, offset, data)
 
     def write_zeroes(self, offset: int, length: int) -> int:
         """Zero a sector-aligned range (captured as a zero record, no payload)."""
+        offset = check_int("write offset", offset)
+        length = check_int("write length", length)
         records.check_range(offset, length, self.size)
         seq = 0
         chunk = min(length, records.MAX_WRITE)
@@ -102,12 +124,15 @@ class ProtectedVolume:
     def read(self, offset: int, length: int) -> bytes:
         """Bytes of the backing store (reads are not captured)."""
         self._check_open()
+        offset = check_int("read offset", offset)
+        length = check_int("read length", length)
         records.check_range(offset, length, self.size)
         return os.pread(self._fd, length, offset)
 
     def read_into(self, offset: int, buf: bytearray | memoryview) -> None:
         self._check_open()
         view = memoryview(buf).cast("B")
+        offset = check_int("read offset", offset)
         records.check_range(offset, len(view), self.size)
         done = preadinto_upto(self._fd, view, offset)
         if done < len(view):

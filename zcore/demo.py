@@ -19,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from zcore.errors import StateError
 from zcore.replication import ProtectedSite, RecoverySite
-from zcore.vpg import VPG, VPGSettings
+from zcore.vpg import VPG, CheckpointState, VPGSettings
 
 CHUNK = 1 << 20
 
@@ -126,10 +127,14 @@ async def _run(base: Path, volume_bytes: int, seconds: float, rate_bytes: float,
     while vpg.mode != "streaming":  # a checkpoint during a sync is not crash-consistent
         await asyncio.sleep(0.05)
     tag = "before-ransomware"
-    seq = vpg.checkpoint(tag).seq
+    ckpt = vpg.checkpoint(tag)
     expected = {v.vm: _digest_chunks(Path(v.path), v.size) for v in volumes}
-    while vpg.acked_seq < seq:
-        await asyncio.sleep(0.01)
+    while (report := vpg.checkpoint_state(ckpt)) and report.state == CheckpointState.PENDING:
+        await asyncio.sleep(0.01)  # durable means in the journals, not acked_seq >= seq
+    if report is None or report.state != CheckpointState.DURABLE or report.journal_seq is None:
+        raise StateError(f"tagged checkpoint {tag!r} did not reach the recovery site: "
+                         f"{report}")
+    seq = report.journal_seq
     say(f"tagged checkpoint {tag!r} (seq {seq}) is durable at the recovery site")
 
     rng = random.Random(99)  # ransomware: rewrite every MiB of both disks

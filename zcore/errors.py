@@ -2,11 +2,14 @@
 
 Every error zcore raises on purpose is a `ZcoreError`; each class also inherits the
 builtin a caller would naturally catch (a corrupt record is a `ValueError`, an I/O
-failure an `OSError`).  Native status codes map onto these classes through
-`STATUS_ERRORS`, the one table the Cython layer uses.
+failure an `OSError`).  Native status codes are named once, by `Status` (the twin of
+csrc/zc_format.h's `enum zc_status`), and map onto these classes through `STATUS_ERRORS`,
+the one table the Cython layer uses (`status_error`).
 """
 
 from __future__ import annotations
+
+from enum import IntEnum
 
 
 class ZcoreError(Exception):
@@ -82,36 +85,62 @@ class ScratchLimitError(ZcoreError, OSError):
     """A scratch overlay would pass its size limit: the write is refused, nothing is kept."""
 
 
-# status codes of csrc/zc_format.h -> exception class
-STATUS_ERRORS: dict[int, type[ZcoreError]] = {
-    -1: TruncatedRecordError,
-    -2: ChecksumError,
-    -3: ChecksumError,
-    -4: CorruptRecordError,
-    -5: AlignmentError,
-    -6: OutOfMemoryError,
-    -7: SequenceError,
-    -8: OutOfRangeError,
-    -9: NativeIOError,
-    -10: ConfigError,
+class Status(IntEnum):
+    """The status codes of the native kernels: csrc/zc_format.h's `enum zc_status`, member
+    for member (`ZC_E_TRUNCATED` is `Status.TRUNCATED`; tests/test_errors.py checks it)."""
+
+    OK = 0
+    TRUNCATED = -1
+    HEADER_CRC = -2
+    PAYLOAD_CRC = -3
+    BAD_RECORD = -4
+    ALIGNMENT = -5
+    NOMEM = -6
+    ORDER = -7
+    RANGE = -8
+    IO = -9
+    ARG = -10
+    FULL = -20
+    CLOSED = -21
+
+
+# native status -> (exception class, what it means); every failure status has a row
+STATUS_ERRORS: dict[Status, type[ZcoreError]] = {
+    Status.TRUNCATED: TruncatedRecordError,
+    Status.HEADER_CRC: ChecksumError,
+    Status.PAYLOAD_CRC: ChecksumError,
+    Status.BAD_RECORD: CorruptRecordError,
+    Status.ALIGNMENT: AlignmentError,
+    Status.NOMEM: OutOfMemoryError,
+    Status.ORDER: SequenceError,
+    Status.RANGE: OutOfRangeError,
+    Status.IO: NativeIOError,
+    Status.ARG: ConfigError,
+    Status.FULL: StateError,
+    Status.CLOSED: StateError,
 }
 
-STATUS_TEXT: dict[int, str] = {
-    -1: "truncated record",
-    -2: "header checksum mismatch",
-    -3: "payload checksum mismatch",
-    -4: "malformed record",
-    -5: "offset or length not sector-aligned",
-    -6: "out of memory",
-    -7: "sequence number out of order",
-    -8: "out of range or unknown volume",
-    -9: "I/O error",
-    -10: "invalid argument",
+STATUS_TEXT: dict[Status, str] = {
+    Status.TRUNCATED: "truncated record",
+    Status.HEADER_CRC: "header checksum mismatch",
+    Status.PAYLOAD_CRC: "payload checksum mismatch",
+    Status.BAD_RECORD: "malformed record",
+    Status.ALIGNMENT: "offset or length not sector-aligned",
+    Status.NOMEM: "out of memory",
+    Status.ORDER: "sequence number out of order",
+    Status.RANGE: "out of range or unknown volume",
+    Status.IO: "I/O error",
+    Status.ARG: "invalid argument",
+    Status.FULL: "capture buffer full",
+    Status.CLOSED: "capture closed",
 }
 
 
 def status_error(status: int, doing: str) -> ZcoreError:
     """Exception for native status `status` raised while `doing` (a short phrase)."""
-    cls = STATUS_ERRORS.get(status, ZcoreError)
-    text = STATUS_TEXT.get(status, f"status {status}")
-    return cls(f"{doing}: {text}")
+    try:
+        code = Status(status)
+    except ValueError:
+        return ZcoreError(f"{doing}: status {status}")
+    cls = STATUS_ERRORS.get(code, ZcoreError)
+    return cls(f"{doing}: {STATUS_TEXT.get(code, code.name.lower())}")

@@ -12,10 +12,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zcore._native import record
 from zcore.errors import CorruptRecordError, FormatVersionError, TruncatedRecordError
+
+if TYPE_CHECKING:  # collections.abc.Buffer is 3.12+; only the annotations need it
+    from typing_extensions import Buffer
 
 # one pread/pwrite call moves at most this much: Linux caps a call near 2 GiB anyway
 _MAX_IO = 1 << 30
@@ -28,7 +31,7 @@ def pread_exact(fd: int, size: int, offset: int, *, what: str = "file") -> bytes
     return bytes(buf)
 
 
-def preadinto_exact(fd: int, buf: Any, offset: int, *, what: str = "file") -> None:
+def preadinto_exact(fd: int, buf: Buffer, offset: int, *, what: str = "file") -> None:
     """Fill `buf` (any writable buffer) from `offset`; a file that ends first raises
     `TruncatedRecordError` naming `what`."""
     done = preadinto_upto(fd, buf, offset)
@@ -37,7 +40,7 @@ def preadinto_exact(fd: int, buf: Any, offset: int, *, what: str = "file") -> No
                                    f"{offset + memoryview(buf).nbytes}")
 
 
-def preadinto_upto(fd: int, buf: Any, offset: int) -> int:
+def preadinto_upto(fd: int, buf: Buffer, offset: int) -> int:
     """Fill `buf` from `offset` until it is full or the file ends; returns the bytes read
     (fewer than `len(buf)` only at end of file: the caller decides what that means)."""
     view = memoryview(buf).cast("B")
@@ -50,7 +53,7 @@ def preadinto_upto(fd: int, buf: Any, offset: int) -> int:
     return done
 
 
-def pwrite_all(fd: int, data: Any, offset: int) -> None:
+def pwrite_all(fd: int, data: Buffer, offset: int) -> None:
     """Write all of `data` at `offset` (retrying short writes; errors raise `OSError`)."""
     view = memoryview(data).cast("B")
     done = 0
@@ -58,7 +61,7 @@ def pwrite_all(fd: int, data: Any, offset: int) -> None:
         done += os.pwrite(fd, view[done:done + _MAX_IO], offset + done)
 
 
-def write_all(fd: int, data: Any) -> None:
+def write_all(fd: int, data: Buffer) -> None:
     """Write all of `data` at the descriptor's position."""
     view = memoryview(data).cast("B")
     while view:

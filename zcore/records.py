@@ -10,12 +10,19 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 import lz4.block
 import numpy as np
 
 from zcore._native import record as _rec
-from zcore.errors import AlignmentError, ConfigError, CorruptRecordError, OutOfRangeError
+from zcore.errors import (
+    AlignmentError,
+    ConfigError,
+    CorruptRecordError,
+    OutOfRangeError,
+    TruncatedRecordError,
+)
 
 SECTOR = _rec.SECTOR
 MAX_WRITE = _rec.MAX_WRITE
@@ -33,7 +40,6 @@ CKPT_TAGGED = 2
 CKPT_FLAG_CONSISTENT = 0x01
 MAX_TAG = 1024
 _CKPT_HEAD = struct.Struct("<BBH")
-_TIME = struct.Struct("<Q")
 
 # LZ4 is kept only when it saves at least 1/16 of the payload: below that the raw record
 # (with its per-block CRCs, readable 4 KiB at a time) is worth more than the bytes saved.
@@ -52,7 +58,7 @@ def check_range(offset: int, length: int, size: int | None = None) -> None:
         raise OutOfRangeError(f"range {offset}+{length} passes the volume's end ({size})")
 
 
-def is_zero(data: bytes | memoryview) -> bool:
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
     """True when every byte of a sector-aligned buffer is zero."""
     return not np.frombuffer(data, dtype=np.uint64).any()
 
@@ -157,6 +163,37 @@ def decode_checkpoint_payload(payload: bytes | memoryview) -> CheckpointPayload:
     return CheckpointPayload(kind, bool(flags & CKPT_FLAG_CONSISTENT), tag or None)
 
 
-def record_time(buf: bytes | memoryview, record_pos: int) -> int:
+# ---- record header (docs/format.md 4.1) ----------------------------------------------------
+
+# type, flags, volume, seq, offset, length, stored, time_ns, payload_crc, reserved, header_crc
+_HEADER = struct.Struct("<HHIQQIIQI16xI")
+assert _HEADER.size == HEADER_SIZE
+
+
+class RecordHeader(NamedTuple):
+    """The fields of a 64-byte record header, named as in docs/format.md 4.1."""
+
+    type: int
+    flags: int
+    volume: int
+    seq: int
+    offset: int
+    length: int
+    stored: int
+    time_ns: int
+    payload_crc: int
+    header_crc: int
+
+
+def read_header(buf: bytes | bytearray | memoryview, pos: int = 0) -> RecordHeader:
+    """The header fields of the record at `pos` of `buf`, as stored.  Nothing is checked
+    (use it on records the native `scan` or `parse_header` has validated); a buffer that
+    ends inside the header raises `TruncatedRecordError`."""
+    if pos < 0 or len(buf) - pos < HEADER_SIZE:
+        raise TruncatedRecordError(f"record header at {pos} passes the buffer's end ({len(buf)})")
+    return RecordHeader._make(_HEADER.unpack_from(buf, pos))
+
+
+def record_time(buf: bytes | bytearray | memoryview, record_pos: int) -> int:
     """time_ns field of the record header at `record_pos` of `buf`."""
-    return _TIME.unpack_from(buf, record_pos + 32)[0]
+    return read_header(buf, record_pos).time_ns

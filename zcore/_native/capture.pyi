@@ -1,6 +1,6 @@
 """Capture ring (csrc/zc_capture.c) and the bundle encoder that drains it."""
 
-from typing import TypeAlias, TypedDict
+from typing import Self, TypeAlias, TypedDict
 
 import numpy as np
 import numpy.typing as npt
@@ -53,7 +53,8 @@ class SealedBatch:
 class CaptureRing:
     """The VPG-wide capture buffer: seqs, write-order fidelity, overflow to a dirty log."""
 
-    def __init__(self, ring_bytes: int, first_seq: int = 1) -> None: ...
+    # __cinit__ takes the arguments: at runtime they reach __new__, not __init__
+    def __new__(cls, ring_bytes: int, first_seq: int = 1) -> Self: ...
     def write(self, fd: int, volume: int, size: int, offset: int, data: _Buffer) -> int:
         """Write `data` at `offset` of the backing `fd` and capture it; returns its seq."""
     def sync(self, fd: int, volume: int, offset: int, length: int,
@@ -62,7 +63,8 @@ class CaptureRing:
     def marker(self, payload: _Buffer) -> int | None:
         """Append a checkpoint marker; None when the ring is full or in bitmap mode."""
     def close(self) -> None:
-        """Refuse every later write, sync read and marker; wait out in-flight writes."""
+        """Refuse every later write (StateError), sync read and marker (None), and wait
+        until no write is in flight."""
     def set_mode(self, mode: int) -> int:
         """Switch between MODE_STREAM and MODE_BITMAP; returns the previous mode."""
     def take_dirty(
@@ -71,9 +73,10 @@ class CaptureRing:
         """Ranges written while not streaming: (volumes, offsets, lengths)."""
     def stats(self) -> _Stats: ...
     def discard(
-        self,
+        self, checkpoints: list[tuple[int, int, bytes]] | None = None,
     ) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint64], npt.NDArray[np.uint64], int]:
-        """Drop every committed entry; (volumes, offsets, lengths, oldest time_ns)."""
+        """Drop every committed entry; (volumes, offsets, lengths, oldest time_ns).  The
+        dropped checkpoint markers go to `checkpoints` as (seq, time_ns, payload)."""
     def seal(self, max_bytes: int, vm_of_volume: npt.NDArray[np.uint32], nvms: int,
              compress: bool, min_saving: float) -> SealedBatch | None:
         """Drain up to `max_bytes` of committed entries into per-VM bundle parts."""

@@ -22,11 +22,6 @@ from zcore.errors import (
 )
 from zcore._native.zc cimport *
 
-cdef extern from "zc_capture.h" nogil:
-    void zc_capture_close(zc_capture *c)
-    enum:
-        ZC_E_CLOSED
-
 MODE_STREAM = ZC_CAPTURE_STREAM
 MODE_BITMAP = ZC_CAPTURE_BITMAP
 
@@ -86,7 +81,7 @@ cdef class CaptureRing:
             if seq == ZC_E_CLOSED:
                 raise StateError(f"write {offset}+{n} refused: the capture is closed "
                                  "(its VPG is stopping)")
-            if seq == -9:
+            if seq == ZC_E_IO:
                 raise NativeIOError(errno, f"writing {offset}+{n} to the backing store: "
                                            f"{strerror(errno).decode()}")
             raise status_error(<int>seq, f"capturing write {offset}+{n}")
@@ -104,10 +99,10 @@ cdef class CaptureRing:
                                  f"1 to {ZC_MAX_WRITE} bytes")
         with nogil:
             seq = zc_capture_sync(self.c, fd, volume, offset, length, skip_zero)
-        if seq == ZC_E_FULL or seq == -10 or seq == ZC_E_CLOSED:
+        if seq == ZC_E_FULL or seq == ZC_E_ARG or seq == ZC_E_CLOSED:
             return None
         if seq < 0:
-            if seq == -9:
+            if seq == ZC_E_IO:
                 raise NativeIOError(errno, f"reading {offset}+{length} for a sync: "
                                            f"{strerror(errno).decode()}")
             raise status_error(<int>seq, f"sync read {offset}+{length}")
@@ -157,10 +152,11 @@ cdef class CaptureRing:
                     ring_size=s.ring_size, next_seq=s.next_seq,
                     dirty_pending=s.dirty_pending, mode=s.mode, overflowed=bool(s.overflowed))
 
-    def discard(self):
+    def discard(self, list checkpoints=None):
         """Drop every committed entry, returning what the data entries covered:
         (volumes, offsets, lengths, oldest time_ns or 0).  Used to fold the ring into
-        dirty bitmaps."""
+        dirty bitmaps.  The dropped checkpoint markers are appended to `checkpoints`
+        (when given) as (seq, time_ns, payload bytes), so none vanishes unseen."""
         cdef const uint8_t *base
         cdef uint64_t nbytes, at = 0, oldest = 0
         cdef const zc_ring_entry *e
@@ -170,6 +166,8 @@ cdef class CaptureRing:
             e = <const zc_ring_entry *>(base + at)
             at += e.size
             if e.kind == ZC_REC_CHECKPOINT:
+                if checkpoints is not None:
+                    checkpoints.append((e.seq, e.time_ns, (<char *>e + 64)[:e.stored]))
                 continue
             # a VOID entry's range is already in the dirty log, but marking it twice is free
             vols.append(e.volume)
@@ -240,7 +238,7 @@ cdef class CaptureRing:
             last = e.seq
             if e.time_ns < oldest:
                 oldest = e.time_ns
-            payload = <const uint8_t *>e + 64
+            payload = <const uint8_t *>e + sizeof(zc_ring_entry)
             if e.kind == ZC_REC_CHECKPOINT:
                 for vm in range(nvms):
                     out = parts[vm]

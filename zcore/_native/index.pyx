@@ -15,6 +15,9 @@ from zcore.errors import ConfigError, OutOfMemoryError, status_error
 from zcore._native.zc cimport *
 from zcore._native.record cimport ExtentBatch
 
+cdef enum:
+    NO_FD = -1   # an empty slot of a descriptor table (set_*_fd takes it to forget one)
+
 
 cdef class ExtentIndex:
     """Every journaled write of one journal, by volume, offset and seq."""
@@ -45,7 +48,7 @@ cdef class ExtentIndex:
         if p == NULL:
             raise OutOfMemoryError("growing the descriptor table")
         for i in range(n[0], newn):
-            p[i] = -1
+            p[i] = NO_FD
         arr[0] = p
         n[0] = newn
         return 0
@@ -95,7 +98,7 @@ cdef class ExtentIndex:
             &volume_sizes[0] if volume_sizes.shape[0] else NULL, volume_sizes.shape[0],
             ordered)
         if st:
-            raise status_error(st if st != -10 else -4,
+            raise status_error(st if st != ZC_E_ARG else ZC_E_BAD_RECORD,
                                f"adopting the index of segment {segment}")
 
     def drop_before(self, unsigned long long seq):
@@ -153,8 +156,8 @@ cdef class ExtentIndex:
         with nogil:
             for i in range(n):
                 fr = &f[i]
-                if fr.ext.type == 0:
-                    fd = self.replica_fds[volume] if volume < self.nrep else -1
+                if fr.ext.type == ZC_REC_RESERVED:
+                    fd = self.replica_fds[volume] if volume < self.nrep else NO_FD
                     if fd < 0:
                         memset(out + fr.dst, 0, fr.length)
                     else:
@@ -164,9 +167,9 @@ cdef class ExtentIndex:
                 elif fr.ext.flags & ZC_FLAG_LZ4:
                     pending_lz4 += 1
                 else:
-                    fd = self.seg_fds[fr.ext.segment] if fr.ext.segment < self.nseg else -1
+                    fd = self.seg_fds[fr.ext.segment] if fr.ext.segment < self.nseg else NO_FD
                     if fd < 0:
-                        st = -10
+                        st = ZC_E_ARG
                     else:
                         st = zc_read_blockcrc(fd, fr.ext.pos, fr.ext.length, fr.src,
                                               fr.length, out + fr.dst)
@@ -176,13 +179,13 @@ cdef class ExtentIndex:
         if st:
             memset(out, 0, length)
             fr = &f[bad]
-            where = ("replica" if fr.ext.type == 0 else
+            where = ("replica" if fr.ext.type == ZC_REC_RESERVED else
                      f"record seq {fr.ext.seq} (segment {fr.ext.segment}, pos {fr.ext.pos})")
             raise status_error(st, f"reading volume {volume} at {offset}+{length} from {where}")
         if pending_lz4:
             for i in range(n):
                 fr = &f[i]
-                if fr.ext.type != 0 and fr.ext.flags & ZC_FLAG_LZ4:
+                if fr.ext.type != ZC_REC_RESERVED and fr.ext.flags & ZC_FLAG_LZ4:
                     data = loader(fr.ext.segment, fr.ext.pos, fr.ext.stored, fr.ext.length)
                     self._copy_lz4(data, fr, out)
         return 0
@@ -190,6 +193,6 @@ cdef class ExtentIndex:
     cdef int _copy_lz4(self, object data, const zc_fragment *fr, uint8_t *out) except -1:
         cdef const uint8_t[::1] d = data
         if <uint64_t>d.shape[0] != fr.ext.length:
-            raise status_error(-4, f"decompressed record seq {fr.ext.seq} has the wrong size")
+            raise status_error(ZC_E_BAD_RECORD, f"decompressed record seq {fr.ext.seq} has the wrong size")
         memcpy(out + fr.dst, &d[fr.src], fr.length)
         return 0

@@ -121,7 +121,7 @@ def parse_header(data):
     cdef zc_extent e
     cdef uint32_t pcrc
     if d.shape[0] < ZC_RECORD_HEADER_SIZE:
-        raise status_error(-1, "parsing record header")
+        raise status_error(ZC_E_TRUNCATED, "parsing record header")
     st = zc_parse_header(&d[0], &e, &pcrc)
     if st:
         raise status_error(st, "parsing record header")
@@ -136,10 +136,10 @@ def verify_payload(header, payload):
     cdef zc_extent e
     cdef uint32_t pcrc
     if h.shape[0] < ZC_RECORD_HEADER_SIZE:
-        raise status_error(-1, "verifying record")
+        raise status_error(ZC_E_TRUNCATED, "verifying record")
     st = zc_parse_header(&h[0], &e, &pcrc)
     if st == 0 and <size_t>len(payload) < e.stored:
-        st = -1
+        st = ZC_E_TRUNCATED
     if st == 0:
         st = zc_verify_payload(&e, pcrc, &p[0] if e.stored else NULL)
     if st:

@@ -20,6 +20,8 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from zcore.errors import Status
+
 POLY = 0x82F63B78  # CRC-32C (Castagnoli), reflected
 HEADER_SIZE = 64
 ALIGN = 64
@@ -34,14 +36,15 @@ REC_WRITE, REC_ZERO, REC_CHECKPOINT, REC_SYNC = 1, 2, 3, 4
 FLAG_LZ4, FLAG_BLOCKCRC = 0x0001, 0x0002
 FLAGS_KNOWN = FLAG_LZ4 | FLAG_BLOCKCRC
 
-OK = 0
-E_TRUNCATED = -1
-E_HEADER_CRC = -2
-E_PAYLOAD_CRC = -3
-E_BAD_RECORD = -4
-E_ALIGNMENT = -5
-E_RANGE = -8
-E_ARG = -10
+# the status codes are named once, in zcore.errors.Status (the twin of zc_format.h)
+OK = Status.OK
+E_TRUNCATED = Status.TRUNCATED
+E_HEADER_CRC = Status.HEADER_CRC
+E_PAYLOAD_CRC = Status.PAYLOAD_CRC
+E_BAD_RECORD = Status.BAD_RECORD
+E_ALIGNMENT = Status.ALIGNMENT
+E_RANGE = Status.RANGE
+E_ARG = Status.ARG
 
 # header: type u16, flags u16, volume u32, seq u64, offset u64, length u32, stored u32,
 # time_ns u64, payload_crc u32, 16 reserved bytes, header_crc u32
@@ -140,7 +143,7 @@ def encode_header(type_: int, flags: int, volume: int, seq: int, offset: int, le
     return body + struct.pack("<I", crc32c_table(body))
 
 
-def parse_header(buf: bytes | bytearray | memoryview) -> tuple[int, dict | None, int]:
+def parse_header(buf: bytes | bytearray | memoryview) -> tuple[int, dict[str, int] | None, int]:
     """(status, fields, payload_crc) of a 64-byte header, checked as format 4.3 orders
     it.  `fields` is None only when the header CRC fails."""
     buf = bytes(buf[:HEADER_SIZE])
@@ -233,7 +236,7 @@ def plan(extents: Iterable[Extent], volume: int, offset: int, length: int,
             out[-1][1] += hi - lo  # the same source continues (src is contiguous too)
         else:
             out.append([lo - offset, hi - lo, src, seq])
-    return [tuple(f) for f in out]
+    return [(dst, n, src, seq) for dst, n, src, seq in out]
 
 
 def read(writes: Sequence[tuple[int, int, int, bytes]], replica: bytes, volume: int,

@@ -6,13 +6,29 @@ cdef extern from "zc_format.h":
         ZC_RECORD_HEADER_SIZE
         ZC_SECTOR
         ZC_MAX_WRITE
+        ZC_REC_RESERVED
         ZC_REC_WRITE
         ZC_REC_ZERO
         ZC_REC_CHECKPOINT
         ZC_REC_SYNC
         ZC_FLAG_LZ4
         ZC_FLAG_BLOCKCRC
+
+    # the status codes (zcore.errors.Status is their Python twin)
+    enum zc_status:
         ZC_OK
+        ZC_E_TRUNCATED
+        ZC_E_HEADER_CRC
+        ZC_E_PAYLOAD_CRC
+        ZC_E_BAD_RECORD
+        ZC_E_ALIGNMENT
+        ZC_E_NOMEM
+        ZC_E_ORDER
+        ZC_E_RANGE
+        ZC_E_IO
+        ZC_E_ARG
+        ZC_E_FULL
+        ZC_E_CLOSED
 
 cdef extern from "zc_crc32c.h" nogil:
     uint32_t zc_crc32c(uint32_t crc, const void *buf, size_t len)
@@ -90,7 +106,6 @@ cdef extern from "zc_capture.h" nogil:
         ZC_CAPTURE_BITMAP
         ZC_ENTRY_VOID
         ZC_ENTRY_FILLER
-        ZC_E_FULL
 
     ctypedef struct zc_ring_entry:
         uint64_t seq
@@ -102,6 +117,7 @@ cdef extern from "zc_capture.h" nogil:
         uint32_t size
         uint16_t kind
         uint16_t committed
+        uint8_t pad[20]
 
     ctypedef struct zc_dirty:
         uint32_t volume
@@ -117,6 +133,7 @@ cdef extern from "zc_capture.h" nogil:
 
     zc_capture *zc_capture_new(uint64_t ring_bytes, uint64_t first_seq)
     void zc_capture_free(zc_capture *c)
+    void zc_capture_close(zc_capture *c)
     long long zc_capture_write(zc_capture *c, int fd, uint32_t volume, uint64_t offset,
                                const uint8_t *data, uint32_t len, uint16_t kind)
     long long zc_capture_sync(zc_capture *c, int fd, uint32_t volume, uint64_t offset,

@@ -5,12 +5,16 @@ capture ring shared by all its volumes (one seq order for the whole group), a st
 thread that seals the ring into bundles (by size or age) and adds automatic checkpoints,
 and the dirty bitmaps it falls back to when the buffer overflows or the link is declared
 down.  A bitmap sync resends the dirty blocks as sync records; checkpoints taken while
-it runs are flagged not crash-consistent, and a consistent one closes it.
+it runs are flagged not crash-consistent, and a consistent one closes it.  A tagged
+checkpoint a fold dropped is carried through the sync and journaled after it (flagged
+not crash-consistent); `VPG.checkpoint_state` says which tagged checkpoints are durable
+in the recovery journals and which are lost.
 
 The public facade of the package:
 - `settings`: `VPGSettings`, `VPGMode` and the tuning constants;
 - `state`: the state directory (`vpg.json`, bitmap files; docs/format.md 10a);
 - `core`: the shared state and the records handed out (`Bundle`, `VPGStatus`, `VM`);
+- `promises`: `CheckpointState`, `CheckpointReport`: tagged checkpoints durable or lost;
 - `syncs`: bitmap mode, the fold, bitmap and initial syncs;
 - `stream`: the stream thread, sealing, checkpoint cadence;
 - `group`: `VPG` itself (definition, lifetime, checkpoints, links, status);
@@ -21,6 +25,7 @@ from zcore.records import Checkpoint, CheckpointKind
 from zcore.vpg.core import VM, Bundle, VPGStatus
 from zcore.vpg.group import VPG
 from zcore.vpg.locallink import LocalLink
+from zcore.vpg.promises import CheckpointReport, CheckpointState
 from zcore.vpg.settings import (
     CHECKPOINT_WAIT,
     PRIORITIES,
@@ -51,6 +56,8 @@ __all__ = [
     "Bundle",
     "Checkpoint",
     "CheckpointKind",
+    "CheckpointReport",
+    "CheckpointState",
     "LocalLink",
     "VPGMode",
     "VPGSettings",

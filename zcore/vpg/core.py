@@ -30,9 +30,10 @@ import numpy.typing as npt
 from zcore import records
 from zcore._native.capture import CaptureRing
 from zcore.bitmap import DirtyBitmap
-from zcore.capture import ProtectedVolume
+from zcore.capture import ProtectedVolume, check_int
 from zcore.errors import StateError
 from zcore.records import Checkpoint, CheckpointKind
+from zcore.vpg.promises import TaggedCheckpoints
 from zcore.vpg.settings import VPGMode, VPGSettings
 from zcore.vpg.state import StateFiles
 
@@ -75,6 +76,8 @@ class VPGStatus:
     events: tuple[str, ...]
     ring_used: int = 0  # bytes of the capture ring in use...
     ring_bytes: int = 0  # ...of its size (half the buffer; 0 while stopped)
+    checkpoints_pending: int = 0  # tagged checkpoints not yet in the recovery journals
+    checkpoints_lost: int = 0  # tagged checkpoints lost since the VPG was made
 
 
 class VM:
@@ -119,7 +122,9 @@ class VPGCore:
         self._sync_next: SyncItem | None = None
         self._sync_total = 0
         self._sync_done = 0
-        self._unsynced_since_ns = 0
+        self._unsynced_since_ns = 0  # oldest captured write not durable at the recovery site
+        self._sync_acked_at = 0  # seq whose ack makes the finished sync's data durable
+        self._tagged = TaggedCheckpoints()
         self._last_seal_ns = 0
         self._next_checkpoint = 0.0
         self._last_persist = 0.0
@@ -166,13 +171,15 @@ class VPGCore:
             sel = vols == vid
             self.bitmaps[vid].mark_many(offs[sel], lens[sel])
 
-    def _marker(self, kind: CheckpointKind, tag: str | None) -> Checkpoint | None:
+    def _marker(self, kind: CheckpointKind, tag: str | None, *,
+                consistent: bool | None = None) -> Checkpoint | None:
         """Append a checkpoint marker to the ring; None when it has no room (or is in
-        bitmap mode).  The marker is crash-consistent only while streaming.
+        bitmap mode).  The marker is crash-consistent only while streaming (and never
+        when `consistent` is False).
 
         `time_ns` is read just after the ring stamped the record: the journaled record's
         time is the ring's own reading, a few microseconds earlier."""
-        consistent = self._mode == VPGMode.STREAMING
+        consistent = self._mode == VPGMode.STREAMING and consistent is not False
         code = records.CKPT_TAGGED if kind == CheckpointKind.TAGGED else records.CKPT_AUTO
         payload = records.checkpoint_payload(code, consistent, tag)
         seq = self._live_ring().marker(payload)
@@ -183,8 +190,8 @@ class VPGCore:
     # ---- the state directory -------------------------------------------------------------
 
     def bitmap_path(self, vid: int) -> Path:
-        """Where volume `vid`'s dirty bitmap is persisted."""
-        return self.files.bitmap_path(vid)
+        """Where volume `vid`'s dirty bitmap is persisted (`vid` an int, else ConfigError)."""
+        return self.files.bitmap_path(check_int("volume id", vid))
 
     def _definition(self) -> list[dict[str, Any]]:
         return [{"id": v.id, "vm": v.vm, "name": v.name, "size": v.size}

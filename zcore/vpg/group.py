@@ -19,6 +19,7 @@ from zcore.errors import ConfigError, StateError
 from zcore.journal import VolumeSpec
 from zcore.records import Checkpoint, CheckpointKind
 from zcore.vpg.core import VM, Bundle, VPGStatus
+from zcore.vpg.promises import CheckpointReport
 from zcore.vpg.settings import CHECKPOINT_WAIT, SEQ_RESERVE, VPGMode
 from zcore.vpg.stream import VPGStream
 
@@ -82,7 +83,9 @@ class VPG(VPGStream):
             self._mode = VPGMode.BITMAP if dirty else VPGMode.STREAMING
             if dirty:
                 ring.set_mode(MODE_BITMAP)
-                self._unsynced_since_ns = time.time_ns()
+            # nothing dirty: everything captured before the stop is at the recovery site
+            self._unsynced_since_ns = time.time_ns() if dirty else 0
+            self._sync_acked_at = 0
             self._save_state(clean=False)
             for vol in self.volumes.values():
                 vol._attach(ring)
@@ -135,6 +138,7 @@ class VPG(VPGStream):
             ring = self._live_ring()
             ring.close()
             self._fold(reason=None)
+            self._lose_tagged("the VPG stopped before the recovery site acknowledged it")
             self.files.persist_bitmaps(self.bitmaps)
             # every seq handed out is below the ring's next one: release the rest of the
             # reserved block, so an orderly restart continues the numbering (checkpoint
@@ -165,8 +169,14 @@ class VPG(VPGStream):
         for vol in self.volumes.values():
             vol.close()
         with self._lock:  # a later stop() or close() must not call this state clean
+            self._lose_tagged("the VPG was abandoned before the recovery site acknowledged it")
             self._ring = None
             self._mode = VPGMode.STOPPED
+
+    def _lose_tagged(self, reason: str) -> None:
+        for r in self._tagged.lose_all(reason):
+            self._event(f"tagged checkpoint {r.checkpoint.tag!r} (seq {r.checkpoint.seq}) "
+                        f"is lost: {reason}")
 
     def close(self) -> None:
         """Stop, then close every volume."""
@@ -178,7 +188,11 @@ class VPG(VPGStream):
 
     def checkpoint(self, tag: str | None = None) -> Checkpoint:
         """Take a tagged (or, without a tag, automatic) checkpoint now.  Raises
-        StateError in bitmap mode, where no checkpoint can be taken.  The checkpoint's
+        StateError in bitmap mode, where no checkpoint can be taken.
+
+        A tagged checkpoint is a promise: it reaches the recovery journals or is reported
+        lost (an event, and `checkpoint_state`).  Ask `checkpoint_state` whether it is
+        durable there; `acked_seq` passing its seq does not say so.  The checkpoint's
         `time_ns` is read as its marker enters the ring (the journals' copy carries the
         ring's reading of the same moment, microseconds apart)."""
         with self._lock:
@@ -190,6 +204,8 @@ class VPG(VPGStream):
             while True:
                 ckpt = self._marker(kind, tag)
                 if ckpt is not None:
+                    if kind == CheckpointKind.TAGGED:
+                        self._tagged.taken(ckpt)
                     self._wake.notify_all()
                     return ckpt
                 if self._in_bitmap_mode():  # the ring overflowed under us
@@ -239,6 +255,9 @@ class VPG(VPGStream):
             while self._pending and self._pending[0].last_seq <= seq:
                 b = self._pending.popleft()
                 self._pending_bytes -= b.encoded_bytes
+                self._tagged.acknowledged(b.checkpoints)
+            if self._sync_acked_at and seq >= self._sync_acked_at:
+                self._unsynced_since_ns = self._sync_acked_at = 0  # the sync is durable
             self._wake.notify_all()
 
     def flush(self, timeout: float = 10.0) -> int:
@@ -290,8 +309,19 @@ class VPG(VPGStream):
         VPG adds about one per `bundle_age`, so a spinning thread shows here."""
         return self._rounds
 
+    def checkpoint_state(self, ckpt: Checkpoint | int) -> CheckpointReport | None:
+        """Where a tagged checkpoint this VPG took (or its id) stands: pending, durable
+        (the recovery site acknowledged the bundle holding its marker, so it is in the
+        journals, at `journal_seq`) or lost (`reason`, and an event said so).  A
+        checkpoint carried through a fold is journaled under a later seq, flagged not
+        crash-consistent.  None for automatic checkpoints, ids this VPG never took, and
+        the oldest settled ones once 4096 newer have settled (zcore.vpg.promises)."""
+        with self._lock:
+            return self._tagged.report(ckpt.id if isinstance(ckpt, Checkpoint) else ckpt)
+
     def rpo_seconds(self) -> float:
-        """Age of the oldest captured write not yet durable at the recovery site."""
+        """Age of the oldest captured write not yet durable at the recovery site: after
+        a fold, from the oldest write folded until the ack of the sync that resent it."""
         with self._lock:
             now = time.time_ns()
             oldest = now
@@ -328,4 +358,6 @@ class VPG(VPGStream):
                 events=tuple(self._events),
                 ring_used=stats["ring_used"] if stats else 0,
                 ring_bytes=stats["ring_size"] if stats else 0,
+                checkpoints_pending=self._tagged.pending,
+                checkpoints_lost=self._tagged.lost,
             )

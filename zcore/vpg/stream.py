@@ -65,6 +65,8 @@ class VPGStream(VPGSyncs):
                 self._marker(CheckpointKind.AUTO, None)
             if self._mode != VPGMode.STREAMING:
                 busy = self._sync_step() or busy
+            elif self._tagged.carried():  # the sync's finish found no room for them
+                self._append_carried()
         elif self._mode == VPGMode.BITMAP:
             self._mark(*ring.take_dirty())
             if self._link_up and self._pending_bytes == 0:

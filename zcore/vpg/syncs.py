@@ -31,10 +31,13 @@ class VPGSyncs(VPGCore):
         # resent as zeros, so the sync that follows skips no zero block.
         self._skip_zero = False
         ring = self._ring
+        markers: list[int] = []  # seqs of the checkpoint markers dropped, in seq order
         if ring is not None:
             ring.set_mode(MODE_BITMAP)
             while True:  # in-flight writes commit within microseconds
-                vols, offs, lens, oldest = ring.discard()
+                dropped: list[tuple[int, int, bytes]] = []
+                vols, offs, lens, oldest = ring.discard(dropped)
+                markers += [seq for seq, _, _ in dropped]
                 self._mark(vols, offs, lens)
                 self._note_unsynced(oldest)
                 if ring.stats()["ring_used"] == 0:
@@ -43,20 +46,43 @@ class VPGSyncs(VPGCore):
             self._mark(*ring.take_dirty())
         for b in self._pending:
             self._mark(b.volumes, b.offsets, b.lengths)
-            for c in b.checkpoints:
-                if c.tag:
-                    self._event(f"tagged checkpoint {c.tag!r} (seq {c.seq}) was not delivered "
-                                "before the fold: it is lost")
+            markers += [c.seq for c in b.checkpoints]
             self._note_unsynced(b.oldest_time_ns)
         self._pending.clear()
         self._pending_bytes = 0
+        self._carry(sorted(markers), announce=reason is not None)
         if not self._unsynced_since_ns:
             self._unsynced_since_ns = time.time_ns()
+        self._sync_acked_at = 0  # the sync's data, if it finished, was just dropped
         self._sync_iter = None
         if reason is not None:
             self._mode = VPGMode.BITMAP
             self._event(f"bitmap mode: {reason}")
             self._wake.notify_all()
+
+    def _carry(self, markers: list[int], *, announce: bool) -> None:
+        """Tagged checkpoints whose markers a fold dropped go on to the end of the sync
+        (`announce`: say so in an event; not when stopping, which reports them lost)."""
+        for seq in markers:
+            report = self._tagged.carry(seq, "carried through a fold")
+            if report is not None and announce:
+                self._event(f"tagged checkpoint {report.checkpoint.tag!r} (seq {seq}) was "
+                            "not delivered before the fold: carried through the sync, to be "
+                            "journaled after it, not crash-consistent")
+
+    def _append_carried(self) -> None:
+        """Append the carried tagged checkpoints' markers again (streaming, so after every
+        record of the sync that folded their data into the bitmaps), flagged not
+        crash-consistent: the image at them also holds writes made after they were taken.
+        What finds no room in the ring is retried next round."""
+        for report in self._tagged.carried():
+            c = report.checkpoint
+            marker = self._marker(CheckpointKind.TAGGED, c.tag, consistent=False)
+            if marker is None:
+                return
+            self._tagged.appended(c.id, marker)
+            self._event(f"tagged checkpoint {c.tag!r} (seq {c.seq}) carried through the "
+                        f"sync: appended again at seq {marker.seq}, not crash-consistent")
 
     def _begin_sync(self) -> None:
         self._live_ring().set_mode(MODE_STREAM)
@@ -112,7 +138,12 @@ class VPGSyncs(VPGCore):
         self._mode = VPGMode.STREAMING
         self._skip_zero = self._initial = False
         self._sync_iter = None
-        self._unsynced_since_ns = 0
+        # the sync's data is in the ring, not at the recovery site: the RPO keeps counting
+        # from the oldest write it covers until the ack of its last seq (VPG.ack)
+        self._sync_acked_at = self._live_ring().stats()["next_seq"] - 1
+        if self._sync_acked_at <= self._acked_seq:
+            self._unsynced_since_ns = self._sync_acked_at = 0
+        self._append_carried()
         self._marker(CheckpointKind.AUTO, None)
         self._next_checkpoint = time.monotonic() + self.settings.checkpoint_interval
         self._save_state(clean=False)

@@ -1,0 +1,182 @@
+"""Read-through: a volume as of a checkpoint, the replica overlaid with every journaled
+write before it, newest wins (docs/format.md 8.4).  Views pin their checkpoint against
+promotion; the LZ4 cache keeps decompressed payloads for random reads.
+
+Locking: a read holds the journal's index lock, never its append lock, so reads are not
+served behind appends' writes and fsyncs or promotion's replica writes.  The index lock
+guards every call on the native index and every change to the descriptors it reads:
+segment and replica descriptors are unregistered and closed only under it, so a read
+never reaches a closed (or reused) descriptor.  Promotion rewrites replica bytes only
+where the index still maps a journaled record for every allowed read (reads are at or
+above the promotion target), and forgets those records only when the replica holds them.
+
+A mixin of Journal."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import lz4.block
+
+from zcore import records
+from zcore._native import record as _rec
+from zcore.errors import (
+    CheckpointNotFoundError,
+    ClosedError,
+    CorruptRecordError,
+    OutOfRangeError,
+)
+from zcore.fsutil import pread_exact
+from zcore.journal.settings import LZ4_CACHE_BYTES, VolumeSpec
+from zcore.journal.state import JournalState
+from zcore.records import Checkpoint
+
+
+class Lz4Cache:
+    """Decompressed LZ4 payloads by (segment, pos), least recently used dropped first.
+    Not thread-safe: used under the journal's index lock."""
+
+    def __init__(self, limit: int = LZ4_CACHE_BYTES) -> None:
+        self.limit = limit
+        self._data: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self.bytes = 0
+
+    def get(self, key: tuple[int, int]) -> bytes | None:
+        data = self._data.get(key)
+        if data is not None:
+            self._data.move_to_end(key)
+        return data
+
+    def put(self, key: tuple[int, int], data: bytes) -> None:
+        self._data[key] = data
+        self.bytes += len(data)
+        while self.bytes > self.limit:
+            _, old = self._data.popitem(last=False)
+            self.bytes -= len(old)
+
+    def clear(self) -> None:
+        self._data.clear()
+        self.bytes = 0
+
+
+class ReadThroughMixin(JournalState):
+    def view(self, checkpoint: Checkpoint | int) -> View:
+        """A read-only image of every volume as of `checkpoint`; pins it against promotion
+        until closed."""
+        self.wait_loaded()
+        with self._lock:
+            self._check_open()
+            cid = checkpoint.id if isinstance(checkpoint, Checkpoint) else int(checkpoint)
+            ckpt = self.checkpoint_by_id(cid)
+            if ckpt.seq < self._promotion_floor():
+                raise CheckpointNotFoundError(f"checkpoint {cid} is being promoted away")
+            self._pins[ckpt.seq] = self._pins.get(ckpt.seq, 0) + 1
+            return View(self, ckpt)
+
+    def read_at(self, seq: int, volume: int | str, offset: int, length: int) -> bytes:
+        """`length` bytes of `volume` at `offset` as a checkpoint at `seq` would see them:
+        every journaled write with a seq below `seq`, over the replica.  `seq` must be
+        between the promotion watermark (or target) and `last_seq + 1`: older states are
+        in no file any more (CheckpointNotFoundError), newer ones not yet (OutOfRangeError).
+        Unlike a view, nothing is pinned: a promotion may start after the call returns."""
+        self.wait_loaded()
+        spec = self._volume(volume)
+        records.check_range(offset, length, spec.size)
+        with self._index_lock:
+            self._check_open()
+            if seq < self._promotion_floor():
+                raise CheckpointNotFoundError(
+                    f"seq {seq} of journal {self.path} is promoted into the replicas")
+            if seq > self.last_seq + 1:
+                raise OutOfRangeError(f"seq {seq} is past journal {self.path}'s last seq "
+                                      f"{self.last_seq}")
+            return self._index.read(spec.id, offset, length, seq, self._load_lz4)
+
+    def _promotion_floor(self) -> int:
+        return max(self.promoted_seq, int(self._meta.get("promote_target", 0)))
+
+    def _unpin(self, seq: int) -> None:
+        with self._lock:
+            left = self._pins.get(seq, 0) - 1
+            if left > 0:
+                self._pins[seq] = left
+            else:
+                self._pins.pop(seq, None)
+
+    def _volume(self, volume: int | str) -> VolumeSpec:
+        spec = self._by_name.get(volume) if isinstance(volume, str) else self.volumes.get(volume)
+        if spec is None:
+            raise OutOfRangeError(f"journal {self.path} has no volume {volume!r}")
+        return spec
+
+    def _read(self, at: int, volume: int | str, offset: int, length: int,
+              out: Any = None) -> Any:
+        spec = self._volume(volume)
+        records.check_range(offset, length, spec.size)
+        with self._index_lock:  # never the append lock: see the module docstring
+            self._check_open()
+            if out is None:
+                return self._index.read(spec.id, offset, length, at, self._load_lz4)
+            self._index.read_into(spec.id, offset, out, at, self._load_lz4)
+            return out
+
+    def _load_lz4(self, segment: int, pos: int, stored: int, length: int) -> bytes:
+        """The native reader's loader for LZ4 records (called under the index lock)."""
+        key = (segment, pos)
+        cached = self._lz4_cache.get(key)
+        if cached is not None:
+            return cached
+        seg = self._segments.get(segment)
+        if seg is None or seg.fd < 0:
+            raise CorruptRecordError(f"record at segment {segment} pos {pos}: segment is gone")
+        raw = pread_exact(seg.fd, 64 + stored, pos,
+                          what=f"segment {seg.path} (inside the record at {pos})")
+        _rec.verify_payload(raw[:64], memoryview(raw)[64:])
+        try:
+            data: bytes = lz4.block.decompress(memoryview(raw)[64:], uncompressed_size=length)
+        except lz4.block.LZ4BlockError as exc:
+            raise CorruptRecordError(f"LZ4 record at {seg.path}:{pos} fails to decode") from exc
+        if len(data) != length:
+            raise CorruptRecordError(f"LZ4 record at {seg.path}:{pos} decodes to a wrong size")
+        self._lz4_cache.put(key, data)
+        return data
+
+
+class View:
+    """A volume image as of a checkpoint: replica overlaid with the journal, read-only.
+    Reads from several threads at once are safe."""
+
+    def __init__(self, journal: ReadThroughMixin, checkpoint: Checkpoint) -> None:
+        self.journal = journal
+        self.checkpoint = checkpoint
+        self._closed = False
+
+    def read(self, volume: int | str, offset: int, length: int) -> bytes:
+        """`length` bytes of `volume` at `offset` as they were at the checkpoint."""
+        self._check()
+        data: bytes = self.journal._read(self.checkpoint.seq, volume, offset, length)
+        return data
+
+    def read_into(self, volume: int | str, offset: int, buf: Any) -> None:
+        """Fill the writable buffer `buf` from `volume` at `offset`."""
+        self._check()
+        self.journal._read(self.checkpoint.seq, volume, offset, len(memoryview(buf)), buf)
+
+    def size(self, volume: int | str) -> int:
+        return self.journal._volume(volume).size
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ClosedError("view is closed")
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.journal._unpin(self.checkpoint.seq)
+
+    def __enter__(self) -> View:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

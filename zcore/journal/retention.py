@@ -1,0 +1,224 @@
+"""Retention and promotion (docs/format.md 8.5): which writes leave the journal (older
+than the history, or the oldest segments while the journal passes its hard limit, never
+past a pinned checkpoint) and moving them into the replicas.
+
+A mixin of Journal.  Promotion runs under the append lock; it takes the index lock only
+to change what reads see (the target, the index, the LZ4 cache, closing descriptors), so
+reads go on while it copies records into the replicas."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import lz4.block
+
+from zcore import records
+from zcore._native import record as _rec
+from zcore.errors import (
+    CorruptRecordError,
+    DurabilityError,
+    JournalFullError,
+    status_error,
+)
+from zcore.fsutil import fsync_dir, preadinto_exact, pwrite_all
+from zcore.journal.meta import write_meta
+from zcore.journal.segments import Segment
+from zcore.journal.state import JournalState
+
+
+class RetentionMixin(JournalState):
+    @property
+    def provisioned_bytes(self) -> int:
+        return sum(v.size for v in self.volumes.values())
+
+    @property
+    def hard_limit_bytes(self) -> int | None:
+        s = self.settings
+        if s.hard_limit_bytes is not None:
+            return s.hard_limit_bytes
+        if s.hard_limit_percent is not None:
+            return int(self.provisioned_bytes * s.hard_limit_percent / 100)
+        return None
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(s.size for s in self._segments.values())
+
+    def _min_pin(self) -> int | None:
+        return min(self._pins) if self._pins else None
+
+    def _make_room(self, incoming: int) -> None:
+        hard = self.hard_limit_bytes
+        if hard is None or self.size_bytes + incoming <= hard:
+            self._full = False
+            return
+        if not self._loaded.is_set():  # promotion needs the whole index (and our lock)
+            raise JournalFullError(f"journal {self.path} passed its hard limit while its "
+                                   "index is still loading; retry shortly")
+        self.promote(incoming=incoming)
+        if self.size_bytes + incoming > hard:
+            self._full = True
+            pin = self._min_pin()
+            why = f"a view pins checkpoint {pin}" if pin is not None else "nothing to promote"
+            raise JournalFullError(
+                f"journal {self.path} is full ({self.size_bytes} of {hard} bytes) and cannot "
+                f"promote: {why}"
+            )
+        self._full = False
+
+    def promote(self, *, now: float | None = None, incoming: int = 0) -> int:
+        """Promote what retention asks for: writes older than the history, and the oldest
+        segments while the journal (plus `incoming` bytes) passes its hard limit.
+        Never past a pinned checkpoint.  Returns the new promotion watermark."""
+        self.wait_loaded()
+        with self._lock:
+            self._check_usable()
+            now_ns = int((time.time() if now is None else now) * 1e9)
+            cutoff = now_ns - int(self.settings.history_seconds * 1e9)
+            target = self.promoted_seq
+            for c in self._checkpoints:
+                if c.time_ns > cutoff:
+                    break
+                target = max(target, c.seq)
+            for seg in self._segments.values():
+                if seg.records and seg.max_time <= cutoff and seg is not self._active:
+                    target = max(target, seg.max_seq + 1)
+            if self._checkpoints:
+                # history alone never passes the newest checkpoint: when the stream stops
+                # (a disaster at the protected site) it must stay to fail over to
+                target = min(target, max(self.promoted_seq, self._checkpoints[-1].seq))
+            hard = self.hard_limit_bytes
+            if hard is not None:
+                size = self.size_bytes + incoming
+                for seg in self._segments.values():
+                    if size <= hard:
+                        break
+                    if seg is self._active:
+                        # the active segment goes whole: promote it and start afresh
+                        target = max(target, self.last_seq + 1)
+                        break
+                    target = max(target, seg.max_seq + 1)
+                    size -= seg.size
+            pin = self._min_pin()
+            if pin is not None:
+                target = min(target, pin)
+            return self._promote_to(target)
+
+    def promote_to(self, seq: int) -> int:
+        """Promote every write with seq < `seq` (bounded by pins and the last seq)."""
+        self.wait_loaded()
+        with self._lock:
+            self._check_usable()
+            pin = self._min_pin()
+            if pin is not None and seq > pin:
+                raise JournalFullError(f"cannot promote to {seq}: a view pins checkpoint {pin}")
+            return self._promote_to(min(seq, self.last_seq + 1))
+
+    def _promote_to(self, target: int) -> int:
+        if target <= self.promoted_seq:
+            return self.promoted_seq
+        self.commit()
+        try:
+            return self._apply_promotion(target)
+        except DurabilityError:
+            raise
+        except OSError as exc:
+            # a replica write or fsync failed: retrying could "succeed" over lost pages,
+            # so stop; reopening redoes the promotion from promote_target
+            raise self._stop(exc, f"promotion to seq {target}") from exc
+
+    def _stop(self, exc: OSError, doing: str) -> DurabilityError:
+        """Enter the failed state after an I/O error that may have lost written data."""
+        self._failed = exc
+        return DurabilityError(f"{doing} failed ({exc}); journal {self.path} stops until "
+                               "it is reopened")
+
+    def _apply_promotion(self, target: int) -> int:
+        with self._index_lock:  # from here no read below the target starts
+            self._meta["promote_target"] = target
+        write_meta(self.path, self._meta)
+        touched: set[int] = set()
+        buf = bytearray()  # one buffer for every segment: fresh 64 MiB buffers page-fault
+        for seg in list(self._segments.values()):
+            if not seg.records or seg.min_seq >= target:
+                continue
+            if seg.max_seq < self.promoted_seq:
+                continue
+            if len(buf) < seg.size:
+                buf = bytearray(seg.size)
+            touched |= self._promote_segment(seg, target, buf)
+        for volume in touched:
+            os.fsync(self._replica_fds[volume])
+        self.promoted_seq = target
+        self._meta["promoted_seq"] = target
+        write_meta(self.path, self._meta)
+        with self._index_lock:  # the replicas hold every write below the target now
+            self._index.drop_before(target)
+            self._lz4_cache.clear()
+        self._checkpoints = [c for c in self._checkpoints if c.seq >= target]
+        for seg in list(self._segments.values()):
+            if seg is self._active or seg.max_seq >= target:
+                continue
+            self._drop_segment(seg)
+        if self._active.records and self._active.max_seq < target:
+            # everything journaled is in the replicas: restart with an empty segment
+            old = self._active
+            self._active = self._new_segment(old.number + 1)
+            self._drop_segment(old)
+        fsync_dir(self.path)
+        return target
+
+    def _promote_segment(self, seg: Segment, target: int, buf: bytearray) -> set[int]:
+        """Write the data records of `seg` with promoted_seq <= seq < target into the
+        replicas (not fsynced); returns the volumes written."""
+        touched: set[int] = set()
+        zeros = b""
+        view = memoryview(buf)[: seg.size]
+        preadinto_exact(seg.fd, view, 0, what=f"segment {seg.path} (shorter than recorded)")
+        batch = _rec.scan(view[64:], 64, seg.number, 0, self._volume_sizes)
+        if batch.status:
+            raise status_error(batch.status, f"promoting from segment {seg.path}")
+        arr = batch.array()
+        columns = zip(arr["seq"].tolist(), arr["type"].tolist(), arr["flags"].tolist(),
+                      arr["volume"].tolist(), arr["offset"].tolist(),
+                      arr["length"].tolist(), arr["pos"].tolist(), arr["stored"].tolist(),
+                      strict=True)
+        for seq, kind, flags, volume, offset, length, pos, stored in columns:
+            if seq >= target:
+                break
+            if seq < self.promoted_seq or kind == records.REC_CHECKPOINT:
+                continue
+            pos += 64
+            payload: bytes | memoryview
+            if kind == records.REC_ZERO:
+                if len(zeros) < length:
+                    zeros = bytes(length)
+                payload = memoryview(zeros)[:length]
+            elif flags & records.FLAG_LZ4:
+                try:
+                    payload = lz4.block.decompress(view[pos : pos + stored],
+                                                   uncompressed_size=length)
+                except lz4.block.LZ4BlockError:
+                    payload = b""
+                if len(payload) != length:
+                    raise CorruptRecordError(f"LZ4 record seq {seq} in {seg.path} does not "
+                                             f"decode to its {length} bytes")
+            else:
+                start = pos + _rec.blockcrc_table_size(length)
+                payload = view[start : start + length]
+            pwrite_all(self._replica_fds[volume], payload, offset)
+            touched.add(volume)
+        del view, batch
+        return touched
+
+    def _drop_segment(self, seg: Segment) -> None:
+        """Delete a fully promoted segment (the caller fsyncs the directory once).  The
+        descriptor is closed under the index lock: no read is using it then."""
+        with self._index_lock:
+            self._index.set_segment_fd(seg.number, -1)
+            os.close(seg.fd)
+            seg.fd = -1
+            del self._segments[seg.number]
+        seg.path.with_suffix(".zci").unlink(missing_ok=True)
+        seg.path.unlink()

@@ -1,0 +1,117 @@
+"""Segment files `seg-NNNNNNNN.zcj` (docs/format.md 7.3): the in-memory descriptor of one
+segment, its 64-byte header, creating, listing and reading the files.
+
+Records inside a segment are validated by zcore._native.record.scan; the journal's
+loader and append path decide what a failing record means."""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from zcore._native import record as _rec
+from zcore.errors import CorruptRecordError, FormatVersionError
+from zcore.fsutil import fsync_dir, preadinto_upto, pwrite_all
+
+SEGMENT_MAGIC = b"ZCJSEG\r\n"
+SEGMENT_VERSION = 1
+SEGMENT_HEADER = struct.Struct("<8sII Q 16s Q 12x I")  # 64 bytes, crc last
+assert SEGMENT_HEADER.size == 64
+
+
+@dataclass
+class Segment:
+    """One segment of an open journal.  `fd` is -1 until the segment is opened; it is
+    closed only with the index lock held (see Journal), so a read never sees it reused."""
+
+    number: int
+    path: Path
+    fd: int
+    size: int  # bytes, header included
+    sealed: bool
+    min_seq: int = 0
+    max_seq: int = 0
+    min_time: int = 0
+    max_time: int = 0
+    records: int = 0
+    extents: list[np.ndarray] = field(default_factory=list)  # active segment only
+
+
+def segment_path(directory: Path, number: int) -> Path:
+    return directory / f"seg-{number:08d}.zcj"
+
+
+def list_segments(directory: Path) -> dict[int, int]:
+    """Segment number -> file size of every `seg-NNNNNNNN.zcj` in `directory`; other
+    names are not this journal's."""
+    sizes = {}
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            name = entry.name
+            if (len(name) == 16 and name.startswith("seg-") and name.endswith(".zcj")
+                    and name[4:12].isdigit()):
+                sizes[int(name[4:12])] = entry.stat().st_size
+    return sizes
+
+
+def pack_header(number: int, journal_id: bytes) -> bytes:
+    head = SEGMENT_HEADER.pack(SEGMENT_MAGIC, SEGMENT_VERSION, 64, number, journal_id,
+                               time.time_ns(), 0)
+    return head[:60] + struct.pack("<I", _rec.crc32c(head[:60]))
+
+
+def check_header(path: Path, number: int, journal_id: bytes, head: bytes | memoryview) -> bool:
+    """False when `head` is no valid segment header (short, bad CRC or magic); raises when
+    it is a valid header of another version, journal or slot."""
+    if len(head) < 64:
+        return False
+    magic, version, hsize, num, jid, _created, crc = SEGMENT_HEADER.unpack(head[:64])
+    if _rec.crc32c(head[:60]) != crc or magic != SEGMENT_MAGIC:
+        return False
+    if version != SEGMENT_VERSION:
+        raise FormatVersionError(f"segment {path} has format version {version}")
+    if hsize != 64 or num != number or jid != journal_id:
+        raise CorruptRecordError(f"segment {path} belongs to another journal or slot")
+    return True
+
+
+def tail_segment_torn(path: Path, number: int, journal_id: bytes) -> bool:
+    """True when the newest segment file is no longer than a header and that header is
+    not valid: the only state a crash can leave a segment's header in.  A damaged header
+    in front of records is media damage, which the loader's scan reports."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        head = bytearray(65)
+        n = preadinto_upto(fd, head, 0)
+    finally:
+        os.close(fd)
+    if n > 64:
+        return False
+    return not check_header(path, number, journal_id, bytes(head[:n]))
+
+
+def create_segment(directory: Path, number: int, journal_id: bytes) -> Segment:
+    """Create segment `number` with a durable header (file and directory entry)."""
+    path = segment_path(directory, number)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        pwrite_all(fd, pack_header(number, journal_id), 0)
+        os.fsync(fd)
+        fsync_dir(directory)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Segment(number, path, fd, 64, sealed=False)
+
+
+def read_segment(seg: Segment) -> memoryview:
+    """The bytes of `seg` (up to its recorded size; fewer if the file ends first)."""
+    # np.empty, not bytearray: a bytearray is zero-filled first, one more pass over up to
+    # 64 MiB on every reopen (bench/harness.py journal: journal.reopen)
+    view = np.empty(seg.size, dtype=np.uint8).data
+    return view[: preadinto_upto(seg.fd, view, 0)]

@@ -1,0 +1,117 @@
+"""The journal's value types and tunables: volumes, settings, status and reopen reports,
+public segment information.  Pure data: every other journal module imports from here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from zcore.errors import ConfigError
+from zcore.records import Checkpoint
+
+HOUR = 3600.0
+DAY = 24 * HOUR
+MIN_HISTORY = HOUR
+MAX_HISTORY = 30 * DAY
+
+# 64 MiB segments: reopen scans at most one of them (about 10 ms at 6 GB/s) and a sealed
+# segment's index file stays under 1 MiB even for 4 KiB writes.
+DEFAULT_SEGMENT_BYTES = 64 << 20
+# Commit when 8 MiB are unsynced: one fsync costs ~0.2 ms + 2.5 ms/MiB here, so larger
+# groups only add latency (bench/harness.py journal: journal.append).
+DEFAULT_GROUP_COMMIT_BYTES = 8 << 20
+# Decompressed LZ4 payloads kept for read-through; random 4 KiB reads over compressed
+# records otherwise decompress a whole record each time.
+LZ4_CACHE_BYTES = 64 << 20
+MAX_BUNDLE = 256 << 20
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    """A protected volume as the journal knows it: VPG-wide id, name, fixed size."""
+
+    id: int
+    name: str
+    size: int
+
+
+@dataclass
+class JournalSettings:
+    """Retention and limits of one journal (validated by `check`)."""
+
+    history_seconds: float = DAY
+    hard_limit_bytes: int | None = None
+    hard_limit_percent: float | None = None  # of the VM's provisioned size
+    warning_fraction: float = 0.8  # of the hard limit
+    segment_bytes: int = DEFAULT_SEGMENT_BYTES
+    group_commit_bytes: int = DEFAULT_GROUP_COMMIT_BYTES
+
+    def check(self) -> None:
+        if not MIN_HISTORY <= self.history_seconds <= MAX_HISTORY:
+            raise ConfigError(
+                f"journal history {self.history_seconds} s is outside 1 h to 30 days"
+            )
+        if self.hard_limit_bytes is not None and self.hard_limit_percent is not None:
+            raise ConfigError("give the hard limit in bytes or in percent, not both")
+        if self.hard_limit_bytes is not None and self.hard_limit_bytes < 4 << 20:
+            raise ConfigError("the journal hard limit must be at least 4 MiB")
+        if self.hard_limit_percent is not None and not 0 < self.hard_limit_percent <= 1000:
+            raise ConfigError("the journal hard limit percent must be in (0, 1000]")
+        if not 0 < self.warning_fraction < 1:
+            raise ConfigError("the warning threshold must be a fraction of the hard limit")
+        if self.segment_bytes < 1 << 20:
+            raise ConfigError("segments must be at least 1 MiB")
+        if self.group_commit_bytes < 0:
+            raise ConfigError("group commit size cannot be negative")
+
+
+@dataclass(frozen=True)
+class ReopenReport:
+    """What reopening found: dropped torn tail, segments rebuilt without an index file."""
+
+    dropped_bytes: int = 0
+    dropped_segments: int = 0
+    rescanned_segments: int = 0
+    resumed_promotion: bool = False
+    reason: str = ""
+
+
+class HistoryState(StrEnum):
+    """How much of the configured history the journal holds."""
+
+    OK = "ok"  # at least 85 %
+    WARNING = "warning"  # at least 75 %
+    ERROR = "error"  # less
+
+
+@dataclass(frozen=True)
+class JournalStatus:
+    size_bytes: int
+    records: int
+    index_bytes: int
+    oldest_checkpoint: Checkpoint | None
+    newest_checkpoint: Checkpoint | None
+    history_held_seconds: float
+    history_configured_seconds: float
+    history_state: HistoryState
+    hard_limit_bytes: int | None
+    warning_limit_bytes: int | None
+    near_limit: bool
+    full: bool
+    durable_seq: int
+    last_seq: int
+    promoted_seq: int
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """One segment file as `Journal.segments()` reports it (a snapshot)."""
+
+    number: int
+    path: Path
+    size: int  # bytes, header included
+    sealed: bool
+    records: int
+    min_seq: int  # 0 when the segment holds no record
+    max_seq: int

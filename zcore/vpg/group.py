@@ -135,10 +135,15 @@ class VPG(VPGStream):
             # a writer may still hold the ring (looked up before the detach, or waiting on
             # an overlapping write): refuse it and let in-flight writes finish, so every
             # completed write is folded below
-            self._live_ring().close()
+            ring = self._live_ring()
+            ring.close()
             self._fold(reason=None)
             self._lose_tagged("the VPG stopped before the recovery site acknowledged it")
             self.files.persist_bitmaps(self.bitmaps)
+            # every seq handed out is below the ring's next one: release the rest of the
+            # reserved block, so an orderly restart continues the numbering (checkpoint
+            # ids) instead of skipping 2^24 ahead
+            self._seq_reserved = int(ring.stats()["next_seq"])
             self._save_state(clean=True)
             self._ring = None
             self._mode = VPGMode.STOPPED

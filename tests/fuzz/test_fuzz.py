@@ -5,8 +5,9 @@ crashes/<target>/ and kept: a crash fails the test and its file stays for the re
 test below.  Every file under crashes/ is replayed; files named "findingN-..." reproduce
 a known issue 9 finding and are strict xfails until it is fixed.
 
-Only the Python code is instrumented unless the extensions are built for coverage (see
-build_native_for_fuzzing.sh)."""
+Only the Python code is instrumented unless the extensions are built for coverage:
+build_native_for_fuzzing.sh OUT, then ZCORE_FUZZ_NATIVE=OUT runs every target on that
+build (PYTHONPATH=OUT, LD_PRELOAD=OUT/libfuzzer.so)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,11 @@ def _run(target: str, args: list[str], env: dict[str, str] | None = None,
                                dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
     try:
         full = dict(os.environ, ZC_FUZZ_TMP=scratch, **(env or {}))
+        native = os.environ.get("ZCORE_FUZZ_NATIVE")
+        if native:  # the coverage-instrumented extensions of build_native_for_fuzzing.sh
+            full["PYTHONPATH"] = os.pathsep.join(filter(None, [native,
+                                                                full.get("PYTHONPATH")]))
+            full["LD_PRELOAD"] = os.path.join(native, "libfuzzer.so")
         return subprocess.run([sys.executable, str(HERE / f"fuzz_{target}.py"), *args],
                               capture_output=True, text=True, env=full, timeout=timeout,
                               cwd=scratch)

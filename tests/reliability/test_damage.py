@@ -35,21 +35,22 @@ def _xfail(n: int, why: str) -> pytest.MarkDecorator:
 @pytest.fixture(scope="module")
 def golden() -> Iterator[tuple[Path, Workload, Expect]]:
     root = Path(crashsim.scratch_dir("zc-damage-"))
-    work = Workload(SEED, OPS)
-    # one early promotion (history in the replicas), then none: the segments stay
-    promotes = [op for op in work.ops if op.kind == "promote"]
-    work.ops = [op for op in work.ops if op.kind != "promote" or op is promotes[0]]
-    marks: list = []
-    journal = create(root / "golden")
-    work.run(journal, marks.append)
-    journal.close()
-    expect = Expect.of(marks)
-    names = sorted(p.name for p in (root / "golden").iterdir())
-    # the damage below needs two sealed segments, their indexes and promoted history
-    assert sum(n.endswith(".zci") for n in names) >= 2, names
-    assert sum(n.endswith(".zcj") for n in names) >= 3, names
-    yield root / "golden", work, expect
-    shutil.rmtree(root, ignore_errors=True)
+    try:
+        work = Workload(SEED, OPS)
+        # one early promotion (history in the replicas), then none: the segments stay
+        promotes = [op for op in work.ops if op.kind == "promote"]
+        work.ops = [op for op in work.ops if op.kind != "promote" or op is promotes[0]]
+        marks: list = []
+        journal = create(root / "golden")
+        work.run(journal, marks.append)
+        journal.close()
+        names = sorted(p.name for p in (root / "golden").iterdir())
+        # the damage below needs sealed segments, their indexes and promoted history
+        assert sum(n.endswith(".zci") for n in names) >= 2, names
+        assert sum(n.endswith(".zcj") for n in names) >= 3, names
+        yield root / "golden", work, Expect.of(marks)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -82,7 +82,7 @@ def _reopen_trace(files: dict[str, bytes], root: Path) -> list[fslayer.Event]:
 
 
 def enumerate_states(rec: Recorded, *, per_point: int, seed: int = 0,
-                     reopen_every: int = 40, limit: int | None = None,
+                     reopen_every: int = 100, limit: int | None = None,
                      trace: list[fslayer.Event] | None = None,
                      stop_at_first: bool = False) -> Result:
     """Check every distinct crash state of `trace` (default: the recorded one); one in

@@ -44,6 +44,7 @@ class RecoverySite:
         self._server: asyncio.AbstractServer | None = None
         self._ssl: ssl.SSLContext | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._attach_lock: asyncio.Lock | None = None
 
     def issue_pairing_token(self, ttl: float = 3600.0) -> str:
         return self.tokens.issue(ttl)
@@ -91,6 +92,14 @@ class RecoverySite:
         """Log and keep the reason a connection was refused or closed in error."""
         log.warning("recovery site: %s", reason)
         self.refused.append(reason)
+
+    async def attach_async(self, peer: Peer, msg: dict[str, Any]) -> VPGReceiver:
+        """`attach` in a worker thread (journal opens and creates fsync), one at a time
+        site-wide, so two connections never open one VPG's journals together."""
+        if self._attach_lock is None:
+            self._attach_lock = asyncio.Lock()
+        async with self._attach_lock:
+            return await asyncio.to_thread(self.attach, peer, msg)
 
     def attach(self, peer: Peer, msg: dict[str, Any]) -> VPGReceiver:
         """Open (or create) the journals of an attaching VPG; checks ownership."""

@@ -568,6 +568,52 @@ def test_attach_opens_its_journals_off_the_event_loop(sites, monkeypatch):
     run(main())
 
 
+def test_journal_threads_do_not_grow_with_the_number_of_vpgs(sites):
+    """Issue 10 scale: each attached VPG had its own journal thread (300 VPGs, 300
+    threads).  The site's journal work runs on a fixed pool; each VPG's bundles are
+    still applied in order (the journals verify against the model)."""
+    import resource
+
+    async def main():
+        rs = RecoverySite(sites / "rs", journal_workers=2)
+        host, port = await rs.start()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        assert soft == hard, "RLIMIT_NOFILE was not raised to its hard limit at start"
+        ps = ProtectedSite(sites / "ps")
+        vpgs, models, reps = [], [], []
+        rng = random.Random(11)
+        try:
+            before = {t.name for t in threading.enumerate()}
+            for _ in range(6):
+                name = _name()
+                vpg = make_vpg(sites / name, name, {"vm1": [512 * KiB], "vm2": [512 * KiB]})
+                vpg.start()
+                vpgs.append(vpg)
+                models.append(Model(vpg))
+                reps.append(ps.protect(vpg, host, port))
+            for _ in range(3):
+                for model in models:
+                    await _write(model, rng, 8)
+            for vpg, rep in zip(vpgs, reps, strict=True):
+                await catch_up(vpg, rep, rs)
+            new = {t.name for t in threading.enumerate()} - before
+            journal_threads = sorted(n for n in new if n.startswith("journal-")
+                                     and not n.startswith("journal-commit"))
+            assert journal_threads == [], journal_threads  # the pool started with the site
+            workers = [t.name for t in threading.enumerate()
+                       if t.name.startswith("journal-worker")]
+            assert len(workers) == 2, workers
+            for model in models:
+                assert verify_journals(rs, model) >= 1
+        finally:
+            await ps.stop()
+            for vpg in vpgs:
+                vpg.close()
+            await rs.stop()
+        assert not [t for t in threading.enumerate() if t.name.startswith("journal-worker")]
+    run(main())
+
+
 # ---- throttle ------------------------------------------------------------------------------
 
 def test_throttle_grants_in_weighted_shares_under_a_cap():

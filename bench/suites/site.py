@@ -207,10 +207,10 @@ def _protected_side(root: str, host: str, port: int, token: str, vpgs: int,
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(vpgs + 8))
         ps = ProtectedSite(Path(root) / "ps")
         await ps.pair(host, port, token)
-        groups, reps = [], []
         settings = VPGSettings(buffer_bytes=4 << 20, bundle_bytes=64 << 10,
                                checkpoint_interval=5.0, journal=_scale_journal())
-        for g in range(vpgs):
+
+        def build(g: int) -> VPG:
             vpg = VPG(f"v{g:04d}", Path(root) / f"v{g:04d}", settings)
             for m in range(SCALE_VMS):
                 vpg.add_vm(f"vm{m}")
@@ -219,8 +219,12 @@ def _protected_side(root: str, host: str, port: int, token: str, vpgs: int,
                     f.truncate(SCALE_VOLUME_BYTES)
                 vpg.add_volume(f"vm{m}", "disk0", img)
             vpg.start()
-            groups.append(vpg)
-            reps.append(ps.protect(vpg, host, port))
+            return vpg
+        # built off the loop (starting a VPG writes and fsyncs its state), all before
+        # the first sender runs: a loop busy building would starve the senders'
+        # heartbeats and the recovery site would drop them as silent
+        groups = await asyncio.to_thread(lambda: [build(g) for g in range(vpgs)])
+        reps = [ps.protect(vpg, host, port) for vpg in groups]
         t0 = time.monotonic()
         while not all(r.connected for r in reps):
             await asyncio.sleep(0.05)
@@ -265,19 +269,25 @@ def _process_usage(journal_root: Path) -> dict[str, Any]:
         kinds[kind] = kinds.get(kind, 0) + 1
     fds = into = 0
     prefix = str(journal_root)
+    other: dict[str, int] = {}  # descriptors not into journals, by kind
     for fd in os.listdir("/proc/self/fd"):
         fds += 1
         try:
-            into += os.readlink(f"/proc/self/fd/{fd}").startswith(prefix)
+            target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
-            pass
+            continue
+        if target.startswith(prefix):
+            into += 1
+        else:
+            kind = target.split(":")[0] if ":" in target else "file"
+            other[kind] = other.get(kind, 0) + 1
     rss = 0
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 rss = int(line.split()[1]) * 1024
     return {"threads": len(os.listdir("/proc/self/task")), "thread_kinds": kinds,
-            "fds": fds, "journal_fds": into, "rss": rss}
+            "fds": fds, "journal_fds": into, "other_fds": other, "rss": rss}
 
 
 async def _recovery_side(ctx: Context, vpgs: int, seconds: float) -> dict[str, Any]:
@@ -336,6 +346,7 @@ def measure_scale(ctx: Context) -> Metric:
                  "fds_added": fds, "fds_per_volume": fds / volumes,
                  "journal_fds": during["journal_fds"],
                  "journal_fds_per_journal": during["journal_fds"] / volumes,
+                 "other_fds": during["other_fds"], "other_fds_before": before["other_fds"],
                  "rss_added_bytes": rss, "rss_per_volume_bytes": rss / volumes,
                  "nofile_soft": got["nofile"][0], "nofile_hard": got["nofile"][1]},
     )

@@ -177,6 +177,7 @@ class RecoveryConnection(asyncio.BufferedProtocol):
             return
         if self.closed:
             return
+        self.last_frame = time.monotonic()
         self._attached(channel, peer, receiver)
         held, self._held = self._held, None
         if held:
@@ -276,7 +277,9 @@ class RecoveryConnection(asyncio.BufferedProtocol):
     async def _beat(self) -> None:
         while not self.closed:
             await asyncio.sleep(timing.HEARTBEAT_INTERVAL)
-            if time.monotonic() - self.last_frame > timing.PEER_TIMEOUT:
+            if self._held is not None:  # reading is paused while an attach runs
+                self.last_frame = time.monotonic()
+            elif time.monotonic() - self.last_frame > timing.PEER_TIMEOUT:
                 self.close("peer silent for too long")
                 return
             if self.greeted:

@@ -46,7 +46,7 @@ class RecoverySite:
         self._server: asyncio.AbstractServer | None = None
         self._ssl: ssl.SSLContext | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._attach_lock: asyncio.Lock | None = None
+        self._attach_locks: dict[str, asyncio.Lock] = {}  # by VPG name
         self._journal_workers = journal_workers
         self.workers: JournalWorkers | None = None  # every VPG's journal work, bounded
 
@@ -105,10 +105,11 @@ class RecoverySite:
 
     async def attach_async(self, peer: Peer, msg: dict[str, Any]) -> VPGReceiver:
         """`attach` in a worker thread (journal opens and creates fsync), one at a time
-        site-wide, so two connections never open one VPG's journals together."""
-        if self._attach_lock is None:
-            self._attach_lock = asyncio.Lock()
-        async with self._attach_lock:
+        per VPG, so two connections never open one VPG's journals together (different
+        VPGs attach in parallel: 300 VPGs attaching one by one took half a minute)."""
+        name = str(msg.get("vpg"))
+        lock = self._attach_locks.setdefault(name, asyncio.Lock())
+        async with lock:
             return await asyncio.to_thread(self.attach, peer, msg)
 
     def attach(self, peer: Peer, msg: dict[str, Any]) -> VPGReceiver:

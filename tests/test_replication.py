@@ -568,6 +568,45 @@ def test_attach_opens_its_journals_off_the_event_loop(sites, monkeypatch):
     run(main())
 
 
+def test_recovery_site_stopped_during_an_attach_leaves_no_journal_locked(sites, monkeypatch):
+    """An attach still opening journals in its worker thread when the site stops must
+    finish before the journals are closed: otherwise it leaves them open (and locked)
+    in the stopped site and the restarted one refuses the VPG for good."""
+    from zcore.replication import recovery_site
+    real_create = recovery_site.Journal.create
+    started = threading.Event()
+
+    def slow_create(*args, **kwargs):
+        started.set()
+        time.sleep(0.3)
+        return real_create(*args, **kwargs)
+    monkeypatch.setattr(recovery_site.Journal, "create", slow_create)
+
+    async def main():
+        port = free_port()
+        rs = RecoverySite(sites / "rs")
+        await rs.start("127.0.0.1", port)
+        name = _name()
+        vpg = make_vpg(sites / name, name, {"vm1": [1 * MiB]})
+        vpg.start()
+        model = Model(vpg)
+        ps = ProtectedSite(sites / "ps")
+        rep = ps.protect(vpg, "127.0.0.1", port)
+        try:
+            await _write(model, random.Random(12), 10)
+            await asyncio.to_thread(started.wait, 10)
+            await rs.stop()  # mid-attach
+            rs = RecoverySite(sites / "rs")
+            await rs.start("127.0.0.1", port)
+            await catch_up(vpg, rep, rs, timeout=15)
+            assert verify_journals(rs, model) >= 1
+        finally:
+            await ps.stop()
+            vpg.close()
+            await rs.stop()
+    run(main())
+
+
 def test_journal_threads_do_not_grow_with_the_number_of_vpgs(sites):
     """Issue 10 scale: each attached VPG had its own journal thread (300 VPGs, 300
     threads).  The site's journal work runs on a fixed pool; each VPG's bundles are

@@ -47,6 +47,7 @@ class RecoverySite:
         self._ssl: ssl.SSLContext | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._attach_locks: dict[str, asyncio.Lock] = {}  # by VPG name
+        self._attaches: set[asyncio.Future[VPGReceiver]] = set()  # running in threads
         self._journal_workers = journal_workers
         self.workers: JournalWorkers | None = None  # every VPG's journal work, bounded
 
@@ -74,6 +75,8 @@ class RecoverySite:
                 conn.close("recovery site stopping")
             await self._server.wait_closed()
             self._server = None
+        if self._attaches:
+            await asyncio.gather(*self._attaches, return_exceptions=True)
         for r in self.receivers.values():
             await asyncio.to_thread(r.close)
         self.receivers.clear()
@@ -110,7 +113,12 @@ class RecoverySite:
         name = str(msg.get("vpg"))
         lock = self._attach_locks.setdefault(name, asyncio.Lock())
         async with lock:
-            return await asyncio.to_thread(self.attach, peer, msg)
+            # stop() waits for it: an attach that finished after the journals were closed
+            # would leave its journals open (and locked) in a stopped site
+            fut = asyncio.ensure_future(asyncio.to_thread(self.attach, peer, msg))
+            self._attaches.add(fut)
+            fut.add_done_callback(self._attaches.discard)
+            return await fut
 
     def attach(self, peer: Peer, msg: dict[str, Any]) -> VPGReceiver:
         """Open (or create) the journals of an attaching VPG; checks ownership."""

@@ -88,6 +88,8 @@ def test_recovery_site_restart_resumes_from_its_durable_seq_without_duplicates(s
         try:
             for _ in range(3):
                 await _write(model, rng, 40)
+                # (the first attach opens its journals in a thread: it may still run)
+                await wait_until(lambda: rep.connected, 10, "a session")
                 await checkpoint(vpg, "before")
                 await asyncio.sleep(0.05)
                 await rs.stop()  # mid-stream: some bundles are journaled, unacked

@@ -192,6 +192,32 @@ def _scale_journal() -> JournalSettings:
     return JournalSettings(segment_bytes=1 << 20, group_commit_bytes=0)
 
 
+def _scale_vpg(root: str, g: int, settings: Any) -> Any:
+    """VPG number g of the protected side: SCALE_VMS VMs of one sparse volume, started."""
+    from zcore.vpg import VPG
+
+    vpg = VPG(f"v{g:04d}", Path(root) / f"v{g:04d}", settings)
+    for m in range(SCALE_VMS):
+        vpg.add_vm(f"vm{m}")
+        img = Path(root) / f"v{g:04d}" / f"vm{m}.img"
+        with open(img, "wb") as f:
+            f.truncate(SCALE_VOLUME_BYTES)
+        vpg.add_volume(f"vm{m}", "disk0", img)
+    vpg.start()
+    return vpg
+
+
+def _trickle(volumes: list[Any], stop: threading.Event) -> None:
+    """4 KiB writes round-robin over every volume at SCALE_WRITES_PER_S."""
+    block = os.urandom(4096)
+    i = 0
+    while not stop.is_set():
+        vol = volumes[i % len(volumes)]
+        vol.write((i * 7919 % (vol.size // 4096)) * 4096, block)
+        i += 1
+        time.sleep(1 / SCALE_WRITES_PER_S)
+
+
 def _protected_side(root: str, host: str, port: int, token: str, vpgs: int,
                     seconds: float, conn: Any) -> None:
     """The protected site, in its own process (its 300 VPG threads and senders must not
@@ -199,7 +225,7 @@ def _protected_side(root: str, host: str, port: int, token: str, vpgs: int,
     VPG's RPO; sends {"rpo": [...], "connect_s": ..} through `conn`."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from zcore.vpg import VPG, VPGSettings
+    from zcore.vpg import VPGSettings
 
     async def main() -> dict[str, Any]:
         # a sender waits for bundles in the default executor (up to 0.1 s a call): one
@@ -210,20 +236,11 @@ def _protected_side(root: str, host: str, port: int, token: str, vpgs: int,
         settings = VPGSettings(buffer_bytes=4 << 20, bundle_bytes=64 << 10,
                                checkpoint_interval=5.0, journal=_scale_journal())
 
-        def build(g: int) -> VPG:
-            vpg = VPG(f"v{g:04d}", Path(root) / f"v{g:04d}", settings)
-            for m in range(SCALE_VMS):
-                vpg.add_vm(f"vm{m}")
-                img = Path(root) / f"v{g:04d}" / f"vm{m}.img"
-                with open(img, "wb") as f:
-                    f.truncate(SCALE_VOLUME_BYTES)
-                vpg.add_volume(f"vm{m}", "disk0", img)
-            vpg.start()
-            return vpg
         # built off the loop (starting a VPG writes and fsyncs its state), all before
         # the first sender runs: a loop busy building would starve the senders'
         # heartbeats and the recovery site would drop them as silent
-        groups = await asyncio.to_thread(lambda: [build(g) for g in range(vpgs)])
+        groups = await asyncio.to_thread(
+            lambda: [_scale_vpg(root, g, settings) for g in range(vpgs)])
         reps = [ps.protect(vpg, host, port) for vpg in groups]
         t0 = time.monotonic()
         while not all(r.connected for r in reps):
@@ -234,15 +251,7 @@ def _protected_side(root: str, host: str, port: int, token: str, vpgs: int,
         stop = threading.Event()
         volumes = [v for g in groups for v in g.volumes.values()]
 
-        def trickle() -> None:
-            block = os.urandom(4096)
-            i = 0
-            while not stop.is_set():
-                vol = volumes[i % len(volumes)]
-                vol.write((i * 7919 % (vol.size // 4096)) * 4096, block)
-                i += 1
-                time.sleep(1 / SCALE_WRITES_PER_S)
-        writer = threading.Thread(target=trickle, name="trickle")
+        writer = threading.Thread(target=_trickle, args=(volumes, stop), name="trickle")
         writer.start()
         conn.send({"ready": True})
         rpo: list[float] = []

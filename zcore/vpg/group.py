@@ -7,6 +7,7 @@ link up and down, the bundles a sender takes and the acks it returns, status and
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -273,6 +274,17 @@ class VPG(VPGStream):
                 if self._last_seq < target:
                     self._wake.wait(0.001)
             return self._last_seq
+
+    # ---- awaitable variants: the blocking calls above, in a worker thread ----------------
+
+    async def checkpoint_async(self, tag: str | None = None) -> Checkpoint:
+        """`checkpoint()` for an event loop: it blocks (tens of ms, up to CHECKPOINT_WAIT
+        while the ring is full) and would deadlock a loop that drains the ring."""
+        return await asyncio.to_thread(self.checkpoint, tag)
+
+    async def flush_async(self, timeout: float = 10.0) -> int:
+        """`flush()` for an event loop (it blocks until sealing catches up)."""
+        return await asyncio.to_thread(self.flush, timeout)
 
     def seal_for_drain(self, sent_seq: int) -> bool:
         """Seal what the pending bound allows; True when the VPG streams, has sealed every

@@ -285,6 +285,11 @@ def test_https_site_verified_against_the_site_dirs_certificate(tmp_path: Path) -
         out = ok(None, "vpg", "list", "--site", tls.url, "--token", tls.token,
                  "--ca-file", str(ca))
         assert "VPGs" in out
+        elsewhere = tmp_path / "elsewhere"  # a record naming its certificate (`cafile`)
+        elsewhere.mkdir()
+        write_state(elsewhere / "client.json", "zcore-site-client", 1,
+                    {"url": tls.url, "token": tls.token, "cafile": str(ca)})
+        assert "VMs" in ok(None, "vm", "list", "--site-dir", str(elsewhere))
         result = cli(None, "vm", "list", "--site", tls.url, "--token", tls.token)
         assert result.exit_code == 3
         assert tls.url in result.stderr and "--ca-file" in result.stderr
@@ -320,6 +325,19 @@ def test_vpg_create_json_prints_the_ended_task(site: Site, tmp_path: Path) -> No
     task = as_json(site, "vpg", "create", "vpg-json", "--vm", "app2")
     assert task == site.api("GET", f"/tasks/{task['id']}")
     assert task["state"] == "succeeded" and task["kind"] == "vpg_create"
+
+
+def test_vpg_create_shows_a_progress_bar_on_a_terminal(site: Site, tmp_path: Path) -> None:
+    add_vm(site, "app5", tmp_path)
+    site.backend.step_delay_s = 0.25
+    try:
+        result = cli(site, "vpg", "create", "vpg-bar", "--vm", "app5",
+                     env={"FORCE_COLOR": "1"})  # rich: stderr counts as a terminal
+    finally:
+        site.backend.step_delay_s = 0.01
+    assert result.exit_code == 0, result.stderr
+    assert "vpg_create vpg-bar: initial sync of vpg-bar: step" in result.stderr
+    assert "━" in result.stderr and "VPG vpg-bar" in result.stdout
 
 
 def test_vpg_no_wait_prints_the_task_id(site: Site, tmp_path: Path) -> None:

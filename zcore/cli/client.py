@@ -98,7 +98,8 @@ class SiteRecord:
 
 def read_site_dir(directory: str | os.PathLike[str]) -> SiteRecord:
     """The URL and admin token a site directory records for local use (DIR/client.json,
-    a checked state file) and its identity certificate (DIR/site/site.crt)."""
+    a checked state file) and the certificate its API is verified with (the record's
+    `cafile`, else the identity certificate DIR/site/site.crt)."""
     root = Path(directory)
     path = root / "client.json"
     try:
@@ -108,7 +109,8 @@ def read_site_dir(directory: str | os.PathLike[str]) -> SiteRecord:
                           "(`zcore site init DIR`)?") from None
     except (ZcoreError, OSError, ValueError) as exc:
         raise RefusedError(f"cannot read {path}: {exc}") from None
-    cert = root / "site" / "site.crt"
+    cafile = meta.get("cafile")  # recorded by `serve` when the API is served over https
+    cert = Path(cafile) if cafile else root / "site" / "site.crt"
     return SiteRecord(str(meta["url"]), str(meta["token"]), cert if cert.exists() else None)
 
 

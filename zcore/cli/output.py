@@ -128,11 +128,12 @@ def _watch(client: Client, task: dict[str, Any]) -> dict[str, Any]:
     columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
                TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as progress:
-        bar = progress.add_task(f"{task['kind']} {task.get('vpg') or ''}", total=1.0)
+        label = f"{task['kind']} {task.get('vpg') or ''}".strip()
+        bar = progress.add_task(label, total=1.0)
 
         def show(t: dict[str, Any]) -> None:
-            progress.update(bar, completed=float(t["progress"]),
-                            description=t.get("message") or t["kind"])
+            text = f"{label}: {t['message']}" if t.get("message") else label
+            progress.update(bar, completed=float(t["progress"]), description=text)
 
         return client.wait_task(task, show)
 

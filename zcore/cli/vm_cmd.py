@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from typing import Any
 from urllib.parse import quote
 
@@ -16,9 +17,21 @@ from zcore.cli.params import parse_size
 SECTOR = 512
 
 
+def _size_of(path: str) -> int:
+    """The size of a file or block device (whose st_size is 0)."""
+    info = os.stat(path)
+    if not stat.S_ISBLK(info.st_mode):
+        return info.st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
 def parse_volume(text: str) -> dict[str, Any]:
-    """"NAME=PATH[:SIZE]" -> a volume spec; without SIZE, the size of the file at PATH
-    (on this host).  The path is made absolute."""
+    """"NAME=PATH[:SIZE]" -> a volume spec; without SIZE, the size of the file or block
+    device at PATH (on this host).  The path is made absolute."""
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest:
         raise click.BadParameter(f"--volume takes NAME=PATH[:SIZE], not {text!r}")
@@ -32,7 +45,7 @@ def parse_volume(text: str) -> dict[str, Any]:
         path, nbytes = rest, -1
     if nbytes < 0:
         try:
-            nbytes = os.stat(path).st_size
+            nbytes = _size_of(path)
         except OSError as exc:
             raise click.BadParameter(f"--volume {text!r}: give its size (NAME=PATH:SIZE, e.g. "
                                      f":4G) or an existing file ({exc.strerror})") from None

@@ -562,3 +562,19 @@ def test_python_m_zcore_cli_runs_a_command(site: Site) -> None:
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == site.api("GET", "/vpgs")
 
+
+
+def test_vpg_create_names_its_peer_by_name(site: Site, peer: Site, tmp_path: Path) -> None:
+    token = peer.api("POST", "/pairing/tokens")["token"]
+    paired = as_json(site, "site", "pair", "--peer-address", "peer-by-name:7481",
+                     "--pairing-token", token)["peer"]
+    add_vm(site, "app6", tmp_path)
+    ok(site, "vpg", "create", "vpg-peer", "--vm", "app6", "--peer", paired["name"])
+    assert site.api("GET", "/vpgs/vpg-peer")["peer"] == paired["site_id"]
+    assert f"{paired['name']} ({paired['site_id']})" in ok(site, "vpg", "show", "vpg-peer")
+    assert paired["name"] in ok(site, "vpg", "list")
+
+
+def test_an_empty_list_says_so(site: Site) -> None:
+    assert ok(site, "alerts", "list", "--vpg", "no-such-vpg").strip() == "no alerts"
+    assert as_json(site, "alerts", "list", "--vpg", "no-such-vpg") == []

@@ -78,7 +78,6 @@ HINTS = {
     "checkpoint_not_found": "`zcore checkpoint list VPG` shows the checkpoints",
     "already_exists": "choose another name, or look at the existing one with `show`",
     "in_use": "remove what uses it first",
-    "invalid_state": "`zcore vpg show NAME` shows its state",
     "invalid_request": "check the command's arguments (--help)",
     "invalid_config": "check the command's arguments (--help)",
     "site_not_initialized": "run `zcore site init DIR` for this site first",

@@ -88,7 +88,12 @@ def parse_time(text: str) -> float:
                                  "an ISO time (2026-12-01T21:00) or epoch seconds") from None
 
 
-def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A table, or "no TITLE" when it has no row."""
+    rows = list(rows)
+    if not rows:
+        click.echo(f"no {title}")
+        return
     t = Table(title=title, title_justify="left", header_style="bold")
     for column in columns:
         t.add_column(column, overflow="fold")

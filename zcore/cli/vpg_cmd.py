@@ -28,6 +28,14 @@ def _path(name: str) -> str:
     return f"/vpgs/{quote(name, safe='')}"
 
 
+def _peer_names(client: Client) -> dict[str, str]:
+    return {p["site_id"]: p["name"] for p in client.get("/sites")["peers"]}
+
+
+def _peer(names: dict[str, str], site_id: str | None) -> str | None:
+    return None if site_id is None else names.get(site_id, site_id)
+
+
 def _peer_id(client: Client, peer: str | None) -> str | None:
     """A paired site's id from its id or its name."""
     if peer is None:
@@ -39,10 +47,13 @@ def _peer_id(client: Client, peer: str | None) -> str | None:
     return peer  # let the site say it does not know it
 
 
-def show_vpg(vpg: dict[str, Any], status: dict[str, Any] | None = None) -> None:
+def show_vpg(vpg: dict[str, Any], names: dict[str, str],
+             status: dict[str, Any] | None = None) -> None:
+    peer = _peer(names, vpg["peer"])
     pairs: list[tuple[str, Any]] = [
         ("role", vpg["role"]), ("state", vpg["state"]), ("VMs", ", ".join(vpg["vms"]) or "-"),
-        ("peer", vpg["peer"]), ("created", o.when(vpg["created_at"])),
+        ("peer", peer if peer == vpg["peer"] else f"{peer} ({vpg['peer']})"),
+        ("created", o.when(vpg["created_at"])),
         ("updated", o.when(vpg["updated_at"])),
     ]
     if status is not None:
@@ -112,7 +123,7 @@ def create_cmd(client: Client, as_json: bool, wait: bool, name: str, vms: tuple[
     task = client.post("/vpgs", body)
 
     def done(_task: dict[str, Any]) -> None:
-        show_vpg(client.get(_path(name)))
+        show_vpg(client.get(_path(name)), _peer_names(client))
 
     o.finish_task(client, task, wait, as_json, done)
 
@@ -125,8 +136,9 @@ def list_cmd(client: Client, as_json: bool) -> None:
     if as_json:
         print_json(vpgs)
         return
+    names = _peer_names(client)
     o.table("VPGs", ["name", "role", "state", "VMs", "peer", "created"],
-            ([v["name"], v["role"], v["state"], ", ".join(v["vms"]), v["peer"],
+            ([v["name"], v["role"], v["state"], ", ".join(v["vms"]), _peer(names, v["peer"]),
               o.when(v["created_at"])] for v in vpgs))
 
 
@@ -141,7 +153,7 @@ def show_cmd(client: Client, as_json: bool, name: str) -> None:
     if as_json:
         print_json({"vpg": found, "status": status})
         return
-    show_vpg(found, status)
+    show_vpg(found, _peer_names(client), status)
 
 
 def _state_change(client: Client, as_json: bool, name: str, action: str) -> None:

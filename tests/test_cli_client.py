@@ -249,6 +249,15 @@ def test_unreachable_site_exits_3_naming_the_url() -> None:
     assert url in result.stderr and "zcore site serve" in result.stderr
 
 
+def test_unreachable_site_of_a_site_dir_names_its_record(tmp_path: Path) -> None:
+    with _free_socket() as sock:
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        write_state(tmp_path / "client.json", "zcore-site-client", 1, {"url": url, "token": "t"})
+        result = cli(None, "vpg", "list", "--site-dir", str(tmp_path))
+    assert result.exit_code == 3
+    assert url in result.stderr and str(tmp_path / "client.json") in result.stderr
+
+
 def test_wrong_token_says_the_token_was_refused(site: Site) -> None:
     result = cli(site, "vpg", "list", env={"ZCORE_TOKEN": "zt_wrong"})
     assert result.exit_code == 1

@@ -120,6 +120,7 @@ class Target:
     url: str
     token: str
     ca_file: Path | None = None
+    origin: str = "--site / ZCORE_SITE"  # where the URL came from, for error messages
 
     @classmethod
     def resolve(
@@ -137,7 +138,11 @@ class Target:
         if "://" not in url:
             url = "http://" + url
         ca = Path(ca_file) if ca_file else (record.cert if record else None)
-        return cls(url.rstrip("/"), secret, ca)
+        origin = "--site / ZCORE_SITE"
+        if not site and site_dir:
+            origin = f"the URL {Path(site_dir) / 'client.json'} records (`zcore site serve` " \
+                     "updates it)"
+        return cls(url.rstrip("/"), secret, ca, origin)
 
 
 def _tls(target: Target) -> tuple[ssl.SSLContext | bool, dict[str, Any]]:
@@ -212,7 +217,7 @@ class Client:
             return (f"cannot reach the site at {self.target.url}: its TLS certificate was not "
                     f"accepted ({reason}); pass the site's certificate with --ca-file")
         return (f"cannot reach the site at {self.target.url} ({reason}): is `zcore site "
-                "serve` running there? Check --site / ZCORE_SITE")
+                f"serve` running there? Check {self.target.origin}")
 
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params=params)

@@ -177,7 +177,7 @@ def test_every_api_command_has_json_and_help_text() -> None:
     expected = {
         "site status", "site pair", "site pairing-token", "vm add", "vm list", "vm show",
         "vpg create", "vpg list", "vpg show", "vpg pause", "vpg resume", "vpg sync",
-        "vpg delete", "checkpoint list", "checkpoint tag", "events", "alerts list",
+        "vpg delete", "vpg update", "checkpoint list", "checkpoint tag", "events", "alerts list",
         "alerts ack", "tasks list", "tasks show",
     }
     assert expected <= set(leaves)
@@ -327,6 +327,23 @@ def test_vpg_create_waits_and_shows_the_vpg(site: Site, tmp_path: Path) -> None:
     assert "RPO" in ok(site, "vpg", "show", "vpg-app")
     assert as_json(site, "vpg", "list") == site.api("GET", "/vpgs")
     assert "vpg-app" in ok(site, "vpg", "list")
+
+
+def test_vpg_update_changes_only_the_settings_given(site: Site, tmp_path: Path) -> None:
+    add_vm(site, "app7", tmp_path)
+    ok(site, "vpg", "create", "vpg-set", "--vm", "app7", "--history", "1h")
+    before = site.api("GET", "/vpgs/vpg-set")["settings"]
+    changed = as_json(site, "vpg", "update", "vpg-set", "--history", "7d", "--no-compression")
+    assert changed == site.api("GET", "/vpgs/vpg-set")
+    assert changed["settings"] == {**before, "history_seconds": 7 * 86_400,
+                                   "compression": False}
+    assert "setting rpo_alert_seconds" in ok(site, "vpg", "update", "vpg-set",
+                                             "--rpo-alert", "2m")
+    assert site.api("GET", "/vpgs/vpg-set")["settings"]["rpo_alert_seconds"] == 120
+    result = cli(site, "vpg", "update", "vpg-set")
+    assert result.exit_code == 2 and "at least one setting" in result.stderr
+    result = cli(site, "vpg", "update", "vpg-set", "--history", "31d")
+    assert result.exit_code == 1 and "history_seconds" in result.stderr
 
 
 def test_vpg_create_json_prints_the_ended_task(site: Site, tmp_path: Path) -> None:

@@ -1,10 +1,11 @@
-"""`zcore vpg create|list|show|pause|resume|sync|delete`: the VPGs of a site, through the
+"""`zcore vpg create|list|show|update|pause|resume|sync|delete`: the VPGs of a site, through the
 REST API (/api/v1/vpgs).  create, sync and delete start a task: they wait for it with a
 progress bar (`--no-wait` prints the task id instead).  Sits over zcore.cli.client and
 zcore.cli.output."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
@@ -81,51 +82,83 @@ def vpg() -> None:
     """Virtual protection groups: VMs replicated together, with one checkpoint history."""
 
 
+# option -> the VPG setting it sets (zcore.site.api.models.VpgSettings)
+SETTINGS = {
+    "rpo_alert": "rpo_alert_seconds",
+    "history": "history_seconds",
+    "checkpoint_interval": "checkpoint_interval_seconds",
+    "journal_limit": "journal_hard_limit_bytes",
+    "journal_warn": "journal_warn_bytes",
+    "bandwidth_limit": "bandwidth_limit_bytes_per_s",
+    "compression": "compression",
+}
+
+
+def settings_options(fn: F) -> F:
+    """The VPG settings as options; the command receives `settings`, the ones given."""
+
+    @click.option("--rpo-alert", type=o.parse_duration, metavar="DURATION",
+                  help="alert when the RPO passes this (like 5m) [default 300s]")
+    @click.option("--history", type=o.parse_duration, metavar="DURATION",
+                  help="how far back checkpoints are kept (like 24h, 7d) [default 24h]")
+    @click.option("--checkpoint-interval", type=o.parse_duration, metavar="DURATION",
+                  help="time between automatic checkpoints [default 5s]")
+    @click.option("--journal-limit", type=parse_size, metavar="SIZE",
+                  help="journal hard limit (like 50G)")
+    @click.option("--journal-warn", type=parse_size, metavar="SIZE",
+                  help="journal warning size")
+    @click.option("--bandwidth-limit", type=parse_size, metavar="SIZE",
+                  help="replication bandwidth limit, bytes per second (like 100M)")
+    @click.option("--compression/--no-compression", default=None,
+                  help="compress the journal on the link [default: compress]")
+    @functools.wraps(fn)
+    def wrapper(**kwargs: Any) -> Any:
+        given = {SETTINGS[k]: kwargs.pop(k) for k in SETTINGS}
+        if given["history_seconds"] is not None:
+            given["history_seconds"] = int(given["history_seconds"])
+        return fn(settings={k: v for k, v in given.items() if v is not None}, **kwargs)
+
+    return wrapper
+
+
 @vpg.command("create")
 @click.argument("name")
 @click.option("--vm", "vms", multiple=True, metavar="VM", help="a VM of the VPG; repeat")
 @click.option("--peer", metavar="SITE", help="the paired recovery site (its name or id)")
 @click.option("--role", type=click.Choice(["protected", "recovery"]), default="protected",
               show_default=True, help="this site's side of the VPG")
-@click.option("--rpo-alert", type=o.parse_duration, metavar="DURATION",
-              help="alert when the RPO passes this (like 5m) [site default 300s]")
-@click.option("--history", type=o.parse_duration, metavar="DURATION",
-              help="how far back checkpoints are kept (like 24h, 7d) [default 24h]")
-@click.option("--checkpoint-interval", type=o.parse_duration, metavar="DURATION",
-              help="time between automatic checkpoints [default 5s]")
-@click.option("--journal-limit", type=parse_size, metavar="SIZE",
-              help="journal hard limit (like 50G)")
-@click.option("--journal-warn", type=parse_size, metavar="SIZE", help="journal warning size")
-@click.option("--bandwidth-limit", type=parse_size, metavar="SIZE",
-              help="replication bandwidth limit, bytes per second (like 100M)")
-@click.option("--no-compression", is_flag=True, help="send the journal uncompressed")
+@settings_options
 @wait_option
 @site_options
 def create_cmd(client: Client, as_json: bool, wait: bool, name: str, vms: tuple[str, ...],
-               peer: str | None, role: str, rpo_alert: float | None, history: float | None,
-               checkpoint_interval: float | None, journal_limit: int | None,
-               journal_warn: int | None, bandwidth_limit: int | None,
-               no_compression: bool) -> None:
+               peer: str | None, role: str, settings: dict[str, Any]) -> None:
     """Create the VPG NAME of VMs already added (`zcore vm add`), protected to a paired
     site (`zcore site pair`), e.g. `zcore vpg create web --vm web --peer dr --history 7d`.
     Waits for the initial sync."""
-    given = {
-        "rpo_alert_seconds": rpo_alert,
-        "history_seconds": None if history is None else int(history),
-        "checkpoint_interval_seconds": checkpoint_interval,
-        "journal_hard_limit_bytes": journal_limit,
-        "journal_warn_bytes": journal_warn,
-        "bandwidth_limit_bytes_per_s": bandwidth_limit,
-        "compression": False if no_compression else None,
-    }
     body = {"name": name, "role": role, "vms": list(vms), "peer": _peer_id(client, peer),
-            "settings": {k: v for k, v in given.items() if v is not None}}
+            "settings": settings}
     task = client.post("/vpgs", body)
 
     def done(_task: dict[str, Any]) -> None:
         show_vpg(client.get(_path(name)), _peer_names(client))
 
     o.finish_task(client, task, wait, as_json, done)
+
+
+@vpg.command("update")
+@click.argument("name")
+@settings_options
+@site_options
+def update_cmd(client: Client, as_json: bool, name: str, settings: dict[str, Any]) -> None:
+    """Change some settings of the VPG NAME (the others keep their values), e.g.
+    `zcore vpg update web --history 7d --journal-limit 200G`."""
+    if not settings:
+        raise click.UsageError("give at least one setting to change (see --help)")
+    changed = client.request("PATCH", _path(name), json={"settings": settings})
+    if as_json:
+        print_json(changed)
+        return
+    show_vpg(changed, _peer_names(client))
 
 
 @vpg.command("list")

@@ -1,7 +1,8 @@
 """The `zcore` command line: the demo, and the tools that sit on top of the library.
 
 One module per command group, so a command is one room: `demo_cmd` (`zcore demo`),
-`nbd_cmd` (`zcore nbd ...`); option parsers shared between groups live in `params`.
+`nbd_cmd` (`zcore nbd ...`), `site_cmd`
+(`zcore site init|serve`); option parsers shared between groups live in `params`.
 A new group is a `*_cmd.py` module whose click command or group is added to `main` here.
 The console script `zcore` is `zcore.cli:main`; `python -m zcore.cli` runs the same.
 """
@@ -12,6 +13,7 @@ import click
 
 from zcore.cli.demo_cmd import demo
 from zcore.cli.nbd_cmd import nbd
+from zcore.cli.site_cmd import site
 
 
 @click.group()
@@ -22,5 +24,6 @@ def main() -> None:
 
 main.add_command(demo)
 main.add_command(nbd)
+main.add_command(site)
 
 __all__ = ["main"]

@@ -47,8 +47,14 @@ class SiteProcess:
         self.log = root.parent / f"{root.name}.log"
 
     def start(self) -> SiteProcess:
-        args = zcore_cmd("site", "serve", str(self.root), "--api-port", "0",
-                         "--replication-port", "0", "--nbd-port", "0", *self.extra)
+        """Start on free ports; a restart keeps the ports of the first start (its peers
+        know its replication address)."""
+        def port(address: str) -> str:
+            return address.rpartition(":")[2] if address else "0"
+
+        args = zcore_cmd("site", "serve", str(self.root), "--api-port", port(self.api_url),
+                         "--replication-port", port(self.replication),
+                         "--nbd-port", port(self.nbd), *self.extra)
         logf = open(self.log, "a")
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=logf, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -5,6 +5,7 @@ listed at the recovery site, kill -9 of each service and a restart, state and da
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -36,7 +37,7 @@ def qemu_io(uri: str, command: str, readonly: bool = False) -> str:
 def sites(tmp_path: Path) -> Iterator[tuple[SiteProcess, SiteProcess]]:
     init_site_dir(tmp_path / "a", "alpha")
     init_site_dir(tmp_path / "b", "beta")
-    a, b = SiteProcess(tmp_path / "a"), SiteProcess(tmp_path / "b")
+    a, b = SiteProcess(tmp_path / "a"), SiteProcess(tmp_path / "b", "--log-json")
     try:
         yield a.start(), b.start()
     finally:
@@ -139,9 +140,13 @@ def test_two_sites_survive_kill_9_of_each_with_checkpoints_and_data_intact(
     metrics = httpx.get(a.api_url + "/metrics", headers={"Authorization": f"Bearer {a.token}"})
     assert metrics.status_code == 200 and "zcore_nbd_connections" in metrics.text
     assert httpx.get(a.api_url + "/metrics").status_code == 401
+    history = ok(cb.get("/metrics/history", params={"series": "journal_bytes", "vpg": "g1"}))
+    assert history["series"] == "journal_bytes"
     # a clean stop of both
     assert a.stop() == 0
     assert b.stop() == 0
+    logged = [json.loads(line) for line in b.log.read_text().splitlines()]  # --log-json
+    assert any(doc["message"].startswith("site beta serving") for doc in logged)
 
 
 def test_init_refuses_an_existing_site_and_keeps_the_token_private(tmp_path: Path) -> None:

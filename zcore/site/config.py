@@ -87,10 +87,14 @@ class ServiceRecord:
 
 @dataclass(frozen=True)
 class ClientRecord:
-    """How the CLI on this host reaches the site: the API URL and a token."""
+    """How the CLI on this host reaches the site: the API URL, a token and, when the API
+    is served over HTTPS, the site certificate to verify it with (self-signed, so a
+    client pins it: `httpx.Client(verify=ssl.create_default_context(cafile=...))`; its
+    name is `zcore-site`, so check_hostname must be off)."""
 
     url: str
     token: str
+    cafile: str | None = None
 
 
 def read_service(site: SiteDir) -> ServiceRecord:
@@ -103,23 +107,28 @@ def read_service(site: SiteDir) -> ServiceRecord:
 
 def read_client(site: SiteDir) -> ClientRecord:
     meta = read_state(site.client_file, CLIENT_FORMAT, STATE_VERSION)
-    return ClientRecord(str(meta["url"]), str(meta["token"]))
+    cafile = meta.get("cafile")
+    return ClientRecord(str(meta["url"]), str(meta["token"]),
+                        None if cafile is None else str(cafile))
 
 
 def write_client(site: SiteDir, record: ClientRecord) -> None:
     """Write the client record, readable by the owner only (it holds the admin token)."""
     path = site.client_file
-    write_state(path, CLIENT_FORMAT, STATE_VERSION, {"url": record.url, "token": record.token})
+    meta: dict[str, str] = {"url": record.url, "token": record.token}
+    if record.cafile is not None:
+        meta["cafile"] = record.cafile
+    write_state(path, CLIENT_FORMAT, STATE_VERSION, meta)
     os.chmod(path, 0o600)
 
 
-def set_client_url(site: SiteDir, url: str) -> None:
+def set_client_url(site: SiteDir, url: str, cafile: str | None = None) -> None:
     """Record the URL the service actually listens on (keeps the token)."""
     try:
         old = read_client(site)
     except FileNotFoundError:
         return
-    write_client(site, ClientRecord(url, old.token))
+    write_client(site, ClientRecord(url, old.token, cafile))
 
 
 def sqlite_url(path: Path) -> str:

@@ -153,6 +153,8 @@ class LiveSiteBackend(DbSiteBackend):
             await asyncio.sleep(TASK_POLL_S)
 
     async def update_vpg(self, name: str, settings: dict[str, Any]) -> VpgRecord:
+        if (await self.get_vpg(name)).role != VpgRole.PROTECTED:
+            raise StateError(f"the settings of VPG {name!r} are changed at its protected site")
         new = vpg_settings(settings)
         record = await self._db(self.db.update_vpg, name, settings=settings)
         entry = self.rt.protected.get(name)
@@ -323,11 +325,13 @@ class LiveSiteBackend(DbSiteBackend):
             record = None
         if record is None:
             rvpg = self.rt.recovery_vpg(name)
-            await self._db(self.db.create_vpg, name, VpgRole.RECOVERY, (), owner,
-                           {"vms": rvpg.vms}, VpgState.PROTECTING)
+            # no settings: a recovery VPG's settings are its protected site's (the journals
+            # hold what the recovery side applies)
+            await self._db(self.db.create_vpg, name, VpgRole.RECOVERY, (), owner, {},
+                           VpgState.PROTECTING)
             await self._db(self.db.add_event, "vpg_attached",
-                           f"VPG {name} attached by site {owner}: receiving its writes",
-                           vpg=name)
+                           f"VPG {name} (VMs {', '.join(rvpg.vms)}) attached by site "
+                           f"{owner}: receiving its writes", vpg=name)
         elif record.role != VpgRole.RECOVERY:
             log.error("VPG %s attached from site %s but is a %s VPG here", name, owner,
                       record.role)

@@ -114,6 +114,7 @@ def setup_logging(json_lines: bool, stream: TextIO = sys.stderr) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # a line per migration plugin
 
 
 class _Server(uvicorn.Server):
@@ -134,6 +135,10 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     return sock
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 class SiteService:
@@ -214,9 +219,12 @@ class SiteService:
         rt = self.runtime
         assert rt is not None and rt.replication_address and rt.nbd_address
         host, port = api_sock.getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
-        api_url = f"{'https' if tls else 'http'}://{shown}:{port}"
-        set_client_url(self.site, api_url)
+        scheme = "https" if tls else "http"
+        api_url = f"{scheme}://{_url_host(host)}:{port}"
+        # this host's CLI reaches a wildcard listener through loopback
+        local = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        cafile = str(rt.recovery.identity.cert_path) if tls and rt.recovery else None
+        set_client_url(self.site, f"{scheme}://{_url_host(local)}:{port}", cafile)
         rh, rp = rt.replication_address[:2]
         nh, np_ = rt.nbd_address[:2]
         for line in (f"API: {api_url}", f"replication: {rh}:{rp}", f"NBD: nbd://{nh}:{np_}"):

@@ -142,6 +142,22 @@ def test_two_sites_survive_kill_9_of_each_with_checkpoints_and_data_intact(
     assert httpx.get(a.api_url + "/metrics").status_code == 401
     history = ok(cb.get("/metrics/history", params={"series": "journal_bytes", "vpg": "g1"}))
     assert history["series"] == "journal_bytes"
+    # pause, resume, a forced sync, then delete at both sites
+    assert ok(ca.post("/vpgs/g1/pause"))["state"] == "paused"
+    assert ca.post("/vpgs/g1/checkpoints", json={"tag": "no"}).status_code == 409
+    assert ok(ca.post("/vpgs/g1/resume"))["state"] == "protecting"
+    wait_task(ca, ok(ca.post("/vpgs/g1/sync"), 202))
+    assert cb.delete("/vpgs/g1").status_code == 409  # still replicating into b
+    wait_task(ca, ok(ca.delete("/vpgs/g1"), 202))
+    wait_for("b's VPG deletable", lambda: cb.delete("/vpgs/g1").status_code == 202)
+    wait_for("b's VPG gone", lambda: cb.get("/vpgs/g1").status_code == 404)
+    assert not (tmp_path / "b" / "vpgs" / "g1").exists()
+    assert disk.stat().st_size == DISK  # the protected volume itself stays
+    # the service raised its descriptor limit to the hard one
+    assert a.proc is not None
+    limits = Path(f"/proc/{a.proc.pid}/limits").read_text().splitlines()
+    soft, hard = next(line for line in limits if "open files" in line).split()[3:5]
+    assert soft == hard
     # a clean stop of both
     assert a.stop() == 0
     assert b.stop() == 0

@@ -229,7 +229,9 @@ class LiveSiteBackend(DbSiteBackend):
     async def vpg_status(self, name: str) -> VpgStatus:
         record = await self.get_vpg(name)
         if record.role == VpgRole.PROTECTED and name in self.rt.protected:
-            return await asyncio.to_thread(self._protected_status, record)
+            # on the loop: the sender's throughput meter is the loop's (the VPG lock its
+            # status takes is held for one stream round at most)
+            return self._protected_status(record)
         if record.role == VpgRole.RECOVERY and name in self.rt.recovery_vpgs:
             return await asyncio.to_thread(self._recovery_status, record)
         return VpgStatus(name=name, role=record.role, state=record.state)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zcore.errors import ZcoreError
+from zcore.replication import ReplicationStatus
 from zcore.site.db import Severity, SiteDB, VpgRole, VpgState
 from zcore.site.metrics import Series
 from zcore.site.retention import RetentionReport, run_retention
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 
 # Seconds between samples: the metric history's finest tier is 5 s wide.
 SAMPLE_INTERVAL = 5.0
+# A history SLA alert needs this many samples in a row short of history: a young journal's
+# first seconds (created before its first checkpoint arrived) are no shortfall.
+HISTORY_SAMPLES = 3
 RPO_ALERT = "rpo_not_meeting_sla"
 HISTORY_ALERT = "history_not_meeting_sla"
 
@@ -76,6 +80,7 @@ class Scheduler:
         self.last: dict[str, Sample] = {}
         self._events: dict[str, tuple[str, ...]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self._short: dict[str, int] = {}  # samples in a row short of history, per VPG
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -107,17 +112,22 @@ class Scheduler:
                 pass
 
     async def sample_once(self) -> None:
-        samples = await asyncio.to_thread(self._take_samples)
+        # a sender's status is read on the loop, which owns its throughput meter (the
+        # VPG lock it takes is held for one stream round at most)
+        senders = {name: e.replication.status() for name, e in self.rt.protected.items()}
+        samples = await asyncio.to_thread(self._take_samples, senders)
         self.last = {s.vpg: s for s in samples}
         await asyncio.to_thread(self._record, samples)
 
     # -- in a worker thread --------------------------------------------------------------
 
-    def _take_samples(self) -> list[Sample]:
+    def _take_samples(self, senders: dict[str, ReplicationStatus]) -> list[Sample]:
         out = []
-        for name, entry in list(self.rt.protected.items()):
+        for name, s in senders.items():
+            entry = self.rt.protected.get(name)
+            if entry is None:
+                continue
             try:
-                s = entry.replication.status()
                 vs = entry.vpg.status()
             except ZcoreError as exc:
                 log.warning("VPG %s: no status: %s", name, exc)
@@ -160,7 +170,9 @@ class Scheduler:
                 if s.role == VpgRole.PROTECTED:
                     self._protected_db(s)
                 else:
-                    self._alert(s.vpg, HISTORY_ALERT, not s.history_ok,
+                    short = self._short[s.vpg] = 0 if s.history_ok else \
+                        self._short.get(s.vpg, 0) + 1
+                    self._alert(s.vpg, HISTORY_ALERT, short >= HISTORY_SAMPLES,
                                 f"VPG {s.vpg} holds less history than configured")
             except ZcoreError as exc:  # deleted meanwhile, or the database is away
                 log.warning("VPG %s: recording its sample failed: %s", s.vpg, exc)

@@ -117,11 +117,15 @@ class LiveSiteBackend(DbSiteBackend):
         vms = [await self.get_vm(vm) for vm in spec.vms]
         record = await self._db(self.db.create_vpg, spec.name, spec.role, spec.vms, spec.peer,
                                 spec.settings)
+        state_dir = self.rt.site.vpg_state_dir(spec.name)
+        fresh = not state_dir.exists()
         try:  # opens every backing file: a bad path is refused now, not in the task
             vpg = await asyncio.to_thread(self.rt.build_vpg, record, vms)
             await asyncio.to_thread(vpg.close)
         except BaseException:
             await self._db(self.db.delete_vpg, spec.name)
+            if fresh:
+                await asyncio.to_thread(shutil.rmtree, state_dir, True)
             raise
 
         async def run(progress: Progress) -> dict[str, Any]:

@@ -47,8 +47,12 @@ class SiteProcess:
         self.log = root.parent / f"{root.name}.log"
 
     def start(self) -> SiteProcess:
+        """Start and wait until it listens (see `spawn`)."""
+        return self.spawn().wait_ready()
+
+    def spawn(self) -> SiteProcess:
         """Start on free ports; a restart keeps the ports of the first start (its peers
-        know its replication address)."""
+        know its replication address).  `wait_ready` waits for its listeners."""
         def port(address: str) -> str:
             return address.rpartition(":")[2] if address else "0"
 
@@ -59,6 +63,9 @@ class SiteProcess:
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=logf, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         logf.close()
+        return self
+
+    def wait_ready(self) -> SiteProcess:
         lines = self._read_lines(3)
         assert lines[0].startswith("API: "), lines
         self.api_url = lines[0].removeprefix("API: ")

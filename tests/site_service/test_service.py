@@ -39,7 +39,8 @@ def sites(tmp_path: Path) -> Iterator[tuple[SiteProcess, SiteProcess]]:
     init_site_dir(tmp_path / "b", "beta")
     a, b = SiteProcess(tmp_path / "a"), SiteProcess(tmp_path / "b", "--log-json")
     try:
-        yield a.start(), b.start()
+        a.spawn(), b.spawn()  # both start at once
+        yield a.wait_ready(), b.wait_ready()
     finally:
         a.close()
         b.close()
@@ -184,3 +185,30 @@ def test_failed_init_leaves_nothing_behind(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert not target.exists()
+
+
+def test_a_clean_restart_keeps_a_paused_vpg_paused_and_resumes_from_its_bitmaps(
+        sites: tuple[SiteProcess, SiteProcess], tmp_path: Path) -> None:
+    a, b = sites
+    ca, cb = a.client(), b.client()
+    token = ok(cb.post("/pairing/tokens"))["token"]
+    beta = ok(ca.post("/pairing", json={"address": b.replication, "token": token}))
+    disk = tmp_path / "disk0.img"
+    with open(disk, "wb") as f:
+        f.truncate(DISK)
+    ok(ca.post("/vms", json={"name": "vm1", "volumes": [
+        {"name": "disk0", "size": DISK, "path": str(disk)}]}), 201)
+    wait_task(ca, ok(ca.post("/vpgs", json={"name": "g1", "vms": ["vm1"],
+                                            "peer": beta["site_id"]}), 202))
+    ok(ca.post("/vpgs/g1/pause"))
+    qemu_io(f"{a.nbd}/g1/vm1/disk0", "write -P 0x5a 4M 1M")
+    assert a.stop() == 0
+    a.start()
+    ca = a.client()
+    assert ok(ca.get("/vpgs/g1"))["state"] == "paused"
+    ok(ca.post("/vpgs/g1/resume"))
+    t1 = tag_when_streaming(ca, "g1", "after-restart")
+    wait_for("the tag at the recovery site", lambda: tagged(cb, "g1", "after-restart"))
+    qemu_io(f"{b.nbd}/g1/vm1/disk0@{t1['id']}", "read -P 0x5a 4M 1M", readonly=True)
+    texts = [e["text"] for e in ok(ca.get("/events", params={"vpg": "g1"}))["items"]]
+    assert not any("unclean shutdown" in t for t in texts), texts

@@ -66,6 +66,8 @@ def serve_cmd(directory: str, api_host: str, api_port: int | None, host: str,
               replication_port: int | None, nbd_port: int | None, db_url: str | None,
               log_json: bool) -> None:
     """Run the site service of DIRECTORY until SIGTERM or SIGINT."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from zcore.site.config import DEFAULT_API_PORT, DEFAULT_NBD_PORT, DEFAULT_REPLICATION_PORT
     from zcore.site.service import ServeOptions, serve
 
@@ -79,6 +81,10 @@ def serve_cmd(directory: str, api_host: str, api_port: int | None, host: str,
         db_url=db_url, log_json=log_json)
     try:
         serve(directory, options)
+    except SQLAlchemyError as exc:
+        click.echo(f"Error: site serve failed: the database refused: "
+                   f"{exc.__class__.__name__}: {exc.args[0] if exc.args else exc}", err=True)
+        sys.exit(1)
     except (ZcoreError, OSError) as exc:
         click.echo(f"Error: site serve failed: {exc}", err=True)
         sys.exit(1)

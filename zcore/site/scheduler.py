@@ -60,6 +60,8 @@ class Sample:
     rpo_alert_seconds: float = 0.0
     history_ok: bool = True
     events: tuple[str, ...] = field(default_factory=tuple)
+    connected: bool | None = None  # protected: the link to the recovery site
+    last_error: str = ""
 
 
 def new_events(before: tuple[str, ...], now: tuple[str, ...]) -> list[str]:
@@ -81,6 +83,8 @@ class Scheduler:
         self._events: dict[str, tuple[str, ...]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._short: dict[str, int] = {}  # samples in a row short of history, per VPG
+        self._links: dict[str, bool] = {}  # protected VPGs: link up at the last sample
+        self._refused: tuple[str, ...] = ()  # the recovery site's refusals seen so far
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -117,7 +121,9 @@ class Scheduler:
         senders = {name: e.replication.status() for name, e in self.rt.protected.items()}
         samples = await asyncio.to_thread(self._take_samples, senders)
         self.last = {s.vpg: s for s in samples}
-        await asyncio.to_thread(self._record, samples)
+        refused = tuple(self.rt.recovery.refused) if self.rt.recovery is not None else ()
+        fresh, self._refused = new_events(self._refused, refused), refused
+        await asyncio.to_thread(self._record, samples, fresh)
 
     # -- in a worker thread --------------------------------------------------------------
 
@@ -140,7 +146,8 @@ class Scheduler:
                 if vs.mode.syncing else None,
                 bitmap_mode=vs.mode in (VPGMode.BITMAP, VPGMode.BITMAP_SYNCING),
                 state=str(s.state), rpo_alert=vs.rpo_alert,
-                rpo_alert_seconds=entry.vpg.settings.rpo_alert_seconds, events=vs.events))
+                rpo_alert_seconds=entry.vpg.settings.rpo_alert_seconds, events=vs.events,
+                connected=s.connected, last_error=s.last_error))
         for name, rvpg in list(self.rt.recovery_vpgs.items()):
             try:
                 st = rvpg.status()
@@ -154,9 +161,12 @@ class Scheduler:
                 history_ok=st.history_state == "ok"))
         return out
 
-    def _record(self, samples: list[Sample]) -> None:
+    def _record(self, samples: list[Sample], refused: list[str]) -> None:
         metrics = self.rt.metrics
         now = time.time()
+        for reason in refused:
+            self.db.add_event("replication_refused", f"replication refused: {reason}",
+                              severity=Severity.WARNING)
         for s in samples:
             if metrics is not None:
                 for series, value in ((Series.RPO, s.rpo_seconds),
@@ -184,6 +194,15 @@ class Scheduler:
             severity = Severity.WARNING if "lost" in text or "failed" in text else Severity.INFO
             self.db.add_event("vpg_event", text, vpg=s.vpg, severity=severity)
         self._events[s.vpg] = s.events
+        if s.connected is not None and self._links.get(s.vpg) != s.connected:
+            if s.connected:
+                self.db.add_event("link_up", f"VPG {s.vpg}: connected to its recovery site",
+                                  vpg=s.vpg)
+            elif s.vpg in self._links:
+                self.db.add_event("link_down", f"VPG {s.vpg}: link to its recovery site "
+                                  f"lost: {s.last_error or 'no reason given'}", vpg=s.vpg,
+                                  severity=Severity.WARNING)
+            self._links[s.vpg] = s.connected
         self._alert(s.vpg, RPO_ALERT, s.rpo_alert,
                     f"VPG {s.vpg}: RPO {s.rpo_seconds or 0:.1f} s is above its "
                     f"{s.rpo_alert_seconds:g} s SLA")

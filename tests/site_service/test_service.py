@@ -212,3 +212,22 @@ def test_a_clean_restart_keeps_a_paused_vpg_paused_and_resumes_from_its_bitmaps(
     qemu_io(f"{b.nbd}/g1/vm1/disk0@{t1['id']}", "read -P 0x5a 4M 1M", readonly=True)
     texts = [e["text"] for e in ok(ca.get("/events", params={"vpg": "g1"}))["items"]]
     assert not any("unclean shutdown" in t for t in texts), texts
+
+
+def test_a_site_on_postgresql_keeps_its_state_across_kill_9(tmp_path: Path, pg_url: str) -> None:
+    root = tmp_path / "pg"
+    done = subprocess.run(zcore_cmd("site", "init", str(root), "--name", "pgsite",
+                                    "--db", pg_url), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert not (root / "site.db").exists()
+    site = SiteProcess(root)
+    try:
+        c = site.start().client()
+        ok(c.post("/vms", json={"name": "vm1", "volumes": [{"name": "d", "size": MiB}]}), 201)
+        site.kill()
+        c = site.start().client()
+        assert [vm["name"] for vm in ok(c.get("/vms"))["items"]] == ["vm1"]
+        assert ok(c.get("/sites"))["site"]["name"] == "pgsite"
+        assert site.stop() == 0
+    finally:
+        site.close()

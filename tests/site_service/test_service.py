@@ -85,6 +85,8 @@ def test_two_sites_survive_kill_9_of_each_with_checkpoints_and_data_intact(
     ca, cb = a.client(), b.client()
     # pair a -> b, then b -> a: either site can protect to the other
     token = ok(cb.post("/pairing/tokens"))["token"]
+    refused = ca.post("/pairing", json={"address": b.replication, "token": token + "x"})
+    assert refused.status_code == 502 and "token" in refused.json()["error"]["message"]
     beta = ok(ca.post("/pairing", json={"address": b.replication, "token": token}))
     token = ok(ca.post("/pairing/tokens"))["token"]
     alpha = ok(cb.post("/pairing", json={"address": a.replication, "token": token}))
@@ -101,6 +103,14 @@ def test_two_sites_survive_kill_9_of_each_with_checkpoints_and_data_intact(
                                      "settings": {"checkpoint_interval_seconds": 1}}), 202)
     wait_task(ca, task)
     assert protecting(ca, "g1")
+
+    # a VPG over a volume whose backing file is missing is refused, and leaves nothing
+    ok(ca.post("/vms", json={"name": "vm2", "volumes": [
+        {"name": "d", "size": MiB, "path": str(tmp_path / "missing.img")}]}), 201)
+    bad = ca.post("/vpgs", json={"name": "g2", "vms": ["vm2"], "peer": beta["site_id"]})
+    assert bad.status_code in (404, 422), bad.text
+    assert ca.get("/vpgs/g2").status_code == 404
+    assert not (tmp_path / "a" / "protected" / "g2").exists()
 
     export = f"{a.nbd}/g1/vm1/disk0"
     qemu_io(export, "write -P 0xab 0 1M")

@@ -33,7 +33,15 @@ from zcore.site.api.backend import (
     VpgStatus,
 )
 from zcore.site.api.memory import DbSiteBackend
-from zcore.site.db import PeerRecord, SiteDB, TaskRecord, VpgRecord, VpgRole, VpgState
+from zcore.site.db import (
+    PeerRecord,
+    Severity,
+    SiteDB,
+    TaskRecord,
+    VpgRecord,
+    VpgRole,
+    VpgState,
+)
 from zcore.site.errors import AlreadyExistsError
 from zcore.site.metrics import Series
 from zcore.site.runtime import SiteRuntime, vpg_settings
@@ -129,7 +137,14 @@ class LiveSiteBackend(DbSiteBackend):
             raise
 
         async def run(progress: Progress) -> dict[str, Any]:
-            await self.rt.start_protected(record, vms, address)
+            try:
+                await self.rt.start_protected(record, vms, address)
+            except Exception as exc:
+                await self._db(self.db.update_vpg, spec.name, state=VpgState.ERROR)
+                await self._db(self.db.add_event, "vpg_error",
+                               f"VPG {spec.name} did not start: {exc}", vpg=spec.name,
+                               severity=Severity.ERROR)
+                raise
             await self._db(self.db.update_vpg, spec.name, state=VpgState.SYNCING)
             await self._db(self.db.add_event, "vpg_created",
                            f"VPG {spec.name} created: initial sync to {address}", vpg=spec.name)

@@ -261,7 +261,11 @@ class SiteRuntime:
                 for vol in sorted(vm.volumes, key=lambda v: v.name):
                     if not vol.path:
                         raise ConfigError(f"volume {vm.name}/{vol.name} has no backing path")
-                    vpg.add_volume(vm.name, vol.name, vol.path, vol.size)
+                    try:
+                        vpg.add_volume(vm.name, vol.name, vol.path, vol.size)
+                    except OSError as exc:
+                        raise ConfigError(f"volume {vm.name}/{vol.name}: cannot open "
+                                          f"{vol.path}: {exc.strerror or exc}") from None
         except BaseException:
             vpg.close()
             raise

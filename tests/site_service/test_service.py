@@ -119,6 +119,19 @@ def test_two_sites_survive_kill_9_of_each_with_checkpoints_and_data_intact(
     recovery = ok(cb.get("/vpgs/g1"))
     assert recovery["role"] == "recovery" and recovery["peer"] == alpha["site_id"]
 
+    # and b protects a VPG of its own to a: one process, both roles
+    disk_b = tmp_path / "diskb.img"
+    with open(disk_b, "wb") as f:
+        f.truncate(DISK)
+    ok(cb.post("/vms", json={"name": "vmb", "volumes": [
+        {"name": "disk0", "size": DISK, "path": str(disk_b)}]}), 201)
+    wait_task(cb, ok(cb.post("/vpgs", json={"name": "h1", "vms": ["vmb"],
+                                            "peer": alpha["site_id"]}), 202))
+    qemu_io(f"{b.nbd}/h1/vmb/disk0", "write -P 0x77 0 64k")
+    h1 = ok(cb.post("/vpgs/h1/checkpoints", json={"tag": "from-b"}), 201)
+    wait_for("b's checkpoint at a", lambda: tagged(ca, "h1", "from-b"))
+    qemu_io(f"{a.nbd}/h1/vmb/disk0@{h1['id']}", "read -P 0x77 0 64k", readonly=True)
+
     # the recovery site crashes and comes back: checkpoint listed, view reads the data
     b.kill()
     b.start()

@@ -165,7 +165,9 @@ def test_two_sites_survive_kill_9_of_each_with_checkpoints_and_data_intact(
     assert metrics.status_code == 200 and "zcore_nbd_connections" in metrics.text
     assert httpx.get(a.api_url + "/metrics").status_code == 401
     history = ok(cb.get("/metrics/history", params={"series": "journal_bytes", "vpg": "g1"}))
-    assert history["series"] == "journal_bytes"
+    assert history["series"] == "journal_bytes" and history["points"]  # sampled at start
+    text = metrics.text
+    assert 'zcore_vpg_rpo_seconds{role="protected",vpg="g1"}' in text, text
     # pause, resume, a forced sync, then delete at both sites
     assert ok(ca.post("/vpgs/g1/pause"))["state"] == "paused"
     assert ca.post("/vpgs/g1/checkpoints", json={"tag": "no"}).status_code == 409

@@ -154,8 +154,11 @@ class Scheduler:
             except ZcoreError as exc:
                 log.warning("VPG %s: no status: %s", name, exc)
                 continue
+            rpo = st.rpo_seconds
+            if rpo is None and st.newest_checkpoint is not None:  # an upper bound: the age
+                rpo = max(0.0, time.time() - st.newest_checkpoint.time)  # of the newest one
             out.append(Sample(
-                name, str(VpgRole.RECOVERY), rpo_seconds=st.rpo_seconds,
+                name, str(VpgRole.RECOVERY), rpo_seconds=rpo,
                 throughput_in=st.throughput_bytes, journal_bytes=st.journal_bytes,
                 history_seconds=st.history_held_seconds, state=str(st.state),
                 history_ok=st.history_state == "ok"))

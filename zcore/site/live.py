@@ -101,6 +101,11 @@ class LiveSiteBackend(DbSiteBackend):
                        f"paired with site {peer.name} ({peer.site_id}) at {address}")
         return record
 
+    async def unpair(self, site_id: str) -> None:
+        await self._db(self.db.get_peer, site_id)
+        raise StateError(f"site {site_id} stays paired: the replication layer has no way to "
+                         f"unpin a peer's certificate yet (zcore.security.PeerStore)")
+
     # -- VPGs ------------------------------------------------------------------------------
 
     async def peer_address(self, peer: str | None) -> str:

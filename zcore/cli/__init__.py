@@ -1,7 +1,10 @@
 """The `zcore` command line: the demo, and the tools that sit on top of the library.
 
 One module per command group, so a command is one room: `demo_cmd` (`zcore demo`),
-`nbd_cmd` (`zcore nbd ...`); option parsers shared between groups live in `params`.
+`nbd_cmd` (`zcore nbd ...`), `site_cmd`
+(`zcore site init|serve`) with `site_client_cmd` (`site status|pair|pairing-token`),
+`vm_cmd`, `vpg_cmd`, `checkpoint_cmd` and `activity_cmd` (events, alerts, tasks): clients of
+the site's REST API through `client`, printing through `output`; option parsers shared between groups live in `params`.
 A new group is a `*_cmd.py` module whose click command or group is added to `main` here.
 The console script `zcore` is `zcore.cli:main`; `python -m zcore.cli` runs the same.
 """
@@ -14,7 +17,8 @@ from zcore.cli.activity_cmd import alerts, events, tasks
 from zcore.cli.checkpoint_cmd import checkpoint
 from zcore.cli.demo_cmd import demo
 from zcore.cli.nbd_cmd import nbd
-from zcore.cli.site_client_cmd import add_client_commands, site
+from zcore.cli.site_client_cmd import add_client_commands
+from zcore.cli.site_cmd import site
 from zcore.cli.vm_cmd import vm
 from zcore.cli.vpg_cmd import vpg
 
@@ -27,9 +31,7 @@ def main() -> None:
 
 main.add_command(demo)
 main.add_command(nbd)
-# the REST API clients of `zcore site`; once zcore.cli.site_cmd's `site` group (init, serve)
-# is registered, add them to that group instead: add_client_commands(site_cmd.site)
-add_client_commands(site)
+add_client_commands(site)  # site status|pair|pairing-token, beside site init|serve
 for _group in (site, vm, vpg, checkpoint, events, alerts, tasks):
     main.add_command(_group)
 

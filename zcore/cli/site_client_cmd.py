@@ -122,7 +122,3 @@ def add_client_commands(group: click.Group) -> None:
     for command in (status_cmd, pair_cmd, pairing_token_cmd):
         group.add_command(command)
 
-
-@click.group("site")
-def site() -> None:
-    """A site: its status and its pairing with other sites."""

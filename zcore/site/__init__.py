@@ -3,6 +3,9 @@
 Its parts: the database (zcore.site.db), the REST API (zcore.site.api), the task runner
 (zcore.site.tasks) and the error codes they share (zcore.site.errors); the recovery-site
 VPG (zcore.site.recovery_vpg), metric history (zcore.site.metrics) and VPG-wide retention
-(zcore.site.retention).  Import from the modules; this facade stays light so
+(zcore.site.retention); the running service (zcore.site.service: `zcore site serve`) over
+its live objects (zcore.site.runtime), the real API backend (zcore.site.live), the
+scheduler (zcore.site.scheduler), /metrics (zcore.site.prom) and the site directory's
+layout (zcore.site.config).  Import from the modules; this facade stays light so
 `import zcore.site` needs neither FastAPI nor a database driver.
 """

@@ -127,6 +127,17 @@ class SiteDB(InventoryRepository, ActivityRepository):
             )
         return self.get_peer(site_id)
 
+    def set_peer_address(self, site_id: str, address: str) -> PeerRecord:
+        """Record where a paired site listens for replication (learnt when this site
+        pairs with it, after it paired with us).  Blocks."""
+        with self._write(f"peer {site_id!r}") as conn:
+            done = conn.execute(
+                sa.update(t.peers).where(t.peers.c.site_id == site_id).values(address=address)
+            )
+            if done.rowcount == 0:
+                raise PeerNotFoundError(f"no paired site {site_id!r}")
+        return self.get_peer(site_id)
+
     def get_peer(self, site_id: str) -> PeerRecord:
         """One paired site.  Blocks."""
         with self._engine.connect() as conn:

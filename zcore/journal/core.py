@@ -246,6 +246,7 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
             parts = []
             for volume, offset, data in writes:
                 spec = self._volume(volume)
+                data = records.byte_view(data)  # item size 1: refused before any write
                 records.check_range(offset, len(data), spec.size)
                 seq += 1
                 parts.append(records.encode_write(spec.id, seq, offset, data, now,
@@ -296,6 +297,7 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
         a sealed segment's seqs are known only then)."""
         self.wait_loaded()
         with self._lock:
+            self._check_open()
             return [SegmentInfo(s.number, s.path, s.size, s.sealed, s.records,
                                 s.min_seq if s.records else 0, s.max_seq if s.records else 0)
                     for s in self._segments.values()]
@@ -305,6 +307,7 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
     def status(self, *, now: float | None = None) -> JournalStatus:
         self.wait_loaded()
         with self._lock:
+            self._check_open()
             now = time.time() if now is None else now
             oldest = self._checkpoints[0] if self._checkpoints else None
             newest = self._checkpoints[-1] if self._checkpoints else None

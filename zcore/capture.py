@@ -15,9 +15,9 @@ import stat
 from typing import TYPE_CHECKING
 
 from zcore import records
-from zcore.records import check_int
 from zcore.errors import ClosedError, ConfigError, StateError
 from zcore.fsutil import preadinto_upto
+from zcore.records import check_int
 
 if TYPE_CHECKING:
     from zcore._native.capture import CaptureRing

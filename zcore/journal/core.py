@@ -32,7 +32,14 @@ from zcore.journal import indexfile, segments
 from zcore.journal.catalogue import CatalogueMixin
 from zcore.journal.committer import CommitterMixin
 from zcore.journal.loader import LoaderMixin
-from zcore.journal.meta import META_FORMAT, META_NAME, META_VERSION, read_meta, write_meta
+from zcore.journal.meta import (
+    META_FORMAT,
+    META_NAME,
+    META_VERSION,
+    check_meta,
+    read_meta,
+    write_meta,
+)
 from zcore.journal.readthrough import Lz4Cache, ReadThroughMixin
 from zcore.journal.retention import RetentionMixin
 from zcore.journal.segments import Segment
@@ -44,6 +51,7 @@ from zcore.journal.settings import (
     ReopenReport,
     SegmentInfo,
     VolumeSpec,
+    check_volumes,
 )
 from zcore.records import Checkpoint
 
@@ -57,19 +65,17 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
         self._index_lock = threading.Lock()
         self._lock_fd = lock_fd
         self._meta = meta
-        self.journal_id = bytes.fromhex(meta["journal_id"])
-        self.vm = meta["vm"]
-        self.settings = JournalSettings(**meta["settings"])
-        self.volumes = {
-            int(v["id"]): VolumeSpec(int(v["id"]), v["name"], int(v["size"]))
-            for v in meta["volumes"]
-        }
+        checked = check_meta(path, meta)  # CorruptRecordError for any bad field
+        self.journal_id = checked.journal_id
+        self.vm = checked.vm
+        self.settings = checked.settings
+        self.volumes = {v.id: v for v in checked.volumes}
         self._by_name = {v.name: v for v in self.volumes.values()}
         self._volume_sizes = np.zeros(max(self.volumes) + 1, dtype=np.uint64)
         for v in self.volumes.values():
             self._volume_sizes[v.id] = v.size
-        self.created_ns = int(meta["created_ns"])
-        self.promoted_seq = int(meta["promoted_seq"])
+        self.created_ns = checked.created_ns
+        self.promoted_seq = checked.promoted_seq
         self._index = ExtentIndex()
         self._segments = OrderedDict()
         self._checkpoints = []
@@ -110,18 +116,10 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
         """Create an empty journal (and sparse replicas) in the new or empty directory."""
         settings = settings or JournalSettings()
         settings.check()
-        specs = [v if isinstance(v, VolumeSpec) else VolumeSpec(*v) for v in volumes]
-        if not specs:
-            raise ConfigError("a journal needs at least one volume")
-        ids = [v.id for v in specs]
-        if len(set(ids)) != len(ids) or len({v.name for v in specs}) != len(specs):
-            raise ConfigError("volume ids and names must be unique")
-        for v in specs:
-            if not 0 <= v.id < 65536:
-                raise ConfigError(f"volume id {v.id} is outside 0..65535")
-            if v.size <= 0 or v.size % records.SECTOR:
-                raise ConfigError(f"volume {v.name!r} size {v.size} is not a positive "
-                                  f"multiple of {records.SECTOR}")
+        specs = check_volumes(v if isinstance(v, VolumeSpec) else VolumeSpec(*v)
+                              for v in volumes)
+        if not isinstance(vm, str):
+            raise ConfigError(f"vm must be a string, not {vm!r}")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if any(path.iterdir()):

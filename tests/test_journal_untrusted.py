@@ -5,7 +5,9 @@ that are bools or floats."""
 
 from __future__ import annotations
 
+import random
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +17,10 @@ from hypothesis import strategies as st
 
 from zcore import records
 from zcore.errors import ClosedError, ConfigError, CorruptRecordError, ZcoreError
+from zcore._native import record as _rec
 from zcore.fsutil import read_state, write_state
 from zcore.journal import Journal, JournalSettings, VolumeSpec
+from zcore.journal.indexfile import INDEX_CKPT, INDEX_HEADER, INDEX_STATS
 from zcore.journal.meta import META_FORMAT, META_NAME, META_VERSION
 
 KiB = 1 << 10
@@ -257,3 +261,174 @@ def test_crafted_meta_with_valid_crc_opens_or_raises_a_zcore_error(closed_journa
         pass
     finally:
         j.close()
+
+
+# ---- 5: index files that pass their CRC but disagree with their records --------------------
+
+
+class IndexFile:
+    """A v2 segment index file taken apart, to be changed and written back with valid
+    checksums (as a buggy writer or a crafted file would)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        data = path.read_bytes()
+        self.head = list(INDEX_HEADER.unpack(data[:64]))
+        body = data[64:]
+        self.stats = list(INDEX_STATS.unpack_from(body))
+        count, ckpt_bytes = self.head[6], self.head[7]
+        esize = records.EXTENT_DTYPE.itemsize
+        at = INDEX_STATS.size
+        self.extents = np.frombuffer(body[at : at + count * esize],
+                                     dtype=records.EXTENT_DTYPE).copy()
+        blob = body[at + count * esize :]
+        assert len(blob) == ckpt_bytes
+        self.checkpoints = []  # [seq, pos, time_ns, payload]
+        at = 0
+        while at < len(blob):
+            seq, pos, t, stored, _ = INDEX_CKPT.unpack_from(blob, at)
+            at += INDEX_CKPT.size
+            self.checkpoints.append([seq, pos, t, blob[at : at + stored]])
+            at += stored
+
+    def write(self) -> None:
+        blob = b"".join(INDEX_CKPT.pack(seq, pos, t, len(p), 0) + p
+                        for seq, pos, t, p in self.checkpoints)
+        body = INDEX_STATS.pack(*self.stats) + self.extents.tobytes() + blob
+        head = self.head
+        head[6], head[7], head[8] = len(self.extents), len(blob), _rec.crc32c(body)
+        packed = INDEX_HEADER.pack(*head[:9], 0)
+        self.path.write_bytes(packed[:60] + struct.pack("<I", _rec.crc32c(packed[:60]))
+                              + body)
+
+
+@pytest.fixture(scope="module")
+def sealed_journal(tmp_path_factory):
+    """A journal of three or more sealed segments with index files and an active one;
+    raw, LZ4 and zero writes, a checkpoint after each few writes; returns the path and
+    the image of the volume at each checkpoint."""
+    path = tmp_path_factory.mktemp("idx") / "j"
+    rng = random.Random(5)
+    j = make(path, sizes=(2 * MiB,))
+    model = bytearray(2 * MiB)
+    images = {}
+    n = 0
+    while len(list(path.glob("seg-*.zci"))) < 3 or n < 200:
+        n += 1
+        offset = rng.randrange(2 * MiB // (16 * KiB)) * 16 * KiB
+        kind = n % 5
+        data = (bytes(16 * KiB) if kind == 0 else rng.randbytes(64) * 256 if kind == 1
+                else rng.randbytes(16 * KiB))
+        j.append([(0, offset, data)])
+        model[offset : offset + len(data)] = data
+        if n % 4 == 0:
+            images[j.checkpoint().seq] = bytes(model)
+    j.close()
+    return path, images
+
+
+def check_views(path: Path, images: dict[int, bytes]) -> Journal:
+    """Reopen and compare every view with its image; returns the open journal."""
+    j = Journal.open(path)
+    assert sorted(c.seq for c in j.checkpoints()) == sorted(images)
+    for seq, image in images.items():
+        with j.view(seq) as view:
+            assert view.read(0, 0, len(image)) == image, f"checkpoint {seq}"
+    return j
+
+
+def damaged_copy(sealed_journal, tmp_path, which: int, foreground: bool):
+    src, images = sealed_journal
+    path = tmp_path / "j"
+    shutil.copytree(src, path)
+    zcis = sorted(path.glob("seg-*.zci"))
+    if foreground:  # the newest sealed segment cannot vouch: everything loads in open()
+        zcis[-1].unlink()
+        zcis = zcis[:-1]
+    return path, images, IndexFile(zcis[which])
+
+
+@pytest.mark.parametrize("foreground", [False, True], ids=["background", "foreground"])
+@pytest.mark.parametrize("change", ["seq 0", "seq past the range", "seq of a neighbour",
+                                    "one entry dropped"])
+def test_index_entry_seq_outside_its_own_range_is_rescanned_not_trusted(
+        sealed_journal, tmp_path, foreground, change):
+    path, images, idx = damaged_copy(sealed_journal, tmp_path, 0, foreground)
+    # an entry alone at its offset, so that the changed seq keeps the file's sort order
+    offsets, counts = np.unique(idx.extents["offset"], return_counts=True)
+    alone = np.flatnonzero(np.isin(idx.extents["offset"], offsets[counts == 1]))
+    i = int(alone[len(alone) // 2])
+    if change == "seq 0":
+        idx.extents["seq"][i] = 0
+    elif change == "seq past the range":
+        idx.extents["seq"][i] = idx.stats[3] + 1000
+    elif change == "seq of a neighbour":
+        idx.extents["seq"][i] = idx.extents["seq"][(i + 1) % len(idx.extents)]
+    else:
+        idx.extents = np.delete(idx.extents, i)
+    idx.write()
+    with check_views(path, images) as j:
+        assert j.reopen_report.rescanned_segments >= 1
+
+
+@pytest.mark.parametrize("change", ["tag", "time", "seq of a write", "kind"])
+def test_crafted_checkpoint_table_makes_no_phantom_checkpoint(sealed_journal, tmp_path,
+                                                              change):
+    path, images, idx = damaged_copy(sealed_journal, tmp_path, 1, False)
+    entry = idx.checkpoints[0]
+    if change == "tag":
+        entry[3] = records.checkpoint_payload(records.CKPT_TAGGED, True, "phantom")
+    elif change == "time":
+        entry[2] -= 3600 * 10**9
+    elif change == "kind":
+        entry[3] = records.checkpoint_payload(records.CKPT_AUTO, False, None)
+    else:  # the checkpoint moves onto a write's seq, the write onto the checkpoint's
+        i = int(np.flatnonzero(idx.extents["seq"] < entry[0])[-1])
+        idx.extents["seq"][i], entry[0] = entry[0], int(idx.extents["seq"][i])
+        order = np.lexsort((idx.extents["seq"], idx.extents["offset"], idx.extents["volume"]))
+        idx.extents = idx.extents[order]
+    idx.write()
+    with check_views(path, images) as j:
+        assert all(c.tag is None and c.consistent for c in j.checkpoints())
+        assert j.reopen_report.rescanned_segments == 1
+
+
+def _swap(idx: IndexFile, kind) -> None:
+    """Make two same-sized data entries of `kind` name each other's records."""
+    ext = idx.extents
+    pick = np.flatnonzero(kind(ext))
+    by_size: dict[int, list[int]] = {}
+    for i in pick:
+        by_size.setdefault(int(ext["stored"][i]), []).append(int(i))
+    a, b = next(v for v in by_size.values() if len(v) >= 2)[:2]
+    ext["pos"][a], ext["pos"][b] = ext["pos"][b], ext["pos"][a]
+
+
+KINDS = {
+    "raw": lambda e: (e["flags"] & records.FLAG_BLOCKCRC) != 0,
+    "lz4": lambda e: (e["flags"] & records.FLAG_LZ4) != 0,
+}
+
+
+@pytest.mark.parametrize("kind", ["raw", "lz4", "raw as zero", "lz4 as zero"])
+def test_index_entry_naming_another_record_is_refused_on_read(sealed_journal, tmp_path, kind):
+    path, images, idx = damaged_copy(sealed_journal, tmp_path, 0, False)
+    if kind.endswith(" as zero"):  # the entry of a write claims a zero record
+        i = int(np.flatnonzero(KINDS[kind.split()[0]](idx.extents))[0])
+        idx.extents["type"][i] = records.REC_ZERO
+        idx.extents["flags"][i] = 0
+        idx.extents["stored"][i] = 0
+    else:
+        _swap(idx, KINDS[kind])
+    idx.write()
+    wrong = 0
+    with Journal.open(path) as j:
+        for seq, image in images.items():
+            with j.view(seq) as view:
+                for at in range(0, len(image), 16 * KiB):
+                    try:
+                        got = view.read(0, at, 16 * KiB)
+                    except CorruptRecordError:
+                        continue
+                    wrong += got != image[at : at + 16 * KiB]
+    assert wrong == 0

@@ -276,7 +276,10 @@ class LoaderMixin(JournalState):
         self._checkpoints.extend(checkpoints)
 
     def _adopt_index(self, seg: Segment, parsed: SegmentIndex, ordered: bool) -> bool:
-        """Put a checked index file's extents, statistics and checkpoints in place."""
+        """Put a checked index file's extents, statistics and checkpoints in place, once
+        its checkpoints are found to be the records they name (False: rescan)."""
+        if not indexfile.checkpoints_match(seg, parsed):
+            return False
         try:
             with self._index_lock:
                 if parsed.presorted:

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zcore import records
-from zcore.errors import ClosedError, ConfigError, CorruptRecordError, ZcoreError
 from zcore._native import record as _rec
+from zcore.errors import ClosedError, ConfigError, CorruptRecordError, ZcoreError
 from zcore.fsutil import read_state, write_state
 from zcore.journal import Journal, JournalSettings, VolumeSpec
 from zcore.journal.indexfile import INDEX_CKPT, INDEX_HEADER, INDEX_STATS

@@ -311,11 +311,14 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
             newest = self._checkpoints[-1] if self._checkpoints else None
             configured = self.settings.history_seconds
             held = max(0.0, now - oldest.time) if oldest else 0.0
-            # a young journal cannot hold more history than it has lived
-            expected = min(configured, max(0.0, now - self.created_ns / 1e9))
-            ratio = held / expected if expected > 0 else 1.0
-            state = (HistoryState.OK if ratio >= 0.85 else
-                     HistoryState.WARNING if ratio >= 0.75 else HistoryState.ERROR)
+            # a journal younger than its history is building it up: no judgement yet
+            # (the first checkpoints may come only after hours of initial sync)
+            if now - self.created_ns / 1e9 < configured:
+                state = HistoryState.BUILDING
+            else:
+                ratio = held / configured
+                state = (HistoryState.OK if ratio >= 0.85 else
+                         HistoryState.WARNING if ratio >= 0.75 else HistoryState.ERROR)
             hard = self.hard_limit_bytes
             warn = int(hard * self.settings.warning_fraction) if hard is not None else None
             size = self.size_bytes

@@ -145,6 +145,7 @@ class ReopenReport:
 class HistoryState(StrEnum):
     """How much of the configured history the journal holds."""
 
+    BUILDING = "building"  # younger than its history: the grace while history builds up
     OK = "ok"  # at least 85 %
     WARNING = "warning"  # at least 75 %
     ERROR = "error"  # less

@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from zcore import wire
 from zcore.errors import JournalFullError, ZcoreError
 from zcore.journal import Journal
+from zcore.journal.history import RetentionEvent, RetentionKeeper
 
 if TYPE_CHECKING:
     from zcore.replication.receiver import RecoveryConnection
@@ -42,11 +44,15 @@ class VPGReceiver:
     """One VPG on the recovery site: its journals and the worker thread appending to them."""
 
     def __init__(self, name: str, owner: str, vms: list[str],
-                 journals: dict[str, Journal]) -> None:
+                 journals: dict[str, Journal],
+                 on_event: Callable[[RetentionEvent], None] | None = None) -> None:
         self.name = name
         self.owner = owner  # the site id that owns the VPG
         self.vms = vms  # VM names in ATTACH order (a bundle part's vm index)
         self.journals = journals
+        # history retention of the VPG's journals (zcore.journal.history); the recovery
+        # site runs its rounds on a timer, in a worker thread
+        self.retention = RetentionKeeper(name, journals, on_event=on_event)
         self.stats = ReceiverStats()
         self._queue: deque[_Queued] = deque()
         self._cond = threading.Condition()

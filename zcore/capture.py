@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from zcore import records
 from zcore.errors import ClosedError, ConfigError, StateError
 from zcore.fsutil import preadinto_upto
-from zcore.records import check_int
+from zcore.records import check_int as check_int  # re-exported: its home is records
 
 if TYPE_CHECKING:
     from zcore._native.capture import CaptureRing

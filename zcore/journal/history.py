@@ -181,13 +181,13 @@ class RetentionKeeper:
             if report.promoted and self._refresh is not None:
                 self._refresh()
             failed = {vm: why for vm, why in report.skipped.items() if "pins" not in why}
-            events = [self._change(vm, EventKind.PROMOTION_FAILED,
+            changes = [self._change(vm, EventKind.PROMOTION_FAILED,
                                    "error" if vm in failed else "ok",
-                                   failed.get(vm, "promotion works again"))
-                      for vm in journals]
+                                    failed.get(vm, "promotion works again"))
+                       for vm in journals]
             for vm, journal in journals.items():
-                events += self._journal_events(vm, journal, now)
-            events = [e for e in events if e is not None]
+                changes += self._journal_events(vm, journal, now)
+            events = [e for e in changes if e is not None]
         for event in events:
             log.log(logging.INFO if event.state in ("ok", "building") else logging.WARNING,
                     "%s VM %s: %s", self.name, event.vm, event.message)

@@ -432,3 +432,24 @@ def test_index_entry_naming_another_record_is_refused_on_read(sealed_journal, tm
                         continue
                     wrong += got != image[at : at + 16 * KiB]
     assert wrong == 0
+
+
+def test_wide_item_buffer_is_refused_by_nbd_files_and_scratch_overlays(tmp_path):
+    from zcore.nbd.exports import FileBackend
+    from zcore.recovery import ScratchOverlay
+
+    wide = memoryview(bytearray(b"w" * 4096)).cast("I")
+    backend = FileBackend(tmp_path / "img", size=MiB)
+    with pytest.raises(ConfigError):
+        backend.write(0, wide)
+    buf = bytearray(4096)
+    backend.read_into(0, buf)
+    assert buf == bytes(4096)
+    backend.close()
+    j = make(tmp_path / "j")
+    scratch = ScratchOverlay.open(j, j.checkpoint(), 0)
+    with pytest.raises(ConfigError):
+        scratch.write(0, wide)
+    assert scratch.read(0, 4096) == bytes(4096)
+    scratch.close()
+    j.close()

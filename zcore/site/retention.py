@@ -20,13 +20,18 @@ from collections.abc import Callable, Iterable
 
 from zcore.errors import ZcoreError
 from zcore.journal import history
-from zcore.journal.history import DEFAULT_INTERVAL, RetentionReport
+from zcore.journal.history import (
+    DEFAULT_INTERVAL,
+    RetentionEvent,
+    RetentionKeeper,
+    RetentionReport,
+)
 from zcore.site.recovery_vpg import RecoveryVPG
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_INTERVAL", "RetentionReport", "apply_retention", "retention_target",
-           "run_retention"]
+__all__ = ["DEFAULT_INTERVAL", "RetentionEvent", "RetentionReport", "apply_retention",
+           "keeper_for", "retention_target", "run_retention"]
 
 
 def retention_target(vpg: RecoveryVPG, *, now: float | None = None,
@@ -51,19 +56,35 @@ def apply_retention(vpg: RecoveryVPG, *, now: float | None = None,
     return report
 
 
+def keeper_for(vpg: RecoveryVPG, *,
+               on_event: Callable[[RetentionEvent], None] | None = None) -> RetentionKeeper:
+    """The retention mechanism of zcore.journal.history for `vpg`: rounds that find their
+    target in the VPG's catalogue, refresh it after promoting and report state changes."""
+    return RetentionKeeper(vpg.name, lambda: vpg.journals,
+                           target=lambda now: retention_target(vpg, now=now),
+                           refresh=vpg.refresh, on_event=on_event)
+
+
 async def run_retention(vpgs: Callable[[], Iterable[RecoveryVPG]], stop: asyncio.Event, *,
                         interval: float = DEFAULT_INTERVAL,
                         on_report: Callable[[RetentionReport], None] | None = None,
+                        on_event: Callable[[RetentionEvent], None] | None = None,
                         clock: Callable[[], float] = time.time) -> None:
     """The scheduler's retention loop: every `interval` seconds, one round over the VPGs
     `vpgs()` returns, each in a worker thread, until `stop` is set; `on_report` gets
-    every round that promoted or skipped something."""
+    every round that promoted or skipped something, `on_event` every change of a
+    journal's history or limit state (zcore.journal.history.RetentionEvent)."""
+    keepers: dict[int, tuple[RecoveryVPG, RetentionKeeper]] = {}
     while not stop.is_set():
-        for vpg in list(vpgs()):
+        current = list(vpgs())
+        keepers = {id(v): keepers.get(id(v)) or (v, keeper_for(v, on_event=on_event))
+                   for v in current}
+        for vpg in current:
             if stop.is_set():
                 return
+            keeper = keepers[id(vpg)][1]
             try:
-                report = await asyncio.to_thread(apply_retention, vpg, now=clock())
+                report = await asyncio.to_thread(keeper.run_round, now=clock())
             except ZcoreError as exc:  # a closed VPG (deleted meanwhile) or a bad journal
                 log.warning("retention of VPG %s skipped: %s", vpg.name, exc)
                 continue

@@ -266,8 +266,10 @@ int zc_pread_full(int fd, void *buf, size_t n, uint64_t pos)
 
 #define TABLE_CHUNK 1024u /* block CRCs fetched per pread (4 KiB) */
 
-int zc_read_blockcrc(int fd, uint64_t pos, uint32_t length, uint64_t src_off, uint64_t n,
-                     uint8_t *dst)
+/* zc_read_blockcrc; `first_crcs`, when not NULL, holds the CRCs of the first chunk of
+ * blocks the read touches (already read along with the record header). */
+static int read_blockcrc(int fd, uint64_t pos, uint32_t length, uint64_t src_off, uint64_t n,
+                         uint8_t *dst, const uint8_t *first_crcs)
 {
     if (n == 0)
         return ZC_OK;
@@ -280,7 +282,13 @@ int zc_read_blockcrc(int fd, uint64_t pos, uint32_t length, uint64_t src_off, ui
     uint64_t b = src_off / ZC_CRC_BLOCK, b_last = (end - 1) / ZC_CRC_BLOCK;
     while (b <= b_last) {
         uint64_t nb = b_last - b + 1 < TABLE_CHUNK ? b_last - b + 1 : TABLE_CHUNK;
-        int st = zc_pread_full(fd, crcs, nb * 4, pos + ZC_RECORD_HEADER_SIZE + b * 4);
+        int st = ZC_OK;
+        if (first_crcs) {
+            memcpy(crcs, first_crcs, nb * 4);
+            first_crcs = NULL;
+        } else {
+            st = zc_pread_full(fd, crcs, nb * 4, pos + ZC_RECORD_HEADER_SIZE + b * 4);
+        }
         if (st)
             return st;
         uint64_t i = 0;
@@ -329,4 +337,61 @@ int zc_read_blockcrc(int fd, uint64_t pos, uint32_t length, uint64_t src_off, ui
         b += nb;
     }
     return ZC_OK;
+}
+
+int zc_read_blockcrc(int fd, uint64_t pos, uint32_t length, uint64_t src_off, uint64_t n,
+                     uint8_t *dst)
+{
+    return read_blockcrc(fd, pos, length, src_off, n, dst, NULL);
+}
+
+/* ZC_OK when the header at buf is valid and is the record the index entry `e` names. */
+static int header_is(const uint8_t *buf, const zc_extent *e)
+{
+    zc_extent h;
+    uint32_t pcrc;
+    int st = zc_parse_header(buf, &h, &pcrc);
+    if (st)
+        return st;
+    if (h.seq != e->seq || h.volume != e->volume || h.offset != e->offset ||
+        h.length != e->length || h.stored != e->stored || h.type != e->type ||
+        h.flags != e->flags)
+        return ZC_E_BAD_RECORD;
+    return ZC_OK;
+}
+
+int zc_check_record_header(int fd, const zc_extent *e)
+{
+    uint8_t hdr[ZC_RECORD_HEADER_SIZE];
+    int st = zc_pread_full(fd, hdr, sizeof hdr, e->pos);
+    return st ? st : header_is(hdr, e);
+}
+
+/* Header plus block CRCs read in one pread while the CRCs a read needs start within
+ * this many bytes of the record: a 4 KiB read of a record up to 4 MiB costs the same two
+ * preads (header and CRCs, then data) as it did before the header was checked. */
+#define HEADER_AND_TABLE 1024u
+
+int zc_read_record(int fd, const zc_extent *e, uint64_t src_off, uint64_t n, uint8_t *dst)
+{
+    if (n == 0)
+        return ZC_OK;
+    if (src_off + n > e->length || src_off + n < src_off)
+        return ZC_E_ARG;
+    uint64_t b = src_off / ZC_CRC_BLOCK, b_last = (src_off + n - 1) / ZC_CRC_BLOCK;
+    uint64_t nb = b_last - b + 1 < TABLE_CHUNK ? b_last - b + 1 : TABLE_CHUNK;
+    uint64_t need = ZC_RECORD_HEADER_SIZE + (b + nb) * 4;
+    int st;
+    if (need > HEADER_AND_TABLE + ZC_RECORD_HEADER_SIZE) {
+        st = zc_check_record_header(fd, e);
+        return st ? st : read_blockcrc(fd, e->pos, e->length, src_off, n, dst, NULL);
+    }
+    uint8_t buf[HEADER_AND_TABLE + ZC_RECORD_HEADER_SIZE];
+    st = zc_pread_full(fd, buf, need, e->pos);
+    if (st == ZC_OK)
+        st = header_is(buf, e);
+    if (st)
+        return st;
+    return read_blockcrc(fd, e->pos, e->length, src_off, n, dst,
+                         buf + ZC_RECORD_HEADER_SIZE + b * 4);
 }

@@ -101,6 +101,18 @@ int zc_scan(zc_scan_ctx *ctx, const uint8_t *buf, size_t len, zc_extent_vec *vec
 int zc_read_blockcrc(int fd, uint64_t pos, uint32_t length, uint64_t src_off, uint64_t n,
                      uint8_t *dst);
 
+/* Check that the record header at file position e->pos of `fd` is valid and names the
+ * record the index entry `e` describes (seq, volume, offset, length, stored, type and
+ * flags equal): an index entry that passed its file's CRC but points elsewhere is caught
+ * before its bytes are used.  ZC_OK, ZC_E_BAD_RECORD (another record), ZC_E_HEADER_CRC,
+ * ZC_E_TRUNCATED or ZC_E_IO. */
+int zc_check_record_header(int fd, const zc_extent *e);
+
+/* zc_read_blockcrc of the raw record of index entry `e` (header at e->pos), after
+ * zc_check_record_header; the header and the block CRCs are read in one pread where
+ * they are close.  Same returns as both. */
+int zc_read_record(int fd, const zc_extent *e, uint64_t src_off, uint64_t n, uint8_t *dst);
+
 /* pread exactly n bytes (retrying short reads and EINTR): ZC_OK, ZC_E_TRUNCATED, ZC_E_IO */
 int zc_pread_full(int fd, void *buf, size_t n, uint64_t pos);
 

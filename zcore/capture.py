@@ -10,7 +10,6 @@ replication is asynchronous (like DRBD protocol A).  Volumes are created and own
 
 from __future__ import annotations
 
-import operator
 import os
 import stat
 from typing import TYPE_CHECKING
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING
 from zcore import records
 from zcore.errors import ClosedError, ConfigError, StateError
 from zcore.fsutil import preadinto_upto
+from zcore.records import check_int as check_int  # re-exported: its home is records
 
 if TYPE_CHECKING:
     from zcore._native.capture import CaptureRing
@@ -31,20 +31,6 @@ class _NoRing:
 
     def write(self, *args: object) -> int:
         raise self.error
-
-
-def check_int(what: str, value: object) -> int:
-    """`value` as an int, or ConfigError: a bool or a float (`True`, `0.0`, `512.0`) is
-    refused as a volume id, offset or length, never read as the number it equals."""
-    if type(value) is int:
-        return value
-    if isinstance(value, bool):
-        raise ConfigError(f"{what} must be an integer, not a bool ({value!r})")
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise ConfigError(f"{what} must be an integer, not {type(value).__name__} "
-                          f"({value!r})") from None
 
 
 def backing_size(path: str | os.PathLike[str]) -> int:
@@ -106,6 +92,8 @@ class ProtectedVolume:
         offset that is not an int (a bool, a float) is a ConfigError; nothing is written."""
         if type(offset) is not int:
             offset = check_int("write offset", offset)
+        if type(data) is not bytes and type(data) is not bytearray:
+            data = records.byte_view(data)  # the one rule: item size 1
         return self._ring.write(self._fd, self.id, self.size, offset, data)
 
     def write_zeroes(self, offset: int, length: int) -> int:

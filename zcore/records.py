@@ -7,6 +7,7 @@ saves space, raw with per-block CRCs otherwise) and packs checkpoint payloads.
 
 from __future__ import annotations
 
+import operator
 import struct
 from dataclasses import dataclass
 from enum import StrEnum
@@ -46,8 +47,41 @@ _CKPT_HEAD = struct.Struct("<BBH")
 LZ4_MIN_SAVING = 1 / 16
 
 
+def check_int(what: str, value: object) -> int:
+    """`value` as an int, or ConfigError: a bool or a float (`True`, `0.0`, `512.0`) is
+    refused as a volume id, offset or length, never read as the number it equals."""
+    if type(value) is int:
+        return value
+    if isinstance(value, bool):
+        raise ConfigError(f"{what} must be an integer, not a bool ({value!r})")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ConfigError(f"{what} must be an integer, not {type(value).__name__} "
+                          f"({value!r})") from None
+
+
+def byte_view(data: object, what: str = "write data") -> memoryview:
+    """`data` as a flat memoryview of bytes, or ConfigError: the one check of every path
+    where write data enters (the journal's append, protected volumes, NBD, scratch).
+    A buffer whose items are wider than a byte (`memoryview(...).cast("I")`, a numpy
+    array of int32) is refused, never measured in items while its bytes are encoded."""
+    try:
+        view = memoryview(data)  # type: ignore[arg-type]
+    except TypeError:
+        raise ConfigError(f"{what} must be a bytes-like buffer, not "
+                          f"{type(data).__name__}") from None
+    if view.itemsize != 1 or not view.c_contiguous:
+        raise ConfigError(f"{what} must be a contiguous buffer of bytes (item size "
+                          f"{view.itemsize}, format {view.format!r}); cast it to bytes first")
+    return view if view.ndim == 1 and view.format == "B" else view.cast("B")
+
+
 def check_range(offset: int, length: int, size: int | None = None) -> None:
     """Raise unless [offset, offset+length) is sector-aligned, non-empty and within size."""
+    if type(offset) is not int or type(length) is not int:  # True, 0.0, 512.0: refused
+        check_int("offset", offset)
+        check_int("length", length)
     if offset < 0 or length <= 0:
         raise ConfigError(f"invalid range {offset}+{length}")
     if offset % SECTOR or length % SECTOR:
@@ -74,6 +108,7 @@ def encode_write(
     sync: bool = False,
 ) -> bytes:
     """One write as a record: zero, LZ4 (when it pays) or raw with block CRCs."""
+    data = byte_view(data)
     length = len(data)
     check_range(offset, length)
     if length > MAX_WRITE:

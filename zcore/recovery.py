@@ -184,7 +184,7 @@ class ScratchOverlay:
 
     def write(self, offset: int, data: Buffer) -> int:
         """Keep `data` at `offset` in the overlay; returns the bytes written."""
-        data = memoryview(data).cast("B")
+        data = records.byte_view(data)  # the one rule for write data: item size 1
         length = len(data)
         with self._lock:
             s0, s1 = self._check(offset, length)

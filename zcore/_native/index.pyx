@@ -162,17 +162,22 @@ cdef class ExtentIndex:
                         memset(out + fr.dst, 0, fr.length)
                     else:
                         st = zc_pread_full(fd, out + fr.dst, fr.length, fr.src)
-                elif fr.ext.type == ZC_REC_ZERO:
-                    memset(out + fr.dst, 0, fr.length)
-                elif fr.ext.flags & ZC_FLAG_LZ4:
-                    pending_lz4 += 1
                 else:
+                    # every journal byte comes from the record its index entry names:
+                    # the header at its position is checked against the entry (an index
+                    # file can pass its CRC and still be wrong)
                     fd = self.seg_fds[fr.ext.segment] if fr.ext.segment < self.nseg else NO_FD
                     if fd < 0:
                         st = ZC_E_ARG
+                    elif fr.ext.type == ZC_REC_ZERO:
+                        st = zc_check_record_header(fd, &fr.ext)
+                        if st == 0:
+                            memset(out + fr.dst, 0, fr.length)
+                    elif fr.ext.flags & ZC_FLAG_LZ4:
+                        st = zc_check_record_header(fd, &fr.ext)
+                        pending_lz4 += 1
                     else:
-                        st = zc_read_blockcrc(fd, fr.ext.pos, fr.ext.length, fr.src,
-                                              fr.length, out + fr.dst)
+                        st = zc_read_record(fd, &fr.ext, fr.src, fr.length, out + fr.dst)
                 if st:
                     bad = i
                     break

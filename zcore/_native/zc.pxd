@@ -77,6 +77,9 @@ cdef extern from "zc_record.h" nogil:
     int zc_read_blockcrc(int fd, uint64_t pos, uint32_t length, uint64_t src_off, uint64_t n,
                          uint8_t *dst)
     int zc_pread_full(int fd, void *buf, size_t n, uint64_t pos)
+    int zc_check_record_header(int fd, const zc_extent *e)
+    int zc_read_record(int fd, const zc_extent *e, uint64_t src_off, uint64_t n,
+                       uint8_t *dst)
 
 cdef extern from "zc_index.h" nogil:
     ctypedef struct zc_index:

@@ -10,6 +10,7 @@ Sits at the end of the data path.  This package is its public face; the parts:
     catalogue     the checkpoint catalogue and its filters
     readthrough   views, reads as of a seq, the LZ4 cache
     retention     retention and promotion
+    history       history retention of a group of journals: rounds, targets, events
     state, core   the shared state and locks; the Journal class composing the parts
 
 On-disk layout of a journal directory (docs/format.md 7):

@@ -10,7 +10,7 @@ import bisect
 
 from zcore.errors import CheckpointNotFoundError, ConfigError
 from zcore.journal.state import JournalState
-from zcore.records import Checkpoint, CheckpointKind
+from zcore.records import Checkpoint, CheckpointKind, check_int
 
 
 def matches(c: Checkpoint, start: float | None, end: float | None, tag: str | None,
@@ -43,20 +43,24 @@ class CatalogueMixin(JournalState):
             raise ConfigError(f"unknown checkpoint kind {kind!r}")
         self.wait_loaded()
         with self._lock:
+            self._check_open()
             return [c for c in self._checkpoints
                     if matches(c, start, end, tag, kind, consistent)]
 
     def latest_checkpoint(self, *, consistent: bool = True) -> Checkpoint:
         self.wait_loaded()
         with self._lock:
+            self._check_open()
             for c in reversed(self._checkpoints):
                 if c.consistent or not consistent:
                     return c
         raise CheckpointNotFoundError(f"journal {self.path} holds no checkpoint yet")
 
     def checkpoint_by_id(self, checkpoint_id: int) -> Checkpoint:
+        checkpoint_id = check_int("checkpoint id", checkpoint_id)
         self.wait_loaded()
         with self._lock:
+            self._check_open()
             i = bisect.bisect_left(self._checkpoints, checkpoint_id, key=lambda c: c.seq)
             if i < len(self._checkpoints) and self._checkpoints[i].seq == checkpoint_id:
                 return self._checkpoints[i]

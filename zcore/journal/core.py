@@ -32,7 +32,14 @@ from zcore.journal import indexfile, segments
 from zcore.journal.catalogue import CatalogueMixin
 from zcore.journal.committer import CommitterMixin
 from zcore.journal.loader import LoaderMixin
-from zcore.journal.meta import META_FORMAT, META_NAME, META_VERSION, read_meta, write_meta
+from zcore.journal.meta import (
+    META_FORMAT,
+    META_NAME,
+    META_VERSION,
+    check_meta,
+    read_meta,
+    write_meta,
+)
 from zcore.journal.readthrough import Lz4Cache, ReadThroughMixin
 from zcore.journal.retention import RetentionMixin
 from zcore.journal.segments import Segment
@@ -44,6 +51,7 @@ from zcore.journal.settings import (
     ReopenReport,
     SegmentInfo,
     VolumeSpec,
+    check_volumes,
 )
 from zcore.records import Checkpoint
 
@@ -57,19 +65,17 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
         self._index_lock = threading.Lock()
         self._lock_fd = lock_fd
         self._meta = meta
-        self.journal_id = bytes.fromhex(meta["journal_id"])
-        self.vm = meta["vm"]
-        self.settings = JournalSettings(**meta["settings"])
-        self.volumes = {
-            int(v["id"]): VolumeSpec(int(v["id"]), v["name"], int(v["size"]))
-            for v in meta["volumes"]
-        }
+        checked = check_meta(path, meta)  # CorruptRecordError for any bad field
+        self.journal_id = checked.journal_id
+        self.vm = checked.vm
+        self.settings = checked.settings
+        self.volumes = {v.id: v for v in checked.volumes}
         self._by_name = {v.name: v for v in self.volumes.values()}
         self._volume_sizes = np.zeros(max(self.volumes) + 1, dtype=np.uint64)
         for v in self.volumes.values():
             self._volume_sizes[v.id] = v.size
-        self.created_ns = int(meta["created_ns"])
-        self.promoted_seq = int(meta["promoted_seq"])
+        self.created_ns = checked.created_ns
+        self.promoted_seq = checked.promoted_seq
         self._index = ExtentIndex()
         self._segments = OrderedDict()
         self._checkpoints = []
@@ -110,18 +116,10 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
         """Create an empty journal (and sparse replicas) in the new or empty directory."""
         settings = settings or JournalSettings()
         settings.check()
-        specs = [v if isinstance(v, VolumeSpec) else VolumeSpec(*v) for v in volumes]
-        if not specs:
-            raise ConfigError("a journal needs at least one volume")
-        ids = [v.id for v in specs]
-        if len(set(ids)) != len(ids) or len({v.name for v in specs}) != len(specs):
-            raise ConfigError("volume ids and names must be unique")
-        for v in specs:
-            if not 0 <= v.id < 65536:
-                raise ConfigError(f"volume id {v.id} is outside 0..65535")
-            if v.size <= 0 or v.size % records.SECTOR:
-                raise ConfigError(f"volume {v.name!r} size {v.size} is not a positive "
-                                  f"multiple of {records.SECTOR}")
+        specs = check_volumes(v if isinstance(v, VolumeSpec) else VolumeSpec(*v)
+                              for v in volumes)
+        if not isinstance(vm, str):
+            raise ConfigError(f"vm must be a string, not {vm!r}")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if any(path.iterdir()):
@@ -246,6 +244,7 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
             parts = []
             for volume, offset, data in writes:
                 spec = self._volume(volume)
+                data = records.byte_view(data)  # item size 1: refused before any write
                 records.check_range(offset, len(data), spec.size)
                 seq += 1
                 parts.append(records.encode_write(spec.id, seq, offset, data, now,
@@ -296,6 +295,7 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
         a sealed segment's seqs are known only then)."""
         self.wait_loaded()
         with self._lock:
+            self._check_open()
             return [SegmentInfo(s.number, s.path, s.size, s.sealed, s.records,
                                 s.min_seq if s.records else 0, s.max_seq if s.records else 0)
                     for s in self._segments.values()]
@@ -305,16 +305,20 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
     def status(self, *, now: float | None = None) -> JournalStatus:
         self.wait_loaded()
         with self._lock:
+            self._check_open()
             now = time.time() if now is None else now
             oldest = self._checkpoints[0] if self._checkpoints else None
             newest = self._checkpoints[-1] if self._checkpoints else None
             configured = self.settings.history_seconds
             held = max(0.0, now - oldest.time) if oldest else 0.0
-            # a young journal cannot hold more history than it has lived
-            expected = min(configured, max(0.0, now - self.created_ns / 1e9))
-            ratio = held / expected if expected > 0 else 1.0
-            state = (HistoryState.OK if ratio >= 0.85 else
-                     HistoryState.WARNING if ratio >= 0.75 else HistoryState.ERROR)
+            # a journal younger than its history is building it up: no judgement yet
+            # (the first checkpoints may come only after hours of initial sync)
+            if now - self.created_ns / 1e9 < configured:
+                state = HistoryState.BUILDING
+            else:
+                ratio = held / configured
+                state = (HistoryState.OK if ratio >= 0.85 else
+                         HistoryState.WARNING if ratio >= 0.75 else HistoryState.ERROR)
             hard = self.hard_limit_bytes
             warn = int(hard * self.settings.warning_fraction) if hard is not None else None
             size = self.size_bytes

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -41,6 +41,45 @@ class SegmentIndex:
     extents: memoryview  # EXTENT_DTYPE entries
     presorted: bool  # v2: data extents sorted by (volume, offset, seq)
     checkpoints: list[Checkpoint]
+    # (pos, stored) of the record each checkpoint names, checked by `checkpoints_match`
+    checkpoint_records: list[tuple[int, int]] = field(default_factory=list)
+
+
+def seqs_match(seqs: np.ndarray, ckpt_seqs: list[int], min_seq: int, max_seq: int,
+               nrecords: int) -> bool:
+    """True when the seqs of an index file's entries (data extents `seqs`, checkpoints
+    `ckpt_seqs`) are distinct, as many as its record count and span exactly its own
+    [min_seq, max_seq]: an entry whose seq was changed (to 0, past the segment) passes
+    the file's CRC but not this."""
+    every = np.concatenate((seqs.astype(np.uint64), np.array(ckpt_seqs, dtype=np.uint64)))
+    if len(every) != nrecords:
+        return False
+    if not nrecords:
+        return True
+    return (int(every.min()) == min_seq and int(every.max()) == max_seq
+            and len(np.unique(every)) == nrecords)
+
+
+def checkpoints_match(seg: Segment, parsed: SegmentIndex) -> bool:
+    """True when every checkpoint of a parsed index file is the CHECKPOINT record it
+    names in `seg` (header, payload checksum, seq, time and marker all agree), so a
+    crafted checkpoint table cannot make a phantom checkpoint.  One pread per checkpoint
+    (a few hundred bytes) at load time."""
+    if len(parsed.checkpoint_records) != len(parsed.checkpoints):
+        return False
+    for c, (pos, stored) in zip(parsed.checkpoints, parsed.checkpoint_records, strict=True):
+        try:
+            raw = pread_exact(seg.fd, 64 + stored, pos, what=f"segment {seg.path}")
+            _rec.verify_payload(raw[:64], memoryview(raw)[64:])
+            head = records.read_header(raw)
+            if (head.type != records.REC_CHECKPOINT or head.seq != c.seq
+                    or head.stored != stored):
+                return False
+            if Checkpoint.from_payload(c.seq, head.time_ns, memoryview(raw)[64:]) != c:
+                return False
+        except (CorruptRecordError, OSError):
+            return False
+    return True
 
 
 def encode_index(seg: Segment, journal_id: bytes) -> bytes:
@@ -132,9 +171,10 @@ def parse_index_v2(seg: Segment, last_seq: int, body: memoryview, count: int,
     if len(body) != INDEX_STATS.size + count * esize + ckpt_bytes:
         return None
     min_time, max_time, min_seq, max_seq, nrecords = INDEX_STATS.unpack_from(body)
-    if nrecords and (min_seq <= last_seq or max_seq < min_seq or nrecords < count):
+    if nrecords and (min_seq <= last_seq or max_seq < min_seq):
         return None
     checkpoints = []
+    refs = []
     blob = body[INDEX_STATS.size + count * esize :]
     at = 0
     while at < len(blob):
@@ -144,7 +184,11 @@ def parse_index_v2(seg: Segment, last_seq: int, body: memoryview, count: int,
                 or at + stored > len(blob):
             return None
         checkpoints.append(Checkpoint.from_payload(seq, t, blob[at : at + stored]))
+        refs.append((pos, stored))
         at += stored
     extents = body[INDEX_STATS.size : INDEX_STATS.size + count * esize]
+    seqs = np.frombuffer(extents, dtype=records.EXTENT_DTYPE)["seq"]
+    if not seqs_match(seqs, [c.seq for c in checkpoints], min_seq, max_seq, nrecords):
+        return None
     return SegmentIndex(min_time, max_time, min_seq, max_seq, nrecords, extents, True,
-                        checkpoints)
+                        checkpoints, refs)

@@ -35,6 +35,7 @@ def parse_index_v1(seg: Segment, last_seq: int, body: memoryview, count: int,
         min_seq, max_seq = int(seqs[0]), int(seqs[-1])
     blob = body[INDEX_TIMES.size + count * esize :]
     checkpoints = []
+    refs = []
     at = 0
     for rec in arr[arr["type"] == records.REC_CHECKPOINT]:
         stored = int(rec["stored"])
@@ -43,8 +44,9 @@ def parse_index_v1(seg: Segment, last_seq: int, body: memoryview, count: int,
             return None
         checkpoints.append(
             Checkpoint.from_payload(int(rec["seq"]), t, blob[at + 8 : at + 8 + stored]))
+        refs.append((int(rec["pos"]), stored))
         at += 8 + stored
     if at != len(blob):
         return None
     return SegmentIndex(min_time, max_time, min_seq, max_seq, count, extents, False,
-                        checkpoints)
+                        checkpoints, refs)

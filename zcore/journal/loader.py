@@ -38,7 +38,11 @@ class LoaderMixin(JournalState):
         index files load in a background thread, so opening does not grow with the amount
         journaled; reads, views, promotion and listings wait for it (`wait_loaded`)."""
         for v in self.volumes.values():
-            fd = os.open(self.path / f"replica-{v.id:04d}.img", os.O_RDWR)
+            try:
+                fd = os.open(self.path / f"replica-{v.id:04d}.img", os.O_RDWR)
+            except FileNotFoundError:
+                raise CorruptRecordError(f"journal {self.path} lacks the replica of volume "
+                                         f"{v.id} ({v.name!r})") from None
             self._replica_fds[v.id] = fd
             with self._index_lock:
                 self._index.set_replica_fd(v.id, fd)
@@ -272,7 +276,10 @@ class LoaderMixin(JournalState):
         self._checkpoints.extend(checkpoints)
 
     def _adopt_index(self, seg: Segment, parsed: SegmentIndex, ordered: bool) -> bool:
-        """Put a checked index file's extents, statistics and checkpoints in place."""
+        """Put a checked index file's extents, statistics and checkpoints in place, once
+        its checkpoints are found to be the records they name (False: rescan)."""
+        if not indexfile.checkpoints_match(seg, parsed):
+            return False
         try:
             with self._index_lock:
                 if parsed.presorted:

@@ -67,7 +67,8 @@ class ReadThroughMixin(JournalState):
         self.wait_loaded()
         with self._lock:
             self._check_open()
-            cid = checkpoint.id if isinstance(checkpoint, Checkpoint) else int(checkpoint)
+            cid = (checkpoint.id if isinstance(checkpoint, Checkpoint)
+                   else records.check_int("checkpoint id", checkpoint))
             ckpt = self.checkpoint_by_id(cid)
             if ckpt.seq < self._promotion_floor():
                 raise CheckpointNotFoundError(f"checkpoint {cid} is being promoted away")
@@ -81,6 +82,7 @@ class ReadThroughMixin(JournalState):
         in no file any more (CheckpointNotFoundError), newer ones not yet (OutOfRangeError).
         Unlike a view, nothing is pinned: a promotion may start after the call returns."""
         self.wait_loaded()
+        seq = records.check_int("seq", seq)
         spec = self._volume(volume)
         records.check_range(offset, length, spec.size)
         with self._index_lock:
@@ -105,7 +107,10 @@ class ReadThroughMixin(JournalState):
                 self._pins.pop(seq, None)
 
     def _volume(self, volume: int | str) -> VolumeSpec:
-        spec = self._by_name.get(volume) if isinstance(volume, str) else self.volumes.get(volume)
+        if isinstance(volume, str):
+            spec = self._by_name.get(volume)
+        else:
+            spec = self.volumes.get(records.check_int("volume id", volume))
         if spec is None:
             raise OutOfRangeError(f"journal {self.path} has no volume {volume!r}")
         return spec

@@ -3,12 +3,16 @@ public segment information.  Pure data: every other journal module imports from 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
 from enum import StrEnum
 from pathlib import Path
 
 from zcore.errors import ConfigError
-from zcore.records import Checkpoint
+from zcore.records import SECTOR, Checkpoint
+
+MAX_VOLUMES = 65536  # volume ids are 0..65535 (a u16 in index and wire, u32 in records)
 
 HOUR = 3600.0
 DAY = 24 * HOUR
@@ -27,6 +31,19 @@ LZ4_CACHE_BYTES = 64 << 20
 MAX_BUNDLE = 256 << 20
 
 
+def _number(what: str, value: object, *, integer: bool = False,
+            optional: bool = False) -> None:
+    """ConfigError unless `value` is an int (a finite int or float when not `integer`,
+    None when `optional`); a bool is never a number here."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{what} must be {kind}, not {type(value).__name__} ({value!r})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{what} must be finite, not {value!r}")
+
+
 @dataclass(frozen=True)
 class VolumeSpec:
     """A protected volume as the journal knows it: VPG-wide id, name, fixed size."""
@@ -34,6 +51,33 @@ class VolumeSpec:
     id: int
     name: str
     size: int
+
+    def check(self) -> None:
+        """ConfigError unless the id is in 0..65535, the name a non-empty string and the
+        size a positive multiple of the sector size."""
+        _number("volume id", self.id, integer=True)
+        if not 0 <= self.id < MAX_VOLUMES:
+            raise ConfigError(f"volume id {self.id} is outside 0..{MAX_VOLUMES - 1}")
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"volume {self.id} needs a name (a non-empty string), "
+                              f"not {self.name!r}")
+        _number(f"volume {self.name!r} size", self.size, integer=True)
+        if self.size <= 0 or self.size % SECTOR:
+            raise ConfigError(f"volume {self.name!r} size {self.size} is not a positive "
+                              f"multiple of {SECTOR}")
+
+
+def check_volumes(specs: Iterable[VolumeSpec]) -> list[VolumeSpec]:
+    """The volume list of one journal, checked: at least one, each valid (VolumeSpec.check),
+    ids and names unique.  ConfigError otherwise."""
+    out = list(specs)
+    if not out:
+        raise ConfigError("a journal needs at least one volume")
+    for v in out:
+        v.check()
+    if len({v.id for v in out}) != len(out) or len({v.name for v in out}) != len(out):
+        raise ConfigError("volume ids and names must be unique")
+    return out
 
 
 @dataclass
@@ -48,6 +92,13 @@ class JournalSettings:
     group_commit_bytes: int = DEFAULT_GROUP_COMMIT_BYTES
 
     def check(self) -> None:
+        """ConfigError unless every field has its type and lies in its range."""
+        _number("journal history", self.history_seconds)
+        _number("journal hard limit", self.hard_limit_bytes, integer=True, optional=True)
+        _number("journal hard limit percent", self.hard_limit_percent, optional=True)
+        _number("journal warning threshold", self.warning_fraction)
+        _number("segment size", self.segment_bytes, integer=True)
+        _number("group commit size", self.group_commit_bytes, integer=True)
         if not MIN_HISTORY <= self.history_seconds <= MAX_HISTORY:
             raise ConfigError(
                 f"journal history {self.history_seconds} s is outside 1 h to 30 days"
@@ -65,6 +116,20 @@ class JournalSettings:
         if self.group_commit_bytes < 0:
             raise ConfigError("group commit size cannot be negative")
 
+    @classmethod
+    def from_dict(cls, data: object) -> JournalSettings:
+        """Settings from their dict form (journal.meta, the wire), checked: ConfigError for
+        a non-dict, an unknown field or any value `check` refuses."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"journal settings must be an object, not {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(str(k) for k in data if k not in known)
+        if unknown:
+            raise ConfigError(f"unknown journal settings: {', '.join(unknown)}")
+        settings = cls(**data)
+        settings.check()
+        return settings
+
 
 @dataclass(frozen=True)
 class ReopenReport:
@@ -80,6 +145,7 @@ class ReopenReport:
 class HistoryState(StrEnum):
     """How much of the configured history the journal holds."""
 
+    BUILDING = "building"  # younger than its history: the grace while history builds up
     OK = "ok"  # at least 85 %
     WARNING = "warning"  # at least 75 %
     ERROR = "error"  # less

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from zcore import records
 from zcore.errors import ConfigError, OutOfRangeError
 from zcore.fsutil import preadinto_upto, pwrite_all
 from zcore.nbd.protocol import MAX_NAME, SECTOR
@@ -81,7 +82,7 @@ class FileBackend:
             out[done:] = bytes(len(out) - done)  # a file shrunk under us reads as zeroes
 
     def write(self, offset: int, data: Any) -> int:
-        view = memoryview(data).cast("B")
+        view = records.byte_view(data)  # the one rule for write data: item size 1
         pwrite_all(self._fd, view, offset)
         return len(view)
 

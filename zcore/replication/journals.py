@@ -21,12 +21,14 @@ import logging
 import os
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from zcore import wire
 from zcore.errors import JournalFullError, ZcoreError
 from zcore.journal import Journal
+from zcore.journal.history import RetentionEvent, RetentionKeeper
 
 if TYPE_CHECKING:
     from zcore.replication.receiver import RecoveryConnection
@@ -98,11 +100,15 @@ class VPGReceiver:
     Without `workers`, the VPG gets a pool of one thread of its own."""
 
     def __init__(self, name: str, owner: str, vms: list[str],
-                 journals: dict[str, Journal], workers: JournalWorkers | None = None) -> None:
+                 journals: dict[str, Journal], workers: JournalWorkers | None = None,
+                 on_event: Callable[[RetentionEvent], None] | None = None) -> None:
         self.name = name
         self.owner = owner  # the site id that owns the VPG
         self.vms = vms  # VM names in ATTACH order (a bundle part's vm index)
         self.journals = journals
+        # history retention of the VPG's journals (zcore.journal.history); the recovery
+        # site runs its rounds on a timer, in a worker thread
+        self.retention = RetentionKeeper(name, journals, on_event=on_event)
         self.stats = ReceiverStats()
         self._queue: deque[_Queued] = deque()
         self._cond = threading.Condition()

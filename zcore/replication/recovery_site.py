@@ -2,7 +2,8 @@
 the site's identity, pinned peers and pairing tokens (zcore.security), checks VPG
 ownership (zcore.replication.ownership) and opens each attaching VPG's journals, whose
 worker (zcore.replication.journals) appends what the connections
-(zcore.replication.receiver) receive."""
+(zcore.replication.receiver) receive.  A timer runs the history retention of every
+attached VPG (zcore.journal.history) in a worker thread and keeps its events."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Any
 from zcore import wire
 from zcore.errors import ConfigError, ProtocolError, StateError
 from zcore.fsutil import fsync_dir
-from zcore.journal import Journal, JournalSettings, VolumeSpec
+from zcore.journal import Journal, JournalSettings, VolumeSpec, history
 from zcore.replication import timing
 from zcore.replication.journals import JournalWorkers, VPGReceiver
 from zcore.replication.ownership import read_owner, write_owner
@@ -33,8 +34,16 @@ class RecoverySite:
     """The recovery-site server: receives many VPGs into their journals."""
 
     def __init__(self, root: str | os.PathLike[str], name: str = "recovery",
-                 journal_workers: int | None = None) -> None:
+                 journal_workers: int | None = None, *,
+                 retention_interval: float = history.DEFAULT_INTERVAL,
+                 on_event: Callable[[history.RetentionEvent], None] | None = None) -> None:
         self.root = Path(root)
+        self.retention_interval = retention_interval
+        self.on_event = on_event
+        # the retention rounds' events (history state, journal full), newest last
+        self.events: deque[history.RetentionEvent] = deque(maxlen=1000)
+        self._retention: asyncio.Task[None] | None = None
+        self._retention_stop = asyncio.Event()
         self.identity = SiteIdentity.load_or_create(self.root / "site", name)
         self.peers = PeerStore(self.root / "site")
         self.tokens = PairingTokens(self.root / "site")
@@ -65,10 +74,41 @@ class RecoverySite:
             lambda: RecoveryConnection(self), host, port, ssl=ctx,
             ssl_handshake_timeout=timing.HANDSHAKE_TIMEOUT)
         sock = self._server.sockets[0].getsockname()
+        self._retention_stop = asyncio.Event()
+        self._retention = asyncio.create_task(self._run_retention(),
+                                              name="recovery-site-retention")
         return sock[0], sock[1]
+
+    async def _run_retention(self) -> None:
+        """Every `retention_interval` seconds, one retention round per attached VPG, each
+        in a worker thread (promotion reads, writes and fsyncs: never on the loop)."""
+        stop = self._retention_stop
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), self.retention_interval)
+                return
+            except TimeoutError:
+                pass
+            for receiver in list(self.receivers.values()):
+                if stop.is_set():
+                    return
+                try:
+                    await asyncio.to_thread(receiver.retention.run_round)
+                except Exception:  # one VPG's failure must not end retention for all
+                    log.exception("retention of VPG %s failed", receiver.name)
+
+    def _retention_event(self, event: history.RetentionEvent) -> None:
+        """Keep an event of a retention round (called in the round's worker thread)."""
+        self.events.append(event)
+        if self.on_event is not None:
+            self.on_event(event)
 
     async def stop(self) -> None:
         """Close every connection, stop listening, close every journal."""
+        if self._retention is not None:  # a round in progress finishes first
+            self._retention_stop.set()
+            await self._retention
+            self._retention = None
         if self._server is not None:
             self._server.close()
             for conn in list(self.connections):
@@ -142,7 +182,7 @@ class RecoverySite:
         self._claim(vpg_dir, name, peer)
         journals = self._open_journals(vpg_dir, name, vms, settings)
         receiver = VPGReceiver(name, peer.site_id, [vm for vm, _ in vms], journals,
-                               self.workers)
+                               self.workers, on_event=self._retention_event)
         self.receivers[name] = receiver
         return receiver
 

@@ -113,7 +113,7 @@ class RecoveryVPGStatus:
     newest_checkpoint: Checkpoint | None
     history_held_seconds: float
     history_configured_seconds: float
-    history_state: str  # worst of the journals': "ok", "warning", "error"
+    history_state: str  # worst of the journals': "building", "ok", "warning", "error"
     journal_bytes: int  # sums over the VPG's journals
     journal_hard_limit_bytes: int | None  # None when any journal has no hard limit
     journal_warning_bytes: int | None
@@ -548,7 +548,7 @@ class RecoveryVPG:
         rpo = self._rpo() if self._rpo is not None else None
         sync = self._sync() if self._sync is not None else None
         held = max(0.0, now - oldest.time) if oldest is not None else 0.0
-        order = ("ok", "warning", "error")
+        order = ("building", "ok", "warning", "error")
         history_state = max((s.history_state for s in sts.values()), key=order.index)
         hard = [s.hard_limit_bytes for s in sts.values()]
         warn = [s.warning_limit_bytes for s in sts.values()]
@@ -564,7 +564,7 @@ class RecoveryVPG:
             state = RecoveryVPGState.RPO_NOT_MEETING_SLA
         elif near:
             state = RecoveryVPGState.JOURNAL_NEAR_LIMIT
-        elif history_state != "ok":
+        elif history_state in ("warning", "error"):  # not while history builds up
             state = RecoveryVPGState.HISTORY_NOT_MEETING_SLA
         else:
             state = RecoveryVPGState.MEETING_SLA

@@ -3,7 +3,8 @@ FUZZ_SECONDS (20 s; ZCORE_DEEP=1: 300 s; ZCORE_FUZZ_SECONDS overrides), seeded f
 corpus/<target>/ (new inputs go to a scratch copy), crash reproducers written to
 crashes/<target>/ and kept: a crash fails the test and its file stays for the replay
 test below.  Every file under crashes/ is replayed; files named "findingN-..." reproduce
-a known issue 9 finding and are strict xfails until it is fixed.
+a known open finding and are strict xfails until it is fixed; "fixed-findingN-..." files
+replay clean as regression tests.
 
 Only the Python code is instrumented unless the extensions are built for coverage:
 build_native_for_fuzzing.sh OUT, then ZCORE_FUZZ_NATIVE=OUT runs every target on that
@@ -27,11 +28,9 @@ FUZZ_SECONDS = int(os.environ.get("ZCORE_FUZZ_SECONDS") or (300 if DEEP else 20)
 TARGETS = ["wire", "records", "bitmap", "journal_dir", "nbd"]
 # crash directories replayed with extra environment (crashes/<dir>/ -> target, env)
 VARIANTS = {"journal_dir-meta": ("journal_dir", {"ZC_FUZZ_META": "1"})}
-KNOWN = {
-    6: "issue 9 finding 6: a crafted journal.meta with a valid CRC is not validated "
-       "(open raises a non-zcore error)",
-    9: "issue 9 finding 9: wire.parse_control raises RecursionError on deeply nested JSON",
-}
+# open findings by number (reproducers named findingN-... replay as strict xfails); a fixed
+# finding's reproducer is renamed fixed-findingN-... and replays clean as a regression test
+KNOWN: dict[int, str] = {}
 
 
 def _need_atheris() -> None:

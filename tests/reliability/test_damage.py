@@ -187,8 +187,6 @@ def test_a_sealed_segment_truncated_at_a_record_boundary_is_reported(damaged) ->
     assert damaged(damage) == []
 
 
-@_xfail(5, "a CRC-valid index with one entry's seq set to 0 is trusted; views read wrong "
-        "bytes")
 def test_a_crc_valid_index_with_a_wrong_entry_seq_is_refused_or_reported(damaged) -> None:
     def damage(path: Path) -> None:
         zci = sorted(path.glob("seg-*.zci"))[1]  # a middle one: loaded in the background
@@ -210,8 +208,6 @@ def _rewrite_meta(path: Path, change: Callable[[dict], None]) -> None:
     (path / "journal.meta").write_text(json.dumps(doc))
 
 
-@_xfail(6, "a crafted journal.meta with a valid CRC: settings JournalSettings.check rejects "
-        "are accepted")
 def test_a_crc_valid_meta_with_invalid_settings_is_refused(damaged, golden) -> None:
     src, _, _ = golden
     path = src.parent / "meta5"
@@ -222,7 +218,6 @@ def test_a_crc_valid_meta_with_invalid_settings_is_refused(damaged, golden) -> N
         Journal.open(path).close()
 
 
-@_xfail(6, "a crafted journal.meta with a valid CRC raises TypeError/ValueError on open")
 def test_a_crc_valid_meta_with_a_wrongly_typed_field_raises_a_zcore_error(damaged) -> None:
     assert damaged(lambda path: _rewrite_meta(
         path, lambda m: m["volumes"][0].update(size="big"))) == []
@@ -256,15 +251,11 @@ def test_flipped_bits_in_a_replica_are_detected(damaged) -> None:
 # ---- API misuse that must not make a journal unopenable ---------------------------------
 
 
-@_xfail(11, "a new journal reports history_state 'error' at once (no grace while history "
-        "builds up)")
 def test_a_new_journal_is_not_in_history_error(tmp_path: Path) -> None:
     with create(tmp_path / "j") as journal:
         assert journal.status().history_state != "error"
 
 
-@_xfail(12, "append takes a memoryview of 4-byte items and journals a record the journal "
-        "can then never read or promote")
 def test_a_wide_item_memoryview_is_refused_or_journaled_whole(tmp_path: Path) -> None:
     path = tmp_path / "j"
     data = bytes(range(256)) * 16  # 4 KiB

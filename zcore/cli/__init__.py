@@ -4,7 +4,8 @@ One module per command group, so a command is one room: `demo_cmd` (`zcore demo`
 `nbd_cmd` (`zcore nbd ...`), `site_cmd`
 (`zcore site init|serve`) with `site_client_cmd` (`site status|pair|pairing-token`),
 `vm_cmd`, `vpg_cmd`, `checkpoint_cmd` and `activity_cmd` (events, alerts, tasks): clients of
-the site's REST API through `client`, printing through `output`; option parsers shared between groups live in `params`.
+the site's REST API through `client`, printing through `output`; option parsers shared
+between groups live in `params`.
 A new group is a `*_cmd.py` module whose click command or group is added to `main` here.
 The console script `zcore` is `zcore.cli:main`; `python -m zcore.cli` runs the same.
 """

@@ -1,7 +1,7 @@
-"""site suite (issue 10): the site service's listing paths.  Started with the library call;
-the API-level measurements join as the REST API lands.
+"""site suite (issue 10): the site service's listing paths, in the library and at the API.
 
-  site.checkpoint_list   p99 ms of listing 10,000 usable checkpoints of one VPG through
+  site.checkpoint_list_library
+                         p99 ms of listing 10,000 usable checkpoints of one VPG through
                          RecoveryVPG.checkpoints()  vs  p99 ms of building the same number
                          of Checkpoint objects from a plain Python list, same run
 
@@ -12,10 +12,22 @@ status() per journal); the p99 of a listing right after a new checkpoint arrived
 refresh then lists each journal's checkpoints) is in the details, with the issue's
 100 ms budget for one unpaginated API response.
 
-To add the API-level figure (issue: one unpaginated response of 10,000 checkpoints
-<= 100 ms), add a lister to `listers()` that calls the endpoint (e.g. an httpx client
-against a site service in this process): every lister is timed against the same
-baseline and VPG and reported as its own metric.
+At the API (uvicorn serving the app in a thread on a free loopback port, an httpx client
+with the admin token over TCP; target: p99 <= 100 ms, `met` says so):
+
+  site.api_list_vms_5000  p99 ms of one unpaginated GET /api/v1/vms?limit=5000 listing
+                          5,000 VMs (one or two volumes each) from SQLite  vs  p99 ms of
+                          SiteDB.list_vms(), the same query, same run
+  site.checkpoint_list    p99 ms of one unpaginated GET /api/v1/vpgs/NAME/checkpoints
+                          holding the 10,000 checkpoints of the VPG above, served from the
+                          RecoveryVPG (RecoveryVpgBackend)  vs  p99 ms of
+                          RecoveryVPG.checkpoints() in-process, same run
+
+The API figures' details hold the p50, the CPU ms of the process per call (client and
+server: what the figure would be on an idle machine) and, for checkpoints, the p99 right
+after a new checkpoint arrived.  Both responses are checked against their response
+models' JSON before timing.  More listers: add to `listers()` (library level) or call the
+endpoint like measure_api_checkpoints.
 """
 
 from __future__ import annotations
@@ -41,7 +53,7 @@ from zcore.site.api.backend import CheckpointPage, CheckpointQuery
 from zcore.site.db import SiteDB
 from zcore.site.recovery_vpg import RecoveryVPG
 
-DESCRIPTION = "site service: checkpoint listing through RecoveryVPG (issue 10)"
+DESCRIPTION = "site service: VM and checkpoint listings, library and REST API (issue 10)"
 
 # Checkpoints in the VPG (issue 10: one response holding 10,000 checkpoints).
 CHECKPOINTS = 10_000

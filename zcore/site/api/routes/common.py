@@ -66,6 +66,7 @@ class RecordsJson:
         nested = dict(nested or {})
         self.record = record
         self.model = model
+        self._nested = [(name, sub) for name, (sub, _) in nested.items()]
         self._records: Adapter = TypeAdapter(list[record])  # type: ignore[valid-type]
         self._models: Adapter = TypeAdapter(list[model])  # type: ignore[valid-type]
         self._include = {"__all__": self._fields(record, model, nested)}
@@ -84,9 +85,16 @@ class RecordsJson:
             include[name] = {"__all__": RecordsJson._fields(sub_record, sub_model, {})}
         return include
 
+    def _own(self, records: Sequence[Any]) -> bool:
+        if not all(type(r) is self.record for r in records):
+            return False
+        return all(
+            type(x) is sub for name, sub in self._nested for r in records for x in getattr(r, name)
+        )
+
     def dump(self, records: Sequence[Any]) -> bytes:
         """The JSON array of `records` as `list[model]` would write it."""
-        if all(type(r) is self.record for r in records):
+        if self._own(records):
             return self._records.dump_json(list(records), include=self._include)
         return self._models.dump_json(outs(self.model, records))
 

@@ -1,6 +1,7 @@
 """Smoke test of the site benchmark suite (bench/suites/site.py): it runs with --quick and
-its report names every metric with a baseline.  No timing is asserted: the numbers of
---quick mean nothing."""
+its report names every metric with a baseline, the REST API ones included (served by
+uvicorn on a loopback port; their responses are checked against the response models).
+No timing is asserted: the numbers of --quick mean nothing."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT / "bench" / "harness.py"
-METRICS = {"site.checkpoint_list", "site.volumes_1500"}
+METRICS = {"site.api_list_vms_5000", "site.checkpoint_list", "site.checkpoint_list_library",
+           "site.volumes_1500"}
+API_METRICS = {"site.api_list_vms_5000", "site.checkpoint_list"}
 
 
 def test_quick_site_suite_reports_every_metric(tmp_path):
@@ -34,6 +37,10 @@ def test_quick_site_suite_reports_every_metric(tmp_path):
             assert m["unit"] == "s" and m["baseline"] == 1.0
             for key in ("threads_per_volume", "fds_per_volume", "rss_per_volume_bytes"):
                 assert key in m["details"], m["details"]
-        else:
-            assert m["unit"] == "ms" and m["details"]["budget_ms"] == 100.0
+            continue
+        assert m["unit"] == "ms" and m["details"]["budget_ms"] == 100.0
+        if m["name"] in API_METRICS:  # served over TCP: p50 and CPU beside the p99
+            assert 0 < m["details"]["p50_ms"] <= m["value"], m
+            assert m["details"]["cpu_p50_ms"] > 0, m
+            assert isinstance(m["details"]["within_budget"], bool), m
     assert [p.name for p in tmp_path.iterdir()] == ["site.json"]  # scratch removed

@@ -9,9 +9,19 @@ from fastapi import APIRouter, Path, Query, Response
 from zcore.site.api import models as m
 from zcore.site.api.auth import PREFIX
 from zcore.site.api.backend import SiteContext, VolumeSpec
-from zcore.site.api.routes.common import ERRORS, LIMIT_MAX, PROTECTED, out, outs
+from zcore.site.api.routes.common import (
+    ERRORS,
+    LIMIT_MAX,
+    PROTECTED,
+    RecordsJson,
+    out,
+    outs,
+    page_response,
+)
+from zcore.site.db import VmRecord, VolumeRecord
 
 NamePath = Annotated[str, Path(max_length=128)]
+VMS_JSON = RecordsJson(VmRecord, m.Vm, {"volumes": (VolumeRecord, m.Volume)})
 
 
 def _spec(v: m.VolumeSpec) -> VolumeSpec:
@@ -40,15 +50,15 @@ def inventory_router(ctx: SiteContext) -> APIRouter:
         await b.unpair(site_id)
         return Response(status_code=204)
 
-    @r.get("/vms", tags=["vms"], summary="VMs by name, paged")
+    @r.get("/vms", tags=["vms"], summary="VMs by name, paged", response_model=m.Page[m.Vm])
     async def list_vms(
         limit: Annotated[int, Query(ge=1, le=LIMIT_MAX)] = 1000,
         after: Annotated[str | None, Query(max_length=128, description="cursor")] = None,
-    ) -> m.Page[m.Vm]:
+    ) -> Response:
         vms = await b.list_vms(limit + 1, after)
         more = len(vms) > limit
         vms = vms[:limit]
-        return m.Page[m.Vm](items=outs(m.Vm, vms), next_cursor=vms[-1].name if more else None)
+        return page_response(VMS_JSON, vms, vms[-1].name if more else None)
 
     @r.post("/vms", tags=["vms"], status_code=201, summary="Add a VM and its volumes")
     async def create_vm(body: m.VmCreate, response: Response) -> m.Vm:

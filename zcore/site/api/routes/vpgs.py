@@ -9,10 +9,19 @@ from fastapi import APIRouter, Path, Query, Response
 from pydantic import ValidationError
 
 from zcore.errors import ConfigError
-from zcore.records import CheckpointKind
+from zcore.records import Checkpoint, CheckpointKind
 from zcore.site.api import models as m
 from zcore.site.api.backend import CheckpointQuery, SiteContext, VpgSpec
-from zcore.site.api.routes.common import ERRORS, LIMIT_MAX, PROTECTED, accepted, out, outs
+from zcore.site.api.routes.common import (
+    ERRORS,
+    LIMIT_MAX,
+    PROTECTED,
+    RecordsJson,
+    accepted,
+    out,
+    outs,
+    page_response,
+)
 
 NamePath = Annotated[str, Path(max_length=128)]
 Start = Annotated[float | None, Query(description="from this time (seconds, inclusive)")]
@@ -20,6 +29,7 @@ End = Annotated[float | None, Query(description="until this time (seconds, exclu
 TagQ = Annotated[str | None, Query(max_length=200, description="exact tag")]
 KindQ = Annotated[CheckpointKind | None, Query()]
 ConsistentQ = Annotated[bool | None, Query()]
+CHECKPOINTS_JSON = RecordsJson(Checkpoint, m.Checkpoint)
 
 
 def _merge_settings(current: dict[str, object], patch: m.VpgSettingsPatch) -> dict[str, object]:
@@ -76,7 +86,12 @@ def vpg_router(ctx: SiteContext) -> APIRouter:
     async def vpg_status(name: NamePath) -> m.VpgStatus:
         return out(m.VpgStatus, await b.vpg_status(name))
 
-    @r.get("/vpgs/{name}/checkpoints", tags=["checkpoints"], summary="Checkpoints, paged")
+    @r.get(
+        "/vpgs/{name}/checkpoints",
+        tags=["checkpoints"],
+        summary="Checkpoints, paged",
+        response_model=m.Page[m.Checkpoint],
+    )
     async def list_checkpoints(
         name: NamePath,
         start: Start = None,
@@ -87,7 +102,7 @@ def vpg_router(ctx: SiteContext) -> APIRouter:
         order: Literal["newest", "oldest"] = "newest",
         cursor: Annotated[str | None, Query(pattern=r"^[0-9]{1,19}$")] = None,
         limit: Annotated[int, Query(ge=1, le=LIMIT_MAX)] = 1000,
-    ) -> m.Page[m.Checkpoint]:
+    ) -> Response:
         query = CheckpointQuery(
             start,
             end,
@@ -100,7 +115,7 @@ def vpg_router(ctx: SiteContext) -> APIRouter:
         )
         page = await b.list_checkpoints(name, query)
         cursor_out = None if page.next_cursor is None else str(page.next_cursor)
-        return m.Page[m.Checkpoint](items=outs(m.Checkpoint, page.items), next_cursor=cursor_out)
+        return page_response(CHECKPOINTS_JSON, page.items, cursor_out)
 
     @r.get(
         "/vpgs/{name}/checkpoints/buckets",

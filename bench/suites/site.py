@@ -225,7 +225,7 @@ def _scale_vpg(root: str, g: int, settings: Any) -> Any:
         img = Path(root) / f"v{g:04d}" / f"vm{vm}.img"
         with open(img, "wb") as f:
             f.truncate(SCALE_VOLUME_BYTES)
-        vpg.add_volume(f"vm{m}", "disk0", img)
+        vpg.add_volume(f"vm{vm}", "disk0", img)
     vpg.start()
     return vpg
 

@@ -32,6 +32,7 @@ from zcore.journal import indexfile, segments
 from zcore.journal.catalogue import CatalogueMixin
 from zcore.journal.committer import CommitterMixin
 from zcore.journal.loader import LoaderMixin
+from zcore.journal.manifest import ManifestMixin
 from zcore.journal.meta import META_FORMAT, META_NAME, META_VERSION, read_meta, write_meta
 from zcore.journal.readthrough import Lz4Cache, ReadThroughMixin
 from zcore.journal.retention import RetentionMixin
@@ -48,7 +49,8 @@ from zcore.journal.settings import (
 from zcore.records import Checkpoint
 
 
-class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, RetentionMixin):
+class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, RetentionMixin,
+              ManifestMixin):
     """One VM's journal.  Thread-safe; one process opens it at a time (flock)."""
 
     def __init__(self, path: Path, meta: dict[str, Any], lock_fd: int) -> None:

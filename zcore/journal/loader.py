@@ -167,6 +167,9 @@ class LoaderMixin(JournalState):
             with self._index_lock:
                 self._index.drop_before(self.promoted_seq)
         self._checkpoints = [c for c in self._checkpoints if c.seq >= self.promoted_seq]
+        # a crash between a promotion's watermark and its unlinks leaves segments wholly
+        # below the watermark: remove them now, or retention counts them as free space
+        self._drop_promoted()
         resumed = False
         target = int(self._meta.get("promote_target", 0))
         if target > self.promoted_seq:  # a promotion was interrupted: finish it first

@@ -21,7 +21,7 @@ from zcore.errors import (
     JournalFullError,
     status_error,
 )
-from zcore.fsutil import fsync_dir, preadinto_exact, pwrite_all
+from zcore.fsutil import preadinto_exact, pwrite_all
 from zcore.journal.meta import write_meta
 from zcore.journal.segments import Segment
 from zcore.journal.state import JournalState
@@ -116,10 +116,13 @@ class RetentionMixin(JournalState):
             return self._promote_to(min(seq, self.last_seq + 1))
 
     def _promote_to(self, target: int) -> int:
-        if target <= self.promoted_seq:
-            return self.promoted_seq
-        self.commit()
         try:
+            if target <= self.promoted_seq:
+                # nothing new to promote, but a crash may have left segments below the
+                # watermark that retention counts as freed: free them
+                self._drop_promoted()
+                return self.promoted_seq
+            self.commit()
             return self._apply_promotion(target)
         except DurabilityError:
             raise
@@ -157,16 +160,7 @@ class RetentionMixin(JournalState):
             self._index.drop_before(target)
             self._lz4_cache.clear()
         self._checkpoints = [c for c in self._checkpoints if c.seq >= target]
-        for seg in list(self._segments.values()):
-            if seg is self._active or seg.max_seq >= target:
-                continue
-            self._drop_segment(seg)
-        if self._active.records and self._active.max_seq < target:
-            # everything journaled is in the replicas: restart with an empty segment
-            old = self._active
-            self._active = self._new_segment(old.number + 1)
-            self._drop_segment(old)
-        fsync_dir(self.path)
+        self._drop_promoted()  # segments wholly below the target (manifest.py)
         return target
 
     def _promote_segment(self, seg: Segment, target: int, buf: bytearray) -> set[int]:

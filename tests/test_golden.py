@@ -19,6 +19,7 @@ import pytest
 
 from zcore import records
 from zcore._native import record as _rec
+from zcore.fsutil import read_state
 from zcore.journal import Journal, ReopenReport
 
 DATA = Path(__file__).parent / "data"
@@ -184,9 +185,33 @@ def test_golden_journal_opens_and_reads_back(golden_journal):
     assert journal.promoted_seq == JOURNAL_JSON["promoted_seq"]
     check_contents(journal)
     journal.close()
-    # reading changed nothing on disk
+    # reading changed nothing on disk but the in-place upgrade to journal format v2
+    # (docs/format.md 7.6): a manifest of the segments as found, then journal.meta v2
     for f in (GOLDEN / "journal").iterdir():
-        assert (golden_journal / f.name).read_bytes() == f.read_bytes(), f.name
+        if f.name != "journal.meta":
+            assert (golden_journal / f.name).read_bytes() == f.read_bytes(), f.name
+    old, new = (read_state(p / "journal.meta", "zcore-journal", (1, 2))
+                for p in (GOLDEN / "journal", golden_journal))
+    assert old["version"] == 1 and new == {**old, "version": 2}
+    manifest = read_state(golden_journal / "journal.manifest", "zcore-journal-manifest", 1)
+    segs = sorted(golden_journal.glob("seg-*.zcj"))
+    assert manifest["active"] == int(segs[-1].name[4:12])
+    assert [n for n, _, _ in manifest["sealed"]] == [int(p.name[4:12]) for p in segs[:-1]]
+    assert manifest["damaged"] == []
+
+
+def test_golden_v1_upgrade_interrupted_before_its_meta_is_redone(golden_journal):
+    """A crash between the upgrade's manifest and its journal.meta leaves a v1 meta
+    beside a manifest: the next open upgrades again, and the journal reads back."""
+    journal = Journal.open(golden_journal)
+    journal.close()
+    shutil.copy(GOLDEN / "journal" / "journal.meta", golden_journal / "journal.meta")
+    journal = Journal.open(golden_journal)
+    assert journal.reopen_report == ReopenReport()
+    check_contents(journal)
+    journal.close()
+    meta = read_state(golden_journal / "journal.meta", "zcore-journal", (1, 2))
+    assert meta["version"] == 2
 
 
 def test_golden_journal_reads_back_without_its_index_files(golden_journal):

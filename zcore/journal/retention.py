@@ -12,6 +12,7 @@ import os
 import time
 
 import lz4.block
+import numpy as np
 
 from zcore import records
 from zcore._native import record as _rec
@@ -22,6 +23,7 @@ from zcore.errors import (
     status_error,
 )
 from zcore.fsutil import preadinto_exact, pwrite_all
+from zcore.journal.damage import scan_segment_records
 from zcore.journal.meta import write_meta
 from zcore.journal.segments import Segment
 from zcore.journal.state import JournalState
@@ -170,10 +172,16 @@ class RetentionMixin(JournalState):
         zeros = b""
         view = memoryview(buf)[: seg.size]
         preadinto_exact(seg.fd, view, 0, what=f"segment {seg.path} (shorter than recorded)")
-        batch = _rec.scan(view[64:], 64, seg.number, 0, self._volume_sizes)
-        if batch.status:
-            raise status_error(batch.status, f"promoting from segment {seg.path}")
-        arr = batch.array()
+        # records quarantined at reopen are stepped over (their damage stays recorded);
+        # damage found only now is recorded and refused this once (damage.py)
+        scan = scan_segment_records(view, 64, seg.size, seg.number, 0, self._volume_sizes)
+        if scan.status:
+            raise status_error(scan.status, f"promoting from segment {seg.path}")
+        if self._new_damage(scan.damage):
+            raise CorruptRecordError(f"promoting from segment {seg.path}: damaged records "
+                                     "found, quarantined and reported; retry to go on")
+        arr = (np.concatenate([a for _b, a in scan.batches]) if scan.batches
+               else np.empty(0, dtype=records.EXTENT_DTYPE))
         columns = zip(arr["seq"].tolist(), arr["type"].tolist(), arr["flags"].tolist(),
                       arr["volume"].tolist(), arr["offset"].tolist(),
                       arr["length"].tolist(), arr["pos"].tolist(), arr["stored"].tolist(),
@@ -203,7 +211,7 @@ class RetentionMixin(JournalState):
                 payload = view[start : start + length]
             pwrite_all(self._replica_fds[volume], payload, offset)
             touched.add(volume)
-        del view, batch
+        del view, scan
         return touched
 
     def _drop_segment(self, seg: Segment) -> None:

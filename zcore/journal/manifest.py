@@ -112,17 +112,16 @@ class ManifestMixin(JournalState):
             if n not in sizes:
                 del listed[n]
                 if last >= floor:
-                    lo = max(prev_last + 1, floor)
-                    self._add_damage([Damage(lo, last, why=f"segment {n} is missing")])
-                    notes.append(f"segment {n} (seqs {lo}..{last}) is missing")
+                    lo = max(prev_last + 1, floor, 1)
+                    self._add_damage([Damage(lo, last,
+                                             why=f"segment {n} (seqs {lo}..{last}) is missing")])
             elif sizes[n] != length:
                 notes.append(f"segment {n} is {sizes[n]} bytes, the manifest says {length}")
             prev_last = max(prev_last, last)
         if active and active not in sizes:
-            lo = max(prev_last + 1, floor)
-            self._add_damage([Damage(lo, None, why=f"active segment {active} is missing")])
-            notes.append(f"active segment {active} is missing: its records from seq {lo} "
-                         "are lost")
+            lo = max(prev_last + 1, floor, 1)
+            self._add_damage([Damage(lo, None, why=f"active segment {active} is missing: "
+                                     f"its records from seq {lo} on are lost")])
         self._listed = listed
         return active
 

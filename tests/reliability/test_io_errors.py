@@ -23,14 +23,7 @@ def counts() -> dict[int, dict[str, int]]:
     return out
 
 
-UNLINK_LEAK = pytest.mark.xfail(
-    strict=True, reason="new finding (not in issue 9): a failed unlink in promotion leaves "
-    "the segment listed with its descriptor closed; close() closes it again (EBADF, or "
-    "another file's descriptor) and leaks the journal lock, so it cannot be reopened")
-
-
-@pytest.mark.parametrize("kind", ["write", "fsync", "rename", "truncate",
-                                  pytest.param("unlink", marks=UNLINK_LEAK), "open"])
+@pytest.mark.parametrize("kind", ["write", "fsync", "rename", "truncate", "unlink", "open"])
 @pytest.mark.parametrize("err", faults.ERRNOS, ids=["EIO", "ENOSPC"])
 def test_failed_operation_stops_the_journal_cleanly_and_loses_nothing_acknowledged(
         counts: dict[int, dict[str, int]], kind: str, err: int) -> None:

@@ -153,7 +153,7 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        write_new_manifest(path, bytes.fromhex(meta["journal_id"]))  # before the meta: 7.6
+        write_new_manifest(path, bytes.fromhex(str(meta["journal_id"])))  # before meta: 7.6
         write_meta(path, meta)
         return cls.open(path)
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from zcore._native import record as _rec
-from zcore.errors import DamagedRecordError, ZcoreError
+from zcore.errors import DamagedRecordError, ZcoreError, status_error
 
 
 @dataclass(frozen=True)
@@ -112,12 +112,13 @@ def scan_segment_records(data: Any, start: int, committed_end: int, number: int,
             last_seq = max(last_seq, dmg.seq_hi)
 
 
-def _header(data: Any, pos: int) -> dict[str, int] | None:
+def _header(data: Any, pos: int) -> tuple[int, int, int, int, int] | None:
+    """(seq, volume, offset, length, stored) of an intact record header at `pos`."""
     try:
-        head, _crc = _rec.parse_header(bytes(data[pos : pos + 64]))
+        h, _crc = _rec.parse_header(bytes(data[pos : pos + 64]))
     except ZcoreError:
         return None
-    return head
+    return h["seq"], h["volume"], h["offset"], h["length"], h["stored"]
 
 
 def _skip_damaged(data: Any, pos: int, last_seq: int, number: int,
@@ -126,16 +127,16 @@ def _skip_damaged(data: Any, pos: int, last_seq: int, number: int,
     and what was lost.  A record whose header is intact is skipped by its own length;
     otherwise the next 64-byte position with an intact header that follows in seq."""
     head = _header(data, pos)
-    why = f"segment {number} byte {pos}: status {status}"
-    if head is not None and head["seq"] > last_seq:
-        nxt = pos + _rec.record_size(head["stored"])
+    why = str(status_error(status, f"segment {number} byte {pos}"))
+    if head is not None and head[0] > last_seq:
+        seq, volume, offset, length, stored = head
+        nxt = pos + _rec.record_size(stored)
         if nxt <= len(data):
-            return nxt, Damage(head["seq"], head["seq"], head["volume"], head["offset"],
-                               head["length"], why)
+            return nxt, Damage(seq, seq, volume, offset, length, why)
     q = pos + 64
     while q + 64 <= len(data):
         head = _header(data, q)
-        if head is not None and head["seq"] > last_seq:
-            return q, Damage(last_seq + 1, head["seq"] - 1, None, 0, 0, why)
+        if head is not None and head[0] > last_seq:
+            return q, Damage(last_seq + 1, head[0] - 1, None, 0, 0, why)
         q += 64
     return None, Damage(last_seq + 1, None, None, 0, 0, why)

@@ -216,7 +216,13 @@ class LoaderMixin(JournalState):
         resumed = False
         target = int(self._meta.get("promote_target", 0))
         if target > self.promoted_seq:  # a promotion was interrupted: finish it first
-            self._promote_to(target)
+            damage = self._damage
+            try:
+                self._promote_to(target)
+            except CorruptRecordError:
+                if self._damage == damage:
+                    raise
+                self._promote_to(target)  # it found and recorded damage: step over it
             resumed = True
         self._record_files()
         r = self._report

@@ -56,10 +56,13 @@ enum zc_record_type {
 
 /* ---- journal segment file ------------------------------------------------------------ */
 #define ZC_SEGMENT_MAGIC "ZCJSEG\r\n"      /* 8 bytes */
-#define ZC_SEGMENT_VERSION 1u
+#define ZC_SEGMENT_VERSION 2u          /* 1 is still read */
 #define ZC_SEGMENT_HEADER_SIZE 64u
 /* header: 0 magic[8], 8 u32 version, 12 u32 header_size, 16 u64 segment number,
- *         24 u8 journal_id[16], 40 u64 created_ns, 48..59 reserved, 60 u32 header_crc */
+ *         24 u8 journal_id[16], 40 u64 created_ns,
+ *         v2: 48 u32 mark_units, 52 u32 mark_seq, 56 u32 mark_crc (of 0..55),
+ *             60 u32 header_crc (of 0..47);
+ *         v1: 48..59 reserved, 60 u32 header_crc (of 0..59) */
 
 /* ---- segment index file (.zci) -------------------------------------------------------- */
 #define ZC_INDEX_MAGIC "ZCJIDX\r\n"

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.journal import set_mark
 from hypothesis import given
 from hypothesis import strategies as st
 
 from zcore import records
 from zcore._native import record as _rec
 from zcore.errors import CorruptRecordError, ZcoreError
-from zcore.journal import Journal, JournalSettings, VolumeSpec
+from zcore.journal import Journal, JournalSettings, VolumeSpec, segments
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -217,7 +218,10 @@ def check_damaged(path: Path, pristine: Pristine,
     outcome = read_back(journal, pristine)
     lost = set(pristine.snapshots) - set(outcome)
     report = journal.reopen_report
-    if lost:  # every record here was durable: losing any must be reported
+    if lost and report.damage:  # quarantined committed records (issue 9): named
+        assert all(any(lo <= s <= (hi if hi is not None else s) for lo, hi in
+                       report.damaged_seqs) for s in lost), (lost, report.damaged_seqs)
+    elif lost:  # every record here was durable: losing any must be reported
         assert report.dropped_bytes > 0 and report.reason
         assert min(lost) > max(outcome, default=0), "only a tail may be dropped"
     # promotion re-reads the segments: it must refuse damage, never copy it to a replica
@@ -268,17 +272,15 @@ def test_bit_flip_in_a_record_is_detected_or_harmless(pristine, location, region
                 assert journal.reopen_report.dropped_bytes == 0
                 assert set(outcome) == set(pristine.snapshots)
                 assert set(outcome.values()) == {"exact"}
-            elif location.endswith("without index"):  # media damage: refused on open
-                assert journal is None
-            elif location == "active":  # a torn tail: everything from the record on goes
+            elif location.endswith("without index") or location == "active":
+                # damage to committed records (the whole journal was committed): since
+                # issue 9 it is quarantined and reported, never refused whole (sealed)
+                # nor dropped as a torn tail with every record after it (active)
                 assert journal is not None
-                assert journal.last_seq == max(r.seq for r in pristine.records
-                                               if r.seq < rec.seq)
                 report = journal.reopen_report
-                size = (pristine.path / segment).stat().st_size
-                assert report.dropped_bytes == size - rec.pos
-                assert set(outcome) == {s for s in pristine.snapshots if s < rec.seq}
-                assert set(outcome.values()) <= {"exact"}
+                assert report.damage and report.dropped_bytes == 0
+                assert journal.last_seq == pristine.last_seq
+                assert set(pristine.snapshots) - set(outcome) <= {rec.seq}
             elif rec.type == records.REC_CHECKPOINT and journal is None:
                 pass  # a checkpoint is checked against its record at load: found on open
             else:  # sealed, loaded from its index file: found when read, if ever
@@ -298,7 +300,9 @@ def test_bit_flip_in_a_segment_header_is_detected_or_harmless(pristine, location
             (path / segment).with_suffix(".zci").unlink()
         flip(path / segment, pos, bit)
         journal, outcome = check_damaged(path, pristine)
-        if location == "sealed":  # loaded from its index: the header is not needed
+        if location == "sealed" or segments.MARK_AT <= pos < 60:
+            # loaded from its index: the header is not needed; or the mark (v2): a
+            # damaged mark is no mark, and every record of this journal is whole
             assert journal is not None
             assert set(outcome.values()) == {"exact"}
             assert set(outcome) == set(pristine.snapshots)
@@ -346,9 +350,16 @@ def tail_records(pristine: Pristine) -> list[Rec]:
     return [r for r in pristine.records if r.segment == pristine.segments[-1]]
 
 
-def reopen_with_tail(path: Path, pristine: Pristine, tail: bytes) -> Journal:
-    """Replace the active segment of the copy at `path` with `tail` and reopen."""
-    (path / pristine.segments[-1]).write_bytes(tail)
+def reopen_with_tail(path: Path, pristine: Pristine, tail: bytes,
+                     unsynced_from: Rec | None = None) -> Journal:
+    """Replace the active segment of the copy at `path` with `tail` and reopen.  With
+    `unsynced_from`, its mark says that record and those after it were not yet durable
+    (the pristine journal was closed: its mark covers everything)."""
+    seg = path / pristine.segments[-1]
+    seg.write_bytes(tail)
+    if unsynced_from is not None:
+        before = [r.seq for r in pristine.records if r.seq < unsynced_from.seq]
+        set_mark(seg, unsynced_from.pos, before[-1])
     return Journal.open(path)
 
 
@@ -364,7 +375,7 @@ def test_torn_tail_is_truncated_and_reported(pristine):
                   | {len(tail) - 1})
     with Copy(pristine) as path:
         for cut in cuts:
-            journal = reopen_with_tail(path, pristine, tail[:cut])
+            journal = reopen_with_tail(path, pristine, tail[:cut], unsynced_from=recs[-8])
             whole = [r for r in recs if r.pos + _rec.record_size(r.stored) <= cut]
             end = whole[-1].pos + _rec.record_size(whole[-1].stored)
             report = journal.reopen_report
@@ -384,7 +395,7 @@ def test_cut_at_a_record_boundary_drops_nothing(pristine):
     tail = (pristine.path / pristine.segments[-1]).read_bytes()
     with Copy(pristine) as path:
         for r in recs[-4:]:
-            journal = reopen_with_tail(path, pristine, tail[: r.pos])
+            journal = reopen_with_tail(path, pristine, tail[: r.pos], unsynced_from=recs[-4])
             assert journal.reopen_report.dropped_bytes == 0
             assert journal.reopen_report.reason == ""
             assert journal.last_seq == max(x.seq for x in pristine.records if x.seq < r.seq)
@@ -427,7 +438,9 @@ def test_garbage_tail_is_truncated_and_reported(pristine, garbage):
 
 def test_zeroed_page_inside_the_tail_drops_from_there(pristine):
     """A crash can lose a middle page of an unsynced append while later pages survive:
-    everything from the first damaged record on is dropped, even valid records after it."""
+    everything from the first damaged record on is dropped, even valid records after it
+    (past the durable-length mark; before it the damage is quarantined instead: see
+    test_journal_integrity)."""
     recs = tail_records(pristine)
     tail = bytearray((pristine.path / pristine.segments[-1]).read_bytes())
     victim = recs[-6]
@@ -435,7 +448,7 @@ def test_zeroed_page_inside_the_tail_drops_from_there(pristine):
     tail[page : page + 4096] = bytes(4096)
     first_bad = next(r for r in recs if r.pos + _rec.record_size(r.stored) > page)
     with Copy(pristine) as path:
-        journal = reopen_with_tail(path, pristine, bytes(tail))
+        journal = reopen_with_tail(path, pristine, bytes(tail), unsynced_from=first_bad)
         assert journal.last_seq == max(r.seq for r in pristine.records if r.seq < first_bad.seq)
         assert journal.reopen_report.dropped_bytes == len(tail) - first_bad.pos
         assert set(read_back(journal, pristine).values()) == {"exact"}

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import shutil
+import struct
 from pathlib import Path
 
 import lz4.block
@@ -19,6 +20,7 @@ import pytest
 
 from zcore import records
 from zcore._native import record as _rec
+from zcore.fsutil import read_state
 from zcore.journal import Journal, ReopenReport
 
 DATA = Path(__file__).parent / "data"
@@ -184,9 +186,33 @@ def test_golden_journal_opens_and_reads_back(golden_journal):
     assert journal.promoted_seq == JOURNAL_JSON["promoted_seq"]
     check_contents(journal)
     journal.close()
-    # reading changed nothing on disk
+    # reading changed nothing on disk but the in-place upgrade to journal format v2
+    # (docs/format.md 7.6): a manifest of the segments as found, then journal.meta v2
     for f in (GOLDEN / "journal").iterdir():
-        assert (golden_journal / f.name).read_bytes() == f.read_bytes(), f.name
+        if f.name != "journal.meta":
+            assert (golden_journal / f.name).read_bytes() == f.read_bytes(), f.name
+    old, new = (read_state(p / "journal.meta", "zcore-journal", (1, 2))
+                for p in (GOLDEN / "journal", golden_journal))
+    assert old["version"] == 1 and new == {**old, "version": 2}
+    manifest = read_state(golden_journal / "journal.manifest", "zcore-journal-manifest", 1)
+    segs = sorted(golden_journal.glob("seg-*.zcj"))
+    assert manifest["active"] == int(segs[-1].name[4:12])
+    assert [n for n, _, _ in manifest["sealed"]] == [int(p.name[4:12]) for p in segs[:-1]]
+    assert manifest["damaged"] == []
+
+
+def test_golden_v1_upgrade_interrupted_before_its_meta_is_redone(golden_journal):
+    """A crash between the upgrade's manifest and its journal.meta leaves a v1 meta
+    beside a manifest: the next open upgrades again, and the journal reads back."""
+    journal = Journal.open(golden_journal)
+    journal.close()
+    shutil.copy(GOLDEN / "journal" / "journal.meta", golden_journal / "journal.meta")
+    journal = Journal.open(golden_journal)
+    assert journal.reopen_report == ReopenReport()
+    check_contents(journal)
+    journal.close()
+    meta = read_state(golden_journal / "journal.meta", "zcore-journal", (1, 2))
+    assert meta["version"] == 2
 
 
 def test_golden_journal_reads_back_without_its_index_files(golden_journal):
@@ -233,3 +259,57 @@ def test_golden_journal_accepts_new_records_and_promotion(golden_journal):
         assert view.read(0, 0, 4096) == b"\xaa" * 4096
         assert view.read(0, 4096, 32 * 1024 - 4096) == image[4096:]
     journal.close()
+
+
+# ---- journal format v2 (tests/data/golden-v2, written by tests/data/make_golden_v2.py) --
+
+GOLDEN_V2 = DATA / "golden-v2"
+JOURNAL_V2_JSON = json.loads((GOLDEN_V2 / "journal.json").read_text())
+
+
+def test_golden_v2_journal_opens_clean_reads_back_and_changes_nothing(tmp_path):
+    path = tmp_path / "journal"
+    shutil.copytree(GOLDEN_V2 / "journal", path)
+    journal = Journal.open(path)
+    assert journal.reopen_report == ReopenReport()
+    assert journal.last_seq == journal.durable_seq == JOURNAL_V2_JSON["last_seq"]
+    assert journal.promoted_seq == JOURNAL_V2_JSON["promoted_seq"]
+    expect = JOURNAL_V2_JSON["checkpoints"]
+    assert [c.seq for c in journal.checkpoints()] == [int(s) for s in expect]
+    for c in journal.checkpoints():
+        with journal.view(c) as view:
+            for v in JOURNAL_V2_JSON["volumes"]:
+                image = view.read(v["id"], 0, v["size"])
+                assert sha(image) == expect[str(c.seq)]["sha256"][str(v["id"])]
+    journal.close()
+    for f in (GOLDEN_V2 / "journal").iterdir():
+        assert (path / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_golden_v2_files_are_what_format_md_says(tmp_path):
+    src = GOLDEN_V2 / "journal"
+    assert read_state(src / "journal.meta", "zcore-journal", 2)["version"] == 2
+    manifest = read_state(src / "journal.manifest", "zcore-journal-manifest", 1)
+    segs = sorted(src.glob("seg-*.zcj"))
+    assert manifest["active"] == int(segs[-1].name[4:12])
+    for (number, length, last), seg in zip(manifest["sealed"], segs[:-1], strict=True):
+        assert number == int(seg.name[4:12]) and length == seg.stat().st_size
+        data = seg.read_bytes()
+        sizes = np.full(4, 1 << 20, dtype=np.uint64)
+        assert int(_rec.scan(data[64:], 64, number, 0, sizes).array()["seq"][-1]) == last
+    for seg in segs:
+        head = seg.read_bytes()[:64]
+        assert struct.unpack_from("<I", head, 8)[0] == 2
+        assert struct.unpack_from("<I", head, 60)[0] == _rec.crc32c(head[:48])
+    active = segs[-1].read_bytes()
+    units, _seq_low, crc = struct.unpack_from("<III", active, 48)
+    assert units * 64 == len(active) and crc == _rec.crc32c(active[:56])
+
+
+def test_make_golden_v2_reproduces_the_fixture(tmp_path):
+    spec = importlib.util.spec_from_file_location("make_golden_v2", DATA / "make_golden_v2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["", str(tmp_path / "out")])
+    for f in (GOLDEN_V2 / "journal").iterdir():
+        assert (tmp_path / "out" / "journal" / f.name).read_bytes() == f.read_bytes(), f.name

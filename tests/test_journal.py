@@ -27,6 +27,7 @@ from zcore.errors import (
     ClosedError,
     ConfigError,
     CorruptRecordError,
+    DamagedRecordError,
     DurabilityError,
     JournalFullError,
     OutOfRangeError,
@@ -1228,29 +1229,29 @@ def test_concurrent_appends_and_reads_stay_consistent(tmp_path):
     j.close()
 
 
-def test_missing_middle_segment_is_refused(tmp_path):
+def test_missing_middle_segment_is_reported_and_its_reads_refused(tmp_path):
     """Promotion only removes segments from the oldest end, so a gap in the numbers is
-    damage (a lost or half-restored file): reading on would return stale data."""
+    damage (a lost or half-restored file): reading on would return stale data.  The
+    manifest names the lost seqs; reopen reports them (it refused the whole journal with
+    CorruptRecordError before the manifest) and every read that needs them refuses."""
     rng = random.Random(25)
     j = make(tmp_path / "j")
     model = bytearray(MiB)
     fill_until_rotation(j, model, rng, segments=3)
-    j.checkpoint()
+    c = j.checkpoint()
     j.close()
     files = segment_files(tmp_path / "j")
     assert len(files) == 4
     files[1].unlink()
     files[1].with_suffix(".zci").unlink()
-    # sealed segments load in the background: the damage is refused by the first call
-    # that needs them, never by returning stale data
     j = Journal.open(tmp_path / "j")
     try:
-        with pytest.raises(CorruptRecordError):
-            j.wait_loaded()
-        with pytest.raises(CorruptRecordError):
-            j.checkpoints()
-        with pytest.raises(CorruptRecordError):
-            j.view(j.last_seq)
+        report = j.reopen_report
+        assert report.damage and report.damaged_seqs and report.dropped_bytes == 0
+        assert c.seq in report.inexact_checkpoints
+        assert j.status().inexact_checkpoints == report.inexact_checkpoints
+        with j.view(c) as view, pytest.raises(DamagedRecordError):
+            view.read(0, 0, MiB)
     finally:
         j.close()
 

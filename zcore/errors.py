@@ -28,6 +28,11 @@ class ChecksumError(CorruptRecordError):
     """A CRC32C did not match: the bytes were not returned."""
 
 
+class DamagedRecordError(CorruptRecordError):
+    """A read needs journaled records that reopening found damaged or missing and
+    quarantined (the journal's reopen report and status list them)."""
+
+
 class FormatVersionError(CorruptRecordError):
     """A file or peer speaks a format version this build cannot read."""
 

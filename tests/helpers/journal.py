@@ -1,10 +1,13 @@
-"""Test helpers shared by the journal tests: simulating a crash of the process."""
+"""Test helpers shared by the journal tests: simulating a crash of the process, and
+making a segment's durable-length mark older, as a crash before the next group commit
+leaves it (docs/format.md 7.3)."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from zcore.journal import Journal
+from zcore.journal import Journal, segments
 
 
 def quiesce(journal: Journal) -> None:
@@ -30,3 +33,22 @@ def abandon(journal: Journal) -> None:
     journal._segments.clear()
     journal._replica_fds.clear()
     journal._closed = True
+
+
+def set_mark(segment: Path, end: int, seq: int) -> None:
+    """Rewrite the durable-length mark of the v2 segment file `segment` to say that its
+    first `end` bytes (records up to `seq`) were durable: the records after `end` read as
+    a crash's unsynced tail."""
+    with open(segment, "r+b") as f:
+        head = f.read(64)
+        mark = segments.pack_mark(head[:48], end, seq)
+        assert mark is not None
+        f.seek(segments.MARK_AT)
+        f.write(mark)
+
+
+def journal_files(path: Path) -> list[Path]:
+    """Every file of the journal directory `path` a crash simulation must keep or tear:
+    journal.meta, journal.manifest, segments, index files, replicas (and the .tmp files
+    an interrupted atomic write leaves)."""
+    return sorted(p for p in Path(path).iterdir() if p.is_file())

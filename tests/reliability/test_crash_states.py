@@ -114,9 +114,6 @@ def test_promotion_kill_states_reopen_and_append_when_the_leftover_segment_is_re
     assert _appends_after_kill(states[-1]) is None
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 finding 1: a crash during promotion leaves a "
-                   "segment below the watermark that promote() never deletes: the journal "
-                   "refuses every bundle with 'nothing to promote'")
 def test_kill_during_promotion_does_not_wedge_a_journal_near_its_hard_limit() -> None:
     states, _ = _promotion_kill_states()
     wedged = [why for why in map(_appends_after_kill, states) if why is not None]

@@ -23,8 +23,7 @@ def counts() -> dict[int, dict[str, int]]:
     return out
 
 
-@pytest.mark.parametrize("kind", ["write", "fsync", "rename", "truncate",
-                                  "unlink", "open"])
+@pytest.mark.parametrize("kind", ["write", "fsync", "rename", "truncate", "unlink", "open"])
 @pytest.mark.parametrize("err", faults.ERRNOS, ids=["EIO", "ENOSPC"])
 def test_failed_operation_stops_the_journal_cleanly_and_loses_nothing_acknowledged(
         counts: dict[int, dict[str, int]], kind: str, err: int) -> None:

@@ -3,7 +3,9 @@
 Sits at the end of the data path.  This package is its public face; the parts:
     settings      value types and tunables (VolumeSpec, JournalSettings, JournalStatus...)
     meta          journal.meta, a checked state file
-    segments      segment files and their headers
+    manifest      journal.manifest: the segment set and the damage found, checked at reopen
+    damage        quarantined records: the scan that steps over them, the read refusal
+    segments      segment files, their headers and durable-length marks
     indexfile     segment index files (.zci) v2; indexfile_v1 the legacy v1 reader
     loader        reopening and the background index loader
     committer     group commit and its thread
@@ -15,6 +17,7 @@ Sits at the end of the data path.  This package is its public face; the parts:
 
 On-disk layout of a journal directory (docs/format.md 7):
     journal.meta               settings, volumes, promotion watermark (checked JSON)
+    journal.manifest           segment set, sealed lengths and last seqs, damage (checked JSON)
     seg-NNNNNNNN.zcj           segment: 64-byte header, then records
     seg-NNNNNNNN.zci           index of a sealed segment (extents + checkpoints)
     replica-NNNN.img           one sparse image per volume
@@ -22,6 +25,7 @@ On-disk layout of a journal directory (docs/format.md 7):
 
 from zcore.journal.core import Journal
 from zcore.journal.indexfile import INDEX_MAGIC, INDEX_V1, INDEX_VERSION
+from zcore.journal.manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
 from zcore.journal.meta import META_FORMAT, META_NAME, META_VERSION
 from zcore.journal.readthrough import View
 from zcore.journal.segments import SEGMENT_MAGIC, SEGMENT_VERSION
@@ -45,7 +49,8 @@ from zcore.records import Checkpoint
 
 __all__ = [
     "DAY", "DEFAULT_GROUP_COMMIT_BYTES", "DEFAULT_SEGMENT_BYTES", "HOUR", "INDEX_MAGIC",
-    "INDEX_V1", "INDEX_VERSION", "LZ4_CACHE_BYTES", "MAX_BUNDLE", "MAX_HISTORY",
+    "INDEX_V1", "INDEX_VERSION", "LZ4_CACHE_BYTES", "MANIFEST_FORMAT", "MANIFEST_NAME",
+    "MANIFEST_VERSION", "MAX_BUNDLE", "MAX_HISTORY",
     "META_FORMAT", "META_NAME", "META_VERSION", "MIN_HISTORY", "SEGMENT_MAGIC",
     "SEGMENT_VERSION", "Checkpoint", "HistoryState", "Journal", "JournalSettings",
     "JournalStatus", "ReopenReport", "SegmentInfo", "View", "VolumeSpec",

@@ -2,8 +2,13 @@
 thread; the automatic group commit hands the fsync to a committer thread so the fsync of
 one group overlaps the writes of the next.
 
+Every fdatasync of a v2 segment is preceded by a write of its durable-length mark (the
+end and last seq the previous fdatasync covered, docs/format.md 7.3): the mark never
+claims more than is durable, and it costs no fsync of its own.
+
 A mixin of Journal: `durable_seq` moves only when an fsync has returned; a failed fsync
-stops the journal until it is reopened."""
+stops the journal until it is reopened.  `_mark_lock` is a leaf: it orders the mark
+writes of the caller's and the committer's thread."""
 
 from __future__ import annotations
 
@@ -12,6 +17,9 @@ import os
 import threading
 
 from zcore.errors import DurabilityError
+from zcore.fsutil import pwrite_all
+from zcore.journal import segments
+from zcore.journal.segments import Segment
 from zcore.journal.state import JournalState
 
 log = logging.getLogger("zcore.journal")
@@ -26,13 +34,44 @@ class CommitterMixin(JournalState):
             if self.durable_seq == self.last_seq:
                 return self.durable_seq
             target = self.last_seq
+            seg = self._active
+            end = seg.size
             try:
-                os.fdatasync(self._active.fd)
+                self._write_mark(seg, seg.fd)
+                os.fdatasync(seg.fd)
             except OSError as exc:
                 self._failed = exc
-                raise DurabilityError(f"fsync of {self._active.path} failed: {exc}") from exc
+                raise DurabilityError(f"fsync of {seg.path} failed: {exc}") from exc
+            seg.synced = max(seg.synced, (end, target))
             self.durable_seq = max(self.durable_seq, target)
             return self.durable_seq
+
+    def _write_mark(self, seg: Segment, fd: int) -> None:
+        """Write `seg`'s mark for what its last completed fdatasync covered, when the mark
+        on disk states less (no fsync: the caller's next fdatasync carries it)."""
+        if seg.version < segments.SEGMENT_VERSION or seg.synced[0] <= seg.marked_end:
+            return
+        with self._mark_lock:
+            end, seq = seg.synced
+            if end <= seg.marked_end:
+                return
+            mark = segments.pack_mark(seg.head, end, seq)
+            if mark is not None:
+                pwrite_all(fd, mark, segments.MARK_AT)
+            seg.marked_end = end
+
+    def _sync_mark(self) -> None:
+        """Make the active segment's mark state everything committed (at close: one more
+        fdatasync, so a cleanly closed journal has no unmarked committed bytes)."""
+        seg = self._active
+        if seg.version < segments.SEGMENT_VERSION or seg.synced[0] <= seg.marked_end:
+            return
+        try:
+            self._write_mark(seg, seg.fd)
+            os.fdatasync(seg.fd)
+        except OSError as exc:
+            self._failed = exc
+            raise DurabilityError(f"fsync of {seg.path} failed: {exc}") from exc
 
     def _commit_in_background(self) -> None:
         """The automatic group commit: the committer thread fsyncs the active segment
@@ -40,11 +79,12 @@ class CommitterMixin(JournalState):
         self._unsynced = 0
         # the committer gets its own descriptor: promotion may close the segment's before
         # the fsync runs, and a closed number can be reused by another file
-        fd = os.dup(self._active.fd)
+        seg = self._active
+        fd = os.dup(seg.fd)
         with self._sync_cond:
             if self._sync_target is not None:
                 os.close(self._sync_target[1])
-            self._sync_target = (self.last_seq, fd)
+            self._sync_target = (self.last_seq, fd, seg, seg.size)
             if self._committer is None:
                 self._committer = threading.Thread(target=self._run_committer,
                                                    name=f"journal-commit-{self.vm}",
@@ -59,8 +99,9 @@ class CommitterMixin(JournalState):
                     self._sync_cond.wait()
                 if self._sync_target is None:
                     return
-                (seq, fd), self._sync_target = self._sync_target, None
+                (seq, fd, seg, end), self._sync_target = self._sync_target, None
             try:
+                self._write_mark(seg, fd)
                 os.fdatasync(fd)
             except OSError as exc:
                 self._failed = exc
@@ -69,6 +110,7 @@ class CommitterMixin(JournalState):
             finally:
                 os.close(fd)
             with self._lock:
+                seg.synced = max(seg.synced, (end, seq))
                 if not self._closing and seq > self.durable_seq:
                     self.durable_seq = seq
 

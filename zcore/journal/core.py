@@ -31,7 +31,9 @@ from zcore.fsutil import pwrite_all
 from zcore.journal import indexfile, segments
 from zcore.journal.catalogue import CatalogueMixin
 from zcore.journal.committer import CommitterMixin
+from zcore.journal.damage import inexact
 from zcore.journal.loader import LoaderMixin
+from zcore.journal.manifest import ManifestMixin, write_new_manifest
 from zcore.journal.meta import (
     META_FORMAT,
     META_NAME,
@@ -56,7 +58,8 @@ from zcore.journal.settings import (
 from zcore.records import Checkpoint
 
 
-class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, RetentionMixin):
+class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, RetentionMixin,
+              ManifestMixin):
     """One VM's journal.  Thread-safe; one process opens it at a time (flock)."""
 
     def __init__(self, path: Path, meta: dict[str, Any], lock_fd: int) -> None:
@@ -101,6 +104,12 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
         self._sync_cond = threading.Condition(threading.Lock())
         self._sync_target = None
         self._committer = None
+        self._mark_lock = threading.Lock()
+        # what reopening found damaged (damage.py), and the manifest's sealed segments
+        # (number -> (length, last seq); None while a v1 journal awaits its upgrade)
+        self._damage = self._damage_read = ()
+        self._listed = None
+        self._notes: list[str] = []  # what reopening found wrong with the files
 
     # ---- creation and opening ------------------------------------------------------------
 
@@ -142,6 +151,7 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        write_new_manifest(path, bytes.fromhex(str(meta["journal_id"])))  # before meta: 7.6
         write_meta(path, meta)
         return cls.open(path)
 
@@ -279,6 +289,7 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
             indexfile.write_index(old, self.journal_id)
             old.extents = []
             self._active = self._new_segment(old.number + 1)
+            self._listed_sealed()  # the manifest names it after it exists (manifest.py)
         except OSError as exc:  # appending on would go to a segment marked sealed
             raise self._stop(exc, f"sealing segment {old.path}") from exc
         return self._active
@@ -340,6 +351,8 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
                 durable_seq=self.durable_seq,
                 last_seq=self.last_seq,
                 promoted_seq=self.promoted_seq,
+                damaged_seqs=tuple((d.seq_lo, d.seq_hi) for d in self._damage),
+                inexact_checkpoints=inexact(self._damage, (c.seq for c in self._checkpoints)),
             )
 
     @property
@@ -373,6 +386,7 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
             if self._failed is None:
                 try:
                     self.commit()
+                    self._sync_mark()
                 except DurabilityError as exc:
                     error = exc
         self._stop_committer()  # without the lock: the committer takes it to finish

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,10 @@ from zcore.errors import (
 )
 from zcore.fsutil import fsync_dir
 from zcore.journal import indexfile, segments
+from zcore.journal.damage import Damage, inexact, scan_segment_records
 from zcore.journal.indexfile import SegmentIndex
+from zcore.journal.manifest import MANIFEST_NAME, read_manifest
+from zcore.journal.meta import META_VERSION, write_meta
 from zcore.journal.segments import Segment
 from zcore.journal.settings import ReopenReport
 from zcore.journal.state import JournalState
@@ -34,9 +38,10 @@ from zcore.records import Checkpoint
 class LoaderMixin(JournalState):
     def _load(self) -> None:
         """Open what appends need now: metadata, replicas, every segment's descriptor and
-        size, and the tail segment (scanned, torn tail truncated).  The sealed segments'
-        index files load in a background thread, so opening does not grow with the amount
-        journaled; reads, views, promotion and listings wait for it (`wait_loaded`)."""
+        size checked against the manifest, and the tail segment (scanned, torn tail
+        truncated).  The sealed segments' index files load in a background thread, so
+        opening does not grow with the amount journaled; reads, views, promotion and
+        listings wait for it (`wait_loaded`)."""
         for v in self.volumes.values():
             try:
                 fd = os.open(self.path / f"replica-{v.id:04d}.img", os.O_RDWR)
@@ -47,10 +52,18 @@ class LoaderMixin(JournalState):
             with self._index_lock:
                 self._index.set_replica_fd(v.id, fd)
         sizes = segments.list_segments(self.path)
+        # a v1 journal has no manifest (or a half-done upgrade's): it is upgraded once
+        # loaded (_record_files); a v2 journal without one cannot check its segments
+        v2 = int(self._meta.get("version", 1)) >= 2
+        manifest = read_manifest(self.path) if v2 else None
+        if v2 and manifest is None:
+            self._notes.append(f"{MANIFEST_NAME} is missing: the segment files could not be "
+                               "checked, and were recorded as found")
+        active = self._reconcile(manifest, sizes, self._notes) if manifest else None
         numbers = sorted(sizes)
         dropped = dropped_segments = 0
         reason = ""
-        if numbers and segments.tail_segment_torn(
+        if numbers and numbers[-1] == (active or numbers[-1]) and segments.tail_segment_torn(
                 segments.segment_path(self.path, numbers[-1]), numbers[-1], self.journal_id):
             # a crash while rotation created the newest segment, before its header was
             # durable; records are only appended after that, so it held nothing
@@ -64,26 +77,29 @@ class LoaderMixin(JournalState):
         for number in numbers:  # sealed ones get their descriptor from the loader
             self._segments[number] = Segment(number, segments.segment_path(self.path, number),
                                              -1, sizes[number], sealed=True)
-        if numbers:
-            self._open_segment(self._segments[numbers[-1]])
-            if len(numbers) > 1:
-                self._open_segment(self._segments[numbers[-2]])
-        sealed = numbers[:-1]
+        # the tail: the newest segment, unless the manifest's active one is missing
+        tail = numbers[-1] if numbers and active in (None, numbers[-1]) else None
+        sealed = numbers[:-1] if tail is not None else numbers
+        for number in sealed[-1:] + ([tail] if tail is not None else []):
+            self._open_segment(self._segments[number])
         background = bool(sealed)
-        prev_max = (indexfile.tail_max_seq(self._segments[sealed[-1]], self.journal_id)
-                    if sealed else 0)
+        prev_max = self._sealed_last(sealed)
         if prev_max is None:
             # the newest sealed segment cannot vouch for its last seq: load everything now
             self._load_sealed(sealed, ordered=True)
             background = False
             prev_max = max((self._segments[n].max_seq for n in sealed), default=0)
-        if numbers:
-            dropped_tail, tail_reason = self._open_tail(self._segments[numbers[-1]], prev_max)
+        if tail is not None:
+            dropped_tail, tail_reason = self._open_tail(self._segments[tail], prev_max)
             dropped += dropped_tail
             reason = tail_reason or reason
         else:
-            self._active = self._new_segment(1)
+            self._active = self._new_segment(active or 1)
+            if self._listed is not None:
+                self._write_manifest()
         last_seq = self._active.max_seq if self._active.records else prev_max
+        # quarantined or lost committed seqs are never reused by new records
+        last_seq = max([last_seq] + [d.seq_hi for d in self._damage if d.seq_hi is not None])
         # a promotion may have emptied every segment: numbering continues above it
         self.last_seq = self.durable_seq = max(last_seq, self.promoted_seq - 1)
         self._report = ReopenReport(dropped, dropped_segments, 0, False, reason)
@@ -95,6 +111,15 @@ class LoaderMixin(JournalState):
             self._loader.start()
         else:
             self._finish_load()
+
+    def _sealed_last(self, sealed: list[int]) -> int | None:
+        """The seq the tail must follow: the manifest's last seq of the newest sealed
+        segment (a v1 journal: its .zci's); None when nothing can vouch for it."""
+        if not sealed:
+            return 0
+        if self._listed is not None and sealed[-1] in self._listed:
+            return self._listed[sealed[-1]][1]
+        return indexfile.tail_max_seq(self._segments[sealed[-1]], self.journal_id)
 
     def _open_tail(self, tail: Segment, prev_max: int) -> tuple[int, str]:
         """Scan the tail segment (it becomes the active one) after `prev_max`; returns the
@@ -108,11 +133,17 @@ class LoaderMixin(JournalState):
             os.fdatasync(tail.fd)
         except OSError as exc:
             raise DurabilityError(f"fsync of {tail.path} failed: {exc}") from exc
+        tail.synced = (tail.size, tail.max_seq if tail.records else prev_max)
         return outcome if outcome else (0, "")
 
     def _open_segment(self, seg: Segment) -> None:
         seg.fd = os.open(seg.path, os.O_RDWR)
         seg.size = os.fstat(seg.fd).st_size
+        seg.version, seg.head = segments.header_of(seg.path, seg.number, self.journal_id,
+                                                   seg.fd)
+        listed = self._listed.get(seg.number) if self._listed is not None else None
+        if listed is not None and seg.size > listed[0]:
+            seg.size = listed[0]  # bytes past a sealed segment's recorded end are not its
         with self._index_lock:
             self._index.set_segment_fd(seg.number, seg.fd)
 
@@ -142,10 +173,21 @@ class LoaderMixin(JournalState):
                     seg.extents = []
                     seg.sealed = True
                     rescanned += 1
-                if seg.records:
-                    last_seq = seg.max_seq
+                last_seq = self._check_listed(seg, last_seq)
         self._rescanned = rescanned
         return last_seq
+
+    def _check_listed(self, seg: Segment, last_seq: int) -> int:
+        """Compare a loaded sealed segment with what the manifest says it held: seqs it
+        should hold past its last intact record were lost (a truncated file).  Returns
+        the last seq of the chain after it."""
+        found = seg.max_seq if seg.records else last_seq
+        listed = self._listed.get(seg.number) if self._listed is not None else None
+        if listed is None or found >= listed[1]:
+            return found
+        self._add_damage([Damage(found + 1, listed[1], why=f"segment {seg.number} "
+                                 f"lacks its records after seq {found}")])
+        return listed[1]
 
     def _load_in_background(self, numbers: list[int], expected_last: int) -> None:
         self._go.wait()  # leave the GIL to the opening thread until open() returns
@@ -165,20 +207,49 @@ class LoaderMixin(JournalState):
             self._loaded.set()
 
     def _finish_load(self) -> None:
-        self._check_contiguous()
+        if self._listed is None:
+            self._check_contiguous()
         self._checkpoints.sort(key=lambda c: c.seq)
         if self.promoted_seq:
             with self._index_lock:
                 self._index.drop_before(self.promoted_seq)
         self._checkpoints = [c for c in self._checkpoints if c.seq >= self.promoted_seq]
+        # a crash between a promotion's watermark and its unlinks leaves segments wholly
+        # below the watermark: remove them now, or retention counts them as free space
+        self._drop_promoted()
         resumed = False
         target = int(self._meta.get("promote_target", 0))
         if target > self.promoted_seq:  # a promotion was interrupted: finish it first
-            self._promote_to(target)
+            damage = self._damage
+            try:
+                self._promote_to(target)
+            except CorruptRecordError:
+                if self._damage == damage:
+                    raise
+                self._promote_to(target)  # it found and recorded damage: step over it
             resumed = True
+        self._record_files()
         r = self._report
-        self._report = ReopenReport(r.dropped_bytes, r.dropped_segments,
-                                    self._rescanned, resumed, r.reason)
+        self._report = ReopenReport(
+            r.dropped_bytes, r.dropped_segments, self._rescanned, resumed, r.reason,
+            damage=tuple(self._notes) + tuple(d.why for d in self._damage),
+            damaged_seqs=tuple((d.seq_lo, d.seq_hi) for d in self._damage),
+            inexact_checkpoints=inexact(self._damage, (c.seq for c in self._checkpoints)))
+
+    def _record_files(self) -> None:
+        """Write the manifest when what it says changed at this open (damage found), and
+        upgrade a v1 journal in place: its manifest first, from the segments as loaded,
+        then journal.meta at version 2 (a crash between the two redoes the upgrade)."""
+        if self._listed is not None:
+            if self._damage != self._damage_read:
+                self._write_manifest()
+                self._damage_read = self._damage
+            return
+        self._listed = {s.number: (s.size, s.max_seq) for s in self._segments.values()
+                        if s is not self._active}
+        self._write_manifest()
+        self._meta["version"] = META_VERSION
+        write_meta(self.path, self._meta)
 
     def wait_loaded(self, timeout: float | None = None) -> None:
         """Wait until the sealed segments' indexes are loaded; raises what loading found
@@ -219,27 +290,44 @@ class LoaderMixin(JournalState):
 
     def _scan_segment(self, seg: Segment, last_seq: int, is_last: bool,
                       ordered: bool = True) -> tuple[int, str] | tuple[()]:
-        """Full validation of one segment.  Returns (dropped bytes, reason) when the tail
-        segment had a torn tail, () when the segment is whole."""
+        """Full validation of one segment.  A record failing inside the committed bytes
+        (a sealed segment: all of it; the tail: up to its durable-length mark) is
+        quarantined and the scan goes on after it.  Returns (dropped bytes, reason) when
+        the tail segment had a torn tail past its mark, () otherwise."""
         data = segments.read_segment(seg)
-        if not segments.check_header(seg.path, seg.number, self.journal_id, data):
+        version = segments.check_header(seg.path, seg.number, self.journal_id, data)
+        if not version:
             raise CorruptRecordError(f"segment {seg.path} has a damaged header; the journal "
                                      "needs a resync from that segment")
-        batch = _rec.scan(data[64:], 64, seg.number, last_seq, self._volume_sizes)
-        arr = batch.array()
-        self._take_batch(seg, batch, arr, self._batch_checkpoints(arr, data, 0), ordered)
-        end = 64 + batch.consumed
-        if batch.status == 0:
+        mark = segments.read_mark(data) if version >= segments.SEGMENT_VERSION else None
+        committed = (mark[0] if mark else 64) if is_last else len(data)
+        scan = scan_segment_records(data, 64, committed, seg.number, last_seq,
+                                    self._volume_sizes)
+        for batch, arr in scan.batches:
+            self._take_batch(seg, batch, arr, self._batch_checkpoints(arr, data, 0), ordered)
+        found = seg.max_seq if seg.records else last_seq
+        # damage running to the end of the committed bytes ends at their last seq
+        listed = self._listed.get(seg.number) if self._listed is not None else None
+        upto = (segments.full_seq(mark[1], found) if mark and is_last else
+                listed[1] if listed is not None and not is_last else None)
+        self._add_damage([replace(d, seq_hi=upto) if d.seq_hi is None and upto else d
+                          for d in scan.damage])
+        if mark and len(data) < committed:  # the file ends before what was committed
+            self._add_damage([Damage(found + 1, segments.full_seq(mark[1], found),
+                                     why=f"segment {seg.number} ends at byte {len(data)} "
+                                     f"but its first {committed} bytes were committed")])
+        seg.marked_end = committed if mark else 0
+        if scan.status == 0:
             return ()
-        if not is_last:
-            # sealed segments were fsynced before they were sealed: this is media damage
-            raise status_error(batch.status, f"sealed segment {seg.path} is damaged at "
+        end = scan.end
+        if not is_last:  # unreachable: a sealed segment is committed to its end
+            raise status_error(scan.status, f"sealed segment {seg.path} is damaged at "
                                f"byte {end}; the journal needs a resync from that point")
         os.ftruncate(seg.fd, end)
         os.fsync(seg.fd)
         dropped = seg.size - end
         seg.size = end
-        reason = status_error(batch.status, f"torn tail of segment {seg.number} at {end}")
+        reason = status_error(scan.status, f"torn tail of segment {seg.number} at {end}")
         return dropped, str(reason)
 
     @staticmethod

@@ -21,18 +21,20 @@ from zcore.journal.settings import JournalSettings, VolumeSpec, check_volumes
 
 META_NAME = "journal.meta"
 META_FORMAT = "zcore-journal"
-META_VERSION = 1
+META_VERSION = 2  # v2: the journal keeps journal.manifest and v2 segments
+META_VERSIONS = (1, 2)  # v1 journals open and are upgraded in place (loader)
 
 
 def write_meta(path: Path, meta: dict[str, Any]) -> None:
-    """Atomically replace the journal directory `path`'s metadata with `meta`."""
-    write_state(path / META_NAME, META_FORMAT, META_VERSION, meta)
+    """Atomically replace the journal directory `path`'s metadata with `meta`, at the
+    version `meta` states (a v1 journal stays v1 until its upgrade)."""
+    write_state(path / META_NAME, META_FORMAT, int(meta.get("version", META_VERSION)), meta)
 
 
 def read_meta(path: Path) -> dict[str, Any]:
     """The checked metadata of the journal directory `path` (CorruptRecordError on damage
     or another format, FormatVersionError on another version)."""
-    return read_state(path / META_NAME, META_FORMAT, META_VERSION)
+    return read_state(path / META_NAME, META_FORMAT, META_VERSIONS)
 
 
 U64 = 1 << 64

@@ -28,6 +28,7 @@ from zcore.errors import (
     OutOfRangeError,
 )
 from zcore.fsutil import pread_exact
+from zcore.journal.damage import refuse_damaged
 from zcore.journal.settings import LZ4_CACHE_BYTES, VolumeSpec
 from zcore.journal.state import JournalState
 from zcore.records import Checkpoint
@@ -93,6 +94,8 @@ class ReadThroughMixin(JournalState):
             if seq > self.last_seq + 1:
                 raise OutOfRangeError(f"seq {seq} is past journal {self.path}'s last seq "
                                       f"{self.last_seq}")
+            if self._damage:
+                refuse_damaged(self._damage, seq, spec.id, offset, length, self.path)
             return self._index.read(spec.id, offset, length, seq, self._load_lz4)
 
     def _promotion_floor(self) -> int:
@@ -121,6 +124,8 @@ class ReadThroughMixin(JournalState):
         records.check_range(offset, length, spec.size)
         with self._index_lock:  # never the append lock: see the module docstring
             self._check_open()
+            if self._damage:
+                refuse_damaged(self._damage, at, spec.id, offset, length, self.path)
             if out is None:
                 return self._index.read(spec.id, offset, length, at, self._load_lz4)
             self._index.read_into(spec.id, offset, out, at, self._load_lz4)

@@ -12,6 +12,7 @@ import os
 import time
 
 import lz4.block
+import numpy as np
 
 from zcore import records
 from zcore._native import record as _rec
@@ -21,7 +22,8 @@ from zcore.errors import (
     JournalFullError,
     status_error,
 )
-from zcore.fsutil import fsync_dir, preadinto_exact, pwrite_all
+from zcore.fsutil import preadinto_exact, pwrite_all
+from zcore.journal.damage import scan_segment_records
 from zcore.journal.meta import write_meta
 from zcore.journal.segments import Segment
 from zcore.journal.state import JournalState
@@ -116,10 +118,13 @@ class RetentionMixin(JournalState):
             return self._promote_to(min(seq, self.last_seq + 1))
 
     def _promote_to(self, target: int) -> int:
-        if target <= self.promoted_seq:
-            return self.promoted_seq
-        self.commit()
         try:
+            if target <= self.promoted_seq:
+                # nothing new to promote, but a crash may have left segments below the
+                # watermark that retention counts as freed: free them
+                self._drop_promoted()
+                return self.promoted_seq
+            self.commit()
             return self._apply_promotion(target)
         except DurabilityError:
             raise
@@ -157,16 +162,7 @@ class RetentionMixin(JournalState):
             self._index.drop_before(target)
             self._lz4_cache.clear()
         self._checkpoints = [c for c in self._checkpoints if c.seq >= target]
-        for seg in list(self._segments.values()):
-            if seg is self._active or seg.max_seq >= target:
-                continue
-            self._drop_segment(seg)
-        if self._active.records and self._active.max_seq < target:
-            # everything journaled is in the replicas: restart with an empty segment
-            old = self._active
-            self._active = self._new_segment(old.number + 1)
-            self._drop_segment(old)
-        fsync_dir(self.path)
+        self._drop_promoted()  # segments wholly below the target (manifest.py)
         return target
 
     def _promote_segment(self, seg: Segment, target: int, buf: bytearray) -> set[int]:
@@ -176,10 +172,16 @@ class RetentionMixin(JournalState):
         zeros = b""
         view = memoryview(buf)[: seg.size]
         preadinto_exact(seg.fd, view, 0, what=f"segment {seg.path} (shorter than recorded)")
-        batch = _rec.scan(view[64:], 64, seg.number, 0, self._volume_sizes)
-        if batch.status:
-            raise status_error(batch.status, f"promoting from segment {seg.path}")
-        arr = batch.array()
+        # records quarantined at reopen are stepped over (their damage stays recorded);
+        # damage found only now is recorded and refused this once (damage.py)
+        scan = scan_segment_records(view, 64, seg.size, seg.number, 0, self._volume_sizes)
+        if scan.status:
+            raise status_error(scan.status, f"promoting from segment {seg.path}")
+        if self._new_damage(scan.damage):
+            raise CorruptRecordError(f"promoting from segment {seg.path}: damaged records "
+                                     "found, quarantined and reported; retry to go on")
+        arr = (np.concatenate([a for _b, a in scan.batches]) if scan.batches
+               else np.empty(0, dtype=records.EXTENT_DTYPE))
         columns = zip(arr["seq"].tolist(), arr["type"].tolist(), arr["flags"].tolist(),
                       arr["volume"].tolist(), arr["offset"].tolist(),
                       arr["length"].tolist(), arr["pos"].tolist(), arr["stored"].tolist(),
@@ -209,7 +211,7 @@ class RetentionMixin(JournalState):
                 payload = view[start : start + length]
             pwrite_all(self._replica_fds[volume], payload, offset)
             touched.add(volume)
-        del view, batch
+        del view, scan
         return touched
 
     def _drop_segment(self, seg: Segment) -> None:

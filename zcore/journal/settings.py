@@ -140,6 +140,12 @@ class ReopenReport:
     rescanned_segments: int = 0
     resumed_promotion: bool = False
     reason: str = ""
+    # damage to committed data (a missing, extra or truncated segment, quarantined
+    # records): what was found, the seq ranges affected ((lo, hi), hi None: unknown) and
+    # the checkpoints whose image is no longer exact.  dropped_bytes never counts these.
+    damage: tuple[str, ...] = ()
+    damaged_seqs: tuple[tuple[int, int | None], ...] = ()
+    inexact_checkpoints: tuple[int, ...] = ()
 
 
 class HistoryState(StrEnum):
@@ -168,6 +174,8 @@ class JournalStatus:
     durable_seq: int
     last_seq: int
     promoted_seq: int
+    damaged_seqs: tuple[tuple[int, int | None], ...] = ()  # as in ReopenReport
+    inexact_checkpoints: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -281,8 +281,13 @@ def test_bit_flip_in_a_record_is_detected_or_harmless(pristine, location, region
                 assert report.damage and report.dropped_bytes == 0
                 assert journal.last_seq == pristine.last_seq
                 assert set(pristine.snapshots) - set(outcome) <= {rec.seq}
-            elif rec.type == records.REC_CHECKPOINT and journal is None:
-                pass  # a checkpoint is checked against its record at load: found on open
+            elif rec.type == records.REC_CHECKPOINT:
+                # a sealed checkpoint is checked against its record at load: refused on
+                # open, or dropped from the catalogue with its damage reported
+                if journal is not None:
+                    assert set(pristine.snapshots) - set(outcome) <= {rec.seq}
+                    if rec.seq not in outcome:
+                        assert journal.reopen_report.damage or journal.status().damaged_seqs
             else:  # sealed, loaded from its index file: found when read, if ever
                 assert journal is not None
                 assert set(outcome) == set(pristine.snapshots)

@@ -9,11 +9,12 @@ Each VM gets a directory under the adapter's `run_dir` (named after the VM):
   qmp.sock      its QMP socket: `system_powerdown` for a graceful stop, `quit` for a forced
                 one, `query-status` for status
 
-Volumes are virtio-blk drives in boot order (/dev/vda is the first, with bootindex 0) whose
-files are the NBD URIs, so QEMU itself is the NBD client: the guest's flushes reach the
-export as NBD FLUSH.  The machine has no network and no display (-nodefaults -display none)
-and `-no-reboot`: a guest that reboots exits, like one that powers off.  KVM is used when
-/dev/kvm can create a VM, with TCG as QEMU's own fallback (`-accel kvm -accel tcg`); TCG
+Volumes are virtio-blk drives in boot order (/dev/vda is the first; bootindex 1, since a
+direct kernel boot takes index 0) whose files are the NBD URIs, so QEMU itself is the NBD
+client: the guest's flushes reach the export as NBD FLUSH.  The machine has no network and
+no display (-nodefaults -display none) and `-no-reboot`: a guest that reboots exits, like
+one that powers off.  KVM is used when `kvm_usable()` (hardware virtualization and a
+/dev/kvm that creates VMs), with TCG as QEMU's own fallback (`-accel kvm -accel tcg`); TCG
 otherwise.  Direct kernel boot takes `kernel`, `initrd` and `append` from `QemuConfig`.
 
 Every method blocks (process start, QMP round trips, waits for exit): call them from worker
@@ -77,9 +78,25 @@ class QemuConfig:
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
 
+def _cpu_has_virtualization() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool({"vmx", "svm"} & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False
+
+
 def kvm_usable() -> bool:
-    """Whether /dev/kvm opens and can create a VM (a device node alone is not enough:
-    inside some containers and guests the node is there but KVM_CREATE_VM fails)."""
+    """Whether KVM can run an ordinary guest: /dev/kvm opens, creates a VM, and the CPU has
+    hardware virtualization (vmx or svm).  The device alone is not enough: these machines
+    run under kvm_pvm, whose /dev/kvm creates VMs but runs only PVM-aware guest kernels (a
+    stock Debian kernel hangs before its first console line), and their CPUs show neither
+    flag; with QEMU's `-accel kvm -accel tcg` such a KVM would never fall back to TCG."""
+    if not _cpu_has_virtualization():
+        return False
     try:
         fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
     except OSError:
@@ -170,7 +187,7 @@ class QemuAdapter(Adapter):
         for i, uri in enumerate(nbd_uris):
             args += ["-drive", f"file={_opt(uri)},format=raw,if=none,id=disk{i},"
                                f"cache={cfg.cache}",
-                     "-device", f"virtio-blk-pci,drive=disk{i},bootindex={i}"]
+                     "-device", f"virtio-blk-pci,drive=disk{i},bootindex={i + 1}"]
         if cfg.kernel is not None:
             args += ["-kernel", os.fspath(cfg.kernel)]
         if cfg.initrd is not None:
@@ -294,8 +311,9 @@ class QemuAdapter(Adapter):
         except EOFError:
             return None
         except OSError as exc:
-            if self._pid(vm) is None:
-                return None  # it exited meanwhile
+            # QEMU removes its socket as it exits, a moment before the process ends
+            if self._wait_exit(vm, min(timeout, 2.0)):
+                return None
             raise AdapterError(f"QMP of VM {vm} did not answer {command}: {exc}") from exc
 
     def stop(self, vm: str, mode: StopMode = StopMode.GRACEFUL,
@@ -331,6 +349,12 @@ class QemuAdapter(Adapter):
             return VMState.STOPPED
         running = isinstance(reply, dict) and reply.get("status") == "running"
         return VMState.RUNNING if running else VMState.PAUSED
+
+    def wait_stopped(self, vm: str, timeout: float) -> bool:
+        """Block until `vm`'s QEMU has exited (the guest powered off) or `timeout` s
+        passed; whether it has."""
+        with self._lock(vm):
+            return self._wait_exit(vm, timeout)
 
     def accelerator(self, vm: str, timeout: float = 5.0) -> Accel:
         """KVM or TCG: what the running `vm` actually got (QMP `query-kvm`)."""

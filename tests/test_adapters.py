@@ -24,6 +24,7 @@ from helpers.vm import (
 
 from zcore import nbd
 from zcore.adapters import (
+    Accel,
     AdapterError,
     BootPlan,
     BootPlanError,
@@ -269,6 +270,23 @@ def test_qemu_adapter_refuses_clearly_when_qemu_is_not_installed(tmp_path: Path)
     assert adapter.status("vm1") is VMState.STOPPED
 
 
+def test_drive_option_of_a_uri_with_a_comma_is_escaped_for_qemu(tmp_path: Path) -> None:
+    adapter = QemuAdapter(tmp_path, QemuConfig(accel=Accel.TCG),
+                          vms={"big": QemuConfig(memory_mib=4096, accel=Accel.TCG)})
+    argv = adapter.command_line("vm1", ["nbd+unix:///d0?socket=/run/a,b.sock",
+                                        "nbd://127.0.0.1:10809/d1"], "/run/q.sock")
+    drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
+    assert drives[0].startswith("file=nbd+unix:///d0?socket=/run/a,,b.sock,format=raw,")
+    assert drives[1].startswith("file=nbd://127.0.0.1:10809/d1,format=raw,")
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    assert devices == ["virtio-blk-pci,drive=disk0,bootindex=1",
+                       "virtio-blk-pci,drive=disk1,bootindex=2"]
+    assert argv[argv.index("-accel") + 1] == "tcg" and "-no-reboot" in argv
+    assert argv[argv.index("-m") + 1] == "512"
+    big = adapter.command_line("big", [], "/run/q.sock")
+    assert big[big.index("-m") + 1] == "4096"
+
+
 def test_qemu_that_cannot_reach_its_nbd_export_is_reported_with_qemus_log(
         tmp_path: Path) -> None:
     require_tool("qemu-system-x86_64")
@@ -342,7 +360,9 @@ def test_guest_that_ignores_the_power_button_fails_a_graceful_stop_and_is_forced
     image = make_ext4_image(tmp_path / "disk.img", {})
     config = kit.qemu_config(GUEST_IGNORES_THE_POWER_BUTTON, tmp_path)
     with serving([nbd.file_export(image, "disk")], tmp_path) as srv:
-        adapter = QemuAdapter(tmp_path / "run", config)
+        # a run directory whose QMP socket path is past sun_path's 107 bytes
+        run_dir = tmp_path / ("long-" * 20) / "run"
+        adapter = QemuAdapter(run_dir, config)
         adapter.start("vm1", [srv.uri("disk")], None, timeout=BOOT_TIMEOUT)
         try:
             wait_console(adapter, "vm1", "GUEST-DEAF")
@@ -352,7 +372,7 @@ def test_guest_that_ignores_the_power_button_fails_a_graceful_stop_and_is_forced
             with pytest.raises(AdapterError, match="already runs"):
                 adapter.start("vm1", [srv.uri("disk")], None, timeout=BOOT_TIMEOUT)
             # a site service restarted meanwhile: a new adapter finds the VM by its files
-            restarted = QemuAdapter(tmp_path / "run", config)
+            restarted = QemuAdapter(run_dir, config)
             assert restarted.status("vm1") is VMState.RUNNING
             t0 = time.monotonic()
             restarted.stop("vm1", StopMode.FORCE, timeout=10)

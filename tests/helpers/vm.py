@@ -288,7 +288,10 @@ def _build_initrd(kernel_root: Path, busybox_root: Path, dest: Path) -> tuple[st
     packed = gzip.compress(archive.finish(), compresslevel=6, mtime=0)
     # pad so that a cpio appended later starts 512-aligned (the kernel skips zero padding
     # between concatenated archives)
-    dest.write_bytes(packed + bytes(-len(packed) % 512))
+    # written aside and renamed: sessions sharing $ZCORE_VM_KIT_DIR build the same bytes
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(packed + bytes(-len(packed) % 512))
+    tmp.replace(dest)
     return moddir.name, order
 
 
@@ -303,8 +306,8 @@ def vm_kit(cache_dir: Path) -> VMKit:
         return _KITS[cache]
     cache.mkdir(parents=True, exist_ok=True)
     kernel_deb, busybox_deb = _download(cache)
-    kroot = _unpack(kernel_deb, cache / "kernel")
-    broot = _unpack(busybox_deb, cache / "busybox")
+    kroot = _unpack(kernel_deb, cache / kernel_deb.stem)
+    broot = _unpack(busybox_deb, cache / busybox_deb.stem)
     vmlinuz = sorted((kroot / "boot").glob("vmlinuz-*"))
     if not vmlinuz:
         unavailable(f"{kernel_deb.name} holds no /boot/vmlinuz-*")

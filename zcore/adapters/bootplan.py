@@ -59,6 +59,7 @@ class StepResult:
     """One step that ran (or failed): what it was, how long it took, what it printed."""
 
     kind: StepKind
+    index: int  # its position among the plan's steps of its kind (0 = first pre script...)
     name: str  # the VM's name, or the script's command line
     seconds: float
     output: str = ""
@@ -76,8 +77,10 @@ class BootReport:
     def failed(self) -> StepResult | None:
         return next((s for s in self.steps if s.error is not None), None)
 
-    def done(self, kind: StepKind, name: str) -> bool:
-        return any(s.kind is kind and s.name == name and s.error is None for s in self.steps)
+    def done(self, kind: StepKind, index: int) -> bool:
+        """Whether the `index`-th step of `kind` succeeded."""
+        return any(s.kind is kind and s.index == index and s.error is None
+                   for s in self.steps)
 
 
 class BootPlanError(AdapterError):
@@ -119,30 +122,29 @@ class BootPlan:
                 "ZCORE_PHASE": str(phase), "ZCORE_VMS": " ".join(s.vm for s in self.steps),
                 **checkpoint_env(self.checkpoint)}
 
-    def _record(self, report: BootReport, kind: StepKind, name: str,
+    def _record(self, report: BootReport, kind: StepKind, index: int, name: str,
                 action: Callable[[], str]) -> None:
         t0 = self._clock()
         try:
             output = action()
         except Exception as exc:
-            step = StepResult(kind, name, self._clock() - t0, error=str(exc))
+            step = StepResult(kind, index, name, self._clock() - t0, error=str(exc))
             report.steps.append(step)
             what = "VM" if kind is StepKind.START else f"{kind}-operation script"
             raise BootPlanError(f"boot plan of VPG {self.vpg or '?'} failed at {what} "
                                 f"{name!r}: {exc}; left running: "
                                 f"{', '.join(report.started) or 'nothing'}",
                                 step, report) from exc
-        report.steps.append(StepResult(kind, name, self._clock() - t0, output))
+        report.steps.append(StepResult(kind, index, name, self._clock() - t0, output))
 
     def _run_scripts(self, scripts: Sequence[Script], phase: StepKind,
                      report: BootReport) -> None:
         env = self._script_env(phase)
-        for script in scripts:
-            name = describe(script.command)
-            if report.done(phase, name):
+        for index, script in enumerate(scripts):
+            if report.done(phase, index):
                 continue
             timeout = self.default_timeout if script.timeout is None else script.timeout
-            self._record(report, phase, name, functools.partial(
+            self._record(report, phase, index, describe(script.command), functools.partial(
                 self._run_one, script.command, env, timeout, phase))
 
     @staticmethod
@@ -170,10 +172,10 @@ class BootPlan:
             started=list(resume.started) if resume else [],
         )
         self._run_scripts(self.pre, StepKind.PRE, report)
-        for step in self.steps:
+        for index, step in enumerate(self.steps):
             if step.vm in report.started:
                 continue
-            self._record(report, StepKind.START, step.vm,
+            self._record(report, StepKind.START, index, step.vm,
                          functools.partial(self._start, step, report))
         self._run_scripts(self.post, StepKind.POST, report)
         return report

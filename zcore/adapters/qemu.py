@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -267,7 +268,8 @@ class QemuAdapter(Adapter):
         where = checkpoint.id if isinstance(checkpoint, Checkpoint) else checkpoint
         try:
             with open(self.log_path(vm), "wb") as log:
-                log.write(f"zcore: starting {vm} at checkpoint {where}: {argv}\n".encode())
+                log.write(f"zcore: starting {vm} at checkpoint {where}: {shlex.join(argv)}\n"
+                          .encode())
                 log.flush()
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                         stderr=subprocess.STDOUT, start_new_session=True,

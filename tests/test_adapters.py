@@ -145,6 +145,13 @@ def test_stop_script_is_told_whether_the_stop_is_graceful_or_forced(tmp_path: Pa
     assert out.read_text().splitlines() == ["vm1 graceful", "vm2 force"]
 
 
+def test_script_that_cannot_be_run_at_all_is_a_script_error(tmp_path: Path) -> None:
+    adapter = CommandAdapter([str(tmp_path / "no-such-script")], "true", "true")
+    with pytest.raises(ScriptError, match="could not be run") as info:
+        adapter.start("vm1", [], None, timeout=10)
+    assert info.value.status is None and str(tmp_path / "no-such-script") in str(info.value)
+
+
 def test_vm_name_that_cannot_name_files_is_refused() -> None:
     adapter = CommandAdapter("true", "true", "true")
     with pytest.raises(ValueError, match="not usable"):

@@ -99,9 +99,9 @@ def unavailable(message: str) -> None:
     pytest.skip(message)
 
 
-def run(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+def run(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=300, check=False,
-                          **kwargs)  # type: ignore[call-overload]
+                          cwd=cwd)
 
 
 # ---- newc cpio ---------------------------------------------------------------------------

@@ -90,6 +90,25 @@ class ScratchLimitError(ZcoreError, OSError):
     """A scratch overlay would pass its size limit: the write is refused, nothing is kept."""
 
 
+class AdapterError(ZcoreError, RuntimeError):
+    """A hypervisor adapter could not start, stop or query a VM (its tool is missing, it
+    did not come up or go down in time, or it exited)."""
+
+
+class ScriptError(AdapterError):
+    """A user's script (an adapter's start/stop/status command, a pre- or post-operation
+    script) failed or timed out.  `script` names it, `status` is its exit status (None when
+    it was killed at its timeout), `output` the tail of what it printed."""
+
+    def __init__(self, message: str, *, script: str, status: int | None, output: str,
+                 timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.script = script
+        self.status = status
+        self.output = output
+        self.timed_out = timed_out
+
+
 class Status(IntEnum):
     """The status codes of the native kernels: csrc/zc_format.h's `enum zc_status`, member
     for member (`ZC_E_TRUNCATED` is `Status.TRUNCATED`; tests/test_errors.py checks it)."""

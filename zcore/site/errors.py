@@ -92,6 +92,8 @@ ERROR_CODES: dict[type[BaseException], str] = {
     zerr.ClosedError: "closed",
     zerr.JournalFullError: "journal_full",
     zerr.ScratchLimitError: "scratch_limit",
+    zerr.ScriptError: "script_failed",
+    zerr.AdapterError: "adapter_error",
     zerr.DurabilityError: "durability_error",
     zerr.NativeIOError: "io_error",
     zerr.OutOfMemoryError: "out_of_memory",

@@ -167,7 +167,7 @@ SCHEMAS: dict[int, dict[str, type | tuple[type, ...]]] = {
     CLOSE: {"reason": str},
     ERROR: {"reason": str},
     DSYNC_OFFER: {"protocol": int, "volumes": list},
-    DSYNC_START: {"key": str, "volumes": list},
+    DSYNC_START: {"key": str, "batch": int, "volumes": list},
     DSYNC_DONE: {"volumes": list},
 }
 

@@ -28,7 +28,7 @@ from zcore.deltasync.messages import (
     parse_blockset,
     parse_volumes,
 )
-from zcore.deltasync.target import plan_batches
+from zcore.deltasync.target import BATCH_BLOCKS, plan_batches
 from zcore.errors import ConfigError, ProtocolError
 
 MAX_RECORD = 1 << 20  # data bytes per record: big enough that headers cost 0.01 %
@@ -102,8 +102,10 @@ class DeltaSource:
         for vid, size, resume in vols:
             if resume > size or (resume % LEVEL_SIZES[0] and resume != size):
                 raise ProtocolError(f"DSYNC_START resume {resume} of volume {vid} is invalid")
+        if not 1 <= msg["batch"] <= BATCH_BLOCKS:
+            raise ProtocolError(f"DSYNC_START batch of {msg['batch']} blocks is invalid")
         self.hashers = {vid: BlockHasher(key, vid, v) for vid, v in self.volumes.items()}
-        self._plan = plan_batches(sorted(vols))
+        self._plan = plan_batches(sorted(vols), msg["batch"])
         self.started = True
         return self._maybe_done()
 

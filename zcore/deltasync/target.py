@@ -65,11 +65,12 @@ class Batch:
     verified: bool = False
 
 
-def plan_batches(volumes: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+def plan_batches(volumes: list[tuple[int, int, int]], batch_blocks: int
+                 ) -> list[tuple[int, int, int]]:
     """(volume, start, end) of every batch, numbered in list order: [resume, size) of each
-    volume in (id, size, resume) order, cut into BATCH_BLOCKS level-0 blocks."""
+    volume in (id, size, resume) order, cut into `batch_blocks` level-0 blocks."""
     out = []
-    span = BATCH_BLOCKS * LEVEL_SIZES[0]
+    span = batch_blocks * LEVEL_SIZES[0]
     for vid, size, resume in volumes:
         for start in range(resume, size, span):
             out.append((vid, start, min(start + span, size)))
@@ -81,7 +82,13 @@ class DeltaTarget:
     the checked state file `progress` (None: no resume)."""
 
     def __init__(self, volumes: dict[int, TargetVolume], progress: str | os.PathLike[str]
-                 | None = None, *, key: bytes | None = None) -> None:
+                 | None = None, *, key: bytes | None = None, batch_blocks: int = BATCH_BLOCKS,
+                 window: int = WINDOW, progress_bytes: int = PROGRESS_BYTES) -> None:
+        if not 1 <= batch_blocks <= BATCH_BLOCKS or window < 1:
+            raise ConfigError(f"batches hold 1..{BATCH_BLOCKS} blocks, window >= 1")
+        self.batch_blocks = batch_blocks
+        self.window = window
+        self.progress_bytes = progress_bytes
         self.volumes = volumes
         self.progress_path = Path(progress) if progress is not None else None
         self.key = key if key is not None else os.urandom(KEY_SIZE)
@@ -124,7 +131,7 @@ class DeltaTarget:
 
     def _save_progress(self, force: bool = False) -> None:
         gained = sum(self.synced[v] - self._durable[v] for v in self.synced)
-        if self.progress_path is None or not gained or (gained < PROGRESS_BYTES
+        if self.progress_path is None or not gained or (gained < self.progress_bytes
                                                         and not force):
             return
         for v in self.volumes.values():
@@ -147,14 +154,17 @@ class DeltaTarget:
         if offered != mine:
             raise ProtocolError(f"DSYNC_OFFER volumes {offered} are not the target's {mine}")
         order = sorted(self.volumes)
-        self._plan = plan_batches([(v, mine[v], self.synced[v]) for v in order])
+        self._plan = plan_batches([(v, mine[v], self.synced[v]) for v in order],
+                                  self.batch_blocks)
         self.started = True
         vols = [{"id": v, "size": mine[v], "resume": self.synced[v]} for v in order]
-        return wire.control(wire.DSYNC_START, 0, key=self.key.hex(), volumes=vols)
+        return wire.control(wire.DSYNC_START, 0, key=self.key.hex(), batch=self.batch_blocks,
+                            volumes=vols)
 
     def wants_hashing(self) -> bool:
         """True while another batch's level-0 hashes may be sent (window not full)."""
-        return self.started and self._next < len(self._plan) and len(self._inflight) < WINDOW
+        return (self.started and self._next < len(self._plan)
+                and len(self._inflight) < self.window)
 
     def next_hashes(self) -> bytes:
         """Hash the next batch; its level-0 DSYNC_HASHES frame."""

@@ -17,7 +17,7 @@ import struct
 
 import pytest
 from helpers.deltasync import Crashed, MemVolume, Stalled, frames, pump
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zcore import records, wire
@@ -77,7 +77,6 @@ def materialize(size: int, spec: list[tuple[int, int, str]], seed: int) -> list[
     return out
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(size_sectors=st.integers(1, 7 * MiB // 512), spec=writes_strategy,
        crashes=st.lists(st.tuples(st.sampled_from(["source", "target", "both"]),
                                   st.integers(0, 40)), max_size=3),

@@ -79,6 +79,7 @@ def build_volumes(ctx, size: int) -> tuple[Path, Path, int, int]:
         try:
             for at in range(0, size, len(pool)):
                 pwrite_all(fd, memoryview(pool)[: min(len(pool), size - at)], at)
+            os.fsync(fd)
         finally:
             os.close(fd)
     rng = np.random.default_rng(ctx.seed + 1)
@@ -95,6 +96,7 @@ def build_volumes(ctx, size: int) -> tuple[Path, Path, int, int]:
             pwrite_all(fd, memoryview(noise)[at : at + n * 4096], block * 4096)
             dirty[block : block + n] = True
             writes += 1
+        os.fsync(fd)  # clean before the runs: a run's final fdatasync is its own work only
     finally:
         os.close(fd)
     return src, dst, int(dirty.sum()) * 4096, writes
@@ -135,6 +137,7 @@ async def _full_target(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     sizes = np.zeros(VOLUME_ID + 1, dtype=np.uint64)
     sizes[VOLUME_ID] = volume.size
     last_seq = 0
+    t0 = time.perf_counter()
     while True:
         f = await stream.read()
         if f.type == wire.DSYNC_DONE:
@@ -144,10 +147,13 @@ async def _full_target(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         assert batch.status == 0, batch.status
         last_seq = batch.last_seq
         await asyncio.to_thread(_apply, volume, recs, batch.array())
+    received = time.perf_counter()
     await asyncio.to_thread(volume.flush)
+    flushed = time.perf_counter()
     await stream.send([wire.control(wire.DSYNC_DONE, 0, volumes=[])])
     return {"target_bytes_received": stream.stats.bytes_received,
-            "target_bytes_sent": stream.stats.bytes_sent}
+            "target_bytes_sent": stream.stats.bytes_sent,
+            "target_receive_seconds": received - t0, "target_flush_seconds": flushed - received}
 
 
 def _apply(volume: FileVolume, recs: memoryview, arr: np.ndarray) -> None:

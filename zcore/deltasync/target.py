@@ -61,7 +61,7 @@ class Batch:
     end: int
     entries0: list[bytes] = field(default_factory=list)  # before any write
     children: list[list[bytes]] = field(default_factory=list)
-    touched: set[int] = field(default_factory=set)  # level-0 indexes written
+    touched: set[int] = field(default_factory=set)  # offsets of level-1 blocks written
     verified: bool = False
 
 
@@ -238,9 +238,8 @@ class DeltaTarget:
                 kinds, arr["flags"].tolist(), offsets, arr["length"].tolist(),
                 arr["pos"].tolist(), arr["stored"].tolist(), strict=True):
             self._write(vid, kind, flags, offset, length, recs[pos + 64 : pos + 64 + stored])
-            first = (offset - batch.start) // LEVEL_SIZES[0]
-            last = (offset + length - 1 - batch.start) // LEVEL_SIZES[0]
-            batch.touched.update(range(first, last + 1))
+            l1 = LEVEL_SIZES[1]
+            batch.touched.update(range(offset - offset % l1, offset + length, l1))
         self._last_seq = scanned.last_seq
 
     def _write(self, vid: int, kind: int, flags: int, offset: int, length: int,
@@ -268,10 +267,17 @@ class DeltaTarget:
         if bs.level != 0 or bs.runs != ((batch.start, nblocks),) or bs.entries is None:
             raise ProtocolError(f"DSYNC_VERDICT of batch {bs.batch} does not cover it")
         hasher = self.hashers[batch.volume]
+        l1 = LEVEL_SIZES[1]
         for i, theirs in enumerate(bs.entries):
+            b0 = batch.start + i * LEVEL_SIZES[0]
+            kids = batch.children[i]
+            written = [k for k in range(len(kids)) if b0 + k * l1 in batch.touched]
             mine = batch.entries0[i]
-            if i in batch.touched or mine != theirs:
-                mine = hasher.level0(batch.start + i * LEVEL_SIZES[0], 1)[0][0]
+            if written:  # re-hash the level-1 blocks written; the others did not change
+                kids = list(kids)
+                for k in written:
+                    kids[k] = hasher.entry(1, b0 + k * l1)
+                mine = hasher.combine(b0, kids)
             if mine != theirs:
                 raise ProtocolError(
                     f"volume {batch.volume}: block at {batch.start + i * LEVEL_SIZES[0]} "

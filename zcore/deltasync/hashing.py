@@ -151,7 +151,8 @@ class FileVolume:
 
 def is_zero(view: memoryview) -> bool:
     """True when every byte of `view` is zero (cheap for data that starts nonzero)."""
-    if view[:64] != _ZERO64[: min(64, len(view))]:
+    # bytes of the head, not memoryview == bytes: that compares item by item (8 us)
+    if view[:64].tobytes() != _ZERO64[: min(64, len(view))]:
         return False
     n = len(view) // 8 * 8
     if np.frombuffer(view[:n], dtype=np.uint64).any():

@@ -38,14 +38,14 @@ ACK = 7
 HEARTBEAT = 8
 CLOSE = 9
 ERROR = 10
-# delta sync (docs/format.md 10c; payloads in zcore.deltasync.messages)
-DSYNC_OFFER = 11
-DSYNC_START = 12
-DSYNC_HASHES = 13
-DSYNC_REFINE = 14
-DSYNC_DATA = 15
-DSYNC_VERDICT = 16
-DSYNC_DONE = 17
+# delta sync, types 32-38 (docs/format.md 10c; payloads in zcore.deltasync.messages)
+DSYNC_OFFER = 32
+DSYNC_START = 33
+DSYNC_HASHES = 34
+DSYNC_REFINE = 35
+DSYNC_DATA = 36
+DSYNC_VERDICT = 37
+DSYNC_DONE = 38
 TYPE_NAMES = {HELLO: "HELLO", PAIR: "PAIR", PAIRED: "PAIRED", ATTACH: "ATTACH",
               ATTACHED: "ATTACHED", BUNDLE: "BUNDLE", ACK: "ACK", HEARTBEAT: "HEARTBEAT",
               CLOSE: "CLOSE", ERROR: "ERROR", DSYNC_OFFER: "DSYNC_OFFER",

@@ -230,6 +230,8 @@ class DeltaTarget:
                                 f"{status_error(scanned.status, 'checking records')}")
         arr = scanned.array()
         kinds, offsets = arr["type"].tolist(), arr["offset"].tolist()
+        if set(arr["volume"].tolist()) - {vid}:  # scan refuses them too: never rely on it
+            raise ProtocolError("DSYNC_DATA holds a record of another volume")
         if any(k not in (records.REC_WRITE, records.REC_ZERO) for k in kinds):
             raise ProtocolError("DSYNC_DATA holds a record that is not a WRITE or ZERO")
         if offsets and min(offsets) < batch.start:  # ...and start inside it

@@ -461,3 +461,21 @@ def test_transport_reports_the_peers_reason_when_a_sync_fails(tmp_path):
         out = asyncio.run(_sync_over_socketpair(DeltaSource({1: src}), DeltaTarget({1: dst})))
     assert all(isinstance(r, ProtocolError) for r in out)
     assert "not the target's" in str(out[0])  # the source heard why
+
+
+def test_target_with_more_batches_in_flight_than_the_bound_is_refused():
+    data = bytes(66 * MiB)  # zero: cheap to hash, every batch equal
+    source = DeltaSource({1: MemVolume(data)})
+    target = DeltaTarget({1: MemVolume(data)}, batch_blocks=1)
+    source.on_frame(frames(target.on_offer(frames(source.offer())[0]))[0])
+    replies = [source.on_frame(frames(target.next_hashes())[0]) for _ in range(64)]
+    assert all(r[-1:] and frames(r[-1])[0].type == wire.DSYNC_VERDICT for r in replies)
+    # equal batches are verdicted at once; unanswered REFINEs would pile up instead:
+    src2, dst2 = MemVolume(os.urandom(66 * MiB)), MemVolume(bytes(66 * MiB))
+    source = DeltaSource({1: src2})
+    target = DeltaTarget({1: dst2}, batch_blocks=1)
+    source.on_frame(frames(target.on_offer(frames(source.offer())[0]))[0])
+    for _ in range(64):
+        source.on_frame(frames(target.next_hashes())[0])  # REFINEs left unanswered
+    with pytest.raises(ProtocolError, match="in flight"):
+        source.on_frame(frames(target.next_hashes())[0])

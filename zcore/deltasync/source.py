@@ -28,7 +28,7 @@ from zcore.deltasync.messages import (
     parse_blockset,
     parse_volumes,
 )
-from zcore.deltasync.target import BATCH_BLOCKS, plan_batches
+from zcore.deltasync.target import BATCH_BLOCKS, MAX_WINDOW, plan_batches
 from zcore.errors import ConfigError, ProtocolError
 
 MAX_RECORD = 1 << 20  # data bytes per record: big enough that headers cost 0.01 %
@@ -130,6 +130,8 @@ class DeltaSource:
         return self._send(batch, differ if bs.level == 2 else [])
 
     def _level0(self, bs: BlockSet) -> list[bytes]:
+        if len(self._batches) >= MAX_WINDOW:
+            raise ProtocolError(f"the target has more than {MAX_WINDOW} batches in flight")
         if bs.batch != self._next or self._next >= len(self._plan):
             raise ProtocolError(f"level-0 hashes of batch {bs.batch}, expected {self._next}")
         vid, start, end = self._plan[self._next]

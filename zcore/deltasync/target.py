@@ -48,6 +48,7 @@ PROGRESS_FORMAT = "zcore-delta-sync"
 PROGRESS_VERSION = 1
 BATCH_BLOCKS = 64  # level-0 blocks per batch: 64 MiB, one large read per side
 WINDOW = 4  # batches hashed ahead of the source's verdicts (4 x 64 MiB)
+MAX_WINDOW = 64  # the protocol's bound: a source refuses more batches in flight
 # progress is made durable (fdatasync + state file) at most this often: an fdatasync
 # per 64 MiB batch would cost more than re-verifying 256 MiB after a crash
 PROGRESS_BYTES = 256 << 20
@@ -84,8 +85,8 @@ class DeltaTarget:
     def __init__(self, volumes: dict[int, TargetVolume], progress: str | os.PathLike[str]
                  | None = None, *, key: bytes | None = None, batch_blocks: int = BATCH_BLOCKS,
                  window: int = WINDOW, progress_bytes: int = PROGRESS_BYTES) -> None:
-        if not 1 <= batch_blocks <= BATCH_BLOCKS or window < 1:
-            raise ConfigError(f"batches hold 1..{BATCH_BLOCKS} blocks, window >= 1")
+        if not 1 <= batch_blocks <= BATCH_BLOCKS or not 1 <= window <= MAX_WINDOW:
+            raise ConfigError(f"batches hold 1..{BATCH_BLOCKS} blocks, window 1..{MAX_WINDOW}")
         self.batch_blocks = batch_blocks
         self.window = window
         self.progress_bytes = progress_bytes

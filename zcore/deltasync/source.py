@@ -1,0 +1,230 @@
+"""The source of a delta sync: the side whose volumes are copied (docs/format.md 10c).
+
+Sits under the transport (zcore.deltasync.transport) as a state machine that consumes the
+target's frames and produces its own; it reads its volumes (blocking), so the transport
+runs it in a worker thread.
+
+What the source trusts (10c.1): the target's hashes describe the target's own disk, so a
+target that lies can only leave its own copy wrong; the source trusts nothing else.  Every
+frame of the target is checked against the plan both sides derive from DSYNC_START (batch
+numbers, volumes, levels, runs exactly as requested), and the key must be 32 bytes.  The
+source sends every 4 KiB block whose entry differs from the target's, and a verdict (its
+own level-0 entries) per batch, which the target checks its disk against.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from zcore import records, wire
+from zcore.deltasync.hashing import KEY_SIZE, LEVEL_SIZES, BlockHasher, Volume
+from zcore.deltasync.messages import (
+    DSYNC_PROTOCOL,
+    MAX_DATA,
+    BlockSet,
+    data_frame,
+    encode_blockset,
+    parse_blockset,
+    parse_volumes,
+)
+from zcore.deltasync.target import BATCH_BLOCKS, MAX_WINDOW, plan_batches
+from zcore.errors import ConfigError, ProtocolError
+
+MAX_RECORD = 1 << 20  # data bytes per record: big enough that headers cost 0.01 %
+
+
+@dataclass
+class SourceBatch:
+    number: int
+    volume: int
+    start: int
+    end: int
+    entries0: list[bytes] = field(default_factory=list)
+    children: list[list[bytes]] = field(default_factory=list)
+    requested: tuple[tuple[int, int], ...] = ()  # runs of the last REFINE
+    level: int = 0  # level of the HASHES expected next
+
+
+class DeltaSource:
+    """Sends a delta sync of `volumes` (id -> Volume); `compress` tries LZ4 on data."""
+
+    def __init__(self, volumes: dict[int, Volume], *, compress: bool = True) -> None:
+        if not volumes:
+            raise ConfigError("a delta sync needs a volume")
+        self.volumes = volumes
+        self.compress = compress
+        self.hashers: dict[int, BlockHasher] = {}
+        self._plan: list[tuple[int, int, int]] = []
+        self._batches: dict[int, SourceBatch] = {}
+        self._next = 0  # next batch whose level-0 hashes are expected
+        self._verdicts = 0
+        self._seq = 0
+        self.started = False
+        self.done = False
+        self.data_bytes = 0  # bytes of volume data sent in records
+        self.differing_blocks = 0  # 4 KiB blocks found different
+
+    def offer(self) -> bytes:
+        vols = [{"id": vid, "size": v.size} for vid, v in sorted(self.volumes.items())]
+        return wire.control(wire.DSYNC_OFFER, 0, protocol=DSYNC_PROTOCOL, volumes=vols)
+
+    def on_frame(self, f: wire.Frame) -> list[bytes]:
+        """Handle a frame of the target; returns the frames to send."""
+        if f.type == wire.DSYNC_START:
+            return self._start(f)
+        if not self.started:
+            raise ProtocolError(f"{f.name} before DSYNC_START")
+        if f.type == wire.DSYNC_HASHES:
+            return self._hashes(parse_blockset(f))
+        if f.type == wire.DSYNC_DONE:
+            if self._verdicts != len(self._plan):
+                raise ProtocolError("DSYNC_DONE from the target before the sync ended")
+            parse_volumes(wire.parse_control(f), "DSYNC_DONE")
+            self.done = True
+            return []
+        raise ProtocolError(f"unexpected {f.name} from a delta-sync target")
+
+    def _start(self, f: wire.Frame) -> list[bytes]:
+        if self.started:
+            raise ProtocolError("a second DSYNC_START")
+        msg = wire.parse_control(f)
+        try:
+            key = bytes.fromhex(msg["key"])
+        except ValueError:
+            raise ProtocolError("DSYNC_START key is not hex") from None
+        if len(key) != KEY_SIZE:
+            raise ProtocolError(f"DSYNC_START key is {len(key)} bytes, not {KEY_SIZE}")
+        vols = parse_volumes(msg, "DSYNC_START", "resume")
+        mine = {vid: v.size for vid, v in self.volumes.items()}
+        if {vid: size for vid, size, _ in vols} != mine:
+            raise ProtocolError("DSYNC_START volumes are not the offered ones")
+        for vid, size, resume in vols:
+            if resume > size or (resume % LEVEL_SIZES[0] and resume != size):
+                raise ProtocolError(f"DSYNC_START resume {resume} of volume {vid} is invalid")
+        if not 1 <= msg["batch"] <= BATCH_BLOCKS:
+            raise ProtocolError(f"DSYNC_START batch of {msg['batch']} blocks is invalid")
+        self.hashers = {vid: BlockHasher(key, vid, v) for vid, v in self.volumes.items()}
+        self._plan = plan_batches(sorted(vols), msg["batch"])
+        self.started = True
+        return self._maybe_done()
+
+    def _hashes(self, bs: BlockSet) -> list[bytes]:
+        if bs.level == 0:
+            return self._level0(bs)
+        batch = self._batches.get(bs.batch)
+        if batch is None or batch.volume != bs.volume or batch.level != bs.level:
+            raise ProtocolError(f"unexpected level-{bs.level} hashes of batch {bs.batch}")
+        assert bs.entries is not None
+        size = LEVEL_SIZES[bs.level]
+        expected = [p + i * size for p, n in _children_runs(batch, bs.level, batch.requested)
+                    for i in range(n)]
+        if _offsets(bs.runs, size) != expected:
+            raise ProtocolError(f"level-{bs.level} hashes of batch {bs.batch} are not the "
+                                "blocks asked for")
+        mine = self._own_children(batch, bs.level)
+        differ = [off for off, theirs, ours in zip(expected, bs.entries, mine, strict=True)
+                  if theirs != ours]
+        if bs.level == 1 and differ:
+            return [self._refine(batch, 2, differ)]
+        return self._send(batch, differ if bs.level == 2 else [])
+
+    def _level0(self, bs: BlockSet) -> list[bytes]:
+        if len(self._batches) >= MAX_WINDOW:
+            raise ProtocolError(f"the target has more than {MAX_WINDOW} batches in flight")
+        if bs.batch != self._next or self._next >= len(self._plan):
+            raise ProtocolError(f"level-0 hashes of batch {bs.batch}, expected {self._next}")
+        vid, start, end = self._plan[self._next]
+        nblocks = -(-(end - start) // LEVEL_SIZES[0])
+        if bs.volume != vid or bs.runs != ((start, nblocks),) or bs.entries is None:
+            raise ProtocolError(f"level-0 hashes of batch {bs.batch} do not cover it")
+        batch = SourceBatch(bs.batch, vid, start, end)
+        batch.entries0, batch.children = self.hashers[vid].level0(start, nblocks)
+        self._next += 1
+        self._batches[batch.number] = batch
+        differ = [start + i * LEVEL_SIZES[0] for i, (theirs, ours) in enumerate(
+            zip(bs.entries, batch.entries0, strict=True)) if theirs != ours]
+        if not differ:
+            return self._send(batch, [])
+        return [self._refine(batch, 1, differ)]
+
+    def _refine(self, batch: SourceBatch, level: int, parents: list[int]) -> bytes:
+        size = LEVEL_SIZES[level - 1]
+        runs: list[tuple[int, int]] = []
+        for p in parents:
+            if runs and runs[-1][0] + runs[-1][1] * size == p:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((p, 1))
+        batch.requested = tuple(runs)
+        batch.level = level
+        return encode_blockset(wire.DSYNC_REFINE,
+                               BlockSet(batch.volume, level, batch.number, batch.requested))
+
+    def _own_children(self, batch: SourceBatch, level: int) -> list[bytes]:
+        size = LEVEL_SIZES[level - 1]
+        out: list[bytes] = []
+        for parent in _offsets(batch.requested, size):
+            if level == 1:
+                out += batch.children[(parent - batch.start) // size]
+            else:
+                out += self.hashers[batch.volume].children(2, parent)
+        return out
+
+    def _send(self, batch: SourceBatch, blocks: list[int]) -> list[bytes]:
+        """DATA frames of the differing 4 KiB `blocks`, then the batch's VERDICT."""
+        out = []
+        self.differing_blocks += len(blocks)
+        volume = self.volumes[batch.volume]
+        recs: list[bytes] = []
+        pending = 0
+        for offset, length in _coalesce(blocks, LEVEL_SIZES[2], batch.end, MAX_RECORD):
+            data = bytearray(length)
+            volume.read_into(offset, data)
+            self._seq += 1
+            recs.append(records.encode_write(batch.volume, self._seq, offset, data,
+                                             time.time_ns(), compress=self.compress))
+            self.data_bytes += length
+            pending += length
+            if pending + MAX_RECORD > MAX_DATA:
+                out.append(data_frame(batch.volume, batch.number, recs))
+                recs, pending = [], 0
+        if recs:
+            out.append(data_frame(batch.volume, batch.number, recs))
+        nblocks = len(batch.entries0)
+        out.append(encode_blockset(wire.DSYNC_VERDICT, BlockSet(
+            batch.volume, 0, batch.number, ((batch.start, nblocks),), tuple(batch.entries0))))
+        del self._batches[batch.number]
+        self._verdicts += 1
+        return out + self._maybe_done()
+
+    def _maybe_done(self) -> list[bytes]:
+        if self._verdicts != len(self._plan):
+            return []
+        vols = [{"id": vid, "synced": v.size} for vid, v in sorted(self.volumes.items())]
+        return [wire.control(wire.DSYNC_DONE, 0, volumes=vols)]
+
+
+def _offsets(runs: tuple[tuple[int, int], ...], size: int) -> list[int]:
+    return [offset + i * size for offset, count in runs for i in range(count)]
+
+
+def _children_runs(batch: SourceBatch, level: int, parents: tuple[tuple[int, int], ...]
+                   ) -> list[tuple[int, int]]:
+    """(parent, number of level-`level` children) of each requested parent."""
+    psize, size = LEVEL_SIZES[level - 1], LEVEL_SIZES[level]
+    return [(p, -(-(min(p + psize, batch.end) - p) // size))
+            for p in _offsets(parents, psize)]
+
+
+def _coalesce(blocks: list[int], size: int, end: int, limit: int) -> list[tuple[int, int]]:
+    """(offset, length) runs of adjacent blocks, each at most `limit` bytes, clipped at
+    `end`."""
+    runs: list[tuple[int, int]] = []
+    for b in blocks:
+        n = min(size, end - b)
+        if runs and runs[-1][0] + runs[-1][1] == b and runs[-1][1] + n <= limit:
+            runs[-1] = (runs[-1][0], runs[-1][1] + n)
+        else:
+            runs.append((b, n))
+    return runs

@@ -103,8 +103,11 @@ class LiveRecoverySite(RecoverySite):
 
     on_attach: Callable[[VPGReceiver, Peer], None] | None = None
 
-    def attach(self, peer: Peer, msg: dict[str, Any]) -> VPGReceiver:
-        receiver = super().attach(peer, msg)
+    async def attach_async(self, peer: Peer, msg: dict[str, Any]) -> VPGReceiver:
+        """The journals open in a worker thread (RecoverySite.attach_async); the service
+        hears of the VPG here, back on the loop (its hook schedules database work there:
+        called from the worker thread it found no running loop and every attach failed)."""
+        receiver = await super().attach_async(peer, msg)
         if self.on_attach is not None:
             self.on_attach(receiver, peer)
         return receiver

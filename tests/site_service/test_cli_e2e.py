@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -201,3 +202,20 @@ def test_a_cli_command_without_a_running_site_exits_3_and_names_the_url(
     assert done.returncode == 3, (done.stdout, done.stderr)
     assert "http://127.0.0.1:1" in done.stderr and "zcore site serve" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_serve_on_a_busy_replication_or_nbd_port_names_the_listener_and_exits_1(
+        shell: Shell) -> None:
+    shell.json("site", "init", "busy", "--name", "busy")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for option, name in (("--replication-port", "replication"), ("--nbd-port", "NBD")):
+            ports = {"--api-port": "0", "--replication-port": "0", "--nbd-port": "0",
+                     option: port}
+            done = shell.run("site", "serve", "busy", *(x for kv in ports.items() for x in kv),
+                             check=False)
+            assert done.returncode == 1, (done.stdout, done.stderr)
+            assert f"cannot listen for {name} on 127.0.0.1:{port}" in done.stderr, done.stderr
+            assert "Traceback" not in done.stderr and "API:" not in done.stdout

@@ -13,7 +13,7 @@ import pytest
 from zcore.errors import ConfigError
 from zcore.site.config import ClientRecord, SiteDir, read_client, set_client_url, write_client
 from zcore.site.runtime import VIEW_NAME, split_address, vpg_settings
-from zcore.site.scheduler import new_events
+from zcore.site.scheduler import history_short, new_events
 from zcore.site.service import is_loopback, raise_nofile_limit, setup_logging
 
 
@@ -85,3 +85,8 @@ def test_json_logs_are_one_object_per_line() -> None:
         root.setLevel(level)
     doc = json.loads(stream.getvalue().splitlines()[-1])
     assert doc["message"] == "hello there" and doc["level"] == "WARNING"
+
+
+def test_a_young_vpg_building_its_history_is_no_history_sla_shortfall() -> None:
+    assert not history_short("building") and not history_short("ok")
+    assert history_short("warning") and history_short("error")

@@ -51,6 +51,10 @@ def test_view_export_names_carry_vpg_vm_volume_and_checkpoint() -> None:
     assert m is not None and (m["vpg"], m["vm"], m["volume"], m["id"]) == (
         "g1", "vm1", "disk0", "42")
     assert VIEW_NAME.match("g1/vm1/disk0") is None
+    for ckpt in ("latest", "tag:before upgrade"):
+        m = VIEW_NAME.match(f"g1/vm1/disk0@{ckpt}")
+        assert m is not None and m["id"] == ckpt
+    assert VIEW_NAME.match("g1/vm1/disk0@newest") is None
 
 
 def test_the_client_record_keeps_its_token_when_serve_records_the_url(tmp_path: Path) -> None:

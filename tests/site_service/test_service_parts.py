@@ -13,7 +13,7 @@ import pytest
 from zcore.errors import ConfigError
 from zcore.site.config import ClientRecord, SiteDir, read_client, set_client_url, write_client
 from zcore.site.runtime import VIEW_NAME, split_address, vpg_settings
-from zcore.site.scheduler import new_events
+from zcore.site.scheduler import history_short, new_events
 from zcore.site.service import is_loopback, raise_nofile_limit, setup_logging
 
 
@@ -51,6 +51,10 @@ def test_view_export_names_carry_vpg_vm_volume_and_checkpoint() -> None:
     assert m is not None and (m["vpg"], m["vm"], m["volume"], m["id"]) == (
         "g1", "vm1", "disk0", "42")
     assert VIEW_NAME.match("g1/vm1/disk0") is None
+    for ckpt in ("latest", "tag:before upgrade"):
+        m = VIEW_NAME.match(f"g1/vm1/disk0@{ckpt}")
+        assert m is not None and m["id"] == ckpt
+    assert VIEW_NAME.match("g1/vm1/disk0@newest") is None
 
 
 def test_the_client_record_keeps_its_token_when_serve_records_the_url(tmp_path: Path) -> None:
@@ -85,3 +89,8 @@ def test_json_logs_are_one_object_per_line() -> None:
         root.setLevel(level)
     doc = json.loads(stream.getvalue().splitlines()[-1])
     assert doc["message"] == "hello there" and doc["level"] == "WARNING"
+
+
+def test_a_young_vpg_building_its_history_is_no_history_sla_shortfall() -> None:
+    assert not history_short("building") and not history_short("ok")
+    assert history_short("warning") and history_short("error")

@@ -164,6 +164,10 @@ def error_message(url: str, response: httpx.Response) -> str:
     try:
         err = response.json()["error"]
         code, message = str(err["code"]), str(err["message"])
+        details = err.get("details")
+        known = details.get("known") if isinstance(details, dict) else None
+        if isinstance(known, list):  # a not-found error names what exists
+            message += f" (this site has: {', '.join(map(str, known)) or 'none'})"
     except (ValueError, KeyError, TypeError):
         code = f"http_{response.status_code}"
         message = f"HTTP {response.status_code} from {url} (not a zcore site API answer?)"

@@ -7,6 +7,8 @@ zcore.site.service; the directory layout zcore.site.config.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 
 import click
@@ -28,7 +30,10 @@ def site() -> None:
               help="database URL (default: sqlite under DIRECTORY; or postgresql://...)")
 @click.option("--api-port", type=PORT, default=None,
               help="the API port the local client record names until `serve` runs")
-def init_cmd(directory: str, name: str, db_url: str | None, api_port: int | None) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="print `{name, site_id, directory, db_url, token}` as JSON (for scripts)")
+def init_cmd(directory: str, name: str, db_url: str | None, api_port: int | None,
+             as_json: bool) -> None:
     """Create a site in DIRECTORY: identity, database and an admin API token (printed
     once; also kept, readable by you only, in DIRECTORY/client.json)."""
     from sqlalchemy.exc import SQLAlchemyError
@@ -44,6 +49,11 @@ def init_cmd(directory: str, name: str, db_url: str | None, api_port: int | None
                                    ) from None
     except (ZcoreError, OSError) as exc:
         raise click.ClickException(f"site init failed: {exc}") from None
+    if as_json:
+        click.echo(json.dumps({"name": result.name, "site_id": result.site_id,
+                               "directory": os.path.abspath(directory),
+                               "db_url": result.db_url, "token": result.token}, indent=2))
+        return
     click.echo(f"site {result.name} ({result.site_id}) created in {directory}")
     click.echo(f"database: {result.db_url}")
     click.echo(f"admin API token (shown once): {result.token}")

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zcore.errors import ConfigError, StateError, ZcoreError
+from zcore.errors import CheckpointNotFoundError, ConfigError, StateError, ZcoreError
 from zcore.journal import Journal, JournalSettings
 from zcore.nbd import Export, NBDServer, view_export, volume_export
+from zcore.records import Checkpoint
 from zcore.replication import ProtectedSite, RecoverySite, Replication, VPGReceiver
 from zcore.replication.ownership import read_owner
 from zcore.security import Peer, trust
@@ -42,7 +43,10 @@ from zcore.vpg import VPG, VPGSettings
 
 log = logging.getLogger(__name__)
 
-VIEW_NAME = re.compile(r"^(?P<vpg>[^/@]+)/(?P<vm>[^/@]+)/(?P<volume>[^/@]+)@(?P<id>[0-9]{1,19})$")
+# A view's export name: VPG/VM/VOLUME@CKPT, CKPT a checkpoint id, `latest` or `tag:TEXT`
+# (the newest usable checkpoint tagged exactly TEXT), as `zcore nbd serve --view` takes.
+VIEW_NAME = re.compile(r"^(?P<vpg>[^/@]+)/(?P<vm>[^/@]+)/(?P<volume>[^/@]+)"
+                       r"@(?P<id>[0-9]{1,19}|latest|tag:.{1,256})$", re.DOTALL)
 # The service bounds each VPG's capture buffer below the library's 256 MiB default: a site
 # holds many VPGs, and a link outage past this many unacknowledged bytes falls back to the
 # dirty bitmaps anyway.
@@ -103,8 +107,11 @@ class LiveRecoverySite(RecoverySite):
 
     on_attach: Callable[[VPGReceiver, Peer], None] | None = None
 
-    def attach(self, peer: Peer, msg: dict[str, Any]) -> VPGReceiver:
-        receiver = super().attach(peer, msg)
+    async def attach_async(self, peer: Peer, msg: dict[str, Any]) -> VPGReceiver:
+        """The journals open in a worker thread (RecoverySite.attach_async); the service
+        hears of the VPG here, back on the loop (its hook schedules database work there:
+        called from the worker thread it found no running loop and every attach failed)."""
+        receiver = await super().attach_async(peer, msg)
         if self.on_attach is not None:
             self.on_attach(receiver, peer)
         return receiver
@@ -134,6 +141,20 @@ class LiveRecoverySite(RecoverySite):
     def forget(self, name: str) -> VPGReceiver | None:
         """Stop holding a VPG (its journals are closed by the caller, in a thread)."""
         return self.receivers.pop(name, None)
+
+
+def resolve_checkpoint(rvpg: RecoveryVPG, text: str) -> Checkpoint:
+    """The usable checkpoint a view name's CKPT names: an id, `latest` or `tag:TEXT`."""
+    if text == "latest":
+        return rvpg.latest()
+    if text.startswith("tag:"):
+        tag = text.removeprefix("tag:")
+        for cp in rvpg.checkpoints(tag=tag, newest_first=True):  # `tag` matches substrings
+            if cp.tag == tag:
+                return cp
+        raise CheckpointNotFoundError(f"VPG {rvpg.name} holds no usable checkpoint tagged "
+                                      f"{tag!r}")
+    return rvpg.by_id(int(text))
 
 
 class SiteNBDServer(NBDServer):
@@ -368,5 +389,5 @@ class SiteRuntime:
         journal = rvpg.journals.get(m["vm"])
         if journal is None:
             return None
-        ckpt = rvpg.by_id(int(m["id"]))  # usable in every journal of the VPG
+        ckpt = resolve_checkpoint(rvpg, m["id"])  # usable in every journal of the VPG
         return view_export(journal, ckpt.id, m["volume"], name)

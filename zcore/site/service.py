@@ -196,7 +196,15 @@ class SiteService:
         await self.runner.recover()
         self.backend = LiveSiteBackend(db, rt, self.runner)
         api_sock = _bind(opts.api_host, opts.api_port)
-        await rt.listen(opts.host, opts.replication_port, opts.nbd_port)
+        try:
+            await rt.listen(opts.host, opts.replication_port, opts.nbd_port)
+        except OSError as exc:  # name the listener (the API's socket is bound above)
+            api_sock.close()
+            which, port = (("replication", opts.replication_port)
+                           if rt.replication_address is None else ("NBD", opts.nbd_port))
+            raise ConfigError(f"cannot listen for {which} on {opts.host}:{port}: "
+                              f"{exc.strerror or exc} (--{which.lower()}-port picks another, "
+                              "0 any free one)") from None
         await self.reconcile(found)
         self.scheduler = Scheduler(db, rt)
         self.scheduler.start()

@@ -34,6 +34,7 @@ from zcore.journal.committer import CommitterMixin
 from zcore.journal.loader import LoaderMixin
 from zcore.journal.meta import META_FORMAT, META_NAME, META_VERSION, read_meta, write_meta
 from zcore.journal.readthrough import Lz4Cache, ReadThroughMixin
+from zcore.journal.replica import ReplicaSums
 from zcore.journal.retention import RetentionMixin
 from zcore.journal.segments import Segment
 from zcore.journal.settings import (
@@ -74,6 +75,8 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
         self._segments = OrderedDict()
         self._checkpoints = []
         self._replica_fds = {}
+        self._replica_sums = {}
+        self.integrity_notes = []  # what opening trusted once (see zcore.journal.replica)
         self._pins = {}
         self._lz4_cache = Lz4Cache()
         self.last_seq = 0
@@ -144,6 +147,7 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            ReplicaSums.create(path, v.id, v.size, bytes.fromhex(meta["journal_id"])).close()
         write_meta(path, meta)
         return cls.open(path)
 
@@ -390,8 +394,12 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
             for volume, fd in self._replica_fds.items():
                 self._index.set_replica_fd(volume, -1)
                 os.close(fd)
+            for volume, sums in self._replica_sums.items():
+                self._index.set_replica_sums(volume, None, 0, 0, 0, 0)
+                sums.close()
             self._segments.clear()
             self._replica_fds.clear()
+            self._replica_sums.clear()
         os.close(self._lock_fd)
 
     def __enter__(self) -> Journal:

@@ -25,6 +25,7 @@ from zcore.errors import (
 from zcore.fsutil import fsync_dir
 from zcore.journal import indexfile, segments
 from zcore.journal.indexfile import SegmentIndex
+from zcore.journal.replica import open_sums
 from zcore.journal.segments import Segment
 from zcore.journal.settings import ReopenReport
 from zcore.journal.state import JournalState
@@ -40,8 +41,13 @@ class LoaderMixin(JournalState):
         for v in self.volumes.values():
             fd = os.open(self.path / f"replica-{v.id:04d}.img", os.O_RDWR)
             self._replica_fds[v.id] = fd
+            sums = open_sums(self.path, v.id, v.size, self.journal_id, fd,
+                             self.integrity_notes)
+            self._replica_sums[v.id] = sums
             with self._index_lock:
                 self._index.set_replica_fd(v.id, fd)
+                self._index.set_replica_sums(v.id, sums.sums, sums.size, sums.block,
+                                             sums.zero_full, sums.zero_last)
         sizes = segments.list_segments(self.path)
         numbers = sorted(sizes)
         dropped = dropped_segments = 0

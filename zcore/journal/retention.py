@@ -21,7 +21,7 @@ from zcore.errors import (
     JournalFullError,
     status_error,
 )
-from zcore.fsutil import fsync_dir, preadinto_exact, pwrite_all
+from zcore.fsutil import fsync_dir, preadinto_exact
 from zcore.journal.meta import write_meta
 from zcore.journal.segments import Segment
 from zcore.journal.state import JournalState
@@ -135,6 +135,9 @@ class RetentionMixin(JournalState):
                                "it is reopened")
 
     def _apply_promotion(self, target: int) -> int:
+        # an intent already past the watermark: this pass replays an interrupted one, over
+        # replica blocks and sums that may each hold old or new bytes (zcore.journal.replica)
+        resuming = int(self._meta.get("promote_target", 0)) > self.promoted_seq
         with self._index_lock:  # from here no read below the target starts
             self._meta["promote_target"] = target
         write_meta(self.path, self._meta)
@@ -147,9 +150,14 @@ class RetentionMixin(JournalState):
                 continue
             if len(buf) < seg.size:
                 buf = bytearray(seg.size)
-            touched |= self._promote_segment(seg, target, buf)
+            touched |= self._promote_segment(seg, target, buf, resuming)
+        # sums written, replica fsynced, sums fsynced, then the watermark: until it is
+        # durable a reopen replays this promotion and rewrites both (docs/format.md 7.5)
+        for volume in touched:
+            self._replica_sums[volume].flush()
         for volume in touched:
             os.fsync(self._replica_fds[volume])
+            self._replica_sums[volume].fsync()
         self.promoted_seq = target
         self._meta["promoted_seq"] = target
         write_meta(self.path, self._meta)
@@ -169,9 +177,12 @@ class RetentionMixin(JournalState):
         fsync_dir(self.path)
         return target
 
-    def _promote_segment(self, seg: Segment, target: int, buf: bytearray) -> set[int]:
+    def _promote_segment(self, seg: Segment, target: int, buf: bytearray,
+                         resuming: bool = False) -> set[int]:
         """Write the data records of `seg` with promoted_seq <= seq < target into the
-        replicas (not fsynced); returns the volumes written."""
+        replicas and their block sums (not fsynced); returns the volumes written.  Each
+        write and its sums change together under the index lock, so a read checks every
+        replica block against the sum of the bytes it reads."""
         touched: set[int] = set()
         zeros = b""
         view = memoryview(buf)[: seg.size]
@@ -207,7 +218,9 @@ class RetentionMixin(JournalState):
             else:
                 start = pos + _rec.blockcrc_table_size(length)
                 payload = view[start : start + length]
-            pwrite_all(self._replica_fds[volume], payload, offset)
+            with self._index_lock:
+                self._replica_sums[volume].write(self._replica_fds[volume], payload,
+                                                 offset, resuming=resuming)
             touched.add(volume)
         del view, batch
         return touched

@@ -25,6 +25,7 @@ from zcore.records import Checkpoint
 if TYPE_CHECKING:
     from zcore.journal.indexfile import SegmentIndex
     from zcore.journal.readthrough import Lz4Cache
+    from zcore.journal.replica import ReplicaSums
 
 
 class JournalState:
@@ -48,6 +49,8 @@ class JournalState:
     _active: Segment
     _checkpoints: list[Checkpoint]
     _replica_fds: dict[int, int]
+    _replica_sums: dict[int, ReplicaSums]
+    integrity_notes: list[str]
     _pins: dict[int, int]
     _lz4_cache: Lz4Cache
     _unsynced: int

@@ -36,6 +36,7 @@ from zcore.journal.meta import META_FORMAT, META_NAME, META_VERSION, read_meta, 
 from zcore.journal.readthrough import Lz4Cache, ReadThroughMixin
 from zcore.journal.replica import ReplicaSums
 from zcore.journal.retention import RetentionMixin
+from zcore.journal.scrub import ScrubMixin
 from zcore.journal.segments import Segment
 from zcore.journal.settings import (
     MAX_BUNDLE,
@@ -49,7 +50,8 @@ from zcore.journal.settings import (
 from zcore.records import Checkpoint
 
 
-class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, RetentionMixin):
+class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, RetentionMixin,
+              ScrubMixin):
     """One VM's journal.  Thread-safe; one process opens it at a time (flock)."""
 
     def __init__(self, path: Path, meta: dict[str, Any], lock_fd: int) -> None:

@@ -1,7 +1,8 @@
 """The `zcore` command line: the demo, and the tools that sit on top of the library.
 
 One module per command group, so a command is one room: `demo_cmd` (`zcore demo`),
-`nbd_cmd` (`zcore nbd ...`); option parsers shared between groups live in `params`.
+`nbd_cmd` (`zcore nbd ...`), `journal_cmd` (`zcore journal check`); option parsers
+shared between groups live in `params`.
 A new group is a `*_cmd.py` module whose click command or group is added to `main` here.
 The console script `zcore` is `zcore.cli:main`; `python -m zcore.cli` runs the same.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import click
 
 from zcore.cli.demo_cmd import demo
+from zcore.cli.journal_cmd import journal
 from zcore.cli.nbd_cmd import nbd
 
 
@@ -21,6 +23,7 @@ def main() -> None:
 
 
 main.add_command(demo)
+main.add_command(journal)
 main.add_command(nbd)
 
 __all__ = ["main"]

@@ -23,6 +23,7 @@ from zcore.replication import timing
 from zcore.replication.journals import VPGReceiver
 from zcore.replication.ownership import read_owner, write_owner
 from zcore.replication.receiver import RecoveryConnection
+from zcore.replication.scrubbing import ScrubTimer
 from zcore.security import PairingTokens, Peer, PeerStore, SiteIdentity, server_context
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ class RecoverySite:
         self._server: asyncio.AbstractServer | None = None
         self._ssl: ssl.SSLContext | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        # every held journal scrubbed in the background (set interval/rate before start)
+        self.scrubber = ScrubTimer(self._held_journals)
 
     def issue_pairing_token(self, ttl: float = 3600.0) -> str:
         return self.tokens.issue(ttl)
@@ -56,10 +59,12 @@ class RecoverySite:
             lambda: RecoveryConnection(self), host, port, ssl=ctx,
             ssl_handshake_timeout=timing.HANDSHAKE_TIMEOUT)
         sock = self._server.sockets[0].getsockname()
+        self.scrubber.start()
         return sock[0], sock[1]
 
     async def stop(self) -> None:
         """Close every connection, stop listening, close every journal."""
+        await self.scrubber.stop()
         if self._server is not None:
             self._server.close()
             for conn in list(self.connections):
@@ -82,6 +87,10 @@ class RecoverySite:
         if self.loop is None:
             raise StateError("the recovery site is not started")
         self.loop.call_soon_threadsafe(callback, *args)
+
+    def _held_journals(self) -> list[tuple[str, str, Journal]]:
+        return [(vpg, vm, j) for vpg, r in list(self.receivers.items())
+                for vm, j in list(r.journals.items())]
 
     def journals(self, vpg: str) -> dict[str, Journal]:
         """The journals of an attached VPG, by VM name."""

@@ -131,10 +131,11 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
         path.mkdir(parents=True, exist_ok=True)
         if any(path.iterdir()):
             raise ConfigError(f"{path} is not empty: open an existing journal with Journal.open")
+        journal_id = uuid.uuid4().bytes
         meta = {
             "format": META_FORMAT,
             "version": META_VERSION,
-            "journal_id": uuid.uuid4().hex,
+            "journal_id": journal_id.hex(),
             "vm": vm,
             "created_ns": time.time_ns(),
             "volumes": [asdict(v) for v in specs],
@@ -149,7 +150,7 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            ReplicaSums.create(path, v.id, v.size, bytes.fromhex(meta["journal_id"])).close()
+            ReplicaSums.create(path, v.id, v.size, journal_id).close()
         write_meta(path, meta)
         return cls.open(path)
 

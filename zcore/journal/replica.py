@@ -145,7 +145,7 @@ class ReplicaSums:
                 raise CorruptRecordError(f"replica sums {path} belong to another volume "
                                          "or journal")
             sums = np.empty(entries, dtype=np.uint32)
-            preadinto_exact(fd, sums.view(np.uint8), HEADER_BYTES,
+            preadinto_exact(fd, sums.view(np.uint8).data, HEADER_BYTES,
                             what=f"replica sums {path} (shorter than its header says)")
         except BaseException:
             os.close(fd)
@@ -170,7 +170,8 @@ class ReplicaSums:
 
     # ---- blocks ----------------------------------------------------------------------
 
-    def entries_of(self, data: bytes | memoryview | np.ndarray, first: int) -> np.ndarray:
+    def entries_of(self, data: bytes | bytearray | memoryview | np.ndarray,
+                   first: int) -> np.ndarray:
         """The entries of whole blocks `data` holds, the first being block `first`."""
         crcs = _rec.crc32c_blocks(data, self.block)
         crcs ^= np.uint32(self.zero_full)
@@ -284,7 +285,7 @@ def _sum_existing(fd: int, size: int, block: int, sums: np.ndarray) -> None:
         for pos in range(lo, hi, READ_CHUNK):
             n = min(READ_CHUNK, hi - pos)
             view = buf[:n]
-            preadinto_exact(fd, view, pos, what="replica (shorter than its volume)")
+            preadinto_exact(fd, view.data, pos, what="replica (shorter than its volume)")
             crcs = _rec.crc32c_blocks(view, block) ^ np.uint32(zf)
             first = pos // block
             if first + len(crcs) == len(sums):

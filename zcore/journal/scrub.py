@@ -148,7 +148,7 @@ class ScrubMixin(JournalState):
             buf = np.empty(size, dtype=np.uint8)
             got = 0
             while got < size:
-                n = preadinto_upto(fd, buf[got : min(size, got + SCRUB_CHUNK)], got)
+                n = preadinto_upto(fd, buf[got : min(size, got + SCRUB_CHUNK)].data, got)
                 got += n
                 if not pace.spend(n):
                     return False
@@ -271,7 +271,7 @@ class ScrubMixin(JournalState):
             bad.extend(first + int(i) for i in np.flatnonzero(sums.sums[first:last]))
             return 0
         buf = np.empty(hi - lo, dtype=np.uint8)
-        n = preadinto_upto(fd, buf, lo)
+        n = preadinto_upto(fd, buf.data, lo)
         if n < hi - lo:  # a replica shorter than its volume: the rest is missing
             bad.extend(range((lo + n) // B, last))
             buf = buf[: (n // B) * B]

@@ -12,9 +12,14 @@ Entries are stored as CRC32C(block) ^ CRC32C(zero block of the same size): a blo
 zeros has entry 0, so the sums of a sparse replica are a sparse file, and a new journal's
 sums cost one header.
 
+The entries are a shared memory map of the sidecar: opening costs no read whatever the
+volume's size, memory is page cache, and promotion's updates are writes to the file.
+(A mapped file turns an I/O error on its pages into SIGBUS: the length is checked
+before mapping, so only media errors on the sidecar itself can do that.)
+
 Crash safety (promotion order, retention.py): promote_target durable in journal.meta;
-replica blocks and in-memory sums updated together; dirty sums written to the sidecar;
-replica fsynced; sidecar fsynced; promoted_seq durable.  A crash before promoted_seq is
+replica blocks and mapped sums updated together (the kernel may write either back at
+any time); replica fsynced; sidecar fsynced; promoted_seq durable.  A crash before promoted_seq is
 durable leaves any mix of old and new replica blocks and old and new sums (a block whose
 new data reached the replica while its sum did not, and the reverse), but only in blocks
 that the interrupted promotion touched; reopening resumes that promotion, which replays
@@ -27,6 +32,7 @@ state): its bytes outside the records are trusted once, and counted in `trusted_
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import struct
 from functools import lru_cache
@@ -45,7 +51,7 @@ SUM_VERSION = 1  # part of journal format 2 (journal.meta version 2)
 # 4 KiB blocks: a 4 KiB read-through then reads and checks exactly the block it returns
 # (journal.readthrough_4k 0.47 of os.pread with sums, 0.50 without, bench/harness.py
 # journal); 64 KiB blocks would read and CRC 16x the bytes of each random 4 KiB read.
-# Memory: 4 bytes per 4 KiB block, 1 MiB per GiB of volume.
+# Size: 4 bytes per 4 KiB block, 1 MiB per GiB of volume (mapped, not read at open).
 SUM_BLOCK = 4096
 # magic, version, header bytes, block bytes, volume id, volume bytes, journal id,
 # entries, 8 reserved bytes, CRC32C of the 60 bytes before it
@@ -56,8 +62,6 @@ HEADER_BYTES = 64
 # new bytes' entry ^ this, so reads and the scrub keep reporting it until a write covers
 # the whole block (or the replica is resynchronised).
 POISON = 0x5A5A5A5A
-# Dirty entries are flushed in pages of the sidecar file.
-PAGE_ENTRIES = 1024
 READ_CHUNK = 1 << 20  # bytes of replica read per step when sums are built from it
 
 
@@ -83,7 +87,7 @@ class ReplicaSums:
     thread-safe: every call runs under the journal's index lock (see the docstring)."""
 
     def __init__(self, path: Path, fd: int, volume: int, size: int, block: int,
-                 sums: np.ndarray) -> None:
+                 sums: np.ndarray, mm: mmap.mmap) -> None:
         self.path = path
         self.fd = fd
         self.volume = volume
@@ -92,7 +96,7 @@ class ReplicaSums:
         self.sums = sums
         self.zero_full = zero_crc(block)
         self.zero_last = zero_crc(size - (len(sums) - 1) * block)
-        self._dirty: set[int] = set()  # sidecar pages (PAGE_ENTRIES entries) to write
+        self._mm = mm
         self.trusted_once = 0  # partial blocks rewritten unchecked by a resumed promotion
         self.damaged: set[int] = set()  # block numbers found damaged while writing
 
@@ -101,35 +105,31 @@ class ReplicaSums:
     @classmethod
     def create(cls, directory: Path, volume: int, size: int, journal_id: bytes,
                replica_fd: int | None = None) -> ReplicaSums:
-        """Write a new sidecar (durable, directory entry included): the sums of an empty
-        replica, or of `replica_fd`'s bytes as they are (trusted as they are)."""
+        """Write a new sidecar (durable, directory entry included) and open it: the sums
+        of an empty replica, or of `replica_fd`'s bytes as they are (trusted as they
+        are)."""
         block = SUM_BLOCK
-        sums = np.zeros(-(-size // block), dtype=np.uint32)
-        if replica_fd is not None:
-            _sum_existing(replica_fd, size, block, sums)
+        entries = -(-size // block)
         path = sum_path(directory, volume)
         tmp = path.with_suffix(".sum.tmp")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.ftruncate(fd, HEADER_BYTES + 4 * len(sums))  # holes: entries of zero blocks
+            os.ftruncate(fd, HEADER_BYTES + 4 * entries)  # holes: entries of zero blocks
             pwrite_all(fd, _pack_header(volume, size, block, journal_id), 0)
-            nz = np.flatnonzero(sums)
-            if len(nz):
-                for lo, hi in _runs(np.unique(nz // PAGE_ENTRIES)):
-                    a, b = lo * PAGE_ENTRIES, min(hi * PAGE_ENTRIES, len(sums))
-                    pwrite_all(fd, sums[a:b].astype("<u4").tobytes(), HEADER_BYTES + 4 * a)
+            if replica_fd is not None:
+                _sum_existing(replica_fd, size, block, fd)
             os.fsync(fd)
-            os.rename(tmp, path)
-            fsync_dir(directory)
-        except BaseException:
+        finally:
             os.close(fd)
-            raise
-        return cls(path, fd, volume, size, SUM_BLOCK, sums)
+        os.rename(tmp, path)
+        fsync_dir(directory)
+        return cls.open(directory, volume, size, journal_id)
 
     @classmethod
     def open(cls, directory: Path, volume: int, size: int,
              journal_id: bytes) -> ReplicaSums:
-        """Read and check the sidecar of `volume` (FileNotFoundError when there is none)."""
+        """Check the sidecar of `volume` and map its entries (FileNotFoundError when
+        there is none)."""
         path = sum_path(directory, volume)
         fd = os.open(path, os.O_RDWR)
         try:
@@ -144,28 +144,30 @@ class ReplicaSums:
                     or vsize != size or jid != journal_id or entries != -(-size // block)):
                 raise CorruptRecordError(f"replica sums {path} belong to another volume "
                                          "or journal")
-            sums = np.empty(entries, dtype=np.uint32)
-            preadinto_exact(fd, sums.view(np.uint8).data, HEADER_BYTES,
-                            what=f"replica sums {path} (shorter than its header says)")
+            if os.fstat(fd).st_size != HEADER_BYTES + 4 * entries:  # never map past EOF
+                raise CorruptRecordError(f"replica sums {path} have the wrong length")
+            mm = mmap.mmap(fd, HEADER_BYTES + 4 * entries)
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, volume, size, block, sums)
+        sums = np.frombuffer(mm, dtype="<u4", count=entries, offset=HEADER_BYTES)
+        return cls(path, fd, volume, size, block, sums, mm)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def flush(self) -> None:
-        """Write the dirty entries to the sidecar (not fsynced: see `fsync`)."""
-        pages = sorted(self._dirty)
-        for lo, hi in _runs(np.asarray(pages, dtype=np.int64)):
-            a, b = lo * PAGE_ENTRIES, min(hi * PAGE_ENTRIES, len(self.sums))
-            pwrite_all(self.fd, self.sums[a:b].tobytes(), HEADER_BYTES + 4 * a)
-        self._dirty.clear()
+        """Unmap and close (the caller has dropped the index's reference first)."""
+        if self.fd < 0:
+            return
+        self.sums = np.zeros(0, dtype=np.uint32)  # drop the mapped view
+        try:
+            self._mm.close()
+        except BufferError:  # a view of it is still alive: unmapped when it is freed
+            pass
+        os.close(self.fd)
+        self.fd = -1
 
     def fsync(self) -> None:
+        """Make the entries written so far durable."""
+        self._mm.flush()
         os.fsync(self.fd)
 
     # ---- blocks ----------------------------------------------------------------------
@@ -231,25 +233,12 @@ class ReplicaSums:
                                 self.volume, lo)
         pwrite_all(fd, data, offset)
         self.sums[b0:b1] = new
-        for page in range(b0 // PAGE_ENTRIES, (b1 - 1) // PAGE_ENTRIES + 1):
-            self._dirty.add(page)
 
     def error(self, number: int) -> ReplicaChecksumError:
         lo, hi = self._block_range(number)
         return ReplicaChecksumError(
             f"replica of volume {self.volume}: block at offset {lo} (+{hi - lo}) fails its "
             "sum (damaged replica)", self.volume, lo, hi - lo)
-
-
-def _runs(pages: np.ndarray) -> list[tuple[int, int]]:
-    """Sorted unique integers as [lo, hi) runs of consecutive values."""
-    out: list[tuple[int, int]] = []
-    for p in pages.tolist():
-        if out and out[-1][1] == p:
-            out[-1] = (out[-1][0], p + 1)
-        else:
-            out.append((p, p + 1))
-    return out
 
 
 def data_extents(fd: int, lo: int, hi: int) -> list[tuple[int, int]]:
@@ -275,22 +264,24 @@ def data_extents(fd: int, lo: int, hi: int) -> list[tuple[int, int]]:
     return out
 
 
-def _sum_existing(fd: int, size: int, block: int, sums: np.ndarray) -> None:
-    """Fill `sums` from the replica's bytes as they are (holes are zero entries)."""
+def _sum_existing(replica_fd: int, size: int, block: int, sums_fd: int) -> None:
+    """Write the entries of the replica's bytes as they are into the sidecar `sums_fd`
+    (holes are left: zero entries)."""
     buf = np.empty(READ_CHUNK, dtype=np.uint8)
-    zf, zl = zero_crc(block), zero_crc(size - (len(sums) - 1) * block)
-    for start, stop in data_extents(fd, 0, size):
+    entries = -(-size // block)
+    zf, zl = zero_crc(block), zero_crc(size - (entries - 1) * block)
+    for start, stop in data_extents(replica_fd, 0, size):
         lo = start // block * block
         hi = min(-(-stop // block) * block, size)
         for pos in range(lo, hi, READ_CHUNK):
             n = min(READ_CHUNK, hi - pos)
             view = buf[:n]
-            preadinto_exact(fd, view.data, pos, what="replica (shorter than its volume)")
+            preadinto_exact(replica_fd, view.data, pos, what="replica (shorter than its volume)")
             crcs = _rec.crc32c_blocks(view, block) ^ np.uint32(zf)
             first = pos // block
-            if first + len(crcs) == len(sums):
+            if first + len(crcs) == entries:
                 crcs[-1] ^= np.uint32(zf ^ zl)
-            sums[first : first + len(crcs)] = crcs
+            pwrite_all(sums_fd, crcs.astype("<u4").tobytes(), HEADER_BYTES + 4 * first)
 
 
 def open_sums(directory: Path, volume: int, size: int, journal_id: bytes,

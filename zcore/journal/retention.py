@@ -151,10 +151,8 @@ class RetentionMixin(JournalState):
             if len(buf) < seg.size:
                 buf = bytearray(seg.size)
             touched |= self._promote_segment(seg, target, buf, resuming)
-        # sums written, replica fsynced, sums fsynced, then the watermark: until it is
+        # replica fsynced, then its sums, then the watermark: until it is
         # durable a reopen replays this promotion and rewrites both (docs/format.md 7.5)
-        for volume in touched:
-            self._replica_sums[volume].flush()
         for volume in touched:
             os.fsync(self._replica_fds[volume])
             self._replica_sums[volume].fsync()

@@ -130,7 +130,8 @@ int zc_encode_stored(uint8_t *out, size_t cap, uint16_t type, uint16_t flags,
     uint64_t size = zc_record_size(stored);
     if (size > cap)
         return ZC_E_ARG;
-    memcpy(out + ZC_RECORD_HEADER_SIZE, payload, stored);
+    if (stored) /* a ZERO record passes payload NULL: memcpy(dst, NULL, 0) is undefined */
+        memcpy(out + ZC_RECORD_HEADER_SIZE, payload, stored);
     memset(out + ZC_RECORD_HEADER_SIZE + stored, 0, size - ZC_RECORD_HEADER_SIZE - stored);
     write_header(out, type, flags, volume, seq, offset, length, stored, time_ns,
                  zc_crc32c(0, payload, stored));

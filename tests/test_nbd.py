@@ -287,6 +287,70 @@ def test_backend_failures_become_nbd_errors_not_crashes(tmp_path, image):
         assert c.read(1024, 512) == (0, b"b" * 512)
 
 
+class SlowFlush(FileBackend):
+    """A file whose FLUSH takes `delay` seconds (an fdatasync after many writes); records
+    what the file held when each flush began and the order of flushes and the close."""
+
+    def __init__(self, path, delay: float) -> None:
+        super().__init__(path)
+        self.delay = delay
+        self.events: list[str] = []
+        self.seen_at_flush: list[bytes] = []
+
+    def flush(self) -> None:
+        self.events.append("flush")
+        self.seen_at_flush.append(os.pread(self._fd, 512, 0))
+        time.sleep(self.delay)
+        super().flush()
+        self.events.append("flushed")
+
+    def close(self) -> None:
+        self.events.append("close")
+        super().close()
+
+
+def test_a_slow_flush_does_not_stall_other_connections_and_keeps_its_order(tmp_path, image):
+    backend = SlowFlush(image[0], 0.6)
+    with serving([Export("disk", backend)], tmp_path) as srv, connect(srv) as a, \
+            connect(srv) as b:
+        assert a.write(0, b"w" * 512) == 0
+        flush = a.request(nbd.CMD_FLUSH)
+        later = a.request(nbd.CMD_READ, 0, 512)  # held until the FLUSH is replied to
+        assert eventually(lambda: backend.events == ["flush"])
+        t0 = time.monotonic()
+        assert b.read(512, 512) == (0, image[1][512:1024])  # served while A's flush runs
+        assert time.monotonic() - t0 < backend.delay / 2
+        assert b.write(1024, b"x" * 512, flags=nbd.CMD_FLAG_FUA) == 0
+        assert a.reply() == (flush, 0, b"")
+        assert a.reply(512) == (later, 0, b"w" * 512)
+    # the write completed before the FLUSH was in the file when its sync began
+    assert backend.seen_at_flush[0] == b"w" * 512
+    assert backend.events[-1] == "close"
+
+
+def test_a_flush_running_when_the_server_closes_ends_before_its_backend_closes(tmp_path,
+                                                                               image):
+    backend = SlowFlush(image[0], 0.5)
+    with serving([Export("disk", backend)], tmp_path) as srv:
+        c = connect(srv)
+        c.request(nbd.CMD_FLUSH)
+        assert eventually(lambda: backend.events == ["flush"])
+    c.close()
+    assert backend.events == ["flush", "flushed", "close"]
+
+
+def test_an_export_removed_during_a_flush_closes_its_backend_after_the_flush(tmp_path, image):
+    backend = SlowFlush(image[0], 0.5)
+    with serving([Export("disk", backend)], tmp_path) as srv:
+        c = connect(srv)
+        c.request(nbd.CMD_FLUSH)
+        assert eventually(lambda: backend.events == ["flush"])
+        srv.call(srv.server.remove_export, "disk")
+        assert eventually(lambda: backend.events[-1:] == ["close"])
+        c.close()
+    assert backend.events == ["flush", "flushed", "close"]
+
+
 # ---- hostile clients -----------------------------------------------------------------------
 
 

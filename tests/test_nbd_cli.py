@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,7 @@ class Served:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=OUTSIDE_SOURCE)
         self.uris: dict[str, str] = {}
         self.kinds: dict[str, str] = {}
+        self.descriptions: dict[str, str] = {}
         lines_q: queue.Queue[str] = queue.Queue()
 
         def reader() -> None:
@@ -53,10 +55,11 @@ class Served:
                 err = self.proc.stderr.read()
                 self.proc.stderr.close()
                 raise AssertionError(f"zcore nbd serve did not start: {err}") from None
-            uri, kind, _ = line.rstrip("\n").split("\t")
+            uri, kind, description = line.rstrip("\n").split("\t")
             name = uri.split("?")[0].rsplit("/", 1)[1]
             self.uris.setdefault(name, uri)
             self.kinds[name] = kind
+            self.descriptions[name] = description
             got += 1
 
     def stop(self, sig=signal.SIGTERM) -> str:
@@ -164,3 +167,124 @@ def test_serve_stopped_during_the_initial_sync_resumes_it_next_time(tmp_path):
     finally:
         served.stop()
     assert (tmp_path / "v.raw").read_bytes() == image.read_bytes()
+
+
+def zcore(*args: str) -> subprocess.CompletedProcess[str]:
+    """`zcore ARGS` run to its end in a subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "zcore.cli", *args], capture_output=True,
+                          text=True, timeout=120, cwd=OUTSIDE_SOURCE)
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "65536"])
+def test_port_out_of_range_is_a_usage_error_not_a_traceback(tmp_path, port):
+    (tmp_path / "a.img").write_bytes(bytes(MiB))
+    proc = zcore("nbd", "serve", "--port", port, "--file", f"a={tmp_path / 'a.img'}")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "OverflowError" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "--port" in errors[0] and "65535" in errors[0]
+
+
+def test_protect_refuses_an_image_not_a_multiple_of_512_and_creates_nothing(tmp_path):
+    image = tmp_path / "odd.img"
+    image.write_bytes(bytes(MiB + 100))
+    journal_dir = tmp_path / "journals" / "vm1"
+    proc = zcore("nbd", "serve", "--port", "0", "--journal", str(journal_dir),
+                 "--protect", f"disk0={image}")
+    assert proc.returncode == 2
+    assert str(image) in proc.stderr and str(MiB + 100) in proc.stderr
+    assert "multiple of 512" in proc.stderr
+    assert not (tmp_path / "journals").exists()
+
+
+def test_unix_socket_in_a_missing_directory_names_the_path(tmp_path):
+    (tmp_path / "a.img").write_bytes(bytes(MiB))
+    sock = tmp_path / "nowhere" / "s.sock"
+    proc = zcore("nbd", "serve", "--port", "0", "--file", f"a={tmp_path / 'a.img'}",
+                 "--unix", str(sock))
+    assert proc.returncode == 2
+    assert str(sock) in proc.stderr and str(sock.parent) in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _protect_once(image, journal_dir, write_at: str) -> int:
+    """Serve `image` protected, write 64 KiB through NBD, stop: the final checkpoint id."""
+    qemu_io = require_tool("qemu-io")
+    served = Served("--journal", str(journal_dir), "--protect", f"disk0={image}", lines=1)
+    try:
+        run([qemu_io, "-f", "raw", "-c", f"write -P 0x5a {write_at} 64K", served.uris["disk0"]])
+    finally:
+        err = served.stop()
+    return int(err.split("stopped at checkpoint ")[1].split()[0])
+
+
+def test_checkpoint_ids_do_not_jump_by_the_seq_reserve_at_every_restart(tmp_path):
+    nbdcopy = require_tool("nbdcopy")
+    image = tmp_path / "disk0.img"
+    image.write_bytes(os.urandom(MiB))
+    journal_dir = tmp_path / "journals" / "vm1"
+    first = _protect_once(image, journal_dir, "0")
+    second = _protect_once(image, journal_dir, "64K")
+    third = _protect_once(image, journal_dir, "128K")
+    assert first < second < third < first + 100_000  # not 2^24 apart
+    listing = zcore("nbd", "checkpoints", "--journal", str(journal_dir))
+    assert listing.returncode == 0, listing.stderr
+    ids = [int(line.split()[0]) for line in listing.stdout.splitlines()[1:]]
+    assert {first, second, third} <= set(ids)
+    assert ids == sorted(ids)
+    served = Served("--journal", str(journal_dir), "--view", f"v=disk0@{second}", lines=1)
+    try:  # the id shown is the id taken: the image as of the second stop
+        assert f"checkpoint {second}" in served.descriptions["v"]
+        run([nbdcopy, served.uris["v"], str(tmp_path / "v.raw")])
+    finally:
+        served.stop()
+    data = (tmp_path / "v.raw").read_bytes()
+    assert data[64 * 1024 : 128 * 1024] == b"\x5a" * (64 * 1024)
+    assert data[128 * 1024 : 192 * 1024] != b"\x5a" * (64 * 1024)
+
+
+def test_unknown_checkpoint_or_volume_lists_what_the_journal_holds(tmp_path):
+    image = tmp_path / "disk0.img"
+    image.write_bytes(os.urandom(MiB))
+    journal_dir = tmp_path / "journals" / "vm1"
+    last = _protect_once(image, journal_dir, "0")
+    proc = zcore("nbd", "serve", "--port", "0", "--journal", str(journal_dir),
+                 "--view", f"v=disk0@{last + 12345}")
+    assert proc.returncode == 1
+    assert f"checkpoint {last + 12345} is not in journal" in proc.stderr
+    assert "the newest:" in proc.stderr and str(last) in proc.stderr
+    assert "stopped" in proc.stderr  # the final checkpoint's tag
+    proc = zcore("nbd", "serve", "--port", "0", "--journal", str(journal_dir),
+                 "--view", "v=disk9")
+    assert proc.returncode == 1
+    assert "no volume 'disk9'" in proc.stderr and "disk0 (id 0)" in proc.stderr
+    proc = zcore("nbd", "serve", "--port", "0", "--journal", str(journal_dir),
+                 "--view", "v=disk0@yesterday")
+    assert proc.returncode == 2 and "'latest' or 'tag:TEXT'" in proc.stderr
+
+
+def test_a_failed_start_leaves_no_journal_or_vpg_state_behind(tmp_path):
+    image = tmp_path / "disk0.img"
+    image.write_bytes(os.urandom(MiB))
+    journal_dir = tmp_path / "journals" / "vm1"
+    # the view fails once the protection is already running: what it created goes again
+    proc = zcore("nbd", "serve", "--port", "0", "--journal", str(journal_dir),
+                 "--protect", f"disk0={image}", "--view", "v=disk0@99999999")
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "journals").exists()
+    with socket.socket() as busy:  # the port is taken: the listener fails last
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        proc = zcore("nbd", "serve", "--port", port, "--journal", str(journal_dir),
+                     "--vpg-state", str(tmp_path / "state" / "vpg1"),
+                     "--protect", f"disk0={image}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "journals").exists() and not (tmp_path / "state").exists()
+    # an existing journal is kept after a failed start
+    _protect_once(image, journal_dir, "0")
+    proc = zcore("nbd", "serve", "--port", "0", "--journal", str(journal_dir),
+                 "--protect", f"disk0={image}", "--view", "v=disk0@99999999")
+    assert proc.returncode == 1
+    assert journal_dir.is_dir() and (tmp_path / "journals" / "vm1.vpg").is_dir()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import threading
 import time
 from types import SimpleNamespace
 
@@ -87,6 +88,8 @@ def test_recovery_site_restart_resumes_from_its_durable_seq_without_duplicates(s
         try:
             for _ in range(3):
                 await _write(model, rng, 40)
+                # (the first attach opens its journals in a thread: it may still run)
+                await wait_until(lambda: rep.connected, 10, "a session")
                 await checkpoint(vpg, "before")
                 await asyncio.sleep(0.05)
                 await rs.stop()  # mid-stream: some bundles are journaled, unacked
@@ -304,6 +307,7 @@ def test_replication_state_is_the_most_pressing_one_and_an_enum(mode, connected,
 
 def test_status_reports_every_state(sites):
     async def main():
+        timing.STALL_TIMEOUT = 0.8  # (restored by run) the RPO alert at 0.3 s comes first
         rs = RecoverySite(sites / "rs")
         host, port = await rs.start()
         proxy = FaultProxy((host, port))
@@ -332,11 +336,16 @@ def test_status_reports_every_state(sites):
             await _write(model, rng, 10)
             await until(ReplicationState.RPO_NOT_MEETING_SLA, "stalled link", 5)
             assert rep.status().rpo_seconds > 0.3
-            await until(ReplicationState.DISCONNECTED, "peer timeout")
-            # overflow while disconnected: bitmap mode, still reported disconnected
+            await until(ReplicationState.DISCONNECTED, "the stall declared")
+            # overflow while disconnected: bitmap mode, still reported disconnected (the
+            # declared stall may have folded already).  Refused and reset before the
+            # stall ends, so no handshake held by the stall slips through.
             proxy.refuse(True)
-            proxy.unstall()
             proxy.reset_all()
+            proxy.unstall()
+            for _ in range(32):  # dirty blocks enough for a sync slow enough to watch
+                model.random_write(rng, 256 * KiB, incompressible=True)
+                await asyncio.sleep(0.001)
             # (until the sender has declared the link down: a first overflow's sync may
             # fit in the buffer and end before the sender notices the overflow; a VPG
             # still in bitmap mode when it does logs no "unreachable" event, so wait for
@@ -373,17 +382,19 @@ def test_status_reports_every_state(sites):
 
 
 async def catch_up_paused_check(vpg, rep, model, rng):
-    """While paused, writes are captured but nothing is sent."""
+    """While paused, writes are marked dirty (the paused VPG is in bitmap mode, where no
+    checkpoint can be taken) and nothing is sent."""
     await asyncio.sleep(0.1)
     sent = rep.sent_seq
     await _write(model, rng, 20)
-    await checkpoint(vpg, "paused")
+    with pytest.raises(StateError, match="bitmap mode"):
+        await checkpoint(vpg, "paused")
     await asyncio.sleep(0.3)
     assert rep.sent_seq == sent
-    assert vpg.status().last_seq > vpg.acked_seq
+    assert vpg.mode == "bitmap" and vpg.status().dirty_bytes > 0
 
 
-def test_pause_holds_the_stream_and_resume_delivers_it_in_order(sites):
+def test_pause_holds_the_stream_and_resume_delivers_what_was_written(sites):
     async def main():
         rs = RecoverySite(sites / "rs")
         host, port = await rs.start()
@@ -399,19 +410,248 @@ def test_pause_holds_the_stream_and_resume_delivers_it_in_order(sites):
             await catch_up(vpg, rep, rs)
             acked = vpg.acked_seq
             rep.pause()
-            await _write(model, rng, 30)
-            seq = await checkpoint(vpg, "held")
+            await _write(model, rng, 30)  # marked dirty: the paused VPG is in bitmap mode
             await asyncio.sleep(0.3)
-            assert vpg.acked_seq <= max(acked, rep.sent_seq) < seq
+            assert vpg.acked_seq <= max(acked, rep.sent_seq)
             assert rep.status().state == "paused"
-            rep.resume()
-            await wait_until(lambda: vpg.acked_seq >= seq, 10, "the held checkpoint")
-            await catch_up(vpg, rep, rs)
+            rep.resume()  # one bitmap sync delivers them, then a consistent checkpoint
+            seq = await catch_up(vpg, rep, rs)
+            assert seq > acked
             assert verify_journals(rs, model) >= 2
         finally:
             await ps.stop()
             vpg.close()
             await rs.stop()
+    run(main())
+
+
+def test_pause_goes_to_bitmap_mode_once_instead_of_overflowing_into_repeated_syncs(sites):
+    """Issue 10: a pause only stopped sending, so the VPG overflowed, folded, started a
+    bitmap sync that overflowed again, and so on while paused.  The pause tells the VPG:
+    one fold ("paused"), dirty marks only while paused, one sync on resume."""
+    async def main():
+        rs = RecoverySite(sites / "rs")
+        host, port = await rs.start()
+        name = _name()
+        vpg = make_vpg(sites / name, name, {"vm1": [16 * MiB]},
+                       VPGSettings(checkpoint_interval=0.2, buffer_bytes=4 << 20,
+                                   bundle_bytes=256 * KiB))
+        vpg.start()
+        model = Model(vpg)
+        ps = ProtectedSite(sites / "ps")
+        rep = ps.protect(vpg, host, port)
+        rng = random.Random(8)
+
+        def count(text):
+            return sum(text in e for e in vpg.events)
+        try:
+            await _write(model, rng, 10)
+            await catch_up(vpg, rep, rs)
+            folds, syncs = count("bitmap mode:"), count("syncing of")
+            rep.pause()
+            await wait_until(lambda: vpg.mode == "bitmap", 5, "bitmap mode on pause")
+            for _ in range(40):  # ~40 MiB while paused: ten times the buffer
+                for _ in range(4):
+                    model.random_write(rng, 256 * KiB, incompressible=True)
+                await asyncio.sleep(0.01)
+            assert vpg.mode == "bitmap", list(vpg.events)
+            assert count("bitmap mode:") == folds + 1, list(vpg.events)
+            assert count("bitmap mode: replication paused") == 1, list(vpg.events)
+            assert count("syncing of") == syncs, list(vpg.events)
+            assert rep.status().state == "paused"
+            with pytest.raises(StateError, match="bitmap mode"):  # by design, documented
+                await rep.checkpoint("while paused")
+            rep.resume()
+            await catch_up(vpg, rep, rs)
+            assert count("syncing of") == syncs + 1, list(vpg.events)
+            assert count("bitmap mode:") == folds + 1, list(vpg.events)
+            assert verify_journals(rs, model) >= 1
+        finally:
+            await ps.stop()
+            vpg.close()
+            await rs.stop()
+    run(main())
+
+
+def test_checkpoint_from_the_event_loop_leaves_the_loop_running_while_it_waits(sites):
+    """VPG.checkpoint blocks (tens of ms; up to CHECKPOINT_WAIT while the ring is full, and
+    the loop it would block may be the one draining the ring): `await rep.checkpoint()`
+    runs it in a worker thread, so the loop keeps turning meanwhile."""
+    async def main():
+        rs = RecoverySite(sites / "rs")
+        host, port = await rs.start()
+        name = _name()
+        vpg = make_vpg(sites / name, name, {"vm1": [1 * MiB]})
+        vpg.start()
+        model = Model(vpg)
+        ps = ProtectedSite(sites / "ps")
+        rep = ps.protect(vpg, host, port)
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.005)
+                ticks += 1
+        try:
+            await _write(model, random.Random(9), 10)
+            await catch_up(vpg, rep, rs)
+            tick = asyncio.create_task(ticker())
+            # the stream thread holds the VPG lock for a long round (a sync reading disks)
+            held = threading.Event()
+
+            def long_round():
+                with vpg._lock:  # (no public way to make a round slow)
+                    held.set()
+                    time.sleep(0.4)
+            thread = threading.Thread(target=long_round)
+            thread.start()
+            held.wait()
+            before = ticks
+            ckpt = await rep.checkpoint("from the loop")
+            thread.join()
+            tick.cancel()
+            assert ckpt.tag == "from the loop"
+            assert ticks - before >= 20, "the event loop stood still during the checkpoint"
+            seq = (await vpg.checkpoint_async()).seq
+            assert seq > ckpt.seq
+            assert await vpg.flush_async() >= seq
+        finally:
+            await ps.stop()
+            vpg.close()
+            await rs.stop()
+    run(main())
+
+
+def test_attach_opens_its_journals_off_the_event_loop(sites, monkeypatch):
+    """An ATTACH opened (or created, with fsyncs) the VPG's journals inside the protocol
+    callback, stalling every connection of the site meanwhile; now in a worker thread."""
+    from zcore.replication import recovery_site
+    threads = []
+    real_create = recovery_site.Journal.create
+
+    def slow_create(*args, **kwargs):
+        threads.append(threading.current_thread())
+        time.sleep(0.3)  # a slow disk
+        return real_create(*args, **kwargs)
+    monkeypatch.setattr(recovery_site.Journal, "create", slow_create)
+
+    async def main():
+        rs = RecoverySite(sites / "rs")
+        host, port = await rs.start()
+        name = _name()
+        vpg = make_vpg(sites / name, name, {"vm1": [1 * MiB], "vm2": [1 * MiB]})
+        vpg.start()
+        model = Model(vpg)
+        ps = ProtectedSite(sites / "ps")
+        gaps = []
+
+        async def ticker():
+            last = time.monotonic()
+            while True:
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+        tick = asyncio.create_task(ticker())
+        try:
+            rep = ps.protect(vpg, host, port)
+            await _write(model, random.Random(10), 10)
+            await catch_up(vpg, rep, rs)
+            assert len(threads) == 2
+            assert threading.main_thread() not in threads
+            assert max(gaps) < 0.25, f"the loop stood still for {max(gaps):.2f} s"
+            assert verify_journals(rs, model) >= 1
+        finally:
+            tick.cancel()
+            await ps.stop()
+            vpg.close()
+            await rs.stop()
+    run(main())
+
+
+def test_recovery_site_stopped_during_an_attach_leaves_no_journal_locked(sites, monkeypatch):
+    """An attach still opening journals in its worker thread when the site stops must
+    finish before the journals are closed: otherwise it leaves them open (and locked)
+    in the stopped site and the restarted one refuses the VPG for good."""
+    from zcore.replication import recovery_site
+    real_create = recovery_site.Journal.create
+    started = threading.Event()
+
+    def slow_create(*args, **kwargs):
+        started.set()
+        time.sleep(0.3)
+        return real_create(*args, **kwargs)
+    monkeypatch.setattr(recovery_site.Journal, "create", slow_create)
+
+    async def main():
+        port = free_port()
+        rs = RecoverySite(sites / "rs")
+        await rs.start("127.0.0.1", port)
+        name = _name()
+        vpg = make_vpg(sites / name, name, {"vm1": [1 * MiB]})
+        vpg.start()
+        model = Model(vpg)
+        ps = ProtectedSite(sites / "ps")
+        rep = ps.protect(vpg, "127.0.0.1", port)
+        try:
+            await _write(model, random.Random(12), 10)
+            await asyncio.to_thread(started.wait, 10)
+            await rs.stop()  # mid-attach
+            rs = RecoverySite(sites / "rs")
+            await rs.start("127.0.0.1", port)
+            await catch_up(vpg, rep, rs, timeout=15)
+            assert verify_journals(rs, model) >= 1
+        finally:
+            await ps.stop()
+            vpg.close()
+            await rs.stop()
+    run(main())
+
+
+def test_journal_threads_do_not_grow_with_the_number_of_vpgs(sites):
+    """Issue 10 scale: each attached VPG had its own journal thread (300 VPGs, 300
+    threads).  The site's journal work runs on a fixed pool; each VPG's bundles are
+    still applied in order (the journals verify against the model)."""
+    import resource
+
+    async def main():
+        rs = RecoverySite(sites / "rs", journal_workers=2)
+        host, port = await rs.start()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        assert soft == hard, "RLIMIT_NOFILE was not raised to its hard limit at start"
+        ps = ProtectedSite(sites / "ps")
+        vpgs, models, reps = [], [], []
+        rng = random.Random(11)
+        try:
+            before = {t.name for t in threading.enumerate()}
+            for _ in range(6):
+                name = _name()
+                vpg = make_vpg(sites / name, name, {"vm1": [512 * KiB], "vm2": [512 * KiB]})
+                vpg.start()
+                vpgs.append(vpg)
+                models.append(Model(vpg))
+                reps.append(ps.protect(vpg, host, port))
+            for _ in range(3):
+                for model in models:
+                    await _write(model, rng, 8)
+            for vpg, rep in zip(vpgs, reps, strict=True):
+                await catch_up(vpg, rep, rs)
+            new = {t.name for t in threading.enumerate()} - before
+            journal_threads = sorted(n for n in new if n.startswith("journal-")
+                                     and not n.startswith("journal-commit"))
+            assert journal_threads == [], journal_threads  # the pool started with the site
+            workers = [t.name for t in threading.enumerate()
+                       if t.name.startswith("journal-worker")]
+            assert len(workers) == 2, workers
+            for model in models:
+                assert verify_journals(rs, model) >= 1
+        finally:
+            await ps.stop()
+            for vpg in vpgs:
+                vpg.close()
+            await rs.stop()
+        assert not [t for t in threading.enumerate() if t.name.startswith("journal-worker")]
     run(main())
 
 

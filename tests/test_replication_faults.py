@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zcore.errors import StateError
-from zcore.replication import ProtectedSite, RecoverySite
+from zcore.replication import ProtectedSite, RecoverySite, timing
 from zcore.vpg import VPGSettings
 
 # Two VMs, three small volumes: small enough to verify every checkpoint whole, and
@@ -342,3 +342,61 @@ def test_outage_overflowing_the_buffer_waits_in_bitmap_mode_and_syncs_on_reconne
                          20, "the bitmap sync to end")
         assert sc.syncs_started() == syncs + 1, list(sc.vpg.events)
     _scenario(sites, 9, body, big)
+
+
+def test_stalled_link_is_declared_down_once_instead_of_looping_overflow_fold_resync(sites):
+    """Issue 9 finding 15: a stall (every byte held, the connection open) counted as
+    connected until the peer timeout, so the VPG overflowed, folded, started a bitmap
+    sync into the stalled link, overflowed again... (8 folds in one 13 s drop), rereading
+    the dirty blocks each time.  The sender notices the stall after STALL_TIMEOUT, well
+    below the peer timeout, and declares the link down once: no fold and no sync after
+    that, and one sync when the link is back."""
+    big = {"vm1": [16 * MiB], "vm2": [16 * MiB]}  # more dirty data than the buffer holds
+
+    def folds() -> int:
+        return sum(e.startswith("bitmap mode:") for e in sc.vpg.events)
+
+    async def write_for(seconds: float) -> None:
+        end = asyncio.get_running_loop().time() + seconds
+        while asyncio.get_running_loop().time() < end:
+            await sc.writes(4, 256 * KiB, incompressible=True)
+            await asyncio.sleep(0.01)
+
+    async def body(scenario):
+        nonlocal sc
+        sc = scenario
+        timing.PEER_TIMEOUT = 6.0  # (fast_timeouts restores it) far beyond the stall check
+        await asyncio.sleep(0.2)  # the session in place uses the new timeout from here on
+        folds0, syncs0 = folds(), sc.syncs_started()
+        stalls0 = getattr(sc.rep, "stalls", 0)
+        sc.proxy.stall()
+        write = asyncio.create_task(write_for(30))
+        try:
+            await wait_until(lambda: not sc.vpg.status().link_up, 2.5,
+                             f"the stall to be declared well before the peer timeout "
+                             f"({folds() - folds0} folds so far; {list(sc.vpg.events)})")
+            await wait_until(lambda: not sc.rep.connected, 2.5,
+                             "the stalled session to end well before the peer timeout")
+            assert sc.rep.stalls == stalls0 + 1 and "stalled" in sc.rep.last_error
+            await wait_until(lambda: sc.vpg.mode == "bitmap", 5, "bitmap mode")
+            # only the overflows of the first ~0.1 s, before the sender saw that the link
+            # acknowledges nothing (without the check: dozens until the peer timeout)
+            assert folds() - folds0 <= 5, list(sc.vpg.events)
+            down_folds, down_syncs = folds(), sc.syncs_started()
+            assert down_syncs - syncs0 <= 4, list(sc.vpg.events)
+            await asyncio.sleep(1.5)  # the stall goes on, and so do the writes
+            assert sc.vpg.mode == "bitmap", list(sc.vpg.events)
+            assert (folds(), sc.syncs_started()) == (down_folds, down_syncs), \
+                list(sc.vpg.events)
+            assert sc.rep.stalls == stalls0 + 1
+        finally:
+            write.cancel()
+            await asyncio.gather(write, return_exceptions=True)
+        sc.proxy.heal()
+        await wait_until(lambda: any("bitmap syncing complete" in e for e in sc.vpg.events),
+                         20, "the bitmap sync to end")
+        assert sc.syncs_started() == down_syncs + 1, list(sc.vpg.events)
+        assert folds() == down_folds, list(sc.vpg.events)
+
+    sc: Scenario
+    _scenario(sites, 10, body, big)

@@ -672,9 +672,10 @@ def _against(sites, fake: FakeRecovery, check) -> None:
             rep = ps.protect(vpg, host, port)
             try:
                 await wait_until(lambda: rep.last_error, 5, "the sender's refusal")
-                seen = rep.last_error  # a resumed session clears it: keep what was refused
+                # (the first refusal's reason: a later session clears last_error)
+                error = rep.last_error
                 await asyncio.sleep(0.2)
-                check(vpg, rep, seen)
+                check(vpg, rep, error)
             finally:
                 await ps.stop()
                 vpg.close()
@@ -685,8 +686,8 @@ def _against(sites, fake: FakeRecovery, check) -> None:
 def test_sender_refuses_a_recovery_site_speaking_another_protocol_version(sites):
     fake = FakeRecovery(sites / "rs", hello={"protocol": 2})
 
-    def check(vpg, rep, seen):
-        assert "protocol 2" in rep.last_error
+    def check(vpg, rep, error):
+        assert "protocol 2" in error
         assert wire.ATTACH not in fake.received
         assert vpg.acked_seq == 0
     _against(sites, fake, check)
@@ -697,8 +698,8 @@ def test_sender_refuses_an_ack_of_a_seq_it_never_sent(sites):
     never received."""
     fake = FakeRecovery(sites / "rs", after=wire.ack(1, 10**9))
 
-    def check(vpg, rep, seen):
-        assert "ACK" in rep.last_error, rep.last_error
+    def check(vpg, rep, error):
+        assert "ACK" in error, error
         assert vpg.acked_seq == 0
         assert vpg.status().pending_bundles > 0
     _against(sites, fake, check)
@@ -710,8 +711,8 @@ def test_sender_refuses_a_durable_seq_beyond_anything_it_captured(sites):
     seq would silently drop every write the new VPG makes below it."""
     fake = FakeRecovery(sites / "rs", attached={"durable_seq": 10**6, "max_seq": 10**6})
 
-    def check(vpg, rep, seen):
-        assert "durable" in rep.last_error or "seq" in rep.last_error, rep.last_error
+    def check(vpg, rep, error):
+        assert "durable" in error or "seq" in error, error
         assert vpg.acked_seq == 0
         assert vpg.status().pending_bundles > 0
     _against(sites, fake, check)
@@ -727,9 +728,9 @@ def test_sender_refuses_a_durable_seq_beyond_anything_it_captured(sites):
 def test_sender_drops_a_connection_that_sends_it_nonsense(sites, after):
     fake = FakeRecovery(sites / "rs", after=after)
 
-    def check(vpg, rep, seen):
+    def check(vpg, rep, error):
         assert not rep.connected or rep.sessions > 1
         assert vpg.acked_seq == 0
         if b"disk on fire" in after:
-            assert "disk on fire" in seen
+            assert "disk on fire" in error
     _against(sites, fake, check)

@@ -127,7 +127,7 @@ async def _run(base: Path, volume_bytes: int, seconds: float, rate_bytes: float,
     while vpg.mode != "streaming":  # a checkpoint during a sync is not crash-consistent
         await asyncio.sleep(0.05)
     tag = "before-ransomware"
-    ckpt = vpg.checkpoint(tag)
+    ckpt = await replication.checkpoint(tag)  # blocks: run off the loop
     expected = {v.vm: _digest_chunks(Path(v.path), v.size) for v in volumes}
     while (report := vpg.checkpoint_state(ckpt)) and report.state == CheckpointState.PENDING:
         await asyncio.sleep(0.01)  # durable means in the journals, not acked_seq >= seq
@@ -137,11 +137,13 @@ async def _run(base: Path, volume_bytes: int, seconds: float, rate_bytes: float,
     seq = report.journal_seq
     say(f"tagged checkpoint {tag!r} (seq {seq}) is durable at the recovery site")
 
-    rng = random.Random(99)  # ransomware: rewrite every MiB of both disks
-    for vol in volumes:
-        for offset in range(0, vol.size, CHUNK):
-            vol.write(offset, rng.randbytes(CHUNK))
-    last = vpg.checkpoint().seq
+    def ransomware() -> None:  # rewrite every MiB of both disks (blocking writes)
+        rng = random.Random(99)
+        for vol in volumes:
+            for offset in range(0, vol.size, CHUNK):
+                vol.write(offset, rng.randbytes(CHUNK))
+    await asyncio.to_thread(ransomware)
+    last = (await replication.checkpoint()).seq
     while vpg.acked_seq < last:
         await asyncio.sleep(0.01)
     say("ransomware overwrote both disks; the damage is replicated too")

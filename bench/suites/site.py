@@ -5,6 +5,12 @@ the API-level measurements join as the REST API lands.
                          RecoveryVPG.checkpoints()  vs  p99 ms of building the same number
                          of Checkpoint objects from a plain Python list, same run
 
+  site.volumes_1500      RPO p99 (s) of 300 VPGs x 5 VMs x 1 volume (1,500 volumes and
+                         journals) held by one recovery-site process, under a trickle of
+                         writes  vs  the issue's 1 s budget (ratio <= 1: within it); the
+                         recovery site's threads, descriptors and resident memory per
+                         volume (and per VPG, per journal) are in the details
+
 The VPG is two VM journals holding the same 10,000 checkpoint markers, durable.  Calls
 of the measured side and of the baseline alternate, so both meet the same disturbances
 (the machine is shared).  Each call of the measured side includes its refresh (one
@@ -20,8 +26,15 @@ baseline and VPG and reported as its own metric.
 
 from __future__ import annotations
 
+import asyncio
+import multiprocessing
+import os
+import resource
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from benchkit import Context, Metric, gc_paused
@@ -29,6 +42,7 @@ from benchkit import Context, Metric, gc_paused
 from zcore import records
 from zcore.journal import Journal, JournalSettings, VolumeSpec
 from zcore.records import Checkpoint, CheckpointKind
+from zcore.replication import ProtectedSite, RecoverySite
 from zcore.site.recovery_vpg import RecoveryVPG
 
 DESCRIPTION = "site service: checkpoint listing through RecoveryVPG (issue 10)"
@@ -150,6 +164,7 @@ def measure_list(ctx: Context, vpg: RecoveryVPG, name: str, note: str,
 
 
 def run(ctx: Context):
+    yield measure_scale(ctx)
     n = ctx.scale(CHECKPOINTS, minimum=100)
     ctx.log(f"building a {VMS}-journal VPG with {n} checkpoints")
     vpg = build_vpg(ctx, n)
@@ -158,3 +173,189 @@ def run(ctx: Context):
             yield measure_list(ctx, vpg, name, note, lister, n)
     finally:
         vpg.close()
+
+
+# ---- site.volumes_1500 -------------------------------------------------------------------
+
+# Issue 10: one recovery site holding 1,500 volumes.  Each VM is one journal of one
+# volume (the issue's count: descriptors per journal, 1,500 one-segment journals).
+SCALE_VPGS = 300
+SCALE_VMS = 5
+SCALE_VOLUME_BYTES = 1 << 20
+SCALE_SECONDS = 20.0  # of trickle, after every VPG is connected
+SCALE_WRITES_PER_S = 300.0  # 4 KiB writes spread over every volume (a trickle)
+SCALE_RPO_BUDGET = 1.0  # issue 10: RPO p99 <= 1 s
+SCALE_SAMPLE = 0.25  # seconds between RPO samples of every VPG
+
+
+def _scale_journal() -> JournalSettings:
+    return JournalSettings(segment_bytes=1 << 20, group_commit_bytes=0)
+
+
+def _scale_vpg(root: str, g: int, settings: Any) -> Any:
+    """VPG number g of the protected side: SCALE_VMS VMs of one sparse volume, started."""
+    from zcore.vpg import VPG
+
+    vpg = VPG(f"v{g:04d}", Path(root) / f"v{g:04d}", settings)
+    for m in range(SCALE_VMS):
+        vpg.add_vm(f"vm{m}")
+        img = Path(root) / f"v{g:04d}" / f"vm{m}.img"
+        with open(img, "wb") as f:
+            f.truncate(SCALE_VOLUME_BYTES)
+        vpg.add_volume(f"vm{m}", "disk0", img)
+    vpg.start()
+    return vpg
+
+
+def _trickle(volumes: list[Any], stop: threading.Event) -> None:
+    """4 KiB writes round-robin over every volume at SCALE_WRITES_PER_S."""
+    block = os.urandom(4096)
+    i = 0
+    while not stop.is_set():
+        vol = volumes[i % len(volumes)]
+        vol.write((i * 7919 % (vol.size // 4096)) * 4096, block)
+        i += 1
+        time.sleep(1 / SCALE_WRITES_PER_S)
+
+
+def _protected_side(root: str, host: str, port: int, token: str, vpgs: int,
+                    seconds: float, conn: Any) -> None:
+    """The protected site, in its own process (its 300 VPG threads and senders must not
+    count as the recovery site's): pair, protect every VPG, trickle writes, sample every
+    VPG's RPO; sends {"rpo": [...], "connect_s": ..} through `conn`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from zcore.vpg import VPGSettings
+
+    async def main() -> dict[str, Any]:
+        # a sender waits for bundles in the default executor (up to 0.1 s a call): one
+        # thread per VPG, or 300 senders queue behind a handful of threads
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(vpgs + 8))
+        ps = ProtectedSite(Path(root) / "ps")
+        await ps.pair(host, port, token)
+        settings = VPGSettings(buffer_bytes=4 << 20, bundle_bytes=64 << 10,
+                               checkpoint_interval=5.0, journal=_scale_journal())
+
+        # built off the loop (starting a VPG writes and fsyncs its state), all before
+        # the first sender runs: a loop busy building would starve the senders'
+        # heartbeats and the recovery site would drop them as silent
+        groups = await asyncio.to_thread(
+            lambda: [_scale_vpg(root, g, settings) for g in range(vpgs)])
+        reps = [ps.protect(vpg, host, port) for vpg in groups]
+        t0 = time.monotonic()
+        while not all(r.connected for r in reps):
+            await asyncio.sleep(0.05)
+            if time.monotonic() - t0 > 120:
+                raise RuntimeError("not every VPG connected in 120 s")
+        connect_s = time.monotonic() - t0
+        stop = threading.Event()
+        volumes = [v for g in groups for v in g.volumes.values()]
+
+        writer = threading.Thread(target=_trickle, args=(volumes, stop), name="trickle")
+        writer.start()
+        conn.send({"ready": True})
+        rpo: list[float] = []
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            await asyncio.sleep(SCALE_SAMPLE)
+            rpo.extend(await asyncio.to_thread(lambda: [g.rpo_seconds() for g in groups]))
+        stop.set()
+        writer.join()
+        await ps.stop()
+        for g in groups:
+            g.close()
+        return {"rpo": rpo, "connect_s": connect_s}
+
+    conn.send(asyncio.run(main()))
+
+
+def _process_usage(journal_root: Path) -> dict[str, Any]:
+    """This process's threads (by kind), descriptors (all, and those into journals) and
+    resident memory."""
+    kinds: dict[str, int] = {}
+    for t in threading.enumerate():
+        kind = t.name.rstrip("0123456789").rstrip("-_") or t.name
+        kinds[kind] = kinds.get(kind, 0) + 1
+    fds = into = 0
+    prefix = str(journal_root)
+    other: dict[str, int] = {}  # descriptors not into journals, by kind
+    for fd in os.listdir("/proc/self/fd"):
+        fds += 1
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(prefix):
+            into += 1
+        else:
+            kind = target.split(":")[0] if ":" in target else "file"
+            other[kind] = other.get(kind, 0) + 1
+    rss = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+    return {"threads": len(os.listdir("/proc/self/task")), "thread_kinds": kinds,
+            "fds": fds, "journal_fds": into, "other_fds": other, "rss": rss}
+
+
+async def _recovery_side(ctx: Context, vpgs: int, seconds: float) -> dict[str, Any]:
+    root = ctx.subdir("scale")
+    before = _process_usage(root)
+    rs = RecoverySite(root / "rs")
+    host, port = await rs.start()
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
+    token = rs.issue_pairing_token()
+    mp = multiprocessing.get_context("spawn")
+    here, there = mp.Pipe()
+    child = mp.Process(target=_protected_side, name="protected-side",
+                       args=(str(root), host, port, token, vpgs, seconds, there))
+    child.start()
+    try:
+        ready = await asyncio.to_thread(here.recv)
+        if not ready.get("ready"):
+            raise RuntimeError(f"the protected side failed: {ready}")
+        await asyncio.sleep(seconds / 2)
+        during = _process_usage(root / "rs" / "vpgs")
+        result = await asyncio.to_thread(here.recv)
+    finally:
+        await asyncio.to_thread(child.join, 60)
+        if child.is_alive():
+            child.kill()
+        await rs.stop()
+    return {"before": before, "during": during, "nofile": nofile,
+            "attached": len(rs.receivers) if rs.receivers else vpgs, **result}
+
+
+def measure_scale(ctx: Context) -> Metric:
+    vpgs = ctx.scale(SCALE_VPGS, minimum=3)
+    seconds = 3.0 if ctx.quick else SCALE_SECONDS
+    volumes = vpgs * SCALE_VMS
+    ctx.log(f"site.volumes_1500: {vpgs} VPGs x {SCALE_VMS} volumes, {seconds:.0f} s trickle")
+    got = asyncio.run(_recovery_side(ctx, vpgs, seconds))
+    before, during = got["before"], got["during"]
+    rpo = np.array(got["rpo"] or [0.0])
+    p99 = float(np.percentile(rpo, 99))
+    threads = during["threads"] - before["threads"]
+    fds = during["fds"] - before["fds"]
+    rss = during["rss"] - before["rss"]
+    ctx.log(f"site.volumes_1500: RPO p99 {p99:.3f} s; recovery site +{threads} threads, "
+            f"+{fds} fds ({during['journal_fds']} into journals), +{rss >> 20} MiB RSS "
+            f"for {volumes} volumes")
+    return Metric(
+        "site.volumes_1500", p99, "s", SCALE_RPO_BUDGET, f"<= {SCALE_RPO_BUDGET}",
+        note=f"RPO p99 of {vpgs} VPGs x {SCALE_VMS} one-volume VMs replicated into one "
+             f"recovery-site process under a {SCALE_WRITES_PER_S:.0f} writes/s trickle, "
+             f"vs the issue's {SCALE_RPO_BUDGET:.0f} s budget",
+        details={"vpgs": vpgs, "volumes": volumes, "journals": volumes,
+                 "rpo_p50_s": float(np.percentile(rpo, 50)), "rpo_max_s": float(rpo.max()),
+                 "rpo_samples": int(rpo.size), "connect_all_s": got["connect_s"],
+                 "threads_added": threads, "threads_per_volume": threads / volumes,
+                 "threads_per_vpg": threads / vpgs, "thread_kinds": during["thread_kinds"],
+                 "fds_added": fds, "fds_per_volume": fds / volumes,
+                 "journal_fds": during["journal_fds"],
+                 "journal_fds_per_journal": during["journal_fds"] / volumes,
+                 "other_fds": during["other_fds"], "other_fds_before": before["other_fds"],
+                 "rss_added_bytes": rss, "rss_per_volume_bytes": rss / volumes,
+                 "nofile_soft": got["nofile"][0], "nofile_hard": got["nofile"][1]},
+    )

@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import click
 
+from zcore.cli.activity_cmd import alerts, events, tasks
+from zcore.cli.checkpoint_cmd import checkpoint
 from zcore.cli.demo_cmd import demo
 from zcore.cli.journal_cmd import journal
 from zcore.cli.nbd_cmd import nbd
+from zcore.cli.site_client_cmd import add_client_commands, site
+from zcore.cli.vm_cmd import vm
+from zcore.cli.vpg_cmd import vpg
 
 
 @click.group()
@@ -25,5 +30,10 @@ def main() -> None:
 main.add_command(demo)
 main.add_command(journal)
 main.add_command(nbd)
+# the REST API clients of `zcore site`; once zcore.cli.site_cmd's `site` group (init, serve)
+# is registered, add them to that group instead: add_client_commands(site_cmd.site)
+add_client_commands(site)
+for _group in (site, vm, vpg, checkpoint, events, alerts, tasks):
+    main.add_command(_group)
 
 __all__ = ["main"]

@@ -1,13 +1,17 @@
 """`zcore nbd serve`: protected volumes, point-in-time views, scratch overlays and raw
-files served over NBD (the server is `zcore.nbd`) until SIGINT or SIGTERM.
+files served over NBD (the server is `zcore.nbd`) until SIGINT or SIGTERM; and
+`zcore nbd checkpoints`, the listing of a journal's checkpoints a view or scratch picks from.
 
-The command is staged: check the options (`_check_options`), open what is served into a
-`_Session` (protection through a VPG, a journal, the exports), serve (`_serve`), then stop
-the protection with a final checkpoint and close the session in reverse order.
+The command is staged: check the options (`_check_options`: everything that can be checked
+before anything is created), open what is served into a `_Session` (protection through a
+VPG, a journal, the exports), serve (`_serve`), then stop the protection with a final
+checkpoint and close the session in reverse order.  A start that fails before it listens
+closes what it opened and removes the journal and VPG state directories it created.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from zcore.cli.params import checkpoint_of, name_value, parse_size
+from zcore.cli.params import (
+    check_checkpoint_text,
+    checkpoint_line,
+    checkpoint_of,
+    name_value,
+    parse_size,
+)
 
 if TYPE_CHECKING:
     from zcore.journal import Journal
@@ -59,7 +69,8 @@ class ServeOptions:
                    "--journal (repeatable)")
 @click.option("--view", "views", multiple=True, metavar="NAME=VOLUME[@CKPT]",
               help="read-only point-in-time export of VOLUME of --journal at checkpoint "
-                   "CKPT (an id, 'latest' or 'tag:TEXT'; default latest)")
+                   "CKPT (an id as `zcore nbd checkpoints` lists, 'latest' or "
+                   "'tag:TEXT'; default latest)")
 @click.option("--scratch", "scratches", multiple=True, metavar="NAME=VOLUME[@CKPT]",
               help="like --view, writable through a scratch overlay whose writes are "
                    "discarded when the server stops (failover test)")
@@ -76,7 +87,8 @@ class ServeOptions:
               help="seconds between automatic checkpoints of protected volumes")
 @click.option("--bind", default="127.0.0.1", show_default=True,
               help="TCP address to listen on (loopback unless you mean it)")
-@click.option("--port", type=int, default=10809, show_default=True, help="TCP port (0: any)")
+@click.option("--port", type=click.IntRange(0, 65535), default=10809, show_default=True,
+              help="TCP port (0: any)")
 @click.option("--unix", "unix_path", type=click.Path(dir_okay=False), default=None,
               help="also listen on this Unix socket")
 @click.option("--no-tcp", is_flag=True, help="listen on the Unix socket only")
@@ -93,7 +105,7 @@ class ServeOptions:
               help="scratch space each --scratch export may use (e.g. 4G)")
 @click.option("--scratch-dir", type=click.Path(file_okay=False, exists=True), default=None,
               help="where scratch overlays keep their (unlinked) files [system temp]")
-@click.option("--max-connections", type=int, default=64, show_default=True)
+@click.option("--max-connections", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("-v", "--verbose", is_flag=True, help="log connections and refused requests")
 def nbd_serve(**options: Any) -> None:
     """Serve exports over NBD until interrupted, printing their nbd:// URIs.
@@ -114,15 +126,19 @@ def nbd_serve(**options: Any) -> None:
     _check_options(opts)
     limit = parse_size(opts.scratch_limit)
     session = _Session(opts)
+    failed = True
     try:
         server = session.open(limit)
-        asyncio.run(_serve(server, opts))
+        asyncio.run(_serve(server, opts, session))
         session.stop_protection()
+        failed = False
     except (ZcoreError, OSError) as exc:
         click.echo(f"zcore nbd serve: {exc}", err=True)
         sys.exit(1)
     finally:
         session.close()
+        if failed and not session.served:
+            session.remove_created()
 
 
 def _check_options(opts: ServeOptions) -> None:
@@ -139,6 +155,37 @@ def _check_options(opts: ServeOptions) -> None:
                                "optionally --tls-ca)")
     if opts.no_tcp and not opts.unix_path:
         raise click.UsageError("--no-tcp needs --unix")
+    if opts.unix_path:
+        parent = os.path.dirname(os.path.abspath(opts.unix_path))
+        if not os.path.isdir(parent):
+            raise click.BadParameter(f"{opts.unix_path}: directory {parent} does not exist",
+                                     param_hint="--unix")
+    for spec in opts.protect:
+        _check_image("--protect", name_value("--protect", spec)[1])
+    for option, specs in (("--view", opts.views), ("--scratch", opts.scratches)):
+        for spec in specs:
+            check_checkpoint_text(option, name_value(option, spec)[1].partition("@")[2])
+    for option, specs in (("--file", opts.files), ("--file-ro", opts.files_ro)):
+        for spec in specs:
+            name_value(option, spec)
+
+
+def _check_image(option: str, image: str) -> None:
+    """A --protect image must be there and a positive multiple of 512 bytes, as --file
+    requires: a partial last sector could not be captured."""
+    from zcore.nbd import SECTOR
+
+    try:
+        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise click.BadParameter(f"{image}: {exc.strerror}", param_hint=option) from None
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+    if size <= 0 or size % SECTOR:
+        raise click.BadParameter(f"{image}: size {size} is not a positive multiple of "
+                                 f"{SECTOR}", param_hint=option)
 
 
 def _tls_config(opts: ServeOptions) -> TLSConfig | None:
@@ -162,6 +209,32 @@ class _Session:
         self.journal: Journal | None = None
         self.exports: list[Export] = []  # built and not yet handed to a server
         self._cleanup: list[Callable[[], None]] = []  # closed in reverse order
+        self.served = False  # listening began: what was created is kept from then on
+        # directories this start creates (--journal, --vpg-state and missing parents):
+        # removed again when the start fails before serving, if this start got hold of
+        # the journal (its lock: no other process was creating the same one)
+        self.created: list[str] = []
+        self._journal_ours = False
+        if opts.protect:
+            assert opts.journal is not None
+            for path in (opts.journal, self.vpg_state_dir):
+                top = _topmost_missing(path)
+                if top is not None and top not in self.created:
+                    self.created.append(top)
+
+    @property
+    def vpg_state_dir(self) -> str:
+        assert self.opts.journal is not None
+        return self.opts.vpg_state or f"{self.opts.journal.rstrip(os.sep)}.vpg"
+
+    def remove_created(self) -> None:
+        """After a failed start (and `close`): remove the directories this start made."""
+        import shutil
+
+        if not self._journal_ours:
+            return
+        for path in self.created:
+            shutil.rmtree(path, ignore_errors=True)
 
     def open(self, scratch_limit: int) -> NBDServer:
         """Open every export; the server that owns them (not yet listening)."""
@@ -194,7 +267,7 @@ class _Session:
         assert opts.journal is not None
         jpath = Path(opts.journal)
         vm = jpath.name
-        self.vpg = vpg = VPG(vm, opts.vpg_state or f"{jpath}.vpg",
+        self.vpg = vpg = VPG(vm, self.vpg_state_dir,
                              VPGSettings(checkpoint_interval=opts.checkpoint_interval))
         vpg.add_vm(vm)
         for spec in opts.protect:
@@ -202,6 +275,7 @@ class _Session:
             vpg.add_volume(vm, name, image)
         journals = LocalLink.create_journals(vpg, jpath.parent)
         self.journal = journals[vm]
+        self._journal_ours = True
         self._cleanup.append(self.journal.close)
         self.link = LocalLink(vpg, journals)
         # a first start copies the images whole; a restart resumes the VPG's state
@@ -267,7 +341,19 @@ class _Session:
             close()
 
 
-async def _serve(server: NBDServer, opts: ServeOptions) -> None:
+def _topmost_missing(path: str) -> str | None:
+    """The outermost directory of `path` that does not exist yet (None: it exists)."""
+    path = os.path.abspath(path)
+    if os.path.lexists(path):
+        return None
+    while True:
+        parent = os.path.dirname(path)
+        if parent == path or os.path.lexists(parent):
+            return path
+        path = parent
+
+
+async def _serve(server: NBDServer, opts: ServeOptions, session: _Session) -> None:
     """Listen, print every export's URIs, serve until SIGINT or SIGTERM, close."""
     import asyncio
     import signal
@@ -276,16 +362,50 @@ async def _serve(server: NBDServer, opts: ServeOptions) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    if not opts.no_tcp:
-        await server.start_tcp(opts.bind, opts.port)
-    if opts.unix_path:
-        await server.start_unix(opts.unix_path)
-    for export in server.exports():
-        for i in range(len(server.addresses)):
-            click.echo(f"{server.uri(export.name, i)}\t{export.kind}\t{export.description}")
-    click.echo("serving; Ctrl-C or SIGTERM stops", err=True)
-    sys.stdout.flush()
     try:
+        if not opts.no_tcp:
+            await server.start_tcp(opts.bind, opts.port)
+        if opts.unix_path:
+            try:
+                await server.start_unix(opts.unix_path)
+            except OSError as exc:
+                raise OSError(exc.errno, f"--unix {opts.unix_path}: {exc.strerror}") from None
+        session.served = True
+        for export in server.exports():
+            for i in range(len(server.addresses)):
+                click.echo(f"{server.uri(export.name, i)}\t{export.kind}\t"
+                           f"{export.description}")
+        click.echo("serving; Ctrl-C or SIGTERM stops", err=True)
+        sys.stdout.flush()
         await stop.wait()
     finally:
         await server.close()
+
+
+@nbd.command("checkpoints")
+@click.option("--journal", type=click.Path(file_okay=False, exists=True), required=True,
+              help="journal directory of one VM")
+@click.option("--tag", default=None, help="only checkpoints whose tag contains TEXT")
+def nbd_checkpoints(journal: str, tag: str | None) -> None:
+    """List the checkpoints a journal holds, oldest first: id, local time, kind, tag.
+
+    An id is the checkpoint's seq in its VPG's stream: the same id names the same
+    checkpoint in every journal of the VPG and stays valid until history retention
+    promotes it away.  Ids grow with every write, not by one per checkpoint; an orderly
+    restart continues where the last run stopped, a crash skips ahead (docs/format.md
+    10a.1).  Give one to --view/--scratch as VOLUME@ID.
+    """
+    from zcore.errors import ZcoreError
+    from zcore.journal import Journal
+
+    try:
+        with Journal.open(journal) as j:
+            held = j.checkpoints(tag=tag)
+            volumes = ", ".join(v.name for v in j.volumes.values())
+    except (ZcoreError, OSError) as exc:
+        click.echo(f"zcore nbd checkpoints: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"{'id':>12}  {'time':19}  kind")
+    for ckpt in held:
+        click.echo(checkpoint_line(ckpt))
+    click.echo(f"{len(held)} checkpoint(s); volumes: {volumes}", err=True)

@@ -34,18 +34,56 @@ def name_value(option: str, text: str) -> tuple[str, str]:
 
 
 def checkpoint_of(journal: Journal, text: str) -> Checkpoint:
-    """A checkpoint from "latest", "tag:TEXT" (newest whose tag contains TEXT) or an id."""
+    """A checkpoint from "latest", "tag:TEXT" (newest whose tag contains TEXT) or an id.
+    Not found: `CheckpointNotFoundError` naming the newest few checkpoints there are."""
     from zcore.errors import CheckpointNotFoundError
 
-    if text in ("", "latest"):
-        return journal.latest_checkpoint()
-    if text.startswith("tag:"):
-        found = journal.checkpoints(tag=text[4:])
-        if not found:
-            raise CheckpointNotFoundError(f"no checkpoint tagged like {text[4:]!r}")
-        return found[-1]
+    check_checkpoint_text("--view/--scratch", text)
     try:
+        if text in ("", "latest"):
+            return journal.latest_checkpoint()
+        if text.startswith("tag:"):
+            found = journal.checkpoints(tag=text[4:])
+            if not found:
+                raise CheckpointNotFoundError(f"no checkpoint tagged like {text[4:]!r}")
+            return found[-1]
         return journal.checkpoint_by_id(int(text))
-    except ValueError:
-        raise click.BadParameter(f"checkpoint {text!r}: give an id, 'latest' or "
-                                 "'tag:TEXT'") from None
+    except CheckpointNotFoundError as exc:
+        hint = checkpoints_hint(journal)
+        message = str(exc) if hint in str(exc) else f"{exc}\n{hint}"
+        raise CheckpointNotFoundError(message) from None
+
+
+def check_checkpoint_text(option: str, text: str) -> None:
+    """Refuse a checkpoint selector of the wrong form before anything is opened."""
+    if text not in ("", "latest") and not text.startswith("tag:") and not text.isdigit():
+        raise click.BadParameter(f"{option}: checkpoint {text!r}: give an id, 'latest' or "
+                                 "'tag:TEXT'")
+
+
+HINT_NEWEST = 5
+
+
+def checkpoint_line(ckpt: Checkpoint) -> str:
+    """One checkpoint as people read it: id, local time, kind, consistency, tag."""
+    import time
+
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ckpt.time))
+    flags = f"{ckpt.kind}{'' if ckpt.consistent else ', not consistent'}"
+    tag = f"  {ckpt.tag!r}" if ckpt.tag else ""
+    return f"{ckpt.id:>12}  {when}  {flags}{tag}"
+
+
+def checkpoints_hint(journal: Journal) -> str:
+    """What a journal holds, for an error message: its newest checkpoints and how to list
+    them all."""
+    held = journal.checkpoints()
+    if not held:
+        return f"journal {journal.path} holds no checkpoint yet"
+    newest = held[-HINT_NEWEST:]
+    lines = [f"journal {journal.path} holds {len(held)} checkpoint(s); the newest:"]
+    lines += ["  " + checkpoint_line(c) for c in reversed(newest)]
+    if len(held) > len(newest):
+        lines.append(f"list them all with: zcore nbd checkpoints --journal {journal.path}")
+    return "\n".join(lines)
+

@@ -79,6 +79,8 @@ class NBDClientConnection(asyncio.BufferedProtocol):
         self._discard = 0
         self._discard_reply: tuple[int, int, str] = (0, 0, "")
         self._write_paused = False
+        self._syncing = False  # a FLUSH/FUA sync runs in a worker thread
+        self._reading = True
         self._task: asyncio.Task[None] | None = None
         self.peer: object = None
 
@@ -117,14 +119,24 @@ class NBDClientConnection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        if self._phase == _TRANSMISSION and self._transport is not None:
-            self._transport.pause_reading()
+        self._update_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
         if self._phase == _TRANSMISSION and self._transport is not None:
-            self._transport.resume_reading()
+            self._update_reading()
             self._loop.call_soon(self._process)
+
+    def _update_reading(self) -> None:
+        """Read from the socket in transmission unless replies back up or a sync runs."""
+        want = not self._write_paused and not self._syncing
+        if (want != self._reading and self._phase == _TRANSMISSION
+                and self._transport is not None):
+            self._reading = want
+            if want:
+                self._transport.resume_reading()
+            else:
+                self._transport.pause_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._payload is not None:
@@ -227,7 +239,8 @@ class NBDClientConnection(asyncio.BufferedProtocol):
     def _enter_transmission(self, export: Export, *, structured: bool) -> None:
         self.export = export
         self._tx = Transmission(export, self._transport, self._pool, structured=structured,
-                                max_request=self.server.max_request, peer=self.peer)
+                                max_request=self.server.max_request, peer=self.peer,
+                                start_sync=self._start_sync)
         self._phase = _TRANSMISSION
         log.debug("nbd: %s uses export %r", self.peer, export.name)
         if self._end > self._start:
@@ -258,7 +271,7 @@ class NBDClientConnection(asyncio.BufferedProtocol):
         mv = self._mv
         start, end = self._start, self._end
         max_request = self.server.max_request
-        while self._phase == _TRANSMISSION and not self._write_paused:
+        while self._phase == _TRANSMISSION and not self._write_paused and not self._syncing:
             if self._discard:
                 take = min(self._discard, end - start)
                 start += take
@@ -296,6 +309,24 @@ class NBDClientConnection(asyncio.BufferedProtocol):
         if start == end:
             start = end = 0
         self._start, self._end = start, end
+
+    def _start_sync(self, handle: int, cmd: int) -> None:
+        """FLUSH (or FUA after its write) of request `handle`: the backend's flush in a
+        worker thread; no later request of this connection runs until it is replied to."""
+        assert self.export is not None
+        self._syncing = True
+        self._update_reading()
+        done = self.server.run_sync(self.export)
+        done.add_done_callback(lambda fut: self._synced(fut, handle, cmd))
+
+    def _synced(self, fut: asyncio.Future[None], handle: int, cmd: int) -> None:
+        self._syncing = False
+        if self._phase != _TRANSMISSION or self._tx is None:
+            return  # disconnected meanwhile: no reply
+        exc = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+        self._tx.synced(handle, cmd, exc)
+        self._update_reading()
+        self._process()
 
     def _await_payload(self, req: Request, have: memoryview) -> None:
         """The payload of `req` is still arriving: receive the rest straight into a

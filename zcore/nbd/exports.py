@@ -42,7 +42,7 @@ class Backend(Protocol):
 
     def write_zeroes(self, offset: int, length: int) -> object: ...
 
-    def flush(self) -> None: ...
+    def flush(self) -> None: ...  # may run in a worker thread (`Export.sync_in_thread`)
 
     def close(self) -> None: ...
 
@@ -189,6 +189,13 @@ class Export:
         return bool(self.backend.readonly)
 
     @property
+    def sync_in_thread(self) -> bool:
+        """FLUSH and FUA run the backend's `flush` in a worker thread (it may block for
+        long: an fdatasync), concurrently with other connections' requests; views and
+        scratch overlays have nothing to make durable and flush inline."""
+        return not self.readonly and self.kind in (ExportKind.VOLUME, ExportKind.FILE)
+
+    @property
     def can_trim(self) -> bool:
         return not self.readonly and callable(getattr(self.backend, "trim", None))
 
@@ -247,7 +254,9 @@ def _volume_spec(journal: Journal, volume: int | str) -> Any:
     for spec in journal.volumes.values():
         if volume in (spec.id, spec.name):
             return spec
-    raise OutOfRangeError(f"journal {journal.path} has no volume {volume!r}")
+    names = ", ".join(f"{v.name} (id {v.id})" for v in journal.volumes.values())
+    raise OutOfRangeError(f"journal {journal.path} has no volume {volume!r}; it holds: "
+                          f"{names or 'none'}")
 
 
 def _checkpoint_text(journal: Journal, volume_name: str, ckpt: Any) -> str:

@@ -84,6 +84,7 @@ class NBDServer:
         self._listeners: list[asyncio.AbstractServer] = []
         self._addresses: list[Address] = []
         self._connections: set[NBDClientConnection] = set()
+        self._syncs: dict[asyncio.Future[None], Export] = {}  # FLUSHes in worker threads
         self._closing = False
         for export in exports:
             self.add_export(export)
@@ -113,7 +114,27 @@ class NBDServer:
             if conn.export is export:
                 conn.shutdown()
         if export.owned:
+            self._close_backend(export)
+
+    def _close_backend(self, export: Export) -> None:
+        """Close an owned backend now, or when the syncs running on it have ended."""
+        pending = [fut for fut, e in self._syncs.items() if e is export]
+        if not pending:
             export.backend.close()
+            return
+        gathered = asyncio.gather(*pending, return_exceptions=True)
+        gathered.add_done_callback(lambda _: export.backend.close())
+
+    def run_sync(self, export: Export) -> asyncio.Future[None]:
+        """`export.backend.flush()` in a worker thread (FLUSH, FUA); the backend is not
+        closed before it ends."""
+        fut = asyncio.get_running_loop().run_in_executor(None, export.backend.flush)
+        self._syncs[fut] = export
+        fut.add_done_callback(self._sync_ended)
+        return fut
+
+    def _sync_ended(self, fut: asyncio.Future[None]) -> None:
+        del self._syncs[fut]
 
     def exports(self) -> list[Export]:
         return list(self._exports.values())
@@ -207,6 +228,8 @@ class NBDServer:
         for listener in self._listeners:
             await listener.wait_closed()
         await asyncio.sleep(0)
+        if self._syncs:  # no backend closes under a running fdatasync
+            await asyncio.gather(*self._syncs, return_exceptions=True)
         for address in self._addresses:
             if address[0] == "unix":
                 try:

@@ -6,7 +6,8 @@ Sits between a VPG's bundle stream (zcore.vpg) and the recovery site's journals
 
 - recovery site: `recovery_site` (the listener, attach and ownership checks),
   `receiver` (one peer connection: the protocol, HELLO, PAIR, ATTACH, BUNDLE),
-  `journals` (one worker thread per VPG appending to its journals, group commit, acks),
+  `journals` (a site-wide pool of worker threads appending every VPG's bundles to its
+  journals, each VPG in order; group commit, acks),
   `ownership` (owner.json);
 - protected site: `protected_site` (pairing, one sender per VPG), `sender` (connect,
   attach, resume, ship bundles, reconnect with backoff), `throttle` (the site-wide
@@ -17,7 +18,8 @@ Sits between a VPG's bundle stream (zcore.vpg) and the recovery site's journals
 
 Recovery site: `RecoverySite.start()` listens; a peer must complete TLS (pinned
 certificate, or pairing mode with a one-time token) and HELLO before anything else is
-read.  Bundles go to one worker thread per VPG, which appends every VM part to its
+read.  Bundles go to the site's journal workers (a bounded pool; one VPG is applied by
+one worker at a time, in order), which append every VM part to its
 journal (skipping records a journal already holds, so a resend is never applied twice),
 commits all journals once per batch (group commit) and only then acknowledges the
 batch's last seq.
@@ -32,7 +34,7 @@ runs when the link is back.
 from __future__ import annotations
 
 from zcore.replication import timing
-from zcore.replication.journals import ReceiverStats, VPGReceiver
+from zcore.replication.journals import JournalWorkers, ReceiverStats, VPGReceiver
 from zcore.replication.protected_site import ProtectedSite
 from zcore.replication.receiver import RecoveryConnection
 from zcore.replication.recovery_site import RecoverySite
@@ -42,6 +44,7 @@ from zcore.replication.throttle import PRIORITY_WEIGHTS, Throttle
 
 __all__ = [
     "PRIORITY_WEIGHTS",
+    "JournalWorkers",
     "ProtectedSite",
     "ReceiverStats",
     "RecoveryConnection",

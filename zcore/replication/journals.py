@@ -1,15 +1,24 @@
-"""The recovery site's per-VPG journal worker: one `VPGReceiver` per attached VPG holds
-its journals (one per VM) and a thread that appends received bundles to them.
+"""The recovery site's journal work: one `VPGReceiver` per attached VPG holds its
+journals (one per VM) and the bundles received for them; a site-wide pool of worker
+threads (`JournalWorkers`) appends them.
 
-Bundles arrive from the connections (zcore.replication.receiver) on the event loop; the
+Bundles arrive from the connections (zcore.replication.receiver) on the event loop; a
 worker appends every VM part to its journal, skipping records a journal already holds
 (so a resend is never applied twice), commits all journals once per batch (group
 commit) and only then acknowledges the batch's last seq back through the connection.
+
+Threads: the pool has a fixed number of workers whatever the number of VPGs (a site
+of 300 VPGs held 300 journal threads when each VPG had its own).  A VPG is in the
+pool's run queue at most once and is taken by one worker at a time, so each VPG's
+bundles are applied in the order they arrived, while different VPGs run in parallel
+up to the pool's size.  A worker takes one VPG's whole queue as one batch, then moves
+on, so a busy VPG does not starve the others.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -38,11 +47,58 @@ class ReceiverStats:
 _Queued = tuple["RecoveryConnection", int, wire.BundleFrame, int]
 
 
+def default_workers() -> int:
+    """Journal workers of a site: enough to overlap the fsyncs of several VPGs (the
+    work is mostly fdatasync and LZ4-free appends, GIL released), bounded whatever the
+    number of VPGs."""
+    return min(16, max(4, 2 * (os.cpu_count() or 1)))
+
+
+class JournalWorkers:
+    """A fixed pool of threads applying the queued bundles of every VPG of a site."""
+
+    def __init__(self, threads: int | None = None, name: str = "journal-worker") -> None:
+        self.size = threads or default_workers()
+        self._ready: deque[VPGReceiver] = deque()  # VPGs with queued work, each once
+        self._cond = threading.Condition()
+        self._stop = False
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
+                         for i in range(self.size)]
+        for t in self._threads:
+            t.start()
+
+    def schedule(self, receiver: VPGReceiver) -> None:
+        """Put a VPG that has queued work in the run queue (the caller made sure it is
+        neither queued nor running)."""
+        with self._cond:
+            self._ready.append(receiver)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._ready and not self._stop:
+                    self._cond.wait()
+                if not self._ready:
+                    return
+                receiver = self._ready.popleft()
+            receiver._work()
+
+    def close(self) -> None:
+        """Stop the workers once the run queue is empty (close every VPG first)."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join()
+
+
 class VPGReceiver:
-    """One VPG on the recovery site: its journals and the worker thread appending to them."""
+    """One VPG on the recovery site: its journals and the bundles waiting for them.
+    Without `workers`, the VPG gets a pool of one thread of its own."""
 
     def __init__(self, name: str, owner: str, vms: list[str],
-                 journals: dict[str, Journal]) -> None:
+                 journals: dict[str, Journal], workers: JournalWorkers | None = None) -> None:
         self.name = name
         self.owner = owner  # the site id that owns the VPG
         self.vms = vms  # VM names in ATTACH order (a bundle part's vm index)
@@ -50,10 +106,11 @@ class VPGReceiver:
         self.stats = ReceiverStats()
         self._queue: deque[_Queued] = deque()
         self._cond = threading.Condition()
-        self._stop = False
+        self._scheduled = False  # in the run queue or being applied by a worker
+        self._closed = False
+        self._own_workers = workers is None
+        self._workers = workers if workers is not None else JournalWorkers(1, f"journal-{name}")
         self.conn: RecoveryConnection | None = None  # the connection attached now
-        self._thread = threading.Thread(target=self._run, name=f"journal-{name}", daemon=True)
-        self._thread.start()
 
     def durable_seq(self) -> int:
         """Every journal holds every one of its records up to this seq, durably."""
@@ -67,18 +124,27 @@ class VPGReceiver:
         """Queue a bundle received on `conn` for the worker (called on the event loop)."""
         with self._cond:
             self._queue.append((conn, channel, bundle, size))
-            self._cond.notify()
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._workers.schedule(self)
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._stop:
-                    self._cond.wait()
-                if self._stop and not self._queue:
-                    return
-                batch = list(self._queue)
-                self._queue.clear()
+    def _work(self) -> None:
+        """One batch (everything queued now), on a worker; then back in the run queue
+        if more arrived meanwhile."""
+        with self._cond:
+            batch = list(self._queue)
+            self._queue.clear()
+        try:
             self._apply(batch)
+        finally:
+            with self._cond:
+                again = bool(self._queue)
+                self._scheduled = again
+                if not again:
+                    self._cond.notify_all()
+            if again:
+                self._workers.schedule(self)
 
     def _apply(self, batch: list[_Queued]) -> None:
         touched: set[str] = set()
@@ -115,11 +181,13 @@ class VPGReceiver:
             conn.ack_threadsafe(channel, seq, size)
 
     def close(self) -> None:
-        """Stop the worker once the queue is applied, then close the journals."""
+        """Wait until the queue is applied, then close the journals."""
         with self._cond:
-            self._stop = True
-            self._cond.notify()
-        self._thread.join()
+            self._closed = True
+            while self._scheduled:
+                self._cond.wait()
+        if self._own_workers:
+            self._workers.close()
         for j in self.journals.values():
             j.close()
 

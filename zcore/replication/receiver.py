@@ -6,6 +6,9 @@ before anything else is read.  A pairing connection then carries exactly one PAI
 data connection ATTACHes VPGs on channels and sends their BUNDLEs, which go to each
 VPG's journal worker (zcore.replication.journals); acks come back from the worker.
 Every refusal closes the connection with its reason recorded in `RecoverySite.refused`.
+An ATTACH opens (or creates) its VPG's journals in a worker thread: reading pauses
+meanwhile and the frames behind it wait, in order, so the loop never blocks on a journal
+open or fsync.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from zcore import wire
@@ -44,6 +48,10 @@ class RecoveryConnection(asyncio.BufferedProtocol):
         self.last_frame = time.monotonic()
         self.remote = ""
         self._heartbeat: asyncio.Task[None] | None = None
+        # While an ATTACH opens its journals in a worker thread, reading is paused and
+        # frames already parsed wait here, in order (None: no attach running).
+        self._held: deque[wire.Frame] | None = None
+        self._attaching: asyncio.Task[None] | None = None
 
     # -- transport callbacks --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -73,22 +81,37 @@ class RecoveryConnection(asyncio.BufferedProtocol):
         if self.closed:
             return
         try:
-            for f in self.reader.received(nbytes):
-                self.last_frame = time.monotonic()
+            frames = self.reader.received(nbytes)
+        except ZcoreError as exc:
+            self._refuse(exc)
+            return
+        self.last_frame = time.monotonic() if frames else self.last_frame
+        self._handle_all(frames)
+
+    def _handle_all(self, frames: list[wire.Frame] | deque[wire.Frame]) -> None:
+        try:
+            for f in frames:
+                if self._held is not None:  # an attach runs: the rest waits for it
+                    self._held.append(f)
+                    continue
                 self._handle(f)
                 if self.closed:
                     return
         except ZcoreError as exc:  # ProtocolError, and damaged state files
-            reason = str(exc)
-            if not self.greeted or self.pairing:
-                reason += " (before HELLO or on a pairing connection)"
-            self.close(reason, error=True)
+            self._refuse(exc)
+
+    def _refuse(self, exc: Exception) -> None:
+        reason = str(exc)
+        if not self.greeted or self.pairing:
+            reason += " (before HELLO or on a pairing connection)"
+        self.close(reason, error=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.site.connections.discard(self)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        self._held = None
         for r in self.channels.values():
             if r.conn is self:
                 r.conn = None
@@ -132,18 +155,45 @@ class RecoveryConnection(asyncio.BufferedProtocol):
                                 role="recovery"))
 
     def _attach(self, f: wire.Frame) -> None:
+        """Start attaching: the journals open (and are created, with fsyncs) in a worker
+        thread, never on the loop; frames after the ATTACH wait for it."""
         peer = self.peer
         assert peer is not None  # a data connection presented a pinned certificate
         if f.channel == 0 or f.channel in self.channels:
             raise ProtocolError(f"ATTACH on channel {f.channel} is not allowed")
-        receiver = self.site.attach(peer, wire.parse_control(f))
+        msg = wire.parse_control(f)
+        self._held = deque()
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self._attaching = asyncio.get_running_loop().create_task(
+            self._attach_async(f.channel, peer, msg))
+
+    async def _attach_async(self, channel: int, peer: Peer, msg: dict[str, Any]) -> None:
+        try:
+            receiver = await self.site.attach_async(peer, msg)
+        except (ZcoreError, OSError) as exc:
+            self._held = None
+            self.close(f"{exc} (ATTACH)" if isinstance(exc, OSError) else str(exc))
+            return
+        if self.closed:
+            return
+        self.last_frame = time.monotonic()
+        self._attached(channel, peer, receiver)
+        held, self._held = self._held, None
+        if held:
+            self._handle_all(held)
+        if not self.closed and not self.paused and self._held is None:
+            assert self.transport is not None
+            self.transport.resume_reading()
+
+    def _attached(self, channel: int, peer: Peer, receiver: VPGReceiver) -> None:
         if receiver.conn is not None and receiver.conn is not self:
             receiver.conn.close(f"VPG {receiver.name} re-attached by a new connection")
         receiver.conn = self
         receiver.stats.connected = True
         receiver.stats.peer = peer.name
-        self.channels[f.channel] = receiver
-        self._send(wire.control(wire.ATTACHED, f.channel,
+        self.channels[channel] = receiver
+        self._send(wire.control(wire.ATTACHED, channel,
                                 durable_seq=receiver.durable_seq(),
                                 max_seq=receiver.max_seq()))
 
@@ -201,7 +251,7 @@ class RecoveryConnection(asyncio.BufferedProtocol):
     def _acked(self, channel: int, seq: int, size: int) -> None:
         self.queued -= size
         if (self.paused and self.queued <= timing.RECEIVE_QUEUE_BYTES // 2
-                and not self.closed and self.transport is not None):
+                and not self.closed and self.transport is not None and self._held is None):
             self.paused = False
             self.transport.resume_reading()
         self._send(wire.ack(channel, seq))
@@ -227,7 +277,9 @@ class RecoveryConnection(asyncio.BufferedProtocol):
     async def _beat(self) -> None:
         while not self.closed:
             await asyncio.sleep(timing.HEARTBEAT_INTERVAL)
-            if time.monotonic() - self.last_frame > timing.PEER_TIMEOUT:
+            if self._held is not None:  # reading is paused while an attach runs
+                self.last_frame = time.monotonic()
+            elif time.monotonic() - self.last_frame > timing.PEER_TIMEOUT:
                 self.close("peer silent for too long")
                 return
             if self.greeted:

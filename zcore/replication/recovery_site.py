@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import ssl
 from collections import deque
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from zcore.errors import ConfigError, ProtocolError, StateError
 from zcore.fsutil import fsync_dir
 from zcore.journal import Journal, JournalSettings, VolumeSpec
 from zcore.replication import timing
-from zcore.replication.journals import VPGReceiver
+from zcore.replication.journals import JournalWorkers, VPGReceiver
 from zcore.replication.ownership import read_owner, write_owner
 from zcore.replication.receiver import RecoveryConnection
 from zcore.replication.scrubbing import ScrubTimer
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 class RecoverySite:
     """The recovery-site server: receives many VPGs into their journals."""
 
-    def __init__(self, root: str | os.PathLike[str], name: str = "recovery") -> None:
+    def __init__(self, root: str | os.PathLike[str], name: str = "recovery",
+                 journal_workers: int | None = None) -> None:
         self.root = Path(root)
         self.identity = SiteIdentity.load_or_create(self.root / "site", name)
         self.peers = PeerStore(self.root / "site")
@@ -45,6 +47,10 @@ class RecoverySite:
         self._server: asyncio.AbstractServer | None = None
         self._ssl: ssl.SSLContext | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._attach_locks: dict[str, asyncio.Lock] = {}  # by VPG name
+        self._attaches: set[asyncio.Future[VPGReceiver]] = set()  # running in threads
+        self._journal_workers = journal_workers
+        self.workers: JournalWorkers | None = None  # every VPG's journal work, bounded
         # every held journal scrubbed in the background (set interval/rate before start)
         self.scrubber = ScrubTimer(self._held_journals)
 
@@ -54,6 +60,9 @@ class RecoverySite:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Listen on host:port (0: any free port); returns the address listened on."""
         self.loop = asyncio.get_running_loop()
+        raise_nofile_limit()
+        if self.workers is None:
+            self.workers = JournalWorkers(self._journal_workers)
         self._ssl = ctx = server_context(self.identity, self.peers)
         self._server = await self.loop.create_server(
             lambda: RecoveryConnection(self), host, port, ssl=ctx,
@@ -71,9 +80,14 @@ class RecoverySite:
                 conn.close("recovery site stopping")
             await self._server.wait_closed()
             self._server = None
+        if self._attaches:
+            await asyncio.gather(*self._attaches, return_exceptions=True)
         for r in self.receivers.values():
             await asyncio.to_thread(r.close)
         self.receivers.clear()
+        if self.workers is not None:
+            await asyncio.to_thread(self.workers.close)
+            self.workers = None
 
     @property
     def ssl_context(self) -> ssl.SSLContext:
@@ -101,6 +115,20 @@ class RecoverySite:
         log.warning("recovery site: %s", reason)
         self.refused.append(reason)
 
+    async def attach_async(self, peer: Peer, msg: dict[str, Any]) -> VPGReceiver:
+        """`attach` in a worker thread (journal opens and creates fsync), one at a time
+        per VPG, so two connections never open one VPG's journals together (different
+        VPGs attach in parallel: 300 VPGs attaching one by one took half a minute)."""
+        name = str(msg.get("vpg"))
+        lock = self._attach_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            # stop() waits for it: an attach that finished after the journals were closed
+            # would leave its journals open (and locked) in a stopped site
+            fut = asyncio.ensure_future(asyncio.to_thread(self.attach, peer, msg))
+            self._attaches.add(fut)
+            fut.add_done_callback(self._attaches.discard)
+            return await fut
+
     def attach(self, peer: Peer, msg: dict[str, Any]) -> VPGReceiver:
         """Open (or create) the journals of an attaching VPG; checks ownership."""
         name = msg["vpg"]
@@ -122,7 +150,8 @@ class RecoverySite:
         vpg_dir = self.vpgs_dir / name
         self._claim(vpg_dir, name, peer)
         journals = self._open_journals(vpg_dir, name, vms, settings)
-        receiver = VPGReceiver(name, peer.site_id, [vm for vm, _ in vms], journals)
+        receiver = VPGReceiver(name, peer.site_id, [vm for vm, _ in vms], journals,
+                               self.workers)
         self.receivers[name] = receiver
         return receiver
 
@@ -159,3 +188,18 @@ class RecoverySite:
                 j.close()
             raise
         return journals
+
+
+def raise_nofile_limit() -> int:
+    """Raise this process's descriptor limit (RLIMIT_NOFILE) to its hard limit, as a
+    service holding many journals must: each journal holds descriptors (its directory
+    lock, one per replica volume, one per segment), and the usual soft limit of 1,024 is
+    reached by a few hundred journals.  Returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:  # e.g. an unlimited hard limit above nr_open
+            log.warning("recovery site: could not raise the descriptor limit: %s", exc)
+    return soft

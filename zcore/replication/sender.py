@@ -2,7 +2,11 @@
 site, attaches the VPG, resumes after the recovery site's durable seq, ships bundles
 through the site-wide throttle (zcore.replication.throttle) and takes acks.  A lost
 connection is retried with backoff; if the VPG's buffer overflows meanwhile it waits in
-bitmap mode and its bitmap sync runs when the link is back."""
+bitmap mode and its bitmap sync runs when the link is back.  A stalled link (data
+outstanding, no ack progress, nothing arriving or the send buffer not draining for
+`timing.STALL_TIMEOUT`) is declared down at once, well before the peer timeout.  A pause
+tells the VPG, which folds into bitmap mode once and syncs once on resume.  The VPG's
+blocking calls (link down and up, checkpoint) run in worker threads, never on the loop."""
 
 from __future__ import annotations
 
@@ -11,20 +15,26 @@ import logging
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from zcore import wire
 from zcore.errors import ProtocolError, StateError, ZcoreError
+from zcore.records import Checkpoint
 from zcore.replication import timing
 from zcore.replication.status import ReplicationStatus, ThroughputMeter, replication_state
 from zcore.security import SERVER_NAME, client_context, fingerprint
-from zcore.vpg import VPG
+from zcore.vpg import VPG, VPGMode
 
 if TYPE_CHECKING:
     from zcore.replication.protected_site import ProtectedSite
 
 log = logging.getLogger(__name__)
+
+
+class LinkStalledError(TimeoutError):
+    """The link carries nothing while data is outstanding (see timing.STALL_TIMEOUT)."""
 
 
 class FrameStream:
@@ -85,6 +95,11 @@ class Replication:
         self._stopping = False
         self._resume.set()
         self.sessions = 0
+        self.stalls = 0  # sessions ended because the link stalled
+        now = time.monotonic()
+        self._last_frame = now  # any frame from the recovery site
+        self._progress_at = now  # the last ack that advanced (or the first unacked send)
+        self._vpg_op: asyncio.Task[None] | None = None  # link_down/up, in call order
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -104,6 +119,10 @@ class Replication:
                 except (asyncio.CancelledError, TimeoutError):
                     pass
         self._task = self._watch = None
+        try:  # the VPG's last link call finishes before the VPG may be stopped
+            await asyncio.wait_for(self.settled(), 10.0)
+        except TimeoutError:
+            log.warning("VPG %s: a link call did not finish in 10 s", self.vpg.name)
 
     async def _watch_outage(self) -> None:
         """While the recovery site is unreachable, a VPG that overflowed waits in bitmap
@@ -113,19 +132,56 @@ class Replication:
             await asyncio.sleep(timing.OUTAGE_POLL)
             if (not self.connected and not self._declared_down
                     and self.vpg.mode in ("bitmap", "bitmap_syncing")):
-                try:
-                    self.vpg.link_down("the recovery site is unreachable")
-                except StateError:  # the VPG stopped
-                    continue
                 self._declared_down = True
+                self._vpg_call(self.vpg.link_down, "the recovery site is unreachable")
 
     def pause(self) -> None:
+        """Stop sending.  The VPG is told (link down, "replication paused"): it folds into
+        bitmap mode once, marks writes dirty while paused and syncs once on resume,
+        instead of overflowing into a bitmap sync that overflows again."""
+        if self.paused:
+            return
         self.paused = True
         self._resume.clear()
+        self._declared_down = True
+        self._vpg_call(self.vpg.link_down, "replication paused")
 
     def resume(self) -> None:
+        """Send again; with the link up the VPG's bitmap sync starts now (otherwise at
+        the next connection)."""
+        if not self.paused:
+            return
         self.paused = False
         self._resume.set()
+        if self.connected:
+            self._declared_down = False
+            self._vpg_call(self.vpg.link_up)
+
+    async def settled(self) -> None:
+        """Wait until the VPG has taken every pause, resume and link-down call so far."""
+        while self._vpg_op is not None and not self._vpg_op.done():
+            await asyncio.shield(self._vpg_op)
+
+    async def checkpoint(self, tag: str | None = None) -> Checkpoint:
+        """`VPG.checkpoint` in a worker thread (it blocks while the ring is full, and
+        the loop may be the one that must drain it)."""
+        return await self.vpg.checkpoint_async(tag)
+
+    def _vpg_call(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run a blocking VPG call in a worker thread, after the ones before it (a
+        pause's link_down before its resume's link_up); without a loop, run it now."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            _quiet_call(fn, *args)
+            return
+        prev = self._vpg_op
+
+        async def op() -> None:
+            if prev is not None:
+                await asyncio.gather(prev, return_exceptions=True)
+            await asyncio.to_thread(_quiet_call, fn, *args)
+        self._vpg_op = loop.create_task(op())
 
     async def _run(self) -> None:
         delay = timing.RECONNECT_BACKOFF[0]
@@ -135,6 +191,14 @@ class Replication:
                 await self._session()
             except asyncio.CancelledError:
                 raise
+            except LinkStalledError as exc:
+                self.connected = False
+                self.stalls += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("VPG %s: %s", self.vpg.name, exc)
+                if not self._declared_down:  # once per outage: the VPG folds once
+                    self._declared_down = True
+                    self._vpg_call(self.vpg.link_down, str(exc))
             except (OSError, ssl.SSLError, ZcoreError,
                     asyncio.IncompleteReadError, TimeoutError) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
@@ -190,14 +254,17 @@ class Replication:
         self._inflight.clear()
         self.connected = True
         self.sessions += 1
-        self._declared_down = False
-        self.vpg.link_up()
+        self._last_frame = self._progress_at = time.monotonic()
+        if not self.paused:  # a paused VPG stays down until resume()
+            self._declared_down = False
+            self._vpg_call(self.vpg.link_up)
         self.last_error = ""
 
     async def _stream(self, frames: FrameStream, writer: asyncio.StreamWriter) -> None:
         tasks = [asyncio.create_task(self._send_loop(writer)),
                  asyncio.create_task(self._recv_loop(frames)),
-                 asyncio.create_task(self._beat(writer))]
+                 asyncio.create_task(self._beat(writer)),
+                 asyncio.create_task(self._stall_watch(writer))]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for t in done:
@@ -230,6 +297,8 @@ class Replication:
                 parts = [(vm_index[vm], data) for vm, data in b.parts.items() if data]
                 writer.writelines(wire.bundle_frames(self.CHANNEL, b.first_seq, b.last_seq,
                                                      parts))
+                if not self._inflight:  # the ack clock starts at the first unacked send
+                    self._progress_at = time.monotonic()
                 self._inflight.append((b.last_seq, b.data_bytes))
                 self.sent_seq = b.last_seq
                 await writer.drain()
@@ -237,6 +306,7 @@ class Replication:
     async def _recv_loop(self, frames: FrameStream) -> None:
         while True:
             f = await asyncio.wait_for(frames.next(), timing.PEER_TIMEOUT)
+            self._last_frame = time.monotonic()
             if f.type == wire.ACK:
                 if f.channel != self.CHANNEL:
                     raise ProtocolError(f"ACK for unknown channel {f.channel}")
@@ -244,6 +314,11 @@ class Replication:
                 if seq > self.sent_seq:  # acking it would drop writes never sent
                     raise ProtocolError(f"ACK of seq {seq}, beyond the last seq sent "
                                         f"({self.sent_seq})")
+                if self._inflight and self._inflight[0][0] <= seq:
+                    self._progress_at = self._last_frame
+                    if self._declared_down and not self.paused:  # it drains again
+                        self._declared_down = False
+                        self._vpg_call(self.vpg.link_up)
                 self.vpg.ack(seq)
                 while self._inflight and self._inflight[0][0] <= seq:
                     self._rate.add(self._inflight.popleft()[1])
@@ -259,6 +334,42 @@ class Replication:
             await asyncio.sleep(timing.HEARTBEAT_INTERVAL)
             writer.write(wire.heartbeat(time.time_ns()))
 
+    async def _stall_watch(self, writer: asyncio.StreamWriter) -> None:
+        """End the session when the link stalls: data outstanding with no ack progress
+        for STALL_TIMEOUT, and either nothing at all received for as long (no heartbeat:
+        both ways held, or the way back) or the send buffer not draining (the way out
+        held).  A recovery site that is alive but slow to commit still sends heartbeats
+        and reads what it is sent, so it is not taken for a stall."""
+        transport = writer.transport
+        last_size = 0
+        drained_at = time.monotonic()
+        while True:
+            await asyncio.sleep(timing.OUTAGE_POLL)
+            now = time.monotonic()
+            size = transport.get_write_buffer_size()
+            if size == 0 or size < last_size:
+                drained_at = now
+            last_size = size
+            limit = timing.STALL_TIMEOUT
+            waited = now - self._progress_at if self._inflight else 0.0
+            if (waited >= max(timing.OUTAGE_POLL, limit / 10) and not self._declared_down
+                    and self.vpg.mode in (VPGMode.BITMAP, VPGMode.BITMAP_SYNCING)):
+                # the buffer overflowed while the link delivers nothing: a bitmap sync
+                # now would fill it again and overflow again, rereading the disks each
+                # time.  Down until an ack comes (or the next session).
+                self._declared_down = True
+                self._vpg_call(self.vpg.link_down, "the buffer overflowed while the link "
+                               f"acknowledged nothing for {waited:.1f} s")
+            if waited < limit:
+                continue
+            if now - self._last_frame >= limit:
+                raise LinkStalledError(f"the link stalled: no ack and nothing received "
+                                       f"for {now - self._last_frame:.1f} s with data "
+                                       f"outstanding")
+            if size > 0 and now - drained_at >= limit:
+                raise LinkStalledError(f"the link stalled: no ack and {size} bytes not "
+                                       f"draining for {now - drained_at:.1f} s")
+
     def status(self) -> ReplicationStatus:
         s = self.vpg.status()
         return ReplicationStatus(
@@ -268,3 +379,11 @@ class Replication:
             acked_seq=s.acked_seq, connected=self.connected,
             sync_total_bytes=s.sync_total_bytes, sync_done_bytes=s.sync_done_bytes,
             last_error=self.last_error)
+
+
+def _quiet_call(fn: Callable[..., None], *args: Any) -> None:
+    """Call a VPG link hook; a stopped VPG (StateError) has nothing to be told."""
+    try:
+        fn(*args)
+    except StateError:
+        pass

@@ -9,6 +9,13 @@ from zcore import wire
 
 HEARTBEAT_INTERVAL = 1.0
 PEER_TIMEOUT = 10.0  # no frame for this long: the connection is dead
+# Data outstanding and no ack progress for this long, while nothing at all arrives from
+# the peer (no heartbeat) or the send buffer does not drain: the link is stalled.  The
+# sender declares it down once (the VPG folds once, then waits in bitmap mode) instead
+# of counting it connected until PEER_TIMEOUT while the buffer overflows, folds and
+# resyncs again and again (issue 9 finding 15: 8 folds in one 13 s drop).  Three missed
+# heartbeats: well below PEER_TIMEOUT, well above a loaded recovery site's group commit.
+STALL_TIMEOUT = 3.0
 HANDSHAKE_TIMEOUT = 10.0
 # Stop reading from a peer while this much received data waits for its journals.
 RECEIVE_QUEUE_BYTES = 64 << 20

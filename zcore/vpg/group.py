@@ -7,6 +7,7 @@ link up and down, the bundles a sender takes and the acks it returns, status and
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -135,10 +136,15 @@ class VPG(VPGStream):
             # a writer may still hold the ring (looked up before the detach, or waiting on
             # an overlapping write): refuse it and let in-flight writes finish, so every
             # completed write is folded below
-            self._live_ring().close()
+            ring = self._live_ring()
+            ring.close()
             self._fold(reason=None)
             self._lose_tagged("the VPG stopped before the recovery site acknowledged it")
             self.files.persist_bitmaps(self.bitmaps)
+            # every seq handed out is below the ring's next one: release the rest of the
+            # reserved block, so an orderly restart continues the numbering (checkpoint
+            # ids) instead of skipping 2^24 ahead
+            self._seq_reserved = int(ring.stats()["next_seq"])
             self._save_state(clean=True)
             self._ring = None
             self._mode = VPGMode.STOPPED
@@ -268,6 +274,17 @@ class VPG(VPGStream):
                 if self._last_seq < target:
                     self._wake.wait(0.001)
             return self._last_seq
+
+    # ---- awaitable variants: the blocking calls above, in a worker thread ----------------
+
+    async def checkpoint_async(self, tag: str | None = None) -> Checkpoint:
+        """`checkpoint()` for an event loop: it blocks (tens of ms, up to CHECKPOINT_WAIT
+        while the ring is full) and would deadlock a loop that drains the ring."""
+        return await asyncio.to_thread(self.checkpoint, tag)
+
+    async def flush_async(self, timeout: float = 10.0) -> int:
+        """`flush()` for an event loop (it blocks until sealing catches up)."""
+        return await asyncio.to_thread(self.flush, timeout)
 
     def seal_for_drain(self, sent_seq: int) -> bool:
         """Seal what the pending bound allows; True when the VPG streams, has sealed every

@@ -1,0 +1,1 @@
+"""The reliability program (issue 9)."""

@@ -12,21 +12,24 @@ Entries are stored as CRC32C(block) ^ CRC32C(zero block of the same size): a blo
 zeros has entry 0, so the sums of a sparse replica are a sparse file, and a new journal's
 sums cost one header.
 
-The entries are a shared memory map of the sidecar: opening costs no read whatever the
-volume's size, memory is page cache, and promotion's updates are writes to the file.
-(A mapped file turns an I/O error on its pages into SIGBUS: the length is checked
-before mapping, so only media errors on the sidecar itself can do that.)
+Reads see the entries through a read-only shared map of the sidecar: opening costs no
+read whatever the volume's size, and the memory is page cache.  Promotion writes them
+with pwrite (so every write goes through the one file layer, where crash simulation and
+error injection see it), and the map shows them at once.  (A mapped file turns an I/O
+error on its pages into SIGBUS: the length is checked before mapping, so only media
+errors on the sidecar itself can do that.)
 
 Crash safety (promotion order, retention.py): promote_target durable in journal.meta;
-replica blocks and mapped sums updated together (the kernel may write either back at
-any time); replica fsynced; sidecar fsynced; promoted_seq durable.  A crash before promoted_seq is
-durable leaves any mix of old and new replica blocks and old and new sums (a block whose
-new data reached the replica while its sum did not, and the reverse), but only in blocks
-that the interrupted promotion touched; reopening resumes that promotion, which replays
-the same records over the same blocks and rewrites their sums before any read is served
-(reads wait for the load).  On that resumed pass a block only partly covered by the
-records cannot be checked before it is rewritten (its old sum may describe either
-state): its bytes outside the records are trusted once, and counted in `trusted_once`.
+replica blocks and sums written together (not synced: the kernel may write either back
+at any time); replica fsynced; sidecar fsynced; promoted_seq durable. A crash before
+promoted_seq is durable leaves any mix of old and new replica blocks and old and new
+sums (a block whose new data reached the replica while its sum did not, and the
+reverse), but only in blocks that the interrupted promotion touched; reopening resumes
+that promotion, which replays the same records over the same blocks and rewrites their
+sums before any read is served (reads wait for the load). On that resumed pass a block
+only partly covered by the records cannot be checked before it is rewritten (its old sum
+may describe either state): its bytes outside the records are trusted once, and counted
+in `trusted_once`.
 """
 
 from __future__ import annotations
@@ -146,7 +149,7 @@ class ReplicaSums:
                                          "or journal")
             if os.fstat(fd).st_size != HEADER_BYTES + 4 * entries:  # never map past EOF
                 raise CorruptRecordError(f"replica sums {path} have the wrong length")
-            mm = mmap.mmap(fd, HEADER_BYTES + 4 * entries)
+            mm = mmap.mmap(fd, HEADER_BYTES + 4 * entries, access=mmap.ACCESS_READ)
         except BaseException:
             os.close(fd)
             raise
@@ -167,7 +170,6 @@ class ReplicaSums:
 
     def fsync(self) -> None:
         """Make the entries written so far durable."""
-        self._mm.flush()
         os.fsync(self.fd)
 
     # ---- blocks ----------------------------------------------------------------------
@@ -212,7 +214,7 @@ class ReplicaSums:
             if b1 == len(self.sums):
                 crcs[-1] ^= np.uint32(self.zero_full ^ self.zero_last)
             pwrite_all(fd, data, offset)
-            self.sums[b0:b1] = crcs
+            self._set(b0, crcs)
             return
         new = np.empty(b1 - b0, dtype=np.uint32)
         inner0 = b0 if offset % B == 0 else b0 + 1
@@ -240,7 +242,12 @@ class ReplicaSums:
                                 "before promotion rewrote part of it; it stays damaged",
                                 self.volume, lo)
         pwrite_all(fd, data, offset)
-        self.sums[b0:b1] = new
+        self._set(b0, new)
+
+    def _set(self, first: int, entries: np.ndarray) -> None:
+        """Write entries from block `first` on into the sidecar; the read-only map shows
+        them at once (one page cache), so reads check against them from now on."""
+        pwrite_all(self.fd, entries.astype("<u4", copy=False).data, HEADER_BYTES + 4 * first)
 
     def error(self, number: int) -> ReplicaChecksumError:
         lo, hi = self._block_range(number)

@@ -252,6 +252,13 @@ def test_sums_of_a_sparse_replica_cost_nothing_and_check_as_zeros(tmp_path: Path
         report = j.scrub()
         assert report.clean and report.bytes_read < 8 * MiB
         assert report.replica_blocks == size // SUM_BLOCK
+        j.append([(0, 4 * SUM_BLOCK, bytes(3 * SUM_BLOCK))])  # a ZERO record over it
+        j.checkpoint()
+        j.promote_to(j.last_seq + 1)
+        sums = np.fromfile(sidecar, dtype="<u4", offset=HEADER_BYTES)
+        assert np.flatnonzero(sums).tolist() == []
+        assert j.read_at(j.last_seq + 1, 0, 0, 16 * SUM_BLOCK) == bytes(16 * SUM_BLOCK)
+        assert j.scrub().clean
 
 
 def test_a_volume_whose_size_is_not_a_block_multiple_has_a_short_last_block(

@@ -56,6 +56,7 @@ SUM_VERSION = 1  # part of journal format 2 (journal.meta version 2)
 # journal); 64 KiB blocks would read and CRC 16x the bytes of each random 4 KiB read.
 # Size: 4 bytes per 4 KiB block, 1 MiB per GiB of volume (mapped, not read at open).
 SUM_BLOCK = 4096
+RECORD_CRC_BLOCK = 4096  # the block of a raw record's CRC table (docs/format.md 4.4)
 # magic, version, header bytes, block bytes, volume id, volume bytes, journal id,
 # entries, 8 reserved bytes, CRC32C of the 60 bytes before it
 SUM_HEADER = struct.Struct("<8sHHII Q 16s Q 8x I")
@@ -196,12 +197,14 @@ class ReplicaSums:
         bad = np.flatnonzero(got != self.sums[first : first + len(got)])
         return [first + int(i) for i in bad]
 
-    def write(self, fd: int, data: bytes | memoryview, offset: int, *,
-              resuming: bool) -> None:
+    def write(self, fd: int, data: bytes | memoryview, offset: int, *, resuming: bool,
+              block_crcs: memoryview | None = None, zero: bool = False) -> None:
         """pwrite `data` into the replica `fd` at `offset` and set the sums of the blocks
         it touches.  A block it covers only in part is read first and checked: damage
         there stays marked damaged (logged, `damaged`), except on a resumed promotion,
-        where the block is trusted once (`trusted_once`)."""
+        where the block is trusted once (`trusted_once`).  `block_crcs` (the verified
+        4 KiB block CRC table of a raw record, 4.4) or `zero` (the data is zeros) save
+        computing the CRCs of whole blocks."""
         n = len(data)
         if n == 0:
             return
@@ -209,8 +212,14 @@ class ReplicaSums:
         end = offset + n
         b0, b1 = offset // B, -(-end // B)
         if offset % B == 0 and (end % B == 0 or end == self.size):  # whole blocks only
-            crcs = _rec.crc32c_blocks(data, B)
-            crcs ^= np.uint32(self.zero_full)
+            if zero and end % B == 0:
+                crcs = np.zeros(b1 - b0, dtype=np.uint32)  # entries of zero blocks
+            elif block_crcs is not None and B == RECORD_CRC_BLOCK and end % B == 0:
+                crcs = np.frombuffer(block_crcs, dtype="<u4", count=b1 - b0) \
+                    ^ np.uint32(self.zero_full)
+            else:
+                crcs = _rec.crc32c_blocks(data, B)
+                crcs ^= np.uint32(self.zero_full)
             if b1 == len(self.sums):
                 crcs[-1] ^= np.uint32(self.zero_full ^ self.zero_last)
             pwrite_all(fd, data, offset)

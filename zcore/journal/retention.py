@@ -200,6 +200,7 @@ class RetentionMixin(JournalState):
                 continue
             pos += 64
             payload: bytes | memoryview
+            table: memoryview | None = None
             if kind == records.REC_ZERO:
                 if len(zeros) < length:
                     zeros = bytes(length)
@@ -216,9 +217,11 @@ class RetentionMixin(JournalState):
             else:
                 start = pos + _rec.blockcrc_table_size(length)
                 payload = view[start : start + length]
+                table = view[pos:start]  # its blocks' CRCs, verified by the scan above
             with self._index_lock:
                 self._replica_sums[volume].write(self._replica_fds[volume], payload,
-                                                 offset, resuming=resuming)
+                                                 offset, resuming=resuming, block_crcs=table,
+                                                 zero=kind == records.REC_ZERO)
             touched.add(volume)
         del view, batch
         return touched

@@ -187,7 +187,7 @@ def test_golden_journal_opens_and_reads_back(golden_journal):
     check_contents(journal)
     journal.close()
     # reading changed nothing on disk but the in-place upgrade to journal format v2
-    # (docs/format.md 7.6): a manifest of the segments as found, then journal.meta v2
+    # (docs/format.md 7.7): a manifest of the segments as found, then journal.meta v2
     for f in (GOLDEN / "journal").iterdir():
         if f.name != "journal.meta":
             assert (golden_journal / f.name).read_bytes() == f.read_bytes(), f.name

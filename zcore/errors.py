@@ -33,6 +33,21 @@ class DamagedRecordError(CorruptRecordError):
     quarantined (the journal's reopen report and status list them)."""
 
 
+class ReplicaChecksumError(ChecksumError):
+    """A replica block failed its sum (docs/format.md 7.5): the bytes were not returned.
+    `volume` and `offset` name the damaged block; `length` is its size."""
+
+    def __init__(self, message: str, volume: int = -1, offset: int = -1,
+                 length: int = 0) -> None:
+        super().__init__(message)
+        self.volume = volume
+        self.offset = offset
+        self.length = length
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.args[0], self.volume, self.offset, self.length))
+
+
 class FormatVersionError(CorruptRecordError):
     """A file or peer speaks a format version this build cannot read."""
 

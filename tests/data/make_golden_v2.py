@@ -2,7 +2,7 @@
 
     python tests/data/make_golden_v2.py [OUTDIR]
 
-Journal format v2 (docs/format.md 7.3, 7.6) adds journal.manifest and v2 segments with
+Journal format v2 (docs/format.md 7.3, 7.7) adds journal.manifest and v2 segments with
 a durable-length mark; records are unchanged, so only the journal directory is frozen
 here.  It is the journal of make_golden.py (same seeded inputs, fake clock, journal id
 and tiny segments) written by the v2 code.  Once committed it is never regenerated: a

@@ -29,6 +29,9 @@ def abandon(journal: Journal) -> None:
             os.close(seg.fd)
     for fd in journal._replica_fds.values():
         os.close(fd)
+    for sums in journal._replica_sums.values():
+        sums.close()
+    journal._replica_sums.clear()
     os.close(journal._lock_fd)
     journal._segments.clear()
     journal._replica_fds.clear()

@@ -231,7 +231,6 @@ def test_a_flipped_bit_inside_the_active_segment_is_not_a_torn_tail(damaged) -> 
     assert damaged(damage) == []
 
 
-@_xfail(8, "replicas carry no checksum: flipped bits in promoted history are served silently")
 def test_flipped_bits_in_a_replica_are_detected(damaged) -> None:
     def damage(path: Path) -> None:
         rng = random.Random(8)

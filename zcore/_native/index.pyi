@@ -37,6 +37,21 @@ class ExtentIndex:
         """Register (or forget, with -1) the replica image of a volume; a volume without
         one reads as zeros where no journaled write covers it."""
 
+    def set_replica_sums(
+        self,
+        volume: int,
+        sums: npt.NDArray[np.uint32] | None,
+        size: int,
+        block: int,
+        zero_full: int,
+        zero_last: int,
+    ) -> None:
+        """Check every replica byte read from `volume` against `sums` (one uint32 per
+        `block` bytes of the `size`-byte volume: CRC32C of the block ^ CRC32C of as many
+        zero bytes); whole blocks are read and a failing one raises ReplicaChecksumError
+        (volume, offset) with nothing returned.  The array is read in place; None forgets
+        it."""
+
     def add(self, batch: ExtentBatch, ordered: bool = True) -> None:
         """Index the data records (WRITE, ZERO, SYNC) of a validated batch; seqs must
         ascend per volume across calls."""

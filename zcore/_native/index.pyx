@@ -8,15 +8,33 @@ The caller serialises every call on one index (the journal holds its lock).
 """
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport realloc, free
+from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memset, memcpy
 
-from zcore.errors import ConfigError, OutOfMemoryError, status_error
+from zcore.errors import ConfigError, OutOfMemoryError, ReplicaChecksumError, status_error
 from zcore._native.zc cimport *
 from zcore._native.record cimport ExtentBatch
 
 cdef enum:
     NO_FD = -1   # an empty slot of a descriptor table (set_*_fd takes it to forget one)
+    REPLICA_BAD = -1000  # internal: a replica block failed its sum (not a zc_status)
+
+
+cdef inline bint _all_zero(const uint8_t *p, uint64_t n) noexcept nogil:
+    """True when the n bytes at p are zero (8 bytes at a time; n a multiple of 512)."""
+    cdef uint64_t i, acc = 0, w
+    for i in range(0, n, 8):
+        memcpy(&w, p + i, 8)
+        acc |= w
+    return acc == 0
+
+
+cdef struct replica_sums:
+    const uint32_t *sums  # one entry per block: CRC32C(block) ^ CRC32C(zeros of its size)
+    uint64_t size         # volume bytes
+    uint64_t block        # block bytes
+    uint32_t zero_full    # CRC32C of `block` zero bytes
+    uint32_t zero_last    # CRC32C of the zero bytes of the last (possibly short) block
 
 
 cdef class ExtentIndex:
@@ -26,6 +44,9 @@ cdef class ExtentIndex:
     cdef size_t nseg
     cdef int *replica_fds     # volume -> fd of its replica image (-1: reads as zeros)
     cdef size_t nrep
+    cdef replica_sums *rsums  # volume -> its replica's block sums (sums NULL: unchecked)
+    cdef size_t nsums
+    cdef dict _sum_refs       # volume -> the numpy array rsums[volume].sums points into
 
     def __cinit__(self):
         self.idx = zc_index_new()
@@ -36,6 +57,7 @@ cdef class ExtentIndex:
         zc_index_free(self.idx)
         free(self.seg_fds)
         free(self.replica_fds)
+        free(self.rsums)
 
     cdef int _grow_fds(self, int **arr, size_t *n, size_t need) except -1:
         cdef size_t i, newn
@@ -62,6 +84,89 @@ cdef class ExtentIndex:
         """Register (or forget, with -1) the replica image of a volume."""
         self._grow_fds(&self.replica_fds, &self.nrep, <size_t>volume + 1)
         self.replica_fds[volume] = fd
+
+    def set_replica_sums(self, unsigned int volume, sums, unsigned long long size,
+                         unsigned int block, unsigned int zero_full, unsigned int zero_last):
+        """Check every replica byte read from `volume` against `sums` (a uint32 numpy
+        array, one entry per `block` bytes of the `size`-byte volume, entry = CRC32C of
+        the block ^ CRC32C of as many zero bytes; zero_full/zero_last those zero CRCs).
+        The array is held and read in place: the caller updates it (under the same
+        serialisation as reads) when it rewrites replica blocks.  None forgets them."""
+        cdef size_t i, newn
+        cdef replica_sums *p
+        cdef const uint32_t[::1] view
+        if self._sum_refs is None:
+            self._sum_refs = {}
+        if volume >= self.nsums:
+            newn = max(16, 2 * self.nsums, <size_t>volume + 1)
+            p = <replica_sums *>realloc(self.rsums, newn * sizeof(replica_sums))
+            if p == NULL:
+                raise OutOfMemoryError("growing the replica sums table")
+            for i in range(self.nsums, newn):
+                p[i].sums = NULL
+            self.rsums = p
+            self.nsums = newn
+        if sums is None:
+            self.rsums[volume].sums = NULL
+            self._sum_refs.pop(volume, None)
+            return
+        if block == 0 or block % 8 or size == 0:
+            raise ConfigError("replica sums need a positive block size (multiple of 8) "
+                              "and volume size")
+        view = sums
+        if <uint64_t>view.shape[0] != (size + block - 1) // block:
+            raise ConfigError(f"replica sums of volume {volume}: {view.shape[0]} entries "
+                              f"for {size} bytes in {block}-byte blocks")
+        self._sum_refs[volume] = sums
+        self.rsums[volume].sums = &view[0]
+        self.rsums[volume].size = size
+        self.rsums[volume].block = block
+        self.rsums[volume].zero_full = zero_full
+        self.rsums[volume].zero_last = zero_last
+
+    cdef int _read_replica(self, uint32_t volume, int fd, uint8_t *dst, uint64_t n,
+                           uint64_t src, uint64_t *bad) noexcept nogil:
+        """Read n replica bytes at volume offset src into dst, checking every block they
+        touch against its sum (whole blocks are read); REPLICA_BAD with *bad the block's
+        offset when one fails.  Unchecked reads when the volume has no sums."""
+        cdef replica_sums *rs
+        if volume >= self.nsums or self.rsums[volume].sums == NULL:
+            return zc_pread_full(fd, dst, n, src)
+        rs = &self.rsums[volume]
+        cdef uint64_t B = rs.block
+        cdef uint64_t lo = (src // B) * B
+        cdef uint64_t end = src + n
+        cdef uint64_t hi = ((end + B - 1) // B) * B
+        cdef uint64_t p, blen
+        cdef uint32_t crc
+        cdef uint8_t *buf = dst
+        cdef int st
+        if hi > rs.size:
+            hi = rs.size
+        if end > hi:
+            return ZC_E_RANGE
+        if lo != src or hi != end:
+            buf = <uint8_t *>malloc(hi - lo)
+            if buf == NULL:
+                return ZC_E_NOMEM
+        st = zc_pread_full(fd, buf, hi - lo, lo)
+        p = lo
+        while st == 0 and p < hi:
+            blen = B if hi - p >= B else hi - p
+            if rs.sums[p // B] == 0 and _all_zero(buf + (p - lo), blen):
+                p += blen  # a zero block (a hole of a sparse replica): its entry is 0
+                continue
+            crc = zc_crc32c(0, buf + (p - lo), blen)
+            crc ^= rs.zero_full if blen == B else rs.zero_last
+            if crc != rs.sums[p // B]:
+                bad[0] = p
+                st = REPLICA_BAD
+            p += blen
+        if buf != dst:
+            if st == 0:
+                memcpy(dst, buf + (src - lo), n)
+            free(buf)
+        return st
 
     def add(self, ExtentBatch batch, bint ordered=True):
         """Index the data records of a validated batch (`ordered`: their seqs must follow
@@ -150,6 +255,7 @@ cdef class ExtentIndex:
         cdef size_t n, i
         cdef int st = 0, fd, pending_lz4 = 0
         cdef size_t bad = 0
+        cdef uint64_t bad_block = 0
         st = zc_index_plan(self.idx, volume, offset, length, at, &f, &n)
         if st:
             raise status_error(st, "planning a read")
@@ -161,7 +267,8 @@ cdef class ExtentIndex:
                     if fd < 0:
                         memset(out + fr.dst, 0, fr.length)
                     else:
-                        st = zc_pread_full(fd, out + fr.dst, fr.length, fr.src)
+                        st = self._read_replica(volume, fd, out + fr.dst, fr.length,
+                                                fr.src, &bad_block)
                 else:
                     # every journal byte comes from the record its index entry names:
                     # the header at its position is checked against the entry (an index
@@ -184,6 +291,12 @@ cdef class ExtentIndex:
         if st:
             memset(out, 0, length)
             fr = &f[bad]
+            if st == REPLICA_BAD:
+                rs_block = self.rsums[volume].block
+                raise ReplicaChecksumError(
+                    f"reading volume {volume} at {offset}+{length}: replica block at "
+                    f"offset {bad_block} (+{rs_block}) fails its sum (damaged replica)",
+                    volume, bad_block, rs_block)
             where = ("replica" if fr.ext.type == ZC_REC_RESERVED else
                      f"record seq {fr.ext.seq} (segment {fr.ext.segment}, pos {fr.ext.pos})")
             raise status_error(st, f"reading volume {volume} at {offset}+{length} from {where}")

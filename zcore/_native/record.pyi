@@ -61,6 +61,10 @@ layout of segment index (.zci) files."""
 def crc32c(data: _Buffer, crc: int = 0) -> int:
     """CRC32C (Castagnoli) of `data`, continuing from `crc` (0 to start); a u32."""
 
+def crc32c_blocks(data: _Buffer, block: int) -> npt.NDArray[np.uint32]:
+    """CRC32C (from 0) of each consecutive `block`-byte piece of `data` (the last may be
+    shorter); `block` a positive multiple of 8 (ConfigError otherwise)."""
+
 def record_size(stored: int) -> int:
     """Bytes a record with `stored` payload bytes occupies: 64 + stored rounded up to 64."""
 

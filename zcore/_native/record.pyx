@@ -51,6 +51,21 @@ def crc32c(data, unsigned int crc=0):
     return r
 
 
+def crc32c_blocks(data, unsigned int block):
+    """CRC32C (from 0) of each consecutive `block`-byte piece of `data` (the last may be
+    shorter), as a numpy uint32 array; `block` a positive multiple of 8."""
+    cdef const uint8_t[::1] v = _bytes_view(data, "crc32c_blocks")
+    cdef size_t n = v.shape[0]
+    if block == 0 or block % 8:
+        raise ConfigError(f"block size {block} is not a positive multiple of 8")
+    out = np.empty((n + block - 1) // block, dtype=np.uint32)
+    cdef uint32_t[::1] o = out
+    if n:
+        with nogil:
+            zc_crc32c_blocks(&v[0], n, block, &o[0])
+    return out
+
+
 def record_size(unsigned long long stored):
     """Bytes a record with `stored` payload bytes occupies (header and padding included)."""
     return zc_record_size(stored)

@@ -32,6 +32,7 @@ cdef extern from "zc_format.h":
 
 cdef extern from "zc_crc32c.h" nogil:
     uint32_t zc_crc32c(uint32_t crc, const void *buf, size_t len)
+    void zc_crc32c_blocks(const void *buf, size_t len, size_t block, uint32_t *out)
 
 cdef extern from "zc_record.h" nogil:
     ctypedef struct zc_extent:

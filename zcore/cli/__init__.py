@@ -1,7 +1,7 @@
 """The `zcore` command line: the demo, and the tools that sit on top of the library.
 
 One module per command group, so a command is one room: `demo_cmd` (`zcore demo`),
-`nbd_cmd` (`zcore nbd ...`), `site_cmd`
+`nbd_cmd` (`zcore nbd ...`), `journal_cmd` (`zcore journal check`), `site_cmd`
 (`zcore site init|serve`) with `site_client_cmd` (`site status|pair|pairing-token`),
 `vm_cmd`, `vpg_cmd`, `checkpoint_cmd` and `activity_cmd` (events, alerts, tasks): clients of
 the site's REST API through `client`, printing through `output`; option parsers shared
@@ -17,6 +17,7 @@ import click
 from zcore.cli.activity_cmd import alerts, events, tasks
 from zcore.cli.checkpoint_cmd import checkpoint
 from zcore.cli.demo_cmd import demo
+from zcore.cli.journal_cmd import journal
 from zcore.cli.nbd_cmd import nbd
 from zcore.cli.site_client_cmd import add_client_commands
 from zcore.cli.site_cmd import site
@@ -31,6 +32,7 @@ def main() -> None:
 
 
 main.add_command(demo)
+main.add_command(journal)
 main.add_command(nbd)
 add_client_commands(site)  # site status|pair|pairing-token, beside site init|serve
 for _group in (site, vm, vpg, checkpoint, events, alerts, tasks):

@@ -13,6 +13,8 @@ Sits at the end of the data path.  This package is its public face; the parts:
     readthrough   views, reads as of a seq, the LZ4 cache
     retention     retention and promotion
     history       history retention of a group of journals: rounds, targets, events
+    replica       replica block sums (replica-NNNN.sum), written by promotion, read checks
+    scrub         Journal.scrub: every record, index file and replica block checked
     state, core   the shared state and locks; the Journal class composing the parts
 
 On-disk layout of a journal directory (docs/format.md 7):
@@ -21,6 +23,7 @@ On-disk layout of a journal directory (docs/format.md 7):
     seg-NNNNNNNN.zcj           segment: 64-byte header, then records
     seg-NNNNNNNN.zci           index of a sealed segment (extents + checkpoints)
     replica-NNNN.img           one sparse image per volume
+    replica-NNNN.sum           its block sums: one CRC32C per 4 KiB block (format 2)
 """
 
 from zcore.journal.core import Journal
@@ -28,6 +31,8 @@ from zcore.journal.indexfile import INDEX_MAGIC, INDEX_V1, INDEX_VERSION
 from zcore.journal.manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
 from zcore.journal.meta import META_FORMAT, META_NAME, META_VERSION
 from zcore.journal.readthrough import View
+from zcore.journal.replica import SUM_BLOCK, SUM_MAGIC, SUM_VERSION
+from zcore.journal.scrub import Damage, DamageKind, ScrubReport
 from zcore.journal.segments import SEGMENT_MAGIC, SEGMENT_VERSION
 from zcore.journal.settings import (
     DAY,
@@ -52,6 +57,7 @@ __all__ = [
     "INDEX_V1", "INDEX_VERSION", "LZ4_CACHE_BYTES", "MANIFEST_FORMAT", "MANIFEST_NAME",
     "MANIFEST_VERSION", "MAX_BUNDLE", "MAX_HISTORY",
     "META_FORMAT", "META_NAME", "META_VERSION", "MIN_HISTORY", "SEGMENT_MAGIC",
-    "SEGMENT_VERSION", "Checkpoint", "HistoryState", "Journal", "JournalSettings",
-    "JournalStatus", "ReopenReport", "SegmentInfo", "View", "VolumeSpec",
+    "SEGMENT_VERSION", "SUM_BLOCK", "SUM_MAGIC", "SUM_VERSION", "Checkpoint", "Damage",
+    "DamageKind", "HistoryState", "Journal", "JournalSettings", "JournalStatus",
+    "ReopenReport", "ScrubReport", "SegmentInfo", "View", "VolumeSpec",
 ]

@@ -43,7 +43,9 @@ from zcore.journal.meta import (
     write_meta,
 )
 from zcore.journal.readthrough import Lz4Cache, ReadThroughMixin
+from zcore.journal.replica import ReplicaSums
 from zcore.journal.retention import RetentionMixin
+from zcore.journal.scrub import ScrubMixin
 from zcore.journal.segments import Segment
 from zcore.journal.settings import (
     MAX_BUNDLE,
@@ -59,7 +61,7 @@ from zcore.records import Checkpoint
 
 
 class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, RetentionMixin,
-              ManifestMixin):
+              ManifestMixin, ScrubMixin):
     """One VM's journal.  Thread-safe; one process opens it at a time (flock)."""
 
     def __init__(self, path: Path, meta: dict[str, Any], lock_fd: int) -> None:
@@ -83,6 +85,8 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
         self._segments = OrderedDict()
         self._checkpoints = []
         self._replica_fds = {}
+        self._replica_sums = {}
+        self.integrity_notes = []  # what opening trusted once (see zcore.journal.replica)
         self._pins = {}
         self._lz4_cache = Lz4Cache()
         self.last_seq = 0
@@ -133,10 +137,11 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
         path.mkdir(parents=True, exist_ok=True)
         if any(path.iterdir()):
             raise ConfigError(f"{path} is not empty: open an existing journal with Journal.open")
+        journal_id = uuid.uuid4().bytes
         meta = {
             "format": META_FORMAT,
             "version": META_VERSION,
-            "journal_id": uuid.uuid4().hex,
+            "journal_id": journal_id.hex(),
             "vm": vm,
             "created_ns": time.time_ns(),
             "volumes": [asdict(v) for v in specs],
@@ -151,7 +156,8 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        write_new_manifest(path, bytes.fromhex(str(meta["journal_id"])))  # before meta: 7.6
+            ReplicaSums.create(path, v.id, v.size, journal_id).close()
+        write_new_manifest(path, journal_id)  # before meta: 7.7
         write_meta(path, meta)
         return cls.open(path)
 
@@ -408,8 +414,12 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
             for volume, fd in self._replica_fds.items():
                 self._index.set_replica_fd(volume, -1)
                 os.close(fd)
+            for volume, sums in self._replica_sums.items():
+                self._index.set_replica_sums(volume, None, 0, 0, 0, 0)
+                sums.close()
             self._segments.clear()
             self._replica_fds.clear()
+            self._replica_sums.clear()
         os.close(self._lock_fd)
 
     def __enter__(self) -> Journal:

@@ -29,6 +29,7 @@ from zcore.journal.damage import Damage, inexact, scan_segment_records
 from zcore.journal.indexfile import SegmentIndex
 from zcore.journal.manifest import MANIFEST_NAME, read_manifest
 from zcore.journal.meta import META_VERSION, write_meta
+from zcore.journal.replica import open_sums
 from zcore.journal.segments import Segment
 from zcore.journal.settings import ReopenReport
 from zcore.journal.state import JournalState
@@ -49,8 +50,13 @@ class LoaderMixin(JournalState):
                 raise CorruptRecordError(f"journal {self.path} lacks the replica of volume "
                                          f"{v.id} ({v.name!r})") from None
             self._replica_fds[v.id] = fd
+            sums = open_sums(self.path, v.id, v.size, self.journal_id, fd,
+                             self.integrity_notes)
+            self._replica_sums[v.id] = sums
             with self._index_lock:
                 self._index.set_replica_fd(v.id, fd)
+                self._index.set_replica_sums(v.id, sums.sums, sums.size, sums.block,
+                                             sums.zero_full, sums.zero_last)
         sizes = segments.list_segments(self.path)
         # a v1 journal has no manifest (or a half-done upgrade's): it is upgraded once
         # loaded (_record_files); a v2 journal without one cannot check its segments

@@ -1,4 +1,4 @@
-"""`journal.manifest` (docs/format.md 7.6): the journal's durable record of its own
+"""`journal.manifest` (docs/format.md 7.7): the journal's durable record of its own
 segment files (the active one, and each sealed one's length and last seq) and of the
 damage reopening found, so that a missing, extra or truncated segment is reported as
 damage, never opened as if it were clean.  Also removing the segments promotion emptied.

@@ -22,7 +22,7 @@ from zcore.errors import (
     JournalFullError,
     status_error,
 )
-from zcore.fsutil import preadinto_exact, pwrite_all
+from zcore.fsutil import preadinto_exact
 from zcore.journal.damage import scan_segment_records
 from zcore.journal.meta import write_meta
 from zcore.journal.segments import Segment
@@ -140,6 +140,9 @@ class RetentionMixin(JournalState):
                                "it is reopened")
 
     def _apply_promotion(self, target: int) -> int:
+        # an intent already past the watermark: this pass replays an interrupted one, over
+        # replica blocks and sums that may each hold old or new bytes (zcore.journal.replica)
+        resuming = int(self._meta.get("promote_target", 0)) > self.promoted_seq
         with self._index_lock:  # from here no read below the target starts
             self._meta["promote_target"] = target
         write_meta(self.path, self._meta)
@@ -152,9 +155,12 @@ class RetentionMixin(JournalState):
                 continue
             if len(buf) < seg.size:
                 buf = bytearray(seg.size)
-            touched |= self._promote_segment(seg, target, buf)
+            touched |= self._promote_segment(seg, target, buf, resuming)
+        # replica fsynced, then its sums, then the watermark: until it is
+        # durable a reopen replays this promotion and rewrites both (docs/format.md 7.5)
         for volume in touched:
             os.fsync(self._replica_fds[volume])
+            self._replica_sums[volume].fsync()
         self.promoted_seq = target
         self._meta["promoted_seq"] = target
         write_meta(self.path, self._meta)
@@ -165,9 +171,12 @@ class RetentionMixin(JournalState):
         self._drop_promoted()  # segments wholly below the target (manifest.py)
         return target
 
-    def _promote_segment(self, seg: Segment, target: int, buf: bytearray) -> set[int]:
+    def _promote_segment(self, seg: Segment, target: int, buf: bytearray,
+                         resuming: bool = False) -> set[int]:
         """Write the data records of `seg` with promoted_seq <= seq < target into the
-        replicas (not fsynced); returns the volumes written."""
+        replicas and their block sums (not fsynced); returns the volumes written.  Each
+        write and its sums change together under the index lock, so a read checks every
+        replica block against the sum of the bytes it reads."""
         touched: set[int] = set()
         zeros = b""
         view = memoryview(buf)[: seg.size]
@@ -193,6 +202,7 @@ class RetentionMixin(JournalState):
                 continue
             pos += 64
             payload: bytes | memoryview
+            table: memoryview | None = None
             if kind == records.REC_ZERO:
                 if len(zeros) < length:
                     zeros = bytes(length)
@@ -209,7 +219,11 @@ class RetentionMixin(JournalState):
             else:
                 start = pos + _rec.blockcrc_table_size(length)
                 payload = view[start : start + length]
-            pwrite_all(self._replica_fds[volume], payload, offset)
+                table = view[pos:start]  # its blocks' CRCs, verified by the scan above
+            with self._index_lock:
+                self._replica_sums[volume].write(self._replica_fds[volume], payload,
+                                                 offset, resuming=resuming, block_crcs=table,
+                                                 zero=kind == records.REC_ZERO)
             touched.add(volume)
         del view, scan
         return touched

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from zcore.journal.damage import Damage
     from zcore.journal.indexfile import SegmentIndex
     from zcore.journal.readthrough import Lz4Cache
+    from zcore.journal.replica import ReplicaSums
 
 
 class JournalState:
@@ -49,6 +50,8 @@ class JournalState:
     _active: Segment
     _checkpoints: list[Checkpoint]
     _replica_fds: dict[int, int]
+    _replica_sums: dict[int, ReplicaSums]
+    integrity_notes: list[str]
     _pins: dict[int, int]
     _lz4_cache: Lz4Cache
     _unsynced: int

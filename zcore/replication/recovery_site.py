@@ -25,6 +25,7 @@ from zcore.replication import timing
 from zcore.replication.journals import JournalWorkers, VPGReceiver
 from zcore.replication.ownership import read_owner, write_owner
 from zcore.replication.receiver import RecoveryConnection
+from zcore.replication.scrubbing import ScrubTimer
 from zcore.security import PairingTokens, Peer, PeerStore, SiteIdentity, server_context
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class RecoverySite:
         self._attaches: set[asyncio.Future[VPGReceiver]] = set()  # running in threads
         self._journal_workers = journal_workers
         self.workers: JournalWorkers | None = None  # every VPG's journal work, bounded
+        # every held journal scrubbed in the background (set interval/rate before start)
+        self.scrubber = ScrubTimer(self._held_journals)
 
     def issue_pairing_token(self, ttl: float = 3600.0) -> str:
         return self.tokens.issue(ttl)
@@ -77,6 +80,7 @@ class RecoverySite:
         self._retention_stop = asyncio.Event()
         self._retention = asyncio.create_task(self._run_retention(),
                                               name="recovery-site-retention")
+        self.scrubber.start()
         return sock[0], sock[1]
 
     async def _run_retention(self) -> None:
@@ -109,6 +113,7 @@ class RecoverySite:
             self._retention_stop.set()
             await self._retention
             self._retention = None
+        await self.scrubber.stop()
         if self._server is not None:
             self._server.close()
             for conn in list(self.connections):
@@ -136,6 +141,10 @@ class RecoverySite:
         if self.loop is None:
             raise StateError("the recovery site is not started")
         self.loop.call_soon_threadsafe(callback, *args)
+
+    def _held_journals(self) -> list[tuple[str, str, Journal]]:
+        return [(vpg, vm, j) for vpg, r in list(self.receivers.items())
+                for vm, j in list(r.journals.items())]
 
     def journals(self, vpg: str) -> dict[str, Journal]:
         """The journals of an attached VPG, by VM name."""

@@ -55,9 +55,12 @@ class TestResult(StrEnum):
     ABORTED = "aborted"  # ended without a verdict (the site service restarted)
 
 
+def utc_stamp(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def tested_label(started_at: float) -> str:
-    stamp = datetime.fromtimestamp(started_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return f"Tested at {stamp}"
+    return f"Tested at {utc_stamp(started_at)}"
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ class LiveSiteBackend(DbSiteBackend):
                  runner: TaskRunner | None = None) -> None:
         super().__init__(db, runner)
         self.rt = runtime
+        self.operations: Any = None  # zcore.site.operations.RecoveryOperations
         runtime.attached = self._attached
 
     # -- sites and pairing -----------------------------------------------------------------
@@ -228,6 +229,11 @@ class LiveSiteBackend(DbSiteBackend):
         if receiver is not None and receiver.conn is not None and not receiver.conn.closed:
             raise StateError(f"VPG {name!r} is still replicating into this site: delete it "
                              f"at its protected site first")
+        if self.operations is not None:
+            op_state = self.operations.state(name)
+            if op_state != "replicating":
+                raise StateError(f"VPG {name!r} is {op_state}: stop its recovery operation "
+                                 f"before deleting it")
         await self._db(self.db.update_vpg, name, state=VpgState.DELETING)
 
         async def run(progress: Progress) -> None:

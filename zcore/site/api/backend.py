@@ -185,9 +185,10 @@ class SiteBackend(Protocol):
 @dataclass
 class SiteContext:
     """What the service hands `create_app`: the database (tokens are checked and managed
-    by the API itself) and the backend (everything else)."""
+    by the API itself), the backend (everything else) and the recovery operations."""
 
     db: SiteDB
     backend: SiteBackend
+    operations: Any = None  # zcore.site.operations.RecoveryOperations (the service's)
     max_body_bytes: int = DEFAULT_BODY_LIMIT
     version: str = __version__

@@ -5,7 +5,7 @@ checkpoints go on meanwhile, the VPG's scratch limit refuses a write, stop with 
 (overlays and exports gone, the result recorded against the checkpoint, an event, back to
 replicating), refusals (a second start, a stop when not testing) are 409 with their
 reason, the test reminder raises its alert; then a second test through `zcore test
-... --json`.  Plus the library pieces the operation stands on: checkpoint choice, the
+... --json`, and a kill -9 during a third (recorded aborted after the restart).  Plus the library pieces the operation stands on: checkpoint choice, the
 state table, the shared scratch budget."""
 
 from __future__ import annotations
@@ -207,6 +207,19 @@ def test_failover_test_serves_the_tag_on_scratch_while_replication_goes_on(
     history = cli("test", "status", "g1")["history"]
     assert [h["result"] for h in history[:2]] == ["failed", "passed"]
     assert cli("test", "settings", "g1")["adapter"] == "none"
+
+    # a crash during a test: the restarted site records it aborted and can test again
+    wait_task(cb, ok(cb.post("/vpgs/g1/test", json={"checkpoint": "latest"}), 202))
+    b.kill()
+    b.start()
+    cb = b.client()
+    status = ok(cb.get("/vpgs/g1/test"))
+    assert status["state"] == "replicating" and status["history"][0]["result"] == "aborted"
+    events = ok(cb.get("/events", params={"vpg": "g1"}))["items"]
+    assert any(e["code"] == "test_aborted" for e in events)
+    again_started = ok(cb.post("/vpgs/g1/test", json={"checkpoint": f"id:{t1['id']}"}), 202)
+    wait_task(cb, again_started)
+    wait_task(cb, ok(cb.post("/vpgs/g1/test/stop", json={"result": "passed"}), 202))
 
 
 # -- the pieces underneath ------------------------------------------------------------------

@@ -5,8 +5,9 @@ checkpoints go on meanwhile, the VPG's scratch limit refuses a write, stop with 
 (overlays and exports gone, the result recorded against the checkpoint, an event, back to
 replicating), refusals (a second start, a stop when not testing) are 409 with their
 reason, the test reminder raises its alert; then a second test through `zcore test
-... --json`, and a kill -9 during a third (recorded aborted after the restart).  Plus the library pieces the operation stands on: checkpoint choice, the
-state table, the shared scratch budget."""
+... --json`, and a kill -9 during a third (recorded aborted after the restart).  Plus
+the library pieces the operation stands on: checkpoint choice, the state table, the
+shared scratch budget."""
 
 from __future__ import annotations
 

@@ -127,7 +127,7 @@ def test_failover_test_serves_the_tag_on_scratch_while_replication_goes_on(
     overdue = wait_for("the test reminder", lambda: [
         x for x in ok(cb.get("/alerts", params={"active": "true"}))
         if x["code"] == "test_overdue"], timeout=30)
-    assert "never been tested" in overdue[0]["text"]
+    assert "no passed failover test since it was created" in overdue[0]["text"]
 
     # a choice nothing matches says what the VPG holds
     missing = cb.post("/vpgs/g1/test", json={"checkpoint": "tag:nope"})

@@ -322,34 +322,42 @@ class RecoveryOperations:
 
     async def remind_once(self, now: float | None = None, only: str | None = None) -> None:
         """Raise `test_overdue` for each recovery VPG whose last passed test (or, never
-        tested, its creation) is older than its `test_period_days`; clear it otherwise."""
+        tested, its creation) is older than its `test_period_days`; clear it otherwise.
+        Two queries a round (VPGs, active alerts) plus one write per change."""
         now = time.time() if now is None else now
-        records = await asyncio.to_thread(self.db.list_vpgs, VpgRole.RECOVERY)
-        for record in records:
-            if only is not None and record.name != only:
-                continue
-            try:
-                await asyncio.to_thread(self._remind, record, now)
-            except ZcoreError as exc:  # deleted meanwhile
-                log.warning("VPG %s: test reminder failed: %s", record.name, exc)
+        try:
+            await asyncio.to_thread(self._remind_all, now, only)
+        except ZcoreError as exc:  # a VPG deleted meanwhile, the database away
+            log.warning("test reminder failed: %s", exc)
 
-    def _remind(self, record: VpgRecord, now: float) -> None:
+    def _remind_all(self, now: float, only: str | None) -> None:
+        records = self.db.list_vpgs(VpgRole.RECOVERY)
+        active: dict[str, list[int]] = {}
+        for alert in self.db.list_alerts(active=True, limit=None):
+            if alert.code == TEST_OVERDUE_ALERT and alert.vpg is not None:
+                active.setdefault(alert.vpg, []).append(alert.id)
+        for record in records:
+            if only is None or record.name == only:
+                self._remind(record, now, active.get(record.name, []))
+
+    def _remind(self, record: VpgRecord, now: float, active: list[int]) -> None:
         period = record.settings.get("recovery", {}).get("test_period_days")
+        if period is None and not active:
+            return
         passed = [r.started_at for r in self.history(record) if r.result == TestResult.PASSED]
         since = max(passed) if passed else record.created_at
         overdue = period is not None and now - since > float(period) * DAY
-        active = [a for a in self.db.list_alerts(vpg=record.name, active=True)
-                  if a.code == TEST_OVERDUE_ALERT]
         if overdue and not active:
-            what = "was last tested (passed)" if passed else "has never been tested since"
-            text = (f"VPG {record.name} {what} {(now - since) / DAY:.1f} days ago; its test "
+            what = "passed its last failover test" if passed else \
+                "has had no passed failover test since it was created"
+            text = (f"VPG {record.name} {what} {(now - since) / DAY:.2f} days ago; its test "
                     f"period is {float(period):g} days: run a failover test")
             self.db.raise_alert(TEST_OVERDUE_ALERT, text, vpg=record.name)
             self.db.add_event(TEST_OVERDUE_ALERT, text, vpg=record.name,
                               severity=Severity.WARNING)
         elif not overdue:
-            for alert in active:
-                self.db.clear_alert(alert.id)
+            for alert_id in active:
+                self.db.clear_alert(alert_id)
 
     async def recover(self) -> None:
         """Close the record of every test a previous process left running (aborted)."""

@@ -25,14 +25,19 @@ from helpers.site import SiteProcess, init_site_dir, ok, wait_for, zcore_cmd
 from zcore.errors import CheckpointNotFoundError, ConfigError, ScratchLimitError, StateError
 from zcore.records import Checkpoint, CheckpointKind
 from zcore.recovery import (
+    AdapterError,
     CheckpointChoice,
     ChoiceKind,
+    CommandAdapter,
     Operation,
     OperationState,
     OperationStates,
     ScratchBudget,
+    VmBoot,
+    make_adapter,
     parse_time,
 )
+from zcore.recovery.adapter_port import vm_environment
 
 MiB = 1 << 20
 DISK = 8 * MiB
@@ -196,6 +201,19 @@ def test_failover_test_serves_the_tag_on_scratch_while_replication_goes_on(
         body: dict[str, Any] = json.loads(done.stdout)
         return body
 
+    # the command adapter: a start command that fails ends the start, nothing left open
+    log = tmp_path / "vms.log"
+    ok(cb.patch("/vpgs/g1/recovery-settings", json={
+        "adapter": "command", "start_command": "sh -c 'exit 3'"}))
+    failed = wait_task(cb, ok(cb.post("/vpgs/g1/test", json={}), 202), state="failed")
+    assert "exited with 3" in failed["error"]["message"], failed
+    assert ok(cb.get("/vpgs/g1/test"))["state"] == "replicating"
+    assert any(e["code"] == "test_start_failed"
+               for e in ok(cb.get("/events", params={"vpg": "g1"}))["items"])
+    script = f"sh -c 'echo $ZCORE_PURPOSE $ZCORE_VM $ZCORE_CHECKPOINT $ZCORE_NBD_DISK0 >> {log}'"
+    ok(cb.patch("/vpgs/g1/recovery-settings", json={
+        "start_command": script, "stop_command": script.replace("echo", "echo stop")}))
+
     began = cli("test", "start", "g1", "--checkpoint", f"id:{t2['id']}")
     assert began["state"] == "succeeded" and began["result"]["checkpoint"]["id"] == t2["id"]
     qemu_io(began["result"]["exports"][0], "read -P 0x33 2M 1M")
@@ -207,7 +225,12 @@ def test_failover_test_serves_the_tag_on_scratch_while_replication_goes_on(
     assert ended["result"]["record"]["result"] == "failed"
     history = cli("test", "status", "g1")["history"]
     assert [h["result"] for h in history[:2]] == ["failed", "passed"]
-    assert cli("test", "settings", "g1")["adapter"] == "none"
+    assert log.read_text().splitlines() == [
+        f"test vm1 {t2['id']} {began['result']['exports'][0]}",
+        f"test vm2 {t2['id']} {began['result']['exports'][1]}",
+        f"stop test vm2 {t2['id']} {began['result']['exports'][1]}",
+        f"stop test vm1 {t2['id']} {began['result']['exports'][0]}"]
+    assert cli("test", "settings", "g1", "--adapter", "none")["adapter"] == "none"
 
     # a crash during a test: the restarted site records it aborted and can test again
     wait_task(cb, ok(cb.post("/vpgs/g1/test", json={"checkpoint": "latest"}), 202))
@@ -321,3 +344,17 @@ def test_scratch_budget_bounds_the_sum_over_overlays_and_gets_bytes_back() -> No
     budget.release(3072)
     budget.reserve(4096, "three")
     assert budget.used_bytes == 4096
+
+
+def test_command_adapter_reports_a_command_past_its_timeout_or_missing() -> None:
+    boot = VmBoot("g", "vm1", _cp(5, 1.0, "t"), "test", {"disk0": "nbd://h:1/test/g/vm1/disk0"})
+    assert vm_environment(boot)["ZCORE_NBD_DISK0"] == "nbd://h:1/test/g/vm1/disk0"
+    with pytest.raises(AdapterError, match=r"past its 0\.2 s timeout"):
+        CommandAdapter("sleep 5", timeout=0.2).start(boot)
+    with pytest.raises(AdapterError, match="cannot run"):
+        CommandAdapter("/nonexistent/boot-vm").start(boot)
+    with pytest.raises(ConfigError, match="unknown hypervisor adapter 'vmware'; known: "
+                                          "command, none"):
+        make_adapter({"adapter": "vmware"})
+    with pytest.raises(ConfigError, match="needs `start_command`"):
+        make_adapter({"adapter": "command"})

@@ -163,6 +163,10 @@ def test_failover_test_serves_the_tag_on_scratch_while_replication_goes_on(
     running = status["running"]
     assert status["state"] == "testing"
     assert running["scratch_used_bytes"] == MiB and running["scratch_limit_bytes"] == 2 * MiB
+    vpg_status = ok(cb.get("/vpgs/g1/status"))
+    assert vpg_status["operation_state"] == "testing"
+    assert (vpg_status["scratch_used_bytes"], vpg_status["scratch_limit_bytes"]) == (
+        MiB, 2 * MiB)
     # the VPG's limit is summed over its overlays: 1 MiB more on vm2 passes it
     out = qemu_io(test2, "write -P 0x22 0 1536k", check=False)
     assert "No space left on device" in out, out
@@ -184,6 +188,7 @@ def test_failover_test_serves_the_tag_on_scratch_while_replication_goes_on(
     assert "failed" in gone or "not" in gone.lower(), gone
     status = ok(cb.get("/vpgs/g1/test"))
     assert status["state"] == "replicating" and status["running"] is None
+    assert ok(cb.get("/vpgs/g1/status"))["operation_state"] == "replicating"
     assert status["history"][0]["checkpoint_tag"] == "t1"
     events = ok(cb.get("/events", params={"vpg": "g1"}))["items"]
     results = [e for e in events if e["code"] == "test_result"]

@@ -294,7 +294,16 @@ class LiveSiteBackend(DbSiteBackend):
             sync_progress=None if s.sync is None
             else s.sync.done_bytes / max(1, s.sync.total_bytes),
             sync_eta_seconds=None if s.sync is None else s.sync.eta_seconds,
-            latest_checkpoint=s.newest_checkpoint)
+            latest_checkpoint=s.newest_checkpoint, **self._operation_status(record.name))
+
+    def _operation_status(self, name: str) -> dict[str, Any]:
+        ops = self.operations
+        if ops is None:
+            return {}
+        running = ops.tests.get(name)
+        return {"operation_state": str(ops.state(name)),
+                "scratch_used_bytes": None if running is None else running.test.used_bytes,
+                "scratch_limit_bytes": None if running is None else running.test.limit_bytes}
 
     # -- checkpoints -----------------------------------------------------------------------
 

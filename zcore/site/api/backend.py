@@ -96,6 +96,11 @@ class VpgStatus:
     sync_progress: float | None = None
     sync_eta_seconds: float | None = None
     latest_checkpoint: Checkpoint | None = None
+    # recovery site: the recovery operation state (zcore.recovery.states) and the scratch
+    # space of a running failover test (summed over its overlays)
+    operation_state: str | None = None
+    scratch_used_bytes: int | None = None
+    scratch_limit_bytes: int | None = None
 
 
 @dataclass(frozen=True)

@@ -54,8 +54,11 @@ class FrameStream:
         return self.ready.popleft()
 
     async def expect(self, ftype: int) -> dict[str, Any]:
-        """The next frame's control message, which must be of type `ftype`."""
+        """The next frame's control message, which must be of type `ftype` (heartbeats,
+        which the recovery site sends while an attach opens its journals, are skipped)."""
         f = await self.next()
+        while f.type == wire.HEARTBEAT and ftype != wire.HEARTBEAT:
+            f = await self.next()
         if f.type == wire.ERROR:
             raise ProtocolError(f"recovery site refused: {wire.parse_control(f)['reason']}")
         if f.type != ftype:

@@ -65,6 +65,7 @@ class LiveSiteBackend(DbSiteBackend):
                  runner: TaskRunner | None = None) -> None:
         super().__init__(db, runner)
         self.rt = runtime
+        self.operations: Any = None  # zcore.site.operations.RecoveryOperations
         runtime.attached = self._attached
 
     # -- sites and pairing -----------------------------------------------------------------
@@ -228,6 +229,11 @@ class LiveSiteBackend(DbSiteBackend):
         if receiver is not None and receiver.conn is not None and not receiver.conn.closed:
             raise StateError(f"VPG {name!r} is still replicating into this site: delete it "
                              f"at its protected site first")
+        if self.operations is not None:
+            op_state = self.operations.state(name)
+            if op_state != "replicating":
+                raise StateError(f"VPG {name!r} is {op_state}: stop its recovery operation "
+                                 f"before deleting it")
         await self._db(self.db.update_vpg, name, state=VpgState.DELETING)
 
         async def run(progress: Progress) -> None:
@@ -288,7 +294,16 @@ class LiveSiteBackend(DbSiteBackend):
             sync_progress=None if s.sync is None
             else s.sync.done_bytes / max(1, s.sync.total_bytes),
             sync_eta_seconds=None if s.sync is None else s.sync.eta_seconds,
-            latest_checkpoint=s.newest_checkpoint)
+            latest_checkpoint=s.newest_checkpoint, **self._operation_status(record.name))
+
+    def _operation_status(self, name: str) -> dict[str, Any]:
+        ops = self.operations
+        if ops is None:
+            return {}
+        running = ops.tests.get(name)
+        return {"operation_state": str(ops.state(name)),
+                "scratch_used_bytes": None if running is None else running.test.used_bytes,
+                "scratch_limit_bytes": None if running is None else running.test.limit_bytes}
 
     # -- checkpoints -----------------------------------------------------------------------
 

@@ -216,6 +216,7 @@ class SiteRuntime:
     async def open(self) -> list[str]:
         """Load the identity, open the received journals and the metric history; returns
         the recovery VPGs found on disk."""
+        self._loop = asyncio.get_running_loop()
         self.recovery = await asyncio.to_thread(LiveRecoverySite, self.site.root, self.name)
         self.recovery.on_attach = self._on_attach
         self.protected_site = await asyncio.to_thread(ProtectedSite, self.site.root, self.name)
@@ -350,6 +351,11 @@ class SiteRuntime:
         return rvpg
 
     def _on_attach(self, receiver: VPGReceiver, peer: Peer) -> None:
+        """Called by the attach, in its worker thread (RecoverySite.attach_async): the
+        rest runs on the service's loop."""
+        self._loop.call_soon_threadsafe(self._attached_on_loop, receiver, peer)
+
+    def _attached_on_loop(self, receiver: VPGReceiver, peer: Peer) -> None:
         self._add_recovery_vpg(receiver)
         if self.attached is not None:
             self.attached(receiver.name, peer)

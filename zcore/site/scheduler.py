@@ -9,7 +9,9 @@ samples) and the database (where alerts, events and VPG states go).  Jobs:
   library events as site events; RPO SLA alerts raised and cleared; history SLA alerts
   at the recovery site;
 - history retention of the recovery VPGs (zcore.site.retention), every minute;
-- the metric history's snapshot, at most once a minute.
+- the metric history's snapshot, at most once a minute;
+- the failover-test reminder of the recovery operations (zcore.site.operations), with
+  every sample.
 
 Every sample is taken in a worker thread (a VPG's status takes its lock, a journal's
 status reads its segment table); database writes go through worker threads too.
@@ -95,6 +97,7 @@ class Scheduler:
         self._refused: tuple[str, ...] = ()  # the recovery site's refusals seen so far
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self.operations: Any = None  # zcore.site.operations.RecoveryOperations
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -132,6 +135,8 @@ class Scheduler:
         refused = tuple(self.rt.recovery.refused) if self.rt.recovery is not None else ()
         fresh, self._refused = new_events(self._refused, refused), refused
         await asyncio.to_thread(self._record, samples, fresh)
+        if self.operations is not None:
+            await self.operations.remind_once()
 
     # -- in a worker thread --------------------------------------------------------------
 

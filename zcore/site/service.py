@@ -55,6 +55,7 @@ from zcore.site.config import (
 )
 from zcore.site.db import Severity, SiteDB, VpgRole, VpgState
 from zcore.site.live import LiveSiteBackend
+from zcore.site.operations import RecoveryOperations
 from zcore.site.prom import install_metrics
 from zcore.site.runtime import SiteRuntime
 from zcore.site.scheduler import Scheduler
@@ -157,6 +158,7 @@ class SiteService:
         self.backend: LiveSiteBackend | None = None
         self.scheduler: Scheduler | None = None
         self.runner: TaskRunner | None = None
+        self.operations: RecoveryOperations | None = None
         self.api: _Server | None = None
         self.stopping = asyncio.Event()
 
@@ -195,6 +197,8 @@ class SiteService:
         self.runner = TaskRunner(db)
         await self.runner.recover()
         self.backend = LiveSiteBackend(db, rt, self.runner)
+        self.operations = ops = RecoveryOperations(db, rt, self.runner)
+        self.backend.operations = ops
         api_sock = _bind(opts.api_host, opts.api_port)
         try:
             await rt.listen(opts.host, opts.replication_port, opts.nbd_port)
@@ -206,9 +210,11 @@ class SiteService:
                               f"{exc.strerror or exc} (--{which.lower()}-port picks another, "
                               "0 any free one)") from None
         await self.reconcile(found)
+        await ops.recover()
         self.scheduler = Scheduler(db, rt)
+        self.scheduler.operations = ops
         self.scheduler.start()
-        app = create_app(SiteContext(db, self.backend))
+        app = create_app(SiteContext(db, self.backend, ops))
         install_metrics(app, rt, self.scheduler)
         tls = not is_loopback(opts.api_host)
         identity = rt.recovery.identity
@@ -294,6 +300,8 @@ class SiteService:
             await self.scheduler.stop()
         if self.runner is not None:
             await self.runner.close()
+        if self.operations is not None:
+            await self.operations.close()
         if self.runtime is not None:
             await self.runtime.close()
         if self.db is not None:

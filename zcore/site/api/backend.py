@@ -96,6 +96,11 @@ class VpgStatus:
     sync_progress: float | None = None
     sync_eta_seconds: float | None = None
     latest_checkpoint: Checkpoint | None = None
+    # recovery site: the recovery operation state (zcore.recovery.states) and the scratch
+    # space of a running failover test (summed over its overlays)
+    operation_state: str | None = None
+    scratch_used_bytes: int | None = None
+    scratch_limit_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -185,9 +190,10 @@ class SiteBackend(Protocol):
 @dataclass
 class SiteContext:
     """What the service hands `create_app`: the database (tokens are checked and managed
-    by the API itself) and the backend (everything else)."""
+    by the API itself), the backend (everything else) and the recovery operations."""
 
     db: SiteDB
     backend: SiteBackend
+    operations: Any = None  # zcore.site.operations.RecoveryOperations (the service's)
     max_body_bytes: int = DEFAULT_BODY_LIMIT
     version: str = __version__

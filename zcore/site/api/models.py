@@ -214,6 +214,11 @@ class VpgStatus(Model):
     sync_progress: float | None = None
     sync_eta_seconds: float | None = None
     latest_checkpoint: Checkpoint | None = None
+    operation_state: str | None = Field(
+        default=None, description="recovery site: replicating, testing, failed_over, ...")
+    scratch_used_bytes: int | None = Field(
+        default=None, description="a running failover test's scratch use over its volumes")
+    scratch_limit_bytes: int | None = None
 
 
 # -- activity ----------------------------------------------------------------------------

@@ -1,15 +1,16 @@
 """Scratch overlays: writable point-in-time images over a journal view.
 
-Sits on the journal (zcore.journal), beside the NBD front-end that serves its overlays.
+Part of the recovery package (zcore.recovery); sits on the journal (zcore.journal), beside
+the NBD front-end that serves its overlays.
 A view (`Journal.view`) is a read-only image of a volume at a checkpoint.  A scratch
 overlay makes one volume of a view writable without touching what it overlays: the
 writes land in a sparse temporary file of its own, kept apart from the journal and the
 replica, and are discarded when the overlay closes.  It is what a failover test runs a
 recovered VM on, and what the NBD front-end serves as a writable point-in-time export.
 
-This module holds the overlay only.  The recovery operations built on it (failover
-test, failover with commit or rollback, move, reverse protection, failback) come with
-the site service, in later issues.
+This module holds the overlay and `ScratchBudget`, a byte budget several overlays share
+(a failover test bounds the scratch use of a whole VPG with one).  The operations built
+on the overlay live beside it in zcore.recovery.
 """
 
 from __future__ import annotations
@@ -38,6 +39,37 @@ SECTOR = records.SECTOR
 DEFAULT_SCRATCH_LIMIT = 16 << 30
 
 
+class ScratchBudget:
+    """A scratch-space budget shared by several overlays (thread-safe): every overlay
+    given it reserves the bytes a write newly stores before storing them, and a write
+    that would pass `limit_bytes` over all of them raises `ScratchLimitError`."""
+
+    def __init__(self, limit_bytes: int, name: str = "scratch budget") -> None:
+        if limit_bytes < 0:
+            raise ConfigError(f"scratch limit {limit_bytes} cannot be negative")
+        self.limit_bytes = int(limit_bytes)
+        self.name = name
+        self._used = 0
+        self._lock = threading.Lock()
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return self._used
+
+    def reserve(self, nbytes: int, what: str) -> None:
+        with self._lock:
+            if self._used + nbytes > self.limit_bytes:
+                raise ScratchLimitError(
+                    f"{self.name}: {what} would use {self._used + nbytes} bytes, over the "
+                    f"limit of {self.limit_bytes} ({self._used} in use)")
+            self._used += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self._used = max(0, self._used - nbytes)
+
+
 def _runs(bitmap: BitMap64, start: int, end: int) -> list[tuple[int, int]]:
     """Maximal runs [a, b) of set members of `bitmap` inside [start, end)."""
     sub = bitmap & BitMap64(range(start, end))
@@ -60,8 +92,10 @@ class ScratchOverlay:
     are only ever read.
 
     `limit_bytes` bounds the scratch file's disk use (sectors it ever stored); a write
-    that would pass it raises `ScratchLimitError` and changes nothing.  Zeroing and
-    trimming cost no scratch space.  Thread-safe.
+    that would pass it raises `ScratchLimitError` and changes nothing.  A shared
+    `budget` (ScratchBudget) bounds the sum over every overlay given it the same way;
+    the overlay gives its bytes back on `discard` and `close`.  Zeroing and trimming cost
+    no scratch space.  Thread-safe.
     """
 
     readonly = False
@@ -74,8 +108,10 @@ class ScratchOverlay:
         limit_bytes: int | None = None,
         directory: str | os.PathLike[str] | None = None,
         owns_view: bool = False,
+        budget: ScratchBudget | None = None,
     ) -> None:
         self.view = view
+        self.budget = budget
         self.volume = volume
         self.size = view.size(volume)
         if limit_bytes is None:
@@ -195,7 +231,15 @@ class ScratchOverlay:
                     f"{offset} would use {(len(self._used) + new) * SECTOR} bytes, over its "
                     f"limit of {self.limit_bytes}"
                 )
-            pwrite_all(self._fd, data, offset)
+            if new and self.budget is not None:
+                self.budget.reserve(new * SECTOR, f"writing {length} bytes at {offset} to "
+                                    f"volume {self.volume!r}")
+            try:
+                pwrite_all(self._fd, data, offset)
+            except BaseException:
+                if new and self.budget is not None:
+                    self.budget.release(new * SECTOR)
+                raise
             self._written.add_range(s0, s1)
             self._used.add_range(s0, s1)
             self._zeroed.remove_range(s0, s1)
@@ -227,11 +271,16 @@ class ScratchOverlay:
         with self._lock:
             if self._closed:
                 raise ClosedError("scratch overlay is closed")
+            self._release()
             self._written.clear()
             self._zeroed.clear()
             self._used.clear()
             os.ftruncate(self._fd, 0)
             os.ftruncate(self._fd, self.size)
+
+    def _release(self) -> None:
+        if self.budget is not None:
+            self.budget.release(len(self._used) * SECTOR)
 
     def close(self) -> None:
         """Discard the overlay's writes (the scratch file goes) and close an owned view."""
@@ -239,6 +288,7 @@ class ScratchOverlay:
             if self._closed:
                 return
             self._closed = True
+            self._release()
             self._file.close()
             self._written.clear()
             self._zeroed.clear()

@@ -1,0 +1,74 @@
+"""Recovery: scratch overlays and the recovery operations built on them (issue 11).
+
+The public facade: import from `zcore.recovery`.  Modules, bottom up:
+- `scratch`: ScratchOverlay (a writable overlay on a view, discarded on close) and
+  ScratchBudget (one scratch limit shared by several overlays);
+- `states`: the VPG's operation states at the recovery site and THE table of which
+  operation each state allows (every operation adds its rows there);
+- `choice`: CheckpointChoice, the checkpoint an operation recovers to (latest, latest
+  tagged, latest consistent, by id, by tag, the last before a time);
+- `adapter_port`: the hypervisor-adapter interface operations call (`none`, `command`);
+- `test_op`: the failover test (overlays at a checkpoint, exports, the verdict record).
+
+The site service runs these as tasks (zcore.site.operations); failover with commit and
+rollback, move, reverse protection and failback add their modules beside these.
+"""
+
+from __future__ import annotations
+
+from zcore.recovery.adapter_port import (
+    AdapterError,
+    CommandAdapter,
+    HypervisorAdapter,
+    NoneAdapter,
+    VmBoot,
+    make_adapter,
+    register_adapter,
+)
+from zcore.recovery.choice import CheckpointChoice, ChoiceKind, parse_time
+from zcore.recovery.scratch import DEFAULT_SCRATCH_LIMIT, SECTOR, ScratchBudget, ScratchOverlay
+from zcore.recovery.states import (
+    Operation,
+    OperationState,
+    OperationStates,
+    Transition,
+    allowed,
+    refusal,
+)
+from zcore.recovery.test_op import (
+    DEFAULT_TEST_SCRATCH_BYTES,
+    FailoverTest,
+    TestRecord,
+    TestResult,
+    failover_test_export,
+    tested_label,
+)
+
+__all__ = [
+    "DEFAULT_SCRATCH_LIMIT",
+    "DEFAULT_TEST_SCRATCH_BYTES",
+    "SECTOR",
+    "AdapterError",
+    "CheckpointChoice",
+    "ChoiceKind",
+    "CommandAdapter",
+    "FailoverTest",
+    "HypervisorAdapter",
+    "NoneAdapter",
+    "Operation",
+    "OperationState",
+    "OperationStates",
+    "ScratchBudget",
+    "ScratchOverlay",
+    "TestRecord",
+    "TestResult",
+    "Transition",
+    "VmBoot",
+    "allowed",
+    "failover_test_export",
+    "make_adapter",
+    "parse_time",
+    "refusal",
+    "register_adapter",
+    "tested_label",
+]

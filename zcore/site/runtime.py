@@ -351,8 +351,9 @@ class SiteRuntime:
         return rvpg
 
     def _on_attach(self, receiver: VPGReceiver, peer: Peer) -> None:
-        """Called by the attach, in its worker thread (RecoverySite.attach_async): the
-        rest runs on the service's loop."""
+        """Called when an attach has opened its journals (LiveRecoverySite.attach_async,
+        on the loop); the rest is scheduled on the service's loop from whatever thread
+        calls, so the hook stays safe if the library ever calls it from a worker."""
         self._loop.call_soon_threadsafe(self._attached_on_loop, receiver, peer)
 
     def _attached_on_loop(self, receiver: VPGReceiver, peer: Peer) -> None:

@@ -578,13 +578,15 @@ def test_site_pair_refusals(site: Site, peer: Site) -> None:
     assert "refused the API token" in result.stderr
 
 
-def test_python_m_zcore_cli_runs_a_command(site: Site) -> None:
+def test_python_m_zcore_cli_runs_a_command(site: Site, tmp_path: Path) -> None:
     import subprocess
     import sys
 
     env = {**os.environ, "ZCORE_SITE": site.url, "ZCORE_TOKEN": site.token}
+    # run outside the source tree: `-m` puts the working directory first on sys.path
     done = subprocess.run([sys.executable, "-m", "zcore.cli", "vpg", "list", "--json"],
-                          capture_output=True, text=True, env=env, timeout=60, check=False)
+                          capture_output=True, text=True, env=env, timeout=60, check=False,
+                          cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == site.api("GET", "/vpgs")
 

@@ -10,12 +10,12 @@ import os
 import random
 import struct
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.cli import zcore_cmd
 from helpers.journal import abandon
 
 from zcore._native import record as _rec
@@ -183,7 +183,7 @@ def test_journal_check_reports_a_flipped_record_bit(tmp_path: Path) -> None:
     j = _sealed_journal(path)
     seg, min_seq = _first_sealed(j)
     j.close()
-    cmd = [sys.executable, "-m", "zcore.cli", "journal", "check", str(path), "--json"]
+    cmd = zcore_cmd("journal", "check", str(path), "--json")
     clean = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert clean.returncode == 0, clean.stderr
     assert json.loads(clean.stdout)["clean"] is True
@@ -199,7 +199,7 @@ def test_journal_check_reports_a_flipped_record_bit(tmp_path: Path) -> None:
 
 
 def test_journal_check_refuses_a_held_journal_and_a_non_journal(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "zcore.cli", "journal", "check"]
+    cmd = zcore_cmd("journal", "check")
     with _sealed_journal(tmp_path / "j"):
         held = subprocess.run([*cmd, str(tmp_path / "j")], capture_output=True, text=True,
                               timeout=120)

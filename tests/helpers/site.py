@@ -9,7 +9,6 @@ import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,13 +16,10 @@ from typing import Any
 
 import httpx
 
+from helpers.cli import zcore_cmd
 from zcore.site.config import SiteDir, read_client
 
 START_TIMEOUT = 30.0
-
-
-def zcore_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "zcore.cli", *args]
 
 
 def init_site_dir(path: Path, name: str) -> str:

@@ -14,13 +14,13 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import site as site_helpers
+from helpers.cli import zcore_cmd
 from helpers.site import SiteProcess, wait_for
 
 MiB = 1 << 20
@@ -32,10 +32,9 @@ pytestmark = pytest.mark.skipif(
 
 
 def zcore_exe() -> list[str]:
-    """The `zcore` console script of this interpreter's environment (what the README's
-    `pip install .` puts on PATH), else the module."""
-    script = Path(sys.executable).parent / "zcore"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "zcore.cli"]
+    """The `zcore` console script of this environment (what the README's `pip install .`
+    puts on PATH)."""
+    return zcore_cmd()
 
 
 class Shell:

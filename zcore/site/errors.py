@@ -99,6 +99,7 @@ ERROR_CODES: dict[type[BaseException], str] = {
     zerr.OutOfMemoryError: "out_of_memory",
     zerr.ProtocolError: "protocol_error",
     zerr.FormatVersionError: "format_version",
+    zerr.DamagedRecordError: "damaged_record",
     zerr.ReplicaChecksumError: "replica_checksum_mismatch",
     zerr.ChecksumError: "checksum_mismatch",
     zerr.TruncatedRecordError: "truncated_record",

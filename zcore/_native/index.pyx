@@ -98,7 +98,7 @@ cdef class ExtentIndex:
         if self._sum_refs is None:
             self._sum_refs = {}
         if volume >= self.nsums:
-            newn = max(16, 2 * self.nsums, <size_t>volume + 1)
+            newn = max(<size_t>16, 2 * self.nsums, <size_t>volume + 1)
             p = <replica_sums *>realloc(self.rsums, newn * sizeof(replica_sums))
             if p == NULL:
                 raise OutOfMemoryError("growing the replica sums table")

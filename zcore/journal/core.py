@@ -31,6 +31,7 @@ from zcore.fsutil import pwrite_all
 from zcore.journal import indexfile, segments
 from zcore.journal.catalogue import CatalogueMixin
 from zcore.journal.committer import CommitterMixin
+from zcore.journal.discard import DiscardMixin
 from zcore.journal.loader import LoaderMixin
 from zcore.journal.meta import (
     META_FORMAT,
@@ -56,7 +57,8 @@ from zcore.journal.settings import (
 from zcore.records import Checkpoint
 
 
-class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, RetentionMixin):
+class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, RetentionMixin,
+              DiscardMixin):
     """One VM's journal.  Thread-safe; one process opens it at a time (flock)."""
 
     def __init__(self, path: Path, meta: dict[str, Any], lock_fd: int) -> None:

@@ -44,7 +44,7 @@ from pyroaring import BitMap64
 from zcore import records
 from zcore._native import record as _rec
 from zcore.bitmap import id_runs
-from zcore.errors import ClosedError
+from zcore.errors import ClosedError, ConfigError, StateError
 from zcore.fsutil import atomic_write, fsync_dir, preadinto_upto, pwrite_all, write_all
 from zcore.journal import View
 
@@ -83,15 +83,21 @@ def _runs(bitmap: BitMap64, start: int, end: int) -> list[tuple[int, int]]:
 class DurableOverlay:
     """A read-write volume: `view`'s volume `volume` under the durable overlay kept in
     `directory` (created, or reopened with its flushed writes).  Thread-safe; `flush` may
-    run in a worker thread concurrently with reads and writes."""
+    run in a worker thread concurrently with reads and writes.  With no view (and the
+    volume's `size`) it only folds: reads of what it did not write are refused."""
 
     readonly = False
 
-    def __init__(self, view: View, volume: int | str, directory: str | os.PathLike[str], *,
-                 owns_view: bool = False) -> None:
+    def __init__(self, view: View | None, volume: int | str,
+                 directory: str | os.PathLike[str], *, owns_view: bool = False,
+                 size: int | None = None) -> None:
         self.view = view
         self.volume = volume
-        self.size = int(view.size(volume))
+        if view is not None:
+            size = int(view.size(volume))
+        elif size is None:
+            raise ConfigError("an overlay without a view (to fold it) needs its size")
+        self.size = size
         self.directory = Path(directory)
         self._owns_view = owns_view
         self._lock = threading.Lock()  # the maps and the pending list
@@ -154,6 +160,8 @@ class DurableOverlay:
 
     @property
     def checkpoint(self) -> records.Checkpoint:
+        if self.view is None:
+            raise StateError("an overlay opened without its view has no checkpoint")
         return self.view.checkpoint
 
     @property
@@ -191,6 +199,9 @@ class DurableOverlay:
             in_file = self._written.range_cardinality(s0, s1)
             zeroed = self._zeroed.range_cardinality(s0, s1)
             if in_file + zeroed < s1 - s0:
+                if self.view is None:
+                    raise StateError("an overlay opened without its view reads only what "
+                                     "it wrote")
                 self.view.read_into(self.volume, offset, out)
             for a, b in _runs(self._written, s0, s1):
                 self._pread(out[(a - s0) * SECTOR : (b - s0) * SECTOR], a * SECTOR)
@@ -284,7 +295,7 @@ class DurableOverlay:
             self._closed = True
             os.close(self._data_fd)
             os.close(self._log_fd)
-        if self._owns_view:
+        if self._owns_view and self.view is not None:
             self.view.close()
 
     def __enter__(self) -> DurableOverlay:

@@ -127,9 +127,9 @@ def test_commit_interrupted_after_the_discard_is_redone_at_resume(tmp_path):
 
 
 def test_state_table_refuses_with_the_reason_and_what_is_allowed():
-    with pytest.raises(StateError, match="no failover under way.*allowed: failover start"):
+    with pytest.raises(StateError, match=r"no failover under way.*allowed: failover start"):
         check_allowed("v", None, FailoverOp.COMMIT)
-    with pytest.raises(StateError, match="is promoting.*failover commit, failover rollback"):
+    with pytest.raises(StateError, match=r"is promoting.*failover commit, failover rollback"):
         check_allowed("v", FailoverState.PROMOTING, FailoverOp.START)
     with pytest.raises(Exception, match="commit_after_minutes"):
         FailoverPlan(1, CommitPolicy.COMMIT).check()

@@ -43,6 +43,7 @@ from zcore.site.db import (
     VpgState,
 )
 from zcore.site.errors import AlreadyExistsError
+from zcore.site.failover_ops import FailoverOps
 from zcore.site.metrics import Series
 from zcore.site.runtime import SiteRuntime, vpg_settings
 from zcore.site.tasks import Progress, TaskRunner
@@ -66,6 +67,7 @@ class LiveSiteBackend(DbSiteBackend):
         super().__init__(db, runner)
         self.rt = runtime
         runtime.attached = self._attached
+        self.failovers = FailoverOps(db, runtime, self.runner)
 
     # -- sites and pairing -----------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zcore.errors import ConfigError, StateError, ZcoreError
+from zcore.errors import ConfigError, ProtocolError, StateError, ZcoreError
 from zcore.journal import Journal, JournalSettings
 from zcore.nbd import Export, NBDServer, view_export, volume_export
 from zcore.replication import ProtectedSite, RecoverySite, Replication, VPGReceiver
@@ -102,8 +102,13 @@ class LiveRecoverySite(RecoverySite):
     """The recovery site, telling the service when a VPG attaches."""
 
     on_attach: Callable[[VPGReceiver, Peer], None] | None = None
+    # VPG -> why its ATTACH is refused (a live failover: zcore.site.failover_ops)
+    failed_over: dict[str, str]
 
     def attach(self, peer: Peer, msg: dict[str, Any]) -> VPGReceiver:
+        why = getattr(self, "failed_over", {}).get(str(msg.get("vpg")))
+        if why is not None:
+            raise ProtocolError(why)
         receiver = super().attach(peer, msg)
         if self.on_attach is not None:
             self.on_attach(receiver, peer)
@@ -197,6 +202,7 @@ class SiteRuntime:
         the recovery VPGs found on disk."""
         self.recovery = await asyncio.to_thread(LiveRecoverySite, self.site.root, self.name)
         self.recovery.on_attach = self._on_attach
+        self.recovery.failed_over = {}
         self.protected_site = await asyncio.to_thread(ProtectedSite, self.site.root, self.name)
         self.site.protected_dir.mkdir(exist_ok=True)
         found = await asyncio.to_thread(self.recovery.preload)

@@ -195,6 +195,7 @@ class SiteService:
         api_sock = _bind(opts.api_host, opts.api_port)
         await rt.listen(opts.host, opts.replication_port, opts.nbd_port)
         await self.reconcile(found)
+        await self.backend.failovers.restore()  # before retention rounds can run
         self.scheduler = Scheduler(db, rt)
         self.scheduler.start()
         app = create_app(SiteContext(db, self.backend))
@@ -283,6 +284,8 @@ class SiteService:
             await self.scheduler.stop()
         if self.runner is not None:
             await self.runner.close()
+        if self.backend is not None:
+            await self.backend.failovers.close()
         if self.runtime is not None:
             await self.runtime.close()
         if self.db is not None:

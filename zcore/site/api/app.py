@@ -14,7 +14,13 @@ from fastapi import FastAPI
 from zcore.site.api.auth import PREFIX, Gate
 from zcore.site.api.backend import SiteContext
 from zcore.site.api.errors import install_error_handlers
-from zcore.site.api.routes import activity_router, health_router, inventory_router, vpg_router
+from zcore.site.api.routes import (
+    activity_router,
+    failover_router,
+    health_router,
+    inventory_router,
+    vpg_router,
+)
 
 DESCRIPTION = """The REST API of a zcore site service.
 
@@ -39,6 +45,7 @@ def create_app(ctx: SiteContext) -> FastAPI:
         health_router(ctx),
         inventory_router(ctx),
         vpg_router(ctx),
+        failover_router(ctx),
         activity_router(ctx),
     ):
         app.include_router(router, prefix=PREFIX)

@@ -3,7 +3,9 @@ VMs, volumes), vpgs (VPGs, checkpoints, status) and activity (events, alerts, ta
 metric history, API tokens).  Each module builds its router for one SiteContext."""
 
 from zcore.site.api.routes.activity import activity_router, health_router
+from zcore.site.api.routes.failover import failover_router
 from zcore.site.api.routes.inventory import inventory_router
 from zcore.site.api.routes.vpgs import vpg_router
 
-__all__ = ["activity_router", "health_router", "inventory_router", "vpg_router"]
+__all__ = ["activity_router", "failover_router", "health_router", "inventory_router",
+           "vpg_router"]

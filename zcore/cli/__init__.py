@@ -17,6 +17,7 @@ import click
 from zcore.cli.activity_cmd import alerts, events, tasks
 from zcore.cli.checkpoint_cmd import checkpoint
 from zcore.cli.demo_cmd import demo
+from zcore.cli.failover_cmd import failover
 from zcore.cli.nbd_cmd import nbd
 from zcore.cli.site_client_cmd import add_client_commands
 from zcore.cli.site_cmd import site
@@ -33,7 +34,7 @@ def main() -> None:
 main.add_command(demo)
 main.add_command(nbd)
 add_client_commands(site)  # site status|pair|pairing-token, beside site init|serve
-for _group in (site, vm, vpg, checkpoint, events, alerts, tasks):
+for _group in (site, vm, vpg, checkpoint, failover, events, alerts, tasks):
     main.add_command(_group)
 
 __all__ = ["main"]

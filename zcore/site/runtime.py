@@ -49,6 +49,13 @@ VIEW_NAME = re.compile(r"^(?P<vpg>[^/@]+)/(?P<vm>[^/@]+)/(?P<volume>[^/@]+)@(?P<
 SERVICE_BUFFER_BYTES = 64 << 20
 
 
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
 def export_name(vpg: str, vm: str, volume: str) -> str:
     return f"{vpg}/{vm}/{volume}"
 
@@ -194,12 +201,14 @@ class SiteRuntime:
         self.attached: Callable[[str, Peer], None] | None = None
         self.replication_address: tuple[str, int] | None = None
         self.nbd_address: tuple[str, int] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- start and stop ------------------------------------------------------------------
 
     async def open(self) -> list[str]:
         """Load the identity, open the received journals and the metric history; returns
         the recovery VPGs found on disk."""
+        self._loop = asyncio.get_running_loop()
         self.recovery = await asyncio.to_thread(LiveRecoverySite, self.site.root, self.name)
         self.recovery.on_attach = self._on_attach
         self.recovery.failed_over = {}
@@ -335,6 +344,12 @@ class SiteRuntime:
         return rvpg
 
     def _on_attach(self, receiver: VPGReceiver, peer: Peer) -> None:
+        """Called by `RecoverySite.attach`, which runs in a worker thread (attach_async):
+        the rest happens on the loop."""
+        loop = self._loop
+        if loop is not None and not _on_loop(loop):
+            loop.call_soon_threadsafe(self._on_attach, receiver, peer)
+            return
         self._add_recovery_vpg(receiver)
         if self.attached is not None:
             self.attached(receiver.name, peer)

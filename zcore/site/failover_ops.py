@@ -187,6 +187,7 @@ class FailoverOps:
             await progress(0.0, f"committing VPG {name}: finishing promotion")
             self._unexport(name)
             await asyncio.to_thread(fo.commit, self.on_commit)
+            self.rt.reload_recovery_vpg(name)  # its cached checkpoints are gone
             self._export(fo)
             await self._event("failover_committed",
                               f"VPG {name} committed at checkpoint {fo.plan.checkpoint_id}: "

@@ -211,7 +211,13 @@ class SiteRuntime:
         self._loop = asyncio.get_running_loop()
         self.recovery = await asyncio.to_thread(LiveRecoverySite, self.site.root, self.name)
         self.recovery.on_attach = self._on_attach
-        self.recovery.failed_over = {}
+        # failovers a previous process left refuse their ATTACH from the first moment
+        # (zcore.site.failover_ops resumes them after the listeners are up)
+        failovers = self.site.root / "failover"
+        self.recovery.failed_over = {
+            p.name: f"VPG {p.name} is failed over at its recovery site"
+            for p in (failovers.iterdir() if failovers.is_dir() else ())
+            if (p / "failover.json").exists()}
         self.protected_site = await asyncio.to_thread(ProtectedSite, self.site.root, self.name)
         self.site.protected_dir.mkdir(exist_ok=True)
         found = await asyncio.to_thread(self.recovery.preload)
@@ -342,6 +348,16 @@ class SiteRuntime:
                                refresh_interval=1.0)
             self.recovery_vpgs[receiver.name] = rvpg
         return rvpg
+
+    def reload_recovery_vpg(self, name: str) -> None:
+        """Forget a recovery VPG's checkpoint catalogue and build it again from its
+        journals (after a committed failover dropped their history)."""
+        old = self.recovery_vpgs.pop(name, None)
+        if old is not None:
+            old.close()
+        receiver = self.receiver(name)
+        if receiver is not None:
+            self._add_recovery_vpg(receiver)
 
     def _on_attach(self, receiver: VPGReceiver, peer: Peer) -> None:
         """Called by `RecoverySite.attach`, which runs in a worker thread (attach_async):

@@ -88,6 +88,15 @@ def test_failover_commit_rollback_and_a_recovery_site_crash_through_the_api(
     assert refused.status_code == 409 and "no failover under way" in refused.text
     assert ca.post("/vpgs/g1/failover", json={}).status_code == 409  # the protected side
 
+    # a rollback policy of 0 minutes acts at once
+    ok(cb.post("/vpgs/g1/failover", json={"checkpoint": t1, "commit_policy": "rollback",
+                                          "commit_after_minutes": 0}), 202)
+    wait_for("the automatic rollback",
+             lambda: ok(cb.get("/vpgs/g1/failover"))["state"] is None and "rolled back" in
+             str(ok(cb.get("/events", params={"vpg": "g1"}))), timeout=30)
+    bad = cb.post("/vpgs/g1/failover", json={"commit_policy": "commit"})
+    assert bad.status_code == 422 and "commit_after_minutes" in bad.text, bad.text
+
     task = ok(cb.post("/vpgs/g1/failover", json={"checkpoint": t1}), 202)
     again = cb.post("/vpgs/g1/failover", json={"checkpoint": t1})
     assert again.status_code == 409, again.text

@@ -18,6 +18,7 @@ import click
 from zcore.cli.activity_cmd import alerts, events, tasks
 from zcore.cli.checkpoint_cmd import checkpoint
 from zcore.cli.demo_cmd import demo
+from zcore.cli.failover_cmd import failover
 from zcore.cli.journal_cmd import journal
 from zcore.cli.nbd_cmd import nbd
 from zcore.cli.site_client_cmd import add_client_commands
@@ -37,7 +38,7 @@ main.add_command(demo)
 main.add_command(journal)
 main.add_command(nbd)
 add_client_commands(site)  # site status|pair|pairing-token, beside site init|serve
-for _group in (site, vm, vpg, checkpoint, test, events, alerts, tasks):
+for _group in (site, vm, vpg, checkpoint, test, failover, events, alerts, tasks):
     main.add_command(_group)
 
 __all__ = ["main"]

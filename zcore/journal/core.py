@@ -32,6 +32,7 @@ from zcore.journal import indexfile, segments
 from zcore.journal.catalogue import CatalogueMixin
 from zcore.journal.committer import CommitterMixin
 from zcore.journal.damage import inexact
+from zcore.journal.discard import DiscardMixin
 from zcore.journal.loader import LoaderMixin
 from zcore.journal.manifest import ManifestMixin, write_new_manifest
 from zcore.journal.meta import (
@@ -61,7 +62,7 @@ from zcore.records import Checkpoint
 
 
 class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, RetentionMixin,
-              ManifestMixin, ScrubMixin):
+              ManifestMixin, ScrubMixin, DiscardMixin):
     """One VM's journal.  Thread-safe; one process opens it at a time (flock)."""
 
     def __init__(self, path: Path, meta: dict[str, Any], lock_fd: int) -> None:

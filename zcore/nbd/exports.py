@@ -7,6 +7,8 @@ and `Export` (a named backend) with the constructors the CLI and library use.
 - `scratch_export`: the same view under a `zcore.recovery.ScratchOverlay` (writable, the
   writes kept apart from the journal and the replica and discarded on close: the basis
   of failover test);
+- `overlay_export`: a view under a `zcore.recovery.DurableOverlay` (writable, the writes
+  kept durably beside it, FLUSH and FUA honoured: a live failover's recovered volume);
 - `file_export`: a plain file, for tools and tests.
 
 Anything with the small `Backend` interface can be served.
@@ -155,6 +157,7 @@ class ExportKind(StrEnum):
     VOLUME = "volume"
     VIEW = "view"
     SCRATCH = "scratch"
+    OVERLAY = "overlay"
     FILE = "file"
 
 
@@ -194,7 +197,8 @@ class Export:
         """FLUSH and FUA run the backend's `flush` in a worker thread (it may block for
         long: an fdatasync), concurrently with other connections' requests; views and
         scratch overlays have nothing to make durable and flush inline."""
-        return not self.readonly and self.kind in (ExportKind.VOLUME, ExportKind.FILE)
+        return not self.readonly and self.kind in (ExportKind.VOLUME, ExportKind.FILE,
+                                                   ExportKind.OVERLAY)
 
     @property
     def can_trim(self) -> bool:
@@ -249,6 +253,14 @@ def scratch_export(journal: Journal, checkpoint: Any, volume: int | str,
     except BaseException:
         overlay.close()
         raise
+
+
+def overlay_export(overlay: Any, name: str, *, owned: bool = True) -> Export:
+    """A `zcore.recovery.DurableOverlay` served read-write: FLUSH and FUA make its writes
+    durable (in a worker thread).  Closing the export closes the overlay when `owned`."""
+    ckpt = overlay.checkpoint
+    return Export(name, overlay, f"durable overlay on volume {overlay.volume} at checkpoint "
+                  f"{ckpt.id}", owned=owned, kind=ExportKind.OVERLAY)
 
 
 def _volume_spec(journal: Journal, volume: int | str) -> Any:

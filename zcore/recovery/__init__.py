@@ -8,10 +8,13 @@ The public facade: import from `zcore.recovery`.  Modules, bottom up:
 - `choice`: CheckpointChoice, the checkpoint an operation recovers to (latest, latest
   tagged, latest consistent, by id, by tag, the last before a time);
 - `adapter_port`: the hypervisor-adapter interface operations call (`none`, `command`);
-- `test_op`: the failover test (overlays at a checkpoint, exports, the verdict record).
+- `test_op`: the failover test (overlays at a checkpoint, exports, the verdict record);
+- `overlay`: DurableOverlay, the crash-safe overlay a live failover runs production on;
+- `failover`: the live failover operation: start, commit, rollback (its own state table
+  for now, beside `states`).
 
-The site service runs these as tasks (zcore.site.operations); failover with commit and
-rollback, move, reverse protection and failback add their modules beside these.
+The site service runs these as tasks (zcore.site.operations, zcore.site.failover_ops);
+move, reverse protection and failback add their modules beside these.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from zcore.recovery.adapter_port import (
     register_adapter,
 )
 from zcore.recovery.choice import CheckpointChoice, ChoiceKind, parse_time
+from zcore.recovery.overlay import DurableOverlay, remove_overlay
 from zcore.recovery.scratch import DEFAULT_SCRATCH_LIMIT, SECTOR, ScratchBudget, ScratchOverlay
 from zcore.recovery.states import (
     Operation,
@@ -52,6 +56,7 @@ __all__ = [
     "CheckpointChoice",
     "ChoiceKind",
     "CommandAdapter",
+    "DurableOverlay",
     "FailoverTest",
     "HypervisorAdapter",
     "NoneAdapter",
@@ -70,5 +75,6 @@ __all__ = [
     "parse_time",
     "refusal",
     "register_adapter",
+    "remove_overlay",
     "tested_label",
 ]

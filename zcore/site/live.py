@@ -43,6 +43,7 @@ from zcore.site.db import (
     VpgState,
 )
 from zcore.site.errors import AlreadyExistsError
+from zcore.site.failover_ops import FailoverOps
 from zcore.site.metrics import Series
 from zcore.site.runtime import SiteRuntime, vpg_settings
 from zcore.site.tasks import Progress, TaskRunner
@@ -67,6 +68,7 @@ class LiveSiteBackend(DbSiteBackend):
         self.rt = runtime
         self.operations: Any = None  # zcore.site.operations.RecoveryOperations
         runtime.attached = self._attached
+        self.failovers = FailoverOps(db, runtime, self.runner)
 
     # -- sites and pairing -----------------------------------------------------------------
 

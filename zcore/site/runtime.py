@@ -28,7 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zcore.errors import CheckpointNotFoundError, ConfigError, StateError, ZcoreError
+from zcore.errors import (
+    CheckpointNotFoundError,
+    ConfigError,
+    ProtocolError,
+    StateError,
+    ZcoreError,
+)
 from zcore.journal import Journal, JournalSettings
 from zcore.nbd import Export, NBDServer, view_export, volume_export
 from zcore.records import Checkpoint
@@ -51,6 +57,13 @@ VIEW_NAME = re.compile(r"^(?P<vpg>[^/@]+)/(?P<vm>[^/@]+)/(?P<volume>[^/@]+)"
 # holds many VPGs, and a link outage past this many unacknowledged bytes falls back to the
 # dirty bitmaps anyway.
 SERVICE_BUFFER_BYTES = 64 << 20
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 def export_name(vpg: str, vm: str, volume: str) -> str:
@@ -106,11 +119,17 @@ class LiveRecoverySite(RecoverySite):
     """The recovery site, telling the service when a VPG attaches."""
 
     on_attach: Callable[[VPGReceiver, Peer], None] | None = None
+    # VPG -> why its ATTACH is refused (a live failover: zcore.site.failover_ops)
+    failed_over: dict[str, str]
 
     async def attach_async(self, peer: Peer, msg: dict[str, Any]) -> VPGReceiver:
         """The journals open in a worker thread (RecoverySite.attach_async); the service
         hears of the VPG here, back on the loop (its hook schedules database work there:
-        called from the worker thread it found no running loop and every attach failed)."""
+        called from the worker thread it found no running loop and every attach failed).
+        A VPG failed over at this site is refused before anything opens."""
+        why = getattr(self, "failed_over", {}).get(str(msg.get("vpg")))
+        if why is not None:
+            raise ProtocolError(why)
         receiver = await super().attach_async(peer, msg)
         if self.on_attach is not None:
             self.on_attach(receiver, peer)
@@ -210,6 +229,7 @@ class SiteRuntime:
         self.attached: Callable[[str, Peer], None] | None = None
         self.replication_address: tuple[str, int] | None = None
         self.nbd_address: tuple[str, int] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- start and stop ------------------------------------------------------------------
 
@@ -219,6 +239,13 @@ class SiteRuntime:
         self._loop = asyncio.get_running_loop()
         self.recovery = await asyncio.to_thread(LiveRecoverySite, self.site.root, self.name)
         self.recovery.on_attach = self._on_attach
+        # failovers a previous process left refuse their ATTACH from the first moment
+        # (zcore.site.failover_ops resumes them after the listeners are up)
+        failovers = self.site.root / "failover"
+        self.recovery.failed_over = {
+            p.name: f"VPG {p.name} is failed over at its recovery site"
+            for p in (failovers.iterdir() if failovers.is_dir() else ())
+            if (p / "failover.json").exists()}
         self.protected_site = await asyncio.to_thread(ProtectedSite, self.site.root, self.name)
         self.site.protected_dir.mkdir(exist_ok=True)
         found = await asyncio.to_thread(self.recovery.preload)
@@ -350,13 +377,23 @@ class SiteRuntime:
             self.recovery_vpgs[receiver.name] = rvpg
         return rvpg
 
+    def reload_recovery_vpg(self, name: str) -> None:
+        """Forget a recovery VPG's checkpoint catalogue and build it again from its
+        journals (after a committed failover dropped their history)."""
+        old = self.recovery_vpgs.pop(name, None)
+        if old is not None:
+            old.close()
+        receiver = self.receiver(name)
+        if receiver is not None:
+            self._add_recovery_vpg(receiver)
+
     def _on_attach(self, receiver: VPGReceiver, peer: Peer) -> None:
         """Called when an attach has opened its journals (LiveRecoverySite.attach_async,
-        on the loop); the rest is scheduled on the service's loop from whatever thread
-        calls, so the hook stays safe if the library ever calls it from a worker."""
-        self._loop.call_soon_threadsafe(self._attached_on_loop, receiver, peer)
-
-    def _attached_on_loop(self, receiver: VPGReceiver, peer: Peer) -> None:
+        on the loop); from any other thread it hops to the loop first."""
+        loop = self._loop
+        if loop is not None and not _on_loop(loop):
+            loop.call_soon_threadsafe(self._on_attach, receiver, peer)
+            return
         self._add_recovery_vpg(receiver)
         if self.attached is not None:
             self.attached(receiver.name, peer)

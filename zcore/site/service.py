@@ -211,6 +211,7 @@ class SiteService:
                               "0 any free one)") from None
         await self.reconcile(found)
         await ops.recover()
+        await self.backend.failovers.restore()  # before retention rounds can run
         self.scheduler = Scheduler(db, rt)
         self.scheduler.operations = ops
         self.scheduler.start()
@@ -302,6 +303,8 @@ class SiteService:
             await self.runner.close()
         if self.operations is not None:
             await self.operations.close()
+        if self.backend is not None:
+            await self.backend.failovers.close()
         if self.runtime is not None:
             await self.runtime.close()
         if self.db is not None:

@@ -16,6 +16,7 @@ from zcore.site.api.backend import SiteContext
 from zcore.site.api.errors import install_error_handlers
 from zcore.site.api.routes import (
     activity_router,
+    failover_router,
     health_router,
     inventory_router,
     operations_router,
@@ -46,6 +47,7 @@ def create_app(ctx: SiteContext) -> FastAPI:
         inventory_router(ctx),
         vpg_router(ctx),
         operations_router(ctx),
+        failover_router(ctx),
         activity_router(ctx),
     ):
         app.include_router(router, prefix=PREFIX)

@@ -1,0 +1,151 @@
+"""Live failover through the REST API of two real site services: fail over to a tagged
+checkpoint, read and write the recovered volume over NBD, kill -9 of the recovery site
+(flushed writes kept), rollback (history kept, a second failover to a later checkpoint),
+commit (replica = recovered image, history after the checkpoint gone, plain exports)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers.site import SiteProcess, init_site_dir, ok, wait_for
+
+MiB = 1 << 20
+DISK = 16 * MiB
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-io") is None, reason="needs qemu-io")
+
+
+def qemu_io(uri: str, *commands: str, readonly: bool = False) -> str:
+    args = ["qemu-io", "-f", "raw", *(["-r"] if readonly else [])]
+    for c in commands:
+        args += ["-c", c]
+    done = subprocess.run([*args, uri], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "Pattern verification failed" not in done.stdout, (
+        done.stdout + done.stderr)
+    return done.stdout
+
+
+@pytest.fixture
+def sites(tmp_path: Path) -> Iterator[tuple[SiteProcess, SiteProcess]]:
+    init_site_dir(tmp_path / "a", "alpha")
+    init_site_dir(tmp_path / "b", "beta")
+    a, b = SiteProcess(tmp_path / "a"), SiteProcess(tmp_path / "b", "--log-json")
+    try:
+        a.spawn(), b.spawn()
+        yield a.wait_ready(), b.wait_ready()
+    finally:
+        a.close()
+        b.close()
+
+
+def wait_task(client: httpx.Client, task: dict[str, object], timeout: float = 60) -> dict:
+    def done() -> dict | None:
+        t: dict = ok(client.get(f"/tasks/{task['id']}"))
+        return t if t["state"] in ("succeeded", "failed", "cancelled") else None
+
+    result: dict = wait_for("the task", done, timeout=timeout)
+    assert result["state"] == "succeeded", result
+    return result
+
+
+def tag(ca: httpx.Client, cb: httpx.Client, name: str) -> int:
+    t = ok(ca.post("/vpgs/g1/checkpoints", json={"tag": name}), 201)
+    wait_for(f"{name} at the recovery site", lambda: ok(cb.get(
+        "/vpgs/g1/checkpoints", params={"tag": name}))["items"])
+    return int(t["id"])
+
+
+def protect(a: SiteProcess, b: SiteProcess, tmp_path: Path) -> tuple[httpx.Client, httpx.Client]:
+    ca, cb = a.client(), b.client()
+    token = ok(cb.post("/pairing/tokens"))["token"]
+    beta = ok(ca.post("/pairing", json={"address": b.replication, "token": token}))
+    disk = tmp_path / "disk0.img"
+    with open(disk, "wb") as f:
+        f.truncate(DISK)
+    ok(ca.post("/vms", json={"name": "vm1", "volumes": [
+        {"name": "disk0", "size": DISK, "path": str(disk)}]}), 201)
+    wait_task(ca, ok(ca.post("/vpgs", json={
+        "name": "g1", "vms": ["vm1"], "peer": beta["site_id"],
+        "settings": {"checkpoint_interval_seconds": 1}}), 202))
+    return ca, cb
+
+
+def test_failover_commit_rollback_and_a_recovery_site_crash_through_the_api(
+        sites: tuple[SiteProcess, SiteProcess], tmp_path: Path) -> None:
+    a, b = sites
+    ca, cb = protect(a, b, tmp_path)
+    qemu_io(f"{a.nbd}/g1/vm1/disk0", "write -P 0xab 0 1M")
+    t1 = tag(ca, cb, "t1")
+    qemu_io(f"{a.nbd}/g1/vm1/disk0", "write -P 0xcd 0 512k")
+    t2 = tag(ca, cb, "t2")
+
+    refused = cb.post("/vpgs/g1/failover/commit")
+    assert refused.status_code == 409 and "no failover under way" in refused.text
+    assert ca.post("/vpgs/g1/failover", json={}).status_code == 409  # the protected side
+
+    # a rollback policy of 0 minutes acts at once
+    ok(cb.post("/vpgs/g1/failover", json={"checkpoint": t1, "commit_policy": "rollback",
+                                          "commit_after_minutes": 0}), 202)
+    wait_for("the automatic rollback",
+             lambda: ok(cb.get("/vpgs/g1/failover"))["state"] is None and "rolled back" in
+             str(ok(cb.get("/events", params={"vpg": "g1"}))), timeout=30)
+    bad = cb.post("/vpgs/g1/failover", json={"commit_policy": "commit"})
+    assert bad.status_code == 422 and "commit_after_minutes" in bad.text, bad.text
+
+    task = ok(cb.post("/vpgs/g1/failover", json={"checkpoint": t1}), 202)
+    again = cb.post("/vpgs/g1/failover", json={"checkpoint": t1})
+    assert again.status_code == 409, again.text
+    wait_task(cb, task)
+    status = ok(cb.get("/vpgs/g1/failover"))
+    assert status["state"] == "failed_over" and status["checkpoint_id"] == t1
+    assert status["exports"] == ["failover/g1/vm1/disk0"]
+    served = f"{b.nbd}/failover/g1/vm1/disk0"
+    qemu_io(served, "read -P 0xab 0 1M", "read -P 0 1M 1M")
+    qemu_io(served, "write -P 0x11 2M 64k", "flush")
+
+    # the recovery site crashes: the flushed write is there after the restart
+    b.kill()
+    b.start()
+    cb = b.client()
+    assert ok(cb.get("/vpgs/g1/failover"))["state"] == "failed_over"
+    qemu_io(served, "read -P 0xab 0 1M", "read -P 0x11 2M 64k")
+    wait_for("the ATTACH refused with its reason",
+             lambda: "failed over at its recovery site" in b.log.read_text(), timeout=30)
+
+    # rollback: the overlay goes, t1 and t2 stay, a failover to t2 works
+    wait_task(cb, ok(cb.post("/vpgs/g1/failover/rollback"), 202))
+    assert ok(cb.get("/vpgs/g1/failover"))["state"] is None
+    ids = [c["id"] for c in ok(cb.get("/vpgs/g1/checkpoints"))["items"]]
+    assert t1 in ids and t2 in ids
+    wait_task(cb, ok(cb.post("/vpgs/g1/failover", json={"checkpoint": "latest_tagged"}),
+                     202))
+    assert ok(cb.get("/vpgs/g1/failover"))["checkpoint_id"] == t2
+    qemu_io(served, "read -P 0xcd 0 512k", "read -P 0xab 512k 512k", "read -P 0 2M 64k")
+    qemu_io(served, "write -P 0x22 4M 64k", "flush")
+
+    # commit: replica = the recovered image, no history after t2, plain exports
+    wait_task(cb, ok(cb.post("/vpgs/g1/failover/commit"), 202))
+    status = ok(cb.get("/vpgs/g1/failover"))
+    assert status["state"] == "committed"
+    assert status["exports"] == ["recovered/g1/vm1/disk0"]
+    expect = bytearray(DISK)
+    expect[0:MiB] = b"\xab" * MiB
+    expect[0 : MiB // 2] = b"\xcd" * (MiB // 2)
+    expect[4 * MiB : 4 * MiB + 65536] = b"\x22" * 65536
+    (tmp_path / "expect.img").write_bytes(bytes(expect))
+    [replica] = (tmp_path / "b").rglob("replica-0000.img")
+    for image in (str(replica), f"{b.nbd}/recovered/g1/vm1/disk0"):
+        done = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", image,
+                               str(tmp_path / "expect.img")], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert ok(cb.get("/vpgs/g1/checkpoints"))["items"] == []
+    late = cb.post("/vpgs/g1/failover/rollback")
+    assert late.status_code == 409 and "committed" in late.text
+    kinds = [e["code"] for e in ok(cb.get("/events", params={"vpg": "g1"}))["items"]]
+    assert {"failover_started", "failover_rolled_back", "failover_committed"} <= set(kinds)

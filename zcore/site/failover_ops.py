@@ -1,0 +1,258 @@
+"""Live failover in the site service: tasks, NBD exports, events, the ATTACH refusal and
+the commit policy's timer, over zcore.recovery.failover.
+
+Sits under zcore.site.live (the REST API's backend calls it) and beside zcore.site.runtime
+(whose NBD server serves the recovered volumes and whose recovery site refuses the VPG's
+ATTACH while a failover lasts).  Runs on the service's event loop; the blocking steps
+(opening overlays, commit, rollback) go to worker threads.
+
+Exports: `failover/<vpg>/<vm>/<volume>` (the durable overlays, read-write, FLUSH/FUA
+honoured) while failed over; `recovered/<vpg>/<vm>/<volume>` (the replicas, plain file
+exports) once committed.  State: DIR/failover/<vpg>/ (zcore.recovery.failover's state
+file and overlays); a restart resumes every failover found there before the scheduler
+starts (so no retention round runs on a journal a failover pins).
+
+Shutdown policy: recorded; the recovery site closes the VPG's replication connection and
+refuses its ATTACH whatever the policy.  Stopping the protected site's VMs and refusing
+writes on its exports needs a message to the protected site (the hypervisor-adapter work).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from zcore.errors import ConfigError, StateError
+from zcore.nbd import file_export, overlay_export
+from zcore.recovery.failover import (
+    CommitPolicy,
+    Failover,
+    FailoverOp,
+    FailoverPlan,
+    FailoverState,
+    ShutdownPolicy,
+    check_allowed,
+    resolve_checkpoint,
+)
+from zcore.site.db import SiteDB, TaskRecord, VpgRole
+from zcore.site.runtime import SiteRuntime
+from zcore.site.tasks import Progress, TaskRunner
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.2
+FAILOVER_PREFIX = "failover"
+RECOVERED_PREFIX = "recovered"
+# Called with the committed failover: where reverse protection starts (delta sync helper).
+CommitHook = Callable[[Failover], None]
+
+
+def refusal(name: str, state: FailoverState) -> str:
+    return (f"VPG {name} is failed over at its recovery site ({state.value}): replication "
+            f"into its journals stops until a rollback")
+
+
+class FailoverOps:
+    """The failovers of one site's recovery VPGs."""
+
+    def __init__(self, db: SiteDB, runtime: SiteRuntime, runner: TaskRunner) -> None:
+        self.db = db
+        self.rt = runtime
+        self.runner = runner
+        self.active: dict[str, Failover] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self.on_commit: CommitHook | None = None
+
+    def directory(self, name: str) -> Path:
+        return self.rt.site.root / "failover" / name
+
+    async def _event(self, kind: str, message: str, vpg: str) -> None:
+        await asyncio.to_thread(self.db.add_event, kind, message, vpg=vpg)
+
+    def state(self, name: str) -> FailoverState | None:
+        fo = self.active.get(name)
+        return None if fo is None else fo.state
+
+    # ---- start ---------------------------------------------------------------------------
+
+    async def start(self, name: str, checkpoint: str | int | None,
+                    commit_policy: str = "none", commit_after_minutes: float | None = None,
+                    shutdown_policy: str = "none") -> TaskRecord:
+        record = await asyncio.to_thread(self.db.get_vpg, name)
+        if record.role != VpgRole.RECOVERY:
+            raise StateError(f"VPG {name!r} is protected at this site: fail it over at its "
+                             f"recovery site")
+        check_allowed(name, self.state(name), FailoverOp.START)
+        rvpg = self.rt.recovery_vpg(name)
+        try:
+            plan = FailoverPlan(0, CommitPolicy(commit_policy), commit_after_minutes,
+                                ShutdownPolicy(shutdown_policy))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        plan.check()
+        ckpt = await asyncio.to_thread(resolve_checkpoint, rvpg, checkpoint)
+        plan = FailoverPlan(ckpt.id, plan.commit_policy, plan.commit_after_minutes,
+                            plan.shutdown_policy)
+        self._refuse_attach(name, FailoverState.PROMOTING)
+        requested = time.monotonic()
+
+        async def run(progress: Progress) -> dict[str, Any]:
+            try:
+                fo = await asyncio.to_thread(Failover.start, name, rvpg.journals,
+                                             self.directory(name), plan)
+            except BaseException:
+                self._allow_attach(name)
+                raise
+            self._activate(fo)
+            await self._event("failover_started",
+                              f"VPG {name} failed over to checkpoint {ckpt.id}: recovered "
+                              f"volumes served after {time.monotonic() - requested:.3f} s, "
+                              f"promoting", name)
+            while not fo.wait_promoted(0) and fo.state == FailoverState.PROMOTING:
+                p = fo.promotion
+                await progress(p.done_bytes / p.total_bytes if p.total_bytes else 0.0,
+                               f"promoting {p.done_bytes} of {p.total_bytes} bytes")
+                await asyncio.sleep(POLL_S)
+            return fo.status()
+
+        return await self.runner.submit("failover_start", run, vpg=name)
+
+    def _refuse_attach(self, name: str, state: FailoverState) -> None:
+        assert self.rt.recovery is not None
+        self.rt.recovery.failed_over[name] = refusal(name, state)
+        receiver = self.rt.receiver(name)
+        conn = receiver.conn if receiver is not None else None
+        if conn is not None and not conn.closed:
+            conn.close(refusal(name, state))
+
+    def _allow_attach(self, name: str) -> None:
+        if self.rt.recovery is not None:
+            self.rt.recovery.failed_over.pop(name, None)
+
+    def _activate(self, fo: Failover) -> None:
+        """Serve a failover's volumes, refuse the VPG's ATTACH, arm its commit policy."""
+        self.active[fo.name] = fo
+        self._refuse_attach(fo.name, fo.state)
+        self._export(fo)
+        deadline = fo.deadline
+        if deadline is not None and fo.state in (FailoverState.PROMOTING,
+                                                 FailoverState.FAILED_OVER):
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, deadline - time.time())
+            self._timers[fo.name] = loop.call_later(delay, self._policy_due, fo.name)
+
+    def _policy_due(self, name: str) -> None:
+        self._timers.pop(name, None)
+        fo = self.active.get(name)
+        if fo is None:
+            return
+        act = self.commit if fo.plan.commit_policy == CommitPolicy.COMMIT else self.rollback
+        task = asyncio.get_running_loop().create_task(act(name))
+        task.add_done_callback(_log_failure)
+
+    def _export(self, fo: Failover) -> None:
+        self._unexport(fo.name)
+        if fo.state == FailoverState.COMMITTED:
+            for (vm, vol), path in fo.replica_paths().items():
+                self.rt.nbd.add_export(file_export(
+                    path, f"{RECOVERED_PREFIX}/{fo.name}/{vm}/{vol}"))
+            return
+        for (vm, vol), ov in fo.overlays.items():
+            self.rt.nbd.add_export(overlay_export(
+                ov, f"{FAILOVER_PREFIX}/{fo.name}/{vm}/{vol}", owned=False))
+
+    def _unexport(self, name: str) -> None:
+        for prefix in (FAILOVER_PREFIX, RECOVERED_PREFIX):
+            for export in list(self.rt.nbd.exports()):
+                if export.name.startswith(f"{prefix}/{name}/"):
+                    self.rt.nbd.remove_export(export.name)
+
+    # ---- commit and rollback -------------------------------------------------------------
+
+    def _get(self, name: str, op: FailoverOp) -> Failover:
+        fo = self.active.get(name)
+        check_allowed(name, None if fo is None else fo.state, op)
+        assert fo is not None
+        return fo
+
+    async def commit(self, name: str) -> TaskRecord:
+        fo = self._get(name, FailoverOp.COMMIT)
+        self._cancel_timer(name)
+
+        async def run(progress: Progress) -> dict[str, Any]:
+            await progress(0.0, f"committing VPG {name}: finishing promotion")
+            self._unexport(name)
+            await asyncio.to_thread(fo.commit, self.on_commit)
+            self.rt.reload_recovery_vpg(name)  # its cached checkpoints are gone
+            self._export(fo)
+            await self._event("failover_committed",
+                              f"VPG {name} committed at checkpoint {fo.plan.checkpoint_id}: "
+                              f"the recovered volumes are the replicas", name)
+            return fo.status()
+
+        return await self.runner.submit("failover_commit", run, vpg=name)
+
+    async def rollback(self, name: str) -> TaskRecord:
+        fo = self._get(name, FailoverOp.ROLLBACK)
+        self._cancel_timer(name)
+
+        async def run(progress: Progress) -> dict[str, Any]:
+            self._unexport(name)
+            await asyncio.to_thread(fo.rollback)
+            self.active.pop(name, None)
+            self._allow_attach(name)
+            await self._event("failover_rolled_back",
+                              f"VPG {name} rolled back from checkpoint "
+                              f"{fo.plan.checkpoint_id}: replicating again", name)
+            return {"vpg": name, "state": None, "checkpoint_id": fo.plan.checkpoint_id}
+
+        return await self.runner.submit("failover_rollback", run, vpg=name)
+
+    def _cancel_timer(self, name: str) -> None:
+        timer = self._timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+
+    def status(self, name: str) -> dict[str, Any]:
+        fo = self.active.get(name)
+        if fo is None:
+            return {"vpg": name, "state": None}
+        out = fo.status()
+        prefix = RECOVERED_PREFIX if fo.state == FailoverState.COMMITTED else FAILOVER_PREFIX
+        out["exports"] = sorted(e.name for e in self.rt.nbd.exports()
+                                if e.name.startswith(f"{prefix}/{name}/"))
+        return out
+
+    # ---- restart and stop ----------------------------------------------------------------
+
+    async def restore(self) -> None:
+        """Resume every failover a previous process left (before the scheduler starts)."""
+        root = self.rt.site.root / "failover"
+        if not root.is_dir():
+            return
+        for path in sorted(p for p in root.iterdir() if p.is_dir()):
+            rvpg = self.rt.recovery_vpgs.get(path.name)
+            if rvpg is None:
+                log.error("failover state %s names no recovery VPG here", path)
+                continue
+            fo = await asyncio.to_thread(Failover.resume, path.name, rvpg.journals, path)
+            if fo is not None:
+                self._activate(fo)
+                log.info("failover of %s resumed (%s)", fo.name, fo.state)
+
+    async def close(self) -> None:
+        for name in list(self._timers):
+            self._cancel_timer(name)
+        for name, fo in list(self.active.items()):
+            self._unexport(name)
+            await asyncio.to_thread(fo.close)
+        self.active.clear()
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a failover commit policy failed: %s", task.exception())

@@ -64,6 +64,7 @@ class FailoverOps:
         self.rt = runtime
         self.runner = runner
         self.active: dict[str, Failover] = {}
+        self._starting: set[str] = set()  # start accepted, its task not yet failed over
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self.on_commit: CommitHook | None = None
 
@@ -75,7 +76,9 @@ class FailoverOps:
 
     def state(self, name: str) -> FailoverState | None:
         fo = self.active.get(name)
-        return None if fo is None else fo.state
+        if fo is None:  # a second start before the first one's task runs is refused too
+            return FailoverState.PROMOTING if name in self._starting else None
+        return fo.state
 
     # ---- start ---------------------------------------------------------------------------
 
@@ -98,6 +101,7 @@ class FailoverOps:
         plan = FailoverPlan(ckpt.id, plan.commit_policy, plan.commit_after_minutes,
                             plan.shutdown_policy)
         self._refuse_attach(name, FailoverState.PROMOTING)
+        self._starting.add(name)
         requested = time.monotonic()
 
         async def run(progress: Progress) -> dict[str, Any]:
@@ -107,6 +111,8 @@ class FailoverOps:
             except BaseException:
                 self._allow_attach(name)
                 raise
+            finally:
+                self._starting.discard(name)
             self._activate(fo)
             await self._event("failover_started",
                               f"VPG {name} failed over to checkpoint {ckpt.id}: recovered "
@@ -119,7 +125,12 @@ class FailoverOps:
                 await asyncio.sleep(POLL_S)
             return fo.status()
 
-        return await self.runner.submit("failover_start", run, vpg=name)
+        try:
+            return await self.runner.submit("failover_start", run, vpg=name)
+        except BaseException:
+            self._starting.discard(name)
+            self._allow_attach(name)
+            raise
 
     def _refuse_attach(self, name: str, state: FailoverState) -> None:
         assert self.rt.recovery is not None

@@ -19,8 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from zcore.capture import ProtectedVolume
 from zcore.errors import StateError
-from zcore.replication import ProtectedSite, RecoverySite
+from zcore.journal import Journal
+from zcore.replication import ProtectedSite, RecoverySite, Replication
 from zcore.vpg import VPG, CheckpointState, VPGSettings
 
 CHUNK = 1 << 20
@@ -89,6 +91,30 @@ async def _run(base: Path, volume_bytes: int, seconds: float, rate_bytes: float,
     replication = protected.protect(vpg, host, port)
     say(f"protecting VPG {vpg.name!r}: VMs web and db, {volume_bytes >> 20} MiB each")
 
+    written, elapsed, rpo_max, steady = await _replicate(replication, volumes, seconds,
+                                                         rate_bytes, say)
+    tag = "before-ransomware"
+    seq, expected = await _tag_durably(vpg, replication, volumes, tag)
+    say(f"tagged checkpoint {tag!r} (seq {seq}) is durable at the recovery site")
+    await _ransomware(vpg, replication, volumes)
+    say("ransomware overwrote both disks; the damage is replicated too")
+
+    journals = recovery.journals(vpg.name)
+    recovered_bytes, mismatches = _recover(journals, volumes, seq, expected,
+                                           base / "recovered")
+    journal_bytes = sum(j.status().size_bytes for j in journals.values())
+    await protected.stop()
+    vpg.close()
+    await recovery.stop()
+    return DemoReport(written, elapsed, rpo_max, steady, seq, tag, recovered_bytes,
+                      mismatches, journal_bytes)
+
+
+async def _replicate(replication: Replication, volumes: list[ProtectedVolume],
+                     seconds: float, rate_bytes: float,
+                     say: Callable[[str], None]) -> tuple[int, float, float, float]:
+    """VM-like writes paced at `rate_bytes` for `seconds`, showing RPO and throughput;
+    returns (bytes written, seconds, worst RPO, median throughput)."""
     stop = threading.Event()
     written = [0]
 
@@ -122,11 +148,16 @@ async def _run(base: Path, volume_bytes: int, seconds: float, rate_bytes: float,
             f"buffer={st.buffer_used >> 20} MiB")
     stop.set()
     worker.join()
-    elapsed = time.monotonic() - start
+    steady = sorted(rates)[len(rates) // 2] if rates else 0.0
+    return written[0], time.monotonic() - start, rpo_max, steady
 
+
+async def _tag_durably(vpg: VPG, replication: Replication, volumes: list[ProtectedVolume],
+                       tag: str) -> tuple[int, dict[str, list[bytes]]]:
+    """Tag a crash-consistent checkpoint and wait until it is in the recovery journals;
+    returns its journal seq and the digests of every MiB of the disks at that point."""
     while vpg.mode != "streaming":  # a checkpoint during a sync is not crash-consistent
         await asyncio.sleep(0.05)
-    tag = "before-ransomware"
     ckpt = await replication.checkpoint(tag)  # blocks: run off the loop
     expected = {v.vm: _digest_chunks(Path(v.path), v.size) for v in volumes}
     while (report := vpg.checkpoint_state(ckpt)) and report.state == CheckpointState.PENDING:
@@ -134,10 +165,13 @@ async def _run(base: Path, volume_bytes: int, seconds: float, rate_bytes: float,
     if report is None or report.state != CheckpointState.DURABLE or report.journal_seq is None:
         raise StateError(f"tagged checkpoint {tag!r} did not reach the recovery site: "
                          f"{report}")
-    seq = report.journal_seq
-    say(f"tagged checkpoint {tag!r} (seq {seq}) is durable at the recovery site")
+    return report.journal_seq, expected
 
-    def ransomware() -> None:  # rewrite every MiB of both disks (blocking writes)
+
+async def _ransomware(vpg: VPG, replication: Replication,
+                      volumes: list[ProtectedVolume]) -> None:
+    """Rewrite every MiB of both disks and wait until the damage is replicated too."""
+    def ransomware() -> None:  # blocking writes: off the loop
         rng = random.Random(99)
         for vol in volumes:
             for offset in range(0, vol.size, CHUNK):
@@ -146,33 +180,30 @@ async def _run(base: Path, volume_bytes: int, seconds: float, rate_bytes: float,
     last = (await replication.checkpoint()).seq
     while vpg.acked_seq < last:
         await asyncio.sleep(0.01)
-    say("ransomware overwrote both disks; the damage is replicated too")
 
-    recovered = base / "recovered"
-    recovered.mkdir()
+
+def _recover(journals: dict[str, Journal], volumes: list[ProtectedVolume], seq: int,
+             expected: dict[str, list[bytes]], out_dir: Path) -> tuple[int, int]:
+    """Read every volume at checkpoint `seq` from its journal into `out_dir`, comparing
+    each MiB with `expected`; returns (bytes recovered, mismatched MiB)."""
+    out_dir.mkdir()
     mismatches = recovered_bytes = 0
-    journals = recovery.journals(vpg.name)
     for vol in volumes:
         journal = journals[vol.vm]
         with journal.view(journal.checkpoint_by_id(seq)) as view, \
-                open(recovered / f"{vol.vm}.img", "wb") as out:
+                open(out_dir / f"{vol.vm}.img", "wb") as out:
             for i, offset in enumerate(range(0, vol.size, CHUNK)):
                 data = view.read(vol.id, offset, min(CHUNK, vol.size - offset))
                 out.write(data)
                 recovered_bytes += len(data)
                 if hashlib.sha256(data).digest() != expected[vol.vm][i]:
                     mismatches += 1
-    journal_bytes = sum(j.status().size_bytes for j in journals.values())
-    await protected.stop()
-    vpg.close()
-    await recovery.stop()
-    steady = sorted(rates)[len(rates) // 2] if rates else 0.0
-    return DemoReport(written[0], elapsed, rpo_max, steady, seq, tag, recovered_bytes,
-                      mismatches, journal_bytes)
+    return recovered_bytes, mismatches
 
 
-def run_demo(base: str | os.PathLike, *, volume_bytes: int = 64 << 20, seconds: float = 4.0,
-             rate_bytes: float = 40e6, say: Callable[[str], None] = print) -> DemoReport:
+def run_demo(base: str | os.PathLike[str], *, volume_bytes: int = 64 << 20,
+             seconds: float = 4.0, rate_bytes: float = 40e6,
+             say: Callable[[str], None] = print) -> DemoReport:
     """Run the demo under `base` (an empty directory) and return its report."""
     base = Path(base)
     base.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ def health_router(ctx: SiteContext) -> APIRouter:
     return r
 
 
+# long by design: the routes are nested functions closing over ctx, one per endpoint
 def activity_router(ctx: SiteContext) -> APIRouter:
     r = APIRouter(dependencies=PROTECTED, responses=ERRORS)
     b = ctx.backend

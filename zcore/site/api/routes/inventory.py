@@ -28,6 +28,7 @@ def _spec(v: m.VolumeSpec) -> VolumeSpec:
     return VolumeSpec(v.name, v.size, v.path, str(v.role))
 
 
+# long by design: the routes are nested functions closing over ctx, one per endpoint
 def inventory_router(ctx: SiteContext) -> APIRouter:
     r = APIRouter(dependencies=PROTECTED, responses=ERRORS)
     b = ctx.backend

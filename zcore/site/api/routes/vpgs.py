@@ -42,6 +42,7 @@ def _merge_settings(current: dict[str, object], patch: m.VpgSettingsPatch) -> di
         raise ConfigError(f"settings.{where}: {first['msg']}") from None
 
 
+# long by design: the routes are nested functions closing over ctx, one per endpoint
 def vpg_router(ctx: SiteContext) -> APIRouter:
     r = APIRouter(dependencies=PROTECTED, responses=ERRORS, tags=["vpgs"])
     b = ctx.backend

@@ -1,6 +1,10 @@
 """Base schema: site, peers, vms, volumes, vpgs, vpg_members, tasks, events, alerts,
 api_tokens.
 
+The tables are written out here as they were at this revision, not imported from
+zcore.site.db.schema (which moves with head): a migration must keep meaning what it meant
+when it was released, so its lines repeat the schema's on purpose.
+
 Revision ID: 0001
 Revises: (none)
 """

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
@@ -161,3 +163,24 @@ def read_through(path: Path, chunk: int = 64 * MiB) -> int:
             pos += n
     finally:
         os.close(fd)
+
+
+# VM-like data: each 4 KiB block of the pool is zero, text-like (a short random word
+# repeated) or random, in these proportions, which LZ4 compresses about 1.7x as the
+# design notes measured on VM images.
+ZERO_FRACTION = 0.20
+TEXT_FRACTION = 0.25
+
+
+def vm_like_pool(nbytes: int, seed: int) -> bytes:
+    """`nbytes` of VM-like data (see ZERO_FRACTION), the same for the same seed."""
+    rng = np.random.default_rng(seed)
+    blocks = nbytes // 4096
+    pool = np.frombuffer(rng.bytes(blocks * 4096), dtype=np.uint8).reshape(blocks, 4096).copy()
+    kind = rng.random(blocks)
+    pool[kind < ZERO_FRACTION] = 0
+    text = np.flatnonzero((kind >= ZERO_FRACTION) & (kind < ZERO_FRACTION + TEXT_FRACTION))
+    for b in text.tolist():
+        word = rng.integers(32, 127, size=int(rng.integers(4, 33)), dtype=np.uint8)
+        pool[b] = np.resize(word, 4096)
+    return pool.tobytes()

@@ -48,30 +48,18 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 VOLUME_BYTES = 2 * GiB
 DIFFER_FRACTION = 0.05
 WRITE_MIN, WRITE_MAX, WRITE_ALIGN = 4 * KiB, 1 * MiB, 4 * KiB
-# VM-like base data, as in the replication suite: LZ4 compresses it about 1.7x
+# VM-like base data (benchkit.vm_like_pool), as in the replication suite
 POOL_BYTES = 64 * MiB
-ZERO_FRACTION, TEXT_FRACTION = 0.20, 0.25
 FULL_CHUNK = 1 * MiB  # records of the full resend: as large as the delta sync's largest
 DEADLINE_SECONDS = 600.0
 VOLUME_ID = 1
 
 
-def vm_like_pool(nbytes: int, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    blocks = nbytes // 4096
-    pool = np.frombuffer(rng.bytes(blocks * 4096), dtype=np.uint8).reshape(blocks, 4096).copy()
-    kind = rng.random(blocks)
-    pool[kind < ZERO_FRACTION] = 0
-    text = np.flatnonzero((kind >= ZERO_FRACTION) & (kind < ZERO_FRACTION + TEXT_FRACTION))
-    for b in text.tolist():
-        word = rng.integers(32, 127, size=int(rng.integers(4, 33)), dtype=np.uint8)
-        pool[b] = np.resize(word, 4096)
-    return pool.tobytes()
-
-
 def build_volumes(ctx, size: int) -> tuple[Path, Path, int, int]:
     """Source and target images, equal but for random writes on the source covering
     DIFFER_FRACTION of it; returns their paths, the differing bytes and the writes."""
+    from benchkit import vm_like_pool  # here: run as the target script, bench/ is not on the path
+
     pool = vm_like_pool(min(ctx.scale(POOL_BYTES, align=4096), size), ctx.seed)
     src, dst = ctx.workdir / "source.img", ctx.workdir / "target.img"
     for path in (src, dst):

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import lz4.block
 import numpy as np
-from benchkit import MB, Context, GiB, KiB, Metric, MiB, gc_paused
+from benchkit import MB, Context, GiB, KiB, Metric, MiB, gc_paused, vm_like_pool
 from replication_peer import thread_cpu
 
 from zcore.replication import ProtectedSite
@@ -48,12 +48,9 @@ DESCRIPTION = "replication end to end, RPO under load, bitmap resync bytes, init
 PEER_SCRIPT = Path(__file__).resolve().parent.parent / "replication_peer.py"
 
 # ---- workload ---------------------------------------------------------------------------
-# VM-like data: each 4 KiB block of the pool is zero, text-like (a short random word
-# repeated) or random, in these proportions, which LZ4 compresses about 1.7x as the
-# design notes measured on VM images.  64 MiB is far larger than any CPU cache.
+# VM-like data (benchkit.vm_like_pool: zero, text-like and random 4 KiB blocks, which LZ4
+# compresses about 1.7x).  64 MiB is far larger than any CPU cache.
 POOL_BYTES = 64 * MiB
-ZERO_FRACTION = 0.20
-TEXT_FRACTION = 0.25
 # Writes: 4 KiB-aligned offsets and lengths of 4-64 KiB, as a guest's page cache issues
 # them, at random offsets over the volume.
 WRITE_ALIGN = 4 * KiB
@@ -103,19 +100,6 @@ DEADLINE_SECONDS = 600.0
 
 
 # ---- helpers ------------------------------------------------------------------------------
-
-def vm_like_pool(nbytes: int, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    blocks = nbytes // 4096
-    pool = np.frombuffer(rng.bytes(blocks * 4096), dtype=np.uint8).reshape(blocks, 4096).copy()
-    kind = rng.random(blocks)
-    pool[kind < ZERO_FRACTION] = 0
-    text = np.flatnonzero((kind >= ZERO_FRACTION) & (kind < ZERO_FRACTION + TEXT_FRACTION))
-    for b in text.tolist():
-        word = rng.integers(32, 127, size=int(rng.integers(4, 33)), dtype=np.uint8)
-        pool[b] = np.resize(word, 4096)
-    return pool.tobytes()
-
 
 def write_ops(rng: np.random.Generator, total: int, volume_bytes: int,
               pool_bytes: int) -> np.ndarray:

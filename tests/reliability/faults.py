@@ -69,41 +69,41 @@ def _run(seed: int, ops: int, inj: _Injector) -> Outcome:
     work = Workload(seed, ops)
     root = Path(crashsim.scratch_dir("zc-fault-"))
     marks: list[object] = []
-    bad: list[str] = []
-    error: BaseException | None = None
     try:
         path = root / "j"
         create(path).close()
-        with fslayer.Recorder(path, inj):
-            try:
-                journal = Journal.open(path)
-            except Exception as exc:
-                error = exc
-                bad += _after_error(None, error, inj, marks)
-            else:
-                try:
-                    work.run(journal, marks.append)
-                except Exception as exc:
-                    error = exc
-                if error is not None:
-                    bad += _after_error(journal, error, inj, marks)
-                bad += _close(journal)
+        error, bad = _open_and_run(path, inj, marks, work)
         if error is None:
             # phase 2: a crash left a torn record after the tail (the "disk" is written
             # directly, unrecorded); the reopen under injection truncates it
             _tear_tail(path)
-            with fslayer.Recorder(path, inj):
-                try:
-                    journal = Journal.open(path)
-                except Exception as exc:
-                    error = exc
-                    bad += _after_error(None, error, inj, marks)
-                else:
-                    bad += _close(journal)
+            error, more = _open_and_run(path, inj, marks, None)
+            bad += more
         bad += check_journal(path, work, Expect.of(marks))  # type: ignore[arg-type]
         return Outcome(inj.fired, error, bad)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _open_and_run(path: Path, inj: _Injector, marks: list[object],
+                  work: Workload | None) -> tuple[BaseException | None, list[str]]:
+    """Open the journal under injection, run `work` on it (if any) and close it: the first
+    error and the violations seen after it."""
+    error: BaseException | None = None
+    bad: list[str] = []
+    with fslayer.Recorder(path, inj):
+        try:
+            journal = Journal.open(path)
+        except Exception as exc:
+            return exc, _after_error(None, exc, inj, marks)
+        if work is not None:
+            try:
+                work.run(journal, marks.append)
+            except Exception as exc:
+                error = exc
+                bad += _after_error(journal, error, inj, marks)
+        bad += _close(journal)
+    return error, bad
 
 
 def _close(journal: Journal) -> list[str]:

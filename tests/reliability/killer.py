@@ -81,22 +81,20 @@ def writer(path: Path, acklog: Path, seed: int) -> None:
                 os.fsync(fd)
 
 
+_ACKLOG_KINDS = {"I": "intent", "A": "ack", "P": "promote"}  # acklog letter -> mark kind
+
+
 def read_acklog(acklog: Path) -> Expect:
-    e = Expect()
     if not acklog.exists():
-        return e
+        return Expect()
+    marks = []
     for line in acklog.read_text().splitlines():
         kind, _, value = line.partition(" ")
         if not value.isdigit():
             continue  # a line torn by the kill
-        n = int(value)
-        if kind == "I":
-            e.issued = max(e.issued, n)
-        elif kind == "A":
-            e.acked = max(e.acked, n)
-        elif kind == "P":
-            e.promote = max(e.promote, n)
-    return e
+        if kind in _ACKLOG_KINDS:
+            marks.append((_ACKLOG_KINDS[kind], int(value)))
+    return Expect.of(marks)
 
 
 class Model:

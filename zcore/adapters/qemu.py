@@ -351,18 +351,3 @@ class QemuAdapter(Adapter):
             return VMState.STOPPED
         running = isinstance(reply, dict) and reply.get("status") == "running"
         return VMState.RUNNING if running else VMState.PAUSED
-
-    def wait_stopped(self, vm: str, timeout: float) -> bool:
-        """Block until `vm`'s QEMU has exited (the guest powered off) or `timeout` s
-        passed; whether it has."""
-        with self._lock(vm):
-            return self._wait_exit(vm, timeout)
-
-    def accelerator(self, vm: str, timeout: float = 5.0) -> Accel:
-        """KVM or TCG: what the running `vm` actually got (QMP `query-kvm`)."""
-        with self._lock(vm):
-            reply = self._qmp(vm, "query-kvm", timeout)
-        if reply is None:
-            raise AdapterError(f"VM {vm} does not run")
-        enabled = isinstance(reply, dict) and bool(reply.get("enabled"))
-        return Accel.KVM if enabled else Accel.TCG

@@ -31,9 +31,8 @@ import numpy as np
 from zcore.errors import ConfigError
 from zcore.fsutil import preadinto_exact, pwrite_all
 
-LEVEL_SIZES = (1 << 20, 64 << 10, 4 << 10)  # docs/format.md 10c.2
+LEVEL_SIZES = (1 << 20, 64 << 10, 4 << 10)  # docs/format.md 10c.2 (16 children per block)
 LEVELS = len(LEVEL_SIZES)
-FANOUT = 16  # children per block
 HASH_SIZE = 16
 ENTRY_SIZE = 1 + HASH_SIZE
 KEY_SIZE = 32

@@ -9,6 +9,7 @@ promises nothing about the order in which unsynced writes reach the disk.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -136,3 +137,31 @@ def read_state(path: str | os.PathLike[str], fmt: str,
         raise FormatVersionError(f"{path}: {fmt} format version {version!r} is not "
                                  f"supported (this build reads {', '.join(map(str, known))})")
     return meta
+
+
+def move_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Move a file (rename; across filesystems a copy, fsynced, renamed into place, then
+    the source unlinked); both directories fsynced.  An existing `dst` is refused."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        raise FileExistsError(f"{dst} exists")
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        tmp = dst.with_name(dst.name + ".part")
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            while chunk := fin.read(1 << 20):
+                if chunk.count(0) == len(chunk):
+                    fout.seek(len(chunk), os.SEEK_CUR)
+                else:
+                    fout.write(chunk)
+            fout.truncate(fout.tell())
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.rename(tmp, dst)
+        fsync_dir(dst.parent)
+        src.unlink()
+    fsync_dir(dst.parent)
+    fsync_dir(src.parent)

@@ -10,24 +10,11 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+from helpers.failover import DISK, MiB, protect, qemu_io, tag, wait_task
 from helpers.site import SiteProcess, init_site_dir, ok, wait_for
 
-MiB = 1 << 20
-DISK = 16 * MiB
-
 pytestmark = pytest.mark.skipif(shutil.which("qemu-io") is None, reason="needs qemu-io")
-
-
-def qemu_io(uri: str, *commands: str, readonly: bool = False) -> str:
-    args = ["qemu-io", "-f", "raw", *(["-r"] if readonly else [])]
-    for c in commands:
-        args += ["-c", c]
-    done = subprocess.run([*args, uri], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and "Pattern verification failed" not in done.stdout, (
-        done.stdout + done.stderr)
-    return done.stdout
 
 
 @pytest.fixture
@@ -43,42 +30,10 @@ def sites(tmp_path: Path) -> Iterator[tuple[SiteProcess, SiteProcess]]:
         b.close()
 
 
-def wait_task(client: httpx.Client, task: dict[str, object], timeout: float = 60) -> dict:
-    def done() -> dict | None:
-        t: dict = ok(client.get(f"/tasks/{task['id']}"))
-        return t if t["state"] in ("succeeded", "failed", "cancelled") else None
-
-    result: dict = wait_for("the task", done, timeout=timeout)
-    assert result["state"] == "succeeded", result
-    return result
-
-
-def tag(ca: httpx.Client, cb: httpx.Client, name: str) -> int:
-    t = ok(ca.post("/vpgs/g1/checkpoints", json={"tag": name}), 201)
-    wait_for(f"{name} at the recovery site", lambda: ok(cb.get(
-        "/vpgs/g1/checkpoints", params={"tag": name}))["items"])
-    return int(t["id"])
-
-
-def protect(a: SiteProcess, b: SiteProcess, tmp_path: Path) -> tuple[httpx.Client, httpx.Client]:
-    ca, cb = a.client(), b.client()
-    token = ok(cb.post("/pairing/tokens"))["token"]
-    beta = ok(ca.post("/pairing", json={"address": b.replication, "token": token}))
-    disk = tmp_path / "disk0.img"
-    with open(disk, "wb") as f:
-        f.truncate(DISK)
-    ok(ca.post("/vms", json={"name": "vm1", "volumes": [
-        {"name": "disk0", "size": DISK, "path": str(disk)}]}), 201)
-    wait_task(ca, ok(ca.post("/vpgs", json={
-        "name": "g1", "vms": ["vm1"], "peer": beta["site_id"],
-        "settings": {"checkpoint_interval_seconds": 1}}), 202))
-    return ca, cb
-
-
 def test_failover_commit_rollback_and_a_recovery_site_crash_through_the_api(
         sites: tuple[SiteProcess, SiteProcess], tmp_path: Path) -> None:
     a, b = sites
-    ca, cb = protect(a, b, tmp_path)
+    ca, cb = protect(a, b, tmp_path / "disk0.img")
     qemu_io(f"{a.nbd}/g1/vm1/disk0", "write -P 0xab 0 1M")
     t1 = tag(ca, cb, "t1")
     qemu_io(f"{a.nbd}/g1/vm1/disk0", "write -P 0xcd 0 512k")

@@ -55,15 +55,18 @@ def failover() -> None:
 @click.option("--shutdown-policy", type=click.Choice(["none", "graceful", "force"]),
               default="none", show_default=True,
               help="what happens to the protected site's VMs when it is reachable")
+@click.option("--reverse", is_flag=True,
+              help="start reverse protection once the failover is committed")
 @wait_option
 @site_options
 def start_cmd(client: Client, as_json: bool, wait: bool, vpg: str, checkpoint: str,
-              commit_policy: str, commit_after: float | None, shutdown_policy: str) -> None:
+              commit_policy: str, commit_after: float | None, shutdown_policy: str,
+              reverse: bool) -> None:
     """Fail VPG over at a checkpoint, e.g. `zcore failover start web --checkpoint
     latest_tagged`; waits for the background promotion (the volumes are served before)."""
     body = {"checkpoint": int(checkpoint) if checkpoint.isdigit() else checkpoint,
             "commit_policy": commit_policy, "commit_after_minutes": commit_after,
-            "shutdown_policy": shutdown_policy}
+            "shutdown_policy": shutdown_policy, "reverse": reverse}
     task = client.post(_path(vpg), body)
     o.finish_task(client, task, wait, as_json,
                   lambda _t: show_failover(client.get(_path(vpg))))

@@ -75,6 +75,7 @@ class FailoverOp(StrEnum):
     START = "start"
     COMMIT = "commit"
     ROLLBACK = "rollback"
+    REVERSE = "reverse"  # reverse protection: the committed volumes leave the journals
 
 
 # What each state allows (None: no failover under way).
@@ -84,8 +85,13 @@ ALLOWED: dict[FailoverState | None, frozenset[FailoverOp]] = {
     FailoverState.FAILED_OVER: frozenset({FailoverOp.COMMIT, FailoverOp.ROLLBACK}),
     FailoverState.COMMITTING: frozenset({FailoverOp.COMMIT}),
     FailoverState.ROLLING_BACK: frozenset({FailoverOp.ROLLBACK}),
-    FailoverState.COMMITTED: frozenset(),
+    FailoverState.COMMITTED: frozenset({FailoverOp.REVERSE}),
 }
+
+
+def _op_text(op: FailoverOp) -> str:
+    return "reverse protection" if op == FailoverOp.REVERSE else f"failover {op.value}"
+
 
 
 def check_allowed(vpg: str, state: FailoverState | None, op: FailoverOp) -> None:
@@ -94,9 +100,8 @@ def check_allowed(vpg: str, state: FailoverState | None, op: FailoverOp) -> None
     if op in allowed:
         return
     where = "has no failover under way" if state is None else f"is {state.value}"
-    can = ", ".join(sorted(f"failover {a.value}" for a in allowed)) or "nothing (the " \
-        "failover is committed: reverse protection is the next step)"
-    raise StateError(f"VPG {vpg} {where}: failover {op.value} is not allowed; allowed: {can}")
+    can = ", ".join(sorted(_op_text(a) for a in allowed))
+    raise StateError(f"VPG {vpg} {where}: {_op_text(op)} is not allowed; allowed: {can}")
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,7 @@ class FailoverPlan:
     commit_policy: CommitPolicy = CommitPolicy.NONE
     commit_after_minutes: float | None = None
     shutdown_policy: ShutdownPolicy = ShutdownPolicy.NONE
+    reverse: bool = False  # reverse protection starts once committed (zcore.site.reverse_ops)
 
     def check(self) -> None:
         m = self.commit_after_minutes
@@ -143,7 +149,8 @@ class Failover:
         self._meta = meta
         self.plan = FailoverPlan(int(meta["checkpoint_id"]), CommitPolicy(meta["commit_policy"]),
                                  meta.get("commit_after_minutes"),
-                                 ShutdownPolicy(meta["shutdown_policy"]))
+                                 ShutdownPolicy(meta["shutdown_policy"]),
+                                 bool(meta.get("reverse", False)))
         self.overlays: dict[tuple[str, str], DurableOverlay] = {}
         self.promotion = Promotion()
         self._lock = threading.RLock()
@@ -197,7 +204,7 @@ class Failover:
         meta = {"vpg": name, "checkpoint_id": plan.checkpoint_id,
                 "commit_policy": plan.commit_policy.value,
                 "commit_after_minutes": plan.commit_after_minutes,
-                "shutdown_policy": plan.shutdown_policy.value,
+                "shutdown_policy": plan.shutdown_policy.value, "reverse": plan.reverse,
                 "started": time.time(), "state": FailoverState.PROMOTING.value}
         write_state(directory / STATE_NAME, STATE_FORMAT, STATE_VERSION, meta)
         fo = cls(name, journals, directory, meta)
@@ -364,7 +371,7 @@ class Failover:
             "commit_policy": self.plan.commit_policy.value,
             "commit_after_minutes": self.plan.commit_after_minutes,
             "shutdown_policy": self.plan.shutdown_policy.value,
-            "started": self.started, "deadline": self.deadline,
+            "reverse": self.plan.reverse, "started": self.started, "deadline": self.deadline,
             "promotion": {"total_bytes": p.total_bytes, "done_bytes": p.done_bytes,
                           "finished": p.finished, "error": p.error,
                           "progress": p.done_bytes / p.total_bytes if p.total_bytes else 1.0},

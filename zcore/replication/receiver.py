@@ -52,6 +52,7 @@ class RecoveryConnection(asyncio.BufferedProtocol):
         # frames already parsed wait here, in order (None: no attach running).
         self._held: deque[wire.Frame] | None = None
         self._attaching: asyncio.Task[None] | None = None
+        self._moves: set[asyncio.Task[None]] = set()  # MOVE requests being checked
 
     # -- transport callbacks --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -136,6 +137,8 @@ class RecoveryConnection(asyncio.BufferedProtocol):
             self._bundle(f)
         elif f.type == wire.HEARTBEAT:
             pass
+        elif f.type == wire.MOVE:
+            self._move(f)
         elif f.type == wire.CLOSE:
             self.close("peer closed", error=False, tell=False)
         else:
@@ -210,6 +213,34 @@ class RecoveryConnection(asyncio.BufferedProtocol):
             assert self.transport is not None
             self.transport.pause_reading()
         receiver.submit(self, f.channel, bundle, size)
+
+    def _move(self, f: wire.Frame) -> None:
+        """A planned move (docs/format.md 10.3, step 7): the site's `on_move` hook checks
+        it and starts the failover; MOVING answers either way."""
+        receiver = self.channels.get(f.channel)
+        if receiver is None:
+            raise ProtocolError(f"MOVE for channel {f.channel}, which this peer did not "
+                                "attach")
+        msg = wire.parse_control(f)
+        assert self.peer is not None
+        task = asyncio.get_running_loop().create_task(
+            self._move_async(f.channel, receiver.name, self.peer, msg["checkpoint_id"],
+                             msg["reverse"]))
+        self._moves.add(task)
+        task.add_done_callback(self._moves.discard)
+
+    async def _move_async(self, channel: int, vpg: str, peer: Peer, checkpoint_id: int,
+                          reverse: bool) -> None:
+        hook = self.site.on_move
+        reason = ""
+        if hook is None:
+            reason = "this recovery site runs no recovery operations (a site service does)"
+        else:
+            try:
+                await hook(vpg, peer, checkpoint_id, reverse)
+            except ZcoreError as exc:
+                reason = str(exc)
+        self._send(wire.control(wire.MOVING, channel, accepted=not reason, reason=reason))
 
     def _pair(self, msg: dict[str, Any]) -> None:
         site = self.site

@@ -13,7 +13,7 @@ import os
 import resource
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,15 @@ from zcore.security import PairingTokens, Peer, PeerStore, SiteIdentity, server_
 log = logging.getLogger(__name__)
 
 
+# A planned move's request (VPG, peer, checkpoint id, reverse): checks it, raising a
+# ZcoreError to refuse it with its message, and starts the failover (the site service's).
+MoveHook = Callable[[str, Peer, int, bool], Awaitable[None]]
+
+
 class RecoverySite:
     """The recovery-site server: receives many VPGs into their journals."""
+
+    on_move: MoveHook | None = None
 
     def __init__(self, root: str | os.PathLike[str], name: str = "recovery",
                  journal_workers: int | None = None, *,

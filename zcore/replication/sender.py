@@ -103,6 +103,8 @@ class Replication:
         self._last_frame = now  # any frame from the recovery site
         self._progress_at = now  # the last ack that advanced (or the first unacked send)
         self._vpg_op: asyncio.Task[None] | None = None  # link_down/up, in call order
+        self._writer: asyncio.StreamWriter | None = None  # the session's, while streaming
+        self._move_reply: asyncio.Future[dict[str, Any]] | None = None
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -169,6 +171,32 @@ class Replication:
         """`VPG.checkpoint` in a worker thread (it blocks while the ring is full, and
         the loop may be the one that must drain it)."""
         return await self.vpg.checkpoint_async(tag)
+
+    async def request_move(self, checkpoint_id: int, reverse: bool,
+                           timeout: float = timing.HANDSHAKE_TIMEOUT) -> None:
+        """Ask the recovery site to fail the VPG over to `checkpoint_id` (a planned move:
+        the caller stopped every write and saw the checkpoint durable).  Returns when the
+        recovery site accepted; StateError with its reason when it refused or the link is
+        down."""
+        writer = self._writer
+        if writer is None or not self.connected:
+            raise StateError(f"VPG {self.vpg.name}: the recovery site is not connected "
+                             f"({self.last_error or 'no session'})")
+        if self._move_reply is not None and not self._move_reply.done():
+            raise StateError(f"VPG {self.vpg.name}: a move request is already waiting")
+        reply = self._move_reply = asyncio.get_running_loop().create_future()
+        writer.write(wire.control(wire.MOVE, self.CHANNEL, checkpoint_id=checkpoint_id,
+                                  reverse=reverse))
+        try:
+            msg = await asyncio.wait_for(asyncio.shield(reply), timeout)
+        except TimeoutError:
+            raise StateError(f"VPG {self.vpg.name}: the recovery site did not answer the "
+                             f"move request in {timeout:.0f} s") from None
+        finally:
+            self._move_reply = None
+        if not msg["accepted"]:
+            raise StateError(f"the recovery site refused the move of VPG {self.vpg.name}: "
+                             f"{msg['reason']}")
 
     def _vpg_call(self, fn: Callable[..., None], *args: Any) -> None:
         """Run a blocking VPG call in a worker thread, after the ones before it (a
@@ -264,6 +292,7 @@ class Replication:
         self.last_error = ""
 
     async def _stream(self, frames: FrameStream, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
         tasks = [asyncio.create_task(self._send_loop(writer)),
                  asyncio.create_task(self._recv_loop(frames)),
                  asyncio.create_task(self._beat(writer)),
@@ -273,6 +302,12 @@ class Replication:
             for t in done:
                 t.result()
         finally:
+            self._writer = None
+            reply = self._move_reply
+            if reply is not None and not reply.done():
+                reply.set_exception(StateError(f"VPG {self.vpg.name}: the link to the "
+                                               f"recovery site ended before it answered "
+                                               f"the move request"))
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -327,6 +362,11 @@ class Replication:
                     self._rate.add(self._inflight.popleft()[1])
             elif f.type == wire.HEARTBEAT:
                 continue
+            elif f.type == wire.MOVING:
+                msg = wire.parse_control(f)
+                if self._move_reply is None or self._move_reply.done():
+                    raise ProtocolError("MOVING without a move request")
+                self._move_reply.set_result(msg)
             elif f.type in (wire.ERROR, wire.CLOSE):
                 raise ProtocolError(f"recovery site: {wire.parse_control(f)['reason']}")
             else:

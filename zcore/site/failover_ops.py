@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,9 @@ log = logging.getLogger(__name__)
 POLL_S = 0.2
 FAILOVER_PREFIX = "failover"
 RECOVERED_PREFIX = "recovered"
-# Called with the committed failover: where reverse protection starts (delta sync helper).
-CommitHook = Callable[[Failover], None]
+# Called on the loop with the VPG's name once a failover planned with `reverse` is
+# committed (also after a restart that finds it so): reverse protection starts there.
+ReverseHook = Callable[[str], Awaitable[None]]
 
 
 def refusal(name: str, state: FailoverState) -> str:
@@ -66,7 +68,7 @@ class FailoverOps:
         self.active: dict[str, Failover] = {}
         self._starting: set[str] = set()  # start accepted, its task not yet failed over
         self._timers: dict[str, asyncio.TimerHandle] = {}
-        self.on_commit: CommitHook | None = None
+        self.after_commit: ReverseHook | None = None
 
     def directory(self, name: str) -> Path:
         return self.rt.site.root / "failover" / name
@@ -84,7 +86,7 @@ class FailoverOps:
 
     async def start(self, name: str, checkpoint: str | int | None,
                     commit_policy: str = "none", commit_after_minutes: float | None = None,
-                    shutdown_policy: str = "none") -> TaskRecord:
+                    shutdown_policy: str = "none", reverse: bool = False) -> TaskRecord:
         record = await asyncio.to_thread(self.db.get_vpg, name)
         if record.role != VpgRole.RECOVERY:
             raise StateError(f"VPG {name!r} is protected at this site: fail it over at its "
@@ -93,13 +95,13 @@ class FailoverOps:
         rvpg = self.rt.recovery_vpg(name)
         try:
             plan = FailoverPlan(0, CommitPolicy(commit_policy), commit_after_minutes,
-                                ShutdownPolicy(shutdown_policy))
+                                ShutdownPolicy(shutdown_policy), reverse)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         plan.check()
         ckpt = await asyncio.to_thread(resolve_checkpoint, rvpg, checkpoint)
         plan = FailoverPlan(ckpt.id, plan.commit_policy, plan.commit_after_minutes,
-                            plan.shutdown_policy)
+                            plan.shutdown_policy, reverse)
         self._refuse_attach(name, FailoverState.PROMOTING)
         self._starting.add(name)
         requested = time.monotonic()
@@ -197,13 +199,16 @@ class FailoverOps:
         async def run(progress: Progress) -> dict[str, Any]:
             await progress(0.0, f"committing VPG {name}: finishing promotion")
             self._unexport(name)
-            await asyncio.to_thread(fo.commit, self.on_commit)
+            await asyncio.to_thread(fo.commit)
             self.rt.reload_recovery_vpg(name)  # its cached checkpoints are gone
             self._export(fo)
             await self._event("failover_committed",
                               f"VPG {name} committed at checkpoint {fo.plan.checkpoint_id}: "
                               f"the recovered volumes are the replicas", name)
-            return fo.status()
+            status = fo.status()
+            if fo.plan.reverse and self.after_commit is not None:
+                await self.after_commit(name)
+            return status
 
         return await self.runner.submit("failover_commit", run, vpg=name)
 
@@ -254,6 +259,21 @@ class FailoverOps:
             if fo is not None:
                 self._activate(fo)
                 log.info("failover of %s resumed (%s)", fo.name, fo.state)
+                if (fo.state == FailoverState.COMMITTED and fo.plan.reverse
+                        and self.after_commit is not None):
+                    await self.after_commit(fo.name)
+
+    async def release(self, name: str, refusal: str) -> None:
+        """Forget a committed failover whose volumes leave the journals (reverse
+        protection): its exports and state go; ATTACHes of the VPG stay refused with
+        `refusal`."""
+        fo = self._get(name, FailoverOp.REVERSE)
+        self._unexport(name)
+        await asyncio.to_thread(fo.close)
+        self.active.pop(name, None)
+        assert self.rt.recovery is not None
+        self.rt.recovery.failed_over[name] = refusal
+        await asyncio.to_thread(shutil.rmtree, self.directory(name), True)
 
     async def close(self) -> None:
         for name in list(self._timers):

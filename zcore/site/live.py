@@ -45,6 +45,7 @@ from zcore.site.db import (
 from zcore.site.errors import AlreadyExistsError
 from zcore.site.failover_ops import FailoverOps
 from zcore.site.metrics import Series
+from zcore.site.reverse_ops import ReverseOps
 from zcore.site.runtime import SiteRuntime, vpg_settings
 from zcore.site.tasks import Progress, TaskRunner
 from zcore.vpg import VPGMode
@@ -69,6 +70,7 @@ class LiveSiteBackend(DbSiteBackend):
         self.operations: Any = None  # zcore.site.operations.RecoveryOperations
         runtime.attached = self._attached
         self.failovers = FailoverOps(db, runtime, self.runner)
+        self.reverse = ReverseOps(self, self.failovers)
 
     # -- sites and pairing -----------------------------------------------------------------
 
@@ -156,13 +158,13 @@ class LiveSiteBackend(DbSiteBackend):
             await self._db(self.db.update_vpg, spec.name, state=VpgState.SYNCING)
             await self._db(self.db.add_event, "vpg_created",
                            f"VPG {spec.name} created: initial sync to {address}", vpg=spec.name)
-            await self._wait_synced(spec.name, progress, "initial sync")
+            await self.wait_synced(spec.name, progress, "initial sync")
             await self._db(self.db.update_vpg, spec.name, state=VpgState.PROTECTING)
             return {"vpg": spec.name}
 
         return await self.runner.submit("vpg_create", run, vpg=spec.name)
 
-    async def _wait_synced(self, name: str, progress: Progress, what: str) -> None:
+    async def wait_synced(self, name: str, progress: Progress, what: str) -> None:
         """Until the VPG streams with nothing unacknowledged from its sync."""
         last = -1.0
         while True:
@@ -219,7 +221,7 @@ class LiveSiteBackend(DbSiteBackend):
             await asyncio.to_thread(entry.vpg.link_down, "sync requested by a user")
             await asyncio.to_thread(entry.vpg.link_up)
             await self._db(self.db.update_vpg, name, state=VpgState.SYNCING)
-            await self._wait_synced(name, progress, "sync")
+            await self.wait_synced(name, progress, "sync")
             await self._db(self.db.update_vpg, name, state=VpgState.PROTECTING)
             return {"vpg": name}
 

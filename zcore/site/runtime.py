@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,6 +119,10 @@ class LiveRecoverySite(RecoverySite):
     """The recovery site, telling the service when a VPG attaches."""
 
     on_attach: Callable[[VPGReceiver, Peer], None] | None = None
+    # Called with every ATTACH before its journals open; raises ProtocolError to refuse
+    # it.  Reverse protection hangs here (zcore.site.reverse_ops: a VPG this site protects
+    # becomes a recovery VPG when its recovery site attaches it reversed).
+    before_attach: Callable[[Peer, dict[str, Any]], Awaitable[None]] | None = None
     # VPG -> why its ATTACH is refused (a live failover: zcore.site.failover_ops)
     failed_over: dict[str, str]
 
@@ -130,6 +134,8 @@ class LiveRecoverySite(RecoverySite):
         why = getattr(self, "failed_over", {}).get(str(msg.get("vpg")))
         if why is not None:
             raise ProtocolError(why)
+        if self.before_attach is not None:
+            await self.before_attach(peer, msg)
         receiver = await super().attach_async(peer, msg)
         if self.on_attach is not None:
             self.on_attach(receiver, peer)
@@ -321,10 +327,13 @@ class SiteRuntime:
         return vpg
 
     async def start_protected(self, record: VpgRecord, vms: list[VmRecord],
-                              address: str, paused: bool = False) -> VPG:
+                              address: str, paused: bool = False,
+                              delta_sync: bool = False) -> VPG:
         """Start (or resume after a restart) a protected VPG and its sender, and export
-        its volumes.  A first start runs the initial sync; a restart resumes from the VPG's
-        state (bitmaps after a clean stop, a full resend after a crash)."""
+        its volumes.  A first start runs the initial sync (a delta sync against the
+        replicas the recovery site already holds, with `delta_sync`: reverse protection);
+        a restart resumes from the VPG's state (bitmaps after a clean stop, a full resend
+        after a crash)."""
         assert self.protected_site is not None
         if record.name in self.protected:
             raise StateError(f"VPG {record.name!r} is already running")
@@ -333,7 +342,10 @@ class SiteRuntime:
         host, port = split_address(address)
         vpg = await asyncio.to_thread(self.build_vpg, record, vms)
         try:
-            await asyncio.to_thread(vpg.start, initial_sync=True)
+            if delta_sync:
+                await asyncio.to_thread(vpg.start, delta_sync=True)
+            else:
+                await asyncio.to_thread(vpg.start, initial_sync=True)
         except BaseException:
             await asyncio.to_thread(vpg.close)
             raise
@@ -341,13 +353,36 @@ class SiteRuntime:
         if paused:
             rep.pause()
         rep.start()
-        names = []
-        for volume in vpg.volumes.values():
-            name = export_name(vpg.name, volume.vm, volume.name)
-            self.nbd.add_export(volume_export(volume, name))
-            names.append(name)
-        self.protected[record.name] = ProtectedEntry(vpg, rep, names)
-        return vpg
+        entry = self.protected[record.name] = ProtectedEntry(vpg, rep, [])
+        self.allow_writes(record.name)
+        return entry.vpg
+
+    def allow_writes(self, name: str) -> None:
+        """Export a running protected VPG's volumes (read-write, captured)."""
+        entry = self.entry(name)
+        for volume in entry.vpg.volumes.values():
+            export = export_name(entry.vpg.name, volume.vm, volume.name)
+            if self.nbd.lookup(export) is None:
+                self.nbd.add_export(volume_export(volume, export))
+            if export not in entry.exports:
+                entry.exports.append(export)
+
+    async def refuse_writes(self, name: str, timeout: float = 10.0) -> None:
+        """Drop a protected VPG's exports and wait until their connections have ended
+        (no write of theirs is in flight any more: a planned move's checkpoint comes
+        after every write)."""
+        entry = self.entry(name)
+        for export in entry.exports:
+            if self.nbd.lookup(export) is not None:
+                self.nbd.remove_export(export)
+        names = set(entry.exports)
+        entry.exports.clear()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while any(c.export in names for c in self.nbd.connection_info()):
+            if asyncio.get_running_loop().time() > deadline:
+                raise StateError(f"VPG {name}: NBD clients of its volumes did not "
+                                 f"disconnect in {timeout:.0f} s")
+            await asyncio.sleep(0.05)
 
     async def stop_protected(self, name: str) -> None:
         """Stop a protected VPG cleanly: exports dropped, sender stopped, bitmaps saved."""

@@ -199,6 +199,7 @@ class SiteService:
         self.backend = LiveSiteBackend(db, rt, self.runner)
         self.operations = ops = RecoveryOperations(db, rt, self.runner)
         self.backend.operations = ops
+        self.backend.reverse.install()  # before the listener takes any ATTACH or MOVE
         api_sock = _bind(opts.api_host, opts.api_port)
         try:
             await rt.listen(opts.host, opts.replication_port, opts.nbd_port)
@@ -212,6 +213,7 @@ class SiteService:
         await self.reconcile(found)
         await ops.recover()
         await self.backend.failovers.restore()  # before retention rounds can run
+        await self.backend.reverse.restore()
         self.scheduler = Scheduler(db, rt)
         self.scheduler.operations = ops
         self.scheduler.start()
@@ -282,6 +284,8 @@ class SiteService:
         record = await asyncio.to_thread(db.get_vpg, name)
         if state == VpgState.DELETING:
             await backend.finish_delete(record)
+            return
+        if state == VpgState.MOVED:  # its VMs run at the recovery site now
             return
         if role == VpgRole.RECOVERY:
             if name not in rt.recovery_vpgs:

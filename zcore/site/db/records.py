@@ -19,7 +19,7 @@ class VolumeRole(StrEnum):
 
 
 class VpgRole(StrEnum):
-    """The side of a VPG this site holds (reversible later)."""
+    """The side of a VPG this site holds (reverse protection swaps the two sites')."""
 
     PROTECTED = "protected"
     RECOVERY = "recovery"
@@ -34,6 +34,7 @@ class VpgState(StrEnum):
     PAUSED = "paused"
     ERROR = "error"
     DELETING = "deleting"
+    MOVED = "moved"  # its VMs moved to the recovery site (a planned move); not running here
 
 
 class TaskState(StrEnum):

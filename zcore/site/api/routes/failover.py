@@ -1,6 +1,7 @@
 """Routes for live failover (zcore.site.failover_ops): start, commit, rollback (tasks)
-and the failover's status.  A state that does not allow the operation answers 409 with
-the reason and what is allowed."""
+and the failover's status; and for what follows a failover (zcore.site.reverse_ops):
+move, reverse protection, failback (tasks).  A state that does not allow the operation
+answers 409 with the reason and what is allowed."""
 
 from __future__ import annotations
 
@@ -26,12 +27,21 @@ class FailoverStart(BaseModel):
     commit_policy: Literal["none", "commit", "rollback"] = "none"
     commit_after_minutes: float | None = Field(None, ge=0, description="0: at once")
     shutdown_policy: Literal["none", "graceful", "force"] = "none"
+    reverse: bool = Field(False, description="start reverse protection once committed")
 
 
-def _ops(ctx: SiteContext) -> Any:
-    ops = getattr(ctx.backend, "failovers", None)
+class MoveStart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reverse: bool = Field(True, description="protect the VPG back to this site after it "
+                          "moved (the default)")
+
+
+def _ops(ctx: SiteContext, which: str = "failovers") -> Any:
+    ops = getattr(ctx.backend, which, None)
     if ops is None:
-        raise StateError("this site's backend runs no failovers (a live site service does)")
+        raise StateError("this site's backend runs no recovery operations (a live site "
+                         "service does)")
     return ops
 
 
@@ -42,8 +52,29 @@ def failover_router(ctx: SiteContext) -> APIRouter:
             summary="Fail a VPG over at a checkpoint (a task; volumes served at once)")
     async def failover_start(name: NamePath, body: FailoverStart, response: Response) -> Task:
         task = await _ops(ctx).start(name, body.checkpoint, body.commit_policy,
-                                     body.commit_after_minutes, body.shutdown_policy)
+                                     body.commit_after_minutes, body.shutdown_policy,
+                                     body.reverse)
         return accepted(response, task)
+
+    @r.post("/vpgs/{name}/move", status_code=202,
+            summary="A planned move to the recovery site (a task, run at the protected "
+            "site): writes stopped, a checkpoint after the last one, failover with commit")
+    async def move(name: NamePath, response: Response,
+                   body: MoveStart | None = None) -> Task:
+        reverse = True if body is None else body.reverse
+        return accepted(response, await _ops(ctx, "reverse").move(name, reverse))
+
+    @r.post("/vpgs/{name}/reverse", status_code=202,
+            summary="Reverse protection of a committed failover (a task): the recovered "
+            "volumes protected back to the original site with a delta sync")
+    async def reverse(name: NamePath, response: Response) -> Task:
+        return accepted(response, await _ops(ctx, "reverse").reverse(name))
+
+    @r.post("/vpgs/{name}/failback", status_code=202,
+            summary="Fail a reversed VPG back to its original site (a task): a move back "
+            "with reverse protection")
+    async def failback(name: NamePath, response: Response) -> Task:
+        return accepted(response, await _ops(ctx, "reverse").failback(name))
 
     @r.post("/vpgs/{name}/failover/commit", status_code=202,
             summary="Commit a failover (a task): the recovered volumes become the replicas")

@@ -6,22 +6,22 @@ refusals: each operation in a state that does not allow it answers 409 with the 
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import require_tool
 from helpers.cli import zcore_cmd
 from helpers.failover import DISK, MiB, pair, protect, qemu_io, tag, wait_task
 from helpers.site import SiteProcess, init_site_dir, ok, wait_for
 
-pytestmark = pytest.mark.skipif(shutil.which("qemu-io") is None, reason="needs qemu-io")
-
 
 @pytest.fixture
 def sites(tmp_path: Path) -> Iterator[tuple[SiteProcess, SiteProcess]]:
+    require_tool("qemu-io")
+    require_tool("qemu-img")
     init_site_dir(tmp_path / "a", "alpha")
     init_site_dir(tmp_path / "b", "beta")
     a, b = SiteProcess(tmp_path / "a"), SiteProcess(tmp_path / "b")

@@ -8,7 +8,8 @@ ratio, checks the ratio against the metric's target, and writes
                                  "target", "met", "note", "details"}, ...]}
 
 Suites are the modules of bench/suites/ (a module `bench/suites/capture.py` is the suite
-`capture`).  A suite module defines `DESCRIPTION` (one line) and `run(ctx)`, which
+`capture`; a suite too big for one module is a package, `bench/suites/recovery/`, whose
+`__init__.py` is the suite).  A suite module defines `DESCRIPTION` (one line) and `run(ctx)`, which
 returns or yields `benchkit.Metric`s; `ctx` is a `benchkit.Context` holding the scratch
 directory and the --quick flag.  Adding a suite is adding a module: nothing to register.
 

@@ -322,6 +322,25 @@ def test_checkpoint_choice_resolves_each_form_and_says_what_exists_when_nothing_
             CheckpointChoice.parse(bad)
 
 
+def test_checkpoint_choice_takes_the_failover_api_and_nbd_view_spellings() -> None:
+    """The one parser keeps what the failover API (`latest_tagged`, a JSON number,
+    `before:<epoch>`) and the NBD view names (`@latest`, `@ID`, `@tag:TEXT`, TEXT kept to
+    its last character) took before it replaced their own parsers."""
+    base = parse_time("2026-12-01T14:00:00Z")
+    src = Source([_cp(1, base, "a "), _cp(2, base + 60, "a"), _cp(3, base + 120),
+                  _cp(4, base + 300, consistent=False)])
+    assert CheckpointChoice.parse("latest_tagged").resolve(src).id == 2
+    assert CheckpointChoice.parse("latest_consistent").resolve(src).id == 3
+    assert CheckpointChoice.parse(1).resolve(src).id == 1
+    assert CheckpointChoice.parse("3").resolve(src).id == 3
+    assert CheckpointChoice.parse(f"before:{base + 61.5}").resolve(src).id == 2
+    assert CheckpointChoice.parse("tag:a ").resolve(src).id == 1
+    assert CheckpointChoice.parse("tag:a").resolve(src).id == 2
+    for bad in (-1, True, 1.5, "\u00b2", "tag:  "):
+        with pytest.raises(ConfigError, match="checkpoint choice"):
+            CheckpointChoice.parse(bad)  # type: ignore[arg-type]
+
+
 def test_state_table_refuses_with_the_reason_and_what_is_allowed() -> None:
     states = OperationStates()
     with pytest.raises(StateError, match="replicating with no recovery operation running: "

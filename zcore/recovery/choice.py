@@ -3,13 +3,15 @@ it ("the latest", "the latest tagged", "the one tagged before-upgrade", "id 4711
 last checkpoint before 14:05"), resolved against the recovery-site VPG
 (zcore.site.recovery_vpg.RecoveryVPG) to one usable checkpoint.
 
-Sits under every recovery operation (failover test, failover, move) and their API and
-CLI, which all take the same text form (`CheckpointChoice.parse`):
+The one parser of checkpoint choices: every recovery operation (failover test, failover,
+move), their API and CLI, and the site's NBD view names (`VPG/VM/VOLUME@CKPT`) take the
+same text form (`CheckpointChoice.parse`):
 
     latest                 the newest usable checkpoint
-    latest-tagged          the newest tagged one
-    latest-consistent      the newest crash-consistent one
-    id:N  (or just N)      checkpoint N
+    latest-tagged          the newest tagged one (also latest_tagged, tagged)
+    latest-consistent      the newest crash-consistent one (also latest_consistent,
+                           consistent)
+    id:N  (or just N)      checkpoint N (the API also takes N as a JSON number)
     tag:NAME               the newest checkpoint tagged exactly NAME
     before:TIME            the last checkpoint strictly before TIME: ISO 8601
                            (2026-12-01T14:05:00+01:00; without a zone it is UTC) or
@@ -84,6 +86,10 @@ def parse_time(text: str) -> float:
     return when.timestamp()
 
 
+def _is_id(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
 def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
@@ -104,14 +110,23 @@ class CheckpointChoice:
             raise ConfigError(f"checkpoint choice {self.kind} needs its value")
 
     @classmethod
-    def parse(cls, text: str | None) -> CheckpointChoice:
+    def parse(cls, text: str | int | None) -> CheckpointChoice:
+        """The choice `text` spells (None or blank: latest; an int: that id)."""
+        if isinstance(text, int) and not isinstance(text, bool):
+            if text < 0:
+                raise ConfigError(f"checkpoint choice {text}: an id is not negative")
+            return cls(ChoiceKind.ID, checkpoint_id=text)
+        if not isinstance(text, str | None):
+            raise ConfigError(f"checkpoint choice {text!r} is not text or an id")
         if text is None or not text.strip():
             return cls()
+        # a tag is kept to its last character (an NBD view name may end in a space)
+        tag = text.lstrip().partition(":")[2]
         text = text.strip()
         head, sep, rest = text.partition(":")
         key = head.strip().lower().replace("_", "-")
         if not sep:
-            if text.isdigit():
+            if _is_id(text):
                 return cls(ChoiceKind.ID, checkpoint_id=int(text))
             aliases = {"latest": ChoiceKind.LATEST, "latest-tagged": ChoiceKind.LATEST_TAGGED,
                        "tagged": ChoiceKind.LATEST_TAGGED,
@@ -119,10 +134,10 @@ class CheckpointChoice:
                        "consistent": ChoiceKind.LATEST_CONSISTENT}
             if key in aliases:
                 return cls(aliases[key])
-        elif key == "id" and rest.strip().isdigit():
+        elif key == "id" and _is_id(rest.strip()):
             return cls(ChoiceKind.ID, checkpoint_id=int(rest.strip()))
-        elif key == "tag" and rest:
-            return cls(ChoiceKind.TAG, tag=rest)
+        elif key == "tag" and tag.strip():
+            return cls(ChoiceKind.TAG, tag=tag)
         elif key == "before":
             return cls(ChoiceKind.BEFORE, before=parse_time(rest))
         raise ConfigError(f"checkpoint choice {text!r} is not one of: latest, latest-tagged, "
@@ -160,8 +175,9 @@ class CheckpointChoice:
         if k == ChoiceKind.BEFORE:
             assert self.before is not None
             return source.before(self.before)
-        found = [c for c in source.checkpoints(tag=self.tag, kind=CheckpointKind.TAGGED,
-                                               newest_first=True) if c.tag == self.tag]
+        # `tag=` may match substrings (RecoveryVPG does): keep the exact matches
+        found = [c for c in source.checkpoints(tag=self.tag, newest_first=True)
+                 if c.tag == self.tag]
         if not found:
             raise CheckpointNotFoundError(
                 f"VPG {source.name} holds no usable checkpoint tagged {self.tag!r}")

@@ -41,7 +41,6 @@ from typing import Any
 from zcore.errors import ConfigError, StateError
 from zcore.fsutil import fsync_dir, read_state, write_state
 from zcore.journal import Journal
-from zcore.records import Checkpoint
 from zcore.recovery.overlay import DurableOverlay, remove_overlay
 
 log = logging.getLogger(__name__)
@@ -385,27 +384,3 @@ class Failover:
         with self._lock:
             self._close_overlays(flush=False)
 
-
-def resolve_checkpoint(rvpg: Any, spec: str | int | None) -> Checkpoint:
-    """A checkpoint of a RecoveryVPG from the API's choice: None or "latest", "latest_tagged",
-    "latest_consistent", an id (int or digits), "before:<epoch seconds>".  (A minimal
-    resolver: opstest's zcore.recovery.choice replaces it when merged.)"""
-    if spec is None or spec == "latest":
-        c: Checkpoint = rvpg.latest()
-    elif spec == "latest_tagged":
-        c = rvpg.latest(tagged=True)
-    elif spec == "latest_consistent":
-        c = rvpg.latest(consistent=True)
-    elif isinstance(spec, int) or (isinstance(spec, str) and spec.isdigit()):
-        c = rvpg.by_id(int(spec))
-    elif isinstance(spec, str) and spec.startswith("before:"):
-        try:
-            t = float(spec.removeprefix("before:"))
-        except ValueError:
-            raise ConfigError(f"checkpoint {spec!r}: give before:<seconds since the "
-                              "epoch>") from None
-        c = rvpg.before(t)
-    else:
-        raise ConfigError(f"checkpoint {spec!r} is not latest, latest_tagged, "
-                          "latest_consistent, an id or before:<time>")
-    return c

@@ -29,6 +29,7 @@ from typing import Any
 
 from zcore.errors import ConfigError, StateError
 from zcore.nbd import file_export, overlay_export
+from zcore.recovery.choice import CheckpointChoice
 from zcore.recovery.failover import (
     CommitPolicy,
     Failover,
@@ -37,7 +38,6 @@ from zcore.recovery.failover import (
     FailoverState,
     ShutdownPolicy,
     check_allowed,
-    resolve_checkpoint,
 )
 from zcore.site.db import SiteDB, TaskRecord, VpgRole
 from zcore.site.runtime import SiteRuntime
@@ -99,7 +99,7 @@ class FailoverOps:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         plan.check()
-        ckpt = await asyncio.to_thread(resolve_checkpoint, rvpg, checkpoint)
+        ckpt = await asyncio.to_thread(CheckpointChoice.parse(checkpoint).resolve, rvpg)
         plan = FailoverPlan(ckpt.id, plan.commit_policy, plan.commit_after_minutes,
                             plan.shutdown_policy, reverse)
         self._refuse_attach(name, FailoverState.PROMOTING)

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from zcore.errors import (
-    CheckpointNotFoundError,
     ConfigError,
     ProtocolError,
     StateError,
@@ -37,7 +36,7 @@ from zcore.errors import (
 )
 from zcore.journal import Journal, JournalSettings
 from zcore.nbd import Export, NBDServer, view_export, volume_export
-from zcore.records import Checkpoint
+from zcore.recovery.choice import CheckpointChoice
 from zcore.replication import ProtectedSite, RecoverySite, Replication, VPGReceiver
 from zcore.replication.ownership import read_owner
 from zcore.security import Peer, trust
@@ -166,20 +165,6 @@ class LiveRecoverySite(RecoverySite):
     def forget(self, name: str) -> VPGReceiver | None:
         """Stop holding a VPG (its journals are closed by the caller, in a thread)."""
         return self.receivers.pop(name, None)
-
-
-def resolve_checkpoint(rvpg: RecoveryVPG, text: str) -> Checkpoint:
-    """The usable checkpoint a view name's CKPT names: an id, `latest` or `tag:TEXT`."""
-    if text == "latest":
-        return rvpg.latest()
-    if text.startswith("tag:"):
-        tag = text.removeprefix("tag:")
-        for cp in rvpg.checkpoints(tag=tag, newest_first=True):  # `tag` matches substrings
-            if cp.tag == tag:
-                return cp
-        raise CheckpointNotFoundError(f"VPG {rvpg.name} holds no usable checkpoint tagged "
-                                      f"{tag!r}")
-    return rvpg.by_id(int(text))
 
 
 class SiteNBDServer(NBDServer):
@@ -468,5 +453,6 @@ class SiteRuntime:
         journal = rvpg.journals.get(m["vm"])
         if journal is None:
             return None
-        ckpt = resolve_checkpoint(rvpg, m["id"])  # usable in every journal of the VPG
+        # usable in every journal of the VPG; CKPT is an id, latest or tag:TEXT (VIEW_NAME)
+        ckpt = CheckpointChoice.parse(m["id"]).resolve(rvpg)
         return view_export(journal, ckpt.id, m["volume"], name)

@@ -1,5 +1,6 @@
-"""recovery suite (issue 11): the delta sync of reverse protection, over loopback TCP to a
-target in a subprocess, each metric beside a baseline measured in the same run:
+"""The recovery suite's delta-sync part (issue 11; bench/suites/recovery/__init__.py runs
+it): the delta sync of reverse protection, over loopback TCP to a target in a subprocess,
+each metric beside a baseline measured in the same run:
 
   recovery.delta_sync        bytes on the wire (frames both ways, headers included) of
                              the delta sync of a 2 GiB volume made different by random
@@ -12,7 +13,8 @@ target in a subprocess, each metric beside a baseline measured in the same run:
 Both volumes start as the same VM-like data (zero, text-like and random 4 KiB blocks), in
 the page cache on both sides, as a site's hot replicas are.  The target runs in its own
 process, as the other site would: its hashing does not contend for the source's GIL.
-Run as a script (`recovery.py --target MODE PATH`) it is that target.
+Run as a script (`delta.py --target MODE PATH`) it is that target: it imports nothing of
+bench/ at its top for that reason.
 """
 
 from __future__ import annotations
@@ -40,8 +42,6 @@ from zcore.deltasync import (
 )
 from zcore.deltasync.messages import MAX_DATA, data_frame, parse_data
 from zcore.fsutil import pwrite_all
-
-DESCRIPTION = "delta sync of reverse protection: bytes sent and time vs a full resend (issue 11)"
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 # the issue's volume: 2 GiB, 5 % of it rewritten by 4 KiB-1 MiB writes, 4 KiB aligned
@@ -234,7 +234,9 @@ def _run_pass(mode: str, src: Path, dst: Path) -> tuple[float, dict[str, int]]:
     return seconds, stats
 
 
-def run(ctx):
+def measure_delta_sync(ctx):
+    """recovery.delta_sync and recovery.delta_sync_time, from one delta sync and one full
+    resend of the same volumes."""
     from benchkit import Metric
 
     size = ctx.scale(VOLUME_BYTES, minimum=16 * MiB, align=MiB)

@@ -1,5 +1,6 @@
-"""Live failover (zcore.recovery.failover): how soon a recovered volume answers over NBD,
-and how fast promotion goes on behind a recovered VM that writes.
+"""The recovery suite's live-failover part (issue 11; bench/suites/recovery/__init__.py
+runs it): how soon a recovered volume answers over NBD (zcore.recovery.failover), and how
+fast promotion goes on behind a recovered VM that writes.
 
 - recovery.rto_first_read: ms from `Failover.start` (the failover request, without the
   REST and task layers) to the first 4 KiB read served by the recovered volume's NBD
@@ -26,8 +27,6 @@ from benchkit import Context, Metric
 from zcore import nbd
 from zcore.journal import Journal, JournalSettings, VolumeSpec
 from zcore.recovery.failover import Failover, FailoverPlan
-
-DESCRIPTION = "live failover: RTO to the first read, promotion under a writing VM"
 
 MiB = 1 << 20
 MB = 1e6
@@ -71,7 +70,9 @@ def _journal(ctx: Context, name: str, journaled: int, volume: int) -> Journal:
 
 
 def _first_read_ms(ctx: Context, journal: Journal, tag: str) -> tuple[float, list[float]]:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+    tests = str(Path(__file__).resolve().parents[3] / "tests")  # bench/suites/recovery/..
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
     from helpers.nbd import RawClient  # the tests' raw NBD client
 
     ckpt = journal.checkpoints()[-1]
@@ -180,7 +181,3 @@ def measure_promote_under_load(ctx: Context) -> Metric:
                  "vm_mb_per_s": out.get("vm_bytes", 0) / max(out.get("vm_seconds", 1), 1e-9)
                  / MB})
 
-
-def run(ctx: Context):
-    yield measure_rto(ctx)
-    yield measure_promote_under_load(ctx)

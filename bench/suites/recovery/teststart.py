@@ -1,5 +1,5 @@
-"""recovery_ops suite (issue 11): starting a failover test, beside a baseline measured in
-the same run.
+"""The recovery suite's failover-test part (issue 11; bench/suites/recovery/__init__.py
+runs it): starting a failover test, beside a baseline measured in the same run.
 
   recovery.test_start    median ms to start a failover test of a 4-VM VPG (one view per
                          VM at the newest checkpoint, one scratch overlay and NBD export
@@ -13,9 +13,6 @@ writes at 4 KiB-aligned offsets of a 4 GiB volume, an automatic checkpoint every
 The small VPG is grown first, then a second VPG to the large size.  Starts of the two
 alternate, so both meet the same disturbances (the machine is shared); each start is
 closed (overlays discarded, views closed) before the next.
-
-(The suite `recovery` holds the delta-sync metrics of the same issue; this one is kept
-apart so the two could be written in parallel.  Merge them when both are on main.)
 """
 
 from __future__ import annotations
@@ -29,8 +26,6 @@ from benchkit import Context, Metric
 from suites.journal import BUNDLE_BYTES, Workload
 from zcore.journal import Journal, JournalSettings, VolumeSpec
 from zcore.recovery import FailoverTest
-
-DESCRIPTION = "failover test start time vs journal size (issue 11)"
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 VMS = 4
@@ -84,7 +79,8 @@ def _start_ms(vpg: str, journals: dict[str, Journal], scratch: Path) -> float:
     return elapsed
 
 
-def run(ctx: Context) -> list[Metric]:
+def measure_test_start(ctx: Context) -> Metric:
+    """recovery.test_start: alternating starts of a small and a large VPG's test."""
     small_total = ctx.scale(SMALL_TOTAL, minimum=4 * BUNDLE_BYTES)
     large_total = ctx.scale(LARGE_TOTAL, minimum=8 * BUNDLE_BYTES)
     small = _grow(ctx, ctx.subdir("small"), small_total // VMS)
@@ -100,13 +96,13 @@ def run(ctx: Context) -> list[Metric]:
         baseline = statistics.median(times["small"])
         ctx.log(f"test start: {value:.2f} ms at {large_total / GiB:.2f} GiB, "
                 f"{baseline:.2f} ms at {small_total / GiB:.2f} GiB")
-        return [Metric(
+        return Metric(
             "recovery.test_start", value, "ms", baseline, TARGET,
             note=f"median ms to start a failover test of a {VMS}-VM VPG, "
                  f"{large_total / GiB:g} GiB journaled vs {small_total / GiB:g} GiB",
             details={"large_ms": times["large"], "small_ms": times["small"],
                      "large_bytes": large_total, "small_bytes": small_total,
-                     "vms": VMS})]
+                     "vms": VMS})
     finally:
         for j in (*small.values(), *large.values()):
             j.close()

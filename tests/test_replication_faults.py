@@ -289,6 +289,26 @@ def test_stall_longer_than_the_peer_timeout_reconnects(sites):
     _scenario(sites, 5, body)
 
 
+def test_a_session_past_the_peer_timeout_is_not_reported_connected_while_it_closes(sites):
+    """Issue 9 finding 15: a session ended by the peer timeout still counted as connected
+    while its TLS close waited on the dead link (up to a second more), and so did its
+    status: the link is reported down when it is declared down, with the reason."""
+    async def body(sc):
+        timing.STALL_TIMEOUT = 30.0  # (fast_timeouts restores it) only the peer timeout
+        await asyncio.sleep(0.2)  # the session in place uses the new timeout from here on
+        loop = asyncio.get_running_loop()
+        sc.proxy.stall()  # both directions held: nothing arrives, the close cannot go out
+        stalled = loop.time()
+        await wait_until(lambda: not sc.rep.connected, 10, "the peer timeout")
+        took = loop.time() - stalled
+        assert took < timing.PEER_TIMEOUT + 0.5, took
+        assert "Timeout" in sc.rep.last_error, sc.rep.last_error
+        assert sc.rep.status().state == "disconnected"
+        sc.proxy.unstall()
+        await wait_until(lambda: sc.rep.connected, 10, "a new session after the stall")
+    _scenario(sites, 11, body)
+
+
 def test_acks_lost_in_a_one_way_stall_are_not_applied_twice_on_resend(sites):
     """The recovery site journals what arrives but its acks are held: the sender resends
     from the last ack after reconnecting, and the journals skip what they hold."""

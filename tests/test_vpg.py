@@ -408,6 +408,33 @@ def test_a_tagged_checkpoint_folded_before_delivery_is_journaled_after_the_sync(
     assert any("'carried'" in e and "not crash-consistent" in e for e in site.vpg.events)
 
 
+def test_an_overflow_while_the_link_holds_unacked_bundles_does_not_resync_into_it(tmp_path):
+    """Issue 9 finding 15: the bitmap sync began the moment an overflow's fold ended, into
+    a link that had acknowledged nothing since it stalled; the sync filled the buffer it
+    did not drain and the VPG folded again (8 folds in one 13 s drop).  The sync waits
+    for the ack of what the link took (or for link_up), then runs once."""
+    s = Site(tmp_path, VPGSettings(checkpoint_interval=3600, buffer_bytes=4 * MiB,
+                                   bundle_bytes=256 * KiB))
+    try:
+        s.start(link=False)
+        scribble(s, 10, 8)
+        taken = s.vpg.wait_bundles(0, 5.0)  # a link takes them, and then stalls
+        assert taken
+        scribble(s, 200, 6)  # ~6.5 MiB of writes: the buffer overflows
+        wait_for(lambda: any("buffer overflow" in e for e in s.vpg.events),
+                 what="the overflow")
+        time.sleep(0.3)
+        assert s.vpg.mode == "bitmap", s.vpg.events
+        assert not s.sync_started(), s.vpg.events
+        assert sum(e.split(" ", 1)[1].startswith("bitmap mode:") for e in s.vpg.events) == 1
+        s.vpg.ack(taken[-1].last_seq)  # the link delivers after all
+        wait_for(lambda: s.sync_started(), what="the sync after the ack")
+        s.check_latest()
+        assert len(s.sync_started()) == 1, s.vpg.events
+    finally:
+        s.close()
+
+
 def test_a_tagged_checkpoint_in_the_ring_at_an_overflow_is_not_dropped_unseen(tmp_path):
     """The pending bound is reached first, so the marker waits in the ring when it
     overflows: the ring's discard used to skip it with no event, and acked_seq later

@@ -89,11 +89,9 @@ def test_reported_rpo_is_never_below_the_true_rpo(checked):
         + "\n".join(checked.rpo_violations[:20]))
 
 
-@pytest.mark.xfail(strict=False, reason="issue 9 finding 15")
 def test_a_stalled_or_cut_link_is_reported_disconnected_after_the_peer_timeout(checked):
     assert not checked.connected_in_outage, "\n".join(checked.connected_in_outage[:20])
 
 
-@pytest.mark.xfail(strict=False, reason="issue 9 finding 15")
 def test_a_link_outage_folds_the_vpg_into_bitmap_mode_at_most_once(checked):
     assert not checked.outage_refolds, "\n".join(checked.outage_refolds)

@@ -37,6 +37,10 @@ class LinkStalledError(TimeoutError):
     """The link carries nothing while data is outstanding (see timing.STALL_TIMEOUT)."""
 
 
+# What ends a session: the sender reconnects after any of these.
+_LINK_ERRORS = (OSError, ssl.SSLError, ZcoreError, asyncio.IncompleteReadError, TimeoutError)
+
+
 class FrameStream:
     """Frames from an asyncio StreamReader (the protected side receives only small ones)."""
 
@@ -222,18 +226,8 @@ class Replication:
                 await self._session()
             except asyncio.CancelledError:
                 raise
-            except LinkStalledError as exc:
-                self.connected = False
-                self.stalls += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("VPG %s: %s", self.vpg.name, exc)
-                if not self._declared_down:  # once per outage: the VPG folds once
-                    self._declared_down = True
-                    self._vpg_call(self.vpg.link_down, str(exc))
-            except (OSError, ssl.SSLError, ZcoreError,
-                    asyncio.IncompleteReadError, TimeoutError) as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.info("VPG %s: link lost: %s", self.vpg.name, self.last_error)
+            except _LINK_ERRORS as exc:  # before the session had a stream to close
+                self._link_lost(exc)
             finally:
                 self.connected = False
             if self.sessions > sessions:  # the link worked: the backoff starts over
@@ -256,8 +250,27 @@ class Replication:
             durable = await self._handshake(frames, writer)
             self._resume_after(durable)
             await self._stream(frames, writer)
+        except _LINK_ERRORS as exc:
+            # reported now: closing a dead link's stream waits up to a second more, and a
+            # link declared down (the peer timeout, a stall) is not "connected" meanwhile
+            self._link_lost(exc)
         finally:
+            self.connected = False
             await close_writer(writer)
+
+    def _link_lost(self, exc: BaseException) -> None:
+        """A session ended (or never began) with `exc`: disconnected, and why; a stall
+        is declared to the VPG once per outage, so it folds once."""
+        self.connected = False
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, LinkStalledError):
+            log.info("VPG %s: link lost: %s", self.vpg.name, self.last_error)
+            return
+        self.stalls += 1
+        log.warning("VPG %s: %s", self.vpg.name, exc)
+        if not self._declared_down:
+            self._declared_down = True
+            self._vpg_call(self.vpg.link_down, str(exc))
 
     async def _handshake(self, frames: FrameStream, writer: asyncio.StreamWriter) -> int:
         """HELLO and ATTACH; returns the recovery site's durable seq for the VPG."""

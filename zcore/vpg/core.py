@@ -124,6 +124,8 @@ class VPGCore:
         self._sync_done = 0
         self._unsynced_since_ns = 0  # oldest captured write not durable at the recovery site
         self._sync_acked_at = 0  # seq whose ack makes the finished sync's data durable
+        self._handed_seq = 0  # the last seq of the newest bundle a link took
+        self._sync_awaits_ack = 0  # after an overflow: the seq whose ack lets the sync begin
         self._tagged = TaggedCheckpoints()
         self._last_seal_ns = 0
         self._next_checkpoint = 0.0

@@ -79,6 +79,7 @@ class VPG(VPGStream):
             self._seq_reserved = first_seq + SEQ_RESERVE
             self._last_seq = first_seq - 1
             self._acked_seq = max(self._acked_seq, min_seq)
+            self._handed_seq = self._sync_awaits_ack = 0
             ring = self._ring = CaptureRing(self._ring_bytes(), first_seq)
             dirty = any(self.bitmaps.values())
             self._mode = VPGMode.BITMAP if dirty else VPGMode.STREAMING
@@ -229,12 +230,14 @@ class VPG(VPGStream):
         """The recovery site is back: a bitmap sync starts when the queue is empty."""
         with self._lock:
             self._link_up = True
+            self._sync_awaits_ack = 0  # an overflow's sync waits for no ack now
             self._wake.notify_all()
 
     def bundles_after(self, seq: int) -> list[Bundle]:
-        """Pending bundles with seqs above `seq` (what a sender has not sent yet)."""
+        """Pending bundles with seqs above `seq` (what a sender has not sent yet): the
+        caller takes them to send (an overflow's bitmap sync waits for their ack)."""
         with self._lock:
-            return [b for b in self._pending if b.last_seq > seq]
+            return self._took([b for b in self._pending if b.last_seq > seq])
 
     def wait_bundles(self, after_seq: int, timeout: float) -> list[Bundle]:
         """Like bundles_after, waiting up to `timeout` seconds for at least one."""
@@ -244,7 +247,7 @@ class VPG(VPGStream):
                 found = [b for b in self._pending if b.last_seq > after_seq]
                 left = deadline - time.monotonic()
                 if found or left <= 0 or self._stopping or self._mode == VPGMode.STOPPED:
-                    return found
+                    return self._took(found)
                 self._wake.wait(left)
 
     def ack(self, seq: int) -> None:
@@ -259,6 +262,7 @@ class VPG(VPGStream):
                 self._tagged.acknowledged(b.checkpoints)
             if self._sync_acked_at and seq >= self._sync_acked_at:
                 self._unsynced_since_ns = self._sync_acked_at = 0  # the sync is durable
+            self._acked_for_sync(seq)
             self._wake.notify_all()
 
     def flush(self, timeout: float = 10.0) -> int:
@@ -296,7 +300,9 @@ class VPG(VPGStream):
                 return False
             self._seal()
             captured = self._live_ring().stats()["next_seq"] - 1
-            return self._last_seq >= captured and not self.bundles_after(sent_seq)
+            # (a look, not a take: not through bundles_after)
+            return self._last_seq >= captured and all(b.last_seq <= sent_seq
+                                                      for b in self._pending)
 
     # ---- what is going on ----------------------------------------------------------------
 

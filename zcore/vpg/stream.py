@@ -50,7 +50,7 @@ class VPGStream(VPGSyncs):
         busy = False
         if self._mode in (VPGMode.STREAMING, VPGMode.BITMAP_SYNCING, VPGMode.INITIAL_SYNC):
             if stats["overflowed"]:
-                self._fold("buffer overflow")
+                self._fold_overflow()
                 return True
             vols, offs, lens = ring.take_dirty()
             if vols.size:  # write errors: their ranges must be resent
@@ -69,7 +69,7 @@ class VPGStream(VPGSyncs):
                 self._append_carried()
         elif self._mode == VPGMode.BITMAP:
             self._mark(*ring.take_dirty())
-            if self._link_up and self._pending_bytes == 0:
+            if self._link_up and self._pending_bytes == 0 and not self._sync_awaits_ack:
                 self._begin_sync()
                 busy = True
         if (self._mode != VPGMode.STREAMING and

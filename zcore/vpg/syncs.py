@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from zcore._native.capture import MODE_BITMAP, MODE_STREAM
 from zcore.records import CheckpointKind
-from zcore.vpg.core import SyncItem, VPGCore
+from zcore.vpg.core import Bundle, SyncItem, VPGCore
 from zcore.vpg.settings import SYNC_HEADROOM, VPGMode
 
 
@@ -59,6 +59,31 @@ class VPGSyncs(VPGCore):
             self._mode = VPGMode.BITMAP
             self._event(f"bitmap mode: {reason}")
             self._wake.notify_all()
+
+    def _fold_overflow(self) -> None:
+        """The ring overflowed.  If a link took bundles it has not acknowledged, the
+        bitmap sync waits until it does (or until `link_up`): a link that stalled, still
+        counted up until the sender notices, would not drain a sync begun now; it would
+        overflow the buffer again and fold a second time, rereading the dirty blocks
+        (issue 9 finding 15).  A link that delivers acknowledges them within a round
+        trip; nothing taken and unacknowledged, nothing to wait for."""
+        handed = self._handed_seq
+        self._fold("buffer overflow")
+        if handed > self._acked_seq:
+            self._sync_awaits_ack = handed
+            self._event(f"bitmap sync waits for the link to acknowledge seq {handed}")
+
+    def _took(self, bundles: list[Bundle]) -> list[Bundle]:
+        """A link takes `bundles` (the newest last) to send them."""
+        if bundles:
+            self._handed_seq = max(self._handed_seq, bundles[-1].last_seq)
+        return bundles
+
+    def _acked_for_sync(self, seq: int) -> None:
+        """The link acknowledged `seq`: once it covers what the link took before an
+        overflow, the link delivers and the sync may begin."""
+        if seq >= self._sync_awaits_ack:
+            self._sync_awaits_ack = 0
 
     def _carry(self, markers: list[int], *, announce: bool) -> None:
         """Tagged checkpoints whose markers a fold dropped go on to the end of the sync

@@ -12,6 +12,11 @@ exports) once committed.  State: DIR/failover/<vpg>/ (zcore.recovery.failover's 
 file and overlays); a restart resumes every failover found there before the scheduler
 starts (so no retention round runs on a journal a failover pins).
 
+VMs (zcore.site.failover_vms): a start boots the recovered VMs on the failover exports
+through the VPG's adapter and boot plan; rollback and commit stop them first; a commit
+boots them again on the `recovered/...` exports.  A boot that fails fails its task and
+leaves the failover as it is (its status' `vms` holds the error).
+
 Shutdown policy: recorded; the recovery site closes the VPG's replication connection and
 refuses its ATTACH whatever the policy.  Stopping the protected site's VMs and refusing
 writes on its exports needs a message to the protected site (the hypervisor-adapter work).
@@ -26,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from zcore.adapters import StopMode
 from zcore.errors import ConfigError, StateError
 from zcore.nbd import file_export, overlay_export
 from zcore.recovery.failover import (
@@ -39,6 +45,7 @@ from zcore.recovery.failover import (
     resolve_checkpoint,
 )
 from zcore.site.db import SiteDB, TaskRecord, VpgRole
+from zcore.site.failover_vms import FailoverVMs
 from zcore.site.runtime import SiteRuntime
 from zcore.site.tasks import Progress, TaskRunner
 
@@ -67,6 +74,7 @@ class FailoverOps:
         self._starting: set[str] = set()  # start accepted, its task not yet failed over
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self.on_commit: CommitHook | None = None
+        self.vms = FailoverVMs(db, runtime)
 
     def directory(self, name: str) -> Path:
         return self.rt.site.root / "failover" / name
@@ -118,6 +126,8 @@ class FailoverOps:
                               f"VPG {name} failed over to checkpoint {ckpt.id}: recovered "
                               f"volumes served after {time.monotonic() - requested:.3f} s, "
                               f"promoting", name)
+            await progress(0.0, "starting the recovered VMs")
+            await self.vms.boot(fo, FAILOVER_PREFIX, "failover")
             while not fo.wait_promoted(0) and fo.state == FailoverState.PROMOTING:
                 p = fo.promotion
                 await progress(p.done_bytes / p.total_bytes if p.total_bytes else 0.0,
@@ -195,7 +205,9 @@ class FailoverOps:
         self._cancel_timer(name)
 
         async def run(progress: Progress) -> dict[str, Any]:
-            await progress(0.0, f"committing VPG {name}: finishing promotion")
+            await progress(0.0, f"committing VPG {name}: stopping the recovered VMs")
+            await self.vms.stop(fo, StopMode.GRACEFUL)
+            await progress(0.1, f"committing VPG {name}: finishing promotion")
             self._unexport(name)
             await asyncio.to_thread(fo.commit, self.on_commit)
             self.rt.reload_recovery_vpg(name)  # its cached checkpoints are gone
@@ -203,7 +215,9 @@ class FailoverOps:
             await self._event("failover_committed",
                               f"VPG {name} committed at checkpoint {fo.plan.checkpoint_id}: "
                               f"the recovered volumes are the replicas", name)
-            return fo.status()
+            await progress(0.9, "starting the recovered VMs on the replicas")
+            await self.vms.boot(fo, RECOVERED_PREFIX, "recovered")
+            return self.status(name)
 
         return await self.runner.submit("failover_commit", run, vpg=name)
 
@@ -212,6 +226,7 @@ class FailoverOps:
         self._cancel_timer(name)
 
         async def run(progress: Progress) -> dict[str, Any]:
+            await self.vms.stop(fo, StopMode.FORCE)
             self._unexport(name)
             await asyncio.to_thread(fo.rollback)
             self.active.pop(name, None)
@@ -236,6 +251,7 @@ class FailoverOps:
         prefix = RECOVERED_PREFIX if fo.state == FailoverState.COMMITTED else FAILOVER_PREFIX
         out["exports"] = sorted(e.name for e in self.rt.nbd.exports()
                                 if e.name.startswith(f"{prefix}/{name}/"))
+        out["vms"] = self.vms.status(name)
         return out
 
     # ---- restart and stop ----------------------------------------------------------------

@@ -241,11 +241,7 @@ class RecoveryOperations:
                 "vms": running.report.started}
 
     def _uri(self, export: str) -> str:
-        if self.rt.nbd_address is None:
-            return export
-        host, port = self.rt.nbd_address[:2]
-        host = f"[{host}]" if ":" in host else host
-        return f"nbd://{host}:{port}/{export}"
+        return export_uri(self.rt, export)
 
     def _plan(self, test: FailoverTest, settings: dict[str, Any]) -> BootPlan:
         """The boot plan of a test's VMs on its exports (volumes in name order)."""
@@ -417,6 +413,15 @@ class RecoveryOperations:
 
     def forget(self, name: str) -> None:
         self.states.forget(name)
+
+
+def export_uri(rt: SiteRuntime, export: str) -> str:
+    """The NBD URI of `export` on the site's NBD listener (the bare name without one)."""
+    if rt.nbd_address is None:
+        return export
+    host, port = rt.nbd_address[:2]
+    host = f"[{host}]" if ":" in host else host
+    return f"nbd://{host}:{port}/{export}"
 
 
 def _ckpt(c: Any) -> dict[str, Any]:

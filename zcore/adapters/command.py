@@ -13,7 +13,8 @@ described in their environment:
   ZCORE_TIMEOUT       the seconds the script is given before it is killed
 
 A VM's stop script gets the variables its start script got (the adapter keeps them while
-it lives), plus ZCORE_STOP_MODE; a VM the adapter did not start gets ZCORE_VM only.  A
+it lives), plus ZCORE_STOP_MODE; a VM the adapter did not start gets ZCORE_VM and its
+`vm_env`.  A
 stop or status command may be None: stopping runs nothing, a status query is an error.
 
 The start script must return once the VM runs (a VM process it launches may stay behind).
@@ -74,7 +75,7 @@ class CommandAdapter(Adapter):
         if self.stop_command is None:
             self._started.pop(vm, None)
             return
-        described = self._started.get(vm, {"ZCORE_VM": vm})
+        described = self._started.get(vm) or {**self.vm_env.get(vm, {}), "ZCORE_VM": vm}
         env = self._env({**described, "ZCORE_STOP_MODE": str(StopMode(mode))}, timeout)
         run_script(self.stop_command, env, timeout, what=f"stop script of VM {vm}",
                    cwd=self.cwd)

@@ -3,11 +3,13 @@
 A guest (Debian's cloud kernel, a busybox initramfs: tests/helpers/vm.py) boots under
 QEMU on site A's NBD export of its protected disk, an ext4 filesystem, and writes its
 files; a checkpoint is tagged and waited for at site B; the guest boots again and
-"encrypts" them (overwrites them with random bytes), which replicates too.  Site B fails
-the VPG over to the tag with the qemu adapter: the recovered VM boots on B's failover
-export and its console shows the files as they were before the encryption; it writes a
-file of its own; the commit stops it, folds its writes into the replica and boots it
-again on the `recovered/...` export, where that file is.
+"encrypts" them (overwrites them with random bytes), which replicates too.  Site B runs
+a failover test at the tag (the VM boots on the test export, shows the files, and what it
+writes is discarded at the stop), then fails the VPG over to the tag with the qemu
+adapter: the recovered VM boots on B's failover export and its console shows the files as
+they were before the encryption; it writes a file of its own; the commit stops it, folds
+its writes into the replica and boots it again on the `recovered/...` export, where that
+file is.
 
 Bounded: every wait has a timeout and the whole scenario a budget (BUDGET_S); under TCG
 each boot takes ~3 s.  In CI (CI=true) a missing tool or guest package fails the test
@@ -176,10 +178,22 @@ def test_ransomed_vm_fails_over_to_its_tag_and_boots_with_its_files_as_they_were
     ransomed = tag(ca, cb, "after-ransomware", budget)  # B's latest is encrypted
     assert ransomed > clean
 
-    # fail over at B to the clean tag, the VM booted by the qemu adapter
     ok(cb.patch("/vpgs/g1/recovery-settings", json={"adapter": "qemu", "qemu": {
         "kernel": str(kit.kernel), "initrd": str(kit.initrd), "memory_mib": 256,
         "append": kit.append(script=GUEST_PRINTS)}}))
+
+    # a failover test at the clean tag first: the VM boots on the test export and shows
+    # the files; what it writes there is discarded when the test stops
+    began = wait_task(cb, ok(cb.post("/vpgs/g1/test", json={"checkpoint": f"id:{clean}"}),
+                             202), budget)
+    assert began["result"]["vms"] == ["vm1"], began
+    console = console_until(b.root / "vms" / "test" / "g1" / "vm1" / "console.log",
+                            "GUEST-PRINTED", budget)
+    for name, text in FILES.items():
+        assert f"GUEST-FILE {name}: {text}\n" in console, console
+    wait_task(cb, ok(cb.post("/vpgs/g1/test/stop", json={"result": "passed"}), 202), budget)
+
+    # fail over at B to the clean tag, the VM booted by the qemu adapter
     t0 = time.monotonic()
     started = wait_task(cb, ok(cb.post("/vpgs/g1/failover",
                                        json={"checkpoint": clean}), 202), budget)
@@ -193,7 +207,7 @@ def test_ransomed_vm_fails_over_to_its_tag_and_boots_with_its_files_as_they_were
     print(f"recovered VM printed its files {time.monotonic() - t0:.1f} s after the request")
     for name, text in FILES.items():
         assert f"GUEST-FILE {name}: {text}\n" in console, console
-    assert "GUEST-FILE recovered.txt" not in console  # nothing of its own yet
+    assert "GUEST-FILE recovered.txt" not in console  # the test's write is gone
 
     # commit: the VM is stopped (it powered itself off already), the overlay folded into
     # the replica, and the VM booted again on the recovered export

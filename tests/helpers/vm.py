@@ -2,10 +2,11 @@
 boot under QEMU in a few seconds, an ext4 image maker, and a reader of files in an image.
 
 `vm_kit(cache_dir)` builds the kit once per test session (later calls return it): it
-downloads Debian's `linux-image-<version>-cloud-amd64` (the version that
-`linux-image-cloud-amd64` depends on) and `busybox-static` with `apt-get download`, unpacks
-them with `dpkg-deb -x` (no package is installed, no install hook runs) and writes a gzipped
-newc cpio initramfs whose /init (busybox sh):
+runs tests/vm/fetch_guest.sh, which downloads Debian's `linux-image-<version>-cloud-amd64`
+(the version that `linux-image-cloud-amd64` depends on) and `busybox-static` with
+`apt-get download` and unpacks them with `dpkg-deb -x` (no package is installed, no
+install hook runs; a cache it already filled is kept), and writes a gzipped newc cpio
+initramfs whose /init (busybox sh):
 
 - mounts /proc, /sys and devtmpfs;
 - insmods the modules the guest needs, from the kernel package, with their dependencies
@@ -44,7 +45,6 @@ from conftest import IN_CI, require_tool
 
 from zcore.adapters import QemuConfig
 
-KERNEL_META = "linux-image-cloud-amd64"
 BUSYBOX = "busybox-static"
 # the modules /init loads (their dependencies come first, found by `module_order`)
 WANTED_MODULES = ("virtio_pci", "virtio_blk", "ext4", "button", "evdev")
@@ -229,26 +229,24 @@ class VMKit:
                           memory_mib=memory_mib)
 
 
+FETCH_GUEST = Path(__file__).resolve().parent.parent / "vm" / "fetch_guest.sh"
+
+
 def _download(cache: Path) -> tuple[Path, Path]:
-    """apt-get download the kernel and busybox into `cache`; (kernel deb, busybox deb)."""
-    require_tool("apt-get")
-    require_tool("apt-cache")
-    require_tool("dpkg-deb")
-    depends = run(["apt-cache", "depends", KERNEL_META])
-    found = re.search(r"Depends:\s*(linux-image-\S+-cloud-amd64)", depends.stdout)
-    if depends.returncode or not found:
-        unavailable(f"apt-cache does not know {KERNEL_META}: {depends.stdout}{depends.stderr}")
-    assert found is not None
-    packages = [found.group(1), BUSYBOX]
+    """The kernel and busybox packages in `cache`, fetched and unpacked there by
+    tests/vm/fetch_guest.sh (the one way the tests get them; .ci/run runs it ahead);
+    (kernel deb, busybox deb)."""
+    for tool in ("apt-get", "apt-cache", "dpkg-deb"):
+        require_tool(tool)
+    got = run(["sh", str(FETCH_GUEST), str(cache)])
+    if got.returncode:
+        unavailable(f"{FETCH_GUEST.name} failed (run apt-get update?):\n"
+                    f"{got.stdout}{got.stderr}")
     debs = []
-    for package in packages:
-        have = sorted(cache.glob(f"{package}_*.deb"))
+    for pattern in ("linux-image-*-cloud-amd64_*.deb", f"{BUSYBOX}_*.deb"):
+        have = sorted(cache.glob(pattern))
         if not have:
-            got = run(["apt-get", "download", "-q", package], cwd=cache)
-            have = sorted(cache.glob(f"{package}_*.deb"))
-            if got.returncode or not have:
-                unavailable(f"apt-get download {package} failed (run apt-get update?):\n"
-                            f"{got.stdout}{got.stderr}")
+            unavailable(f"{FETCH_GUEST.name} left no {pattern} in {cache}")
         debs.append(have[-1])
     return debs[0], debs[1]
 

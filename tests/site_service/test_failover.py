@@ -1,7 +1,9 @@
 """Live failover through the REST API of two real site services: fail over to a tagged
 checkpoint, read and write the recovered volume over NBD, kill -9 of the recovery site
 (flushed writes kept), rollback (history kept, a second failover to a later checkpoint),
-commit (replica = recovered image, history after the checkpoint gone, plain exports)."""
+commit (replica = recovered image, history after the checkpoint gone, plain exports);
+and a failover whose VM's start script fails (the task fails, the failover stays served
+with the error in its status, the rollback stops the VMs)."""
 
 from __future__ import annotations
 
@@ -104,3 +106,35 @@ def test_failover_commit_rollback_and_a_recovery_site_crash_through_the_api(
     assert late.status_code == 409 and "committed" in late.text
     kinds = [e["code"] for e in ok(cb.get("/events", params={"vpg": "g1"}))["items"]]
     assert {"failover_started", "failover_rolled_back", "failover_committed"} <= set(kinds)
+
+
+def test_failover_whose_vm_does_not_start_stays_started_with_the_error_and_rolls_back(
+        sites: tuple[SiteProcess, SiteProcess], tmp_path: Path) -> None:
+    a, b = sites
+    ca, cb = protect(a, b, tmp_path)
+    t1 = tag(ca, cb, "t1")
+    log = tmp_path / "vms.log"
+    record = f"sh -c 'echo $ZCORE_PURPOSE $ZCORE_VM $ZCORE_NBD_DISK0 >> {log}'"
+    ok(cb.patch("/vpgs/g1/recovery-settings", json={
+        "adapter": "command", "start_command": "sh -c 'echo no hypervisor; exit 4'",
+        "stop_command": record.replace("echo", "echo stop"),
+        "pre_scripts": [f"sh -c 'echo pre $ZCORE_OPERATION $ZCORE_VPG $ZCORE_VMS >> {log}'"]}))
+    task = ok(cb.post("/vpgs/g1/failover", json={"checkpoint": t1}), 202)
+    failed = wait_for("the start task", lambda: (t := ok(cb.get(f"/tasks/{task['id']}")))
+                      ["state"] in ("failed", "succeeded") and t, timeout=60)
+    assert failed["state"] == "failed", failed
+    assert "exited with status 4" in failed["error"]["message"], failed
+    # the failover stays: its exports are served, the error is in its status
+    status = ok(cb.get("/vpgs/g1/failover"))
+    assert status["state"] in ("promoting", "failed_over"), status
+    assert status["exports"] == ["failover/g1/vm1/disk0"]
+    assert status["vms"]["started"] == [] and "no hypervisor" in status["vms"]["error"]
+    qemu_io(f"{b.nbd}/failover/g1/vm1/disk0", "read 0 4k")
+    events = ok(cb.get("/events", params={"vpg": "g1"}))["items"]
+    assert any(e["code"] == "failover_vms_failed" for e in events)
+
+    # rollback stops the VPG's VMs first, then replicates again
+    wait_task(cb, ok(cb.post("/vpgs/g1/failover/rollback"), 202))
+    assert ok(cb.get("/vpgs/g1/failover"))["state"] is None
+    uri = f"nbd://{b.nbd.split('://', 1)[1]}/failover/g1/vm1/disk0"
+    assert log.read_text().splitlines() == ["pre failover g1 vm1", f"stop failover vm1 {uri}"]

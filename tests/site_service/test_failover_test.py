@@ -22,22 +22,24 @@ import httpx
 import pytest
 from helpers.site import SiteProcess, init_site_dir, ok, wait_for, zcore_cmd
 
+from zcore.adapters import (
+    BootPlanError,
+    QemuAdapter,
+    boot_plan,
+    check_adapter_settings,
+    make_adapter,
+)
 from zcore.errors import CheckpointNotFoundError, ConfigError, ScratchLimitError, StateError
 from zcore.records import Checkpoint, CheckpointKind
 from zcore.recovery import (
-    AdapterError,
     CheckpointChoice,
     ChoiceKind,
-    CommandAdapter,
     Operation,
     OperationState,
     OperationStates,
     ScratchBudget,
-    VmBoot,
-    make_adapter,
     parse_time,
 )
-from zcore.recovery.adapter_port import vm_environment
 
 MiB = 1 << 20
 DISK = 8 * MiB
@@ -211,7 +213,7 @@ def test_failover_test_serves_the_tag_on_scratch_while_replication_goes_on(
     ok(cb.patch("/vpgs/g1/recovery-settings", json={
         "adapter": "command", "start_command": "sh -c 'exit 3'"}))
     failed = wait_task(cb, ok(cb.post("/vpgs/g1/test", json={}), 202), state="failed")
-    assert "exited with 3" in failed["error"]["message"], failed
+    assert "exited with status 3" in failed["error"]["message"], failed
     assert ok(cb.get("/vpgs/g1/test"))["state"] == "replicating"
     assert any(e["code"] == "test_start_failed"
                for e in ok(cb.get("/events", params={"vpg": "g1"}))["items"])
@@ -370,15 +372,58 @@ def test_scratch_budget_bounds_the_sum_over_overlays_and_gets_bytes_back() -> No
     assert budget.used_bytes == 4096
 
 
-def test_command_adapter_reports_a_command_past_its_timeout_or_missing() -> None:
-    boot = VmBoot("g", "vm1", _cp(5, 1.0, "t"), "test", {"disk0": "nbd://h:1/test/g/vm1/disk0"})
-    assert vm_environment(boot)["ZCORE_NBD_DISK0"] == "nbd://h:1/test/g/vm1/disk0"
-    with pytest.raises(AdapterError, match=r"past its 0\.2 s timeout"):
-        CommandAdapter("sleep 5", timeout=0.2).start(boot)
-    with pytest.raises(AdapterError, match="cannot run"):
-        CommandAdapter("/nonexistent/boot-vm").start(boot)
+def _plan_of(settings: dict[str, Any], tmp_path: Path, vms: dict[str, str]) -> Any:
+    """The boot plan a test of VPG g at checkpoint 5 runs (vms: vm -> its disk0's URI)."""
+    checked = check_adapter_settings(settings)
+    adapter = make_adapter(checked, run_dir=tmp_path, vpg="g", purpose="test",
+                           volumes={vm: {"disk0": uri} for vm, uri in vms.items()})
+    return boot_plan(adapter, checked, {vm: [uri] for vm, uri in vms.items()},
+                     checkpoint=_cp(5, 1.0, "t"), vpg="g", operation="test")
+
+
+def test_command_adapter_reports_a_command_past_its_timeout_or_missing(tmp_path: Path) -> None:
+    uri = "nbd://h:1/test/g/vm1/disk0"
+    out = tmp_path / "env"
+    plan = _plan_of({"adapter": "command", "start_command":
+                     f"sh -c 'echo $ZCORE_VPG $ZCORE_PURPOSE $ZCORE_NBD_DISK0 > {out}'"},
+                    tmp_path, {"vm1": uri})
+    assert plan.run().started == ["vm1"]
+    assert out.read_text().split() == ["g", "test", uri]  # the variables of before
+    slow = _plan_of({"adapter": "command", "start_command": "sleep 5",
+                     "command_timeout_seconds": 0.2}, tmp_path, {"vm1": uri})
+    with pytest.raises(BootPlanError, match=r"timed out after 0\.2 s") as info:
+        slow.run()
+    assert info.value.report.started == []
+    with pytest.raises(BootPlanError, match="could not be run"):
+        _plan_of({"adapter": "command", "start_command": "/nonexistent/boot-vm"}, tmp_path,
+                 {"vm1": uri}).run()
     with pytest.raises(ConfigError, match="unknown hypervisor adapter 'vmware'; known: "
-                                          "command, none"):
-        make_adapter({"adapter": "vmware"})
+                                          "command, none, qemu"):
+        check_adapter_settings({"adapter": "vmware"})
     with pytest.raises(ConfigError, match="needs `start_command`"):
-        make_adapter({"adapter": "command"})
+        check_adapter_settings({"adapter": "command"})
+
+
+def test_boot_order_and_qemu_settings_are_checked_and_make_the_plan(tmp_path: Path) -> None:
+    vms = {vm: f"nbd://h:1/test/g/{vm}/disk0" for vm in ("db", "app", "web")}
+    plan = _plan_of({"adapter": "qemu", "boot_order": [
+        "db", {"vm": "app", "delay_seconds": 2.5, "timeout_seconds": 30}],
+        "qemu": {"memory_mib": 256, "kernel": "/boot/k", "append": "console=ttyS0",
+                 "extra_args": ["-s"], "vms": {"db": {"memory_mib": 1024}}}}, tmp_path, vms)
+    assert [(s.vm, s.delay, s.timeout) for s in plan.steps] == [
+        ("db", 0.0, None), ("app", 2.5, 30.0), ("web", 0.0, None)]  # the rest by name
+    adapter = plan.adapter
+    assert isinstance(adapter, QemuAdapter)
+    argv = adapter.command_line("db", [vms["db"]], "/run/q.sock")
+    assert argv[argv.index("-m") + 1] == "1024" and argv[-1] == "-s"
+    assert argv[argv.index("-kernel") + 1] == "/boot/k"
+    web = adapter.command_line("web", [vms["web"]], "/run/q.sock")
+    assert web[web.index("-m") + 1] == "256"
+    for bad, why in (({"boot_order": ["db", "db"]}, "names a VM twice"),
+                     ({"boot_order": [{"vm": "db", "delay_seconds": -1}]}, "zero or more"),
+                     ({"qemu": {"memory": 1}}, "unknown setting qemu.memory"),
+                     ({"qemu": {"kernel": "vmlinuz"}}, "absolute path"),
+                     ({"qemu": {"accel": "hvf"}}, "accel must be one of"),
+                     ({"pre_scripts": ["'unclosed"]}, "does not split")):
+        with pytest.raises(ConfigError, match=why):
+            check_adapter_settings(bad)

@@ -70,6 +70,25 @@ class Adapter(abc.ABC):
         """Whether `vm` runs (blocks up to `timeout` seconds)."""
 
 
+class NoneAdapter(Adapter):
+    """Starts nothing: an operation's exports are served and the user attaches VMs to them
+    (or its pre-/post-operation scripts do).  Every VM reads as STOPPED."""
+
+    name = "none"
+
+    def start(self, vm: str, nbd_uris: Sequence[str], checkpoint: Checkpoint | str | None,
+              timeout: float = DEFAULT_TIMEOUT) -> None:
+        check_vm_name(vm)
+
+    def stop(self, vm: str, mode: StopMode = StopMode.GRACEFUL,
+             timeout: float = DEFAULT_TIMEOUT) -> None:
+        check_vm_name(vm)
+
+    def status(self, vm: str, timeout: float = DEFAULT_TIMEOUT) -> VMState:
+        check_vm_name(vm)
+        return VMState.STOPPED
+
+
 def check_vm_name(vm: str) -> str:
     """`vm` when it can name a VM's files and processes (letters, digits, '.', '_', '-',
     at most 128, not starting with a punctuation mark); else `ConfigError`."""

@@ -7,27 +7,18 @@ The public facade: import from `zcore.recovery`.  Modules, bottom up:
   operation each state allows (every operation adds its rows there);
 - `choice`: CheckpointChoice, the checkpoint an operation recovers to (latest, latest
   tagged, latest consistent, by id, by tag, the last before a time);
-- `adapter_port`: the hypervisor-adapter interface operations call (`none`, `command`);
 - `test_op`: the failover test (overlays at a checkpoint, exports, the verdict record);
 - `overlay`: DurableOverlay, the crash-safe overlay a live failover runs production on;
 - `failover`: the live failover operation: start, commit, rollback (its own state table
   for now, beside `states`).
 
-The site service runs these as tasks (zcore.site.operations, zcore.site.failover_ops);
+The site service runs these as tasks (zcore.site.operations, zcore.site.failover_ops),
+starting and stopping VMs through the hypervisor adapters (zcore.adapters);
 move, reverse protection and failback add their modules beside these.
 """
 
 from __future__ import annotations
 
-from zcore.recovery.adapter_port import (
-    AdapterError,
-    CommandAdapter,
-    HypervisorAdapter,
-    NoneAdapter,
-    VmBoot,
-    make_adapter,
-    register_adapter,
-)
 from zcore.recovery.choice import CheckpointChoice, ChoiceKind, parse_time
 from zcore.recovery.overlay import DurableOverlay, remove_overlay
 from zcore.recovery.scratch import DEFAULT_SCRATCH_LIMIT, SECTOR, ScratchBudget, ScratchOverlay
@@ -52,14 +43,10 @@ __all__ = [
     "DEFAULT_SCRATCH_LIMIT",
     "DEFAULT_TEST_SCRATCH_BYTES",
     "SECTOR",
-    "AdapterError",
     "CheckpointChoice",
     "ChoiceKind",
-    "CommandAdapter",
     "DurableOverlay",
     "FailoverTest",
-    "HypervisorAdapter",
-    "NoneAdapter",
     "Operation",
     "OperationState",
     "OperationStates",
@@ -68,13 +55,10 @@ __all__ = [
     "TestRecord",
     "TestResult",
     "Transition",
-    "VmBoot",
     "allowed",
     "failover_test_export",
-    "make_adapter",
     "parse_time",
     "refusal",
-    "register_adapter",
     "remove_overlay",
     "tested_label",
 ]

@@ -6,7 +6,7 @@ ScratchBudget: the VPG's scratch limit is the sum over its overlays) and the rec
 VPG's journals (one view per VM, pinning the checkpoint against promotion until the test
 stops); under the site service's operations (zcore.site.operations), which serves the
 exports on its NBD server, starts the VMs through an adapter
-(zcore.recovery.adapter_port) and records the result.
+(zcore.adapters, through the VPG's boot plan) and records the result.
 
 Export names are stable, so a VM definition can point at them once:
 `test/<vpg>/<vm>/<volume>`.

@@ -12,6 +12,11 @@ exports) once committed.  State: DIR/failover/<vpg>/ (zcore.recovery.failover's 
 file and overlays); a restart resumes every failover found there before the scheduler
 starts (so no retention round runs on a journal a failover pins).
 
+VMs (zcore.site.failover_vms): a start boots the recovered VMs on the failover exports
+through the VPG's adapter and boot plan; rollback and commit stop them first; a commit
+boots them again on the `recovered/...` exports.  A boot that fails fails its task and
+leaves the failover as it is (its status' `vms` holds the error).
+
 Shutdown policy: recorded; the recovery site closes the VPG's replication connection and
 refuses its ATTACH whatever the policy.  Stopping the protected site's VMs and refusing
 writes on its exports needs a message to the protected site (the hypervisor-adapter work).
@@ -27,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from zcore.adapters import StopMode
 from zcore.errors import ConfigError, StateError
 from zcore.nbd import file_export, overlay_export
 from zcore.recovery.choice import CheckpointChoice
@@ -40,6 +46,7 @@ from zcore.recovery.failover import (
     check_allowed,
 )
 from zcore.site.db import SiteDB, TaskRecord, VpgRole
+from zcore.site.failover_vms import FailoverVMs
 from zcore.site.runtime import SiteRuntime
 from zcore.site.tasks import Progress, TaskRunner
 
@@ -69,6 +76,7 @@ class FailoverOps:
         self._starting: set[str] = set()  # start accepted, its task not yet failed over
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self.after_commit: ReverseHook | None = None
+        self.vms = FailoverVMs(db, runtime)
 
     def directory(self, name: str) -> Path:
         return self.rt.site.root / "failover" / name
@@ -120,6 +128,8 @@ class FailoverOps:
                               f"VPG {name} failed over to checkpoint {ckpt.id}: recovered "
                               f"volumes served after {time.monotonic() - requested:.3f} s, "
                               f"promoting", name)
+            await progress(0.0, "starting the recovered VMs")
+            await self.vms.boot(fo, FAILOVER_PREFIX, "failover")
             while not fo.wait_promoted(0) and fo.state == FailoverState.PROMOTING:
                 p = fo.promotion
                 await progress(p.done_bytes / p.total_bytes if p.total_bytes else 0.0,
@@ -197,7 +207,9 @@ class FailoverOps:
         self._cancel_timer(name)
 
         async def run(progress: Progress) -> dict[str, Any]:
-            await progress(0.0, f"committing VPG {name}: finishing promotion")
+            await progress(0.0, f"committing VPG {name}: stopping the recovered VMs")
+            await self.vms.stop(fo, StopMode.GRACEFUL)
+            await progress(0.1, f"committing VPG {name}: finishing promotion")
             self._unexport(name)
             await asyncio.to_thread(fo.commit)
             self.rt.reload_recovery_vpg(name)  # its cached checkpoints are gone
@@ -205,10 +217,14 @@ class FailoverOps:
             await self._event("failover_committed",
                               f"VPG {name} committed at checkpoint {fo.plan.checkpoint_id}: "
                               f"the recovered volumes are the replicas", name)
-            status = fo.status()
             if fo.plan.reverse and self.after_commit is not None:
+                # reverse protection boots the VMs on the volumes it protects
+                status = self.status(name)
                 await self.after_commit(name)
-            return status
+                return status
+            await progress(0.9, "starting the recovered VMs on the replicas")
+            await self.vms.boot(fo, RECOVERED_PREFIX, "recovered")
+            return self.status(name)
 
         return await self.runner.submit("failover_commit", run, vpg=name)
 
@@ -217,6 +233,7 @@ class FailoverOps:
         self._cancel_timer(name)
 
         async def run(progress: Progress) -> dict[str, Any]:
+            await self.vms.stop(fo, StopMode.FORCE)
             self._unexport(name)
             await asyncio.to_thread(fo.rollback)
             self.active.pop(name, None)
@@ -241,6 +258,7 @@ class FailoverOps:
         prefix = RECOVERED_PREFIX if fo.state == FailoverState.COMMITTED else FAILOVER_PREFIX
         out["exports"] = sorted(e.name for e in self.rt.nbd.exports()
                                 if e.name.startswith(f"{prefix}/{name}/"))
+        out["vms"] = self.vms.status(name)
         return out
 
     # ---- restart and stop ----------------------------------------------------------------
@@ -268,6 +286,7 @@ class FailoverOps:
         protection): its exports and state go; ATTACHes of the VPG stay refused with
         `refusal`."""
         fo = self._get(name, FailoverOp.REVERSE)
+        await self.vms.stop(fo, StopMode.GRACEFUL)  # they run on `recovered/` exports
         self._unexport(name)
         await asyncio.to_thread(fo.close)
         self.active.pop(name, None)

@@ -3,7 +3,8 @@ verdict, status, its recovery settings and the test reminder), run as tasks.
 
 Sits between the REST API (zcore.site.api.routes.operations, which calls it) and the
 recovery package (zcore.recovery: states, checkpoint choice, the failover test's
-overlays, the adapter port), over the live site (zcore.site.runtime: the recovery VPGs'
+overlays) and the hypervisor adapters (zcore.adapters: the VPG's adapter and boot plan,
+from its settings), over the live site (zcore.site.runtime: the recovery VPGs'
 journals and the NBD server) and the database (tasks, events, alerts, and the VPG's
 record).  Every method runs on the service's event loop; blocking work (opening views
 and overlays, adapter commands, database calls) goes to worker threads.
@@ -15,13 +16,23 @@ left running as `aborted`, with an event.
 
 What is kept with the recovery VPG's database record (its `settings` document, which a
 recovery VPG otherwise leaves empty: its replication settings are its protected site's):
-- `recovery`: the recovery-side settings: `adapter` (none | command | a registered
-  adapter), `start_command`, `stop_command`, `command_timeout_seconds`,
+- `recovery`: the recovery-side settings: the adapter keys (zcore.adapters.settings:
+  `adapter` none | command | qemu, `start_command`, `stop_command`, `status_command`,
+  `command_timeout_seconds`, `boot_order`, `pre_scripts`, `post_scripts`, `qemu`),
   `test_scratch_limit_bytes` (the VPG's scratch limit, summed over its overlays),
   `test_period_days` (the reminder; none: no reminder);
 - `tests`: the last TEST_HISTORY test records (zcore.recovery.test_op.TestRecord), the
   verdict a DR user audits, tied to the tested checkpoint's id;
 - `test_running`: the record of the test in progress.
+
+VMs.  A test's start boots the VPG's VMs on the test exports through its boot plan (pre
+scripts, boot order with delays, post scripts; `command_timeout_seconds` or the site-wide
+`default_timeout` for steps naming none); the qemu adapter's VM directories are
+DIR/vms/test/<vpg>/<vm>/ (console.log there).  A start whose script or adapter fails
+rolls itself back: the VMs it started are stopped, its overlays discarded, the VPG is
+replicating again and the task's error (and a `test_start_failed` event) names the step,
+so the user fixes it and starts again.  Stop ends the VMs by force (their writes are
+discarded anyway), in reverse boot order.
 """
 
 from __future__ import annotations
@@ -32,20 +43,28 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from zcore.adapters import (
+    ADAPTER_KEYS,
+    DEFAULT_TIMEOUT,
+    BootPlan,
+    BootPlanError,
+    BootReport,
+    StopMode,
+    boot_plan,
+    check_adapter_settings,
+    make_adapter,
+)
 from zcore.errors import ConfigError, StateError, ZcoreError
 from zcore.recovery import (
     DEFAULT_TEST_SCRATCH_BYTES,
     CheckpointChoice,
     FailoverTest,
-    HypervisorAdapter,
     Operation,
     OperationState,
     OperationStates,
     TestRecord,
     TestResult,
     Transition,
-    VmBoot,
-    make_adapter,
 )
 from zcore.recovery.test_op import utc_stamp
 from zcore.site.db import Severity, SiteDB, TaskRecord, VpgRecord, VpgRole
@@ -57,17 +76,20 @@ log = logging.getLogger(__name__)
 TEST_HISTORY = 50  # test records kept per VPG
 TEST_OVERDUE_ALERT = "test_overdue"
 DAY = 86_400.0
+# the keys of a VPG's recovery settings: the adapter keys are checked by
+# zcore.adapters.settings (their types here say what a value is), the others here
 RECOVERY_KEYS = {"adapter": str, "start_command": str, "stop_command": str,
-                 "command_timeout_seconds": float, "test_scratch_limit_bytes": int,
-                 "test_period_days": float}
+                 "status_command": str, "command_timeout_seconds": float,
+                 "boot_order": list, "pre_scripts": list, "post_scripts": list, "qemu": dict,
+                 "test_scratch_limit_bytes": int, "test_period_days": float}
 
 
 @dataclass
 class RunningTest:
     test: FailoverTest
-    adapter: HypervisorAdapter
-    boots: list[VmBoot]
+    plan: BootPlan
     exports: list[str]
+    report: BootReport
     task_id: str = ""
 
 
@@ -81,6 +103,9 @@ def check_recovery_settings(settings: dict[str, Any]) -> dict[str, Any]:
                               f"{', '.join(sorted(RECOVERY_KEYS))}")
         if value is None:
             continue
+        if key in ADAPTER_KEYS:
+            out[key] = value
+            continue
         if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or isinstance(value, bool):
@@ -88,15 +113,17 @@ def check_recovery_settings(settings: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, int | float) and value <= 0:
             raise ConfigError(f"recovery setting {key} must be positive")
         out[key] = value
-    make_adapter(out)  # an unknown adapter or a command adapter without its command
+    out.update(check_adapter_settings(out))
     return out
 
 
 class RecoveryOperations:
     """The recovery operations of one running site (see the module docstring)."""
 
-    def __init__(self, db: SiteDB, runtime: SiteRuntime, runner: TaskRunner) -> None:
+    def __init__(self, db: SiteDB, runtime: SiteRuntime, runner: TaskRunner,
+                 default_timeout: float = DEFAULT_TIMEOUT) -> None:
         self.db = db
+        self.default_timeout = default_timeout  # the site-wide default of scripts (s)
         self.rt = runtime
         self.runner = runner
         self.states = OperationStates()
@@ -149,8 +176,7 @@ class RecoveryOperations:
         """Start a failover test at the checkpoint `choice` names (a task).  The choice and
         the state are checked now: a refusal is an error of this call, not of the task."""
         record = await self._recovery_record(name, "a failover test")
-        settings = dict(record.settings.get("recovery", {}))
-        adapter = make_adapter(settings)
+        settings = check_recovery_settings(dict(record.settings.get("recovery", {})))
         rvpg = self.rt.recovery_vpg(name)
         checkpoint = await asyncio.to_thread(choice.resolve, rvpg)
         transition = self.states.begin(name, Operation.TEST_START)
@@ -160,7 +186,7 @@ class RecoveryOperations:
         async def run(progress: Progress) -> dict[str, Any]:
             ok = False
             try:
-                result = await self._start(test, adapter, progress)
+                result = await self._start(test, settings, progress)
                 ok = True
                 return result
             finally:
@@ -177,62 +203,65 @@ class RecoveryOperations:
             raise
         return task
 
-    async def _start(self, test: FailoverTest, adapter: HypervisorAdapter,
+    async def _start(self, test: FailoverTest, settings: dict[str, Any],
                      progress: Progress) -> dict[str, Any]:
         name, ckpt = test.vpg, test.checkpoint
         await progress(0.1, f"opening scratch overlays at checkpoint {ckpt.id}")
         await asyncio.to_thread(test.open)
         exports: list[str] = []
-        boots: list[VmBoot] = []
+        running: RunningTest | None = None
         try:
             for export in test.exports():
                 self.rt.nbd.add_export(export)
                 exports.append(export.name)
-            boots = self._boots(test)
-            running = RunningTest(test, adapter, boots, exports)
+            running = RunningTest(test, self._plan(test, settings), exports, BootReport())
             self.tests[name] = running
             await self._update_doc(name, test_running=test.record().to_dict())
-            for i, boot in enumerate(boots):
-                await progress(0.3 + 0.6 * i / max(1, len(boots)),
-                               f"starting VM {boot.vm} ({adapter.name} adapter)")
-                await asyncio.to_thread(adapter.start, boot)
+            await progress(0.3, f"starting {len(running.plan.steps)} VM(s) "
+                                f"({running.plan.adapter.name} adapter)")
+            try:
+                running.report = await asyncio.to_thread(running.plan.run)
+            except BootPlanError as exc:
+                running.report = exc.report  # what it left running: the teardown stops it
+                raise
         except BaseException as exc:
-            await self._teardown(name, test, exports, boots, adapter)
+            await self._teardown(name, test, exports, running)
             await self._update_doc(name, test_running=None)
             await self._event("test_start_failed", f"failover test of VPG {name} at "
-                              f"checkpoint {ckpt.id} did not start: {exc}", name,
-                              Severity.ERROR)
+                              f"checkpoint {ckpt.id} did not start (rolled back): {exc}",
+                              name, Severity.ERROR)
             raise
+        adapter = running.plan.adapter.name
         tag = f" {ckpt.tag!r}" if ckpt.tag else ""
         await self._event("test_started", f"failover test of VPG {name} started at "
                           f"checkpoint {ckpt.id}{tag}: {len(exports)} volume(s) served "
-                          f"as test/{name}/..., VMs by the {adapter.name} adapter", name)
+                          f"as test/{name}/..., VMs by the {adapter} adapter", name)
         return {"vpg": name, "checkpoint": _ckpt(ckpt), "started_at": test.started_at,
-                "exports": [self._uri(e) for e in exports], "adapter": adapter.name}
+                "exports": [self._uri(e) for e in exports], "adapter": adapter,
+                "vms": running.report.started}
 
     def _uri(self, export: str) -> str:
-        if self.rt.nbd_address is None:
-            return export
-        host, port = self.rt.nbd_address[:2]
-        host = f"[{host}]" if ":" in host else host
-        return f"nbd://{host}:{port}/{export}"
+        return export_uri(self.rt, export)
 
-    def _boots(self, test: FailoverTest) -> list[VmBoot]:
-        by_vm: dict[str, dict[str, str]] = {}
+    def _plan(self, test: FailoverTest, settings: dict[str, Any]) -> BootPlan:
+        """The boot plan of a test's VMs on its exports (volumes in name order)."""
+        volumes: dict[str, dict[str, str]] = {}
         for v in test.volumes:
-            by_vm.setdefault(v.vm, {})[v.volume] = self._uri(v.export)
-        return [VmBoot(test.vpg, vm, test.checkpoint, "test", exports)
-                for vm, exports in sorted(by_vm.items())]
+            volumes.setdefault(v.vm, {})[v.volume] = self._uri(v.export)
+        adapter = make_adapter(settings, run_dir=self.rt.site.root / "vms" / "test" / test.vpg,
+                               vpg=test.vpg, purpose="test", volumes=volumes)
+        uris = {vm: [vols[v] for v in sorted(vols)] for vm, vols in volumes.items()}
+        return boot_plan(adapter, settings, uris, checkpoint=test.checkpoint, vpg=test.vpg,
+                         operation="test", default_timeout=self.default_timeout)
 
     async def _teardown(self, name: str, test: FailoverTest, exports: list[str],
-                        boots: list[VmBoot], adapter: HypervisorAdapter) -> list[str]:
+                        running: RunningTest | None) -> list[str]:
         """Stop the VMs, drop the exports, discard the overlays; the adapter's errors."""
-        problems = []
-        for boot in reversed(boots):
-            try:
-                await asyncio.to_thread(adapter.stop, boot)
-            except ZcoreError as exc:
-                problems.append(str(exc))
+        problems: list[str] = []
+        if running is not None:
+            failed = await asyncio.to_thread(running.plan.stop_started, running.report,
+                                             StopMode.FORCE)
+            problems += [str(exc) for exc in failed.values()]
         for export in exports:
             if self.rt.nbd.lookup(export) is not None:
                 self.rt.nbd.remove_export(export)
@@ -273,8 +302,7 @@ class RecoveryOperations:
         test = running.test
         used = test.used_bytes
         await progress(0.2, "stopping the test VMs and discarding the overlays")
-        problems = await self._teardown(name, test, running.exports, running.boots,
-                                        running.adapter)
+        problems = await self._teardown(name, test, running.exports, running)
         ended = test.record().ended(result, note)
         await self._keep(name, ended)
         tag = f" {ended.checkpoint_tag!r}" if ended.checkpoint_tag else ""
@@ -308,7 +336,7 @@ class RecoveryOperations:
             test = running.test
             out["running"] = {
                 **test.record().to_dict(), "checkpoint": _ckpt(test.checkpoint),
-                "adapter": running.adapter.name,
+                "adapter": running.plan.adapter.name, "vms": running.report.started,
                 "exports": [self._uri(e) for e in running.exports],
                 "scratch_used_bytes": test.used_bytes,
                 "scratch_limit_bytes": test.limit_bytes,
@@ -379,13 +407,21 @@ class RecoveryOperations:
         record stays `test_running`, so the next start records it as aborted."""
         for name, running in list(self.tests.items()):
             try:
-                await self._teardown(name, running.test, running.exports, running.boots,
-                                     running.adapter)
+                await self._teardown(name, running.test, running.exports, running)
             except Exception:
                 log.exception("VPG %s: the failover test did not stop cleanly", name)
 
     def forget(self, name: str) -> None:
         self.states.forget(name)
+
+
+def export_uri(rt: SiteRuntime, export: str) -> str:
+    """The NBD URI of `export` on the site's NBD listener (the bare name without one)."""
+    if rt.nbd_address is None:
+        return export
+    host, port = rt.nbd_address[:2]
+    host = f"[{host}]" if ":" in host else host
+    return f"nbd://{host}:{port}/{export}"
 
 
 def _ckpt(c: Any) -> dict[str, Any]:

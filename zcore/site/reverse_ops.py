@@ -39,7 +39,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zcore import wire
+from zcore.adapters import BootPlanError, StopMode
 from zcore.errors import (
+    AdapterError,
     CheckpointNotFoundError,
     ConfigError,
     ProtocolError,
@@ -53,7 +55,7 @@ from zcore.security import Peer
 from zcore.site.db import SiteDB, TaskRecord, VmRecord, VpgRecord, VpgRole, VpgState
 from zcore.site.errors import NotFoundError
 from zcore.site.failover_ops import FailoverOps
-from zcore.site.runtime import SiteRuntime
+from zcore.site.runtime import SiteRuntime, export_name
 from zcore.site.tasks import Progress, TaskRunner
 from zcore.vpg import CheckpointState
 
@@ -150,9 +152,18 @@ class ReverseOps:
             self._moving.discard(name)
             raise
 
+    def _exports(self, name: str) -> dict[str, dict[str, str]]:
+        """VM -> volume -> export name of a running protected VPG."""
+        out: dict[str, dict[str, str]] = {}
+        for v in self.rt.entry(name).vpg.volumes.values():
+            out.setdefault(v.vm, {})[v.name] = export_name(name, v.vm, v.name)
+        return out
+
     async def _move(self, name: str, record: VpgRecord, reverse: bool, kind: str,
                     progress: Progress) -> dict[str, Any]:
         entry = self.rt.entry(name)
+        await progress(0.02, f"{kind} of {name}: shutting its VMs down")
+        await self.failovers.vms.stop_exports(name, self._exports(name), StopMode.GRACEFUL)
         await progress(0.05, f"{kind} of {name}: refusing writes to its volumes")
         await self.rt.refuse_writes(name)
         try:
@@ -320,6 +331,10 @@ class ReverseOps:
         await self._event("vpg_reversed", f"VPG {name} is protected from this site to site "
                           f"{owner} (reverse protection: a delta sync against its disks)",
                           name)
+        try:  # the VMs run on the protected volumes at once, while the delta sync runs
+            await self.failovers.vms.boot_exports(name, self._exports(name), "protected")
+        except (BootPlanError, AdapterError) as exc:  # its event is logged; protection runs
+            log.error("VPG %s: VMs not started after reverse protection: %s", name, exc)
         await self.backend.wait_synced(name, progress, "delta sync")
         await self._db(self.db.update_vpg, name, state=VpgState.PROTECTING)
         return {"vpg": name, "peer": owner,
@@ -347,6 +362,8 @@ class ReverseOps:
             vms.append(record)
         current: VpgRecord = await self._db(self.db.get_vpg, name)
         if current.role != VpgRole.PROTECTED:
+            if "recovery" in current.settings:  # how its VMs start here, kept for failback
+                settings = {**settings, "recovery": current.settings["recovery"]}
             await self._db(self.db.delete_vpg, name)
             await self._db(self.db.create_vpg, name, VpgRole.PROTECTED,
                            [v.name for v in vms], owner, settings, VpgState.SYNCING)
@@ -423,7 +440,8 @@ class ReverseOps:
         if {k: s for k, (s, _) in local.items()} != wanted:
             raise ProtocolError(f"VPG {name} is attached with other VMs or volumes than it "
                                 f"protects here")
-        if name in self.rt.protected:
+        if name in self.rt.protected:  # failed over while this site was away: it stops
+            await self.failovers.vms.stop_exports(name, self._exports(name), StopMode.FORCE)
             await self.rt.stop_protected(name)
             await self._event("vpg_stopped", f"VPG {name} stopped here: site {peer.name} "
                               f"protects it back to this site", name)

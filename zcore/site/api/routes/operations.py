@@ -1,6 +1,6 @@
 """Routes for recovery operations on a VPG at its recovery site: the failover test
 (start with a checkpoint choice, stop with a verdict, status) and the VPG's recovery
-settings (adapter, scratch limit, test period).
+settings (adapter, boot order, scripts, scratch limit, test period).
 
 Long work answers 202 with a task; a refusal by the VPG's operation state is a 409 whose
 message says what the VPG is doing and what is allowed now (zcore.recovery.states).
@@ -37,11 +37,25 @@ class TestStop(m.Model):
 
 
 class RecoverySettings(m.Model):
+    """The VPG's recovery settings; the adapter keys are described in
+    zcore.adapters.settings (and checked there: a wrong value is a 422 saying why)."""
+
     adapter: str | None = Field(default=None, max_length=64,
-                                description="none (serve the exports only) | command")
+                                description="none (serve the exports only) | command | qemu")
     start_command: str | None = Field(default=None, max_length=4096)
     stop_command: str | None = Field(default=None, max_length=4096)
+    status_command: str | None = Field(default=None, max_length=4096)
     command_timeout_seconds: float | None = Field(default=None, gt=0, le=86_400)
+    boot_order: list[str | dict[str, Any]] | None = Field(
+        default=None, max_length=1000,
+        description="VM names or {vm, delay_seconds, timeout_seconds}, first to start first")
+    pre_scripts: list[str | dict[str, Any]] | None = Field(
+        default=None, max_length=100, description="commands or {command, timeout_seconds}")
+    post_scripts: list[str | dict[str, Any]] | None = Field(
+        default=None, max_length=100, description="commands or {command, timeout_seconds}")
+    qemu: dict[str, Any] | None = Field(
+        default=None, description="the qemu adapter: memory_mib, cpus, accel, kernel, "
+                                  "initrd, append, extra_args, vms: {vm: {...}}")
     test_scratch_limit_bytes: int | None = Field(default=None, ge=1 << 20, le=1 << 50)
     test_period_days: float | None = Field(default=None, gt=0, le=3650)
 

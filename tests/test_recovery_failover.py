@@ -11,13 +11,13 @@ from helpers.nbd import MiB, build_journal
 from zcore.errors import StateError
 from zcore.journal import Journal
 from zcore.recovery.failover import (
+    OPERATION_STATE,
     CommitPolicy,
     Failover,
-    FailoverOp,
     FailoverPlan,
     FailoverState,
-    check_allowed,
 )
+from zcore.recovery.states import Operation, OperationState, check
 
 
 @pytest.fixture
@@ -126,10 +126,16 @@ def test_commit_interrupted_after_the_discard_is_redone_at_resume(tmp_path):
         j.close()
 
 
-def test_state_table_refuses_with_the_reason_and_what_is_allowed():
-    with pytest.raises(StateError, match=r"no failover under way.*allowed: failover start"):
-        check_allowed("v", None, FailoverOp.COMMIT)
-    with pytest.raises(StateError, match=r"is promoting.*failover commit, failover rollback"):
-        check_allowed("v", FailoverState.PROMOTING, FailoverOp.START)
+def test_every_failover_state_has_its_place_in_the_one_operation_table():
+    assert set(OPERATION_STATE) == set(FailoverState)
+    with pytest.raises(StateError, match=r"no recovery operation running: failover commit "
+                                         r"is not allowed; allowed now: test start, failover"):
+        check("v", OperationState.REPLICATING, Operation.COMMIT)
+    promoting = OPERATION_STATE[FailoverState.PROMOTING]
+    with pytest.raises(StateError, match=r"awaiting commit or rollback: failover is not "
+                                         r"allowed; allowed now: failover commit, failover "
+                                         r"rollback"):
+        check("v", promoting, Operation.FAILOVER)
+    check("v", OPERATION_STATE[FailoverState.COMMITTED], Operation.REVERSE)
     with pytest.raises(Exception, match="commit_after_minutes"):
         FailoverPlan(1, CommitPolicy.COMMIT).check()

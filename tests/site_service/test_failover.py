@@ -42,7 +42,7 @@ def test_failover_commit_rollback_and_a_recovery_site_crash_through_the_api(
     t2 = tag(ca, cb, "t2")
 
     refused = cb.post("/vpgs/g1/failover/commit")
-    assert refused.status_code == 409 and "no failover under way" in refused.text
+    assert refused.status_code == 409 and "no recovery operation running" in refused.text
     assert ca.post("/vpgs/g1/failover", json={}).status_code == 409  # the protected side
 
     # a rollback policy of 0 minutes acts at once
@@ -111,7 +111,7 @@ def test_failover_commit_rollback_and_a_recovery_site_crash_through_the_api(
 def test_failover_whose_vm_does_not_start_stays_started_with_the_error_and_rolls_back(
         sites: tuple[SiteProcess, SiteProcess], tmp_path: Path) -> None:
     a, b = sites
-    ca, cb = protect(a, b, tmp_path)
+    ca, cb = protect(a, b, tmp_path / "disk0.img")
     t1 = tag(ca, cb, "t1")
     log = tmp_path / "vms.log"
     record = f"sh -c 'echo $ZCORE_PURPOSE $ZCORE_VM $ZCORE_NBD_DISK0 >> {log}'"

@@ -64,7 +64,7 @@ def test_move_reverse_and_failback_end_where_they_began_with_nothing_lost(
 
     # refusals, each with the reason
     for client, path, why in ((cb, "/vpgs/g1/move", "recovery VPG"),
-                              (cb, "/vpgs/g1/reverse", "no failover under way"),
+                              (cb, "/vpgs/g1/reverse", "reverse is not allowed"),
                               (ca, "/vpgs/g1/failback", "not protected here by reverse"),
                               (ca, "/vpgs/g1/reverse", "protected at this site")):
         refused = client.post(path)

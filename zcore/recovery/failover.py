@@ -22,8 +22,8 @@ was: promoting / failed_over (overlays reopened with their flushed writes, promo
 on), committing (the commit is redone: every step is idempotent), rolling_back (redone),
 committed (the replicas are served).
 
-The state table (which operation each state allows) is `ALLOWED`; opstest's
-zcore/recovery/states.py holds the table of the other operations (the lead merges them).
+Which operation each state allows is zcore.recovery.states' table (`OPERATION_STATE`
+places each failover state in it).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from zcore.errors import ConfigError, StateError
 from zcore.fsutil import fsync_dir, read_state, write_state
 from zcore.journal import Journal
 from zcore.recovery.overlay import DurableOverlay, remove_overlay
+from zcore.recovery.states import Operation, OperationState, check
 
 log = logging.getLogger(__name__)
 
@@ -70,37 +71,15 @@ class ShutdownPolicy(StrEnum):
     FORCE = "force"
 
 
-class FailoverOp(StrEnum):
-    START = "start"
-    COMMIT = "commit"
-    ROLLBACK = "rollback"
-    REVERSE = "reverse"  # reverse protection: the committed volumes leave the journals
-
-
-# What each state allows (None: no failover under way).
-ALLOWED: dict[FailoverState | None, frozenset[FailoverOp]] = {
-    None: frozenset({FailoverOp.START}),
-    FailoverState.PROMOTING: frozenset({FailoverOp.COMMIT, FailoverOp.ROLLBACK}),
-    FailoverState.FAILED_OVER: frozenset({FailoverOp.COMMIT, FailoverOp.ROLLBACK}),
-    FailoverState.COMMITTING: frozenset({FailoverOp.COMMIT}),
-    FailoverState.ROLLING_BACK: frozenset({FailoverOp.ROLLBACK}),
-    FailoverState.COMMITTED: frozenset({FailoverOp.REVERSE}),
+# Where each state of a failover stands in the VPG's operation table
+# (zcore.recovery.states, the one table of what each state allows).
+OPERATION_STATE: dict[FailoverState, OperationState] = {
+    FailoverState.PROMOTING: OperationState.FAILED_OVER,  # commit or rollback meanwhile
+    FailoverState.FAILED_OVER: OperationState.FAILED_OVER,
+    FailoverState.COMMITTING: OperationState.COMMITTING,
+    FailoverState.ROLLING_BACK: OperationState.ROLLING_BACK,
+    FailoverState.COMMITTED: OperationState.COMMITTED,
 }
-
-
-def _op_text(op: FailoverOp) -> str:
-    return "reverse protection" if op == FailoverOp.REVERSE else f"failover {op.value}"
-
-
-
-def check_allowed(vpg: str, state: FailoverState | None, op: FailoverOp) -> None:
-    """Raise StateError saying why `op` is refused in `state` and what is allowed."""
-    allowed = ALLOWED[state]
-    if op in allowed:
-        return
-    where = "has no failover under way" if state is None else f"is {state.value}"
-    can = ", ".join(sorted(_op_text(a) for a in allowed))
-    raise StateError(f"VPG {vpg} {where}: {_op_text(op)} is not allowed; allowed: {can}")
 
 
 @dataclass(frozen=True)
@@ -161,6 +140,10 @@ class Failover:
     @property
     def state(self) -> FailoverState:
         return FailoverState(self._meta["state"])
+
+    @property
+    def operation_state(self) -> OperationState:
+        return OPERATION_STATE[self.state]
 
     @property
     def started(self) -> float:
@@ -303,10 +286,10 @@ class Failover:
         """Finish promotion, drop the journal after the checkpoint, fold the overlays into
         the replicas (durable), then delete the overlays.  `on_committed` is the hook
         reverse protection hangs on (called once the replicas are the volumes)."""
-        check_allowed(self.name, self.state, FailoverOp.COMMIT)
+        check(self.name, self.operation_state, Operation.COMMIT)
         self._stop_promotion()  # never under _lock: the promoting thread takes it
         with self._lock:
-            check_allowed(self.name, self.state, FailoverOp.COMMIT)
+            check(self.name, self.operation_state, Operation.COMMIT)
             self._set_state(FailoverState.COMMITTING)
             self._close_overlays(flush=True)
             for vm, journal in self.journals.items():
@@ -329,10 +312,10 @@ class Failover:
 
     def rollback(self) -> None:
         """Discard the overlays; the journals keep the checkpoint and all after it."""
-        check_allowed(self.name, self.state, FailoverOp.ROLLBACK)
+        check(self.name, self.operation_state, Operation.ROLLBACK)
         self._stop_promotion()  # never under _lock: the promoting thread takes it
         with self._lock:
-            check_allowed(self.name, self.state, FailoverOp.ROLLBACK)
+            check(self.name, self.operation_state, Operation.ROLLBACK)
             self._set_state(FailoverState.ROLLING_BACK)
             self._close_overlays(flush=False)
             self._remove_overlays()

@@ -1,16 +1,15 @@
 """The VPG's operation state machine at the recovery site: the states a VPG passes through
 while recovery operations run on it, and THE table of which operation each state allows.
 
-Sits under every recovery operation (zcore.recovery.test_op, the failover of
-zcore.recovery's failover modules) and the site service that runs them as tasks.  The
-lifecycle state of the site database (creating, protecting, paused, ...) says whether a
-VPG replicates; this one says which recovery operation holds it.
+Sits under every recovery operation (zcore.recovery.test_op, zcore.recovery.failover) and
+the site service that runs them as tasks (zcore.site.operations, failover_ops,
+reverse_ops), which share one `OperationStates`.  The lifecycle state of the site database
+(creating, protecting, paused, moved, ...) says whether a VPG replicates; this one says
+which recovery operation holds it.  A planned move and a failback run at the protected
+site; their recovery-site half is a failover, its commit and reverse protection, here.
 
-This module is the one place the table lives: an operation that adds states or
-transitions (failover: failing_over -> failed_over -> committing | rolling_back) adds its
-rows to `TRANSITIONS` here, nowhere else.  A refusal raises zcore.errors.StateError with
-a message saying what the VPG is doing and what is allowed now; the REST API answers it
-with 409 and that message.
+A refusal raises zcore.errors.StateError with a message saying what the VPG is doing and
+what is allowed now; the REST API answers it with 409 and that message.
 
 Each row maps (state, operation) to the state the VPG is in while the operation runs;
 `SETTLED` maps each such running state to where a success and a failure leave the VPG.
@@ -34,11 +33,11 @@ class OperationState(StrEnum):
     TESTING = "testing"  # a failover test runs; replication goes on
     TEST_STOPPING = "test_stopping"
     FAILING_OVER = "failing_over"
-    FAILED_OVER = "failed_over"  # recovered VMs run, awaiting commit or rollback
-    COMMITTING = "committing"
-    ROLLING_BACK = "rolling_back"
-    MOVING = "moving"
-    REVERSED = "reversed"  # committed; protection runs the other way
+    FAILED_OVER = "failed_over"  # recovered VMs run (promoting or not): commit or rollback
+    COMMITTING = "committing"  # also a commit that failed: it is redone
+    ROLLING_BACK = "rolling_back"  # also a rollback that failed: it is redone
+    COMMITTED = "committed"  # the recovered volumes are the replicas: reverse next
+    REVERSING = "reversing"  # the volumes leave the journals; protected here after it
 
 
 class Operation(StrEnum):
@@ -49,34 +48,32 @@ class Operation(StrEnum):
     FAILOVER = "failover"
     COMMIT = "failover commit"
     ROLLBACK = "failover rollback"
-    MOVE = "move"
     REVERSE = "reverse"
-    FAILBACK = "failback"
 
 
 S, Op = OperationState, Operation
 
-# (state now, operation) -> the state while the operation runs.  Failover, move, reverse
-# and failback rows are added by their operations (see the module docstring).
+# (state now, operation) -> the state while the operation runs.  A failover is refused
+# during a failover test: the test is stopped first (its verdict recorded).
 TRANSITIONS: dict[tuple[OperationState, Operation], OperationState] = {
     (S.REPLICATING, Op.TEST_START): S.TEST_STARTING,
     (S.TESTING, Op.TEST_STOP): S.TEST_STOPPING,
     (S.REPLICATING, Op.FAILOVER): S.FAILING_OVER,
-    (S.TESTING, Op.FAILOVER): S.FAILING_OVER,  # a disaster during a test: the test ends
     (S.FAILED_OVER, Op.COMMIT): S.COMMITTING,
     (S.FAILED_OVER, Op.ROLLBACK): S.ROLLING_BACK,
-    (S.REPLICATING, Op.MOVE): S.MOVING,
-    (S.REVERSED, Op.FAILBACK): S.MOVING,
+    (S.COMMITTING, Op.COMMIT): S.COMMITTING,
+    (S.ROLLING_BACK, Op.ROLLBACK): S.ROLLING_BACK,
+    (S.COMMITTED, Op.REVERSE): S.REVERSING,
 }
 
 # running state -> (state after success, state after failure)
 SETTLED: dict[OperationState, tuple[OperationState, OperationState]] = {
     S.TEST_STARTING: (S.TESTING, S.REPLICATING),  # a failed start leaves nothing open
     S.TEST_STOPPING: (S.REPLICATING, S.REPLICATING),  # overlays are gone either way
-    S.FAILING_OVER: (S.FAILED_OVER, S.FAILED_OVER),  # the user commits or rolls back
-    S.COMMITTING: (S.REVERSED, S.FAILED_OVER),
-    S.ROLLING_BACK: (S.REPLICATING, S.FAILED_OVER),
-    S.MOVING: (S.REVERSED, S.FAILED_OVER),
+    S.FAILING_OVER: (S.FAILED_OVER, S.REPLICATING),  # a failed start opened nothing
+    S.COMMITTING: (S.COMMITTED, S.COMMITTING),  # the failover's state file says so too
+    S.ROLLING_BACK: (S.REPLICATING, S.ROLLING_BACK),
+    S.REVERSING: (S.REPLICATING, S.COMMITTED),  # protected here afterwards
 }
 
 # why a state refuses what it does not allow (the first half of a refusal's message)
@@ -89,8 +86,8 @@ DOING: dict[OperationState, str] = {
     S.FAILED_OVER: "is failed over, awaiting commit or rollback",
     S.COMMITTING: "is committing its failover",
     S.ROLLING_BACK: "is rolling back its failover",
-    S.MOVING: "is moving to its recovery site",
-    S.REVERSED: "is failed over and committed (protection is reversed)",
+    S.COMMITTED: "is failed over and committed",
+    S.REVERSING: "is starting reverse protection",
 }
 
 
@@ -109,12 +106,19 @@ def refusal(vpg: str, state: OperationState, op: Operation, detail: str = "") ->
     return f"VPG {vpg} {DOING[state]}{extra}: {op} is not allowed; allowed now: {what}"
 
 
-@dataclass(frozen=True)
+def check(vpg: str, state: OperationState, op: Operation, detail: str = "") -> None:
+    """Raise StateError (the refusal's message) unless `state` allows `op`."""
+    if (state, op) not in TRANSITIONS:
+        raise StateError(refusal(vpg, state, op, detail))
+
+
+@dataclass
 class Transition:
     vpg: str
     before: OperationState
     running: OperationState
     operation: Operation
+    settled: bool = False
 
 
 class OperationStates:
@@ -140,14 +144,22 @@ class OperationStates:
         """Enter the running state of `op`, or raise StateError saying why not."""
         with self._lock:
             state = self._states.get(vpg, S.REPLICATING)
-            running = TRANSITIONS.get((state, op))
-            if running is None:
-                raise StateError(refusal(vpg, state, op, self._details.get(vpg, "")))
+            check(vpg, state, op, self._details.get(vpg, ""))
+            running = TRANSITIONS[(state, op)]
             self._states[vpg] = running
             return Transition(vpg, state, running, op)
 
+    def check(self, vpg: str, op: Operation) -> None:
+        """`check` against the VPG's current state (nothing changes)."""
+        with self._lock:
+            check(vpg, self._states.get(vpg, S.REPLICATING), op, self._details.get(vpg, ""))
+
     def finish(self, t: Transition, ok: bool, detail: str = "") -> OperationState:
-        """Leave the running state of `t`: where SETTLED says success or failure goes."""
+        """Leave the running state of `t`: where SETTLED says success or failure goes.
+        Once only: a second call (a task's end after its own) changes nothing."""
+        if t.settled:
+            return self.get(t.vpg)
+        t.settled = True
         done, failed = SETTLED[t.running]
         state = done if ok else failed
         self.set(t.vpg, state, detail)

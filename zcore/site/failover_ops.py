@@ -39,12 +39,11 @@ from zcore.recovery.choice import CheckpointChoice
 from zcore.recovery.failover import (
     CommitPolicy,
     Failover,
-    FailoverOp,
     FailoverPlan,
     FailoverState,
     ShutdownPolicy,
-    check_allowed,
 )
+from zcore.recovery.states import Operation, OperationState, OperationStates, Transition
 from zcore.site.db import SiteDB, TaskRecord, VpgRole
 from zcore.site.failover_vms import FailoverVMs
 from zcore.site.runtime import SiteRuntime
@@ -68,12 +67,13 @@ def refusal(name: str, state: FailoverState) -> str:
 class FailoverOps:
     """The failovers of one site's recovery VPGs."""
 
-    def __init__(self, db: SiteDB, runtime: SiteRuntime, runner: TaskRunner) -> None:
+    def __init__(self, db: SiteDB, runtime: SiteRuntime, runner: TaskRunner,
+                 states: OperationStates) -> None:
         self.db = db
         self.rt = runtime
         self.runner = runner
+        self.states = states  # the site's one operation table (with the failover test's)
         self.active: dict[str, Failover] = {}
-        self._starting: set[str] = set()  # start accepted, its task not yet failed over
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self.after_commit: ReverseHook | None = None
         self.vms = FailoverVMs(db, runtime)
@@ -84,12 +84,6 @@ class FailoverOps:
     async def _event(self, kind: str, message: str, vpg: str) -> None:
         await asyncio.to_thread(self.db.add_event, kind, message, vpg=vpg)
 
-    def state(self, name: str) -> FailoverState | None:
-        fo = self.active.get(name)
-        if fo is None:  # a second start before the first one's task runs is refused too
-            return FailoverState.PROMOTING if name in self._starting else None
-        return fo.state
-
     # ---- start ---------------------------------------------------------------------------
 
     async def start(self, name: str, checkpoint: str | int | None,
@@ -99,7 +93,7 @@ class FailoverOps:
         if record.role != VpgRole.RECOVERY:
             raise StateError(f"VPG {name!r} is protected at this site: fail it over at its "
                              f"recovery site")
-        check_allowed(name, self.state(name), FailoverOp.START)
+        self.states.check(name, Operation.FAILOVER)
         rvpg = self.rt.recovery_vpg(name)
         try:
             plan = FailoverPlan(0, CommitPolicy(commit_policy), commit_after_minutes,
@@ -110,19 +104,14 @@ class FailoverOps:
         ckpt = await asyncio.to_thread(CheckpointChoice.parse(checkpoint).resolve, rvpg)
         plan = FailoverPlan(ckpt.id, plan.commit_policy, plan.commit_after_minutes,
                             plan.shutdown_policy, reverse)
+        t = self.states.begin(name, Operation.FAILOVER)  # a second start is refused now
         self._refuse_attach(name, FailoverState.PROMOTING)
-        self._starting.add(name)
         requested = time.monotonic()
 
         async def run(progress: Progress) -> dict[str, Any]:
-            try:
-                fo = await asyncio.to_thread(Failover.start, name, rvpg.journals,
-                                             self.directory(name), plan)
-            except BaseException:
-                self._allow_attach(name)
-                raise
-            finally:
-                self._starting.discard(name)
+            fo = await asyncio.to_thread(Failover.start, name, rvpg.journals,
+                                         self.directory(name), plan)
+            self.states.finish(t, True)  # failed over, whatever its VMs do next
             self._activate(fo)
             await self._event("failover_started",
                               f"VPG {name} failed over to checkpoint {ckpt.id}: recovered "
@@ -137,12 +126,11 @@ class FailoverOps:
                 await asyncio.sleep(POLL_S)
             return fo.status()
 
-        try:
-            return await self.runner.submit("failover_start", run, vpg=name)
-        except BaseException:
-            self._starting.discard(name)
-            self._allow_attach(name)
-            raise
+        def settle(ok: bool) -> None:
+            if not self.states.finish(t, ok) == OperationState.FAILED_OVER:
+                self._allow_attach(name)  # nothing failed over: replication may attach
+
+        return await self.runner.submit("failover_start", run, vpg=name, settle=settle)
 
     def _refuse_attach(self, name: str, state: FailoverState) -> None:
         assert self.rt.recovery is not None
@@ -196,14 +184,23 @@ class FailoverOps:
 
     # ---- commit and rollback -------------------------------------------------------------
 
-    def _get(self, name: str, op: FailoverOp) -> Failover:
+    def _begin(self, name: str, op: Operation) -> tuple[Failover, Transition]:
+        t = self.states.begin(name, op)
         fo = self.active.get(name)
-        check_allowed(name, None if fo is None else fo.state, op)
-        assert fo is not None
-        return fo
+        assert fo is not None  # the states that allow commit and rollback hold a failover
+        return fo, t
+
+    def _settle(self, t: Transition, fo: Failover) -> Callable[[bool], None]:
+        """A commit's or rollback's end: on failure the VPG is where the failover's
+        state file says (a stop of its VMs that failed changed nothing)."""
+        def settle(ok: bool) -> None:
+            self.states.finish(t, ok)
+            if not ok:
+                self.states.set(t.vpg, fo.operation_state)
+        return settle
 
     async def commit(self, name: str) -> TaskRecord:
-        fo = self._get(name, FailoverOp.COMMIT)
+        fo, t = self._begin(name, Operation.COMMIT)
         self._cancel_timer(name)
 
         async def run(progress: Progress) -> dict[str, Any]:
@@ -212,6 +209,7 @@ class FailoverOps:
             await progress(0.1, f"committing VPG {name}: finishing promotion")
             self._unexport(name)
             await asyncio.to_thread(fo.commit)
+            self.states.finish(t, True)  # committed: reverse protection may begin
             self.rt.reload_recovery_vpg(name)  # its cached checkpoints are gone
             self._export(fo)
             await self._event("failover_committed",
@@ -226,10 +224,11 @@ class FailoverOps:
             await self.vms.boot(fo, RECOVERED_PREFIX, "recovered")
             return self.status(name)
 
-        return await self.runner.submit("failover_commit", run, vpg=name)
+        return await self.runner.submit("failover_commit", run, vpg=name,
+                                        settle=self._settle(t, fo))
 
     async def rollback(self, name: str) -> TaskRecord:
-        fo = self._get(name, FailoverOp.ROLLBACK)
+        fo, t = self._begin(name, Operation.ROLLBACK)
         self._cancel_timer(name)
 
         async def run(progress: Progress) -> dict[str, Any]:
@@ -243,7 +242,8 @@ class FailoverOps:
                               f"{fo.plan.checkpoint_id}: replicating again", name)
             return {"vpg": name, "state": None, "checkpoint_id": fo.plan.checkpoint_id}
 
-        return await self.runner.submit("failover_rollback", run, vpg=name)
+        return await self.runner.submit("failover_rollback", run, vpg=name,
+                                        settle=self._settle(t, fo))
 
     def _cancel_timer(self, name: str) -> None:
         timer = self._timers.pop(name, None)
@@ -275,6 +275,7 @@ class FailoverOps:
                 continue
             fo = await asyncio.to_thread(Failover.resume, path.name, rvpg.journals, path)
             if fo is not None:
+                self.states.set(fo.name, fo.operation_state)
                 self._activate(fo)
                 log.info("failover of %s resumed (%s)", fo.name, fo.state)
                 if (fo.state == FailoverState.COMMITTED and fo.plan.reverse
@@ -283,9 +284,9 @@ class FailoverOps:
 
     async def release(self, name: str, refusal: str) -> None:
         """Forget a committed failover whose volumes leave the journals (reverse
-        protection): its exports and state go; ATTACHes of the VPG stay refused with
-        `refusal`."""
-        fo = self._get(name, FailoverOp.REVERSE)
+        protection, which holds the VPG's `reversing` state): its VMs stop, its exports
+        and state go; ATTACHes of the VPG stay refused with `refusal`."""
+        fo = self.active[name]
         await self.vms.stop(fo, StopMode.GRACEFUL)  # they run on `recovered/` exports
         self._unexport(name)
         await asyncio.to_thread(fo.close)

@@ -22,6 +22,7 @@ from typing import Any
 
 from zcore.errors import ConfigError, StateError, ZcoreError
 from zcore.records import Checkpoint
+from zcore.recovery.states import OperationStates
 from zcore.security import Peer
 from zcore.site.api.backend import (
     CheckpointBucket,
@@ -69,7 +70,8 @@ class LiveSiteBackend(DbSiteBackend):
         self.rt = runtime
         self.operations: Any = None  # zcore.site.operations.RecoveryOperations
         runtime.attached = self._attached
-        self.failovers = FailoverOps(db, runtime, self.runner)
+        self.states = OperationStates()  # the one operation table of this site's VPGs
+        self.failovers = FailoverOps(db, runtime, self.runner, self.states)
         self.reverse = ReverseOps(self, self.failovers)
 
     # -- sites and pairing -----------------------------------------------------------------

@@ -121,12 +121,14 @@ class RecoveryOperations:
     """The recovery operations of one running site (see the module docstring)."""
 
     def __init__(self, db: SiteDB, runtime: SiteRuntime, runner: TaskRunner,
+                 states: OperationStates | None = None,
                  default_timeout: float = DEFAULT_TIMEOUT) -> None:
         self.db = db
         self.default_timeout = default_timeout  # the site-wide default of scripts (s)
         self.rt = runtime
         self.runner = runner
-        self.states = OperationStates()
+        # the site's one operation table, shared with failover (zcore.site.live's)
+        self.states = OperationStates() if states is None else states
         self.tests: dict[str, RunningTest] = {}
         self._record_lock = asyncio.Lock()  # read-modify-write of a VPG's settings
 

@@ -50,7 +50,7 @@ from zcore.errors import (
 )
 from zcore.fsutil import fsync_dir, move_file, read_state, write_state
 from zcore.journal import JournalSettings, VolumeSpec
-from zcore.recovery.failover import FailoverOp, check_allowed
+from zcore.recovery.states import Operation
 from zcore.security import Peer
 from zcore.site.db import SiteDB, TaskRecord, VmRecord, VpgRecord, VpgRole, VpgState
 from zcore.site.errors import NotFoundError
@@ -226,7 +226,7 @@ class ReverseOps:
             raise StateError(f"VPG {name} is not recorded at this site yet") from None
         if record.role != VpgRole.RECOVERY or record.peer != peer.site_id:
             raise StateError(f"VPG {name} is not a recovery VPG of site {peer.name} here")
-        check_allowed(name, self.failovers.state(name), FailoverOp.START)
+        self.failovers.states.check(name, Operation.FAILOVER)
         rvpg = self.rt.recovery_vpg(name)
         deadline = time.monotonic() + CATALOGUE_WAIT_S
         while True:
@@ -261,17 +261,28 @@ class ReverseOps:
         if record.role != VpgRole.RECOVERY:
             raise StateError(f"VPG {name!r} is protected at this site already: reverse "
                              f"protection follows a committed failover at its recovery site")
-        check_allowed(name, self.failovers.state(name), FailoverOp.REVERSE)
+        states = self.failovers.states
+        states.check(name, Operation.REVERSE)
         owner = record.peer
         if owner is None:
             raise StateError(f"VPG {name!r} names no protected site")
         address = await self.backend.peer_address(owner)
-        plan = await asyncio.to_thread(self._plan_reverse, name, owner, address)
+        t = states.begin(name, Operation.REVERSE)
+        try:
+            plan = await asyncio.to_thread(self._plan_reverse, name, owner, address)
+        except BaseException:
+            states.finish(t, False)
+            raise
 
         async def run(progress: Progress) -> dict[str, Any]:
             return await self._reverse(name, plan, progress)
 
-        return await self.runner.submit("reverse", run, vpg=name)
+        def settle(ok: bool) -> None:
+            states.finish(t, ok)
+            if ok:  # protected here now: no recovery operation holds it
+                states.forget(name)
+
+        return await self.runner.submit("reverse", run, vpg=name, settle=settle)
 
     def _plan_reverse(self, name: str, owner: str, address: str) -> dict[str, Any]:
         """Where each recovered volume goes (its VM record's path here, or a new file in

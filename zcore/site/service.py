@@ -197,7 +197,7 @@ class SiteService:
         self.runner = TaskRunner(db)
         await self.runner.recover()
         self.backend = LiveSiteBackend(db, rt, self.runner)
-        self.operations = ops = RecoveryOperations(db, rt, self.runner)
+        self.operations = ops = RecoveryOperations(db, rt, self.runner, self.backend.states)
         self.backend.operations = ops
         self.backend.reverse.install()  # before the listener takes any ATTACH or MOVE
         api_sock = _bind(opts.api_host, opts.api_port)

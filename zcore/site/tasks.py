@@ -70,6 +70,18 @@ class Progress:
         await _settled(self._db.update_task, self.task_id, progress=self.fraction, message=message)
 
 
+class _Once:
+    """A task's `settle` callback, called at most once."""
+
+    def __init__(self, fn: Callable[[bool], object] | None) -> None:
+        self._fn = fn
+
+    def __call__(self, ok: bool) -> None:
+        fn, self._fn = self._fn, None
+        if fn is not None:
+            fn(ok)
+
+
 class TaskRunner:
     """Runs and records the site's tasks.  Create it on the event loop that runs them."""
 
@@ -88,14 +100,25 @@ class TaskRunner:
         return ids
 
     async def submit(
-        self, kind: str, fn: TaskFn, *, vpg: str | None = None, message: str = ""
+        self, kind: str, fn: TaskFn, *, vpg: str | None = None, message: str = "",
+        settle: Callable[[bool], object] | None = None,
     ) -> TaskRecord:
         """Record a task (queued) and start `fn(progress)` on the loop; returns at once.
-        `fn`'s return value (JSON-able) becomes the task's result."""
-        record = await asyncio.to_thread(self._db.create_task, kind, vpg, message)
-        task = asyncio.create_task(self._run(record.id, fn), name=f"zcore-task-{record.id}")
+        `fn`'s return value (JSON-able) becomes the task's result.  `settle`, if given, is
+        called exactly once: True when `fn` returned, False when it raised, when the task
+        was cancelled (even before `fn` began) or when recording it failed (how an
+        operation's state transition always ends, zcore.recovery.states)."""
+        once = _Once(settle)
+        try:
+            record = await asyncio.to_thread(self._db.create_task, kind, vpg, message)
+        except BaseException:
+            once(False)
+            raise
+        task = asyncio.create_task(self._run(record.id, fn, once),
+                                   name=f"zcore-task-{record.id}")
         self._running[record.id] = task
         task.add_done_callback(self._forget(record.id))
+        task.add_done_callback(lambda _: once(False))  # a no-op once settled
         return record
 
     def _forget(self, task_id: str) -> Callable[[asyncio.Task[None]], None]:
@@ -106,19 +129,22 @@ class TaskRunner:
 
         return forget
 
-    async def _run(self, task_id: str, fn: TaskFn) -> None:
+    async def _run(self, task_id: str, fn: TaskFn, settle: _Once) -> None:
         db = self._db
         try:
             await _settled(db.update_task, task_id, state=TaskState.RUNNING)
             result = await fn(Progress(db, task_id))
         except asyncio.CancelledError:
+            settle(False)
             await self._finish(task_id, TaskState.CANCELLED, error=CANCELLED)
             raise
         except Exception as exc:  # every failure is recorded, none escapes the loop
+            settle(False)
             log.warning("task %s failed: %s", task_id, exc, exc_info=exc)
             error = TaskError(error_code(exc), str(exc) or type(exc).__name__)
             await self._finish(task_id, TaskState.FAILED, error=error)
         else:
+            settle(True)
             await self._finish(task_id, TaskState.SUCCEEDED, result=result)
 
     async def _finish(

@@ -1,8 +1,9 @@
 """`zcore demo` end to end, as a user runs it: the installed console script on its
-embedded defaults (two 64 MiB VMs, a 4 s workload at 40 MB/s; about 6 s here), in a
+embedded defaults (two site services, two 64 MiB VMs, a 4 s workload at 40 MB/s), in a
 temporary directory.  The demo must exit 0 and say that it paired, protected, tagged a
-durable checkpoint, ran the ransomware and recovered that same checkpoint byte for byte,
-and leave no files behind.  Throughput and RPO figures are printed, never asserted."""
+durable checkpoint, ran the ransomware, failed over to that same checkpoint byte for
+byte, protected the VPG back with a delta sync and failed back, and leave no files
+behind.  Throughput and RPO figures are printed, never asserted."""
 
 from __future__ import annotations
 
@@ -28,23 +29,28 @@ def test_demo_recovers_the_tagged_checkpoint_byte_for_byte_on_its_defaults(
     done = _demo(tmp_path)
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
-    assert re.search(r"^paired protected site with recovery site 'recovery' at "
-                     r"127\.0\.0\.1:\d+ \(certificate [0-9a-f]{16}\.\.\.\)$", out, re.M), out
-    assert "protecting VPG 'demo-vpg': VMs web and db, 64 MiB each" in out
-    assert re.search(r"^  t= *\d+\.\ds  state=\w+ +RPO= *\d+ ms", out, re.M), out
-    tagged = re.search(r"^tagged checkpoint 'before-ransomware' \(seq (\d+)\) is durable "
-                       r"at the recovery site$", out, re.M)
+    assert re.search(r"^site services prod \(http://127\.0\.0\.1:\d+\) and dr "
+                     r"\(http://127\.0\.0\.1:\d+\) paired both ways \(dr's certificate "
+                     r"[0-9a-f]{16}\.\.\.\)$", out, re.M), out
+    assert "protecting VPG 'demo-vpg' from prod to dr: VMs web and db, 64 MiB each" in out
+    assert re.search(r"^  t= *\d+\.\ds  RPO= *\d+ ms", out, re.M), out
+    tagged = re.search(r"^tagged checkpoint 'before-ransomware' \(id (\d+)\) is durable "
+                       r"at dr$", out, re.M)
     assert tagged, out
     assert "ransomware overwrote both disks; the damage is replicated too" in out
+    assert f"failed over at dr to checkpoint {tagged[1]}" in out
+    assert "verified 128 MiB of recovered volumes at dr: identical" in out
+    assert re.search(r"^committed: dr protects demo-vpg back to prod \(.*delta sync.*\)$",
+                     out, re.M), out
+    assert "failed back: prod protects demo-vpg again, on its own disks" in out
     assert re.search(r"^report$", out, re.M), out
     assert re.search(r"^  workload +\d+\.\d MiB in \d+\.\d s, steady replication "
                      r"\d+\.\d MB/s$", out, re.M), out
     assert re.search(r"^  RPO +worst \d+ ms$", out, re.M), out
-    # both VMs' disks (2 x 64 MiB) recovered at the very checkpoint that was tagged
     assert re.search(rf"^  recovered +128\.0 MiB at checkpoint {tagged[1]} "
                      r"\('before-ransomware'\)$", out, re.M), out
-    assert out.rstrip().endswith(
-        "  verification      byte-for-byte identical to the disks at the checkpoint")
+    assert out.rstrip().endswith("failed-over volumes and failed-back disks byte-for-byte "
+                                 "identical to the disks at the checkpoint")
     assert "FAILED" not in out + done.stderr
     assert list(tmp_path.iterdir()) == []  # its temporary directory removed
 

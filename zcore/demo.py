@@ -1,10 +1,18 @@
 """`zcore demo`: the whole product in one command, on loopback, in a temporary directory.
 
-A recovery site and a protected site pair with a one-time token; a VPG of two VMs is
-protected over mutual TLS; a write workload runs while RPO and throughput are shown; a
-tagged checkpoint is taken; "ransomware" then overwrites both VMs' disks; the VPG is
-recovered at the tagged checkpoint from the recovery site's journals and compared byte
-for byte with the disks as they were at that checkpoint.
+Two site services (zcore.site.service: `prod` and `dr`, each with its database, REST API,
+replication listener and NBD server) run in this process and are driven through their
+REST APIs, as a user's scripts would: they pair both ways; a VPG of two VMs is protected
+from prod to dr over mutual TLS; a write workload runs while RPO and throughput are
+shown; a tagged checkpoint is taken; "ransomware" then overwrites both VMs' disks.  The
+VPG fails over at dr to the tagged checkpoint, whose recovered volumes are compared byte
+for byte with the disks as they were at that checkpoint; the failover is committed with
+reverse protection (dr protects the VPG back to prod, a delta sync against prod's disks),
+and a failback moves it home: prod protects it again, on its own disk files, which must
+then hold the recovered image byte for byte.
+
+The VMs' writes go straight to the protected volumes in this process (the library's
+`ProtectedVolume`, as the NBD export `VPG/VM/VOLUME` would pass them on).
 """
 
 from __future__ import annotations
@@ -18,14 +26,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 from zcore.capture import ProtectedVolume
 from zcore.errors import StateError
-from zcore.journal import Journal
-from zcore.replication import ProtectedSite, RecoverySite, Replication
-from zcore.vpg import VPG, CheckpointState, VPGSettings
+from zcore.site.config import init_site
+from zcore.site.service import ServeOptions, SiteService
+from zcore.vpg import CheckpointState
 
 CHUNK = 1 << 20
+VPG_NAME = "demo-vpg"
+TASK_TIMEOUT = 300.0
 
 
 @dataclass
@@ -34,15 +47,90 @@ class DemoReport:
     workload_seconds: float
     rpo_max_seconds: float
     throughput_bytes: float
-    checkpoint_seq: int
+    checkpoint_id: int
     checkpoint_tag: str
     recovered_bytes: int
-    mismatched_chunks: int
-    journal_bytes: int
+    mismatched_chunks: int  # at dr, in the failed-over volumes
+    failback_mismatched_chunks: int  # at prod, in its disks after the failback
+    delta_sync: str  # what reverse protection's delta sync said
 
     @property
     def ok(self) -> bool:
-        return self.mismatched_chunks == 0
+        return self.mismatched_chunks == 0 and self.failback_mismatched_chunks == 0
+
+
+class Site:
+    """One in-process site service and a client of its REST API."""
+
+    def __init__(self, root: Path, name: str) -> None:
+        self.root = root
+        self.name = name
+        self.token = init_site(root, name).token
+        self.service = SiteService(root, ServeOptions(api_port=0, replication_port=0,
+                                                      nbd_port=0), out=self._listener)
+        self.api = ""
+        self.replication = ""
+        self._serving: asyncio.Task[None] | None = None
+        self.client: httpx.AsyncClient | None = None
+
+    def _listener(self, line: str) -> None:
+        what, _, address = line.partition(": ")
+        if what == "API":
+            self.api = address
+        elif what == "replication":
+            self.replication = address
+
+    async def start(self) -> None:
+        self._serving = await self.service.start()
+        self.client = httpx.AsyncClient(base_url=f"{self.api}/api/v1", timeout=60,
+                                        headers={"Authorization": f"Bearer {self.token}"})
+
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
+        assert self.client is not None
+        response = await self.client.request(method, path, json=body)
+        if response.status_code >= 400:
+            raise StateError(f"{self.name}: {method} {path}: {response.status_code} "
+                             f"{response.text}")
+        return response.json() if response.content else None
+
+    async def task(self, path: str, body: Any = None) -> dict[str, Any]:
+        """POST a task and wait until it ends; its record (StateError if it failed)."""
+        task = await self.call("POST", path, body)
+        deadline = time.monotonic() + TASK_TIMEOUT
+        while task["state"] not in ("succeeded", "failed", "cancelled"):
+            if time.monotonic() > deadline:
+                raise StateError(f"{self.name}: task {task['kind']} did not end")
+            await asyncio.sleep(0.1)
+            task = await self.call("GET", f"/tasks/{task['id']}")
+        if task["state"] != "succeeded":
+            raise StateError(f"{self.name}: task {task['kind']} {task['state']}: "
+                             f"{task.get('error')}")
+        result: dict[str, Any] = task
+        return result
+
+    async def vpg(self) -> dict[str, Any]:
+        found: dict[str, Any] = await self.call("GET", f"/vpgs/{VPG_NAME}")
+        return found
+
+    async def wait_protecting(self) -> None:
+        deadline = time.monotonic() + TASK_TIMEOUT
+        while True:
+            v = await self.vpg()
+            if v["role"] == "protected" and v["state"] == "protecting":
+                return
+            if time.monotonic() > deadline:
+                raise StateError(f"{self.name} did not protect {VPG_NAME}: {v}")
+            await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+        service = self.service
+        if service.api is not None:
+            service.api.should_exit = True
+        if self._serving is not None:
+            await self._serving
+        await service.close()
 
 
 def _vm_like_pool(rng: random.Random, count: int = 64, length: int = 64 << 10) -> list[bytes]:
@@ -62,59 +150,93 @@ def _vm_like_pool(rng: random.Random, count: int = 64, length: int = 64 << 10) -
     return pool
 
 
-def _digest_chunks(path: Path, size: int) -> list[bytes]:
-    with open(path, "rb") as f:
-        return [hashlib.sha256(f.read(CHUNK)).digest() for _ in range(0, size, CHUNK)]
+def _digests(read: Callable[[int, int], bytes], size: int) -> list[bytes]:
+    return [hashlib.sha256(read(off, min(CHUNK, size - off))).digest()
+            for off in range(0, size, CHUNK)]
+
+
+def _file_reader(path: Path) -> Callable[[int, int], bytes]:
+    def read(offset: int, length: int) -> bytes:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+    return read
 
 
 async def _run(base: Path, volume_bytes: int, seconds: float, rate_bytes: float,
                say: Callable[[str], None]) -> DemoReport:
-    recovery = RecoverySite(base / "recovery-site", name="recovery")
-    host, port = await recovery.start()
-    protected = ProtectedSite(base / "protected-site", name="protected")
-    token = recovery.issue_pairing_token()
-    peer = await protected.pair(host, port, token)
-    say(f"paired protected site with recovery site {peer.name!r} at {host}:{port} "
-        f"(certificate {peer.fingerprint[:16]}...)")
+    prod, dr = Site(base / "prod", "prod"), Site(base / "dr", "dr")
+    await prod.start()
+    await dr.start()
+    try:
+        return await _demo(base, prod, dr, volume_bytes, seconds, rate_bytes, say)
+    finally:
+        await prod.stop()
+        await dr.stop()
+
+
+async def _demo(base: Path, prod: Site, dr: Site, volume_bytes: int, seconds: float,
+                rate_bytes: float, say: Callable[[str], None]) -> DemoReport:
+    peers = {}
+    for a, b in ((prod, dr), (dr, prod)):  # both ways: dr protects back to prod later
+        token = (await b.call("POST", "/pairing/tokens"))["token"]
+        peers[b.name] = await a.call("POST", "/pairing", {"address": b.replication,
+                                                          "token": token})
+    say(f"site services prod ({prod.api}) and dr ({dr.api}) paired both ways "
+        f"(dr's certificate {peers['dr']['fingerprint'][:16]}...)")
 
     disks = base / "disks"
     disks.mkdir()
-    vpg = VPG("demo-vpg", base / "vpg-state", VPGSettings(checkpoint_interval=1.0))
-    volumes = []
     for vm in ("web", "db"):
-        vpg.add_vm(vm)
         path = disks / f"{vm}.img"
         with open(path, "wb") as f:
             f.truncate(volume_bytes)
-        volumes.append(vpg.add_volume(vm, "disk0", path))
-    vpg.start()
-    replication = protected.protect(vpg, host, port)
-    say(f"protecting VPG {vpg.name!r}: VMs web and db, {volume_bytes >> 20} MiB each")
+        await prod.call("POST", "/vms", {"name": vm, "volumes": [
+            {"name": "disk0", "size": volume_bytes, "path": str(path)}]})
+    await prod.task("/vpgs", {"name": VPG_NAME, "vms": ["web", "db"],
+                              "peer": peers["dr"]["site_id"],
+                              "settings": {"checkpoint_interval_seconds": 1}})
+    say(f"protecting VPG {VPG_NAME!r} from prod to dr: VMs web and db, "
+        f"{volume_bytes >> 20} MiB each (initial sync done)")
+    assert prod.service.runtime is not None
+    entry = prod.service.runtime.entry(VPG_NAME)
+    volumes = sorted(entry.vpg.volumes.values(), key=lambda v: v.vm)
 
-    written, elapsed, rpo_max, steady = await _replicate(replication, volumes, seconds,
+    written, elapsed, rpo_max, steady = await _replicate(prod, volumes, seconds,
                                                          rate_bytes, say)
     tag = "before-ransomware"
-    seq, expected = await _tag_durably(vpg, replication, volumes, tag)
-    say(f"tagged checkpoint {tag!r} (seq {seq}) is durable at the recovery site")
-    await _ransomware(vpg, replication, volumes)
+    cid, expected = await _tag_durably(prod, volumes, tag)
+    say(f"tagged checkpoint {tag!r} (id {cid}) is durable at dr")
+    await _ransomware(prod, volumes)
     say("ransomware overwrote both disks; the damage is replicated too")
 
-    journals = recovery.journals(vpg.name)
-    recovered_bytes, mismatches = _recover(journals, volumes, seq, expected,
-                                           base / "recovered")
-    journal_bytes = sum(j.status().size_bytes for j in journals.values())
-    await protected.stop()
-    vpg.close()
-    await recovery.stop()
-    return DemoReport(written, elapsed, rpo_max, steady, seq, tag, recovered_bytes,
-                      mismatches, journal_bytes)
+    await dr.task(f"/vpgs/{VPG_NAME}/failover", {"checkpoint": cid, "reverse": True})
+    say(f"failed over at dr to checkpoint {cid}: the recovered volumes are served at once "
+        f"as failover/{VPG_NAME}/VM/disk0")
+    recovered, mismatches = _verify_failover(dr, volumes, expected)
+    say(f"verified {recovered >> 20} MiB of recovered volumes at dr: "
+        f"{'identical' if not mismatches else f'{mismatches} MiB differ'}")
+
+    await dr.task(f"/vpgs/{VPG_NAME}/failover/commit")
+    await dr.wait_protecting()
+    delta = _delta_sync_said(dr)
+    say(f"committed: dr protects {VPG_NAME} back to prod ({delta})")
+
+    await dr.task(f"/vpgs/{VPG_NAME}/failback")
+    await prod.wait_protecting()
+    say(f"failed back: prod protects {VPG_NAME} again, on its own disks")
+    back = sum(a != b for v in volumes
+               for a, b in zip(_digests(_file_reader(Path(v.path)), v.size),
+                               expected[v.vm], strict=True))
+    return DemoReport(written, elapsed, rpo_max, steady, cid, tag, recovered, mismatches,
+                      back, delta)
 
 
-async def _replicate(replication: Replication, volumes: list[ProtectedVolume],
-                     seconds: float, rate_bytes: float,
+async def _replicate(prod: Site, volumes: list[ProtectedVolume], seconds: float,
+                     rate_bytes: float,
                      say: Callable[[str], None]) -> tuple[int, float, float, float]:
-    """VM-like writes paced at `rate_bytes` for `seconds`, showing RPO and throughput;
-    returns (bytes written, seconds, worst RPO, median throughput)."""
+    """VM-like writes paced at `rate_bytes` for `seconds`, showing prod's RPO and
+    throughput; returns (bytes written, seconds, worst RPO, median throughput)."""
     stop = threading.Event()
     written = [0]
 
@@ -137,39 +259,40 @@ async def _replicate(replication: Replication, volumes: list[ProtectedVolume],
     worker.start()
     rpo_max = 0.0
     rates = []
-    while time.monotonic() - start < seconds:
-        await asyncio.sleep(0.5)
-        st = replication.status()
-        rpo_max = max(rpo_max, st.rpo_seconds)
-        rates.append(st.throughput_bytes)
-        say(f"  t={time.monotonic() - start:4.1f}s  state={st.state:<12} "
-            f"RPO={st.rpo_seconds * 1000:6.0f} ms  "
-            f"throughput={st.throughput_bytes / 1e6:7.1f} MB/s  "
-            f"buffer={st.buffer_used >> 20} MiB")
-    stop.set()
-    worker.join()
+    try:
+        while time.monotonic() - start < seconds:
+            await asyncio.sleep(0.5)
+            st = await prod.call("GET", f"/vpgs/{VPG_NAME}/status")
+            rpo, rate = st["rpo_seconds"] or 0.0, st["throughput_bytes_per_s"] or 0.0
+            rpo_max = max(rpo_max, rpo)
+            rates.append(rate)
+            say(f"  t={time.monotonic() - start:4.1f}s  RPO={rpo * 1000:6.0f} ms  "
+                f"throughput={rate / 1e6:7.1f} MB/s")
+    finally:
+        stop.set()
+        worker.join()
     steady = sorted(rates)[len(rates) // 2] if rates else 0.0
     return written[0], time.monotonic() - start, rpo_max, steady
 
 
-async def _tag_durably(vpg: VPG, replication: Replication, volumes: list[ProtectedVolume],
+async def _tag_durably(prod: Site, volumes: list[ProtectedVolume],
                        tag: str) -> tuple[int, dict[str, list[bytes]]]:
-    """Tag a crash-consistent checkpoint and wait until it is in the recovery journals;
-    returns its journal seq and the digests of every MiB of the disks at that point."""
+    """Tag a checkpoint through prod's API and wait until it is in dr's journals; returns
+    its id and the digests of every MiB of the disks at that point."""
+    assert prod.service.runtime is not None
+    vpg = prod.service.runtime.entry(VPG_NAME).vpg
     while vpg.mode != "streaming":  # a checkpoint during a sync is not crash-consistent
         await asyncio.sleep(0.05)
-    ckpt = await replication.checkpoint(tag)  # blocks: run off the loop
-    expected = {v.vm: _digest_chunks(Path(v.path), v.size) for v in volumes}
-    while (report := vpg.checkpoint_state(ckpt)) and report.state == CheckpointState.PENDING:
+    cid = int((await prod.call("POST", f"/vpgs/{VPG_NAME}/checkpoints", {"tag": tag}))["id"])
+    expected = {v.vm: _digests(_file_reader(Path(v.path)), v.size) for v in volumes}
+    while (report := vpg.checkpoint_state(cid)) and report.state == CheckpointState.PENDING:
         await asyncio.sleep(0.01)  # durable means in the journals, not acked_seq >= seq
-    if report is None or report.state != CheckpointState.DURABLE or report.journal_seq is None:
-        raise StateError(f"tagged checkpoint {tag!r} did not reach the recovery site: "
-                         f"{report}")
-    return report.journal_seq, expected
+    if report is None or report.state != CheckpointState.DURABLE:
+        raise StateError(f"tagged checkpoint {tag!r} did not reach dr: {report}")
+    return cid, expected
 
 
-async def _ransomware(vpg: VPG, replication: Replication,
-                      volumes: list[ProtectedVolume]) -> None:
+async def _ransomware(prod: Site, volumes: list[ProtectedVolume]) -> None:
     """Rewrite every MiB of both disks and wait until the damage is replicated too."""
     def ransomware() -> None:  # blocking writes: off the loop
         rng = random.Random(99)
@@ -177,28 +300,34 @@ async def _ransomware(vpg: VPG, replication: Replication,
             for offset in range(0, vol.size, CHUNK):
                 vol.write(offset, rng.randbytes(CHUNK))
     await asyncio.to_thread(ransomware)
-    last = (await replication.checkpoint()).seq
+    assert prod.service.runtime is not None
+    vpg = prod.service.runtime.entry(VPG_NAME).vpg
+    last = (await vpg.checkpoint_async()).seq
     while vpg.acked_seq < last:
         await asyncio.sleep(0.01)
 
 
-def _recover(journals: dict[str, Journal], volumes: list[ProtectedVolume], seq: int,
-             expected: dict[str, list[bytes]], out_dir: Path) -> tuple[int, int]:
-    """Read every volume at checkpoint `seq` from its journal into `out_dir`, comparing
-    each MiB with `expected`; returns (bytes recovered, mismatched MiB)."""
-    out_dir.mkdir()
-    mismatches = recovered_bytes = 0
+def _verify_failover(dr: Site, volumes: list[ProtectedVolume],
+                     expected: dict[str, list[bytes]]) -> tuple[int, int]:
+    """Read every failed-over volume at dr (what its NBD export serves) and compare each
+    MiB with the disks at the checkpoint; returns (bytes read, mismatched MiB)."""
+    assert dr.service.backend is not None
+    fo = dr.service.backend.failovers.active[VPG_NAME]
+    read = mismatches = 0
     for vol in volumes:
-        journal = journals[vol.vm]
-        with journal.view(journal.checkpoint_by_id(seq)) as view, \
-                open(out_dir / f"{vol.vm}.img", "wb") as out:
-            for i, offset in enumerate(range(0, vol.size, CHUNK)):
-                data = view.read(vol.id, offset, min(CHUNK, vol.size - offset))
-                out.write(data)
-                recovered_bytes += len(data)
-                if hashlib.sha256(data).digest() != expected[vol.vm][i]:
-                    mismatches += 1
-    return recovered_bytes, mismatches
+        overlay = fo.overlays[(vol.vm, vol.name)]
+        got = _digests(overlay.read, vol.size)
+        mismatches += sum(a != b for a, b in zip(got, expected[vol.vm], strict=True))
+        read += vol.size
+    return read, mismatches
+
+
+def _delta_sync_said(site: Site) -> str:
+    """What the reversed VPG's delta sync reported (its VPG event)."""
+    assert site.service.runtime is not None
+    events = site.service.runtime.entry(VPG_NAME).vpg.events
+    said = [e for e in events if "delta sync" in e]
+    return said[-1] if said else "delta sync"
 
 
 def run_demo(base: str | os.PathLike[str], *, volume_bytes: int = 64 << 20,

@@ -1,5 +1,6 @@
-"""`zcore demo`: two VMs replicated over TLS on loopback, ransomware, and a recovery
-verified byte for byte (the work is `zcore.demo.run_demo`; this module prints it)."""
+"""`zcore demo`: two site services on loopback, two VMs replicated over TLS, ransomware,
+a failover to the tagged checkpoint verified byte for byte, reverse protection and a
+failback (the work is `zcore.demo.run_demo`; this module prints it)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import click
 @click.option("--keep", type=click.Path(file_okay=False), default=None,
               help="keep the demo's files in this directory instead of a temporary one")
 def demo(volume_mib: int, seconds: float, rate_mb: float, keep: str | None) -> None:
-    """Replicate two VMs over TLS on loopback, tag a checkpoint, let ransomware overwrite
-    the disks, recover the VPG at the tagged checkpoint and verify it byte for byte."""
+    """Run two site services on loopback, replicate two VMs over TLS, tag a checkpoint,
+    let ransomware overwrite the disks, fail the VPG over to the tagged checkpoint and
+    verify it byte for byte, commit with reverse protection, and fail back."""
     from zcore.demo import run_demo
 
     if volume_mib < 1 or seconds <= 0 or rate_mb <= 0:
@@ -33,11 +35,13 @@ def demo(volume_mib: int, seconds: float, rate_mb: float, keep: str | None) -> N
                f"{report.workload_seconds:.1f} s, steady replication "
                f"{report.throughput_bytes / 1e6:.1f} MB/s")
     click.echo(f"  RPO               worst {report.rpo_max_seconds * 1000:.0f} ms")
-    click.echo(f"  journals          {report.journal_bytes / 2**20:8.1f} MiB on disk")
     click.echo(f"  recovered         {report.recovered_bytes / 2**20:8.1f} MiB at checkpoint "
-               f"{report.checkpoint_seq} ({report.checkpoint_tag!r})")
+               f"{report.checkpoint_id} ({report.checkpoint_tag!r})")
+    click.echo(f"  reverse sync      {report.delta_sync}")
     if not report.ok:
-        click.echo(f"FAILED: {report.mismatched_chunks} MiB differ from the disks at the "
-                   "tagged checkpoint", err=True)
+        click.echo(f"FAILED: {report.mismatched_chunks} MiB of the failed-over volumes and "
+                   f"{report.failback_mismatched_chunks} MiB of the failed-back disks differ "
+                   "from the disks at the tagged checkpoint", err=True)
         sys.exit(1)
-    click.echo("  verification      byte-for-byte identical to the disks at the checkpoint")
+    click.echo("  verification      failed-over volumes and failed-back disks byte-for-byte "
+               "identical to the disks at the checkpoint")

@@ -21,6 +21,7 @@ from typing import Any
 
 from zcore import wire
 from zcore.deltasync import DeltaTarget, SyncStats, TargetVolume, target_session
+from zcore.deltasync.target import PROGRESS_BYTES
 from zcore.errors import ProtocolError
 from zcore.journal.replicavolume import ReplicaVolume
 from zcore.replication.journals import VPGReceiver
@@ -28,6 +29,9 @@ from zcore.replication.journals import VPGReceiver
 log = logging.getLogger(__name__)
 
 PROGRESS_NAME = "delta-sync.progress"
+# the target's progress is made durable after this many verified bytes (see
+# zcore.deltasync.target.PROGRESS_BYTES; tests lower it)
+PROGRESS_BYTES = PROGRESS_BYTES
 # DSYNC frame bytes queued before reading pauses (a source sends at most its window of
 # batches' data ahead of the target: 4 x 64 MiB at worst)
 QUEUE_BYTES = 64 << 20
@@ -70,7 +74,7 @@ def make_target(receiver: VPGReceiver, resume: bool) -> DeltaTarget:
                 for vid in j.volumes:
                     j.replica_resum(vid)
 
-    target = DeltaTarget(volumes, progress, on_done=resum)
+    target = DeltaTarget(volumes, progress, on_done=resum, progress_bytes=PROGRESS_BYTES)
     return target
 
 

@@ -245,6 +245,13 @@ class RecoveryConnection(asyncio.BufferedProtocol):
             if self._delta is channel:
                 self._delta = None
 
+    async def delta_finished(self) -> None:
+        """Wait until this connection's delta sync, if any, has stopped touching the
+        journals (its last worker-thread step done)."""
+        task = self._delta_task
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+
     def _pause_for_delta(self, pause: bool) -> None:
         if self.transport is None or self.closed:
             return

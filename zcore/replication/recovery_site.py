@@ -118,8 +118,11 @@ class RecoverySite:
         await self.scrubber.stop()
         if self._server is not None:
             self._server.close()
-            for conn in list(self.connections):
+            conns = list(self.connections)
+            for conn in conns:
                 conn.close("recovery site stopping")
+            # a delta sync's worker step finishes before the journals close under it
+            await asyncio.gather(*(c.delta_finished() for c in conns))
             await self._server.wait_closed()
             self._server = None
         if self._attaches:

@@ -334,6 +334,8 @@ class RecoveryConnection(asyncio.BufferedProtocol):
             self.transport.write(wire.control(wire.ERROR if error else wire.CLOSE,
                                               reason=reason))
         self.closed = True
+        if self._delta is not None:
+            self._delta.close(reason)
         if self.transport is not None:
             self.transport.close()
 

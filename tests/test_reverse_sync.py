@@ -20,6 +20,7 @@ from helpers.replication import (
     MiB,
     catch_up,
     fast_timeouts,
+    free_port,
     make_vpg,
     pair_sites,
     wait_until,
@@ -105,9 +106,11 @@ def _assert_latest_equals(rs: RecoverySite, vpg: VPG) -> None:
 
 def test_delta_sync_sends_only_the_differing_blocks_and_the_view_matches(sites):
     async def main():
+        # adopted by one recovery-site process, attached in the next
+        vpg, _, differing = await asyncio.to_thread(_prepare, sites, RecoverySite(
+            sites / "rs"), 1)
         rs = RecoverySite(sites / "rs")
         host, port = await rs.start()
-        vpg, _, differing = await asyncio.to_thread(_prepare, sites, rs, 1)
         vpg.start(delta_sync=True)
         assert vpg.mode == VPGMode.DELTA_SYNC
         ps = ProtectedSite(sites / "ps")
@@ -228,6 +231,44 @@ def test_a_restart_mid_delta_sync_resumes_the_delta_sync_not_a_full_resend(sites
             if not crash:  # verified batches were not compared again
                 assert report.differing_bytes < differing
             await asyncio.to_thread(_assert_latest_equals, rs, vpg)
+            for j in rs.journals(vpg.name).values():
+                assert not (await asyncio.to_thread(j.scrub)).damage
+        finally:
+            await ps.stop()
+            vpg.close()
+            await rs.stop()
+    run(main())
+
+
+def test_a_recovery_site_restart_mid_delta_sync_resumes_after_the_verified_batches(
+        sites, monkeypatch):
+    """The recovery site stops while the delta sync runs and comes back on the same port:
+    the next session resumes after what its progress file says was verified, and the
+    replicas end equal to the protected volumes, their sums clean."""
+    monkeypatch.setattr(deltarecv, "PROGRESS_BYTES", 1)
+
+    async def main():
+        port = free_port()
+        rs = RecoverySite(sites / "rs")
+        await rs.start("127.0.0.1", port)
+        vpg, _, differing = await asyncio.to_thread(_prepare, sites, rs, 8, 0.1)
+        vpg.start(delta_sync=True)
+        ps = ProtectedSite(sites / "ps", rate_limit_bytes=2 * MiB)
+        rep = ps.protect(vpg, "127.0.0.1", port)
+        try:
+            await wait_until(lambda: rep.connected, 10, "a session")
+            await asyncio.sleep(0.4)
+            assert vpg.mode == VPGMode.DELTA_SYNC
+            await rs.stop()
+            ps.throttle.set_rate(None)
+            rs = RecoverySite(sites / "rs")
+            await rs.start("127.0.0.1", port)
+            await catch_up(vpg, rep, rs)
+            assert rep.sessions >= 2 and rep.delta_report is not None
+            assert rep.delta_report.differing_bytes < differing  # resumed, not redone
+            await asyncio.to_thread(_assert_latest_equals, rs, vpg)
+            for j in rs.journals(vpg.name).values():
+                assert not (await asyncio.to_thread(j.scrub)).damage
         finally:
             await ps.stop()
             vpg.close()

@@ -259,6 +259,9 @@ def test_a_recovery_site_restart_mid_delta_sync_resumes_after_the_verified_batch
             await wait_until(lambda: rep.connected, 10, "a session")
             await asyncio.sleep(0.4)
             assert vpg.mode == VPGMode.DELTA_SYNC
+            st = vpg.status()  # the delta sync reports its progress
+            assert st.sync_done_bytes < st.sync_total_bytes == sum(
+                v.size for v in vpg.volumes.values())
             await rs.stop()
             ps.throttle.set_rate(None)
             rs = RecoverySite(sites / "rs")

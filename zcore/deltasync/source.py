@@ -70,6 +70,8 @@ class DeltaSource:
         self.done = False
         self.data_bytes = 0  # bytes of volume data sent in records
         self.differing_blocks = 0  # 4 KiB blocks found different
+        self.total_bytes = sum(v.size for v in volumes.values())
+        self.done_bytes = 0  # bytes resumed or compared (their batch's verdict sent)
 
     def offer(self) -> bytes:
         vols = [{"id": vid, "size": v.size} for vid, v in sorted(self.volumes.items())]
@@ -112,6 +114,7 @@ class DeltaSource:
             raise ProtocolError(f"DSYNC_START batch of {msg['batch']} blocks is invalid")
         self.hashers = {vid: BlockHasher(key, vid, v) for vid, v in self.volumes.items()}
         self._plan = plan_batches(sorted(vols), msg["batch"])
+        self.done_bytes = sum(resume for _, _, resume in vols)
         self.started = True
         return self._maybe_done()
 
@@ -230,6 +233,7 @@ class DeltaSource:
             batch.volume, 0, batch.number, ((batch.start, nblocks),), tuple(batch.entries0))))
         del self._batches[batch.number]
         self._verdicts += 1
+        self.done_bytes += batch.end - batch.start
         return out + self._maybe_done()
 
     def _maybe_done(self) -> list[bytes]:

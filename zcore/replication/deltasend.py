@@ -38,7 +38,9 @@ class SenderChannel:
     """The sender's connection as a FrameChannel for `source_session`."""
 
     def __init__(self, frames: FrameStream, writer: asyncio.StreamWriter,
-                 throttle: Throttle, priority: str) -> None:
+                 throttle: Throttle, priority: str, vpg: VPG, source: DeltaSource) -> None:
+        self.vpg = vpg
+        self.source = source
         self.frames = frames
         self.writer = writer
         self.throttle = throttle
@@ -62,6 +64,7 @@ class SenderChannel:
             self.writer.write(fr)
             self.stats.bytes_sent += len(fr)
             await self.writer.drain()
+        self.vpg.delta_progress(self.source.done_bytes, self.source.total_bytes)
 
     async def fail(self, exc: BaseException) -> None:
         with contextlib.suppress(OSError, RuntimeError):
@@ -85,7 +88,8 @@ async def run_delta_source(vpg: VPG, frames: FrameStream, writer: asyncio.Stream
     try:
         volumes: dict[int, Volume] = dict(files)
         source = DeltaSource(volumes, compress=vpg.settings.compression)
-        channel = SenderChannel(frames, writer, throttle, vpg.settings.priority)
+        channel = SenderChannel(frames, writer, throttle, vpg.settings.priority, vpg,
+                                source)
         beat = asyncio.create_task(_beat(writer))
         try:
             stats = await source_session(channel, source)

@@ -324,6 +324,13 @@ class VPG(VPGStream):
                 self._delta_fresh = False
                 self._save_state(clean=False)
 
+    def delta_progress(self, done: int, total: int) -> None:
+        """Where the running delta sync stands (bytes compared of the volumes' total),
+        reported as the sync's progress in `status()`."""
+        with self._lock:
+            if self._mode == VPGMode.DELTA_SYNC:
+                self._sync_done, self._sync_total = done, total
+
     def delta_done(self, report: DeltaSyncReport) -> None:
         """The delta sync is done (the recovery site verified every block): durably
         clear it, then the bitmap sync of the writes made meanwhile starts, then

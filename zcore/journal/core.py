@@ -161,22 +161,7 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
             "promote_target": 0,
         }
         for v in specs:
-            if v.id in adopted:
-                replica = adopt.place(path, v.id, adopted[v.id])
-                fd = os.open(replica, os.O_RDONLY)
-                try:  # the sums describe the file as it is: reads and scrub check it
-                    ReplicaSums.create(path, v.id, v.size, journal_id, fd).close()
-                finally:
-                    os.close(fd)
-                continue
-            fd = os.open(path / f"replica-{v.id:04d}.img",
-                         os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                os.ftruncate(fd, v.size)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            ReplicaSums.create(path, v.id, v.size, journal_id).close()
+            _create_replica(path, v, journal_id, adopted.get(v.id))
         write_new_manifest(path, journal_id)  # before meta: 7.7
         write_meta(path, meta)
         return cls.open(path)
@@ -447,3 +432,24 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _create_replica(path: Path, v: VolumeSpec, journal_id: bytes, adopted: Path | None) -> None:
+    """Volume `v`'s replica and its sums in a new journal: an empty sparse image, or the
+    `adopted` file moved in (zcore.journal.adopt), its sums built from its bytes so reads
+    and the scrub check it."""
+    if adopted is not None:
+        replica = adopt.place(path, v.id, adopted)
+        fd = os.open(replica, os.O_RDONLY)
+        try:
+            ReplicaSums.create(path, v.id, v.size, journal_id, fd).close()
+        finally:
+            os.close(fd)
+        return
+    fd = os.open(path / f"replica-{v.id:04d}.img", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, v.size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    ReplicaSums.create(path, v.id, v.size, journal_id).close()

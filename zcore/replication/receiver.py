@@ -192,8 +192,13 @@ class RecoveryConnection(asyncio.BufferedProtocol):
         want_delta, resume = delta_requested(msg)
         try:
             receiver = await self.site.attach_async(peer, msg)
-            target = (await asyncio.to_thread(make_target, receiver, resume)
-                      if want_delta else None)
+            target = None
+            if want_delta:
+                old = receiver.conn
+                if old is not None and old is not self:  # one target over the replicas
+                    old.close(f"VPG {receiver.name} re-attached by a new connection")
+                    await old.delta_finished()
+                target = await asyncio.to_thread(make_target, receiver, resume)
         except (ZcoreError, OSError) as exc:
             self._held = None
             self.close(f"{exc} (ATTACH)" if isinstance(exc, OSError) else str(exc))

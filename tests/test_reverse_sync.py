@@ -368,3 +368,30 @@ def test_move_file_across_file_systems_copies_sparsely_and_removes_the_source(
     move_file(src, dst)
     assert not src.exists() and dst.read_bytes() == want
     assert os.stat(dst).st_blocks * 512 < 2 * MiB  # holes stayed holes
+
+
+def test_a_create_interrupted_after_adopting_a_file_loses_nothing_and_resumes(
+        tmp_path, monkeypatch):
+    """A crash between moving the adopted file in and writing journal.meta: the file is
+    at its replica name, the directory holds no journal, and the same create resumes."""
+    import zcore.journal.core as core
+    data = random.Random(9).randbytes(1 * MiB)
+    src = tmp_path / "old.img"
+    src.write_bytes(data)
+    specs = [VolumeSpec(0, "d0", 1 * MiB), VolumeSpec(1, "d1", 1 * MiB)]
+
+    def crash(*args):
+        raise OSError("power lost")
+    real = core.write_new_manifest
+    monkeypatch.setattr(core, "write_new_manifest", crash)
+    with pytest.raises(OSError, match="power lost"):
+        Journal.create(tmp_path / "j", specs, replica_files={0: src})
+    assert not src.exists() and (tmp_path / "j" / "replica-0000.img").read_bytes() == data
+    with pytest.raises(ConfigError, match="holds no journal"):
+        Journal.open(tmp_path / "j")
+    monkeypatch.setattr(core, "write_new_manifest", real)
+    with Journal.create(tmp_path / "j", specs, replica_files={0: src}) as j:
+        ckpt = j.checkpoint()
+        with j.view(ckpt) as view:
+            assert view.read(0, 0, 1 * MiB) == data
+        assert not j.scrub().damage

@@ -310,7 +310,7 @@ def test_a_mode_still_compares_equal_to_its_bare_string(site):
     site.vpg.link_down()
     assert site.vpg.mode in ("bitmap", "bitmap_syncing")
     assert {m.value for m in VPGMode} == {"stopped", "streaming", "bitmap", "bitmap_syncing",
-                                          "initial_sync"}
+                                          "initial_sync", "delta_sync"}
 
 
 # ---- bitmap mode ----------------------------------------------------------------------

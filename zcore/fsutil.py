@@ -139,29 +139,85 @@ def read_state(path: str | os.PathLike[str], fmt: str,
     return meta
 
 
+# ---- moving a file ------------------------------------------------------------------------
+
+_COPY_CHUNK = 1 << 20  # bytes per copy step of a cross-file-system move
+
+
 def move_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-    """Move a file (rename; across filesystems a copy, fsynced, renamed into place, then
-    the source unlinked); both directories fsynced.  An existing `dst` is refused."""
+    """Move the file `src` to `dst`, durably: a hard link and an unlink of `src` (a rename
+    that can never replace an existing `dst`), or across file systems (EXDEV) a
+    sparse copy (only the data extents SEEK_DATA/SEEK_HOLE report, and within them no
+    all-zero 1 MiB chunk is written: holes stay holes), fsynced, then `src` unlinked.
+    Both directories are fsynced.  An existing `dst` raises `FileExistsError` and leaves
+    both files as they were.  A crash during a copy leaves `src` whole (and perhaps a
+    partial `dst.tmp-move`, which a retry replaces)."""
     src, dst = Path(src), Path(dst)
-    if dst.exists():
-        raise FileExistsError(f"{dst} exists")
+    if dst.exists() or dst.is_symlink():
+        raise FileExistsError(f"{dst} exists: refusing to move {src} over it")
+    if not src.is_file():
+        raise FileNotFoundError(f"{src} is not a regular file")
     try:
-        os.rename(src, dst)
+        os.link(src, dst)  # like rename, but never replaces an existing dst
     except OSError as exc:
-        if exc.errno != errno.EXDEV:
+        if exc.errno == errno.EEXIST:
+            raise FileExistsError(f"{dst} exists: refusing to move {src} over it") from None
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK):
             raise
-        tmp = dst.with_name(dst.name + ".part")
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            while chunk := fin.read(1 << 20):
-                if chunk.count(0) == len(chunk):
-                    fout.seek(len(chunk), os.SEEK_CUR)
-                else:
-                    fout.write(chunk)
-            fout.truncate(fout.tell())
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.rename(tmp, dst)
-        fsync_dir(dst.parent)
-        src.unlink()
+        _copy_sparse(src, dst)
     fsync_dir(dst.parent)
+    os.unlink(src)
     fsync_dir(src.parent)
+
+
+def _copy_sparse(src: Path, dst: Path) -> None:
+    """Copy `src` to a temporary file beside `dst` (holes kept), fsync it and link it in
+    place (refusing an existing `dst`)."""
+    tmp = dst.with_name(dst.name + ".tmp-move")
+    sfd = os.open(src, os.O_RDONLY)
+    try:
+        size = os.fstat(sfd).st_size
+        dfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(dfd, size)
+            buf = bytearray(_COPY_CHUNK)
+            zero = bytes(_COPY_CHUNK)
+            for start, end in _extents(sfd, size):
+                for pos in range(start, end, _COPY_CHUNK):
+                    n = min(_COPY_CHUNK, end - pos)
+                    view = memoryview(buf)[:n]
+                    preadinto_exact(sfd, view, pos, what=str(src))
+                    if view != zero[:n]:
+                        pwrite_all(dfd, view, pos)
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+    try:
+        os.link(tmp, dst)
+    except FileExistsError:
+        os.unlink(tmp)
+        raise FileExistsError(f"{dst} exists: refusing to move {src} over it") from None
+    os.unlink(tmp)
+
+
+def _extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The [start, end) ranges of `fd` that may hold data (the whole file without
+    SEEK_DATA)."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    try:
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    break
+                raise
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            out.append((start, end))
+            pos = end
+    except OSError:
+        return [(0, size)] if size else []
+    return out

@@ -23,7 +23,15 @@ from zcore.deltasync.hashing import (
 from zcore.deltasync.messages import MAX_DSYNC_FRAME, BlockSet
 from zcore.deltasync.source import DeltaSource
 from zcore.deltasync.target import PROGRESS_FORMAT, PROGRESS_VERSION, DeltaTarget
-from zcore.deltasync.transport import FrameStream, SyncStats, run_source, run_target
+from zcore.deltasync.transport import (
+    FrameChannel,
+    FrameStream,
+    SyncStats,
+    run_source,
+    run_target,
+    source_session,
+    target_session,
+)
 
 __all__ = [
     "KEY_SIZE",
@@ -36,10 +44,13 @@ __all__ = [
     "DeltaSource",
     "DeltaTarget",
     "FileVolume",
+    "FrameChannel",
     "FrameStream",
     "SyncStats",
     "TargetVolume",
     "Volume",
     "run_source",
     "run_target",
+    "source_session",
+    "target_session",
 ]

@@ -230,6 +230,11 @@ class BlockHasher:
             return ZERO_ENTRY
         return self._hash(0, offset, block_length(self.size, 0, offset), b"".join(kids))
 
+    def entry_of(self, level: int, offset: int, data: memoryview | bytes) -> bytes:
+        """The entry of the block of `level` at `offset` whose bytes are `data`."""
+        view = memoryview(data)
+        return ZERO_ENTRY if is_zero(view) else self._hash(level, offset, len(view), view)
+
     def entry(self, level: int, offset: int) -> bytes:
         """The entry of the level-1 or level-2 block at `offset`, read from the volume."""
         n = block_length(self.size, level, offset)

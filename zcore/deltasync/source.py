@@ -10,6 +10,12 @@ frame of the target is checked against the plan both sides derive from DSYNC_STA
 numbers, volumes, levels, runs exactly as requested), and the key must be 32 bytes.  The
 source sends every 4 KiB block whose entry differs from the target's, and a verdict (its
 own level-0 entries) per batch, which the target checks its disk against.
+
+A live volume (reverse protection: the guest writes while the sync runs) may change
+between the level-0 hashes and the data: each level-1 block refined to 4 KiB blocks is
+read once, its 4 KiB hashes, the data sent and its entry in the verdict all come from
+that one read, so the verdict always describes what the target ends up holding (the
+writes themselves are the caller's to resend: the VPG marks them dirty).
 """
 
 from __future__ import annotations
@@ -64,6 +70,8 @@ class DeltaSource:
         self.done = False
         self.data_bytes = 0  # bytes of volume data sent in records
         self.differing_blocks = 0  # 4 KiB blocks found different
+        self.total_bytes = sum(v.size for v in volumes.values())
+        self.done_bytes = 0  # bytes resumed or compared (their batch's verdict sent)
 
     def offer(self) -> bytes:
         vols = [{"id": vid, "size": v.size} for vid, v in sorted(self.volumes.items())]
@@ -106,6 +114,7 @@ class DeltaSource:
             raise ProtocolError(f"DSYNC_START batch of {msg['batch']} blocks is invalid")
         self.hashers = {vid: BlockHasher(key, vid, v) for vid, v in self.volumes.items()}
         self._plan = plan_batches(sorted(vols), msg["batch"])
+        self.done_bytes = sum(resume for _, _, resume in vols)
         self.started = True
         return self._maybe_done()
 
@@ -122,12 +131,14 @@ class DeltaSource:
         if _offsets(bs.runs, size) != expected:
             raise ProtocolError(f"level-{bs.level} hashes of batch {bs.batch} are not the "
                                 "blocks asked for")
-        mine = self._own_children(batch, bs.level)
+        snaps: dict[int, bytes] = {}
+        mine = (self._own_children(batch, 1) if bs.level == 1
+                else self._snapshot_children(batch, snaps))
         differ = [off for off, theirs, ours in zip(expected, bs.entries, mine, strict=True)
                   if theirs != ours]
         if bs.level == 1 and differ:
             return [self._refine(batch, 2, differ)]
-        return self._send(batch, differ if bs.level == 2 else [])
+        return self._send(batch, differ if bs.level == 2 else [], snaps)
 
     def _level0(self, bs: BlockSet) -> list[bytes]:
         if len(self._batches) >= MAX_WINDOW:
@@ -171,16 +182,42 @@ class DeltaSource:
                 out += self.hashers[batch.volume].children(2, parent)
         return out
 
-    def _send(self, batch: SourceBatch, blocks: list[int]) -> list[bytes]:
-        """DATA frames of the differing 4 KiB `blocks`, then the batch's VERDICT."""
+    def _snapshot_children(self, batch: SourceBatch, snaps: dict[int, bytes]) -> list[bytes]:
+        """The 4 KiB entries of the requested level-1 blocks, each read once into `snaps`
+        (offset -> bytes); their level-1 entries (so the batch's verdict) follow the
+        same bytes."""
+        l0, l1, l2 = LEVEL_SIZES
+        hasher = self.hashers[batch.volume]
+        volume = self.volumes[batch.volume]
+        out: list[bytes] = []
+        for parent in _offsets(batch.requested, l1):
+            n = min(l1, batch.end - parent)
+            data = bytearray(n)
+            volume.read_into(parent, data)
+            snaps[parent] = bytes(data)
+            view = memoryview(snaps[parent])
+            out += [hasher.entry_of(2, b, view[b - parent : b - parent + l2])
+                    for b in range(parent, parent + n, l2)]
+            i = (parent - batch.start) // l0
+            batch.children[i][(parent - batch.start - i * l0) // l1] = \
+                hasher.entry_of(1, parent, view)
+        for i in {(p - batch.start) // l0 for p in snaps}:
+            batch.entries0[i] = hasher.combine(batch.start + i * l0, batch.children[i])
+        return out
+
+    def _send(self, batch: SourceBatch, blocks: list[int],
+              snaps: dict[int, bytes] | None = None) -> list[bytes]:
+        """DATA frames of the differing 4 KiB `blocks` (from `snaps`, the level-1 blocks
+        they were hashed from), then the batch's VERDICT."""
         out = []
         self.differing_blocks += len(blocks)
-        volume = self.volumes[batch.volume]
         recs: list[bytes] = []
         pending = 0
+        l1 = LEVEL_SIZES[1]
         for offset, length in _coalesce(blocks, LEVEL_SIZES[2], batch.end, MAX_RECORD):
-            data = bytearray(length)
-            volume.read_into(offset, data)
+            assert snaps is not None  # blocks are sent only after a level-2 refinement
+            data = b"".join(snaps[p][max(offset, p) - p : min(offset + length, p + l1) - p]
+                            for p in range(offset - offset % l1, offset + length, l1))
             self._seq += 1
             recs.append(records.encode_write(batch.volume, self._seq, offset, data,
                                              time.time_ns(), compress=self.compress))
@@ -196,6 +233,7 @@ class DeltaSource:
             batch.volume, 0, batch.number, ((batch.start, nblocks),), tuple(batch.entries0))))
         del self._batches[batch.number]
         self._verdicts += 1
+        self.done_bytes += batch.end - batch.start
         return out + self._maybe_done()
 
     def _maybe_done(self) -> list[bytes]:

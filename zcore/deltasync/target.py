@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,7 +85,8 @@ class DeltaTarget:
 
     def __init__(self, volumes: dict[int, TargetVolume], progress: str | os.PathLike[str]
                  | None = None, *, key: bytes | None = None, batch_blocks: int = BATCH_BLOCKS,
-                 window: int = WINDOW, progress_bytes: int = PROGRESS_BYTES) -> None:
+                 window: int = WINDOW, progress_bytes: int = PROGRESS_BYTES,
+                 on_done: Callable[[], None] | None = None) -> None:
         if not 1 <= batch_blocks <= BATCH_BLOCKS or not 1 <= window <= MAX_WINDOW:
             raise ConfigError(f"batches hold 1..{BATCH_BLOCKS} blocks, window 1..{MAX_WINDOW}")
         self.batch_blocks = batch_blocks
@@ -92,6 +94,7 @@ class DeltaTarget:
         self.progress_bytes = progress_bytes
         self.volumes = volumes
         self.progress_path = Path(progress) if progress is not None else None
+        self.on_done = on_done  # called (worker thread) before DSYNC_DONE is answered
         self.key = key if key is not None else os.urandom(KEY_SIZE)
         if len(self.key) != KEY_SIZE:
             raise ConfigError(f"a delta-sync key is {KEY_SIZE} bytes")
@@ -99,6 +102,7 @@ class DeltaTarget:
             raise ConfigError(f"delta-sync volume ids are 0..{MAX_VOLUME_ID}")
         self.hashers = {vid: BlockHasher(self.key, vid, v) for vid, v in volumes.items()}
         self.synced = self._load_progress()
+        self.resumed = any(self.synced.values())  # a progress file carried verified blocks
         self._durable = dict(self.synced)
         self._plan: list[tuple[int, int, int]] = []
         self._next = 0  # next batch to hash
@@ -304,6 +308,8 @@ class DeltaTarget:
         for v in self.volumes.values():
             v.flush()
         self._save_progress(force=True)
+        if self.on_done is not None:
+            self.on_done()
         self.done = True
         vols = [{"id": vid, "synced": self.synced[vid]} for vid in sorted(self.volumes)]
         return wire.control(wire.DSYNC_DONE, 0, volumes=vols)

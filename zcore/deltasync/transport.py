@@ -14,6 +14,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from zcore import wire
 from zcore.deltasync.messages import MAX_DSYNC_FRAME
@@ -71,7 +72,22 @@ class FrameStream:
             pass
 
 
-async def _guarded(stream: FrameStream, body: Callable[[], Awaitable[None]]) -> SyncStats:
+class FrameChannel(Protocol):
+    """What the sessions run on: frames in (`read`, ERROR raising ProtocolError), frames
+    out (`send`), a best-effort `fail`, and byte counts (`stats`).  `FrameStream` on an
+    asyncio stream pair; the replication connection's own adapters between sites
+    (zcore.replication.sender, zcore.replication.receiver)."""
+
+    stats: SyncStats
+
+    async def read(self) -> wire.Frame: ...
+
+    async def send(self, frames: Sequence[bytes]) -> None: ...
+
+    async def fail(self, exc: BaseException) -> None: ...
+
+
+async def _guarded(stream: FrameChannel, body: Callable[[], Awaitable[None]]) -> SyncStats:
     t0 = time.perf_counter()
     try:
         await body()
@@ -86,7 +102,11 @@ async def _guarded(stream: FrameStream, body: Callable[[], Awaitable[None]]) -> 
 async def run_source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      source: DeltaSource) -> SyncStats:
     """Run `source` to the end of its sync; returns the session's byte counts."""
-    stream = FrameStream(reader, writer)
+    return await source_session(FrameStream(reader, writer), source)
+
+
+async def source_session(stream: FrameChannel, source: DeltaSource) -> SyncStats:
+    """Run `source` to the end of its sync on `stream`."""
 
     async def body() -> None:
         await stream.send([source.offer()])
@@ -101,7 +121,11 @@ async def run_target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      target: DeltaTarget) -> SyncStats:
     """Run `target` to the end of its sync; returns the session's byte counts.  Progress
     verified before a failure is kept (in the target's progress file)."""
-    stream = FrameStream(reader, writer)
+    return await target_session(FrameStream(reader, writer), target)
+
+
+async def target_session(stream: FrameChannel, target: DeltaTarget) -> SyncStats:
+    """Run `target` to the end of its sync on `stream`."""
 
     async def body() -> None:
         f = await stream.read()

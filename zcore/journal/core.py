@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,8 @@ from zcore import records
 from zcore._native import record as _rec
 from zcore._native.index import ExtentIndex
 from zcore.errors import ClosedError, ConfigError, DurabilityError, status_error
-from zcore.fsutil import pwrite_all
-from zcore.journal import indexfile, segments
+from zcore.fsutil import fsync_dir, pwrite_all
+from zcore.journal import adopt, indexfile, segments
 from zcore.journal.catalogue import CatalogueMixin
 from zcore.journal.committer import CommitterMixin
 from zcore.journal.damage import inexact
@@ -126,8 +126,16 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
         *,
         vm: str = "vm",
         settings: JournalSettings | None = None,
+        replica_files: Mapping[int, str | os.PathLike[str]] | None = None,
     ) -> Journal:
-        """Create an empty journal (and sparse replicas) in the new or empty directory."""
+        """Create an empty journal (and sparse replicas) in the new or empty directory.
+
+        `replica_files` (volume id -> file) adopts existing files as replicas instead:
+        each is moved into the directory (zcore.fsutil.move_file) and its block sums are
+        built from its bytes, so the journal's oldest point is the files' contents.  Each
+        must be a regular file of its volume's size, else ConfigError before anything
+        moves.  A crash midway loses no file; the same call again resumes
+        (zcore.journal.adopt)."""
         settings = settings or JournalSettings()
         settings.check()
         specs = check_volumes(v if isinstance(v, VolumeSpec) else VolumeSpec(*v)
@@ -135,9 +143,11 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
         if not isinstance(vm, str):
             raise ConfigError(f"vm must be a string, not {vm!r}")
         path = Path(path)
+        adopted = adopt.plan(path, specs, replica_files)  # checked before anything moves
         path.mkdir(parents=True, exist_ok=True)
-        if any(path.iterdir()):
-            raise ConfigError(f"{path} is not empty: open an existing journal with Journal.open")
+        if adopted:  # the directory's entry durable before any file moves into it
+            fsync_dir(path.parent)
+        adopt.check_empty(path, any(src.parent == path for src in adopted.values()))
         journal_id = uuid.uuid4().bytes
         meta = {
             "format": META_FORMAT,
@@ -151,13 +161,7 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
             "promote_target": 0,
         }
         for v in specs:
-            fd = os.open(path / f"replica-{v.id:04d}.img", os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                os.ftruncate(fd, v.size)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            ReplicaSums.create(path, v.id, v.size, journal_id).close()
+            _create_replica(path, v, journal_id, adopted.get(v.id))
         write_new_manifest(path, journal_id)  # before meta: 7.7
         write_meta(path, meta)
         return cls.open(path)
@@ -428,3 +432,24 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, Ret
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _create_replica(path: Path, v: VolumeSpec, journal_id: bytes, adopted: Path | None) -> None:
+    """Volume `v`'s replica and its sums in a new journal: an empty sparse image, or the
+    `adopted` file moved in (zcore.journal.adopt), its sums built from its bytes so reads
+    and the scrub check it."""
+    if adopted is not None:
+        replica = adopt.place(path, v.id, adopted)
+        fd = os.open(replica, os.O_RDONLY)
+        try:
+            ReplicaSums.create(path, v.id, v.size, journal_id, fd).close()
+        finally:
+            os.close(fd)
+        return
+    fd = os.open(path / f"replica-{v.id:04d}.img", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, v.size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    ReplicaSums.create(path, v.id, v.size, journal_id).close()

@@ -12,8 +12,11 @@ files deleted, a fresh active segment started, the directory fsynced.  A crash b
 (2) and (3) leaves segments whose records are all below the watermark: a reopen ignores
 them and the next promotion deletes them.
 
-`replica_write`/`replica_sync` write into a replica directly; they are allowed only
-while the journal holds nothing (after `discard_after`), when the replica is the volume."""
+`replica_write`/`replica_sync` write into a replica directly, its block sums kept equal
+to its bytes (zcore.journal.replica); they are allowed only while the journal holds
+nothing (after `discard_after`, or a new journal a delta sync fills), when the replica
+is the volume.  `replica_resum` rebuilds a replica's sums from its bytes (after a delta
+sync verified them all: a crash may have left a block's bytes and sum apart)."""
 
 from __future__ import annotations
 
@@ -22,8 +25,9 @@ from typing import TYPE_CHECKING
 
 from zcore import records
 from zcore.errors import StateError
-from zcore.fsutil import fsync_dir, pwrite_all
+from zcore.fsutil import fsync_dir
 from zcore.journal.meta import write_meta
+from zcore.journal.replica import ReplicaSums
 from zcore.journal.state import JournalState
 from zcore.records import Checkpoint
 
@@ -67,8 +71,9 @@ class DiscardMixin(JournalState):
 
     @property
     def empty(self) -> bool:
-        """True when every journaled write is in the replicas (nothing after them)."""
-        return self.promoted_seq > self.last_seq
+        """True when every journaled write is in the replicas (nothing after them), or
+        the journal never held a record."""
+        return self.last_seq == 0 or self.promoted_seq > self.last_seq
 
     def _check_empty(self) -> None:
         if not self.empty:
@@ -83,14 +88,35 @@ class DiscardMixin(JournalState):
         with self._lock:
             self._check_usable()
             self._check_empty()
-            pwrite_all(self._replica_fds[spec.id], view, offset)
+            with self._index_lock:  # a read never sees bytes and sums apart
+                self._replica_sums[spec.id].write(self._replica_fds[spec.id], view, offset,
+                                                  resuming=False)
 
     def replica_sync(self) -> None:
-        """fsync every replica."""
+        """fsync every replica, then its sums."""
         with self._lock:
             self._check_usable()
             for fd in self._replica_fds.values():
                 os.fsync(fd)
+            for sums in self._replica_sums.values():
+                sums.fsync()
+
+    def replica_resum(self, volume: int | str) -> None:
+        """Rebuild `volume`'s replica sums from its bytes as they are (trusted: call it
+        only when they were verified otherwise, as a delta sync does)."""
+        spec = self._volume(volume)
+        with self._lock:
+            self._check_usable()
+            self._check_empty()
+            fd = self._replica_fds[spec.id]
+            os.fsync(fd)
+            with self._index_lock:
+                self._index.set_replica_sums(spec.id, None, 0, 0, 0, 0)
+                self._replica_sums.pop(spec.id).close()
+                sums = ReplicaSums.create(self.path, spec.id, spec.size, self.journal_id, fd)
+                self._replica_sums[spec.id] = sums
+                self._index.set_replica_sums(spec.id, sums.sums, sums.size, sums.block,
+                                             sums.zero_full, sums.zero_last)
 
     def replica_path(self, volume: int | str) -> str:
         """The replica image file of `volume`."""

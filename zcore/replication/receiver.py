@@ -8,7 +8,9 @@ VPG's journal worker (zcore.replication.journals); acks come back from the worke
 Every refusal closes the connection with its reason recorded in `RecoverySite.refused`.
 An ATTACH opens (or creates) its VPG's journals in a worker thread: reading pauses
 meanwhile and the frames behind it wait, in order, so the loop never blocks on a journal
-open or fsync.
+open or fsync.  An ATTACH asking for a delta sync (reverse protection) is answered, then
+the connection's DSYNC frames drive the VPG's delta-sync target
+(zcore.replication.deltarecv) until its DONE; a BUNDLE before that is refused.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from zcore import wire
+from zcore.deltasync import DeltaTarget
 from zcore.errors import ProtocolError, ZcoreError
 from zcore.replication import timing
+from zcore.replication.deltarecv import DeltaChannel, delta_requested, make_target, run_delta
 from zcore.replication.journals import VPGReceiver
 from zcore.security import Peer, fingerprint, pairing_proof, pem_to_der, proofs_equal, trust
 
@@ -29,6 +33,8 @@ if TYPE_CHECKING:
     from zcore.replication.recovery_site import RecoverySite
 
 log = logging.getLogger(__name__)
+
+DSYNC_TYPES = frozenset(range(wire.DSYNC_OFFER, wire.DSYNC_DONE + 1))
 
 
 class RecoveryConnection(asyncio.BufferedProtocol):
@@ -53,6 +59,10 @@ class RecoveryConnection(asyncio.BufferedProtocol):
         self._held: deque[wire.Frame] | None = None
         self._attaching: asyncio.Task[None] | None = None
         self._moves: set[asyncio.Task[None]] = set()  # MOVE requests being checked
+        # the delta sync of the VPG attached with "initial": "delta", while it runs
+        self._delta: DeltaChannel | None = None
+        self._delta_target: DeltaTarget | None = None
+        self._delta_task: asyncio.Task[None] | None = None
 
     # -- transport callbacks --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -113,6 +123,8 @@ class RecoveryConnection(asyncio.BufferedProtocol):
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         self._held = None
+        if self._delta is not None:
+            self._delta.close("connection lost")
         for r in self.channels.values():
             if r.conn is self:
                 r.conn = None
@@ -133,7 +145,14 @@ class RecoveryConnection(asyncio.BufferedProtocol):
             self._pair(wire.parse_control(f))
         elif f.type == wire.ATTACH:
             self._attach(f)
+        elif f.type in DSYNC_TYPES or (f.type == wire.ERROR and self._delta_running):
+            if not self._delta_running:
+                raise ProtocolError(f"{f.name} outside a delta sync")
+            assert self._delta is not None
+            self._delta.put(f)
         elif f.type == wire.BUNDLE:
+            if self._delta_running:
+                raise ProtocolError("BUNDLE before the delta sync is done")
             self._bundle(f)
         elif f.type == wire.HEARTBEAT:
             pass
@@ -162,9 +181,10 @@ class RecoveryConnection(asyncio.BufferedProtocol):
         thread, never on the loop; frames after the ATTACH wait for it."""
         peer = self.peer
         assert peer is not None  # a data connection presented a pinned certificate
-        if f.channel == 0 or f.channel in self.channels:
+        if f.channel == 0 or f.channel in self.channels or self._delta_running:
             raise ProtocolError(f"ATTACH on channel {f.channel} is not allowed")
         msg = wire.parse_control(f)
+        delta_requested(msg)  # a malformed request is refused before anything opens
         self._held = deque()
         assert self.transport is not None
         self.transport.pause_reading()
@@ -172,8 +192,16 @@ class RecoveryConnection(asyncio.BufferedProtocol):
             self._attach_async(f.channel, peer, msg))
 
     async def _attach_async(self, channel: int, peer: Peer, msg: dict[str, Any]) -> None:
+        want_delta, resume = delta_requested(msg)
         try:
             receiver = await self.site.attach_async(peer, msg)
+            target = None
+            if want_delta:
+                old = receiver.conn
+                if old is not None and old is not self:  # one target over the replicas
+                    old.close(f"VPG {receiver.name} re-attached by a new connection")
+                    await old.delta_finished()
+                target = await asyncio.to_thread(make_target, receiver, resume)
         except (ZcoreError, OSError) as exc:
             self._held = None
             self.close(f"{exc} (ATTACH)" if isinstance(exc, OSError) else str(exc))
@@ -182,6 +210,8 @@ class RecoveryConnection(asyncio.BufferedProtocol):
             return
         self.last_frame = time.monotonic()
         self._attached(channel, peer, receiver)
+        if target is not None:
+            self._start_delta(receiver, target)
         held, self._held = self._held, None
         if held:
             self._handle_all(held)
@@ -199,6 +229,44 @@ class RecoveryConnection(asyncio.BufferedProtocol):
         self._send(wire.control(wire.ATTACHED, channel,
                                 durable_seq=receiver.durable_seq(),
                                 max_seq=receiver.max_seq()))
+
+    @property
+    def _delta_running(self) -> bool:
+        return self._delta_target is not None and not self._delta_target.done
+
+    def _start_delta(self, receiver: VPGReceiver, target: DeltaTarget) -> None:
+        self._delta = DeltaChannel(self._send, self._pause_for_delta)
+        self._delta_target = target
+        self._delta_task = asyncio.get_running_loop().create_task(
+            self._run_delta(self._delta, target, receiver))
+
+    async def _run_delta(self, channel: DeltaChannel, target: DeltaTarget,
+                         receiver: VPGReceiver) -> None:
+        try:
+            await run_delta(channel, target, receiver.name)
+        except (ZcoreError, OSError) as exc:
+            if not self.closed:
+                self.close(f"VPG {receiver.name}: delta sync failed: {exc}")
+            else:
+                self.site.refuse(f"{self.remote}: VPG {receiver.name}: delta sync ended: {exc}")
+        finally:
+            if self._delta is channel:
+                self._delta = None
+
+    async def delta_finished(self) -> None:
+        """Wait until this connection's delta sync, if any, has stopped touching the
+        journals (its last worker-thread step done)."""
+        task = self._delta_task
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+
+    def _pause_for_delta(self, pause: bool) -> None:
+        if self.transport is None or self.closed:
+            return
+        if pause:
+            self.transport.pause_reading()
+        elif not self.paused and self._held is None:
+            self.transport.resume_reading()
 
     def _bundle(self, f: wire.Frame) -> None:
         receiver = self.channels.get(f.channel)
@@ -302,6 +370,8 @@ class RecoveryConnection(asyncio.BufferedProtocol):
             self.transport.write(wire.control(wire.ERROR if error else wire.CLOSE,
                                               reason=reason))
         self.closed = True
+        if self._delta is not None:
+            self._delta.close(reason)
         if self.transport is not None:
             self.transport.close()
 

@@ -13,7 +13,7 @@ import os
 import resource
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,8 @@ from zcore import wire
 from zcore.errors import ConfigError, ProtocolError, StateError
 from zcore.fsutil import fsync_dir
 from zcore.journal import Journal, JournalSettings, VolumeSpec, history
+from zcore.journal.adopt import plan as adopt_plan
+from zcore.journal.settings import check_volumes
 from zcore.replication import timing
 from zcore.replication.journals import JournalWorkers, VPGReceiver
 from zcore.replication.ownership import read_owner, write_owner
@@ -123,8 +125,11 @@ class RecoverySite:
         await self.scrubber.stop()
         if self._server is not None:
             self._server.close()
-            for conn in list(self.connections):
+            conns = list(self.connections)
+            for conn in conns:
                 conn.close("recovery site stopping")
+            # a delta sync's worker step finishes before the journals close under it
+            await asyncio.gather(*(c.delta_finished() for c in conns))
             await self._server.wait_closed()
             self._server = None
         if self._attaches:
@@ -212,6 +217,74 @@ class RecoverySite:
             write_owner(vpg_dir, peer.site_id, peer.name)
         elif owner != peer.site_id:
             raise ProtocolError(f"VPG {name} belongs to another site")
+
+    def adopt(self, name: str, owner_site_id: str, vms: list[tuple[str, list[VolumeSpec]]],
+              settings: JournalSettings,
+              replica_files: Mapping[tuple[str, str], str | os.PathLike[str]], *,
+              owner_name: str | None = None) -> None:
+        """Prepare VPG `name` for reverse protection (blocking: call it in a thread):
+        `vpgs/<name>/`, its owner file for `owner_site_id`, and one journal per VM whose
+        replicas are the given files ((vm, volume name) -> file, moved in; a volume
+        without one gets an empty sparse replica).  A later ATTACH of that owner with the
+        same VMs and volumes opens these journals (and a restarted site preloads them);
+        its delta sync then sends only what differs.  Every file is checked first
+        (ConfigError, nothing moved).  Refused while the VPG is attached or when its
+        directory already holds its journals; after a crash midway the same call resumes
+        (the VMs whose journals are complete, their files gone, are kept)."""
+        if not wire.safe_name(name) or not all(wire.safe_name(vm) for vm, _ in vms):
+            raise ConfigError(f"VPG {name!r} or one of its VM names is not allowed")
+        if name in self.receivers:
+            raise StateError(f"VPG {name} is attached: it cannot adopt replicas now")
+        settings.check()
+        specs = {vm: check_volumes(vols) for vm, vols in vms}
+        ids = [v.id for vols in specs.values() for v in vols]
+        if not specs or len(specs) != len(vms) or len(set(ids)) != len(ids):
+            raise ConfigError(f"VPG {name}: VM names and volume ids must be distinct")
+        names = {(vm, v.name): v.id for vm, vols in specs.items() for v in vols}
+        unknown = set(replica_files) - set(names)
+        if unknown:
+            raise ConfigError(f"VPG {name} has no volume {sorted(unknown)[0]}")
+        vpg_dir = self.vpgs_dir / name
+        files = {vm: {names[(vm, v.name)]: Path(replica_files[(vm, v.name)])
+                      for v in vols if (vm, v.name) in replica_files}
+                 for vm, vols in specs.items()}
+        todo = [vm for vm in specs if not self._adopted(vpg_dir, vm, specs[vm], files[vm])]
+        if not todo:
+            raise StateError(f"VPG {name} already holds its journals in {vpg_dir}")
+        for vm in todo:  # every file checked before the first one moves
+            adopt_plan(vpg_dir / vm, specs[vm], files[vm])
+        owner = read_owner(vpg_dir)
+        if owner is not None and owner != owner_site_id:
+            raise StateError(f"VPG {name} at this site belongs to site {owner}")
+        if owner is None:
+            vpg_dir.mkdir(parents=True, exist_ok=True)
+            fsync_dir(self.vpgs_dir)
+            peer = next((p for p in self.peers.all() if p.site_id == owner_site_id), None)
+            write_owner(vpg_dir, owner_site_id,
+                        owner_name or (peer.name if peer else owner_site_id))
+        for vm in todo:
+            Journal.create(vpg_dir / vm, specs[vm], vm=vm, settings=settings,
+                           replica_files=files[vm]).close()
+
+    @staticmethod
+    def _adopted(vpg_dir: Path, vm: str, specs: list[VolumeSpec],
+                 files: dict[int, Path]) -> bool:
+        """True when `vm`'s journal was created by an adoption of these files that
+        completed (its volumes are `specs`, the files are gone); a journal that holds
+        anything else is refused (StateError)."""
+        path = vpg_dir / vm
+        if not (path / "journal.meta").exists():
+            return False
+        j = Journal.open(path)
+        try:
+            same = sorted(j.volumes.values(), key=lambda v: v.id) == sorted(
+                specs, key=lambda v: v.id)
+            ok = same and j.last_seq == 0 and not any(f.exists() for f in files.values())
+        finally:
+            j.close()
+        if not ok:
+            raise StateError(f"VPG {vpg_dir.name} already holds a journal of VM {vm}")
+        return True
 
     @staticmethod
     def _open_journals(vpg_dir: Path, name: str,

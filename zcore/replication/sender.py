@@ -23,9 +23,10 @@ from zcore import wire
 from zcore.errors import ProtocolError, StateError, ZcoreError
 from zcore.records import Checkpoint
 from zcore.replication import timing
+from zcore.replication.deltasend import attach_fields, run_delta_source
 from zcore.replication.status import ReplicationStatus, ThroughputMeter, replication_state
 from zcore.security import SERVER_NAME, client_context, fingerprint
-from zcore.vpg import VPG, VPGMode
+from zcore.vpg import VPG, DeltaSyncReport, VPGMode
 
 if TYPE_CHECKING:
     from zcore.replication.protected_site import ProtectedSite
@@ -109,6 +110,7 @@ class Replication:
         self._vpg_op: asyncio.Task[None] | None = None  # link_down/up, in call order
         self._writer: asyncio.StreamWriter | None = None  # the session's, while streaming
         self._move_reply: asyncio.Future[dict[str, Any]] | None = None
+        self.delta_report: DeltaSyncReport | None = None  # the delta sync, once done
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -249,6 +251,9 @@ class Replication:
             frames = FrameStream(reader)
             durable = await self._handshake(frames, writer)
             self._resume_after(durable)
+            if self.vpg.delta_pending:  # reverse protection: before any bundle
+                self.delta_report = await run_delta_source(self.vpg, frames, writer,
+                                                           self.site.throttle)
             await self._stream(frames, writer)
         except _LINK_ERRORS as exc:
             # reported now: closing a dead link's stream waits up to a second more, and a
@@ -330,7 +335,8 @@ class Replication:
         vms = [{"name": vm.name, "volumes": [{"id": v.id, "name": v.name, "size": v.size}
                                               for v in vm.volumes]}
                for vm in self.vpg.vms.values()]
-        return {"vpg": self.vpg.name, "vms": vms, "journal": asdict(self.vpg.settings.journal)}
+        return {"vpg": self.vpg.name, "vms": vms, "journal": asdict(self.vpg.settings.journal),
+                **attach_fields(self.vpg)}
 
     async def _send_loop(self, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()

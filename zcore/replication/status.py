@@ -18,6 +18,7 @@ class ReplicationState(StrEnum):
 
     PAUSED = "paused"  # the user paused replication
     INITIALIZING = "initializing"  # the initial sync runs
+    DELTA_SYNCING = "delta_syncing"  # the delta sync of reverse protection runs
     BITMAP_SYNCING = "bitmap_syncing"  # resending what the dirty bitmaps mark
     DISCONNECTED = "disconnected"  # the recovery site is unreachable
     RPO_NOT_MEETING_SLA = "rpo_not_meeting_sla"  # streaming, RPO above its alert
@@ -30,6 +31,8 @@ def replication_state(vpg: VPGStatus, connected: bool, paused: bool) -> Replicat
         return ReplicationState.PAUSED
     if vpg.mode == "initial_sync":
         return ReplicationState.INITIALIZING
+    if vpg.mode == "delta_sync":
+        return ReplicationState.DELTA_SYNCING
     if vpg.mode == "bitmap_syncing" or (vpg.mode == "bitmap" and connected):
         return ReplicationState.BITMAP_SYNCING
     if not connected:

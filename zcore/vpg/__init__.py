@@ -22,7 +22,7 @@ The public facade of the package:
 """
 
 from zcore.records import Checkpoint, CheckpointKind
-from zcore.vpg.core import VM, Bundle, VPGStatus
+from zcore.vpg.core import VM, Bundle, DeltaSyncReport, VPGStatus
 from zcore.vpg.group import VPG
 from zcore.vpg.locallink import LocalLink
 from zcore.vpg.promises import CheckpointReport, CheckpointState
@@ -58,6 +58,7 @@ __all__ = [
     "CheckpointKind",
     "CheckpointReport",
     "CheckpointState",
+    "DeltaSyncReport",
     "LocalLink",
     "VPGMode",
     "VPGSettings",

@@ -57,6 +57,19 @@ class Bundle:
 
 
 @dataclass(frozen=True)
+class DeltaSyncReport:
+    """What a finished delta sync moved (zcore.deltasync.SyncStats and the source's
+    counts): the bytes of the 4 KiB blocks found different, and the frame bytes sent."""
+
+    volumes: int
+    differing_blocks: int
+    differing_bytes: int
+    bytes_sent: int  # every frame byte the protected site sent in the session
+    bytes_received: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class VPGStatus:
     name: str
     mode: VPGMode
@@ -78,6 +91,7 @@ class VPGStatus:
     ring_bytes: int = 0  # ...of its size (half the buffer; 0 while stopped)
     checkpoints_pending: int = 0  # tagged checkpoints not yet in the recovery journals
     checkpoints_lost: int = 0  # tagged checkpoints lost since the VPG was made
+    delta_sync: DeltaSyncReport | None = None  # the last delta sync's figures (this run)
 
 
 class VM:
@@ -118,6 +132,9 @@ class VPGCore:
         self._link_up = True
         self._skip_zero = False  # the replicas are still empty: zero blocks need not go
         self._initial = False  # an initial sync has not completed yet
+        self._delta = False  # a delta sync (reverse protection) has not completed yet
+        self._delta_fresh = False  # ...and its next session must start over (after a crash)
+        self._delta_report: DeltaSyncReport | None = None
         self._sync_iter: Iterator[SyncItem] | None = None
         self._sync_next: SyncItem | None = None
         self._sync_total = 0
@@ -206,6 +223,8 @@ class VPGCore:
             "seq_reserved": self._seq_reserved,
             "clean": clean,
             "initial_sync_pending": self._initial,
+            "delta_sync_pending": self._delta,
+            "delta_sync_fresh": self._delta_fresh,
             "settings": asdict(self.settings),
         })
 

@@ -19,7 +19,7 @@ from zcore.capture import ProtectedVolume, backing_size
 from zcore.errors import ConfigError, StateError
 from zcore.journal import VolumeSpec
 from zcore.records import Checkpoint, CheckpointKind
-from zcore.vpg.core import VM, Bundle, VPGStatus
+from zcore.vpg.core import VM, Bundle, DeltaSyncReport, VPGStatus
 from zcore.vpg.promises import CheckpointReport
 from zcore.vpg.settings import CHECKPOINT_WAIT, SEQ_RESERVE, VPGMode
 from zcore.vpg.stream import VPGStream
@@ -64,25 +64,35 @@ class VPG(VPGStream):
 
     # ---- lifetime ------------------------------------------------------------------------
 
-    def start(self, *, initial_sync: bool = False, min_seq: int = 0) -> None:
+    def start(self, *, initial_sync: bool = False, delta_sync: bool = False,
+              min_seq: int = 0) -> None:
         """Start capturing.  `initial_sync` copies the volumes' current contents (zero
-        blocks skipped) before the first consistent checkpoint; `min_seq` is the highest
-        seq the recovery site already holds.  A restart after a clean stop resumes the
-        persisted bitmaps; after a crash every volume is resent whole."""
+        blocks skipped) before the first consistent checkpoint; `delta_sync` says the
+        recovery site's replicas hold an older copy of the volumes (reverse protection):
+        the sender's delta sync sends what differs (mode DELTA_SYNC, writes meanwhile
+        marked dirty), then the bitmap sync of those writes, then the first consistent
+        checkpoint.  Both count on a first start only: later the state file decides.
+        `min_seq` is the highest seq the recovery site already holds.  A restart after a
+        clean stop resumes the persisted bitmaps (and a pending delta sync); after a
+        crash every volume is resent whole, except while a delta sync is pending: that
+        sync then starts over (it compares every block, so nothing needs marking)."""
+        if initial_sync and delta_sync:
+            raise ConfigError("a VPG starts with an initial sync or a delta sync, not both")
         with self._lock:
             self._require_stopped("start")
             if not self.volumes:
                 raise ConfigError(f"VPG {self.name} protects no volume")
             state = self.files.load(self._definition(), self.name)
-            self._restore_bitmaps(state, initial_sync)
+            self._restore_bitmaps(state, initial_sync, delta_sync)
             first_seq = max(int(state["seq_reserved"]) if state else 1, min_seq + 1)
             self._seq_reserved = first_seq + SEQ_RESERVE
             self._last_seq = first_seq - 1
             self._acked_seq = max(self._acked_seq, min_seq)
             self._handed_seq = self._sync_awaits_ack = 0
             ring = self._ring = CaptureRing(self._ring_bytes(), first_seq)
-            dirty = any(self.bitmaps.values())
-            self._mode = VPGMode.BITMAP if dirty else VPGMode.STREAMING
+            dirty = any(self.bitmaps.values()) or self._delta
+            self._mode = (VPGMode.DELTA_SYNC if self._delta else
+                          VPGMode.BITMAP if dirty else VPGMode.STREAMING)
             if dirty:
                 ring.set_mode(MODE_BITMAP)
             # nothing dirty: everything captured before the stop is at the recovery site
@@ -99,22 +109,37 @@ class VPG(VPGStream):
                                             daemon=True)
             self._thread.start()
 
-    def _restore_bitmaps(self, state: dict[str, object] | None, initial_sync: bool) -> None:
+    def _restore_bitmaps(self, state: dict[str, object] | None, initial_sync: bool,
+                         delta_sync: bool = False) -> None:
         """Fresh bitmaps, then what the saved state says is dirty: nothing or everything
-        (first start), the persisted bitmaps (clean stop) or everything (crash)."""
+        (first start), the persisted bitmaps (clean stop) or everything (crash; nothing
+        while a delta sync is pending, which then starts over)."""
         for vid, vol in self.volumes.items():
             self.bitmaps[vid] = DirtyBitmap(vol.size, max_bytes=self.settings.bitmap_max_bytes)
         if state is None:
             self._skip_zero = self._initial = initial_sync
+            self._delta, self._delta_fresh = delta_sync, delta_sync
             if initial_sync:
                 for bm in self.bitmaps.values():
                     bm.mark_all()
                 self._event("initial sync of every volume")
+            if delta_sync:
+                self._event(f"delta sync of {len(self.volumes)} volumes pending: the "
+                            "recovery site's replicas hold an older copy")
             return
         # zero blocks may be skipped only while the replicas hold nothing: after a restart,
         # part of an initial sync (or writes since) may be journaled
         self._skip_zero = False
         self._initial = bool(state.get("initial_sync_pending"))
+        self._delta = bool(state.get("delta_sync_pending"))
+        self._delta_fresh = bool(state.get("delta_sync_fresh"))
+        if self._delta and not state["clean"]:
+            # the marks of writes since the last persisted bitmaps are lost, and so may
+            # be blocks the target already verified: the delta sync compares every block
+            # again (its progress dropped), which resends whatever they covered
+            self._delta_fresh = True
+            self._event("unclean shutdown during the delta sync: it starts over")
+            return
         if state["clean"]:
             self.files.load_bitmaps(self.volumes, self.bitmaps,
                                     self.settings.bitmap_max_bytes, self._event)
@@ -199,8 +224,9 @@ class VPG(VPGStream):
         ring's reading of the same moment, microseconds apart)."""
         with self._lock:
             self._check_running()
-            if self._mode == VPGMode.BITMAP:
-                raise StateError(f"VPG {self.name} is in bitmap mode: no checkpoint possible")
+            if self._mode in (VPGMode.BITMAP, VPGMode.DELTA_SYNC):
+                raise StateError(f"VPG {self.name} is in {self._mode.label} mode: no "
+                                 "checkpoint possible")
             kind = CheckpointKind.TAGGED if tag else CheckpointKind.AUTO
             deadline = time.monotonic() + CHECKPOINT_WAIT
             while True:
@@ -223,7 +249,7 @@ class VPG(VPGStream):
         with self._lock:
             self._check_running()
             self._link_up = False
-            if self._mode != VPGMode.BITMAP:
+            if self._mode not in (VPGMode.BITMAP, VPGMode.DELTA_SYNC):  # DELTA_SYNC marks
                 self._fold(reason)
 
     def link_up(self) -> None:
@@ -271,13 +297,59 @@ class VPG(VPGStream):
         with self._lock:
             self._check_running()
             target = self._live_ring().stats()["next_seq"] - 1
-            while self._last_seq < target and self._mode != VPGMode.BITMAP:
+            while self._last_seq < target and self._mode not in (VPGMode.BITMAP,
+                                                                 VPGMode.DELTA_SYNC):
                 if time.monotonic() > deadline:
                     raise StateError(f"VPG {self.name}: sealing did not catch up in {timeout} s")
                 self._seal()
                 if self._last_seq < target:
                     self._wake.wait(0.001)
             return self._last_seq
+
+    # ---- the delta sync of reverse protection (run by the sender) ------------------------
+
+    @property
+    def delta_pending(self) -> bool:
+        """True until the delta sync this VPG started with is done (durable in vpg.json:
+        a restart resumes it)."""
+        return self._delta
+
+    @property
+    def delta_fresh(self) -> bool:
+        """True when the next delta-sync session must start over, the recovery site's
+        progress dropped (the first session, and any after a crash of this VPG)."""
+        return self._delta and self._delta_fresh
+
+    def delta_started(self) -> None:
+        """A delta-sync session began from scratch: later sessions resume its progress."""
+        with self._lock:
+            self._check_running()
+            if self._delta and self._delta_fresh:
+                self._delta_fresh = False
+                self._save_state(clean=False)
+
+    def delta_progress(self, done: int, total: int) -> None:
+        """Where the running delta sync stands (bytes compared of the volumes' total),
+        reported as the sync's progress in `status()`."""
+        with self._lock:
+            if self._mode == VPGMode.DELTA_SYNC:
+                self._sync_done, self._sync_total = done, total
+
+    def delta_done(self, report: DeltaSyncReport) -> None:
+        """The delta sync is done (the recovery site verified every block): durably
+        clear it, then the bitmap sync of the writes made meanwhile starts, then
+        streaming and the first consistent checkpoint."""
+        with self._lock:
+            self._check_running()
+            if not self._delta:
+                return
+            self._delta = self._delta_fresh = False
+            self._save_state(clean=False)  # before any bundle: a restart cannot redo it
+            self._delta_report = report
+            self._mode = VPGMode.BITMAP
+            self._event(f"delta sync of {report.volumes} volumes: {report.differing_bytes} "
+                        f"bytes differed, {report.bytes_sent} sent in {report.seconds:.1f} s")
+            self._wake.notify_all()
 
     # ---- awaitable variants: the blocking calls above, in a worker thread ----------------
 
@@ -353,7 +425,7 @@ class VPG(VPGStream):
 
     def status(self) -> VPGStatus:
         with self._lock:
-            if self._ring is not None and self._mode == VPGMode.BITMAP:
+            if self._ring is not None and self._mode in (VPGMode.BITMAP, VPGMode.DELTA_SYNC):
                 self._mark(*self._ring.take_dirty())
             stats = self._ring.stats() if self._ring is not None else None
             rpo = self.rpo_seconds()
@@ -378,4 +450,6 @@ class VPG(VPGStream):
                 ring_bytes=stats["ring_size"] if stats else 0,
                 checkpoints_pending=self._tagged.pending,
                 checkpoints_lost=self._tagged.lost,
+                delta_sync=self._delta_report,
             )
+

@@ -33,10 +33,14 @@ class VPGMode(StrEnum):
     BITMAP = "bitmap"  # writes only mark dirty blocks: link down or buffer overflowed
     BITMAP_SYNCING = "bitmap_syncing"  # resending the dirty blocks, then streaming again
     INITIAL_SYNC = "initial_sync"  # copying the volumes whole at protection start
+    # comparing block hashes with the recovery site's replicas, which hold an older copy
+    # (reverse protection), and sending what differs; writes meanwhile only mark dirty
+    # blocks, which the bitmap sync after it sends
+    DELTA_SYNC = "delta_sync"
 
     @property
     def syncing(self) -> bool:
-        return self in (VPGMode.BITMAP_SYNCING, VPGMode.INITIAL_SYNC)
+        return self in (VPGMode.BITMAP_SYNCING, VPGMode.INITIAL_SYNC, VPGMode.DELTA_SYNC)
 
     @property
     def label(self) -> str:

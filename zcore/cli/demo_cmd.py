@@ -4,6 +4,7 @@ failback (the work is `zcore.demo.run_demo`; this module prints it)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -23,6 +24,9 @@ def demo(volume_mib: int, seconds: float, rate_mb: float, keep: str | None) -> N
     verify it byte for byte, commit with reverse protection, and fail back."""
     from zcore.demo import run_demo
 
+    # the sites' own log lines (a refused ATTACH while the VPG is failed over, ...) are
+    # what a site service logs; the demo shows its steps instead
+    logging.basicConfig(level=logging.ERROR)
     if volume_mib < 1 or seconds <= 0 or rate_mb <= 0:
         raise click.BadParameter("volume size, duration and rate must be positive")
     with tempfile.TemporaryDirectory(prefix="zcore-demo-") as tmp:

@@ -105,10 +105,15 @@ class ReverseOps:
         failovers.after_commit = self._reverse_after_commit
 
     def install(self) -> None:
-        """Take the recovery site's MOVE requests and reversed ATTACHes (once listening)."""
+        """Take the recovery site's MOVE requests and reversed ATTACHes (before it
+        listens); a reversal left half done refuses its VPG's ATTACH until it is
+        finished (`restore`)."""
         assert self.rt.recovery is not None
         self.rt.recovery.on_move = self.on_move
         self.rt.recovery.before_attach = self.before_attach
+        if self.plans_dir.is_dir():
+            for path in self.plans_dir.glob("*.json"):
+                self.rt.recovery.failed_over[path.stem] = protected_refusal(path.stem)
 
     @property
     def plans_dir(self) -> Path:
@@ -329,6 +334,8 @@ class ReverseOps:
         if journals is not None:
             await asyncio.to_thread(shutil.rmtree, journals, True)
         vms = await self._protected_records(name, owner, moves, plan["settings"])
+        if self.rt.recovery is not None:  # protected here now: `before_attach` refuses
+            self.rt.recovery.failed_over.pop(name, None)  # all but a reversed ATTACH
         state_dir = self.rt.site.vpg_state_dir(name)
         await asyncio.to_thread(shutil.rmtree, state_dir, True)
         state_dir.mkdir(parents=True)

@@ -9,7 +9,9 @@ writes is discarded at the stop), then fails the VPG over to the tag with the qe
 adapter: the recovered VM boots on B's failover export and its console shows the files as
 they were before the encryption; it writes a file of its own; the commit stops it, folds
 its writes into the replica and boots it again on the `recovered/...` export, where that
-file is.
+file is.  Then reverse protection (B protects the VPG back to A, whose disk becomes the
+replica) and a failback: A protects it again from its original disk, byte-identical to
+what the recovered VM wrote, and the guest booted there shows its files and the new one.
 
 Bounded: every wait has a timeout and the whole scenario a budget (BUDGET_S); under TCG
 each boot takes ~3 s.  In CI (CI=true) a missing tool or guest package fails the test
@@ -157,7 +159,7 @@ def protect(a: SiteProcess, b: SiteProcess, disk: Path
     return ca, cb, task
 
 
-def test_ransomed_vm_fails_over_to_its_tag_and_boots_with_its_files_as_they_were(
+def test_ransomed_vm_fails_over_to_its_tag_boots_with_its_files_and_fails_back_home(
         kit: VMKit, sites: tuple[SiteProcess, SiteProcess], tmp_path: Path) -> None:
     budget = Budget(BUDGET_S)
     a, b = sites
@@ -223,8 +225,27 @@ def test_ransomed_vm_fails_over_to_its_tag_and_boots_with_its_files_as_they_were
     for name, text in FILES.items():
         assert f"GUEST-FILE {name}: {text}\n" in console, console
 
-    # ---- FAILBACK: the second half of the scenario goes here -------------------
-    # Move the VPG back with reverse protection (zcore move / reverse / failback, being
-    # built by the lead): then site A's disk (`disk`) must be byte-identical to the
-    # replica the recovered VM wrote at B (`recovered/g1/vm1/disk0`), and a boot at A must
-    # print the files above plus recovered.txt.  Not faked here: nothing is asserted yet.
+    # reverse protection: B protects g1 back to A (A's disk becomes its replica, a delta
+    # sync sends what the recovered VM changed), then the failback moves it home
+    wait_for("the recovered VM to power off", lambda: at_b.status("vm1") is VMState.STOPPED,
+             timeout=budget.left(60))
+    token = ok(ca.post("/pairing/tokens"))["token"]
+    ok(cb.post("/pairing", json={"address": a.replication, "token": token}))  # B knows A
+    reversed_ = wait_task(cb, ok(cb.post("/vpgs/g1/reverse"), 202), budget)
+    assert not disk.exists(), reversed_  # A's disk is A's replica now, in its journal
+    assert ok(ca.get("/vpgs/g1"))["role"] == "recovery"
+    wait_for("the VM's reboot at B to power off", lambda: at_b.status("vm1")
+             is VMState.STOPPED, timeout=budget.left(60))
+    wait_task(cb, ok(cb.post("/vpgs/g1/failback"), 202), budget)
+    wait_for("A protecting g1 again", lambda: ok(ca.get("/vpgs/g1"))["state"]
+             == "protecting" and ok(ca.get("/vpgs/g1"))["role"] == "protected",
+             timeout=budget.left(120))
+    [replica_at_b] = (b.root / "vpgs" / "g1").rglob("replica-0000.img")
+    assert disk.read_bytes() == replica_at_b.read_bytes()  # what the recovered VM wrote
+    assert read_ext4_file(disk, "/data/recovered.txt").decode() == \
+        "written by the recovered VM\n"
+    console = boot_at_a(kit, GUEST_PRINTS, at_a, tmp_path / "run-home", "GUEST-PRINTED",
+                        budget)
+    assert "GUEST-FILE recovered.txt: written by the recovered VM" in console, console
+    for name, text in FILES.items():
+        assert f"GUEST-FILE {name}: {text}\n" in console, console

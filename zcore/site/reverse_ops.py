@@ -242,13 +242,13 @@ class ReverseOps:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(POLL_S)
-        # after this hook returns MOVING is sent; the failover (which closes the
-        # connection) starts on the loop's next round
+        await self._event("move_accepted", f"site {peer.name} moves VPG {name} here at "
+                          f"checkpoint {checkpoint_id}", name)
+        # MOVING is sent as this hook returns, with no await between; the failover (which
+        # closes the connection) starts on the loop's next round, after it
         task = asyncio.get_running_loop().create_task(self.failovers.start(
             name, checkpoint_id, "commit", 0.0, "none", reverse))
         task.add_done_callback(_log_failure)
-        await self._event("move_accepted", f"site {peer.name} moves VPG {name} here at "
-                          f"checkpoint {checkpoint_id}", name)
 
     # ---- reverse protection (at the site the VPG failed over to) -------------------------
 

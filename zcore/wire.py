@@ -40,6 +40,7 @@ CLOSE = 9
 ERROR = 10
 MOVE = 11  # protected -> recovery: fail over to a durable checkpoint (a planned move)
 MOVING = 12  # recovery -> protected: the move is accepted or refused
+FAILED_OVER = 13  # recovery -> protected: the VPG failed over there (shutdown policy)
 # delta sync, types 32-38 (docs/format.md 10c; payloads in zcore.deltasync.messages)
 DSYNC_OFFER = 32
 DSYNC_START = 33
@@ -51,12 +52,12 @@ DSYNC_DONE = 38
 TYPE_NAMES = {HELLO: "HELLO", PAIR: "PAIR", PAIRED: "PAIRED", ATTACH: "ATTACH",
               ATTACHED: "ATTACHED", BUNDLE: "BUNDLE", ACK: "ACK", HEARTBEAT: "HEARTBEAT",
               CLOSE: "CLOSE", ERROR: "ERROR", MOVE: "MOVE", MOVING: "MOVING",
-              DSYNC_OFFER: "DSYNC_OFFER",
+              FAILED_OVER: "FAILED_OVER", DSYNC_OFFER: "DSYNC_OFFER",
               DSYNC_START: "DSYNC_START", DSYNC_HASHES: "DSYNC_HASHES",
               DSYNC_REFINE: "DSYNC_REFINE", DSYNC_DATA: "DSYNC_DATA",
               DSYNC_VERDICT: "DSYNC_VERDICT", DSYNC_DONE: "DSYNC_DONE"}
 CONTROL_TYPES = {HELLO, PAIR, PAIRED, ATTACH, ATTACHED, CLOSE, ERROR, MOVE, MOVING,
-                 DSYNC_OFFER, DSYNC_START, DSYNC_DONE}
+                 FAILED_OVER, DSYNC_OFFER, DSYNC_START, DSYNC_DONE}
 
 BUNDLE_HEAD = struct.Struct("<QQII")  # first seq, last seq, parts, reserved
 PART_HEAD = struct.Struct("<II")  # vm index, length
@@ -171,6 +172,7 @@ SCHEMAS: dict[int, dict[str, type | tuple[type, ...]]] = {
     ERROR: {"reason": str},
     MOVE: {"checkpoint_id": int, "reverse": bool},
     MOVING: {"accepted": bool, "reason": str},
+    FAILED_OVER: {"checkpoint_id": int, "shutdown": str},
     DSYNC_OFFER: {"protocol": int, "volumes": list},
     DSYNC_START: {"key": str, "batch": int, "volumes": list},
     DSYNC_DONE: {"volumes": list},

@@ -99,3 +99,28 @@ def test_move_reverse_and_failback_end_where_they_began_with_nothing_lost(
     tag(ca, cb, "t3")  # and it replicates to B again
     kinds = {e["code"] for e in ok(ca.get("/events", params={"vpg": "g1"}))["items"]}
     assert {"vpg_moved", "vpg_reversed"} <= kinds, kinds
+
+
+def test_failover_with_a_force_shutdown_stops_the_protected_side_until_it_is_resumed(
+        sites: tuple[SiteProcess, SiteProcess], tmp_path: Path) -> None:
+    a, b = sites
+    ca, cb = protect(a, b, tmp_path / "disk0.img")
+    qemu_io(f"{a.nbd}/g1/vm1/disk0", "write -P 0xab 0 1M")
+    t1 = tag(ca, cb, "t1")
+    wait_task(cb, ok(cb.post("/vpgs/g1/failover", json={
+        "checkpoint": t1, "shutdown_policy": "force"}), 202))
+    # the protected site heard of it: its volumes take no more writes, the VPG stopped
+    wait_for("A stopped by the shutdown policy", lambda: vpg(ca)["state"] == "moved")
+    gone = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 1 0 4k",
+                           f"{a.nbd}/g1/vm1/disk0"], capture_output=True, text=True,
+                          timeout=60)
+    assert gone.returncode != 0 or "failed" in gone.stdout + gone.stderr
+    events = str(ok(ca.get("/events", params={"vpg": "g1"})))
+    assert f"to checkpoint {t1}; shutdown policy force" in events, events
+    # rolled back at B, resumed at A: protected again from its saved bitmaps
+    wait_task(cb, ok(cb.post("/vpgs/g1/failover/rollback"), 202))
+    ok(ca.post("/vpgs/g1/resume"))
+    assert vpg(ca)["state"] == "protecting"
+    qemu_io(f"{a.nbd}/g1/vm1/disk0", "read -P 0xab 0 1M", "write -P 0xcd 1M 64k")
+    t2 = tag(ca, cb, "t2")
+    qemu_io(f"{b.nbd}/g1/vm1/disk0@{t2}", "read -P 0xcd 1M 64k", readonly=True)

@@ -310,6 +310,14 @@ class RecoveryConnection(asyncio.BufferedProtocol):
                 reason = str(exc)
         self._send(wire.control(wire.MOVING, channel, accepted=not reason, reason=reason))
 
+    def tell_failed_over(self, vpg: str, checkpoint_id: int, shutdown: str) -> None:
+        """Tell the protected site that VPG `vpg` failed over here (FAILED_OVER on its
+        channel, so it can apply the shutdown policy); the caller closes afterwards."""
+        for channel, receiver in self.channels.items():
+            if receiver.name == vpg:
+                self._send(wire.control(wire.FAILED_OVER, channel,
+                                        checkpoint_id=checkpoint_id, shutdown=shutdown))
+
     def _pair(self, msg: dict[str, Any]) -> None:
         site = self.site
         client_der = pem_to_der(msg["cert"])

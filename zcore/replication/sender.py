@@ -111,6 +111,9 @@ class Replication:
         self._writer: asyncio.StreamWriter | None = None  # the session's, while streaming
         self._move_reply: asyncio.Future[dict[str, Any]] | None = None
         self.delta_report: DeltaSyncReport | None = None  # the delta sync, once done
+        # told when the recovery site says the VPG failed over there (FAILED_OVER: its
+        # checkpoint id and shutdown policy); the site service applies the policy
+        self.on_failed_over: Callable[[dict[str, Any]], None] | None = None
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -381,6 +384,10 @@ class Replication:
                     self._rate.add(self._inflight.popleft()[1])
             elif f.type == wire.HEARTBEAT:
                 continue
+            elif f.type == wire.FAILED_OVER:
+                msg = wire.parse_control(f)
+                if self.on_failed_over is not None:
+                    self.on_failed_over(msg)
             elif f.type == wire.MOVING:
                 msg = wire.parse_control(f)
                 if self._move_reply is None or self._move_reply.done():

@@ -105,7 +105,7 @@ class FailoverOps:
         plan = FailoverPlan(ckpt.id, plan.commit_policy, plan.commit_after_minutes,
                             plan.shutdown_policy, reverse)
         t = self.states.begin(name, Operation.FAILOVER)  # a second start is refused now
-        self._refuse_attach(name, FailoverState.PROMOTING)
+        self._refuse_attach(name, FailoverState.PROMOTING, plan)
         requested = time.monotonic()
 
         async def run(progress: Progress) -> dict[str, Any]:
@@ -132,12 +132,17 @@ class FailoverOps:
 
         return await self.runner.submit("failover_start", run, vpg=name, settle=settle)
 
-    def _refuse_attach(self, name: str, state: FailoverState) -> None:
+    def _refuse_attach(self, name: str, state: FailoverState,
+                       plan: FailoverPlan | None = None) -> None:
+        """Refuse the VPG's ATTACH from now on and close its connection; a failover
+        starting (`plan`) tells the protected site first, with its shutdown policy."""
         assert self.rt.recovery is not None
         self.rt.recovery.failed_over[name] = refusal(name, state)
         receiver = self.rt.receiver(name)
         conn = receiver.conn if receiver is not None else None
         if conn is not None and not conn.closed:
+            if plan is not None:
+                conn.tell_failed_over(name, plan.checkpoint_id, plan.shutdown_policy.value)
             conn.close(refusal(name, state))
 
     def _allow_attach(self, name: str) -> None:

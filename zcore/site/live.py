@@ -206,6 +206,14 @@ class LiveSiteBackend(DbSiteBackend):
         record = await self.get_vpg(name)
         if record.role != VpgRole.PROTECTED:
             raise StateError(f"VPG {name!r} is resumed at its protected site")
+        if record.state == VpgState.MOVED and name not in self.rt.protected:
+            # stopped by a move or a failover's shutdown policy (rolled back since): it
+            # starts again from its saved bitmaps and exports its volumes
+            vms = [await self.get_vm(vm) for vm in record.vms]
+            await self.rt.start_protected(record, vms, await self.peer_address(record.peer))
+            await self._db(self.db.add_event, "vpg_resumed", f"VPG {name} started again "
+                           f"here after it was stopped for a failover", vpg=name)
+            return await self._db(self.db.update_vpg, name, state=VpgState.PROTECTING)
         self.rt.entry(name).replication.resume()
         await self._db(self.db.add_event, "vpg_resumed", f"VPG {name} resumed", vpg=name)
         return await self._db(self.db.update_vpg, name, state=VpgState.PROTECTING)

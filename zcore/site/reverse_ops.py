@@ -52,7 +52,15 @@ from zcore.fsutil import fsync_dir, move_file, read_state, write_state
 from zcore.journal import JournalSettings, VolumeSpec
 from zcore.recovery.states import Operation
 from zcore.security import Peer
-from zcore.site.db import SiteDB, TaskRecord, VmRecord, VpgRecord, VpgRole, VpgState
+from zcore.site.db import (
+    Severity,
+    SiteDB,
+    TaskRecord,
+    VmRecord,
+    VpgRecord,
+    VpgRole,
+    VpgState,
+)
 from zcore.site.errors import NotFoundError
 from zcore.site.failover_ops import FailoverOps
 from zcore.site.runtime import SiteRuntime, export_name
@@ -111,6 +119,7 @@ class ReverseOps:
         assert self.rt.recovery is not None
         self.rt.recovery.on_move = self.on_move
         self.rt.recovery.before_attach = self.before_attach
+        self.rt.on_failed_over = self.failed_over_there
         if self.plans_dir.is_dir():
             for path in self.plans_dir.glob("*.json"):
                 self.rt.recovery.failed_over[path.stem] = protected_refusal(path.stem)
@@ -249,6 +258,36 @@ class ReverseOps:
         task = asyncio.get_running_loop().create_task(self.failovers.start(
             name, checkpoint_id, "commit", 0.0, "none", reverse))
         task.add_done_callback(_log_failure)
+
+    # ---- the protected site's side of a failover: the shutdown policy -------------------
+
+    def failed_over_there(self, name: str, msg: dict[str, Any]) -> None:
+        """The recovery site failed VPG `name` over (FAILED_OVER, on the loop): apply the
+        failover's shutdown policy to its VMs and volumes here, in a task."""
+        task = asyncio.get_running_loop().create_task(
+            self._shut_down(name, int(msg["checkpoint_id"]), str(msg["shutdown"])))
+        task.add_done_callback(_log_failure)
+
+    async def _shut_down(self, name: str, checkpoint_id: int, policy: str) -> None:
+        if name not in self.rt.protected:
+            return
+        if policy not in ("graceful", "force"):
+            policy = "none"
+        else:
+            exports = self._exports(name)
+            if policy == "graceful":  # the guests flush and power off, then writes stop
+                await self.failovers.vms.stop_exports(name, exports, StopMode.GRACEFUL)
+            await self.rt.refuse_writes(name)
+            if policy == "force":
+                await self.failovers.vms.stop_exports(name, exports, StopMode.FORCE)
+            await self.rt.stop_protected(name)
+            await self._db(self.db.update_vpg, name, state=VpgState.MOVED)
+        await self._db(self.db.add_event, "vpg_failed_over_there",
+                       f"VPG {name} failed over at its recovery site to checkpoint "
+                       f"{checkpoint_id}; shutdown policy {policy}"
+                       + (": its writes here are no longer replicated" if policy == "none"
+                          else ": its VMs and volumes here are stopped"),
+                       vpg=name, severity=Severity.WARNING)
 
     # ---- reverse protection (at the site the VPG failed over to) -------------------------
 

@@ -218,6 +218,9 @@ class SiteRuntime:
         self.protected: dict[str, ProtectedEntry] = {}
         self.recovery_vpgs: dict[str, RecoveryVPG] = {}
         self.attached: Callable[[str, Peer], None] | None = None
+        # a protected VPG's recovery site said it failed over there (VPG, FAILED_OVER's
+        # message): zcore.site.reverse_ops applies the shutdown policy
+        self.on_failed_over: Callable[[str, dict[str, Any]], None] | None = None
         self.replication_address: tuple[str, int] | None = None
         self.nbd_address: tuple[str, int] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -335,6 +338,9 @@ class SiteRuntime:
             await asyncio.to_thread(vpg.close)
             raise
         rep = Replication(PeerSender(self.protected_site, record.peer), vpg, host, port)
+        if self.on_failed_over is not None:
+            hook = self.on_failed_over
+            rep.on_failed_over = lambda msg: hook(record.name, msg)
         if paused:
             rep.pause()
         rep.start()

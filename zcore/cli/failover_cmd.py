@@ -12,6 +12,7 @@ import click
 
 from zcore.cli import output as o
 from zcore.cli.client import Client, print_json, site_options
+from zcore.cli.test_cmd import CHECKPOINT_HELP
 from zcore.cli.vpg_cmd import wait_option
 
 
@@ -45,8 +46,7 @@ def failover() -> None:
 
 @failover.command("start")
 @click.argument("vpg")
-@click.option("--checkpoint", default="latest", show_default=True,
-              help="latest, latest_tagged, latest_consistent, an id, or before:<epoch s>")
+@click.option("--checkpoint", default="latest", show_default=True, help=CHECKPOINT_HELP)
 @click.option("--commit-policy", type=click.Choice(["none", "commit", "rollback"]),
               default="none", show_default=True,
               help="none waits for you; commit or rollback after --commit-after")

@@ -72,9 +72,12 @@ def init_cmd(directory: str, name: str, db_url: str | None, api_port: int | None
 @click.option("--nbd-port", type=PORT, default=None, help="NBD port (0: any free one)")
 @click.option("--db", "db_url", default=None, help="database URL (default: the one of init)")
 @click.option("--log-json", is_flag=True, help="structured logs: one JSON object per line")
+@click.option("--script-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="SECONDS", help="default timeout of the VPGs' pre/post scripts and "
+              "adapter commands (a VPG's own settings override it) [300]")
 def serve_cmd(directory: str, api_host: str, api_port: int | None, host: str,
               replication_port: int | None, nbd_port: int | None, db_url: str | None,
-              log_json: bool) -> None:
+              log_json: bool, script_timeout: float | None) -> None:
     """Run the site service of DIRECTORY until SIGTERM or SIGINT."""
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -88,7 +91,8 @@ def serve_cmd(directory: str, api_host: str, api_port: int | None, host: str,
         replication_port=DEFAULT_REPLICATION_PORT if replication_port is None
         else replication_port,
         nbd_port=DEFAULT_NBD_PORT if nbd_port is None else nbd_port,
-        db_url=db_url, log_json=log_json)
+        db_url=db_url, log_json=log_json,
+        **({} if script_timeout is None else {"script_timeout": script_timeout}))
     try:
         serve(directory, options)
     except SQLAlchemyError as exc:

@@ -5,6 +5,7 @@ Sits over zcore.cli.client and zcore.cli.output."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from urllib.parse import quote
 
@@ -103,22 +104,36 @@ def status_cmd(client: Client, as_json: bool, vpg: str) -> None:
 
 @test.command("settings")
 @click.argument("vpg")
-@click.option("--adapter", help="none (serve the exports only) or command")
+@click.option("--adapter", help="none (serve the exports only), command or qemu")
 @click.option("--start-command", help="the command adapter's start command")
 @click.option("--stop-command", help="the command adapter's stop command")
 @click.option("--scratch-limit", type=parse_size, metavar="SIZE",
               help="scratch space for a test of the whole VPG (like 20G)")
 @click.option("--period-days", type=click.FloatRange(min=0, min_open=True),
               help="alert when the VPG was not tested (passed) within this many days")
+@click.option("--set", "others", multiple=True, metavar="KEY=JSON",
+              help="any other recovery setting as JSON, e.g. boot_order='[\"db\", \"web\"]', "
+              "qemu='{\"memory_mib\": 1024}', pre_scripts, post_scripts (repeatable)")
 @site_options
 def settings_cmd(client: Client, as_json: bool, vpg: str, adapter: str | None,
                  start_command: str | None, stop_command: str | None,
-                 scratch_limit: int | None, period_days: float | None) -> None:
-    """Show or change the recovery settings of VPG (given options change)."""
-    patch = {k: v for k, v in (("adapter", adapter), ("start_command", start_command),
-                               ("stop_command", stop_command),
-                               ("test_scratch_limit_bytes", scratch_limit),
-                               ("test_period_days", period_days)) if v is not None}
+                 scratch_limit: int | None, period_days: float | None,
+                 others: tuple[str, ...]) -> None:
+    """Show or change the recovery settings of VPG (given options change): how its VMs
+    start at this site (the adapter, boot order, scripts) and its failover tests."""
+    patch: dict[str, Any] = {
+        k: v for k, v in (("adapter", adapter), ("start_command", start_command),
+                          ("stop_command", stop_command),
+                          ("test_scratch_limit_bytes", scratch_limit),
+                          ("test_period_days", period_days)) if v is not None}
+    for item in others:
+        key, sep, text = item.partition("=")
+        try:
+            if not sep or not key:
+                raise ValueError("not KEY=JSON")
+            patch[key] = json.loads(text)
+        except ValueError as exc:
+            raise click.BadParameter(f"{item!r}: {exc}", param_hint="--set") from None
     found = client.request("PATCH", _path(vpg) + "/recovery-settings", json=patch) \
         if patch else client.get(_path(vpg) + "/recovery-settings")
     if as_json:

@@ -43,6 +43,7 @@ from typing import Any, TextIO
 
 import uvicorn
 
+from zcore.adapters import DEFAULT_TIMEOUT
 from zcore.errors import ConfigError, ZcoreError
 from zcore.site.api import SiteContext, create_app
 from zcore.site.config import (
@@ -73,6 +74,7 @@ class ServeOptions:
     nbd_port: int = DEFAULT_NBD_PORT
     db_url: str | None = None
     log_json: bool = False
+    script_timeout: float = DEFAULT_TIMEOUT  # the site-wide default of scripts (s)
 
 
 def is_loopback(host: str) -> bool:
@@ -197,7 +199,9 @@ class SiteService:
         self.runner = TaskRunner(db)
         await self.runner.recover()
         self.backend = LiveSiteBackend(db, rt, self.runner)
-        self.operations = ops = RecoveryOperations(db, rt, self.runner, self.backend.states)
+        self.operations = ops = RecoveryOperations(db, rt, self.runner, self.backend.states,
+                                                   default_timeout=opts.script_timeout)
+        self.backend.failovers.vms.default_timeout = opts.script_timeout
         self.backend.operations = ops
         self.backend.reverse.install()  # before the listener takes any ATTACH or MOVE
         api_sock = _bind(opts.api_host, opts.api_port)

@@ -92,10 +92,19 @@ class Operations(RuleBasedStateMachine):
         return found
 
     def settle(self) -> None:
-        """Until the protected site protects g1 again and the recovery site holds it."""
+        """Until the protected site protects g1 again, the recovery site holds it, and the
+        link works (a probe checkpoint, not in the model, reaches the recovery site)."""
         wait_for("g1 protecting", lambda: self.vpg(self.protected)["role"] == "protected"
                  and self.vpg(self.protected)["state"] == "protecting"
                  and self.vpg(self.recovery)["role"] == "recovery", timeout=STEP_TIMEOUT)
+        self.tags += 1
+        probe = f"probe{self.tags}"
+        wait_for("a probe checkpoint taken (none while the VPG syncs)", lambda: self.client(
+            self.protected).post("/vpgs/g1/checkpoints", json={"tag": probe}).status_code
+            == 201, timeout=STEP_TIMEOUT)
+        wait_for(f"{probe} at the recovery site", lambda: ok(self.client(
+            self.recovery).get("/vpgs/g1/checkpoints", params={"tag": probe}))["items"],
+            timeout=STEP_TIMEOUT)
 
     def swap(self, image: bytes) -> None:
         self.protected = self.recovery

@@ -13,6 +13,7 @@ import time
 
 import lz4.block
 import numpy as np
+import numpy.typing as npt
 
 from zcore import records
 from zcore._native import record as _rec
@@ -147,14 +148,17 @@ class RetentionMixin(JournalState):
             self._meta["promote_target"] = target
         write_meta(self.path, self._meta)
         touched: set[int] = set()
-        buf = bytearray()  # one buffer for every segment: fresh 64 MiB buffers page-fault
+        # one buffer for every segment (fresh 64 MiB buffers page-fault), never zero-filled:
+        # bytearray(n) memsets it holding the GIL, ~30 ms in which a recovered volume's
+        # first read waited (bench: recovery.rto_first_read)
+        buf = np.empty(0, dtype=np.uint8)
         for seg in list(self._segments.values()):
             if not seg.records or seg.min_seq >= target:
                 continue
             if seg.max_seq < self.promoted_seq:
                 continue
             if len(buf) < seg.size:
-                buf = bytearray(seg.size)
+                buf = np.empty(seg.size, dtype=np.uint8)
             touched |= self._promote_segment(seg, target, buf, resuming)
         # replica fsynced, then its sums, then the watermark: until it is
         # durable a reopen replays this promotion and rewrites both (docs/format.md 7.5)
@@ -171,7 +175,7 @@ class RetentionMixin(JournalState):
         self._drop_promoted()  # segments wholly below the target (manifest.py)
         return target
 
-    def _promote_segment(self, seg: Segment, target: int, buf: bytearray,
+    def _promote_segment(self, seg: Segment, target: int, buf: npt.NDArray[np.uint8],
                          resuming: bool = False) -> set[int]:
         """Write the data records of `seg` with promoted_seq <= seq < target into the
         replicas and their block sums (not fsynced); returns the volumes written.  Each
@@ -179,7 +183,7 @@ class RetentionMixin(JournalState):
         replica block against the sum of the bytes it reads."""
         touched: set[int] = set()
         zeros = b""
-        view = memoryview(buf)[: seg.size]
+        view = buf.data[: seg.size]
         preadinto_exact(seg.fd, view, 0, what=f"segment {seg.path} (shorter than recorded)")
         # records quarantined at reopen are stepped over (their damage stays recorded);
         # damage found only now is recorded and refused this once (damage.py)

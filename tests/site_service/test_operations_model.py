@@ -234,5 +234,5 @@ class Operations(RuleBasedStateMachine):
 
 
 Operations.TestCase.settings = settings(
-    max_examples=6 if DEEP else 2, stateful_step_count=14 if DEEP else 7, deadline=None)
+    max_examples=10 if DEEP else 3, stateful_step_count=16 if DEEP else 8, deadline=None)
 test_operations_keep_every_checkpoint_and_every_acknowledged_write = Operations.TestCase

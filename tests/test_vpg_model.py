@@ -238,7 +238,7 @@ class Run:
             # differs, and only that, is resent; the checkpoints after it say if right
             st_ = self.vpg.status()
             assert st_.resync is not None and st_.resync.compared_bytes == TOTAL
-            assert st_.sync_total_bytes in (0, st_.resync.differing_bytes)
+            assert st_.sync_total_bytes == st_.resync.differing_bytes
 
     def crash(self) -> None:
         """Stop the stream thread and drop the VPG without stop(): nothing is folded or

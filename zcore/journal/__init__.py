@@ -58,7 +58,6 @@ __all__ = [
     "MANIFEST_VERSION", "MAX_BUNDLE", "MAX_HISTORY",
     "META_FORMAT", "META_NAME", "META_VERSION", "MIN_HISTORY", "SEGMENT_MAGIC",
     "SEGMENT_VERSION", "SUM_BLOCK", "SUM_MAGIC", "SUM_VERSION", "Checkpoint", "Damage",
-    "DamageKind", "HistoryState", "Journal", "JournalSettings", "JournalStatus",
-    "HeadView", "HeadVolume", "ReopenReport", "ScrubReport", "SegmentInfo", "View",
-    "VolumeSpec",
+    "DamageKind", "HeadView", "HeadVolume", "HistoryState", "Journal", "JournalSettings",
+    "JournalStatus", "ReopenReport", "ScrubReport", "SegmentInfo", "View", "VolumeSpec",
 ]

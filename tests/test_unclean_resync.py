@@ -250,7 +250,7 @@ def _small_batches(make):
 
 
 def test_writes_during_the_compare_are_not_lost(sites, monkeypatch):
-    _slow_hashing(monkeypatch, 0.02)
+    _slow_hashing(monkeypatch, 0.05)  # 16 batches: the compare lasts about 0.8 s
 
     async def main():
         rs = RecoverySite(sites / "rs")
@@ -282,7 +282,7 @@ def test_a_restart_mid_compare_compares_again(sites, crash, monkeypatch):
     """The VPG stops (cleanly, or dies again) while its compare runs: started again it
     compares again (blocks not compared yet were never marked), and the checkpoint
     after the resync equals the volumes."""
-    _slow_hashing(monkeypatch, 0.02)
+    _slow_hashing(monkeypatch, 0.1)  # 16 batches: the compare lasts about 1.6 s
 
     async def main():
         rs = RecoverySite(sites / "rs")

@@ -1,6 +1,6 @@
 """Smoke test of the recovery benchmark suite (bench/suites/recovery/, issue 11): one suite
 runs with --quick (its delta sync against a target in a subprocess) and its report names
-all five metrics, each with a baseline and its target.  No timing is asserted: the numbers
+all six metrics, each with a baseline and its target.  No timing is asserted: the numbers
 of --quick mean nothing (each ratio is checked only to be finite and positive)."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ TARGETS = {
     "recovery.delta_sync_time": "<= 0.35",
     "recovery.promote_under_load": ">= 0.5",
     "recovery.test_start": "<= 1.2",
+    "recovery.unclean_resync": "<= 0.05",
 }
 
 

@@ -91,7 +91,7 @@ def test_header_field_altered_after_its_checksum_is_refused():
         _parse(bytes(head))
 
 
-@pytest.mark.parametrize("ftype", [0, 11, 255, 65535])
+@pytest.mark.parametrize("ftype", [0, 14, 31, 40, 255, 65535])
 def test_unknown_frame_type_is_refused(ftype):
     with pytest.raises(ProtocolError, match="unknown frame type"):
         _parse(_header(ftype))

@@ -41,7 +41,7 @@ ERROR = 10
 MOVE = 11  # protected -> recovery: fail over to a durable checkpoint (a planned move)
 MOVING = 12  # recovery -> protected: the move is accepted or refused
 FAILED_OVER = 13  # recovery -> protected: the VPG failed over there (shutdown policy)
-# delta sync, types 32-38 (docs/format.md 10c; payloads in zcore.deltasync.messages)
+# delta sync, types 32-39 (docs/format.md 10c; payloads in zcore.deltasync.messages)
 DSYNC_OFFER = 32
 DSYNC_START = 33
 DSYNC_HASHES = 34
@@ -49,15 +49,17 @@ DSYNC_REFINE = 35
 DSYNC_DATA = 36
 DSYNC_VERDICT = 37
 DSYNC_DONE = 38
+DSYNC_COMPARED = 39  # a resync's compare: a batch compared (docs/format.md 10c.7)
 TYPE_NAMES = {HELLO: "HELLO", PAIR: "PAIR", PAIRED: "PAIRED", ATTACH: "ATTACH",
               ATTACHED: "ATTACHED", BUNDLE: "BUNDLE", ACK: "ACK", HEARTBEAT: "HEARTBEAT",
               CLOSE: "CLOSE", ERROR: "ERROR", MOVE: "MOVE", MOVING: "MOVING",
               FAILED_OVER: "FAILED_OVER", DSYNC_OFFER: "DSYNC_OFFER",
               DSYNC_START: "DSYNC_START", DSYNC_HASHES: "DSYNC_HASHES",
               DSYNC_REFINE: "DSYNC_REFINE", DSYNC_DATA: "DSYNC_DATA",
-              DSYNC_VERDICT: "DSYNC_VERDICT", DSYNC_DONE: "DSYNC_DONE"}
+              DSYNC_VERDICT: "DSYNC_VERDICT", DSYNC_DONE: "DSYNC_DONE",
+              DSYNC_COMPARED: "DSYNC_COMPARED"}
 CONTROL_TYPES = {HELLO, PAIR, PAIRED, ATTACH, ATTACHED, CLOSE, ERROR, MOVE, MOVING,
-                 FAILED_OVER, DSYNC_OFFER, DSYNC_START, DSYNC_DONE}
+                 FAILED_OVER, DSYNC_OFFER, DSYNC_START, DSYNC_DONE, DSYNC_COMPARED}
 
 BUNDLE_HEAD = struct.Struct("<QQII")  # first seq, last seq, parts, reserved
 PART_HEAD = struct.Struct("<II")  # vm index, length
@@ -176,6 +178,7 @@ SCHEMAS: dict[int, dict[str, type | tuple[type, ...]]] = {
     DSYNC_OFFER: {"protocol": int, "volumes": list},
     DSYNC_START: {"key": str, "batch": int, "volumes": list},
     DSYNC_DONE: {"volumes": list},
+    DSYNC_COMPARED: {"batch": int},
 }
 
 

@@ -16,11 +16,19 @@ between the level-0 hashes and the data: each level-1 block refined to 4 KiB blo
 read once, its 4 KiB hashes, the data sent and its entry in the verdict all come from
 that one read, so the verdict always describes what the target ends up holding (the
 writes themselves are the caller's to resend: the VPG marks them dirty).
+
+Compare mode (`compare=True`, the resync after an unclean protected-site restart, 10c.7):
+the source picks the session key (a target that lies can then only make it mark more
+blocks, never fewer: only this side must not be fooled) and sends it in its OFFER; it
+refines differing blocks to 4 KiB as above, but instead of DATA and a VERDICT it hands
+the differing runs to `on_differ(volume, offset, length)` and sends DSYNC_COMPARED.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from zcore import records, wire
@@ -55,11 +63,19 @@ class SourceBatch:
 class DeltaSource:
     """Sends a delta sync of `volumes` (id -> Volume); `compress` tries LZ4 on data."""
 
-    def __init__(self, volumes: dict[int, Volume], *, compress: bool = True) -> None:
+    def __init__(self, volumes: dict[int, Volume], *, compress: bool = True,
+                 compare: bool = False,
+                 on_differ: Callable[[int, int, int], None] | None = None) -> None:
         if not volumes:
             raise ConfigError("a delta sync needs a volume")
+        if compare and on_differ is None:
+            raise ConfigError("a compare needs somewhere to put the blocks that differ")
         self.volumes = volumes
         self.compress = compress
+        self.compare = compare
+        self.on_differ = on_differ
+        self.key = os.urandom(KEY_SIZE) if compare else b""  # compare: this side picks it
+        self.differing_bytes = 0  # bytes of the 4 KiB blocks found different
         self.hashers: dict[int, BlockHasher] = {}
         self._plan: list[tuple[int, int, int]] = []
         self._batches: dict[int, SourceBatch] = {}
@@ -75,6 +91,9 @@ class DeltaSource:
 
     def offer(self) -> bytes:
         vols = [{"id": vid, "size": v.size} for vid, v in sorted(self.volumes.items())]
+        if self.compare:
+            return wire.control(wire.DSYNC_OFFER, 0, protocol=DSYNC_PROTOCOL, volumes=vols,
+                                mode="compare", key=self.key.hex())
         return wire.control(wire.DSYNC_OFFER, 0, protocol=DSYNC_PROTOCOL, volumes=vols)
 
     def on_frame(self, f: wire.Frame) -> list[bytes]:
@@ -97,13 +116,11 @@ class DeltaSource:
         if self.started:
             raise ProtocolError("a second DSYNC_START")
         msg = wire.parse_control(f)
-        try:
-            key = bytes.fromhex(msg["key"])
-        except ValueError:
-            raise ProtocolError("DSYNC_START key is not hex") from None
-        if len(key) != KEY_SIZE:
-            raise ProtocolError(f"DSYNC_START key is {len(key)} bytes, not {KEY_SIZE}")
+        key = self._start_key(msg["key"])
         vols = parse_volumes(msg, "DSYNC_START", "resume")
+        if self.compare and any(resume for _, _, resume in vols):
+            raise ProtocolError("a compare's DSYNC_START resumes a volume: a compare "
+                                "keeps no progress")
         mine = {vid: v.size for vid, v in self.volumes.items()}
         if {vid: size for vid, size, _ in vols} != mine:
             raise ProtocolError("DSYNC_START volumes are not the offered ones")
@@ -117,6 +134,22 @@ class DeltaSource:
         self.done_bytes = sum(resume for _, _, resume in vols)
         self.started = True
         return self._maybe_done()
+
+    def _start_key(self, text: str) -> bytes:
+        """The session key: the target's (sync), or this side's own (compare: the
+        target's START must then carry none, "")."""
+        if self.compare:
+            if text:
+                raise ProtocolError("a compare's DSYNC_START carries a key: the source "
+                                    "picks it")
+            return self.key
+        try:
+            key = bytes.fromhex(text)
+        except ValueError:
+            raise ProtocolError("DSYNC_START key is not hex") from None
+        if len(key) != KEY_SIZE:
+            raise ProtocolError(f"DSYNC_START key is {len(key)} bytes, not {KEY_SIZE}")
+        return key
 
     def _hashes(self, bs: BlockSet) -> list[bytes]:
         if bs.level == 0:
@@ -209,8 +242,10 @@ class DeltaSource:
               snaps: dict[int, bytes] | None = None) -> list[bytes]:
         """DATA frames of the differing 4 KiB `blocks` (from `snaps`, the level-1 blocks
         they were hashed from), then the batch's VERDICT."""
-        out = []
         self.differing_blocks += len(blocks)
+        if self.compare:
+            return self._compared(batch, blocks)
+        out = []
         recs: list[bytes] = []
         pending = 0
         l1 = LEVEL_SIZES[1]
@@ -222,6 +257,7 @@ class DeltaSource:
             recs.append(records.encode_write(batch.volume, self._seq, offset, data,
                                              time.time_ns(), compress=self.compress))
             self.data_bytes += length
+            self.differing_bytes += length
             pending += length
             if pending + MAX_RECORD > MAX_DATA:
                 out.append(data_frame(batch.volume, batch.number, recs))
@@ -235,6 +271,19 @@ class DeltaSource:
         self._verdicts += 1
         self.done_bytes += batch.end - batch.start
         return out + self._maybe_done()
+
+    def _compared(self, batch: SourceBatch, blocks: list[int]) -> list[bytes]:
+        """Compare mode: the differing 4 KiB `blocks` go to `on_differ`, in runs; the
+        batch is retired with DSYNC_COMPARED."""
+        assert self.on_differ is not None
+        for offset, length in _coalesce(blocks, LEVEL_SIZES[2], batch.end, 1 << 62):
+            self.on_differ(batch.volume, offset, length)
+            self.differing_bytes += length
+        del self._batches[batch.number]
+        self._verdicts += 1
+        self.done_bytes += batch.end - batch.start
+        return [wire.control(wire.DSYNC_COMPARED, 0, batch=batch.number),
+                *self._maybe_done()]
 
     def _maybe_done(self) -> list[bytes]:
         if self._verdicts != len(self._plan):

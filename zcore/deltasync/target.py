@@ -12,6 +12,12 @@ A source that skips a differing block, sends wrong bytes, claims equality where 
 differ, or hashes with another key fails the sync with `ProtocolError`; it never makes
 the target record a block it did not verify.  Progress (the highest verified offset per
 volume) reaches the checked state file only after the volumes are fdatasync'ed.
+
+Compare mode (`compare=True`, the resync after an unclean protected-site restart, 10c.7):
+the target only hashes what it holds (its volumes are read-only, e.g. journal head views)
+under the key the *source* picked and sent in its OFFER; the source marks what differs
+on its side and later sends it as ordinary writes.  DATA and VERDICT are refused; a
+DSYNC_COMPARED retires a batch.  Nothing is kept across sessions (no progress file).
 """
 
 from __future__ import annotations
@@ -86,7 +92,7 @@ class DeltaTarget:
     def __init__(self, volumes: dict[int, TargetVolume], progress: str | os.PathLike[str]
                  | None = None, *, key: bytes | None = None, batch_blocks: int = BATCH_BLOCKS,
                  window: int = WINDOW, progress_bytes: int = PROGRESS_BYTES,
-                 on_done: Callable[[], None] | None = None) -> None:
+                 on_done: Callable[[], None] | None = None, compare: bool = False) -> None:
         if not 1 <= batch_blocks <= BATCH_BLOCKS or not 1 <= window <= MAX_WINDOW:
             raise ConfigError(f"batches hold 1..{BATCH_BLOCKS} blocks, window 1..{MAX_WINDOW}")
         self.batch_blocks = batch_blocks
@@ -95,12 +101,16 @@ class DeltaTarget:
         self.volumes = volumes
         self.progress_path = Path(progress) if progress is not None else None
         self.on_done = on_done  # called (worker thread) before DSYNC_DONE is answered
+        self.compare = compare
+        if compare and (key is not None or progress is not None):
+            raise ConfigError("a compare takes the source's key and keeps no progress")
         self.key = key if key is not None else os.urandom(KEY_SIZE)
         if len(self.key) != KEY_SIZE:
             raise ConfigError(f"a delta-sync key is {KEY_SIZE} bytes")
         if any(not 0 <= vid <= MAX_VOLUME_ID for vid in volumes) or not volumes:
             raise ConfigError(f"delta-sync volume ids are 0..{MAX_VOLUME_ID}")
         self.hashers = {vid: BlockHasher(self.key, vid, v) for vid, v in volumes.items()}
+        self.compared_bytes = 0  # compare mode: bytes of the batches the source compared
         self.synced = self._load_progress()
         self.resumed = any(self.synced.values())  # a progress file carried verified blocks
         self._durable = dict(self.synced)
@@ -154,6 +164,7 @@ class DeltaTarget:
         msg = wire.parse_control(f)
         if msg["protocol"] != DSYNC_PROTOCOL:
             raise ProtocolError(f"delta-sync protocol {msg['protocol']} is not supported")
+        self._offer_mode(msg)
         offered = {vid: size for vid, size, _ in parse_volumes(msg, "DSYNC_OFFER")}
         mine = {vid: v.size for vid, v in self.volumes.items()}
         if offered != mine:
@@ -163,8 +174,28 @@ class DeltaTarget:
                                   self.batch_blocks)
         self.started = True
         vols = [{"id": v, "size": mine[v], "resume": self.synced[v]} for v in order]
-        return wire.control(wire.DSYNC_START, 0, key=self.key.hex(), batch=self.batch_blocks,
+        key = "" if self.compare else self.key.hex()  # a compare uses the source's key
+        return wire.control(wire.DSYNC_START, 0, key=key, batch=self.batch_blocks,
                             volumes=vols)
+
+    def _offer_mode(self, msg: dict[str, object]) -> None:
+        """The OFFER's `mode` must be this target's; a compare's OFFER carries its key."""
+        mode = msg.get("mode", "sync")
+        if mode != ("compare" if self.compare else "sync"):
+            raise ProtocolError(f"DSYNC_OFFER mode {mode!r} is not what this target was "
+                                f"attached for ({'compare' if self.compare else 'sync'})")
+        if not self.compare:
+            return
+        key = msg.get("key")
+        try:
+            raw = bytes.fromhex(key) if isinstance(key, str) else b""
+        except ValueError:
+            raw = b""
+        if len(raw) != KEY_SIZE:
+            raise ProtocolError(f"a compare's DSYNC_OFFER must carry a {KEY_SIZE}-byte key "
+                                "in hex")
+        self.key = raw
+        self.hashers = {vid: BlockHasher(raw, vid, v) for vid, v in self.volumes.items()}
 
     def wants_hashing(self) -> bool:
         """True while another batch's level-0 hashes may be sent (window not full)."""
@@ -186,6 +217,13 @@ class DeltaTarget:
         """Handle a frame of the source after the offer; returns the frames to send."""
         if f.type == wire.DSYNC_REFINE:
             return [self._refine(parse_blockset(f))]
+        if self.compare:
+            if f.type == wire.DSYNC_COMPARED:
+                self._compared(wire.parse_control(f))
+                return []
+            if f.type == wire.DSYNC_DONE:
+                return [self._finish(f)]
+            raise ProtocolError(f"{f.name} in a compare (it writes nothing)")
         if f.type == wire.DSYNC_DATA:
             self._data(f)
             return []
@@ -292,6 +330,16 @@ class DeltaTarget:
         batch.verified = True
         self._advance()
 
+    def _compared(self, msg: dict[str, object]) -> None:
+        """A compare's batch is done on the source's side: retire it."""
+        number = msg["batch"]
+        batch = self._inflight.get(number) if type(number) is int else None
+        if batch is None or batch.verified:
+            raise ProtocolError(f"DSYNC_COMPARED of batch {number}, which is not in flight")
+        batch.verified = True
+        self.compared_bytes += batch.end - batch.start
+        self._advance()
+
     def _advance(self) -> None:
         while (b := self._inflight.get(self._verified_upto)) is not None and b.verified:
             del self._inflight[b.number]
@@ -305,8 +353,9 @@ class DeltaTarget:
         if self._verified_upto != len(self._plan):
             raise ProtocolError(f"DSYNC_DONE after {self._verified_upto} of "
                                 f"{len(self._plan)} batches were verified")
-        for v in self.volumes.values():
-            v.flush()
+        if not self.compare:
+            for v in self.volumes.values():
+                v.flush()
         self._save_progress(force=True)
         if self.on_done is not None:
             self.on_done()

@@ -30,7 +30,7 @@ from zcore.journal.core import Journal
 from zcore.journal.indexfile import INDEX_MAGIC, INDEX_V1, INDEX_VERSION
 from zcore.journal.manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
 from zcore.journal.meta import META_FORMAT, META_NAME, META_VERSION
-from zcore.journal.readthrough import View
+from zcore.journal.readthrough import HeadView, HeadVolume, View
 from zcore.journal.replica import SUM_BLOCK, SUM_MAGIC, SUM_VERSION
 from zcore.journal.scrub import Damage, DamageKind, ScrubReport
 from zcore.journal.segments import SEGMENT_MAGIC, SEGMENT_VERSION
@@ -58,6 +58,6 @@ __all__ = [
     "MANIFEST_VERSION", "MAX_BUNDLE", "MAX_HISTORY",
     "META_FORMAT", "META_NAME", "META_VERSION", "MIN_HISTORY", "SEGMENT_MAGIC",
     "SEGMENT_VERSION", "SUM_BLOCK", "SUM_MAGIC", "SUM_VERSION", "Checkpoint", "Damage",
-    "DamageKind", "HistoryState", "Journal", "JournalSettings", "JournalStatus",
-    "ReopenReport", "ScrubReport", "SegmentInfo", "View", "VolumeSpec",
+    "DamageKind", "HeadView", "HeadVolume", "HistoryState", "Journal", "JournalSettings",
+    "JournalStatus", "ReopenReport", "ScrubReport", "SegmentInfo", "View", "VolumeSpec",
 ]

@@ -26,6 +26,7 @@ from zcore.errors import (
     ClosedError,
     CorruptRecordError,
     OutOfRangeError,
+    StateError,
 )
 from zcore.fsutil import pread_exact
 from zcore.journal.damage import refuse_damaged
@@ -75,6 +76,18 @@ class ReadThroughMixin(JournalState):
                 raise CheckpointNotFoundError(f"checkpoint {cid} is being promoted away")
             self._pins[ckpt.seq] = self._pins.get(ckpt.seq, 0) + 1
             return View(self, ckpt)
+
+    def head_view(self) -> HeadView:
+        """A read-only image of every volume at the journal's durable head: the replica
+        overlaid with every record up to `durable_seq` (records appended but not yet
+        committed are left out: they could still be lost).  Nothing is pinned: promotion
+        never passes a durable record's seq, so the image cannot move under the reads,
+        and appends after the call do not change it.  What an unclean protected-site
+        restart's resync compares the protected volumes with (zcore.replication)."""
+        self.wait_loaded()
+        with self._lock:
+            self._check_open()
+            return HeadView(self, self.durable_seq + 1)
 
     def read_at(self, seq: int, volume: int | str, offset: int, length: int) -> bytes:
         """`length` bytes of `volume` at `offset` as a checkpoint at `seq` would see them:
@@ -190,3 +203,51 @@ class View:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class HeadView:
+    """A volume image at a fixed seq of a journal (`Journal.head_view`): every record
+    below `seq` over the replica, read-only.  Reads from several threads are safe; a
+    damaged range refuses to be read (CorruptRecordError), never returns other bytes."""
+
+    def __init__(self, journal: ReadThroughMixin, seq: int) -> None:
+        self.journal = journal
+        self.seq = seq
+
+    def read(self, volume: int | str, offset: int, length: int) -> bytes:
+        data: bytes = self.journal._read(self.seq, volume, offset, length)
+        return data
+
+    def read_into(self, volume: int | str, offset: int, buf: Any) -> None:
+        self.journal._read(self.seq, volume, offset, len(memoryview(buf)), buf)
+
+    def size(self, volume: int | str) -> int:
+        return self.journal._volume(volume).size
+
+    def volume(self, volume: int) -> HeadVolume:
+        """Volume `volume` of this image as a delta-sync Volume (zcore.deltasync)."""
+        return HeadVolume(self, volume)
+
+
+class HeadVolume:
+    """One volume of a `HeadView` with `size` and `read_into(offset, buf)`: what a
+    delta-sync hasher reads (zcore.deltasync.Volume)."""
+
+    def __init__(self, head: HeadView, volume: int) -> None:
+        self.head = head
+        self.volume = volume
+        self._size = head.size(volume)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read_into(self, offset: int, buf: bytearray | memoryview) -> None:
+        self.head.read_into(self.volume, offset, buf)
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Refused: a head view is read-only (a compare writes nothing)."""
+        raise StateError(f"the head view of volume {self.volume} is read-only")
+
+    def flush(self) -> None:
+        """Nothing to make durable."""

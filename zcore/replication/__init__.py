@@ -28,7 +28,10 @@ Protected site: `ProtectedSite.protect(vpg, host, port)` runs a sender that conn
 attaches the VPG, resumes after the recovery site's durable seq, and ships bundles
 through a site-wide throttle shared by priority.  A lost connection is retried with
 backoff; if the buffer overflows meanwhile the VPG is in bitmap mode and a bitmap sync
-runs when the link is back.
+runs when the link is back.  Before any bundle, a session may first run a delta sync
+(reverse protection: `deltasend`, `deltarecv`) or, after an unclean protected-site
+restart, a compare of the volumes with the journals' head views whose differing blocks
+the VPG's bitmap sync then sends (docs/format.md 10.3, 10c.7).
 """
 
 from __future__ import annotations

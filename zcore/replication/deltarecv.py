@@ -8,7 +8,13 @@ Only journals that hold no record may be targets (ProtocolError otherwise).  Pro
 kept in `vpgs/<vpg>/delta-sync.progress` (a checked state file): a session interrupted
 by a crash of either side resumes after the last verified block, unless the protected
 site asks for a fresh start (`"delta_resume": false`, after its own crash).  A session
-that resumed rebuilds the replicas' sums from their verified bytes before its DONE."""
+that resumed rebuilds the replicas' sums from their verified bytes before its DONE.
+
+After an ATTACH that says `"initial": "resync"` (the protected VPG restarted after a
+crash) the DSYNC frames drive a compare-only target instead (`make_compare_target`,
+docs/format.md 10c.7): it hashes each journal's head view (replica and every durable
+record) under the key the protected site sent, and writes nothing; any journal may be
+compared, history and all.  The protected site then sends what differs as bundles."""
 
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from typing import Any
 from zcore import wire
 from zcore.deltasync import DeltaTarget, SyncStats, TargetVolume, target_session
 from zcore.deltasync.target import PROGRESS_BYTES
-from zcore.errors import ProtocolError
+from zcore.errors import CorruptRecordError, ProtocolError, ZcoreError
 from zcore.journal.replicavolume import ReplicaVolume
 from zcore.replication.journals import VPGReceiver
 
@@ -39,9 +45,10 @@ QUEUE_BYTES = 64 << 20
 
 def delta_requested(msg: dict[str, Any]) -> tuple[bool, bool]:
     """(delta sync asked for, resume its progress) from an ATTACH message's optional
-    `initial` and `delta_resume` fields (checked: ProtocolError)."""
+    `initial` and `delta_resume` fields (checked: ProtocolError); `"resync"` is a
+    compare (`resync_requested`), not a delta sync."""
     initial = msg.get("initial")
-    if initial is None:
+    if initial is None or initial == "resync":
         return False, False
     if initial != "delta":
         raise ProtocolError(f"ATTACH initial {initial!r} is not supported")
@@ -76,6 +83,53 @@ def make_target(receiver: VPGReceiver, resume: bool) -> DeltaTarget:
 
     target = DeltaTarget(volumes, progress, on_done=resum, progress_bytes=PROGRESS_BYTES)
     return target
+
+
+def resync_requested(msg: dict[str, Any]) -> bool:
+    """True when an ATTACH asks for an unclean restart's compare (`"initial":
+    "resync"`; other values are delta_requested's to check)."""
+    return msg.get("initial") == "resync"
+
+
+def make_compare_target(receiver: VPGReceiver) -> DeltaTarget:
+    """The compare-only target over the head views of every journal of the VPG
+    (blocking: a worker thread).  The bundles of an earlier connection are applied
+    first and every journal committed, so the head views hold every record the
+    journals will keep and nothing is appended under the compare."""
+    receiver.quiesce()
+    volumes: dict[int, TargetVolume] = {}
+    for j in receiver.journals.values():
+        try:
+            j.commit()
+            head = j.head_view()
+        except (ZcoreError, OSError) as exc:  # the session then fails with the reason
+            log.warning("VPG %s: journal %s cannot be compared: %s", receiver.name,
+                        j.path, exc)
+            for vid, spec in j.volumes.items():
+                volumes[vid] = Unreadable(spec.size, f"journal {j.path}: {exc}")
+            continue
+        for vid in j.volumes:
+            volumes[vid] = head.volume(vid)
+    return DeltaTarget(volumes, compare=True)
+
+
+class Unreadable:
+    """A volume of a journal that cannot be read: every read fails with the reason, so
+    the compare fails after its START (the protected site then resends every volume)
+    instead of the ATTACH (which it would retry forever)."""
+
+    def __init__(self, size: int, reason: str) -> None:
+        self.size = size
+        self.reason = reason
+
+    def read_into(self, offset: int, buf: bytearray | memoryview) -> None:
+        raise CorruptRecordError(f"cannot read for the compare: {self.reason}")
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        raise CorruptRecordError(self.reason)
+
+    def flush(self) -> None:
+        """Nothing to make durable."""
 
 
 class DeltaChannel:

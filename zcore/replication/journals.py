@@ -186,6 +186,14 @@ class VPGReceiver:
             self.stats.acked_seq = max(self.stats.acked_seq, seq)
             conn.ack_threadsafe(channel, seq, size)
 
+    def quiesce(self) -> None:
+        """Wait until every bundle queued so far is applied (or skipped, its connection
+        closed): nothing is appended to the journals behind the caller's back until the
+        next `submit` (blocking: a worker thread)."""
+        with self._cond:
+            while self._scheduled:
+                self._cond.wait()
+
     def close(self) -> None:
         """Wait until the queue is applied, then close the journals."""
         with self._cond:

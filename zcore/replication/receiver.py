@@ -10,7 +10,9 @@ An ATTACH opens (or creates) its VPG's journals in a worker thread: reading paus
 meanwhile and the frames behind it wait, in order, so the loop never blocks on a journal
 open or fsync.  An ATTACH asking for a delta sync (reverse protection) is answered, then
 the connection's DSYNC frames drive the VPG's delta-sync target
-(zcore.replication.deltarecv) until its DONE; a BUNDLE before that is refused.
+(zcore.replication.deltarecv) until its DONE; a BUNDLE before that is refused.  An
+ATTACH asking for a resync (an unclean protected-site restart) runs a compare-only
+target over the journals' head views the same way.
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ from zcore import wire
 from zcore.deltasync import DeltaTarget
 from zcore.errors import ProtocolError, ZcoreError
 from zcore.replication import timing
-from zcore.replication.deltarecv import DeltaChannel, delta_requested, make_target, run_delta
+from zcore.replication.deltarecv import (
+    DeltaChannel,
+    delta_requested,
+    make_compare_target,
+    make_target,
+    resync_requested,
+    run_delta,
+)
 from zcore.replication.journals import VPGReceiver
 from zcore.security import Peer, fingerprint, pairing_proof, pem_to_der, proofs_equal, trust
 
@@ -34,7 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DSYNC_TYPES = frozenset(range(wire.DSYNC_OFFER, wire.DSYNC_DONE + 1))
+DSYNC_TYPES = frozenset(range(wire.DSYNC_OFFER, wire.DSYNC_COMPARED + 1))
 
 
 class RecoveryConnection(asyncio.BufferedProtocol):
@@ -193,19 +202,24 @@ class RecoveryConnection(asyncio.BufferedProtocol):
 
     async def _attach_async(self, channel: int, peer: Peer, msg: dict[str, Any]) -> None:
         want_delta, resume = delta_requested(msg)
+        want_compare = resync_requested(msg)
         try:
             receiver = await self.site.attach_async(peer, msg)
             target = None
-            if want_delta:
+            if want_delta or want_compare:
                 old = receiver.conn
-                if old is not None and old is not self:  # one target over the replicas
+                if old is not None and old is not self:  # one target over the journals
                     old.close(f"VPG {receiver.name} re-attached by a new connection")
                     await old.delta_finished()
+            if want_delta:
                 target = await asyncio.to_thread(make_target, receiver, resume)
         except (ZcoreError, OSError) as exc:
             self._held = None
             self.close(f"{exc} (ATTACH)" if isinstance(exc, OSError) else str(exc))
             return
+        if want_compare:  # an unclean protected-site restart: compare only (its
+            # target fails the compare, not the ATTACH, when the journals cannot be read)
+            target = await asyncio.to_thread(make_compare_target, receiver)
         if self.closed:
             return
         self.last_frame = time.monotonic()

@@ -23,10 +23,10 @@ from zcore import wire
 from zcore.errors import ProtocolError, StateError, ZcoreError
 from zcore.records import Checkpoint
 from zcore.replication import timing
-from zcore.replication.deltasend import attach_fields, run_delta_source
+from zcore.replication.deltasend import attach_fields, run_delta_source, run_resync_compare
 from zcore.replication.status import ReplicationStatus, ThroughputMeter, replication_state
 from zcore.security import SERVER_NAME, client_context, fingerprint
-from zcore.vpg import VPG, DeltaSyncReport, VPGMode
+from zcore.vpg import VPG, DeltaSyncReport, ResyncReport, VPGMode
 
 if TYPE_CHECKING:
     from zcore.replication.protected_site import ProtectedSite
@@ -111,6 +111,7 @@ class Replication:
         self._writer: asyncio.StreamWriter | None = None  # the session's, while streaming
         self._move_reply: asyncio.Future[dict[str, Any]] | None = None
         self.delta_report: DeltaSyncReport | None = None  # the delta sync, once done
+        self.resync_report: ResyncReport | None = None  # an unclean restart's compare
         # told when the recovery site says the VPG failed over there (FAILED_OVER: its
         # checkpoint id and shutdown policy); the site service applies the policy
         self.on_failed_over: Callable[[dict[str, Any]], None] | None = None
@@ -257,6 +258,9 @@ class Replication:
             if self.vpg.delta_pending:  # reverse protection: before any bundle
                 self.delta_report = await run_delta_source(self.vpg, frames, writer,
                                                            self.site.throttle)
+            elif self.vpg.resync_pending:  # after an unclean restart: before any bundle
+                self.resync_report = await run_resync_compare(self.vpg, frames, writer,
+                                                              self.site.throttle)
             await self._stream(frames, writer)
         except _LINK_ERRORS as exc:
             # reported now: closing a dead link's stream waits up to a second more, and a

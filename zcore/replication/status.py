@@ -33,7 +33,9 @@ def replication_state(vpg: VPGStatus, connected: bool, paused: bool) -> Replicat
         return ReplicationState.INITIALIZING
     if vpg.mode == "delta_sync":
         return ReplicationState.DELTA_SYNCING
-    if vpg.mode == "bitmap_syncing" or (vpg.mode == "bitmap" and connected):
+    # an unclean restart's compare is the first step of its bitmap sync
+    if vpg.mode in ("bitmap_syncing", "resync_compare") or (vpg.mode == "bitmap"
+                                                             and connected):
         return ReplicationState.BITMAP_SYNCING
     if not connected:
         return ReplicationState.DISCONNECTED

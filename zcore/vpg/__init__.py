@@ -22,7 +22,7 @@ The public facade of the package:
 """
 
 from zcore.records import Checkpoint, CheckpointKind
-from zcore.vpg.core import VM, Bundle, DeltaSyncReport, VPGStatus
+from zcore.vpg.core import VM, Bundle, DeltaSyncReport, ResyncReport, VPGStatus
 from zcore.vpg.group import VPG
 from zcore.vpg.locallink import LocalLink
 from zcore.vpg.promises import CheckpointReport, CheckpointState
@@ -60,6 +60,7 @@ __all__ = [
     "CheckpointState",
     "DeltaSyncReport",
     "LocalLink",
+    "ResyncReport",
     "VPGMode",
     "VPGSettings",
     "VPGStatus",

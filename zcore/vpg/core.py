@@ -70,6 +70,20 @@ class DeltaSyncReport:
 
 
 @dataclass(frozen=True)
+class ResyncReport:
+    """What the compare of a resync after an unclean restart found: the bytes compared
+    (every volume whole) and those of the 4 KiB blocks that differ (marked dirty, sent
+    by the bitmap sync after it), with the compare's own frame bytes and time."""
+
+    volumes: int
+    compared_bytes: int
+    differing_bytes: int
+    bytes_sent: int  # the compare's frame bytes, this side to the recovery site
+    bytes_received: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class VPGStatus:
     name: str
     mode: VPGMode
@@ -92,6 +106,7 @@ class VPGStatus:
     checkpoints_pending: int = 0  # tagged checkpoints not yet in the recovery journals
     checkpoints_lost: int = 0  # tagged checkpoints lost since the VPG was made
     delta_sync: DeltaSyncReport | None = None  # the last delta sync's figures (this run)
+    resync: ResyncReport | None = None  # the last unclean-restart compare's (this run)
 
 
 class VM:
@@ -135,6 +150,8 @@ class VPGCore:
         self._delta = False  # a delta sync (reverse protection) has not completed yet
         self._delta_fresh = False  # ...and its next session must start over (after a crash)
         self._delta_report: DeltaSyncReport | None = None
+        self._resync = False  # an unclean restart's compare has not completed yet
+        self._resync_report: ResyncReport | None = None
         self._sync_iter: Iterator[SyncItem] | None = None
         self._sync_next: SyncItem | None = None
         self._sync_total = 0
@@ -166,6 +183,10 @@ class VPGCore:
             raise StateError(f"VPG {self.name} stream failed: {self._error!r}")
         if self._mode == VPGMode.STOPPED:
             raise StateError(f"VPG {self.name} is not started")
+
+    def _marking(self) -> bool:
+        """Writes only mark dirty blocks now (bitmap mode, a delta sync, a compare)."""
+        return self._mode.marking
 
     def _in_bitmap_mode(self) -> bool:
         """A method, not a comparison inline: the mode changes under calls that seal."""
@@ -225,6 +246,7 @@ class VPGCore:
             "initial_sync_pending": self._initial,
             "delta_sync_pending": self._delta,
             "delta_sync_fresh": self._delta_fresh,
+            "resync_pending": self._resync,
             "settings": asdict(self.settings),
         })
 

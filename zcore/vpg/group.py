@@ -19,7 +19,7 @@ from zcore.capture import ProtectedVolume, backing_size
 from zcore.errors import ConfigError, StateError
 from zcore.journal import VolumeSpec
 from zcore.records import Checkpoint, CheckpointKind
-from zcore.vpg.core import VM, Bundle, DeltaSyncReport, VPGStatus
+from zcore.vpg.core import VM, Bundle, DeltaSyncReport, ResyncReport, VPGStatus
 from zcore.vpg.promises import CheckpointReport
 from zcore.vpg.settings import CHECKPOINT_WAIT, SEQ_RESERVE, VPGMode
 from zcore.vpg.stream import VPGStream
@@ -73,9 +73,11 @@ class VPG(VPGStream):
         marked dirty), then the bitmap sync of those writes, then the first consistent
         checkpoint.  Both count on a first start only: later the state file decides.
         `min_seq` is the highest seq the recovery site already holds.  A restart after a
-        clean stop resumes the persisted bitmaps (and a pending delta sync); after a
-        crash every volume is resent whole, except while a delta sync is pending: that
-        sync then starts over (it compares every block, so nothing needs marking)."""
+        clean stop resumes the persisted bitmaps (and a pending delta sync or compare);
+        after a crash the volumes are compared with the recovery site's journals (mode
+        RESYNC_COMPARE, run by the sender: `resync_pending`), what differs marked dirty
+        and sent by the bitmap sync, except while a delta sync is pending: that sync
+        then starts over (it compares every block, so nothing needs marking)."""
         if initial_sync and delta_sync:
             raise ConfigError("a VPG starts with an initial sync or a delta sync, not both")
         with self._lock:
@@ -90,8 +92,9 @@ class VPG(VPGStream):
             self._acked_seq = max(self._acked_seq, min_seq)
             self._handed_seq = self._sync_awaits_ack = 0
             ring = self._ring = CaptureRing(self._ring_bytes(), first_seq)
-            dirty = any(self.bitmaps.values()) or self._delta
+            dirty = any(self.bitmaps.values()) or self._delta or self._resync
             self._mode = (VPGMode.DELTA_SYNC if self._delta else
+                          VPGMode.RESYNC_COMPARE if self._resync else
                           VPGMode.BITMAP if dirty else VPGMode.STREAMING)
             if dirty:
                 ring.set_mode(MODE_BITMAP)
@@ -112,8 +115,8 @@ class VPG(VPGStream):
     def _restore_bitmaps(self, state: dict[str, object] | None, initial_sync: bool,
                          delta_sync: bool = False) -> None:
         """Fresh bitmaps, then what the saved state says is dirty: nothing or everything
-        (first start), the persisted bitmaps (clean stop) or everything (crash; nothing
-        while a delta sync is pending, which then starts over)."""
+        (first start), the persisted bitmaps (clean stop) or nothing yet (crash: a
+        compare marks what differs; while a delta sync is pending, it starts over)."""
         for vid, vol in self.volumes.items():
             self.bitmaps[vid] = DirtyBitmap(vol.size, max_bytes=self.settings.bitmap_max_bytes)
         if state is None:
@@ -140,13 +143,19 @@ class VPG(VPGStream):
             self._delta_fresh = True
             self._event("unclean shutdown during the delta sync: it starts over")
             return
+        self._resync = bool(state.get("resync_pending"))
         if state["clean"]:
             self.files.load_bitmaps(self.volumes, self.bitmaps,
                                     self.settings.bitmap_max_bytes, self._event)
+            if self._resync:  # the marks so far are kept; blocks not compared are not
+                self._event("a stop interrupted the resync's compare: it compares again")
         else:
-            for bm in self.bitmaps.values():
-                bm.mark_all()
-            self._event("unclean shutdown: every volume will be resent")
+            # the marks of writes not acknowledged are lost: what the recovery site holds
+            # is compared with the volumes instead (blocks not compared yet stay unknown,
+            # so a crash during the compare compares again)
+            self._resync = True
+            self._event("unclean shutdown: the volumes will be compared with the recovery "
+                        "site's journals and what differs resent")
 
     def _ring_bytes(self) -> int:
         return self.settings.buffer_bytes // 2 // 64 * 64
@@ -224,7 +233,7 @@ class VPG(VPGStream):
         ring's reading of the same moment, microseconds apart)."""
         with self._lock:
             self._check_running()
-            if self._mode in (VPGMode.BITMAP, VPGMode.DELTA_SYNC):
+            if self._marking():
                 raise StateError(f"VPG {self.name} is in {self._mode.label} mode: no "
                                  "checkpoint possible")
             kind = CheckpointKind.TAGGED if tag else CheckpointKind.AUTO
@@ -249,7 +258,7 @@ class VPG(VPGStream):
         with self._lock:
             self._check_running()
             self._link_up = False
-            if self._mode not in (VPGMode.BITMAP, VPGMode.DELTA_SYNC):  # DELTA_SYNC marks
+            if not self._marking():  # a delta sync or a compare marks already
                 self._fold(reason)
 
     def link_up(self) -> None:
@@ -297,8 +306,7 @@ class VPG(VPGStream):
         with self._lock:
             self._check_running()
             target = self._live_ring().stats()["next_seq"] - 1
-            while self._last_seq < target and self._mode not in (VPGMode.BITMAP,
-                                                                 VPGMode.DELTA_SYNC):
+            while self._last_seq < target and not self._marking():
                 if time.monotonic() > deadline:
                     raise StateError(f"VPG {self.name}: sealing did not catch up in {timeout} s")
                 self._seal()
@@ -349,6 +357,64 @@ class VPG(VPGStream):
             self._mode = VPGMode.BITMAP
             self._event(f"delta sync of {report.volumes} volumes: {report.differing_bytes} "
                         f"bytes differed, {report.bytes_sent} sent in {report.seconds:.1f} s")
+            self._wake.notify_all()
+
+    # ---- the resync after an unclean restart (its compare run by the sender) ------------
+
+    @property
+    def resync_pending(self) -> bool:
+        """True until the compare this VPG started with after an unclean restart is done
+        (durable in vpg.json: a restart compares again)."""
+        return self._resync
+
+    def resync_differs(self, vid: int, offset: int, length: int) -> None:
+        """The compare found [offset, offset+length) of volume `vid` different from the
+        recovery site's image: mark it dirty (the bitmap sync after the compare sends
+        it)."""
+        with self._lock:
+            self._check_running()
+            if self._mode != VPGMode.RESYNC_COMPARE:
+                raise StateError(f"VPG {self.name} is not comparing (mode {self._mode})")
+            self.bitmaps[vid].mark(offset, length)
+
+    def resync_progress(self, done: int, total: int) -> None:
+        """Where the running compare stands (bytes compared of the volumes' total)."""
+        with self._lock:
+            if self._mode == VPGMode.RESYNC_COMPARE:
+                self._sync_done, self._sync_total = done, total
+
+    def resync_done(self, report: ResyncReport) -> None:
+        """Every block was compared (and those that differ marked): durably clear the
+        compare, then the bitmap sync sends what is marked, then streaming and the first
+        consistent checkpoint."""
+        with self._lock:
+            self._check_running()
+            if self._mode != VPGMode.RESYNC_COMPARE:
+                return
+            self._resync = False
+            self._resync_report = report
+            self._save_state(clean=False)  # a crash from now on compares again
+            self._mode = VPGMode.BITMAP
+            self._event(f"resync after an unclean shutdown: compared "
+                        f"{report.compared_bytes} bytes, {report.differing_bytes} bytes "
+                        f"differ ({report.seconds:.1f} s)")
+            self._wake.notify_all()
+
+    def resync_failed(self, reason: str) -> None:
+        """The recovery site could not compare (its journals unreadable, or it answered
+        what this side refuses): every volume is resent whole, as after a crash before
+        compares existed."""
+        with self._lock:
+            self._check_running()
+            if self._mode != VPGMode.RESYNC_COMPARE:
+                return
+            for bm in self.bitmaps.values():
+                bm.mark_all()
+            self._resync = False
+            self._save_state(clean=False)
+            self._mode = VPGMode.BITMAP
+            self._event(f"resync after an unclean shutdown: the compare failed ({reason}): "
+                        "every volume will be resent")
             self._wake.notify_all()
 
     # ---- awaitable variants: the blocking calls above, in a worker thread ----------------
@@ -425,7 +491,7 @@ class VPG(VPGStream):
 
     def status(self) -> VPGStatus:
         with self._lock:
-            if self._ring is not None and self._mode in (VPGMode.BITMAP, VPGMode.DELTA_SYNC):
+            if self._ring is not None and self._marking():
                 self._mark(*self._ring.take_dirty())
             stats = self._ring.stats() if self._ring is not None else None
             rpo = self.rpo_seconds()
@@ -451,5 +517,6 @@ class VPG(VPGStream):
                 checkpoints_pending=self._tagged.pending,
                 checkpoints_lost=self._tagged.lost,
                 delta_sync=self._delta_report,
+                resync=self._resync_report,
             )
 

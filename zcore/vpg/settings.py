@@ -37,10 +37,20 @@ class VPGMode(StrEnum):
     # (reverse protection), and sending what differs; writes meanwhile only mark dirty
     # blocks, which the bitmap sync after it sends
     DELTA_SYNC = "delta_sync"
+    # after an unclean restart: comparing block hashes of the volumes with the recovery
+    # site's journals at their newest state, marking what differs dirty; writes meanwhile
+    # only mark dirty blocks; the bitmap sync after it sends them all as ordinary writes
+    RESYNC_COMPARE = "resync_compare"
 
     @property
     def syncing(self) -> bool:
-        return self in (VPGMode.BITMAP_SYNCING, VPGMode.INITIAL_SYNC, VPGMode.DELTA_SYNC)
+        return self in (VPGMode.BITMAP_SYNCING, VPGMode.INITIAL_SYNC, VPGMode.DELTA_SYNC,
+                        VPGMode.RESYNC_COMPARE)
+
+    @property
+    def marking(self) -> bool:
+        """True in the modes where writes only mark dirty blocks (no checkpoint)."""
+        return self in (VPGMode.BITMAP, VPGMode.DELTA_SYNC, VPGMode.RESYNC_COMPARE)
 
     @property
     def label(self) -> str:

@@ -67,10 +67,11 @@ class VPGStream(VPGSyncs):
                 busy = self._sync_step() or busy
             elif self._tagged.carried():  # the sync's finish found no room for them
                 self._append_carried()
-        elif self._mode in (VPGMode.BITMAP, VPGMode.DELTA_SYNC):
+        elif self._marking():
             self._mark(*ring.take_dirty())
-            # a delta sync runs on the sender's connection: the bitmap sync of what was
-            # written meanwhile starts once it is done (VPG.delta_done)
+            # a delta sync (or a resync's compare) runs on the sender's connection: the
+            # bitmap sync of what was written (or found different) meanwhile starts once
+            # it is done (VPG.delta_done, VPG.resync_done)
             if (self._mode == VPGMode.BITMAP and self._link_up and self._pending_bytes == 0
                     and not self._sync_awaits_ack):
                 self._begin_sync()

@@ -1,5 +1,6 @@
-"""recovery suite (issue 11): the recovery operations' five metrics, each beside a baseline
-measured in the same run (`python bench/harness.py recovery --json out.json`):
+"""recovery suite (issue 11): the recovery operations' six metrics (the issue's five and
+the unclean-restart resync), each beside a baseline measured in the same run
+(`python bench/harness.py recovery --json out.json`):
 
   recovery.rto_first_read      ms from `Failover.start` to the first 4 KiB read served by
                                the recovered volume's NBD export, 4 GiB journaled vs
@@ -12,11 +13,15 @@ measured in the same run (`python bench/harness.py recovery --json out.json`):
                                50 MB/s vs `journal.promote_to` alone: >= 0.5
   recovery.test_start          ms to start a failover test of a 4-VM VPG, 4 GiB journaled
                                vs 0.5 GiB: <= 1.2
+  recovery.unclean_resync      bytes sent after an unclean restart of a 1 GiB volume with
+                               1 % changed (the compare and the resync) vs the volume's
+                               size: <= 0.05
 
 A package because the three measurements together pass the harness's ~500 lines a module:
 `failover` (live failover: the RTO and promotion under load), `delta` (the delta sync of
 reverse protection, against a target in a subprocess: `delta.py` run as a script is that
-target) and `teststart` (starting a failover test).  Each part runs in its own scratch
+target), `teststart` (starting a failover test) and `resync` (the compare and resync
+after an unclean protected-site restart).  Each part runs in its own scratch
 subdirectory, removed when it ends, so the suite holds one part's files at a time (the
 largest, the journals of `rto` and of `teststart`, about 4.5 GiB in full mode).
 """
@@ -29,10 +34,10 @@ from collections.abc import Callable, Iterable, Iterator
 
 from benchkit import Context, Metric
 
-from suites.recovery import delta, failover, teststart
+from suites.recovery import delta, failover, resync, teststart
 
 DESCRIPTION = ("recovery operations: RTO, delta sync bytes and time, promotion under load, "
-               "failover test start (issue 11)")
+               "failover test start, unclean-restart resync (issue 11)")
 
 
 def _part(ctx: Context, name: str,
@@ -50,3 +55,4 @@ def run(ctx: Context) -> Iterator[Metric]:
     yield from _part(ctx, "delta", delta.measure_delta_sync)
     yield from _part(ctx, "promote", lambda c: [failover.measure_promote_under_load(c)])
     yield from _part(ctx, "teststart", lambda c: [teststart.measure_test_start(c)])
+    yield from _part(ctx, "resync", resync.measure_unclean_resync)

@@ -4,7 +4,8 @@ site over a SiteContext (its database and the backend of the running service).
 Sits under the site service, which serves the app with uvicorn on its own event loop, and
 over zcore.site.api.routes.  Everything is under /api/v1; the OpenAPI document is
 /api/v1/openapi.json; no interactive docs (they would need their own unauthenticated
-static files).
+static files).  The browser UI (zcore.site.ui) is served at `/` by the outermost
+middleware.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from zcore.site.api.routes import (
     operations_router,
     vpg_router,
 )
+from zcore.site.ui import UiGate
 
 DESCRIPTION = """The REST API of a zcore site service.
 
@@ -52,4 +54,5 @@ def create_app(ctx: SiteContext) -> FastAPI:
     ):
         app.include_router(router, prefix=PREFIX)
     app.add_middleware(Gate, ctx=ctx)
+    app.add_middleware(UiGate, ctx=ctx)  # outermost: the browser UI's pages and sessions
     return app

@@ -1,0 +1,66 @@
+// Dashboard: every VPG with its state and figures, this site's pairing, open alerts.
+
+import { enc, get } from "../api.js";
+import { badge, bytes, duration, h, rate, replace, stateBadge, time } from "../dom.js";
+
+function vpgRow(vpg, st) {
+  const s = st || {};
+  const rpoLimit = vpg.settings && vpg.settings.rpo_alert_seconds;
+  const rpoOver = s.rpo_seconds !== null && s.rpo_seconds !== undefined && rpoLimit && s.rpo_seconds > rpoLimit;
+  const histShort = s.history_seconds_held !== null && s.history_seconds_held !== undefined &&
+    s.history_seconds_configured && s.history_seconds_held < s.history_seconds_configured;
+  return h("tr", { dataset: { vpg: vpg.name } },
+    h("td", {}, h("a", { href: `#/vpg/${enc(vpg.name)}` }, vpg.name)),
+    h("td", {}, vpg.role),
+    h("td", {}, stateBadge(s.state || vpg.state),
+      s.operation_state && s.operation_state !== "replicating" ? [" ", stateBadge(s.operation_state)] : null,
+      s.sync_progress !== null && s.sync_progress !== undefined
+        ? [" ", badge(`sync ${(s.sync_progress * 100).toFixed(0)}%`, "warn")] : null),
+    h("td", { class: rpoOver ? "over" : "" }, duration(s.rpo_seconds),
+      rpoOver ? " (over its SLA)" : null),
+    h("td", { class: histShort ? "over" : "" },
+      `${duration(s.history_seconds_held)} / ${duration(s.history_seconds_configured)}`),
+    h("td", {}, `${bytes(s.journal_bytes)} / ${s.journal_limit_bytes ? bytes(s.journal_limit_bytes) : "no limit"}`),
+    h("td", {}, rate(s.throughput_bytes_per_s)));
+}
+
+export async function dashboardPage(root) {
+  document.title = "Dashboard · zcore";
+  const body = h("tbody", {});
+  const sites = h("div", {});
+  const alerts = h("div", {});
+  replace(root,
+    h("h1", {}, "Dashboard"),
+    h("section", { class: "card", "aria-labelledby": "vpgs-h" },
+      h("h2", { id: "vpgs-h" }, "Virtual protection groups"),
+      h("div", { class: "scroll" }, h("table", { id: "vpg-table" },
+        h("thead", {}, h("tr", {}, ["VPG", "Role", "State", "RPO", "History held / configured",
+          "Journal used / limit", "Throughput"].map((t) => h("th", { scope: "col" }, t)))),
+        body))),
+    h("div", { class: "grid two" },
+      h("section", { class: "card", "aria-labelledby": "pair-h" }, h("h2", { id: "pair-h" }, "Site and pairing"), sites),
+      h("section", { class: "card", "aria-labelledby": "alerts-h" }, h("h2", { id: "alerts-h" }, "Open alerts"), alerts)));
+
+  async function refresh() {
+    const [vpgs, site, open] = await Promise.all([get("/vpgs"), get("/sites"),
+      get("/alerts", { active: true, limit: 20 })]);
+    const statuses = await Promise.all(vpgs.map((v) =>
+      get(`/vpgs/${enc(v.name)}/status`).catch(() => null)));
+    replace(body, vpgs.length ? vpgs.map((v, i) => vpgRow(v, statuses[i]))
+      : h("tr", {}, h("td", { colspan: 7, class: "muted" }, "No VPG yet: ",
+        h("a", { href: "#/create" }, "create one"), ".")));
+    replace(sites,
+      h("p", {}, "This site: ", h("strong", {}, site.site.name), h("span", { class: "muted" }, ` (${site.site.id})`)),
+      site.peers.length
+        ? h("ul", {}, site.peers.map((p) => h("li", {}, badge("paired", "ok"), " ", h("strong", {}, p.name),
+          ` at ${p.address}, since ${time(p.paired_at)}`)))
+        : h("p", { class: "muted" }, "Not paired with any site (`zcore site pair`)."));
+    replace(alerts, open.length
+      ? h("ul", {}, open.map((a) => h("li", {}, badge(a.severity, a.severity === "info" ? "" : "bad"), " ",
+        a.vpg ? `${a.vpg}: ` : "", a.text, h("small", { class: "muted" }, ` ${time(a.time)}`))))
+      : h("p", { class: "muted" }, "No open alert."),
+    h("a", { href: "#/alerts" }, "All alerts and events"));
+  }
+  await refresh();
+  return { refresh };
+}

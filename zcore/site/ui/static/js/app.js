@@ -60,6 +60,7 @@ function loginView(reason) {
 
 async function route() {
   stop();
+  delete main.dataset.ready;
   const mine = generation;
   let doc;
   try {
@@ -86,6 +87,7 @@ async function route() {
       return;
     }
     main.append(status);
+    main.dataset.ready = path || "/";  // the page is drawn (tests wait for it)
     if (view && view.refresh) poll(view.refresh, mine, status);
     return;
   }

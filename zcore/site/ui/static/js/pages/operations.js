@@ -110,10 +110,10 @@ export async function operationsPage(root, [name], query) {
     const extra = [];
     if (vpg.role === "recovery") {
       const [fo, test] = await Promise.all([get(`${base}/failover`), get(`${base}/test`)]);
-      if (fo.state) extra.push(h("p", {}, "Failover: ", stateBadge(fo.state),
+      if (fo.state) extra.push(h("p", { id: "failover-state" }, "Failover: ", stateBadge(fo.state),
         fo.checkpoint_id !== undefined ? ` at checkpoint ${fo.checkpoint_id}` : "",
         fo.exports && fo.exports.length ? `; served: ${fo.exports.join(", ")}` : ""));
-      if (test.running) extra.push(h("p", {}, "Failover test running at checkpoint ",
+      if (test.running) extra.push(h("p", { id: "test-state" }, "Failover test running at checkpoint ",
         String(test.running.checkpoint && test.running.checkpoint.id), "; exports: ",
         (test.running.exports || []).join(", ")));
     }

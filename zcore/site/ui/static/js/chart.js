@@ -15,11 +15,15 @@ function svg(tag, attrs, ...children) {
 }
 
 // points: [[time_s, value], ...] oldest first; a window of [start, end] seconds.
-export function lineChart({ title, points, start, end, format, limit }) {
+// The window starts at the first point when the history is younger than the window; a
+// limit far above the data is named rather than drawn (it would flatten the line).
+export function lineChart({ title, points, start: windowStart, end, format, limit }) {
   const W = 600, H = 180, L = 56, R = 8, T = 10, B = 24;
   const values = points.map((p) => p[1]);
-  let top = Math.max(1e-9, ...values, limit || 0);
-  top *= 1.1;
+  const start = points.length ? Math.max(windowStart, Math.min(points[0][0] - 30, end - 120)) : windowStart;
+  const highest = Math.max(1e-9, ...values);
+  const drawLimit = limit && limit <= highest * 4;
+  const top = Math.max(highest, drawLimit ? limit : 0) * 1.1;
   const x = (t) => L + ((t - start) / Math.max(1e-9, end - start)) * (W - L - R);
   const y = (v) => T + (1 - v / top) * (H - T - B);
   const line = points.map((p) => `${x(p[0]).toFixed(1)},${y(p[1]).toFixed(1)}`).join(" ");
@@ -35,7 +39,8 @@ export function lineChart({ title, points, start, end, format, limit }) {
   svg("text", { x: L - 4, y: H - B, "text-anchor": "end" }, format(0)),
   svg("text", { x: L, y: H - 6 }, new Date(start * 1000).toLocaleTimeString()),
   svg("text", { x: W - R, y: H - 6, "text-anchor": "end" }, new Date(end * 1000).toLocaleTimeString()),
-  limit ? svg("line", { class: "limit", x1: L, y1: y(limit), x2: W - R, y2: y(limit) }) : null,
+  drawLimit ? svg("line", { class: "limit", x1: L, y1: y(limit), x2: W - R, y2: y(limit) }) : null,
+  limit && !drawLimit ? svg("text", { x: W - R, y: T + 10, "text-anchor": "end" }, `SLA ${format(limit)}, far above`) : null,
   points.length ? svg("polyline", { class: "line", points: line }) : null,
   points.length ? null : svg("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, "no data yet"));
 }

@@ -18,7 +18,7 @@ function hint(t) {
   if (t.maximum !== undefined) parts.push(`at most ${t.maximum}`);
   if (t.exclusiveMaximum !== undefined) parts.push(`less than ${t.exclusiveMaximum}`);
   if (t.default !== undefined && t.default !== null) parts.push(`default ${t.default}`);
-  else if (t.nullable) parts.push("empty: none");
+  else if (t.nullable && t.type !== "boolean") parts.push("empty: none");
   return parts.join(", ");
 }
 

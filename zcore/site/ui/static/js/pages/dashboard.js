@@ -1,9 +1,10 @@
-// Dashboard: every VPG with its state and figures, this site's pairing, open alerts.
+// Dashboard: every VPG with its state and figures (its open alerts beside its state: the
+// site's own verdicts on RPO and history SLAs), this site's pairing, open alerts.
 
 import { enc, get } from "../api.js";
 import { badge, bytes, duration, h, rate, replace, stateBadge, time } from "../dom.js";
 
-function vpgRow(vpg, st) {
+function vpgRow(vpg, st, alerts) {
   const s = st || {};
   const rpoLimit = vpg.settings && vpg.settings.rpo_alert_seconds;
   const rpoOver = s.rpo_seconds !== null && s.rpo_seconds !== undefined && rpoLimit && s.rpo_seconds > rpoLimit;
@@ -15,7 +16,8 @@ function vpgRow(vpg, st) {
     h("td", {}, stateBadge(s.state || vpg.state),
       s.operation_state && s.operation_state !== "replicating" ? [" ", stateBadge(s.operation_state)] : null,
       s.sync_progress !== null && s.sync_progress !== undefined
-        ? [" ", badge(`sync ${(s.sync_progress * 100).toFixed(0)}%`, "warn")] : null),
+        ? [" ", badge(`sync ${(s.sync_progress * 100).toFixed(0)}%`, "warn")] : null,
+      alerts.map((a) => [" ", badge(a.code.replace(/_/g, " "), "bad")])),
     h("td", { class: rpoOver ? "over" : "" }, duration(s.rpo_seconds),
       rpoOver ? " (over its SLA)" : null),
     h("td", { class: histShort ? "over" : "" },
@@ -42,11 +44,11 @@ export async function dashboardPage(root) {
       h("section", { class: "card", "aria-labelledby": "alerts-h" }, h("h2", { id: "alerts-h" }, "Open alerts"), alerts)));
 
   async function refresh() {
-    const [vpgs, site, open] = await Promise.all([get("/vpgs"), get("/sites"),
-      get("/alerts", { active: true, limit: 20 })]);
-    const statuses = await Promise.all(vpgs.map((v) =>
-      get(`/vpgs/${enc(v.name)}/status`).catch(() => null)));
-    replace(body, vpgs.length ? vpgs.map((v, i) => vpgRow(v, statuses[i]))
+    const [vpgs, statuses, site, open] = await Promise.all([get("/vpgs"), get("/status/vpgs"),
+      get("/sites"), get("/alerts", { active: true, limit: 200 })]);
+    const byName = new Map(statuses.map((s) => [s.name, s]));
+    replace(body, vpgs.length ? vpgs.map((v) => vpgRow(v, byName.get(v.name),
+      open.filter((a) => a.vpg === v.name)))
       : h("tr", {}, h("td", { colspan: 7, class: "muted" }, "No VPG yet: ",
         h("a", { href: "#/create" }, "create one"), ".")));
     replace(sites,
@@ -56,7 +58,7 @@ export async function dashboardPage(root) {
           ` at ${p.address}, since ${time(p.paired_at)}`)))
         : h("p", { class: "muted" }, "Not paired with any site (`zcore site pair`)."));
     replace(alerts, open.length
-      ? h("ul", {}, open.map((a) => h("li", {}, badge(a.severity, a.severity === "info" ? "" : "bad"), " ",
+      ? h("ul", {}, open.slice(0, 20).map((a) => h("li", {}, badge(a.severity, a.severity === "info" ? "" : "bad"), " ",
         a.vpg ? `${a.vpg}: ` : "", a.text, h("small", { class: "muted" }, ` ${time(a.time)}`))))
       : h("p", { class: "muted" }, "No open alert."),
     h("a", { href: "#/alerts" }, "All alerts and events"));

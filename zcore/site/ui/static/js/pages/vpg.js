@@ -109,7 +109,7 @@ export async function vpgPage(root, [name]) {
       history("rpo_seconds"), history(throughputSeries), get("/events", { vpg: name, limit: 15 })]);
     replace(status, statusList(s));
     replace(bars,
-      holdBar("Journal history held against its SLA", s.history_seconds_held, s.history_seconds_configured, duration),
+      s.history_seconds_held === null || s.history_seconds_held === undefined ? null : holdBar("Journal history held against its SLA", s.history_seconds_held, s.history_seconds_configured, duration),
       s.journal_limit_bytes ? holdBar("Journal use against its limit", s.journal_bytes, s.journal_limit_bytes, bytes) : null);
     replace(rpo, lineChart({ title: "RPO", points: rp, start, end, format: duration,
       limit: vpg.settings.rpo_alert_seconds }));

@@ -23,7 +23,6 @@ from zcore.site.api.routes import (
     operations_router,
     vpg_router,
 )
-from zcore.site.ui import UiGate
 
 DESCRIPTION = """The REST API of a zcore site service.
 
@@ -34,6 +33,8 @@ Authenticate with `Authorization: Bearer TOKEN`. Errors are
 
 def create_app(ctx: SiteContext) -> FastAPI:
     """The API of the site `ctx` describes.  Building it does no I/O."""
+    from zcore.site.ui import UiGate  # here: zcore.site.ui imports this package's modules
+
     app = FastAPI(
         title="zcore site API",
         version=ctx.version,

@@ -187,6 +187,19 @@ def test_the_rpo_chart_fills_while_writes_run(flow: Flow) -> None:
         writer.join(30)
 
 
+def test_settings_edited_in_the_browser_are_saved(flow: Flow) -> None:
+    page = flow.go(flow.page_a, flow.a, "/vpg/g1")
+    form = page.locator("#settings-form")
+    form.get_by_label("Rpo alert seconds").fill("120")
+    form.get_by_role("button", name="Save settings").click()
+    form.get_by_text("Saved: rpo_alert_seconds.").wait_for()
+    assert ok(flow.a.client().get("/vpgs/g1"))["settings"]["rpo_alert_seconds"] == 120
+    flow.console.expect("/api/v1/vpgs/g1", 422)
+    form.get_by_label("History seconds").fill("5")  # under its minimum: the API says so
+    form.get_by_role("button", name="Save settings").click()
+    form.get_by_text(re.compile(r"Refused \(422 invalid_request\)")).wait_for()
+
+
 def test_a_checkpoint_tagged_in_the_browser_is_found_in_the_picker(flow: Flow) -> None:
     page = flow.go(flow.page_a, flow.a, "/vpg/g1")
     page.get_by_label("Tag a checkpoint now").fill("before-upgrade")
@@ -211,6 +224,13 @@ PAGES = (("a", "login", None), ("a", "dashboard", "/"), ("a", "vpg", "/vpg/g1"),
          ("b", "alerts", "/alerts"))
 
 
+# every control a person can reach has a name: a label, or aria-label for the icon-like
+UNLABELLED = """[...document.querySelectorAll('input, select, textarea, button')]
+  .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute('aria-label')
+    && !(el.tagName === 'BUTTON' && el.textContent.trim()))
+  .map((el) => el.outerHTML.slice(0, 80))"""
+
+
 def test_every_page_fits_phone_and_desktop_widths_screenshots(flow: Flow) -> None:
     fresh = flow.browser.new_context()  # logged out: the login page
     login_page = flow.console.watch(fresh.new_page())
@@ -228,6 +248,8 @@ def test_every_page_fits_phone_and_desktop_widths_screenshots(flow: Flow) -> Non
                     page.locator("main[data-ready]").wait_for()  # the page is drawn
                 overflow = page.evaluate("document.documentElement.scrollWidth")
                 assert overflow <= width, (which, name, width, overflow)
+                unlabelled = page.evaluate(UNLABELLED)
+                assert unlabelled == [], (which, name, unlabelled)
                 page.screenshot(path=str(flow.shots / f"{which}-{name}-{width}.png"),
                                 full_page=True)
     finally:

@@ -34,7 +34,8 @@ async function vmList(vpg) {
 async function settingsForm(vpg, onSaved) {
   const box = messageBox();
   const fields = settingsFields(await model("VpgSettingsPatch"), vpg.settings, "Settings");
-  return h("form", { id: "settings-form", onsubmit: async (ev) => {
+  // novalidate: the API judges the values, and its refusal says which and why
+  return h("form", { id: "settings-form", novalidate: true, onsubmit: async (ev) => {
     ev.preventDefault();
     try {
       const changed = fields.collect();

@@ -6,9 +6,9 @@ state-changing request without the CSRF token is a 403; a VPG created in the bro
 protects its VM; the RPO chart fills while writes run; a checkpoint tagged in the
 browser is found in the recovery site's picker; screenshots of every page at phone and
 desktop width (under $ZCORE_UI_SCREENSHOTS, else the test's temporary directory); a
-failover test started and stopped; an operation the state forbids shows the API's
-reason; a failover to the tagged checkpoint, committed.  Any console error the flow did
-not expect fails the test it happened in.
+failover test started and stopped; an alert (a test period run out) acknowledged; an
+operation the state forbids shows the API's reason; a failover to the tagged checkpoint,
+committed.  Any console error the flow did not expect fails the test it happened in.
 """
 
 from __future__ import annotations
@@ -271,6 +271,24 @@ def test_a_failover_test_starts_and_stops(flow: Flow) -> None:
     _wizard(page, "test").get_by_label("Note").fill("booted, app answers")
     assert "succeeded" in _run(page, "test", "Stop test")
     page.locator("#operation-state", has_text="replicating").wait_for()
+
+
+def test_an_alert_raised_by_a_short_test_period_is_acknowledged(flow: Flow) -> None:
+    page = flow.go(flow.page_b, flow.b, "/vpg/g1")
+    form = page.locator("#settings-form")
+    form.get_by_label("Test period days").fill("0.00001")  # overdue in a second
+    form.get_by_role("button", name="Save settings").click()
+    form.get_by_text("Saved: test_period_days.").wait_for()
+    flow.go(page, flow.b, "/")
+    page.locator("tr[data-vpg=g1]", has_text="test overdue").wait_for()
+    flow.go(page, flow.b, "/alerts")
+    row = page.locator("#alert-table tr[data-alert]", has_text="run a failover test")
+    row.get_by_role("button", name=re.compile(r"^Acknowledge alert \d+$")).click()
+    page.get_by_text(re.compile(r"^Alert \d+ acknowledged\.$")).wait_for()
+    row.filter(has_text="acknowledged").wait_for()
+    assert row.get_by_role("button").count() == 0
+    page.locator("#event-table", has_text="test_overdue").wait_for()
+    ok(flow.b.client().patch("/vpgs/g1/recovery-settings", json={"test_period_days": 3650}))
 
 
 def test_an_operation_the_state_forbids_shows_its_reason(flow: Flow) -> None:

@@ -32,6 +32,9 @@ export function settingsFields(schema, values, legend) {
     let input;
     if (t.type === "boolean") {
       input = h("input", { type: "checkbox", name, checked: Boolean(current) });
+    } else if (t.type === "string") {
+      input = h("input", { type: "text", name, value: current === null || current === undefined ? "" : String(current) });
+      if (t.maxLength !== undefined) input.maxLength = t.maxLength;
     } else {
       input = h("input", { type: "number", name, step: "any",
         value: current === null || current === undefined ? "" : String(current) });
@@ -48,9 +51,11 @@ export function settingsFields(schema, values, legend) {
       let v;
       if (t.type === "boolean") v = input.checked;
       else if (input.value === "") v = t.nullable ? null : undefined;
+      else if (t.type === "string") v = input.value;
       else v = t.type === "integer" ? parseInt(input.value, 10) : Number(input.value);
       if (v === undefined) continue;
-      if (values === null ? v !== t.default : v !== initial) out[name] = v;
+      const before = initial === undefined ? null : initial;
+      if (values === null ? v !== t.default : v !== before) out[name] = v;
     }
     return out;
   }

@@ -31,16 +31,23 @@ async function vmList(vpg) {
         v.path ? h("span", { class: "muted" }, ` at ${v.path}`) : null))))));
 }
 
+// A protected VPG's protection settings (PATCH /vpgs/NAME); a recovery VPG's recovery
+// settings: adapter, scratch limit, test period (PATCH /vpgs/NAME/recovery-settings).
 async function settingsForm(vpg, onSaved) {
   const box = messageBox();
-  const fields = settingsFields(await model("VpgSettingsPatch"), vpg.settings, "Settings");
+  const recovery = vpg.role === "recovery";
+  const base = `/vpgs/${enc(vpg.name)}`;
+  const current = recovery ? await get(`${base}/recovery-settings`) : vpg.settings;
+  const fields = settingsFields(await model(recovery ? "RecoverySettings" : "VpgSettingsPatch"),
+    current, recovery ? "Recovery settings" : "Protection settings");
   // novalidate: the API judges the values, and its refusal says which and why
   return h("form", { id: "settings-form", novalidate: true, onsubmit: async (ev) => {
     ev.preventDefault();
     try {
       const changed = fields.collect();
       if (!Object.keys(changed).length) { box.show("info", "Nothing changed."); return; }
-      await patch(`/vpgs/${enc(vpg.name)}`, { settings: changed });
+      if (recovery) await patch(`${base}/recovery-settings`, changed);
+      else await patch(base, { settings: changed });
       box.show("ok", `Saved: ${Object.keys(changed).join(", ")}.`);
       onSaved();
     } catch (err) { box.error(err); }
@@ -95,7 +102,7 @@ export async function vpgPage(root, [name]) {
     h("div", { class: "grid two" },
       card("vm-h", "VMs and volumes", await vmList(vpg)),
       card("set-h", "Settings", vpg.role === "recovery"
-        ? h("p", { class: "muted" }, "A recovery VPG's protection settings are set at its protected site.") : null,
+        ? h("p", { class: "muted" }, "How this site recovers the VPG; its protection settings are set at its protected site.") : null,
         settings)),
     card("ev-h", "Events", events));
   await showSettings();

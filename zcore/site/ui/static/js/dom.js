@@ -92,3 +92,21 @@ export function stateBadge(state) {
     deleting: "warn", moved: "", committed: "" };
   return badge(state || "–", kinds[state] || "");
 }
+
+// A table that becomes one card per row at phone width (app.css): each cell carries its
+// column's name.  `fill(body, rows)` replaces the rows of a table `table` made.
+export function table(id, headers, body) {
+  body.columns = headers;
+  return h("div", { class: "scroll" }, h("table", { id, class: "cards" },
+    h("thead", {}, h("tr", {}, headers.map((t) => h("th", { scope: "col" }, t)))), body));
+}
+
+export function fill(body, rows) {
+  replace(body, rows);
+  for (const tr of body.rows) {
+    [...tr.cells].forEach((td, i) => {
+      if (body.columns && body.columns[i] && td.colSpan === 1) td.dataset.label = body.columns[i];
+    });
+  }
+  return body;
+}

@@ -1,7 +1,7 @@
 // Alerts and events: filtered by VPG, severity and state; alerts acknowledged here.
 
 import { enc, get, post } from "../api.js";
-import { badge, field, h, messageBox, replace, select, time } from "../dom.js";
+import { badge, field, fill, h, messageBox, replace, select, table, time } from "../dom.js";
 
 export async function alertsPage(root) {
   document.title = "Alerts and events · zcore";
@@ -31,13 +31,13 @@ export async function alertsPage(root) {
   }
   async function moreEvents() {
     const page = await get("/events", { ...filters(), severity: severity.value || undefined, cursor, limit: 50 });
-    events.append(...eventRows(page.items));
+    fill(events, [...events.rows, ...eventRows(page.items)]);
     cursor = page.next_cursor;
     replace(more, cursor ? h("button", { type: "button", onclick: () => moreEvents().catch((err) => box.error(err)) }, "Older events") : null);
   }
   async function refresh() {
     const list = await get("/alerts", { ...filters(), active: active.value || undefined, limit: 200 });
-    replace(alerts, list.length ? list.map((a) => h("tr", { dataset: { alert: a.id } },
+    fill(alerts, list.length ? list.map((a) => h("tr", { dataset: { alert: a.id } },
       h("td", {}, time(a.time)), h("td", {}, a.vpg || "–"), h("td", {}, badge(a.severity, a.severity === "info" ? "" : "bad")),
       h("td", { class: "wrap" }, a.text),
       h("td", {}, a.cleared ? "cleared" : "open", a.acknowledged ? ", acknowledged" : ""),
@@ -51,15 +51,14 @@ export async function alertsPage(root) {
   }
   const onchange = () => reload().catch((err) => box.error(err));
   for (const c of [vpg, active, severity]) c.addEventListener("change", onchange);
-  const head = (cols) => h("thead", {}, h("tr", {}, cols.map((t) => h("th", { scope: "col" }, t))));
   replace(root, h("h1", {}, "Alerts and events"),
     h("form", { class: "card row", onsubmit: (ev) => ev.preventDefault() },
       field("VPG", vpg), field("Alerts", active), field("Event severity", severity)),
     box,
     h("section", { class: "card", "aria-labelledby": "al-h" }, h("h2", { id: "al-h" }, "Alerts"),
-      h("div", { class: "scroll" }, h("table", { id: "alert-table" }, head(["Time", "VPG", "Severity", "Alert", "State", ""]), alerts))),
+      table("alert-table", ["Time", "VPG", "Severity", "Alert", "State", ""], alerts)),
     h("section", { class: "card", "aria-labelledby": "evt-h" }, h("h2", { id: "evt-h" }, "Events"),
-      h("div", { class: "scroll" }, h("table", { id: "event-table" }, head(["Time", "VPG", "Severity", "Code", "Event"]), events)), more));
+      table("event-table", ["Time", "VPG", "Severity", "Code", "Event"], events), more));
   await reload();
   return { refresh };
 }

@@ -3,7 +3,7 @@
 // listed (automatic, tagged, not consistent), each a way into the operations.
 
 import { enc, get, post } from "../api.js";
-import { badge, field, h, messageBox, nsTime, replace } from "../dom.js";
+import { badge, field, fill, h, messageBox, nsTime, replace, table } from "../dom.js";
 
 const SLOTS = 60;
 const MIN_SPAN = 10;
@@ -79,9 +79,7 @@ export async function checkpointsPage(root, [name]) {
     box,
     h("section", { class: "card", "aria-labelledby": "list-h" },
       h("h2", { id: "list-h" }, "Checkpoints in the window"),
-      h("div", { class: "scroll" }, h("table", { id: "checkpoint-table" },
-        h("thead", {}, h("tr", {}, ["Id", "Time", "Kind", "Tag", "Consistency", "Use"].map((t) =>
-          h("th", { scope: "col" }, t)))), list))));
+      table("checkpoint-table", ["Id", "Time", "Kind", "Tag", "Consistency", "Use"], list)));
 
   async function refresh() {
     if (view.live) view.end = Date.now() / 1000;
@@ -111,7 +109,7 @@ export async function checkpointsPage(root, [name]) {
     const total = buckets.buckets.reduce((n, b) => n + b.count, 0);
     caption.textContent = `${spanText(view.span)} shown, ${total} checkpoints${view.tag ? ` tagged "${view.tag}"` : ""}` +
       `${view.live ? ", up to now" : ""}.`;
-    replace(list, page.items.length ? page.items.map((c) => h("tr", { dataset: { id: c.id } },
+    fill(list, page.items.length ? page.items.map((c) => h("tr", { dataset: { id: c.id } },
       h("td", {}, String(c.id)), h("td", {}, nsTime(c.time_ns)),
       h("td", {}, c.kind === "tagged" ? badge("tagged", "tagged") : badge("automatic")),
       h("td", { class: "wrap" }, c.tag || ""),

@@ -2,14 +2,12 @@
 // site's own verdicts on RPO and history SLAs), this site's pairing, open alerts.
 
 import { enc, get } from "../api.js";
-import { badge, bytes, duration, h, rate, replace, stateBadge, time } from "../dom.js";
+import { badge, bytes, duration, fill, h, rate, replace, stateBadge, table, time } from "../dom.js";
 
 function vpgRow(vpg, st, alerts) {
   const s = st || {};
   const rpoLimit = vpg.settings && vpg.settings.rpo_alert_seconds;
   const rpoOver = s.rpo_seconds !== null && s.rpo_seconds !== undefined && rpoLimit && s.rpo_seconds > rpoLimit;
-  const histShort = s.history_seconds_held !== null && s.history_seconds_held !== undefined &&
-    s.history_seconds_configured && s.history_seconds_held < s.history_seconds_configured;
   return h("tr", { dataset: { vpg: vpg.name } },
     h("td", {}, h("a", { href: `#/vpg/${enc(vpg.name)}` }, vpg.name)),
     h("td", {}, vpg.role),
@@ -20,7 +18,7 @@ function vpgRow(vpg, st, alerts) {
       alerts.map((a) => [" ", badge(a.code.replace(/_/g, " "), "bad")])),
     h("td", { class: rpoOver ? "over" : "" }, duration(s.rpo_seconds),
       rpoOver ? " (over its SLA)" : null),
-    h("td", { class: histShort ? "over" : "" },
+    h("td", {},
       `${duration(s.history_seconds_held)} / ${duration(s.history_seconds_configured)}`),
     h("td", {}, `${bytes(s.journal_bytes)} / ${s.journal_limit_bytes ? bytes(s.journal_limit_bytes) : "no limit"}`),
     h("td", {}, rate(s.throughput_bytes_per_s)));
@@ -35,10 +33,8 @@ export async function dashboardPage(root) {
     h("h1", {}, "Dashboard"),
     h("section", { class: "card", "aria-labelledby": "vpgs-h" },
       h("h2", { id: "vpgs-h" }, "Virtual protection groups"),
-      h("div", { class: "scroll" }, h("table", { id: "vpg-table" },
-        h("thead", {}, h("tr", {}, ["VPG", "Role", "State", "RPO", "History held / configured",
-          "Journal used / limit", "Throughput"].map((t) => h("th", { scope: "col" }, t)))),
-        body))),
+      table("vpg-table", ["VPG", "Role", "State", "RPO", "History held / configured",
+        "Journal used / limit", "Throughput"], body)),
     h("div", { class: "grid two" },
       h("section", { class: "card", "aria-labelledby": "pair-h" }, h("h2", { id: "pair-h" }, "Site and pairing"), sites),
       h("section", { class: "card", "aria-labelledby": "alerts-h" }, h("h2", { id: "alerts-h" }, "Open alerts"), alerts)));
@@ -47,7 +43,7 @@ export async function dashboardPage(root) {
     const [vpgs, statuses, site, open] = await Promise.all([get("/vpgs"), get("/status/vpgs"),
       get("/sites"), get("/alerts", { active: true, limit: 200 })]);
     const byName = new Map(statuses.map((s) => [s.name, s]));
-    replace(body, vpgs.length ? vpgs.map((v) => vpgRow(v, byName.get(v.name),
+    fill(body, vpgs.length ? vpgs.map((v) => vpgRow(v, byName.get(v.name),
       open.filter((a) => a.vpg === v.name)))
       : h("tr", {}, h("td", { colspan: 7, class: "muted" }, "No VPG yet: ",
         h("a", { href: "#/create" }, "create one"), ".")));
@@ -55,7 +51,7 @@ export async function dashboardPage(root) {
       h("p", {}, "This site: ", h("strong", {}, site.site.name), h("span", { class: "muted" }, ` (${site.site.id})`)),
       site.peers.length
         ? h("ul", {}, site.peers.map((p) => h("li", {}, badge("paired", "ok"), " ", h("strong", {}, p.name),
-          ` at ${p.address}, since ${time(p.paired_at)}`)))
+          p.address ? ` at ${p.address}` : "", `, since ${time(p.paired_at)}`)))
         : h("p", { class: "muted" }, "Not paired with any site (`zcore site pair`)."));
     replace(alerts, open.length
       ? h("ul", {}, open.slice(0, 20).map((a) => h("li", {}, badge(a.severity, a.severity === "info" ? "" : "bad"), " ",

@@ -8,7 +8,8 @@ browser is found in the recovery site's picker; screenshots of every page at pho
 desktop width (under $ZCORE_UI_SCREENSHOTS, else the test's temporary directory); a
 failover test started and stopped; an alert (a test period run out) acknowledged; an
 operation the state forbids shows the API's reason; a failover to the tagged checkpoint,
-committed.  Any console error the flow did not expect fails the test it happened in.
+committed; reverse protection and failback.  Any console error the flow did not expect
+fails the test it happened in.
 """
 
 from __future__ import annotations
@@ -308,3 +309,25 @@ def test_a_failover_to_the_tagged_checkpoint_is_committed(flow: Flow) -> None:
     status = ok(flow.b.client().get("/vpgs/g1/failover"))
     assert status["state"] == "committed" and status["checkpoint_id"] == cid, status
     page.locator("#failover-state", has_text="committed").wait_for()
+
+
+# on this branch's base zcore/site/runtime.py starts a reversed VPG with
+# VPG.start(delta_sync=True), which zcore/vpg does not take yet (the same call fails
+# tests/site_service/test_move_failback.py); the UI shows that task's failure as it should
+@pytest.mark.xfail(reason="VPG.start(delta_sync=...) is not on this base yet", strict=False)
+def test_reverse_protection_and_failback_from_the_browser(flow: Flow) -> None:
+    pair(flow.b, flow.a)  # beta learns alpha's replication address, to protect back to it
+    page = flow.go(flow.page_b, flow.b, "/vpg/g1/operations")
+    page.get_by_role("heading", name="Operations on g1").wait_for()
+    assert "succeeded" in _run(page, "reverse", "Reverse", timeout=120_000)
+    ca, cb = flow.a.client(), flow.b.client()
+    wait_for("beta protecting g1", lambda: ok(cb.get("/vpgs/g1"))["role"] == "protected"
+             and ok(cb.get("/vpgs/g1"))["state"] == "protecting", timeout=120)
+    flow.go(page, flow.b, "/")
+    page.locator("tr[data-vpg=g1]", has_text="protected").wait_for()
+    page = flow.go(flow.page_b, flow.b, "/vpg/g1/operations")
+    assert "succeeded" in _run(page, "failback", "Fail back", timeout=180_000)
+    wait_for("alpha protecting g1 again", lambda: ok(ca.get("/vpgs/g1"))["role"] == "protected"
+             and ok(ca.get("/vpgs/g1"))["state"] == "protecting", timeout=120)
+    flow.go(flow.page_a, flow.a, "/")
+    flow.page_a.locator("tr[data-vpg=g1]", has_text="protecting").wait_for()

@@ -191,7 +191,7 @@ def test_the_rpo_chart_fills_while_writes_run(flow: Flow) -> None:
 def test_settings_edited_in_the_browser_are_saved(flow: Flow) -> None:
     page = flow.go(flow.page_a, flow.a, "/vpg/g1")
     form = page.locator("#settings-form")
-    form.get_by_label("Rpo alert seconds").fill("120")
+    form.get_by_label("RPO alert seconds").fill("120")
     form.get_by_role("button", name="Save settings").click()
     form.get_by_text("Saved: rpo_alert_seconds.").wait_for()
     assert ok(flow.a.client().get("/vpgs/g1"))["settings"]["rpo_alert_seconds"] == 120

@@ -9,7 +9,9 @@ function typeOf(prop) {
   return { ...main, nullable: kinds.some((k) => k.type === "null"), default: prop.default };
 }
 
-function words(name) { return name.replace(/_/g, " ").replace(/^./, (c) => c.toUpperCase()); }
+function words(name) {
+  return name.replace(/_/g, " ").replace(/^./, (c) => c.toUpperCase()).replace(/^Rpo /, "RPO ");
+}
 
 function hint(t) {
   const parts = [];

@@ -209,6 +209,8 @@ def test_a_checkpoint_tagged_in_the_browser_is_found_in_the_picker(flow: Flow) -
     picker = flow.go(flow.page_b, flow.b, "/vpg/g1/checkpoints")
     picker.get_by_label("Tag (exact)").fill("before-upgrade")
     picker.get_by_role("button", name="Search", exact=True).click()
+    # the caption and the list change together: once it names the tag, the list is searched
+    picker.get_by_text(re.compile(r'[1-9]\d* checkpoints tagged "before-upgrade"')).wait_for()
     row = picker.locator("#checkpoint-table tr[data-id]", has_text="before-upgrade")
     row.wait_for()
     assert picker.locator("#checkpoint-table tr[data-id]").count() == 1

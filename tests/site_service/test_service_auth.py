@@ -82,14 +82,17 @@ def test_every_served_operation_and_metrics_refuse_missing_wrong_and_revoked_tok
         "empty": {"Authorization": "Bearer"},  # h11 refuses a trailing space
     }
     # /metrics is served beside the API (not in its OpenAPI document), behind the same auth
+    # `/` is the browser UI's page (public, it holds no data: tests/ui); beside it, 401
     for method, path in [*ops, ("get", "/metrics"), ("get", f"{V1}/no-such-thing"),
-                         ("get", "/")]:
+                         ("get", "/not-the-ui")]:
         for name, header in headers.items():
             response = http.request(method, path, headers=header, json={})
             if (method, path) in PUBLIC:
                 assert response.status_code == 200, (method, path, name)
             else:
                 assert_401(response, f"{method} {path} with {name} token")
+    page = http.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     metrics = http.get("/metrics", headers=admin(site))
     assert metrics.status_code == 200 and "zcore_nbd_connections" in metrics.text
 

@@ -73,7 +73,9 @@ async def test_every_operation_refuses_missing_wrong_and_revoked_tokens(api: Api
 
 async def test_unknown_paths_answer_401_without_a_token_and_404_with_one(api: Api) -> None:
     assert_401(await api.client.get(f"{V1}/no-such-thing"), "unknown path")
-    assert_401(await api.client.get("/"), "root")
+    assert_401(await api.client.get("/not-the-ui"), "unknown root path")
+    page = await api.client.get("/")  # the browser UI's page: public, holds no data
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert_401(await api.client.post(f"{V1}/health"), "POST health")
     found = await api.get(f"{V1}/no-such-thing")
     assert found.status_code == 404 and found.json()["error"]["code"] == "not_found"

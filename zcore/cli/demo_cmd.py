@@ -18,7 +18,10 @@ import click
 @click.option("--rate-mb", default=40.0, show_default=True, help="workload write rate, MB/s")
 @click.option("--keep", type=click.Path(file_okay=False), default=None,
               help="keep the demo's files in this directory instead of a temporary one")
-def demo(volume_mib: int, seconds: float, rate_mb: float, keep: str | None) -> None:
+@click.option("--ui", is_flag=True, help="then leave two site services running with a "
+              "protected VPG and print their browser UIs and tokens (until Ctrl-C)")
+def demo(volume_mib: int, seconds: float, rate_mb: float, keep: str | None,
+         ui: bool) -> None:
     """Run two site services on loopback, replicate two VMs over TLS, tag a checkpoint,
     let ransomware overwrite the disks, fail the VPG over to the tagged checkpoint and
     verify it byte for byte, commit with reverse protection, and fail back."""
@@ -49,3 +52,15 @@ def demo(volume_mib: int, seconds: float, rate_mb: float, keep: str | None) -> N
         sys.exit(1)
     click.echo("  verification      failed-over volumes and failed-back disks byte-for-byte "
                "identical to the disks at the checkpoint")
+    if ui:
+        from pathlib import Path
+
+        from zcore.errors import ZcoreError
+        from zcore.site.ui.demo import run_ui_demo
+
+        click.echo("")
+        with tempfile.TemporaryDirectory(prefix="zcore-demo-ui-") as tmp:
+            try:
+                run_ui_demo(Path(keep or tmp) / "ui", click.echo)
+            except ZcoreError as exc:
+                raise click.ClickException(str(exc)) from None

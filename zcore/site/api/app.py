@@ -4,7 +4,8 @@ site over a SiteContext (its database and the backend of the running service).
 Sits under the site service, which serves the app with uvicorn on its own event loop, and
 over zcore.site.api.routes.  Everything is under /api/v1; the OpenAPI document is
 /api/v1/openapi.json; no interactive docs (they would need their own unauthenticated
-static files).
+static files).  The browser UI (zcore.site.ui) is served at `/` by the outermost
+middleware.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ Authenticate with `Authorization: Bearer TOKEN`. Errors are
 
 def create_app(ctx: SiteContext) -> FastAPI:
     """The API of the site `ctx` describes.  Building it does no I/O."""
+    from zcore.site.ui import UiGate  # here: zcore.site.ui imports this package's modules
+
     app = FastAPI(
         title="zcore site API",
         version=ctx.version,
@@ -52,4 +55,5 @@ def create_app(ctx: SiteContext) -> FastAPI:
     ):
         app.include_router(router, prefix=PREFIX)
     app.add_middleware(Gate, ctx=ctx)
+    app.add_middleware(UiGate, ctx=ctx)  # outermost: the browser UI's pages and sessions
     return app

@@ -1,8 +1,10 @@
-"""Routes for VPGs (create, settings, pause, resume, sync, delete, status) and their
+"""Routes for VPGs (create, settings, pause, resume, sync, delete, status; the status of
+all at once, for the browser UI's dashboard) and their
 checkpoints (list, filter, page, bucket, tag)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Response
@@ -22,6 +24,7 @@ from zcore.site.api.routes.common import (
     outs,
     page_response,
 )
+from zcore.site.errors import NotFoundError
 
 NamePath = Annotated[str, Path(max_length=128)]
 Start = Annotated[float | None, Query(description="from this time (seconds, inclusive)")]
@@ -50,6 +53,17 @@ def vpg_router(ctx: SiteContext) -> APIRouter:
     @r.get("/vpgs", summary="Every VPG")
     async def list_vpgs() -> list[m.Vpg]:
         return outs(m.Vpg, await b.list_vpgs())
+
+    @r.get("/status/vpgs", summary="The status of every VPG, by name (one call for a dashboard)")
+    async def list_vpg_statuses() -> list[m.VpgStatus]:
+        async def one(name: str) -> m.VpgStatus | None:
+            try:
+                return out(m.VpgStatus, await b.vpg_status(name))
+            except NotFoundError:  # deleted since it was listed
+                return None
+
+        found = await asyncio.gather(*(one(v.name) for v in await b.list_vpgs()))
+        return sorted((s for s in found if s is not None), key=lambda s: s.name)
 
     @r.post("/vpgs", status_code=202, summary="Create a VPG (a task: its initial sync)")
     async def create_vpg(body: m.VpgCreate, response: Response) -> m.Task:

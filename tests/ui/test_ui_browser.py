@@ -298,7 +298,7 @@ def test_an_operation_the_state_forbids_shows_its_reason(flow: Flow) -> None:
     flow.console.expect("/vpgs/g1/failover/commit", 409)
     page = flow.go(flow.page_b, flow.b, "/vpg/g1/operations")
     text = _run(page, "commit", "Commit")
-    assert "Refused (409" in text and "no failover under way" in text, text
+    assert "Refused (409" in text and "no recovery operation running" in text, text
 
 
 def test_a_failover_to_the_tagged_checkpoint_is_committed(flow: Flow) -> None:

@@ -45,20 +45,23 @@ def tag(ca: httpx.Client, cb: httpx.Client, name: str, vpg: str = "g1") -> int:
     return int(t["id"])
 
 
-def pair(a: SiteProcess, b: SiteProcess) -> dict[str, Any]:
-    """A pairs with B (A learns B's replication address); returns B's peer record."""
+def pair(a: SiteProcess, b: SiteProcess, address: str | None = None) -> dict[str, Any]:
+    """A pairs with B (A learns B's replication address, or `address`: a proxy in front
+    of it); returns B's peer record."""
     ca, cb = a.client(), b.client()
     token = ok(cb.post("/pairing/tokens"))["token"]
-    peer: dict[str, Any] = ok(ca.post("/pairing", json={"address": b.replication,
+    peer: dict[str, Any] = ok(ca.post("/pairing", json={"address": address or b.replication,
                                                         "token": token}))
     return peer
 
 
 def protect(a: SiteProcess, b: SiteProcess, disk: Path, size: int = DISK,
-            settings: dict[str, Any] | None = None) -> tuple[httpx.Client, httpx.Client]:
-    """Pair A with B and protect VM vm1 (one volume, disk0 on `disk`) as VPG g1."""
+            settings: dict[str, Any] | None = None,
+            address: str | None = None) -> tuple[httpx.Client, httpx.Client]:
+    """Pair A with B (at `address`, if given) and protect VM vm1 (one volume, disk0 on
+    `disk`) as VPG g1."""
     ca, cb = a.client(), b.client()
-    beta = pair(a, b)
+    beta = pair(a, b, address)
     if not disk.exists():
         with open(disk, "wb") as f:
             f.truncate(size)

@@ -1,7 +1,8 @@
 """A hypothesis state machine over the recovery operations of two real site services,
 against a plain model of the protected volume: writes, tagged checkpoints, failover test
 start/stop, failover, writes into the failed-over volume, rollback, commit, reverse
-protection, move, failback, and a kill -9 and restart of either site between any two
+protection, move, failback, a kill -9 and restart of either site, and a cut or stall of
+the link between them (the sites reach each other through fault proxies), between any two
 steps.  After every step each checkpoint the model says exists reads back exactly at the
 recovery site, the protected volume reads back as the model says, and after a move or a
 commit nothing acknowledged is missing.
@@ -16,12 +17,14 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 from conftest import require_tool
 from helpers.failover import pair, protect, qemu_io, wait_task
+from helpers.faultproxy import FaultProxy
 from helpers.site import SiteProcess, init_site_dir, ok, wait_for
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -60,8 +63,13 @@ class Operations(RuleBasedStateMachine):
             s.spawn()
         for s in self.sites.values():
             s.wait_ready()
-        protect(self.sites["a"], self.sites["b"], self.tmp / "disk0.img", DISK)
-        pair(self.sites["b"], self.sites["a"])
+        # each site's replication listener behind a proxy the peer reaches it through
+        self.proxies = {
+            name: FaultProxy(("127.0.0.1", int(s.replication.rpartition(":")[2])))
+            for name, s in self.sites.items()}
+        protect(self.sites["a"], self.sites["b"], self.tmp / "disk0.img", DISK,
+                address=self._via("b"))
+        pair(self.sites["b"], self.sites["a"], self._via("a"))
         self.protected = "a"
         self.image = bytearray(DISK)
         self.ckpts: dict[str, bytes] = {}
@@ -72,6 +80,10 @@ class Operations(RuleBasedStateMachine):
         self.tags = 0
 
     # ---- helpers -------------------------------------------------------------------------
+
+    def _via(self, site: str) -> str:
+        proxy = self.proxies[site]
+        return f"{proxy.host}:{proxy.port}"
 
     @property
     def recovery(self) -> str:
@@ -211,6 +223,22 @@ class Operations(RuleBasedStateMachine):
         if self.op is None:
             self.settle()
 
+    @precondition(lambda self: self.op in (None, "test"))
+    @rule(seconds=st.sampled_from([0.5, 2.0, 12.0]), stall=st.booleans())
+    def cut_link(self, seconds: float, stall: bool) -> None:
+        """The link into the recovery site goes down: connections reset and refused, or
+        held (a stall, past the peer timeout at 12 s); writes go on meanwhile."""
+        proxy = self.proxies[self.recovery]
+        if stall:
+            proxy.stall()
+        else:
+            proxy.refuse(True)
+            proxy.reset_all()
+        self.write(block=7, blocks=16, pattern=0x5C)  # acknowledged while the link is down
+        time.sleep(seconds)
+        proxy.heal()
+        self.settle()
+
     # ---- what must hold after every step --------------------------------------------------
 
     @invariant()
@@ -230,6 +258,8 @@ class Operations(RuleBasedStateMachine):
     def teardown(self) -> None:
         for s in self.sites.values():
             s.close()
+        for p in self.proxies.values():
+            p.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

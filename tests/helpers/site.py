@@ -4,6 +4,7 @@ and talks to its REST API with httpx (the admin token from the site's client rec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,21 @@ def init_site_dir(path: Path, name: str) -> str:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+@contextlib.contextmanager
+def two_sites(tmp_path: Path, *b_args: str) -> Iterator[tuple[SiteProcess, SiteProcess]]:
+    """Sites "alpha" (in tmp_path/a) and "beta" (tmp_path/b, serve options `b_args`),
+    started together; both killed at the end."""
+    init_site_dir(tmp_path / "a", "alpha")
+    init_site_dir(tmp_path / "b", "beta")
+    a, b = SiteProcess(tmp_path / "a"), SiteProcess(tmp_path / "b", *b_args)
+    try:
+        a.spawn(), b.spawn()  # both start at once
+        yield a.wait_ready(), b.wait_ready()
+    finally:
+        a.close()
+        b.close()
 
 
 class SiteProcess:

@@ -7,29 +7,22 @@ with the error in its status, the rollback stops the VMs)."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import require_tool
 from helpers.failover import DISK, MiB, protect, qemu_io, tag, wait_task
-from helpers.site import SiteProcess, init_site_dir, ok, wait_for
-
-pytestmark = pytest.mark.skipif(shutil.which("qemu-io") is None, reason="needs qemu-io")
+from helpers.site import SiteProcess, ok, two_sites, wait_for
 
 
 @pytest.fixture
 def sites(tmp_path: Path) -> Iterator[tuple[SiteProcess, SiteProcess]]:
-    init_site_dir(tmp_path / "a", "alpha")
-    init_site_dir(tmp_path / "b", "beta")
-    a, b = SiteProcess(tmp_path / "a"), SiteProcess(tmp_path / "b", "--log-json")
-    try:
-        a.spawn(), b.spawn()
-        yield a.wait_ready(), b.wait_ready()
-    finally:
-        a.close()
-        b.close()
+    require_tool("qemu-io")
+    require_tool("qemu-img")
+    with two_sites(tmp_path, "--log-json") as pair:
+        yield pair
 
 
 def test_failover_commit_rollback_and_a_recovery_site_crash_through_the_api(

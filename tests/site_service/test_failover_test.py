@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers.site import SiteProcess, init_site_dir, ok, wait_for, zcore_cmd
+from helpers.site import SiteProcess, ok, two_sites, wait_for, zcore_cmd
 
 from zcore.adapters import (
     BootPlanError,
@@ -58,15 +58,8 @@ def qemu_io(uri: str, command: str, readonly: bool = False, check: bool = True) 
 
 @pytest.fixture
 def sites(tmp_path: Path) -> Iterator[tuple[SiteProcess, SiteProcess]]:
-    init_site_dir(tmp_path / "a", "alpha")
-    init_site_dir(tmp_path / "b", "beta")
-    a, b = SiteProcess(tmp_path / "a"), SiteProcess(tmp_path / "b")
-    try:
-        a.spawn(), b.spawn()
-        yield a.wait_ready(), b.wait_ready()
-    finally:
-        a.close()
-        b.close()
+    with two_sites(tmp_path) as pair:
+        yield pair
 
 
 def wait_task(client: httpx.Client, task: dict[str, Any], state: str = "succeeded"

@@ -15,22 +15,15 @@ import pytest
 from conftest import require_tool
 from helpers.cli import zcore_cmd
 from helpers.failover import DISK, MiB, pair, protect, qemu_io, tag, wait_task
-from helpers.site import SiteProcess, init_site_dir, ok, wait_for
+from helpers.site import SiteProcess, ok, two_sites, wait_for
 
 
 @pytest.fixture
 def sites(tmp_path: Path) -> Iterator[tuple[SiteProcess, SiteProcess]]:
     require_tool("qemu-io")
     require_tool("qemu-img")
-    init_site_dir(tmp_path / "a", "alpha")
-    init_site_dir(tmp_path / "b", "beta")
-    a, b = SiteProcess(tmp_path / "a"), SiteProcess(tmp_path / "b")
-    try:
-        a.spawn(), b.spawn()
-        yield a.wait_ready(), b.wait_ready()
-    finally:
-        a.close()
-        b.close()
+    with two_sites(tmp_path) as pair:
+        yield pair
 
 
 def vpg(client: httpx.Client) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers.site import SiteProcess, init_site_dir, ok, wait_for, zcore_cmd
+from helpers.site import SiteProcess, init_site_dir, ok, two_sites, wait_for, zcore_cmd
 
 from zcore.site.config import SiteDir, read_client
 
@@ -35,15 +35,8 @@ def qemu_io(uri: str, command: str, readonly: bool = False) -> str:
 
 @pytest.fixture
 def sites(tmp_path: Path) -> Iterator[tuple[SiteProcess, SiteProcess]]:
-    init_site_dir(tmp_path / "a", "alpha")
-    init_site_dir(tmp_path / "b", "beta")
-    a, b = SiteProcess(tmp_path / "a"), SiteProcess(tmp_path / "b", "--log-json")
-    try:
-        a.spawn(), b.spawn()  # both start at once
-        yield a.wait_ready(), b.wait_ready()
-    finally:
-        a.close()
-        b.close()
+    with two_sites(tmp_path, "--log-json") as pair:
+        yield pair
 
 
 def tagged(client: httpx.Client, vpg: str, tag: str) -> list[dict[str, object]]:

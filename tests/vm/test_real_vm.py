@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import require_tool
-from helpers.site import SiteProcess, init_site_dir, ok, wait_for
+from helpers.site import SiteProcess, ok, two_sites, wait_for
 from helpers.vm import VMKit, make_ext4_image, read_ext4_file, vm_kit
 
 from zcore.adapters import QemuAdapter, VMState
@@ -83,15 +83,8 @@ def kit(tmp_path_factory: pytest.TempPathFactory) -> VMKit:
 
 @pytest.fixture
 def sites(tmp_path: Path) -> Iterator[tuple[SiteProcess, SiteProcess]]:
-    init_site_dir(tmp_path / "a", "alpha")
-    init_site_dir(tmp_path / "b", "beta")
-    a, b = SiteProcess(tmp_path / "a"), SiteProcess(tmp_path / "b")
-    try:
-        a.spawn(), b.spawn()
-        yield a.wait_ready(), b.wait_ready()
-    finally:
-        a.close()
-        b.close()
+    with two_sites(tmp_path) as pair:
+        yield pair
 
 
 def wait_task(client: httpx.Client, task: dict[str, Any], budget: Budget) -> dict[str, Any]:

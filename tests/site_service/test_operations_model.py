@@ -169,6 +169,11 @@ class Operations(RuleBasedStateMachine):
         self.task(self.recovery, "/vpgs/g1/failover", {"checkpoint": cid})
         self.op, self.op_tag = "failover", name
         self.overlay = bytearray(self.ckpts[name])
+        # the history before the checkpoint is promoted into the replicas (rollback keeps
+        # the checkpoint and every later one): the older tags are gone
+        names = list(self.ckpts)
+        for older in names[: names.index(name)]:
+            del self.ckpts[older]
 
     @precondition(lambda self: self.op == "failover")
     @rule(block=st.integers(0, DISK // (4 * KiB) - 16), pattern=st.integers(1, 255))
@@ -224,10 +229,12 @@ class Operations(RuleBasedStateMachine):
             self.settle()
 
     @precondition(lambda self: self.op in (None, "test"))
-    @rule(seconds=st.sampled_from([0.5, 2.0, 12.0]), stall=st.booleans())
+    @rule(seconds=st.sampled_from([0.5, 2.0, 12.0] if DEEP else [0.5, 2.0]),
+          stall=st.booleans())
     def cut_link(self, seconds: float, stall: bool) -> None:
         """The link into the recovery site goes down: connections reset and refused, or
-        held (a stall, past the peer timeout at 12 s); writes go on meanwhile."""
+        held (a stall; past the peer timeout at 12 s, in the deep profile); writes go on
+        meanwhile."""
         proxy = self.proxies[self.recovery]
         if stall:
             proxy.stall()
@@ -243,7 +250,7 @@ class Operations(RuleBasedStateMachine):
 
     @invariant()
     def checkpoints_read_back_exactly(self) -> None:
-        for name in sorted(self.ckpts)[-2:]:  # the newest two: every step pays for these
+        for name in list(self.ckpts)[-2:]:  # the newest two: every step pays for these
             compare(self.nbd(self.recovery, f"g1/vm1/disk0@tag:{name}"), self.ckpts[name],
                     self.tmp)
 
@@ -264,5 +271,5 @@ class Operations(RuleBasedStateMachine):
 
 
 Operations.TestCase.settings = settings(
-    max_examples=10 if DEEP else 3, stateful_step_count=16 if DEEP else 8, deadline=None)
+    max_examples=10 if DEEP else 2, stateful_step_count=16 if DEEP else 7, deadline=None)
 test_operations_keep_every_checkpoint_and_every_acknowledged_write = Operations.TestCase

@@ -133,15 +133,6 @@ def collect(repo: Repository, doomed: list[str]) -> int:
     return finish_gc(repo)
 
 
-_hook: Callable[[str], None] | None = None
-"""Tests set this to crash a collection between steps (called with the step's name)."""
-
-
-def _step(name: str) -> None:
-    if _hook is not None:
-        _hook(name)
-
-
 def finish_gc(repo: Repository) -> int:
     """Carry out `gc-plan` from wherever a crash left it; returns the chunks deleted."""
     try:
@@ -156,13 +147,10 @@ def finish_gc(repo: Repository) -> int:
         # a plan is written atomically, so this is damage: deleting nothing is safe
         raise CorruptRecordError(f"gc-plan of the repository is unreadable: {exc}; "
                                  f"remove it to let garbage collection start over") from None
-    _step("plan")
     for n in manifests:
         if fmt.is_backup_name(n):
             repo.store.delete(fmt.manifest_name(n))
-            _step("manifest")
     repo.store.sync()
-    _step("manifests")
     live: set[str] = set()
     for n in repo.backup_names():
         live |= _listed(repo.manifest(n))
@@ -174,11 +162,9 @@ def finish_gc(repo: Repository) -> int:
             continue
         repo.store.delete(name)
         deleted += 1
-        _step("chunk")
     for left in list(repo.store.leftovers()):
         repo.store.remove_leftover(left)
     repo.store.sync()
-    _step("chunks")
     repo.store.delete("gc-plan")
     repo.store.sync()
     repo.write_index()

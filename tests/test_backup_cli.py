@@ -1,0 +1,90 @@
+"""`zcore backup ...` on a journal directory and a repository path: init, run (full then
+incremental), list, show, restore byte-exact, check finding a damaged chunk with the
+backup it affects, prune, and the exit statuses of a wrong passphrase and a lock."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+from helpers.nbd import build_journal
+
+from zcore.backup import format as fmt
+from zcore.cli import main
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    journal, snaps = build_journal(tmp_path / "vm1", sizes=(1 * MiB, 512 * 1024), rounds=2,
+                                   writes=20, promote_first=False)
+    journal.close()
+    monkeypatch.setenv("ZCORE_BACKUP_PASSPHRASE", "pw")
+    runner = CliRunner()
+    repo = str(tmp_path / "repo")
+    r = runner.invoke(main, ["backup", "init", repo, "--chunk-size", "65536"])
+    assert r.exit_code == 0, r.output
+    return runner, repo, tmp_path, snaps
+
+
+def run(runner, *args, code=0):
+    r = runner.invoke(main, ["backup", *map(str, args)])
+    assert r.exit_code == code, r.output
+    return r.output
+
+
+def test_cli_backs_up_lists_shows_restores_and_checks(setup):
+    runner, repo, tmp, snaps = setup
+    j = tmp / "vm1"
+    first = json.loads(run(runner, "run", repo, "--journal", j, "--vpg", "v",
+                           "--checkpoint", snaps[0][0].id, "--json"))
+    second = json.loads(run(runner, "run", repo, "--journal", j, "--vpg", "v", "--json"))
+    assert (first["mode"], second["mode"]) == ("full", "incremental")
+    assert second["checkpoint"] == snaps[1][0].id and second["parent"] == first["backup"]
+    listed = json.loads(run(runner, "list", repo, "--json"))
+    assert [b["backup"] for b in listed] == [first["backup"], second["backup"]]
+    assert "disk0" in run(runner, "show", repo, first["backup"])
+    out = run(runner, "restore", repo, first["backup"], tmp / "out")
+    assert {p.rsplit("/", 1)[1] for p in out.split()} == {"disk0.img", "disk1.img"}
+    for name, data in snaps[0][1].items():
+        assert (tmp / "out" / "vm1" / f"{name}.img").read_bytes() == data
+    assert json.loads(run(runner, "check", repo, "--json"))["ok"]
+
+
+def test_cli_check_names_the_backup_a_damaged_chunk_affects(setup):
+    runner, repo, tmp, _ = setup
+    name = json.loads(run(runner, "run", repo, "--journal", tmp / "vm1", "--json"))["backup"]
+    chunk = next(p for p in (tmp / "repo" / "chunks").rglob("*") if p.is_file())
+    os.chmod(chunk, 0o644)
+    data = bytearray(chunk.read_bytes())
+    data[-3] ^= 1
+    chunk.write_bytes(bytes(data))
+    out = run(runner, "check", repo, code=1)
+    assert f"chunk {chunk.name} damaged: affects {name}" in out
+    run(runner, "restore", repo, name, tmp / "out", code=1)
+    assert not any(p.is_file() for p in (tmp / "out").rglob("*"))
+
+
+def test_cli_wrong_passphrase_and_locked_delete_exit_2(setup, monkeypatch):
+    runner, repo, tmp, _ = setup
+    name = json.loads(run(runner, "run", repo, "--journal", tmp / "vm1", "--retain", "1d",
+                          "--json"))["backup"]
+    assert "locked until" in run(runner, "delete", repo, name, code=2)
+    pruned = json.loads(run(runner, "prune", repo, "--daily", "0", "--weekly", "0",
+                            "--monthly", "0", "--last", "0", "--json"))
+    assert list(pruned["locked"]) == [name] and pruned["deleted"] == []
+    assert (tmp / "repo" / fmt.manifest_name(name)).exists()
+    monkeypatch.setenv("ZCORE_BACKUP_PASSPHRASE", "nope")
+    assert "wrong passphrase" in run(runner, "list", repo, code=2)
+
+
+def test_cli_prune_deletes_what_retention_expires(setup):
+    runner, repo, tmp, snaps = setup
+    for c, _ in snaps:
+        run(runner, "run", repo, "--journal", tmp / "vm1", "--checkpoint", c.id)
+    out = run(runner, "prune", repo, "--daily", "1", "--weekly", "0", "--monthly", "0")
+    assert out.startswith("deleted 1 backups, kept 1")
+    assert len(json.loads(run(runner, "list", repo, "--json"))) == 1

@@ -304,3 +304,26 @@ def test_chunk_size_must_be_a_power_of_two_in_bounds(tmp_path):
         Repository.init(tmp_path / "r", SECRET, chunk_size=CHUNK + 512, scrypt_n=FAST_N)
     with pytest.raises(ConfigError):
         Repository.init(tmp_path / "r2", SECRET, chunk_size=1 << 12, scrypt_n=FAST_N)
+
+
+def test_instant_access_serves_a_backup_over_nbd_byte_exact(tmp_path, built):
+    from conftest import require_tool
+    from helpers.nbd import run as run_tool
+    from helpers.nbd import serving
+
+    from zcore.backup.access import BackupVolume, backup_export
+
+    qemu_img = require_tool("qemu-img")
+    journal, snaps = built
+    repo = new_repo(tmp_path / "repo")
+    vpg = vpg_of(journal)
+    names = [run_backup(repo, vpg, c).name for c, _ in snaps]
+    model = tmp_path / "model.img"
+    model.write_bytes(snaps[1][1]["disk0"])
+    exports = [backup_export(repo, names[1], "vm1", "disk0", "b1")]
+    with serving(exports, tmp_path) as srv:
+        run_tool([qemu_img, "compare", "-f", "raw", "-F", "raw", srv.uri("b1"), str(model)])
+    vol = BackupVolume(repo, names[2], "vm1", "disk1")
+    assert vol.read(100 * 512, 300 * 1024) == snaps[2][1]["disk1"][51200:51200 + 307200]
+    with pytest.raises(ConfigError, match="no volume"):
+        BackupVolume(repo, names[2], "vm1", "disk9")

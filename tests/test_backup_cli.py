@@ -88,3 +88,30 @@ def test_cli_prune_deletes_what_retention_expires(setup):
     out = run(runner, "prune", repo, "--daily", "1", "--weekly", "0", "--monthly", "0")
     assert out.startswith("deleted 1 backups, kept 1")
     assert len(json.loads(run(runner, "list", repo, "--json"))) == 1
+
+
+def test_cli_serve_gives_instant_access_over_nbd(setup):
+    import signal
+    import subprocess
+
+    from conftest import require_tool
+    from helpers.cli import zcore_cmd
+
+    qemu_img = require_tool("qemu-img")
+    runner, repo, tmp, snaps = setup
+    name = json.loads(run(runner, "run", repo, "--journal", tmp / "vm1", "--json"))["backup"]
+    (tmp / "model.img").write_bytes(snaps[-1][1]["disk1"])
+    proc = subprocess.Popen(zcore_cmd("backup", "serve", repo, name, "--port", "0"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "ZCORE_BACKUP_PASSPHRASE": "pw"})
+    try:
+        uris = dict(reversed(line.split("\t")[0].rsplit("/", 1)) for line in
+                    (proc.stdout.readline() for _ in range(2)))
+        uri = f"{uris['vm1-disk1']}/vm1-disk1"
+        done = subprocess.run([qemu_img, "compare", "-f", "raw", "-F", "raw", uri,
+                               str(tmp / "model.img")], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -1,4 +1,4 @@
-"""`zcore backup init|run|list|show|restore|check|prune|delete`: extended-recovery backups
+"""`zcore backup init|run|list|show|restore|serve|check|prune|delete`: extended-recovery backups
 (zcore.backup, docs/format.md 10d) of a recovery VPG into a repository.
 
 Offline tools today: they work directly on a repository path (a directory or a mounted
@@ -290,3 +290,48 @@ def delete(repository: Path, keyfile: Path | None, name: str) -> None:
     from zcore.backup import forget
     n = forget(_open(repository, keyfile), name)
     click.echo(f"deleted {name}, {n} chunks collected")
+
+
+@backup.command()
+@repo_options
+@click.argument("name")
+@click.option("--vm", "vms", multiple=True, help="only this VM's volumes (repeatable)")
+@click.option("--bind", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", type=int, default=10809, show_default=True, help="TCP port (0: any)")
+@errors
+def serve(repository: Path, keyfile: Path | None, name: str, vms: tuple[str, ...],
+          bind: str, port: int) -> None:
+    """Instant access: serve backup NAME's volumes over NBD (read-only, read through the
+    repository) until Ctrl-C or SIGTERM; prints one nbd:// URI per volume."""
+    import asyncio
+
+    from zcore.backup.access import backup_export
+    from zcore.nbd import NBDServer
+
+    repo = _open(repository, keyfile)
+    m = repo.manifest(name)
+    exports = [backup_export(repo, name, vm["name"], v["name"], f"{vm['name']}-{v['name']}")
+               for vm in m["vms"] if not vms or vm["name"] in vms for v in vm["volumes"]]
+    if not exports:
+        click.echo(f"zcore backup: backup {name} has no VM {', '.join(vms)}", err=True)
+        sys.exit(EXIT_USAGE)
+    asyncio.run(_serve(NBDServer(exports), bind, port))
+
+
+async def _serve(server: Any, bind: str, port: int) -> None:
+    import asyncio
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start_tcp(bind, port)
+        for export in server.exports():
+            click.echo(f"{server.uri(export.name)}\t{export.description}")
+        click.echo("serving; Ctrl-C or SIGTERM stops", err=True)
+        sys.stdout.flush()
+        await stop.wait()
+    finally:
+        await server.close()

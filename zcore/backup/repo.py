@@ -145,7 +145,8 @@ class DirectoryStore:
     @contextmanager
     def writer(self) -> Iterator[None]:
         if self._lock_fd >= 0:
-            raise StateError(f"backup repository {self.root} is already locked here")
+            raise StateError(f"backup repository {self.root} is already locked here "
+                             f"(in use by this process)")
         fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -227,6 +227,9 @@ class Repository:
 
 
 def _store(where: str | os.PathLike[str] | ObjectStore, *, create: bool) -> ObjectStore:
+    if isinstance(where, str) and where.startswith("s3://"):
+        from zcore.backup.s3 import S3Store
+        return S3Store.from_url(where)
     if isinstance(where, str | os.PathLike):
         return DirectoryStore(Path(where), create=create)
     return where

@@ -1,9 +1,10 @@
 """`zcore backup init|run|list|show|restore|serve|check|prune|delete`: extended-recovery backups
 (zcore.backup, docs/format.md 10d) of a recovery VPG into a repository.
 
-Offline tools today: they work directly on a repository path (a directory or a mounted
-share) and, for `run`, on a VPG directory (one VM journal per subdirectory, as a recovery
-site lays them out) or one journal directory that no process holds.  The repository's
+Offline tools today: they work directly on a repository (a directory or a mounted share,
+or `s3://bucket/prefix` with the endpoint in $ZCORE_S3_ENDPOINT) and, for `run`, on a VPG
+directory (one VM journal per subdirectory, as a recovery site lays them out) or one
+journal directory that no process holds.  The repository's
 passphrase comes from $ZCORE_BACKUP_PASSPHRASE (or a prompt), or `--keyfile FILE`.
 
 Exit status: 0 done (and `check` found nothing), 1 damage found or refused data, 2 a usage
@@ -34,7 +35,7 @@ PASSPHRASE_ENV = "ZCORE_BACKUP_PASSPHRASE"
 def repo_options(fn: F) -> F:
     fn = click.option("--keyfile", type=click.Path(dir_okay=False, path_type=Path),
                       help="key file of the repository (instead of a passphrase)")(fn)
-    fn = click.argument("repository", type=click.Path(path_type=Path))(fn)
+    fn = click.argument("repository")(fn)  # a path, or s3://bucket/prefix
     return fn
 
 
@@ -66,7 +67,7 @@ def errors(fn: F) -> F:
     return wrapper
 
 
-def _open(repository: Path, keyfile: Path | None) -> Any:
+def _open(repository: str, keyfile: Path | None) -> Any:
     from zcore.backup import Repository
     return Repository.open(repository, _secret(keyfile))
 
@@ -115,7 +116,7 @@ def backup() -> None:
 @click.option("--chunk-size", type=int, default=1 << 20, show_default=True,
               help="bytes per chunk: a power of two from 64 KiB to 16 MiB")
 @errors
-def init(repository: Path, keyfile: Path | None, chunk_size: int) -> None:
+def init(repository: str, keyfile: Path | None, chunk_size: int) -> None:
     """Create a backup repository at REPOSITORY (a directory or a mounted share)."""
     from zcore.backup import Repository
     repo = Repository.init(repository, _secret(keyfile, confirm=True), chunk_size=chunk_size)
@@ -134,7 +135,7 @@ def init(repository: Path, keyfile: Path | None, chunk_size: int) -> None:
 @click.option("--retain", help="retention lock: keep at least this long (e.g. 30d)")
 @json_option
 @errors
-def run(repository: Path, keyfile: Path | None, vpg_dir: Path | None,
+def run(repository: str, keyfile: Path | None, vpg_dir: Path | None,
         journal_dir: Path | None, vpg_name: str | None, checkpoint: int | None, full: bool,
         retain: str | None, as_json: bool) -> None:
     """Back up a VPG at a checkpoint into REPOSITORY."""
@@ -166,7 +167,7 @@ def _info_doc(b: Any) -> dict[str, Any]:
 @click.option("--vpg", "vpg_name", help="only this VPG's backups")
 @json_option
 @errors
-def list_(repository: Path, keyfile: Path | None, vpg_name: str | None,
+def list_(repository: str, keyfile: Path | None, vpg_name: str | None,
           as_json: bool) -> None:
     """List the backups in REPOSITORY, oldest first."""
     repo = _open(repository, keyfile)
@@ -185,7 +186,7 @@ def list_(repository: Path, keyfile: Path | None, vpg_name: str | None,
 @click.argument("name")
 @json_option
 @errors
-def show(repository: Path, keyfile: Path | None, name: str, as_json: bool) -> None:
+def show(repository: str, keyfile: Path | None, name: str, as_json: bool) -> None:
     """Show one backup: its checkpoint, VMs and volumes."""
     m = _open(repository, keyfile).manifest(name)
     vols = [{"vm": vm["name"], "volume": v["name"], "size": v["size"],
@@ -213,7 +214,7 @@ def show(repository: Path, keyfile: Path | None, name: str, as_json: bool) -> No
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--vm", "vms", multiple=True, help="only this VM (repeatable)")
 @errors
-def restore(repository: Path, keyfile: Path | None, name: str, dest: Path,
+def restore(repository: str, keyfile: Path | None, name: str, dest: Path,
             vms: tuple[str, ...]) -> None:
     """Restore backup NAME to volume images DEST/<vm>/<volume>.img (verified)."""
     from zcore.backup import restore as do_restore
@@ -227,7 +228,7 @@ def restore(repository: Path, keyfile: Path | None, name: str, dest: Path,
 @repo_options
 @json_option
 @errors
-def check(repository: Path, keyfile: Path | None, as_json: bool) -> None:
+def check(repository: str, keyfile: Path | None, as_json: bool) -> None:
     """Decrypt and verify every manifest and every chunk they list."""
     from zcore.backup import check as do_check
     r = do_check(_open(repository, keyfile), progress=_progress("check"))
@@ -261,7 +262,7 @@ def check(repository: Path, keyfile: Path | None, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="say what would be deleted")
 @json_option
 @errors
-def prune(repository: Path, keyfile: Path | None, daily: int, weekly: int, monthly: int,
+def prune(repository: str, keyfile: Path | None, daily: int, weekly: int, monthly: int,
           yearly: int, last: int, vpg_name: str | None, dry_run: bool,
           as_json: bool) -> None:
     """Delete the backups GFS retention expires (never a locked one), then collect the
@@ -284,7 +285,7 @@ def prune(repository: Path, keyfile: Path | None, daily: int, weekly: int, month
 @repo_options
 @click.argument("name")
 @errors
-def delete(repository: Path, keyfile: Path | None, name: str) -> None:
+def delete(repository: str, keyfile: Path | None, name: str) -> None:
     """Delete backup NAME (refused while its retention lock holds) and its unshared
     chunks."""
     from zcore.backup import forget
@@ -299,7 +300,7 @@ def delete(repository: Path, keyfile: Path | None, name: str) -> None:
 @click.option("--bind", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--port", type=int, default=10809, show_default=True, help="TCP port (0: any)")
 @errors
-def serve(repository: Path, keyfile: Path | None, name: str, vms: tuple[str, ...],
+def serve(repository: str, keyfile: Path | None, name: str, vms: tuple[str, ...],
           bind: str, port: int) -> None:
     """Instant access: serve backup NAME's volumes over NBD (read-only, read through the
     repository) until Ctrl-C or SIGTERM; prints one nbd:// URI per volume."""

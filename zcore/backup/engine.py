@@ -9,15 +9,17 @@ reuses the parent's ids for every chunk nothing touched.  When the parent's chec
 promoted away the backup reads everything again, storing only chunks the repository lacks
 (mode full-dedup).  Every manifest lists every chunk, so each backup restores alone.
 
-Chunks are sealed and written by a small pool of threads (LZ4, AES-GCM and the writes
-release the GIL) while the caller's thread reads the views and hashes."""
+Each chunk's whole pipeline (view read, hash, LZ4, AES-GCM, write) runs on one of a small
+pool of threads, which release the GIL in the native parts; the caller's thread only
+collects the results in order (see `_Writer`)."""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,47 +70,72 @@ class BackupResult:
 
 
 class _Writer:
-    """Seals and stores new chunks on a thread pool; dedups against the repository."""
+    """Runs each chunk's whole pipeline (read from the view, hash, dedup, seal, store) on a
+    worker thread, results collected in order.  The whole pipeline in one thread, rather
+    than a reader handing chunks to sealers, because a thread that hands off and waits for
+    the GIL again waits out the switch interval (5 ms) behind the sealers' C calls."""
 
     def __init__(self, repo: Repository, stats: BackupStats) -> None:
         self.repo = repo
         self.stats = stats
         self.seen: set[str] = set()
         self.force: set[str] = set()  # ids whose stored copy was found damaged
+        self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="zcore-backup")
-        self._flying: deque[Future[int]] = deque()
         self._zeros: dict[int, bytes] = {}
 
+    def read(self, n: int) -> None:
+        with self._lock:
+            self.stats.read_bytes += n
+
     def add(self, data: bytes | bytearray) -> str | None:
+        """Store `data` as a chunk unless it is zero or already held; its id (worker
+        threads call this)."""
         n = len(data)
         zeros = self._zeros.get(n)
         if zeros is None:
-            zeros = self._zeros[n] = bytes(n)
-        self.stats.chunks += 1
+            zeros = self._zeros.setdefault(n, bytes(n))
         if data == zeros:
-            self.stats.zero_chunks += 1
+            with self._lock:
+                self.stats.chunks += 1
+                self.stats.zero_chunks += 1
             return None
         cid = self.repo.chunk_id(data)
-        if cid in self.seen:
+        with self._lock:
+            self.stats.chunks += 1
+            if cid in self.seen:
+                return cid
+            self.seen.add(cid)
+            forced = cid in self.force
+        if not forced and self.repo.has_chunk(cid):
             return cid
-        self.seen.add(cid)
-        if cid not in self.force and self.repo.has_chunk(cid):
-            return cid
-        while len(self._flying) >= IN_FLIGHT:
-            self.stats.new_bytes += self._flying.popleft().result()
-        self.stats.new_chunks += 1
-        self._flying.append(self._pool.submit(self.repo.put_chunk, cid, bytes(data)))
+        stored = self.repo.put_chunk(cid, data)
+        with self._lock:
+            self.stats.new_chunks += 1
+            self.stats.new_bytes += stored
         return cid
 
-    def finish(self) -> None:
-        while self._flying:
-            self.stats.new_bytes += self._flying.popleft().result()
-        self._pool.shutdown()
+    def run(self, jobs: Iterable[tuple[int, Callable[[], str | None]]],
+            progress: Callable[[int], None]) -> Iterator[tuple[int, str | None]]:
+        """Run (index, job) pairs, IN_FLIGHT at a time; yields (index, result) in order."""
+        flying: deque[tuple[int, Future[str | None]]] = deque()
+        try:
+            for idx, job in jobs:
+                if len(flying) >= IN_FLIGHT:
+                    i, f = flying.popleft()
+                    yield i, f.result()
+                    progress(i)
+                flying.append((idx, self._pool.submit(job)))
+            while flying:
+                i, f = flying.popleft()
+                yield i, f.result()
+                progress(i)
+        finally:
+            for _, f in flying:
+                f.cancel()
 
-    def abandon(self) -> None:
-        for f in self._flying:
-            f.cancel()
-        self._pool.shutdown(wait=True)
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _extents_by_chunk(extents: Iterable[tuple[int, int]], cs: int
@@ -130,27 +157,37 @@ def _backup_volume(repo: Repository, view: View, vol: int, size: int,
                    w: _Writer, progress: Callable[[int], None]) -> list[str | None]:
     cs = repo.chunk_size
     count = -(-size // cs)
+
+    def length(idx: int) -> int:
+        return min(cs, size - idx * cs)
+
+    def whole(idx: int) -> Callable[[], str | None]:
+        def job() -> str | None:
+            buf = bytearray(length(idx))
+            view.read_into(vol, idx * cs, buf)
+            w.read(len(buf))
+            return w.add(buf)
+        return job
+
+    def done(idx: int) -> None:
+        progress(length(idx))
+
     if base is None or changes is None:
-        out: list[str | None] = []
-        buf = bytearray(cs)
-        for idx in range(count):
-            length = min(cs, size - idx * cs)
-            chunk = buf if length == cs else bytearray(length)
-            view.read_into(vol, idx * cs, chunk)
-            w.stats.read_bytes += length
-            out.append(w.add(chunk))
-            progress(length)
-        return out
+        return [cid for _, cid in w.run(((i, whole(i)) for i in range(count)), done)]
     out = list(base)
     touched = _extents_by_chunk(changes, cs)
-    w.stats.chunks += count - len(touched)
-    w.stats.zero_chunks += sum(1 for i, c in enumerate(base) if c is None and i not in touched)
-    for idx in range(count):
-        length = min(cs, size - idx * cs)
-        parts = touched.get(idx)
-        if parts is not None:
-            out[idx] = _patch_chunk(repo, view, vol, idx * cs, length, base[idx], parts, w)
-        progress(length)
+    with w._lock:
+        w.stats.chunks += count - len(touched)
+        w.stats.zero_chunks += sum(1 for i, c in enumerate(base)
+                                   if c is None and i not in touched)
+
+    def patch(idx: int) -> Callable[[], str | None]:
+        return lambda: _patch_chunk(repo, view, vol, idx * cs, length(idx), base[idx],
+                                    touched[idx], w)
+
+    for idx, cid in w.run(((i, patch(i)) for i in sorted(touched)), done):
+        out[idx] = cid
+    progress(sum(length(i) for i in range(count) if i not in touched))
     return out
 
 
@@ -164,15 +201,16 @@ def _patch_chunk(repo: Repository, view: View, vol: int, start: int, length: int
             raise CorruptRecordError(f"chunk {old} has {len(buf)} bytes, not {length}")
     except CorruptRecordError:
         if old is not None:
-            w.force.add(old)
+            with w._lock:
+                w.force.add(old)
         buf = bytearray(length)
         view.read_into(vol, start, buf)
-        w.stats.read_bytes += length
+        w.read(length)
         return w.add(buf)
     mv = memoryview(buf)
     for off, n in parts:
         view.read_into(vol, start + off, mv[off:off + n])
-        w.stats.read_bytes += n
+        w.read(n)
     return w.add(buf)
 
 
@@ -285,10 +323,8 @@ def _read_vms(repo: Repository, vpg: RecoveryVPG, views: Any, ckpt: Checkpoint,
                 vols.append({"id": spec.id, "name": spec.name, "size": spec.size,
                              "chunks": chunks})
             vms.append({"name": vm, "volumes": vols})
-        w.finish()
-    except BaseException:
-        w.abandon()
-        raise
+    finally:
+        w.close()
     return vms, mode
 
 
@@ -333,27 +369,34 @@ def restore(repo: Repository, backup: str, dest: str | os.PathLike[str], *,
 
 
 def _restore_volume(repo: Repository, v: dict[str, Any], cs: int, path: Path) -> None:
+    """Each chunk fetched, verified and written by one worker (see _Writer on why)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    size: int = v["size"]
+
+    def put(idx: int, cid: str) -> None:
+        data = repo.get_chunk(cid)
+        if len(data) != min(cs, size - idx * cs):
+            raise CorruptRecordError(f"chunk {cid} ({idx} of a {size}-byte volume) holds "
+                                     f"{len(data)} bytes")
+        pwrite_all(fd, data, idx * cs)
+
     try:
-        os.ftruncate(fd, v["size"])
+        os.ftruncate(fd, size)
         chunks: list[str | None] = v["chunks"]
-        todo = [(i, c) for i, c in enumerate(chunks) if c is not None]
         with ThreadPoolExecutor(WORKERS, thread_name_prefix="zcore-restore") as pool:
-            flying: deque[tuple[int, Future[bytes]]] = deque()
-            for i, c in todo:
-                if len(flying) >= IN_FLIGHT:
-                    j, f = flying.popleft()
-                    _put(fd, f.result(), j, cs, v["size"])
-                flying.append((i, pool.submit(repo.get_chunk, c)))
-            while flying:
-                j, f = flying.popleft()
-                _put(fd, f.result(), j, cs, v["size"])
+            flying: deque[Future[None]] = deque()
+            try:
+                for i, c in enumerate(chunks):
+                    if c is None:
+                        continue
+                    if len(flying) >= IN_FLIGHT:
+                        flying.popleft().result()
+                    flying.append(pool.submit(put, i, c))
+                while flying:
+                    flying.popleft().result()
+            finally:
+                for f in flying:
+                    f.cancel()
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _put(fd: int, data: bytes, idx: int, cs: int, size: int) -> None:
-    if len(data) != min(cs, size - idx * cs):
-        raise CorruptRecordError(f"chunk {idx} of a {size}-byte volume holds {len(data)} bytes")
-    pwrite_all(fd, data, idx * cs)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
 import httpx
@@ -37,18 +38,30 @@ async def site(tmp_path):
     db.init_site("site-b", "Site B")
     backend = DbSiteBackend(db)
     rvpg = vpg_of(journal, "g")
-    backend.backups = BackupOps(  # type: ignore[attr-defined]
+    backend.backups = ops = BackupOps(  # type: ignore[attr-defined]
         lambda name: rvpg, backend.runner)
+    ops.start(tmp_path)
     app = create_app(SiteContext(db, backend))
     token = db.create_token("admin").secret
     Repository.init(tmp_path / "repo", Secret(passphrase="pw"), chunk_size=1 << 16,
                     scrypt_n=FAST_N)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://site",
                                  headers={"Authorization": f"Bearer {token}"}) as client:
-        yield client, tmp_path, snaps
+        yield client, tmp_path, snaps, ops
+    await ops.stop()
     await backend.runner.close()
     journal.close()
     db.close()
+
+
+class _TaskResponse:
+    """A 202 answer's shape, for a task started by a schedule tick."""
+
+    status_code = 202
+
+    def __init__(self, task_id: str) -> None:
+        self.headers = {"location": f"{V1}/tasks/{task_id}"}
+        self.text = task_id
 
 
 async def finished(client: httpx.AsyncClient, r: httpx.Response) -> dict[str, Any]:
@@ -62,7 +75,7 @@ async def finished(client: httpx.AsyncClient, r: httpx.Response) -> dict[str, An
 
 
 async def test_api_backs_up_lists_shows_restores_and_checks(site):
-    client, tmp, snaps = site
+    client, tmp, snaps, _ = site
     ref = {"repository": str(tmp / "repo"), "passphrase": "pw"}
     t1 = await finished(client, await client.post(
         f"{V1}/vpgs/g/backups", json=ref | {"checkpoint": snaps[0][0].id}))
@@ -84,7 +97,7 @@ async def test_api_backs_up_lists_shows_restores_and_checks(site):
 
 
 async def test_api_check_reports_damage_and_prune_keeps_a_locked_backup(site):
-    client, tmp, snaps = site
+    client, tmp, snaps, _ = site
     ref = {"repository": str(tmp / "repo"), "passphrase": "pw"}
     locked = await finished(client, await client.post(
         f"{V1}/vpgs/g/backups", json=ref | {"checkpoint": snaps[0][0].id, "retain_days": 1}))
@@ -101,8 +114,50 @@ async def test_api_check_reports_damage_and_prune_keeps_a_locked_backup(site):
 
 
 async def test_api_wrong_passphrase_is_a_clear_error(site):
-    client, tmp, _ = site
+    client, tmp, _, _ = site
     r = await client.post(f"{V1}/backups/list",
                           json={"repository": str(tmp / "repo"), "passphrase": "nope"})
     assert r.status_code in (400, 409, 422), r.text
     assert "wrong passphrase" in r.json()["error"]["message"]
+
+
+async def test_api_schedule_backs_up_once_a_day_inside_its_window_and_prunes(site):
+    client, tmp, snaps, ops = site
+    body = {"repository": str(tmp / "repo"), "daily": 1, "weekly": 0, "monthly": 0}
+    os.environ["ZCORE_BACKUP_PASSPHRASE"] = "pw"
+    try:
+        put = await client.put(f"{V1}/vpgs/g/backup-schedule", json=body)
+        assert put.status_code == 200, put.text
+        got = (await client.get(f"{V1}/vpgs/g/backup-schedule")).json()
+        assert got["repository"] == body["repository"] and got["window_hours"] == 24
+        assert "pw" not in (tmp / "backup-schedules.json").read_text()
+        now = time.time()
+        first = await ops.tick(now)
+        assert len(first) == 1
+        task = await finished(client, _TaskResponse(first[0].id))
+        assert task["state"] == "succeeded" and task["result"]["mode"] == "full", task
+        assert await ops.tick(now) == []  # one a day
+        second = await ops.tick(now + 86400)
+        task = await finished(client, _TaskResponse(second[0].id))
+        assert task["result"]["mode"] == "incremental" and len(task["result"]["pruned"]) == 1
+        repo = Repository.open(tmp / "repo", Secret(passphrase="pw"))
+        assert len(repo.backups()) == 1
+        gone = await client.delete(f"{V1}/vpgs/g/backup-schedule")
+        assert gone.status_code == 204
+        assert (await client.get(f"{V1}/vpgs/g/backup-schedule")).status_code == 404
+    finally:
+        del os.environ["ZCORE_BACKUP_PASSPHRASE"]
+
+
+def test_schedule_is_due_once_a_day_inside_its_window():
+    from zcore.backup.schedule import Schedule
+
+    noon = 1_800_000_000 - 1_800_000_000 % 86400 + 12 * 3600  # 12:00 UTC
+    s = Schedule("g", "/r", window_start=22, window_hours=4)  # 22:00-02:00
+    assert not s.in_window(noon) and s.in_window(noon + 11 * 3600)
+    assert s.in_window(noon + 13.5 * 3600) and not s.in_window(noon + 14 * 3600)
+    s = Schedule("g", "/r")
+    assert s.due(None, noon) and not s.due(int(noon * 1e9) - 3600 * 10**9, noon)
+    assert s.due(int((noon - 86400) * 1e9), noon)
+    with pytest.raises(Exception, match="window"):
+        Schedule("g", "/r", window_hours=0)

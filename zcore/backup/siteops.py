@@ -11,6 +11,8 @@ progress is the bytes done so far."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import threading
 import time
@@ -22,14 +24,17 @@ from typing import Any, TypeVar
 from zcore.backup import engine
 from zcore.backup.crypto import Secret
 from zcore.backup.prune import Retention, check, prune
+from zcore.backup.schedule import Schedule, ScheduleBook
 from zcore.backup.store import Repository
-from zcore.errors import ConfigError
+from zcore.errors import ConfigError, StateError, ZcoreError
 from zcore.site.db import TaskRecord
 from zcore.site.recovery_vpg import RecoveryVPG
 from zcore.site.tasks import Progress, TaskRunner
 
 PASSPHRASE_ENV = "ZCORE_BACKUP_PASSPHRASE"
 TICK_S = 0.5  # how often a running backup's progress is written to its task
+SCHEDULE_TICK_S = 60.0  # how often the schedules are looked at (a day's window is hours)
+log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 
@@ -65,11 +70,96 @@ async def _threaded(fn: Callable[[Callable[[int, int], None]], R], progress: Pro
 
 
 class BackupOps:
-    """Backups, restores, checks and prunes of one site, each a task."""
+    """Backups, restores, checks and prunes of one site, each a task; and the site's
+    backup schedules (zcore.backup.schedule), ticked once `start` ran."""
 
     def __init__(self, recovery_vpg: Callable[[str], RecoveryVPG], runner: TaskRunner) -> None:
         self._vpg = recovery_vpg
         self._runner = runner
+        self.book: ScheduleBook | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._scheduled: set[str] = set()  # VPGs whose scheduled backup is running
+        self._repos: dict[tuple[str, str | None], Repository] = {}
+
+    # ---- schedules -----------------------------------------------------------------------
+
+    def start(self, root: str | os.PathLike[str]) -> None:
+        """Load the schedules kept under the site directory `root` and tick them every
+        SCHEDULE_TICK_S (call on the service's event loop)."""
+        self.book = ScheduleBook(root)
+        self._ticker = asyncio.get_running_loop().create_task(self._ticking(),
+                                                              name="zcore-backup-schedules")
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
+
+    def schedules(self) -> ScheduleBook:
+        if self.book is None:
+            raise StateError("backup schedules live in a running site service")
+        return self.book
+
+    async def _ticking(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:  # a bad schedule must not stop the others' next ticks
+                log.exception("backup schedules: tick failed")
+            await asyncio.sleep(SCHEDULE_TICK_S)
+
+    async def tick(self, now: float | None = None) -> list[TaskRecord]:
+        """Start the scheduled backups that are due (each a task: backup, then prune)."""
+        t = time.time() if now is None else now
+        started = []
+        for sched in self.schedules().all():
+            if sched.vpg in self._scheduled or not sched.in_window(t):
+                continue
+            try:
+                rvpg = self._vpg(sched.vpg)
+                repo = await self._repo(sched)
+                infos = await asyncio.to_thread(repo.backups)
+            except ZcoreError as exc:
+                log.warning("backup schedule of %s: %s", sched.vpg, exc)
+                continue
+            mine = [b.time_ns for b in infos if b.vpg == sched.vpg]
+            if sched.due(max(mine) if mine else None, t):
+                started.append(await self._scheduled_run(sched, rvpg, repo))
+        return started
+
+    async def _repo(self, sched: Schedule) -> Repository:
+        key = (sched.repository, sched.keyfile)
+        repo = self._repos.get(key)
+        if repo is None:
+            repo = await asyncio.to_thread(self.open, sched.repository,
+                                           secret_of(sched.keyfile, None))
+            self._repos[key] = repo
+        return repo
+
+    async def _scheduled_run(self, sched: Schedule, rvpg: RecoveryVPG,
+                             repo: Repository) -> TaskRecord:
+        until = time.time() + sched.retain_days * 86400.0 if sched.retain_days else 0.0
+        self._scheduled.add(sched.vpg)
+
+        async def task(progress: Progress) -> dict[str, Any]:
+            r = await _threaded(lambda p: engine.run_backup(
+                repo, rvpg, retain_until=until, progress=p), progress,
+                f"scheduled backup of VPG {sched.vpg}")
+            pruned = await asyncio.to_thread(prune, repo, sched.retention(), vpg=sched.vpg)
+            return {"backup": r.name, "mode": r.mode, "checkpoint": r.checkpoint.id,
+                    **asdict(r.stats), "pruned": pruned.deleted,
+                    "chunks_deleted": pruned.chunks_deleted}
+
+        def settle(ok: bool) -> None:
+            self._scheduled.discard(sched.vpg)
+
+        return await self._runner.submit("backup_scheduled", task, vpg=sched.vpg,
+                                         message=f"scheduled backup of {sched.vpg}",
+                                         settle=settle)
+
+    # ---- one-off operations --------------------------------------------------------------
 
     @staticmethod
     def open(repository: str, secret: Secret) -> Repository:

@@ -122,7 +122,7 @@ async def test_api_wrong_passphrase_is_a_clear_error(site):
 
 
 async def test_api_schedule_backs_up_once_a_day_inside_its_window_and_prunes(site):
-    client, tmp, snaps, ops = site
+    client, tmp, _, ops = site
     body = {"repository": str(tmp / "repo"), "daily": 1, "weekly": 0, "monthly": 0}
     os.environ["ZCORE_BACKUP_PASSPHRASE"] = "pw"
     try:

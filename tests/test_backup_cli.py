@@ -115,3 +115,88 @@ def test_cli_serve_gives_instant_access_over_nbd(setup):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+# ---- zcore backup site ...: through a site's REST API ------------------------------------
+
+
+@pytest.fixture
+def api_site(tmp_path, monkeypatch):
+    """A site API served by uvicorn in a thread (over the database-backed test double with
+    BackupOps on one recovery VPG), and the journal's snapshots."""
+    import asyncio
+    import socket
+    import threading
+
+    import uvicorn
+    from helpers.backup import FAST_N, vpg_of
+
+    from zcore.backup import Repository, Secret
+    from zcore.backup.schedule import ScheduleBook
+    from zcore.backup.siteops import BackupOps
+    from zcore.site.api import DbSiteBackend, SiteContext, create_app
+    from zcore.site.db import SiteDB
+
+    journal, snaps = build_journal(tmp_path / "vm1", sizes=(1 * MiB,), rounds=2, writes=20,
+                                   promote_first=False)
+    Repository.init(tmp_path / "repo", Secret(passphrase="pw"), chunk_size=1 << 16,
+                    scrypt_n=FAST_N)
+    db = SiteDB.open(f"sqlite:///{tmp_path / 'site.db'}")
+    token = db.bootstrap("site-b", "Site B").secret
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    made = {}
+    ready = threading.Event()
+
+    async def serve():
+        backend = DbSiteBackend(db)
+        backend.backups = BackupOps(lambda name: vpg_of(journal, "g"), backend.runner)
+        backend.backups.book = ScheduleBook(tmp_path)
+        made["server"] = uvicorn.Server(uvicorn.Config(
+            create_app(SiteContext(db, backend)), log_level="warning", lifespan="off"))
+        ready.set()
+        await made["server"].serve(sockets=[sock])
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    for _ in range(200):
+        if made["server"].started:
+            break
+        threading.Event().wait(0.05)
+    monkeypatch.setenv("ZCORE_SITE", f"http://127.0.0.1:{sock.getsockname()[1]}")
+    monkeypatch.setenv("ZCORE_TOKEN", token)
+    monkeypatch.setenv("ZCORE_BACKUP_PASSPHRASE", "pw")
+    yield tmp_path, snaps
+    made["server"].should_exit = True
+    thread.join(10)
+    db.close()
+    journal.close()
+
+
+def test_cli_site_runs_lists_restores_checks_prunes_and_schedules(api_site):
+    tmp, snaps = api_site
+    runner = CliRunner()
+    repo = str(tmp / "repo")
+    first = json.loads(run(runner, "site", "run", "g", repo, "--checkpoint", snaps[0][0].id,
+                           "--json"))
+    assert first["state"] == "succeeded" and first["result"]["mode"] == "full", first
+    second = json.loads(run(runner, "site", "run", "g", repo, "--json"))
+    assert second["result"]["mode"] == "incremental"
+    listed = json.loads(run(runner, "site", "list", repo, "--json"))
+    assert [b["backup"] for b in listed] == [first["result"]["backup"],
+                                             second["result"]["backup"]]
+    assert "disk0" in run(runner, "site", "show", repo, listed[0]["backup"])
+    restored = json.loads(run(runner, "site", "restore", repo, listed[0]["backup"],
+                              str(tmp / "out"), "--json"))
+    assert restored["state"] == "succeeded", restored
+    assert (tmp / "out" / "vm1" / "disk0.img").read_bytes() == snaps[0][1]["disk0"]
+    assert json.loads(run(runner, "site", "check", repo, "--json"))["result"]["ok"]
+    pruned = json.loads(run(runner, "site", "prune", repo, "--daily", "0", "--weekly", "0",
+                            "--monthly", "0", "--json"))
+    assert pruned["result"]["deleted"] == [listed[0]["backup"]]
+    shown = json.loads(run(runner, "site", "schedule", "g", repo, "--window", "22-4",
+                           "--json"))
+    assert (shown["window_start"], shown["window_hours"]) == (22, 6)
+    assert "window_start" in run(runner, "site", "schedule", "g")
+    assert "stopped" in run(runner, "site", "schedule", "g", "--delete")

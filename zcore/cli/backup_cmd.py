@@ -7,6 +7,9 @@ directory (one VM journal per subdirectory, as a recovery site lays them out) or
 journal directory that no process holds.  The repository's
 passphrase comes from $ZCORE_BACKUP_PASSPHRASE (or a prompt), or `--keyfile FILE`.
 
+`zcore backup site ...` (zcore.cli.backup_site_cmd) does the same through a running site
+service's REST API.
+
 Exit status: 0 done (and `check` found nothing), 1 damage found or refused data, 2 a usage
 error (no repository, wrong key, a retention lock, the repository in use)."""
 
@@ -26,6 +29,7 @@ from typing import Any
 import click
 
 from zcore.cli import output as o
+from zcore.cli.backup_site_cmd import backup_site
 
 F = Callable[..., Any]
 EXIT_DAMAGE, EXIT_USAGE = 1, 2
@@ -111,16 +115,24 @@ def backup() -> None:
     encrypted checkpoints kept for up to a year."""
 
 
+backup.add_command(backup_site)
+
+
 @backup.command()
 @repo_options
 @click.option("--chunk-size", type=int, default=1 << 20, show_default=True,
               help="bytes per chunk: a power of two from 64 KiB to 16 MiB")
+@json_option
 @errors
-def init(repository: str, keyfile: Path | None, chunk_size: int) -> None:
-    """Create a backup repository at REPOSITORY (a directory or a mounted share)."""
+def init(repository: str, keyfile: Path | None, chunk_size: int, as_json: bool) -> None:
+    """Create a backup repository at REPOSITORY (a directory, a mounted share, or
+    s3://bucket/prefix)."""
     from zcore.backup import Repository
     repo = Repository.init(repository, _secret(keyfile, confirm=True), chunk_size=chunk_size)
-    click.echo(f"repository {repo.repo_id} created at {repository}")
+    if as_json:
+        click.echo(json.dumps({"repo_id": repo.repo_id, "repository": repository}))
+    else:
+        click.echo(f"repository {repo.repo_id} created at {repository}")
 
 
 @backup.command()
@@ -213,13 +225,17 @@ def show(repository: str, keyfile: Path | None, name: str, as_json: bool) -> Non
 @click.argument("name")
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--vm", "vms", multiple=True, help="only this VM (repeatable)")
+@json_option
 @errors
 def restore(repository: str, keyfile: Path | None, name: str, dest: Path,
-            vms: tuple[str, ...]) -> None:
+            vms: tuple[str, ...], as_json: bool) -> None:
     """Restore backup NAME to volume images DEST/<vm>/<volume>.img (verified)."""
     from zcore.backup import restore as do_restore
     paths = do_restore(_open(repository, keyfile), name, dest, vms=vms or None,
                        progress=_progress("restore"))
+    if as_json:
+        click.echo(json.dumps({"backup": name, "images": [str(p) for p in paths]}))
+        return
     for p in paths:
         click.echo(str(p))
 
@@ -252,10 +268,14 @@ def check(repository: str, keyfile: Path | None, as_json: bool) -> None:
 
 @backup.command()
 @repo_options
-@click.option("--daily", type=int, default=7, show_default=True)
-@click.option("--weekly", type=int, default=4, show_default=True)
-@click.option("--monthly", type=int, default=12, show_default=True)
-@click.option("--yearly", type=int, default=0, show_default=True)
+@click.option("--daily", type=int, default=7, show_default=True,
+              help="keep the newest backup of each of the last N days")
+@click.option("--weekly", type=int, default=4, show_default=True,
+              help="keep the newest backup of each of the last N ISO weeks")
+@click.option("--monthly", type=int, default=12, show_default=True,
+              help="keep the newest backup of each of the last N months")
+@click.option("--yearly", type=int, default=0, show_default=True,
+              help="keep the newest backup of each of the last N years")
 @click.option("--last", type=int, default=1, show_default=True,
               help="also keep the newest N backups of each VPG")
 @click.option("--vpg", "vpg_name", help="only this VPG's backups")
@@ -284,13 +304,17 @@ def prune(repository: str, keyfile: Path | None, daily: int, weekly: int, monthl
 @backup.command()
 @repo_options
 @click.argument("name")
+@json_option
 @errors
-def delete(repository: str, keyfile: Path | None, name: str) -> None:
+def delete(repository: str, keyfile: Path | None, name: str, as_json: bool) -> None:
     """Delete backup NAME (refused while its retention lock holds) and its unshared
     chunks."""
     from zcore.backup import forget
     n = forget(_open(repository, keyfile), name)
-    click.echo(f"deleted {name}, {n} chunks collected")
+    if as_json:
+        click.echo(json.dumps({"deleted": name, "chunks_deleted": n}))
+    else:
+        click.echo(f"deleted {name}, {n} chunks collected")
 
 
 @backup.command()
@@ -299,9 +323,10 @@ def delete(repository: str, keyfile: Path | None, name: str) -> None:
 @click.option("--vm", "vms", multiple=True, help="only this VM's volumes (repeatable)")
 @click.option("--bind", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--port", type=int, default=10809, show_default=True, help="TCP port (0: any)")
+@json_option
 @errors
 def serve(repository: str, keyfile: Path | None, name: str, vms: tuple[str, ...],
-          bind: str, port: int) -> None:
+          bind: str, port: int, as_json: bool) -> None:
     """Instant access: serve backup NAME's volumes over NBD (read-only, read through the
     repository) until Ctrl-C or SIGTERM; prints one nbd:// URI per volume."""
     import asyncio
@@ -316,10 +341,10 @@ def serve(repository: str, keyfile: Path | None, name: str, vms: tuple[str, ...]
     if not exports:
         click.echo(f"zcore backup: backup {name} has no VM {', '.join(vms)}", err=True)
         sys.exit(EXIT_USAGE)
-    asyncio.run(_serve(NBDServer(exports), bind, port))
+    asyncio.run(_serve(NBDServer(exports), bind, port, as_json))
 
 
-async def _serve(server: Any, bind: str, port: int) -> None:
+async def _serve(server: Any, bind: str, port: int, as_json: bool) -> None:
     import asyncio
     import signal
 
@@ -330,7 +355,11 @@ async def _serve(server: Any, bind: str, port: int) -> None:
     try:
         await server.start_tcp(bind, port)
         for export in server.exports():
-            click.echo(f"{server.uri(export.name)}\t{export.description}")
+            if as_json:
+                click.echo(json.dumps({"uri": server.uri(export.name),
+                                       "description": export.description}))
+            else:
+                click.echo(f"{server.uri(export.name)}\t{export.description}")
         click.echo("serving; Ctrl-C or SIGTERM stops", err=True)
         sys.stdout.flush()
         await stop.wait()

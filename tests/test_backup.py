@@ -327,3 +327,18 @@ def test_instant_access_serves_a_backup_over_nbd_byte_exact(tmp_path, built):
     assert vol.read(100 * 512, 300 * 1024) == snaps[2][1]["disk1"][51200:51200 + 307200]
     with pytest.raises(ConfigError, match="no volume"):
         BackupVolume(repo, names[2], "vm1", "disk9")
+
+
+def test_gc_plan_naming_a_locked_manifest_keeps_it_and_its_chunks(tmp_path, built):
+    journal, snaps = built
+    repo = new_repo(tmp_path / "repo")
+    vpg = vpg_of(journal)
+    locked = run_backup(repo, vpg, snaps[0][0], retain_until=time.time() + 3600).name
+    other = run_backup(repo, vpg, snaps[1][0]).name
+    from zcore.backup.prune import collect
+    with repo.writer():
+        collect(repo, [locked, other])  # as a plan made before a clock was set back
+    assert repo.backup_names() == [locked]
+    assert not repo.store.exists("gc-plan")
+    assert check(repo).ok
+    assert images(restore(repo, locked, tmp_path / "out")) == snaps[0][1]

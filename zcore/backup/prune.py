@@ -149,7 +149,10 @@ def finish_gc(repo: Repository) -> int:
                                  f"remove it to let garbage collection start over") from None
     for n in manifests:
         if fmt.is_backup_name(n):
-            repo.store.delete(fmt.manifest_name(n))
+            try:
+                repo.store.delete(fmt.manifest_name(n))
+            except RetentionLockError:  # locked after all (a clock set back): it stays,
+                continue  # and so do its chunks, as it is among the manifests read below
     repo.store.sync()
     live: set[str] = set()
     for n in repo.backup_names():

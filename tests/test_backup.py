@@ -342,3 +342,18 @@ def test_gc_plan_naming_a_locked_manifest_keeps_it_and_its_chunks(tmp_path, buil
     assert not repo.store.exists("gc-plan")
     assert check(repo).ok
     assert images(restore(repo, locked, tmp_path / "out")) == snaps[0][1]
+
+
+def test_backup_of_another_journal_with_the_same_checkpoint_ids_is_no_incremental(tmp_path):
+    a, snaps_a = build_journal(tmp_path / "a", sizes=(1 * MiB,), rounds=2, writes=10, seed=1,
+                               promote_first=False)
+    b, snaps_b = build_journal(tmp_path / "b", sizes=(1 * MiB,), rounds=2, writes=10, seed=2,
+                               promote_first=False)
+    assert snaps_a[0][0].id == snaps_b[0][0].id  # same seqs, other writes
+    repo = new_repo(tmp_path / "repo")
+    run_backup(repo, vpg_of(a), snaps_a[0][0])
+    again = run_backup(repo, vpg_of(b), snaps_b[1][0])  # the "same" VPG, recreated
+    assert again.mode == BackupMode.FULL_DEDUP
+    assert images(restore(repo, again.name, tmp_path / "out")) == snaps_b[1][1]
+    a.close()
+    b.close()

@@ -245,12 +245,14 @@ def _changes(journal: Journal, parent: dict[str, Any] | None, ckpt: Checkpoint,
         return None
 
 
-def _parent_chunks(parent: dict[str, Any] | None, vm: str, vol: int, size: int,
-                   cs: int) -> list[str | None] | None:
+def _parent_chunks(parent: dict[str, Any] | None, vm: str, journal_id: str, vol: int,
+                   size: int, cs: int) -> list[str | None] | None:
+    """The parent's chunk list of the volume, when the parent read the same journal (its
+    checkpoint ids mean the same writes) with the same volume size and chunk size."""
     if parent is None or parent["chunk_size"] != cs:
         return None
     for v in parent["vms"]:
-        if v["name"] == vm:
+        if v["name"] == vm and v.get("journal_id") == journal_id:
             for x in v["volumes"]:
                 if x["id"] == vol and x["size"] == size:
                     return list(x["chunks"])
@@ -313,16 +315,17 @@ def _read_vms(repo: Repository, vpg: RecoveryVPG, views: Any, ckpt: Checkpoint,
     try:
         for vm in vpg.vms:
             journal, view = journals[vm], views[vm]
+            jid = journal.journal_id.hex()
             vols = []
             for spec in sorted(journal.volumes.values(), key=lambda s: s.id):
-                old = _parent_chunks(base, vm, spec.id, spec.size, repo.chunk_size)
+                old = _parent_chunks(base, vm, jid, spec.id, spec.size, repo.chunk_size)
                 changes = _changes(journal, base, ckpt, spec.id) if old is not None else None
                 if base is not None and changes is None:
                     mode = BackupMode.FULL_DEDUP
                 chunks = _backup_volume(repo, view, spec.id, spec.size, old, changes, w, step)
                 vols.append({"id": spec.id, "name": spec.name, "size": spec.size,
                              "chunks": chunks})
-            vms.append({"name": vm, "volumes": vols})
+            vms.append({"name": vm, "journal_id": jid, "volumes": vols})
     finally:
         w.close()
     return vms, mode

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from zcore.backup import format as fmt
-from zcore.backup.errors import RetentionLockError
+from zcore.backup.errors import ChunkMissingError, RetentionLockError
 from zcore.backup.store import BackupInfo, Repository
 from zcore.errors import ConfigError, CorruptRecordError
 
@@ -222,9 +222,7 @@ def check(repo: Repository, *, progress: Callable[[int, int], None] | None = Non
         try:
             repo.get_chunk(cid)
         except CorruptRecordError as exc:
-            bucket = report.missing if "missing" in type(exc).__name__.lower() \
-                else report.damaged
-            bucket[cid] = who
+            (report.missing if isinstance(exc, ChunkMissingError) else report.damaged)[cid] = who
         report.chunks += 1
         if progress is not None:
             progress(i + 1, total)

@@ -201,7 +201,10 @@ class Repository:
         names = self.backup_names()
         index = self.read_index()
         if index is not None and sorted(index) == names:
-            return [BackupInfo(n, **index[n]) for n in names]
+            try:
+                return [BackupInfo(n, **index[n]) for n in names]
+            except TypeError:  # summaries of another shape: read the manifests
+                pass
         return [BackupInfo.from_manifest(self.manifest(n)) for n in names]
 
     def read_index(self) -> dict[str, dict[str, Any]] | None:

@@ -92,7 +92,14 @@ class DirectoryStore:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        self._dirty.add(path.parent)
+        self._touch(path.parent)
+
+    def _touch(self, d: Path) -> None:
+        """Mark `d` and its parents up to the root for `sync`: a directory made by `put`
+        is durable only once its parent is synced too."""
+        while d not in self._dirty and d != self.root and self.root in d.parents:
+            self._dirty.add(d)
+            d = d.parent
 
     def get(self, name: str) -> bytes:
         return self._path(name).read_bytes()
@@ -119,7 +126,7 @@ class DirectoryStore:
             path.unlink()
         except FileNotFoundError:
             return
-        self._dirty.add(path.parent)
+        self._touch(path.parent)
 
     def lock(self, name: str, until: float) -> None:
         path = self._path(name)
@@ -173,7 +180,7 @@ class DirectoryStore:
     def remove_leftover(self, name: str) -> None:
         path = self._path(name)
         path.unlink(missing_ok=True)
-        self._dirty.add(path.parent)
+        self._touch(path.parent)
 
 
 def _when(t: float) -> str:

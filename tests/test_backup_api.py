@@ -161,3 +161,19 @@ def test_schedule_is_due_once_a_day_inside_its_window():
     assert s.due(int((noon - 86400) * 1e9), noon)
     with pytest.raises(Exception, match="window"):
         Schedule("g", "/r", window_hours=0)
+
+
+async def test_damaged_schedules_file_is_refused_not_read_as_empty(tmp_path):
+    from zcore.backup.schedule import SCHEDULES_NAME
+    from zcore.errors import StateError
+    from zcore.site.tasks import TaskRunner
+
+    (tmp_path / SCHEDULES_NAME).write_text('{"meta": {}, "crc32c": 1}')
+    db = SiteDB.open(f"sqlite:///{tmp_path / 'site.db'}")
+    ops = BackupOps(lambda name: None, TaskRunner(db))  # type: ignore[arg-type,return-value]
+    ops.start(tmp_path)
+    with pytest.raises(StateError, match="checksum"):
+        ops.schedules()
+    assert (tmp_path / SCHEDULES_NAME).read_text() == '{"meta": {}, "crc32c": 1}'
+    await ops.stop()
+    db.close()

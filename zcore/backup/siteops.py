@@ -26,7 +26,7 @@ from zcore.backup.crypto import Secret
 from zcore.backup.prune import Retention, check, prune
 from zcore.backup.schedule import Schedule, ScheduleBook
 from zcore.backup.store import Repository
-from zcore.errors import ConfigError, StateError, ZcoreError
+from zcore.errors import ConfigError, CorruptRecordError, StateError, ZcoreError
 from zcore.site.db import TaskRecord
 from zcore.site.recovery_vpg import RecoveryVPG
 from zcore.site.tasks import Progress, TaskRunner
@@ -80,13 +80,19 @@ class BackupOps:
         self._ticker: asyncio.Task[None] | None = None
         self._scheduled: set[str] = set()  # VPGs whose scheduled backup is running
         self._repos: dict[tuple[str, str | None], Repository] = {}
+        self._book_error = "backup schedules live in a running site service"
 
     # ---- schedules -----------------------------------------------------------------------
 
     def start(self, root: str | os.PathLike[str]) -> None:
         """Load the schedules kept under the site directory `root` and tick them every
         SCHEDULE_TICK_S (call on the service's event loop)."""
-        self.book = ScheduleBook(root)
+        try:
+            self.book = ScheduleBook(root)
+        except CorruptRecordError as exc:  # damage is never read as "no schedules"
+            log.error("backup schedules not loaded: %s", exc)
+            self._book_error = f"{exc}; fix or remove the file, then restart the site"
+            return
         self._ticker = asyncio.get_running_loop().create_task(self._ticking(),
                                                               name="zcore-backup-schedules")
 
@@ -99,7 +105,7 @@ class BackupOps:
 
     def schedules(self) -> ScheduleBook:
         if self.book is None:
-            raise StateError("backup schedules live in a running site service")
+            raise StateError(self._book_error)
         return self.book
 
     async def _ticking(self) -> None:

@@ -1,12 +1,15 @@
 """The backup repository against a model (zcore.backup): backups at random checkpoints of
 a journal fed random writes, promotions that take parents' checkpoints away, GFS prunes,
-retention locks, and crashes of backups and garbage collections after any store
-operation; after every step `check` passes, the repository holds exactly the backups the
-model kept (less those an interrupted prune was allowed to delete), and every kept backup
-restores byte-exact to the model's image at its checkpoint."""
+retention locks, crashes of backups and garbage collections after any store operation,
+and bit flips in stored chunks; after every step `check` reports exactly the damaged
+chunks still listed (with the backups listing them) and nothing missing, the repository
+holds exactly the backups the model kept (less those an interrupted prune was allowed to
+delete), every kept backup restores byte-exact to the model's image at its checkpoint, and
+one listing a damaged chunk refuses to restore, leaving nothing."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -28,7 +31,9 @@ from zcore.backup import (
     restore,
     run_backup,
 )
+from zcore.backup import format as fmt
 from zcore.backup.prune import select_kept
+from zcore.errors import CorruptRecordError
 from zcore.journal import Journal, VolumeSpec
 
 SIZES = (320 * 1024, 200 * 1024)  # five and a bit 64 KiB chunks, the last one short
@@ -47,6 +52,7 @@ class BackupMachine(RuleBasedStateMachine):
         new_repo(self.repo_path)
         self.kept: dict[str, tuple[int, float]] = {}  # backup -> (checkpoint id, locked to)
         self.doomed: set[str] = set()  # what an interrupted prune may still delete
+        self.damaged: set[str] = set()  # chunks whose stored bytes were damaged
         self.restores = 0
 
     def teardown(self) -> None:
@@ -159,9 +165,34 @@ class BackupMachine(RuleBasedStateMachine):
         name = data.draw(st.sampled_from(sorted(self.kept)))
         out = self.dir / f"restore-{self.restores}"
         self.restores += 1
-        paths = restore(self.repo(), name, out)
+        repo = self.repo()
+        if _listed(repo, name) & self.damaged:
+            with pytest.raises(CorruptRecordError):
+                restore(repo, name, out)
+            assert not any(p.is_file() for p in out.rglob("*"))  # nothing from damage
+            event("restore refused: damaged chunk")
+            return
+        paths = restore(repo, name, out)
         assert {p.stem: p.read_bytes() for p in paths} == self.snaps[self.kept[name][0]]
         shutil.rmtree(out)
+
+    @rule(data=st.data(), at=st.integers(0, 1 << 20))
+    def damage_chunk(self, data: st.DataObject, at: int) -> None:
+        """Flip one bit of a stored chunk (its retain-until kept)."""
+        chunks = sorted(self.repo().chunk_ids())
+        if not chunks:
+            return
+        cid = data.draw(st.sampled_from(chunks))
+        path = self.repo_path / fmt.chunk_name(cid)
+        st_ = path.stat()
+        os.chmod(path, 0o644)
+        raw = bytearray(path.read_bytes())
+        raw[at % len(raw)] ^= 1 << (at % 8)
+        path.write_bytes(bytes(raw))
+        os.utime(path, (st_.st_atime, st_.st_mtime))
+        os.chmod(path, 0o444)
+        self.damaged.add(cid)
+        event("chunk damaged")
 
     # ---- always --------------------------------------------------------------------------
 
@@ -170,11 +201,32 @@ class BackupMachine(RuleBasedStateMachine):
         if not hasattr(self, "repo_path"):
             return
         repo = self.repo()
+        # a damaged chunk heals only by being rewritten whole (an incremental whose parent
+        # chunk failed to read reads it from the journal) or leaves with garbage collection
+        present = set(repo.chunk_ids())
+        self.damaged = {c for c in self.damaged if c in present and _fails(repo, c)}
         report = check(repo)
-        assert report.ok, (report.damaged, report.missing, report.bad_manifests)
+        listed = {c for n in repo.backup_names() for c in _listed(repo, n)}
+        assert set(report.damaged) == self.damaged & listed, (report.damaged, self.damaged)
+        for cid, users in report.damaged.items():
+            assert users == sorted(n for n in repo.backup_names() if cid in _listed(repo, n))
+        assert not report.missing and not report.bad_manifests
         names = set(repo.backup_names())
         assert names <= set(self.kept)
         assert set(self.kept) - names <= self.doomed
+
+
+def _listed(repo: Repository, name: str) -> set[str]:
+    m = repo.manifest(name)
+    return {c for vm in m["vms"] for v in vm["volumes"] for c in v["chunks"] if c}
+
+
+def _fails(repo: Repository, cid: str) -> bool:
+    try:
+        repo.get_chunk(cid)
+    except CorruptRecordError:
+        return True
+    return False
 
 
 TestBackupModel = BackupMachine.TestCase

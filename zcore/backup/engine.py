@@ -109,7 +109,7 @@ class _Writer:
             forced = cid in self.force
         if not forced and self.repo.has_chunk(cid):
             return cid
-        stored = self.repo.put_chunk(cid, data)
+        stored = self.repo.put_chunk(cid, data, replace=forced)
         with self._lock:
             self.stats.new_chunks += 1
             self.stats.new_bytes += stored

@@ -163,7 +163,10 @@ def finish_gc(repo: Repository) -> int:
         name = fmt.chunk_name(cid)
         if cid in live or not fmt.is_chunk_id(cid) or repo.store.retain_until(name) > now:
             continue
-        repo.store.delete(name)
+        try:
+            repo.store.delete(name)
+        except RetentionLockError:  # an older locked version (S3) still holds it
+            continue
         deleted += 1
     for left in list(repo.store.leftovers()):
         repo.store.remove_leftover(left)

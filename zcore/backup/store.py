@@ -142,11 +142,16 @@ class Repository:
     def has_chunk(self, chunk_id: str) -> bool:
         return self.store.exists(fmt.chunk_name(chunk_id))
 
-    def put_chunk(self, chunk_id: str, data: bytes | bytearray | memoryview) -> int:
-        """Seal and store chunk `chunk_id` (the id of `data`); returns the bytes stored."""
+    def put_chunk(self, chunk_id: str, data: bytes | bytearray | memoryview, *,
+                  replace: bool = False) -> int:
+        """Seal and store chunk `chunk_id` (the id of `data`); returns the bytes stored.
+        `replace`: a damaged copy is being rewritten; its retain-until carries over."""
         name = fmt.chunk_name(chunk_id)
         sealed = fmt.seal(self.keys.aead, fmt.CHUNK_MAGIC, name, data)
+        until = self.store.retain_until(name) if replace else 0.0
         self.store.put(name, sealed)
+        if until:
+            self.store.lock(name, until)
         return len(sealed)
 
     def get_chunk(self, chunk_id: str) -> bytes:

@@ -77,6 +77,7 @@ def _ops(ctx: SiteContext) -> Any:
 
 
 def backup_router(ctx: SiteContext) -> APIRouter:
+    # long only by its nested handlers (one per route), as every routes module builds them
     from zcore.backup.prune import Retention
     from zcore.backup.schedule import Schedule
     from zcore.backup.siteops import secret_of

@@ -200,3 +200,53 @@ def test_cli_site_runs_lists_restores_checks_prunes_and_schedules(api_site):
     assert (shown["window_start"], shown["window_hours"]) == (22, 6)
     assert "window_start" in run(runner, "site", "schedule", "g")
     assert "stopped" in run(runner, "site", "schedule", "g", "--delete")
+
+
+def test_cli_files_lists_and_extracts_from_an_ext4_volume_in_a_backup(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    from conftest import require_tool
+
+    from zcore.backup.files import list_files, view_image
+    from zcore.journal import Journal, VolumeSpec
+
+    mkfs = require_tool("mkfs.ext4")
+    require_tool("debugfs")
+    src = tmp_path / "src"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / "motd").write_text("eleven months ago\n")
+    (src / "notes.txt").write_text("x" * 5000)
+    image = tmp_path / "disk0.img"
+    with open(image, "wb") as f:
+        f.truncate(16 * MiB)
+    subprocess.run([mkfs, "-F", "-q", "-d", str(src), str(image)], check=True)
+    j = Journal.create(tmp_path / "vm1", [VolumeSpec(0, "disk0", 16 * MiB)], vm="vm1",
+                       replica_files={0: image})
+    j.append([(0, 15 * MiB, b"\1" * 4096)])  # past the file system's data, as a guest would
+    c = j.checkpoint("fs")
+    j.commit()
+    with j.view(c) as view, view_image(view, "disk0") as copy:  # from a journal checkpoint
+        assert {e.name for e in list_files(copy, "/")} >= {"etc", "notes.txt", "lost+found"}
+    j.close()
+    monkeypatch.setenv("ZCORE_BACKUP_PASSPHRASE", "pw")
+    runner = CliRunner()
+    repo = str(tmp_path / "repo")
+    run(runner, "init", repo, "--chunk-size", "65536")
+    name = json.loads(run(runner, "run", repo, "--journal", tmp_path / "vm1", "--json"))[
+        "backup"]
+    listed = json.loads(run(runner, "files", repo, name, "vm1", "disk0", "/", "--json"))
+    sizes = {e["name"]: e["size"] for e in listed}
+    assert sizes["notes.txt"] == 5000 and "etc" in sizes
+    (tmp_path / "got").mkdir()
+    run(runner, "files", repo, name, "vm1", "disk0", "/etc/motd", "--extract",
+        tmp_path / "got")
+    assert (tmp_path / "got" / "motd").read_text() == "eleven months ago\n"
+    run(runner, "files", repo, name, "vm1", "disk0", "/etc", "--extract", tmp_path / "got2",
+        code=2)  # no such directory to extract into
+    (tmp_path / "got2").mkdir()
+    run(runner, "files", repo, name, "vm1", "disk0", "/etc", "--extract", tmp_path / "got2")
+    assert (tmp_path / "got2" / "etc" / "motd").exists()
+    assert "not found" in run(runner, "files", repo, name, "vm1", "disk0", "/nope",
+                                      "--extract", tmp_path / "got2", code=2)
+    shutil.rmtree(tmp_path / "got2")

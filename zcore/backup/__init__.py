@@ -7,11 +7,21 @@ The public face of the package; the parts, in data-path order:
     store     the repository: config, chunks, manifests, index, the writers' lock
     engine    backups from journal views (full, incremental, full-dedup) and restores
     prune     GFS retention, crash-safe garbage collection, check
+    access    instant access: a backup's volume as an NBD export
+    files     file-level restore through debugfs (zcore.backup.files)
+    s3, schedule, siteops   S3 store; schedules; the site service's tasks
     errors    WrongKeyError, ChunkDamagedError, ChunkMissingError, RetentionLockError
 """
 
 from zcore.backup.crypto import Secret, new_keyfile
-from zcore.backup.engine import BackupMode, BackupResult, BackupStats, restore, run_backup
+from zcore.backup.engine import (
+    BackupMode,
+    BackupResult,
+    BackupStats,
+    restore,
+    restore_volume,
+    run_backup,
+)
 from zcore.backup.errors import (
     ChunkDamagedError,
     ChunkMissingError,
@@ -27,5 +37,6 @@ __all__ = [
     "DEFAULT_CHUNK", "REPO_VERSION", "BackupInfo", "BackupMode", "BackupResult",
     "BackupStats", "CheckReport", "ChunkDamagedError", "ChunkMissingError", "DirectoryStore",
     "ObjectStore", "PruneResult", "Repository", "Retention", "RetentionLockError", "Secret",
-    "WrongKeyError", "check", "forget", "new_keyfile", "prune", "restore", "run_backup",
+    "WrongKeyError", "check", "forget", "new_keyfile", "prune", "restore", "restore_volume",
+    "run_backup",
 ]

@@ -371,6 +371,29 @@ def restore(repo: Repository, backup: str, dest: str | os.PathLike[str], *,
     return [final for _, final in partials]
 
 
+def restore_volume(repo: Repository, backup: str, vm: str, volume: str,
+                   path: str | os.PathLike[str]) -> Path:
+    """Restore one volume of `backup` to the image file `path` (which must not exist),
+    verified; written as `.partial` and renamed when complete, removed on any error."""
+    m = repo.manifest(backup)
+    found = [v for x in m["vms"] if x["name"] == vm for v in x["volumes"]
+             if v["name"] == volume]
+    if not found:
+        raise ConfigError(f"backup {backup} has no volume {volume!r} of VM {vm!r}")
+    final = Path(path)
+    if final.exists():
+        raise ConfigError(f"{final} already exists")
+    part = final.with_name(final.name + ".partial")
+    try:
+        _restore_volume(repo, found[0], m["chunk_size"], part)
+        os.replace(part, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return final
+
+
 def _restore_volume(repo: Repository, v: dict[str, Any], cs: int, path: Path) -> None:
     """Each chunk fetched, verified and written by one worker (see _Writer on why)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

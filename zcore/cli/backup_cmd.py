@@ -1,4 +1,4 @@
-"""`zcore backup init|run|list|show|restore|serve|check|prune|delete`: extended-recovery backups
+"""`zcore backup init|run|list|show|restore|serve|files|check|prune|delete`: backups
 (zcore.backup, docs/format.md 10d) of a recovery VPG into a repository.
 
 Offline tools today: they work directly on a repository (a directory or a mounted share,
@@ -365,3 +365,33 @@ async def _serve(server: Any, bind: str, port: int, as_json: bool) -> None:
         await stop.wait()
     finally:
         await server.close()
+
+
+@backup.command()
+@repo_options
+@click.argument("name")
+@click.argument("vm")
+@click.argument("volume")
+@click.argument("path", default="/")
+@click.option("--extract", "dest", type=click.Path(file_okay=False, path_type=Path),
+              help="copy PATH (a file or a directory) into this directory instead")
+@json_option
+@errors
+def files(repository: str, keyfile: Path | None, name: str, vm: str, volume: str, path: str,
+          dest: Path | None, as_json: bool) -> None:
+    """File-level restore: list directory PATH of an ext4 VOLUME of VM in backup NAME, or
+    --extract it (through debugfs on a temporary image: no mount needed)."""
+    from zcore.backup.files import backup_image, extract, list_files
+    repo = _open(repository, keyfile)
+    with backup_image(repo, name, vm, volume) as image:
+        if dest is not None:
+            written = extract(image, path, dest)
+            click.echo(json.dumps({"extracted": str(written)}) if as_json else str(written))
+            return
+        entries = list_files(image, path)
+    if as_json:
+        click.echo(json.dumps([asdict(e) for e in entries], indent=2))
+        return
+    o.table(f"{path} in {name}", ["name", "type", "mode", "uid", "gid", "size"],
+            [(e.name, "dir" if e.is_dir else "file", f"{e.mode & 0o7777:o}", e.uid, e.gid,
+              e.size) for e in entries])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import click
 
 from zcore.cli.activity_cmd import alerts, events, tasks
+from zcore.cli.backup_cmd import backup
 from zcore.cli.checkpoint_cmd import checkpoint
 from zcore.cli.demo_cmd import demo
 from zcore.cli.failover_cmd import failover
@@ -40,7 +41,7 @@ main.add_command(journal)
 main.add_command(nbd)
 add_client_commands(site)  # site status|pair|pairing-token, beside site init|serve
 for _group in (site, vm, vpg, checkpoint, test, failover, move, reverse, failback, events,
-               alerts, tasks):
+               alerts, tasks, backup):
     main.add_command(_group)
 
 __all__ = ["main"]

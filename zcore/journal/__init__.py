@@ -11,6 +11,7 @@ Sits at the end of the data path.  This package is its public face; the parts:
     committer     group commit and its thread
     catalogue     the checkpoint catalogue and its filters
     readthrough   views, reads as of a seq, the LZ4 cache
+    changes       changed extents between two checkpoints (incremental backups)
     retention     retention and promotion
     history       history retention of a group of journals: rounds, targets, events
     replica       replica block sums (replica-NNNN.sum), written by promotion, read checks

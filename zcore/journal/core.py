@@ -30,6 +30,7 @@ from zcore.errors import ClosedError, ConfigError, DurabilityError, status_error
 from zcore.fsutil import fsync_dir, pwrite_all
 from zcore.journal import adopt, indexfile, segments
 from zcore.journal.catalogue import CatalogueMixin
+from zcore.journal.changes import ChangesMixin
 from zcore.journal.committer import CommitterMixin
 from zcore.journal.damage import inexact
 from zcore.journal.discard import DiscardMixin
@@ -61,8 +62,8 @@ from zcore.journal.settings import (
 from zcore.records import Checkpoint
 
 
-class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ReadThroughMixin, RetentionMixin,
-              ManifestMixin, ScrubMixin, DiscardMixin):
+class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ChangesMixin, ReadThroughMixin,
+              RetentionMixin, ManifestMixin, ScrubMixin, DiscardMixin):
     """One VM's journal.  Thread-safe; one process opens it at a time (flock)."""
 
     def __init__(self, path: Path, meta: dict[str, Any], lock_fd: int) -> None:

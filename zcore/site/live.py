@@ -20,6 +20,7 @@ import shutil
 import time
 from typing import Any
 
+from zcore.backup.siteops import BackupOps
 from zcore.errors import ConfigError, StateError, ZcoreError
 from zcore.records import Checkpoint
 from zcore.recovery.states import OperationStates
@@ -73,6 +74,7 @@ class LiveSiteBackend(DbSiteBackend):
         self.states = OperationStates()  # the one operation table of this site's VPGs
         self.failovers = FailoverOps(db, runtime, self.runner, self.states)
         self.reverse = ReverseOps(self, self.failovers)
+        self.backups = BackupOps(runtime.recovery_vpg, self.runner)  # issue 13
 
     # -- sites and pairing -----------------------------------------------------------------
 

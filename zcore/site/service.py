@@ -221,6 +221,7 @@ class SiteService:
         self.scheduler = Scheduler(db, rt)
         self.scheduler.operations = ops
         self.scheduler.start()
+        self.backend.backups.start(self.site.root)  # backup schedules (issue 13)
         app = create_app(SiteContext(db, self.backend, ops))
         install_metrics(app, rt, self.scheduler)
         tls = not is_loopback(opts.api_host)
@@ -307,6 +308,8 @@ class SiteService:
         started = time.monotonic()
         if self.scheduler is not None:
             await self.scheduler.stop()
+        if self.backend is not None:
+            await self.backend.backups.stop()
         if self.runner is not None:
             await self.runner.close()
         if self.operations is not None:

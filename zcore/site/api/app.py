@@ -17,6 +17,7 @@ from zcore.site.api.backend import SiteContext
 from zcore.site.api.errors import install_error_handlers
 from zcore.site.api.routes import (
     activity_router,
+    backup_router,
     failover_router,
     health_router,
     inventory_router,
@@ -52,6 +53,7 @@ def create_app(ctx: SiteContext) -> FastAPI:
         operations_router(ctx),
         failover_router(ctx),
         activity_router(ctx),
+        backup_router(ctx),
     ):
         app.include_router(router, prefix=PREFIX)
     app.add_middleware(Gate, ctx=ctx)

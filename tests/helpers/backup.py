@@ -1,0 +1,63 @@
+"""Test helpers of the backup tests: a one-VM recovery VPG over a journal, a repository
+with cheap key derivation, an object store that crashes after N operations."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+from zcore.backup import DirectoryStore, Repository, Secret
+from zcore.journal import Journal
+from zcore.site.recovery_vpg import RecoveryVPG
+
+SECRET = Secret(passphrase="correct horse battery staple")
+CHUNK = 1 << 16  # the smallest chunk size, so small volumes span many chunks
+FAST_N = 1 << 10  # scrypt's smallest accepted cost: the tests open many repositories
+
+
+def vpg_of(journal: Journal, name: str = "vpg1", vm: str = "vm1") -> RecoveryVPG:
+    return RecoveryVPG(name, {vm: journal})
+
+
+def new_repo(path: Path, secret: Secret = SECRET) -> Repository:
+    return Repository.init(path, secret, chunk_size=CHUNK, scrypt_n=FAST_N)
+
+
+class Crash(Exception):
+    """The simulated death of the process at one store operation."""
+
+
+class CrashingStore(DirectoryStore):
+    """A directory store whose `after`-th put, delete or lock (counting from 1) completes
+    and then raises Crash, as a process killed right after that operation; None: never.
+    Every operation before it is complete and durable, as each is in a DirectoryStore."""
+
+    def __init__(self, root: Path, after: int | None = None) -> None:
+        super().__init__(root)
+        self.after = after
+        self.ops = 0
+
+    def _tick(self) -> None:
+        self.ops += 1
+        if self.after is not None and self.ops == self.after:
+            self.sync()
+            raise Crash(f"crash after operation {self.ops}")
+
+    def put(self, name: str, data: bytes) -> None:
+        super().put(name, data)
+        self._tick()
+
+    def delete(self, name: str) -> None:
+        super().delete(name)
+        self._tick()
+
+    def lock(self, name: str, until: float) -> None:
+        super().lock(name, until)
+        self._tick()
+
+    def writer(self) -> AbstractContextManager[None]:
+        return super().writer()
+
+    def names(self) -> Iterator[str]:
+        return self.list("")

@@ -1,0 +1,244 @@
+"""Backups as site-service tasks (issue 13): what the REST routes of
+zcore.site.api.routes.backup call.  Sits over zcore.backup's engine and prune and under the
+API; the live site service holds one `BackupOps` over its recovery VPGs and task runner.
+
+Repositories are named by their path at the recovery site (a directory or a mounted
+share).  Their secret is the key file a request names (a path at the site), a passphrase
+in the request (used for that request only: never stored, logged or returned), or the
+site process's $ZCORE_BACKUP_PASSPHRASE.  The work runs on a worker thread; the task's
+progress is the bytes done so far."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TypeVar
+
+from zcore.backup import engine
+from zcore.backup.crypto import Secret
+from zcore.backup.prune import Retention, check, prune
+from zcore.backup.schedule import Schedule, ScheduleBook
+from zcore.backup.store import Repository
+from zcore.errors import ConfigError, CorruptRecordError, StateError, ZcoreError
+from zcore.site.db import TaskRecord
+from zcore.site.recovery_vpg import RecoveryVPG
+from zcore.site.tasks import Progress, TaskRunner
+
+PASSPHRASE_ENV = "ZCORE_BACKUP_PASSPHRASE"
+TICK_S = 0.5  # how often a running backup's progress is written to its task
+SCHEDULE_TICK_S = 60.0  # how often the schedules are looked at (a day's window is hours)
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+
+def secret_of(keyfile: str | None, passphrase: str | None) -> Secret:
+    if keyfile is not None and passphrase is not None:
+        raise ConfigError("give a key file or a passphrase, not both")
+    if keyfile is not None:
+        return Secret(keyfile=Path(keyfile))
+    phrase = passphrase if passphrase is not None else os.environ.get(PASSPHRASE_ENV)
+    if phrase is None:
+        raise ConfigError(f"the repository needs its passphrase (in the request, or the "
+                          f"site's ${PASSPHRASE_ENV}) or a key file")
+    return Secret(passphrase=phrase)
+
+
+async def _threaded(fn: Callable[[Callable[[int, int], None]], R], progress: Progress,
+                    message: str) -> R:
+    """Run `fn(progress_callback)` on a worker thread, copying its progress to the task."""
+    state = [0.0]
+    lock = threading.Lock()
+
+    def report(done: int, total: int) -> None:
+        with lock:
+            state[0] = done / total if total else 1.0
+
+    job = asyncio.ensure_future(asyncio.to_thread(fn, report))
+    while not job.done():
+        await asyncio.wait([job], timeout=TICK_S)
+        with lock:
+            fraction = state[0]
+        await progress(fraction, message)
+    return job.result()
+
+
+class BackupOps:
+    """Backups, restores, checks and prunes of one site, each a task; and the site's
+    backup schedules (zcore.backup.schedule), ticked once `start` ran."""
+
+    def __init__(self, recovery_vpg: Callable[[str], RecoveryVPG], runner: TaskRunner) -> None:
+        self._vpg = recovery_vpg
+        self._runner = runner
+        self.book: ScheduleBook | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._scheduled: set[str] = set()  # VPGs whose scheduled backup is running
+        self._repos: dict[tuple[str, str | None], Repository] = {}
+        self._book_error = "backup schedules live in a running site service"
+
+    # ---- schedules -----------------------------------------------------------------------
+
+    def start(self, root: str | os.PathLike[str]) -> None:
+        """Load the schedules kept under the site directory `root` and tick them every
+        SCHEDULE_TICK_S (call on the service's event loop)."""
+        try:
+            self.book = ScheduleBook(root)
+        except CorruptRecordError as exc:  # damage is never read as "no schedules"
+            log.error("backup schedules not loaded: %s", exc)
+            self._book_error = f"{exc}; fix or remove the file, then restart the site"
+            return
+        self._ticker = asyncio.get_running_loop().create_task(self._ticking(),
+                                                              name="zcore-backup-schedules")
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
+
+    def schedules(self) -> ScheduleBook:
+        if self.book is None:
+            raise StateError(self._book_error)
+        return self.book
+
+    async def _ticking(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:  # a bad schedule must not stop the others' next ticks
+                log.exception("backup schedules: tick failed")
+            await asyncio.sleep(SCHEDULE_TICK_S)
+
+    async def tick(self, now: float | None = None) -> list[TaskRecord]:
+        """Start the scheduled backups that are due (each a task: backup, then prune)."""
+        t = time.time() if now is None else now
+        started = []
+        for sched in self.schedules().all():
+            if sched.vpg in self._scheduled or not sched.in_window(t):
+                continue
+            try:
+                rvpg = self._vpg(sched.vpg)
+                repo = await self._repo(sched)
+                infos = await asyncio.to_thread(repo.backups)
+            except ZcoreError as exc:
+                log.warning("backup schedule of %s: %s", sched.vpg, exc)
+                continue
+            mine = [b.time_ns for b in infos if b.vpg == sched.vpg]
+            if sched.due(max(mine) if mine else None, t):
+                started.append(await self._scheduled_run(sched, rvpg, repo))
+        return started
+
+    async def _repo(self, sched: Schedule) -> Repository:
+        key = (sched.repository, sched.keyfile)
+        repo = self._repos.get(key)
+        if repo is None:
+            repo = await asyncio.to_thread(self.open, sched.repository,
+                                           secret_of(sched.keyfile, None))
+            self._repos[key] = repo
+        return repo
+
+    async def _scheduled_run(self, sched: Schedule, rvpg: RecoveryVPG,
+                             repo: Repository) -> TaskRecord:
+        until = time.time() + sched.retain_days * 86400.0 if sched.retain_days else 0.0
+        self._scheduled.add(sched.vpg)
+
+        async def task(progress: Progress) -> dict[str, Any]:
+            r = await _threaded(lambda p: engine.run_backup(
+                repo, rvpg, retain_until=until, progress=p), progress,
+                f"scheduled backup of VPG {sched.vpg}")
+            pruned = await asyncio.to_thread(prune, repo, sched.retention(), vpg=sched.vpg)
+            return {"backup": r.name, "mode": r.mode, "checkpoint": r.checkpoint.id,
+                    **asdict(r.stats), "pruned": pruned.deleted,
+                    "chunks_deleted": pruned.chunks_deleted}
+
+        def settle(ok: bool) -> None:
+            self._scheduled.discard(sched.vpg)
+
+        return await self._runner.submit("backup_scheduled", task, vpg=sched.vpg,
+                                         message=f"scheduled backup of {sched.vpg}",
+                                         settle=settle)
+
+    # ---- one-off operations --------------------------------------------------------------
+
+    @staticmethod
+    def open(repository: str, secret: Secret) -> Repository:
+        return Repository.open(repository, secret)
+
+    async def run(self, vpg: str, repository: str, secret: Secret, *,
+                  checkpoint: int | None = None, full: bool = False,
+                  retain_days: float = 0.0) -> TaskRecord:
+        rvpg = self._vpg(vpg)  # refused now, not in the task, when there is no such VPG
+        repo = await asyncio.to_thread(self.open, repository, secret)
+        until = time.time() + retain_days * 86400.0 if retain_days > 0 else 0.0
+
+        async def task(progress: Progress) -> dict[str, Any]:
+            r = await _threaded(lambda p: engine.run_backup(
+                repo, rvpg, checkpoint, full=full, retain_until=until, progress=p),
+                progress, f"backing up VPG {vpg}")
+            return {"backup": r.name, "mode": r.mode, "checkpoint": r.checkpoint.id,
+                    "parent": r.parent, "retain_until": until, "seconds": r.seconds,
+                    **asdict(r.stats)}
+
+        return await self._runner.submit("backup_run", task, vpg=vpg,
+                                         message=f"backup of {vpg} to {repository}")
+
+    async def restore(self, repository: str, secret: Secret, backup: str, dest: str,
+                      vms: list[str] | None) -> TaskRecord:
+        repo = await asyncio.to_thread(self.open, repository, secret)
+        m = await asyncio.to_thread(repo.manifest, backup)
+
+        async def task(progress: Progress) -> dict[str, Any]:
+            paths = await _threaded(lambda p: engine.restore(repo, backup, dest, vms=vms,
+                                                             progress=p),
+                                    progress, f"restoring {backup}")
+            return {"backup": backup, "images": [str(p) for p in paths]}
+
+        return await self._runner.submit("backup_restore", task, vpg=m["vpg"],
+                                         message=f"restore of {backup} to {dest}")
+
+    async def check(self, repository: str, secret: Secret) -> TaskRecord:
+        repo = await asyncio.to_thread(self.open, repository, secret)
+
+        async def task(progress: Progress) -> dict[str, Any]:
+            r = await _threaded(lambda p: check(repo, progress=p), progress,
+                                f"checking {repository}")
+            return asdict(r) | {"ok": r.ok, "affected": r.affected()}
+
+        return await self._runner.submit("backup_check", task,
+                                         message=f"check of {repository}")
+
+    async def prune(self, repository: str, secret: Secret, policy: Retention,
+                    vpg: str | None, dry_run: bool) -> TaskRecord:
+        repo = await asyncio.to_thread(self.open, repository, secret)
+
+        async def task(progress: Progress) -> dict[str, Any]:
+            r = await asyncio.to_thread(prune, repo, policy, vpg=vpg, dry_run=dry_run)
+            return asdict(r)
+
+        return await self._runner.submit("backup_prune", task, vpg=vpg,
+                                         message=f"prune of {repository}")
+
+    async def list(self, repository: str, secret: Secret,
+                   vpg: str | None) -> list[dict[str, Any]]:
+        repo = await asyncio.to_thread(self.open, repository, secret)
+        infos = await asyncio.to_thread(repo.backups)
+        return [{"backup": b.name, **b.summary()} for b in infos
+                if vpg is None or b.vpg == vpg]
+
+    async def show(self, repository: str, secret: Secret, backup: str) -> dict[str, Any]:
+        repo = await asyncio.to_thread(self.open, repository, secret)
+        m = await asyncio.to_thread(repo.manifest, backup)
+        return {k: m[k] for k in ("backup", "vpg", "checkpoint", "time_ns", "retain_until",
+                                  "parent", "mode", "stats")} | {
+            "vms": [{"name": vm["name"], "volumes": [
+                {"id": v["id"], "name": v["name"], "size": v["size"],
+                 "chunks": len(v["chunks"]),
+                 "zero_chunks": sum(1 for c in v["chunks"] if c is None)}
+                for v in vm["volumes"]]} for vm in m["vms"]]}

@@ -1,0 +1,206 @@
+"""`zcore backup site run|list|show|restore|check|prune|schedule`: the same backups through
+a running site service's REST API (zcore.site.api.routes.backup), as tasks with a progress
+bar.  The repository is a path at the site; its secret is `--keyfile` (a path at the site)
+or this shell's $ZCORE_BACKUP_PASSPHRASE, sent in the request and never stored (none: the
+site's own $ZCORE_BACKUP_PASSPHRASE).  Sits over zcore.cli.client and zcore.cli.output."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import quote
+
+import click
+
+from zcore.cli import output as o
+from zcore.cli.client import Client, print_json, site_options
+from zcore.cli.vpg_cmd import wait_option
+
+PASSPHRASE_ENV = "ZCORE_BACKUP_PASSPHRASE"
+
+
+def _ref(repository: str, keyfile: str | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"repository": repository}
+    if keyfile is not None:
+        body["keyfile"] = keyfile
+    elif os.environ.get(PASSPHRASE_ENV) is not None:
+        body["passphrase"] = os.environ[PASSPHRASE_ENV]
+    return body
+
+
+def _q(name: str) -> str:
+    return quote(name, safe="")
+
+
+def _result(task: dict[str, Any]) -> None:
+    result = task.get("result") or {}
+    o.fields(f"task {task['id']} {task['state']}", sorted(result.items()))
+
+
+keyfile_option = click.option("--keyfile", help="the repository's key file (a path at the site)")
+
+
+@click.group("site")
+def backup_site() -> None:
+    """Backups through a running site service (its REST API)."""
+
+
+@backup_site.command("run")
+@click.argument("vpg")
+@click.argument("repository")
+@keyfile_option
+@click.option("--checkpoint", type=int, help="checkpoint id (default: the newest usable)")
+@click.option("--full", is_flag=True, help="read everything (no incremental)")
+@click.option("--retain", type=o.parse_duration, help="retention lock (e.g. 90d)")
+@wait_option
+@site_options
+def site_run(client: Client, as_json: bool, vpg: str, repository: str, keyfile: str | None,
+             checkpoint: int | None, full: bool, retain: float | None, wait: bool) -> None:
+    """Back up recovery VPG VPG into REPOSITORY (a task)."""
+    body = _ref(repository, keyfile) | {"full": full,
+                                        "retain_days": (retain or 0.0) / 86400.0}
+    if checkpoint is not None:
+        body["checkpoint"] = checkpoint
+    task = client.post(f"/vpgs/{_q(vpg)}/backups", body)
+    o.finish_task(client, task, wait, as_json, _result)
+
+
+@backup_site.command("list")
+@click.argument("repository")
+@keyfile_option
+@click.option("--vpg", help="only this VPG's backups")
+@site_options
+def site_list(client: Client, as_json: bool, repository: str, keyfile: str | None,
+              vpg: str | None) -> None:
+    """The backups in REPOSITORY, oldest first."""
+    path = "/backups/list" + (f"?vpg={_q(vpg)}" if vpg else "")
+    found = client.post(path, _ref(repository, keyfile))
+    if as_json:
+        print_json(found)
+        return
+    o.table("backups", ["backup", "vpg", "checkpoint", "checkpoint time", "mode",
+                        "locked until"],
+            [(b["backup"], b["vpg"], b["checkpoint"]["id"],
+              o.when_ns(b["checkpoint"]["time_ns"]), b["mode"],
+              o.when(b["retain_until"]) if b["retain_until"] else None) for b in found])
+
+
+@backup_site.command("show")
+@click.argument("repository")
+@click.argument("name")
+@keyfile_option
+@site_options
+def site_show(client: Client, as_json: bool, repository: str, name: str,
+              keyfile: str | None) -> None:
+    """One backup: checkpoint, VMs, volumes."""
+    m = client.post(f"/backups/{_q(name)}/show", _ref(repository, keyfile))
+    if as_json:
+        print_json(m)
+        return
+    o.fields(f"backup {name}", [("vpg", m["vpg"]), ("checkpoint", m["checkpoint"]["id"]),
+                                ("mode", m["mode"]), ("parent", m["parent"])])
+    o.table("volumes", ["vm", "volume", "size", "chunks", "zero chunks"],
+            [(vm["name"], v["name"], o.size(v["size"]), v["chunks"], v["zero_chunks"])
+             for vm in m["vms"] for v in vm["volumes"]])
+
+
+@backup_site.command("restore")
+@click.argument("repository")
+@click.argument("name")
+@click.argument("dest")
+@keyfile_option
+@click.option("--vm", "vms", multiple=True, help="only this VM (repeatable)")
+@wait_option
+@site_options
+def site_restore(client: Client, as_json: bool, repository: str, name: str, dest: str,
+                 keyfile: str | None, vms: tuple[str, ...], wait: bool) -> None:
+    """Restore backup NAME to images under DEST at the site (a task)."""
+    body = _ref(repository, keyfile) | {"dest": dest, "vms": list(vms) or None}
+    o.finish_task(client, client.post(f"/backups/{_q(name)}/restore", body), wait, as_json,
+                  _result)
+
+
+@backup_site.command("check")
+@click.argument("repository")
+@keyfile_option
+@wait_option
+@site_options
+def site_check(client: Client, as_json: bool, repository: str, keyfile: str | None,
+               wait: bool) -> None:
+    """Verify every manifest and chunk of REPOSITORY at the site (a task)."""
+    o.finish_task(client, client.post("/backups/check", _ref(repository, keyfile)), wait,
+                  as_json, _result)
+
+
+@backup_site.command("prune")
+@click.argument("repository")
+@keyfile_option
+@click.option("--daily", type=int, default=7, show_default=True,
+              help="keep the newest backup of each of the last N days")
+@click.option("--weekly", type=int, default=4, show_default=True,
+              help="keep the newest backup of each of the last N ISO weeks")
+@click.option("--monthly", type=int, default=12, show_default=True,
+              help="keep the newest backup of each of the last N months")
+@click.option("--yearly", type=int, default=0, show_default=True,
+              help="keep the newest backup of each of the last N years")
+@click.option("--last", type=int, default=1, show_default=True,
+              help="also keep the newest N backups of each VPG")
+@click.option("--vpg", help="only this VPG's backups")
+@click.option("--dry-run", is_flag=True, help="say what would be deleted")
+@wait_option
+@site_options
+def site_prune(client: Client, as_json: bool, repository: str, keyfile: str | None,
+               daily: int, weekly: int, monthly: int, yearly: int, last: int,
+               vpg: str | None, dry_run: bool, wait: bool) -> None:
+    """GFS retention and garbage collection of REPOSITORY at the site (a task)."""
+    body = _ref(repository, keyfile) | {"daily": daily, "weekly": weekly, "monthly": monthly,
+                                        "yearly": yearly, "last": last, "vpg": vpg,
+                                        "dry_run": dry_run}
+    o.finish_task(client, client.post("/backups/prune", body), wait, as_json, _result)
+
+
+@backup_site.command("schedule")
+@click.argument("vpg")
+@click.argument("repository", required=False)
+@click.option("--keyfile", help="key file at the site (else the site's "
+              "$ZCORE_BACKUP_PASSPHRASE)")
+@click.option("--window", default="0-24", show_default=True,
+              help="run window, UTC hours START-END (e.g. 22-4)")
+@click.option("--daily", type=int, default=7, show_default=True,
+              help="keep the newest backup of each of the last N days")
+@click.option("--weekly", type=int, default=4, show_default=True,
+              help="keep the newest backup of each of the last N ISO weeks")
+@click.option("--monthly", type=int, default=12, show_default=True,
+              help="keep the newest backup of each of the last N months")
+@click.option("--yearly", type=int, default=0, show_default=True,
+              help="keep the newest backup of each of the last N years")
+@click.option("--retain", type=o.parse_duration, help="retention lock of each backup")
+@click.option("--delete", "remove", is_flag=True, help="stop the VPG's scheduled backups")
+@site_options
+def site_schedule(client: Client, as_json: bool, vpg: str, repository: str | None,
+                  keyfile: str | None, window: str, daily: int, weekly: int, monthly: int,
+                  yearly: int, retain: float | None, remove: bool) -> None:
+    """Show (no REPOSITORY), set or --delete VPG's daily backup schedule."""
+    path = f"/vpgs/{_q(vpg)}/backup-schedule"
+    if remove:
+        client.delete(path)
+        click.echo(f"VPG {vpg}: scheduled backups stopped (its backups stay)")
+        return
+    if repository is None:
+        shown = client.get(path)
+    else:
+        start, _, end = window.partition("-")
+        try:
+            first, stop = int(start), int(end or 24)
+        except ValueError:
+            raise click.BadParameter(f"{window!r} is not START-END hours") from None
+        hours = (stop - first) % 24 or 24
+        body = {"repository": repository, "keyfile": keyfile, "window_start": first % 24,
+                "window_hours": hours, "daily": daily, "weekly": weekly,
+                "monthly": monthly, "yearly": yearly,
+                "retain_days": (retain or 0.0) / 86400.0}
+        shown = client.request("PUT", path, json=body)
+    if as_json:
+        print_json(shown)
+        return
+    o.fields(f"backup schedule of {vpg}", sorted(shown.items()))

@@ -153,7 +153,10 @@ def demo_sites(base: Path, say: Callable[[str], None]) -> Iterator[list[DemoSite
 def run_ui_demo(base: Path, say: Callable[[str], None]) -> None:
     """Start the two sites, print their UIs and tokens, serve until Ctrl-C or SIGTERM."""
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # both signals explicitly: a process started in the background by a non-interactive
+    # shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         with demo_sites(base, say) as sites:
             say("")
@@ -162,9 +165,9 @@ def run_ui_demo(base: Path, say: Callable[[str], None]) -> None:
                 say(f"  {site.name:<10} UI: {site.api_url}/   token: {site.token}")
             say(f"  checkpoints, failover tests and failovers of {VPG!r}: the recovery "
                 "site's UI")
-            with contextlib.suppress(KeyboardInterrupt):
-                while not stop.wait(0.5):
-                    pass
+            while not stop.wait(0.5):
+                pass
             say("stopping the demo sites")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -250,3 +250,15 @@ def test_cli_files_lists_and_extracts_from_an_ext4_volume_in_a_backup(tmp_path, 
     assert "not found" in run(runner, "files", repo, name, "vm1", "disk0", "/nope",
                                       "--extract", tmp_path / "got2", code=2)
     shutil.rmtree(tmp_path / "got2")
+
+
+@pytest.mark.parametrize("args", [
+    ["backup", "prune", "REPO", "--daily", "-1"],
+    ["backup", "site", "prune", "REPO", "--last", "-3"],
+    ["backup", "site", "schedule", "g1", "REPO", "--monthly", "-12"],
+])
+def test_a_negative_retention_count_is_a_usage_error_before_anything_runs(tmp_path, args):
+    done = CliRunner().invoke(main, [a.replace("REPO", str(tmp_path / "repo")) for a in args])
+    assert done.exit_code == 2, done.output
+    assert "x>=0" in done.output or "0<=x" in done.output, done.output
+    assert not (tmp_path / "repo").exists()

@@ -30,6 +30,7 @@ import click
 
 from zcore.cli import output as o
 from zcore.cli.backup_site_cmd import backup_site
+from zcore.cli.params import gfs_options
 
 F = Callable[..., Any]
 EXIT_DAMAGE, EXIT_USAGE = 1, 2
@@ -268,16 +269,7 @@ def check(repository: str, keyfile: Path | None, as_json: bool) -> None:
 
 @backup.command()
 @repo_options
-@click.option("--daily", type=int, default=7, show_default=True,
-              help="keep the newest backup of each of the last N days")
-@click.option("--weekly", type=int, default=4, show_default=True,
-              help="keep the newest backup of each of the last N ISO weeks")
-@click.option("--monthly", type=int, default=12, show_default=True,
-              help="keep the newest backup of each of the last N months")
-@click.option("--yearly", type=int, default=0, show_default=True,
-              help="keep the newest backup of each of the last N years")
-@click.option("--last", type=int, default=1, show_default=True,
-              help="also keep the newest N backups of each VPG")
+@gfs_options()
 @click.option("--vpg", "vpg_name", help="only this VPG's backups")
 @click.option("--dry-run", is_flag=True, help="say what would be deleted")
 @json_option

@@ -14,6 +14,7 @@ import click
 
 from zcore.cli import output as o
 from zcore.cli.client import Client, print_json, site_options
+from zcore.cli.params import gfs_options
 from zcore.cli.vpg_cmd import wait_option
 
 PASSPHRASE_ENV = "ZCORE_BACKUP_PASSPHRASE"
@@ -135,16 +136,7 @@ def site_check(client: Client, as_json: bool, repository: str, keyfile: str | No
 @backup_site.command("prune")
 @click.argument("repository")
 @keyfile_option
-@click.option("--daily", type=int, default=7, show_default=True,
-              help="keep the newest backup of each of the last N days")
-@click.option("--weekly", type=int, default=4, show_default=True,
-              help="keep the newest backup of each of the last N ISO weeks")
-@click.option("--monthly", type=int, default=12, show_default=True,
-              help="keep the newest backup of each of the last N months")
-@click.option("--yearly", type=int, default=0, show_default=True,
-              help="keep the newest backup of each of the last N years")
-@click.option("--last", type=int, default=1, show_default=True,
-              help="also keep the newest N backups of each VPG")
+@gfs_options()
 @click.option("--vpg", help="only this VPG's backups")
 @click.option("--dry-run", is_flag=True, help="say what would be deleted")
 @wait_option
@@ -166,14 +158,7 @@ def site_prune(client: Client, as_json: bool, repository: str, keyfile: str | No
               "$ZCORE_BACKUP_PASSPHRASE)")
 @click.option("--window", default="0-24", show_default=True,
               help="run window, UTC hours START-END (e.g. 22-4)")
-@click.option("--daily", type=int, default=7, show_default=True,
-              help="keep the newest backup of each of the last N days")
-@click.option("--weekly", type=int, default=4, show_default=True,
-              help="keep the newest backup of each of the last N ISO weeks")
-@click.option("--monthly", type=int, default=12, show_default=True,
-              help="keep the newest backup of each of the last N months")
-@click.option("--yearly", type=int, default=0, show_default=True,
-              help="keep the newest backup of each of the last N years")
+@gfs_options(last=False)
 @click.option("--retain", type=o.parse_duration, help="retention lock of each backup")
 @click.option("--delete", "remove", is_flag=True, help="stop the VPG's scheduled backups")
 @site_options

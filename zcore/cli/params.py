@@ -3,7 +3,8 @@ checkpoint selectors.  Each raises `click.BadParameter` with the form it expects
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -87,3 +88,30 @@ def checkpoints_hint(journal: Journal) -> str:
         lines.append(f"list them all with: zcore nbd checkpoints --journal {journal.path}")
     return "\n".join(lines)
 
+
+F = TypeVar("F", bound=Callable[..., Any])
+_COUNT = click.IntRange(min=0)
+
+
+def gfs_options(*, last: bool = True) -> Callable[[F], F]:
+    """The GFS retention counts a prune or a backup schedule takes (--daily, --weekly,
+    --monthly, --yearly and, for a prune, --last), never negative."""
+    options = [
+        click.option("--daily", type=_COUNT, default=7, show_default=True,
+                     help="keep the newest backup of each of the last N days"),
+        click.option("--weekly", type=_COUNT, default=4, show_default=True,
+                     help="keep the newest backup of each of the last N ISO weeks"),
+        click.option("--monthly", type=_COUNT, default=12, show_default=True,
+                     help="keep the newest backup of each of the last N months"),
+        click.option("--yearly", type=_COUNT, default=0, show_default=True,
+                     help="keep the newest backup of each of the last N years"),
+    ]
+    if last:
+        options.append(click.option("--last", type=_COUNT, default=1, show_default=True,
+                                    help="also keep the newest N backups of each VPG"))
+
+    def decorate(fn: F) -> F:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate

@@ -1,5 +1,5 @@
 """The site service's small parts, in process: settings mapping, addresses, the event diff,
-the client record and the JSON log lines."""
+the sampler's recorded VPG state, the client record and the JSON log lines."""
 
 from __future__ import annotations
 
@@ -7,13 +7,17 @@ import io
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
 from zcore.errors import ConfigError
+from zcore.replication import ReplicationState
 from zcore.site.config import ClientRecord, SiteDir, read_client, set_client_url, write_client
+from zcore.site.db import SiteDB, VpgRole, VpgState
 from zcore.site.runtime import VIEW_NAME, split_address, vpg_settings
-from zcore.site.scheduler import history_short, new_events
+from zcore.site.scheduler import Sample, Scheduler, history_short, new_events
 from zcore.site.service import is_loopback, raise_nofile_limit, setup_logging
 
 
@@ -94,3 +98,20 @@ def test_json_logs_are_one_object_per_line() -> None:
 def test_a_young_vpg_building_its_history_is_no_history_sla_shortfall() -> None:
     assert not history_short("building") and not history_short("ok")
     assert history_short("warning") and history_short("error")
+
+
+def test_a_vpg_is_syncing_in_the_database_while_any_sync_runs(db: SiteDB) -> None:
+    """The sampler keeps a protected VPG's recorded state in step with its replication:
+    "protecting" is what a move or failback checks, so a delta sync (reverse protection)
+    must read as syncing, as an initial or bitmap sync does (a demo once failed back in
+    the middle of one)."""
+    db.create_vpg("g", VpgRole.PROTECTED, state=VpgState.SYNCING)
+    scheduler = Scheduler(db, cast(Any, SimpleNamespace(metrics=None)))
+    for state in ReplicationState:
+        if state == ReplicationState.PAUSED:
+            continue  # a paused VPG's recorded state is the user's
+        scheduler._record([Sample("g", str(VpgRole.PROTECTED), state=str(state))], [])
+        want = VpgState.SYNCING if state in (
+            ReplicationState.INITIALIZING, ReplicationState.DELTA_SYNCING,
+            ReplicationState.BITMAP_SYNCING) else VpgState.PROTECTING
+        assert db.get_vpg("g").state == want, state

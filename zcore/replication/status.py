@@ -24,6 +24,13 @@ class ReplicationState(StrEnum):
     RPO_NOT_MEETING_SLA = "rpo_not_meeting_sla"  # streaming, RPO above its alert
     MEETING_SLA = "meeting_sla"  # streaming within the RPO alert
 
+    @property
+    def syncing(self) -> bool:
+        """A sync runs: the recovery site is not yet consistent with the volumes (no
+        checkpoint of the current data is possible until it ends)."""
+        return self in (ReplicationState.INITIALIZING, ReplicationState.DELTA_SYNCING,
+                        ReplicationState.BITMAP_SYNCING)
+
 
 def replication_state(vpg: VPGStatus, connected: bool, paused: bool) -> ReplicationState:
     """The state a VPG with status `vpg` is in, over a link that is or is not up."""

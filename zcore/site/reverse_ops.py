@@ -148,6 +148,10 @@ class ReverseOps:
         if name in self._moving:
             raise StateError(f"VPG {name!r} is already moving")
         entry = self.rt.entry(name)
+        mode = entry.vpg.mode
+        if mode.syncing or mode.marking:  # refused before its VMs are shut down
+            raise StateError(f"VPG {name!r} is in {mode.label} mode: a {kind} needs it "
+                             f"protecting (synced and replicating); wait for the sync to end")
         if not entry.replication.connected:
             raise StateError(f"VPG {name!r}: its recovery site is not connected "
                              f"({entry.replication.last_error or 'no session'}); a {kind} "

@@ -27,7 +27,7 @@ from typing import Any
 
 from zcore.errors import ZcoreError
 from zcore.journal import HistoryState
-from zcore.replication import ReplicationStatus
+from zcore.replication import ReplicationState, ReplicationStatus
 from zcore.site.db import Severity, SiteDB, VpgRole, VpgState
 from zcore.site.metrics import Series
 from zcore.site.retention import RetentionReport, run_retention
@@ -225,9 +225,7 @@ class Scheduler:
         record = self.db.get_vpg(s.vpg)
         if record.state in (VpgState.PAUSED, VpgState.DELETING, VpgState.CREATING):
             return
-        want = VpgState.PROTECTING
-        if s.state in ("initializing", "bitmap_syncing"):
-            want = VpgState.SYNCING
+        want = VpgState.SYNCING if ReplicationState(s.state).syncing else VpgState.PROTECTING
         if record.state != want:
             self.db.update_vpg(s.vpg, state=want)
 

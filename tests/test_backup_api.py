@@ -1,12 +1,14 @@
 """The backup routes of the REST API (zcore.site.api.routes.backup) over a site whose
 backend holds `BackupOps` on a recovery VPG: a backup, list, show and restore as tasks, a
 check that reports a damaged chunk, a prune that keeps a locked backup; a wrong
-passphrase is a clear error and the passphrase never appears in a task."""
+passphrase is a clear error and the passphrase never appears in a task; file-level
+restore from a backup and a checkpoint, and instant access on the site's NBD server."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import time
 from typing import Any
 
@@ -177,3 +179,122 @@ async def test_damaged_schedules_file_is_refused_not_read_as_empty(tmp_path):
     assert (tmp_path / SCHEDULES_NAME).read_text() == '{"meta": {}, "crc32c": 1}'
     await ops.stop()
     db.close()
+
+
+@pytest.fixture
+async def ext4_site(tmp_path):
+    """A site whose recovery VPG g holds an ext4 volume (helpers.backup.ext4_journal) and
+    whose BackupOps serve on an NBD server of the test's loop; one full backup made."""
+    from helpers.backup import ext4_journal
+
+    from zcore.journal import Journal
+    from zcore.nbd import NBDServer
+
+    path, made, cid = ext4_journal(tmp_path)
+    journal = Journal.open(path)
+    db = SiteDB.open(f"sqlite:///{tmp_path / 'site.db'}")
+    db.init_site("site-b", "Site B")
+    backend = DbSiteBackend(db)
+    rvpg = vpg_of(journal, "g")
+    nbd = NBDServer()
+    await nbd.start_tcp("127.0.0.1", 0)
+    backend.backups = ops = BackupOps(  # type: ignore[attr-defined]
+        lambda name: rvpg, backend.runner, nbd=nbd, uri=nbd.uri)
+    app = create_app(SiteContext(db, backend))
+    token = db.create_token("admin").secret
+    Repository.init(tmp_path / "repo", Secret(passphrase="pw"), chunk_size=1 << 16,
+                    scrypt_n=FAST_N)
+    ref = {"repository": str(tmp_path / "repo"), "passphrase": "pw"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://site",
+                                 headers={"Authorization": f"Bearer {token}"}) as client:
+        done = await finished(client, await client.post(f"{V1}/vpgs/g/backups", json=ref))
+        assert done["state"] == "succeeded", done
+        yield client, tmp_path, ref, done["result"]["backup"], made, cid
+    await ops.stop()
+    await nbd.close()
+    await backend.runner.close()
+    journal.close()
+    db.close()
+
+
+async def _tool(*args: object) -> str:
+    done = await asyncio.to_thread(subprocess.run, [str(a) for a in args],
+                                   capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+async def test_api_files_lists_and_extracts_from_a_backup_and_a_checkpoint(ext4_site):
+    from helpers.backup import MOTD
+
+    client, tmp, ref, backup, _, cid = ext4_site
+    at = {"vm": "vm1", "volume": "disk0"}
+    listed = (await client.post(f"{V1}/backups/{backup}/files", json=ref | at)).json()
+    assert {(e["name"], e["type"]) for e in listed} >= {("etc", "dir"), ("notes.txt", "file")}
+    assert next(e["size"] for e in listed if e["name"] == "notes.txt") == 5000
+    (tmp / "got").mkdir()
+    t = await finished(client, await client.post(
+        f"{V1}/backups/{backup}/files/extract",
+        json=ref | at | {"path": "/etc/motd", "dest": str(tmp / "got")}))
+    assert t["state"] == "succeeded", t
+    assert (tmp / "got" / "motd").read_text() == MOTD and "pw" not in str(t)
+
+    etc = (await client.get(f"{V1}/vpgs/g/checkpoints/{cid}/files",
+                            params=at | {"path": "/etc"})).json()
+    assert [e["name"] for e in etc] == ["motd"], etc
+    (tmp / "got2").mkdir()
+    t = await finished(client, await client.post(
+        f"{V1}/vpgs/g/checkpoints/{cid}/files/extract",
+        json=at | {"path": "/etc", "dest": str(tmp / "got2")}))
+    assert t["state"] == "succeeded", t
+    assert (tmp / "got2" / "etc" / "motd").read_text() == MOTD
+
+    # refusals: a relative path, a missing VM, a destination that is no directory, a
+    # checkpoint the journal does not hold, unknown fields
+    for r in (await client.post(f"{V1}/backups/{backup}/files",
+                                json=ref | at | {"path": "etc"}),
+              await client.post(f"{V1}/backups/{backup}/files",
+                                json=ref | {"vm": "vm9", "volume": "disk0"}),
+              await client.post(f"{V1}/backups/{backup}/files/extract",
+                                json=ref | at | {"path": "/etc", "dest": str(tmp / "no")}),
+              await client.get(f"{V1}/vpgs/g/checkpoints/{cid + 999}/files", params=at),
+              await client.post(f"{V1}/vpgs/g/checkpoints/{cid}/files/extract",
+                                json=at | {"path": "/", "dest": str(tmp), "x": 1})):
+        assert 400 <= r.status_code < 500, r.text
+
+
+async def test_api_serves_a_backup_for_instant_access_read_only_and_writable(ext4_site):
+    from conftest import require_tool
+
+    qemu_img, qemu_io = require_tool("qemu-img"), require_tool("qemu-io")
+    client, _, ref, backup, made, _ = ext4_site
+    r = await client.post(f"{V1}/backups/{backup}/serve", json=ref)
+    assert r.status_code == 201, r.text
+    (served,) = r.json()
+    assert served["export"] == f"backup/{backup}/vm1/disk0" and not served["writable"]
+    assert (await client.post(f"{V1}/backups/{backup}/serve", json=ref)).status_code == 409
+    listed = (await client.get(f"{V1}/backups/served")).json()
+    assert [e["uri"] for e in listed[backup]] == [served["uri"]]
+    await _tool(qemu_img, "compare", "-f", "raw", "-F", "raw", served["uri"], made)
+    refused = await asyncio.to_thread(
+        subprocess.run, [qemu_io, "-f", "raw", "-c", "write 0 4k", served["uri"]],
+        capture_output=True, text=True)
+    assert refused.returncode or "failed" in refused.stdout + refused.stderr
+    assert (await client.delete(f"{V1}/backups/{backup}/serve")).status_code == 204
+    assert (await client.delete(f"{V1}/backups/{backup}/serve")).status_code == 404
+
+    # writable: a VM may write (into a scratch overlay); the repository never changes
+    r = await client.post(f"{V1}/backups/{backup}/serve", json=ref | {"writable": True})
+    (served,) = r.json()
+    assert served["writable"]
+    await _tool(qemu_io, "-f", "raw", "-c", "write -P 0x5a 1M 64k", served["uri"])
+    await _tool(qemu_io, "-f", "raw", "-c", "read -P 0x5a 1M 64k", served["uri"])
+    await client.delete(f"{V1}/backups/{backup}/serve")
+    r = await client.post(f"{V1}/backups/{backup}/serve", json=ref)
+    await _tool(qemu_img, "compare", "-f", "raw", "-F", "raw", r.json()[0]["uri"], made)
+    await client.delete(f"{V1}/backups/{backup}/serve")
+    for bad in ({"vms": ["vm9"]}, {"scratch_limit_bytes": -1}, {"writable": [1]}):
+        r = await client.post(f"{V1}/backups/{backup}/serve", json=ref | bad)
+        assert 400 <= r.status_code < 500, (bad, r.text)
+    check = await finished(client, await client.post(f"{V1}/backups/check", json=ref))
+    assert check["result"]["ok"], check

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import pytest
 from click.testing import CliRunner
@@ -123,20 +124,24 @@ def test_cli_serve_gives_instant_access_over_nbd(setup):
 @pytest.fixture
 def api_site(tmp_path, monkeypatch):
     """A site API served by uvicorn in a thread (over the database-backed test double with
-    BackupOps on one recovery VPG), and the journal's snapshots."""
+    BackupOps on recovery VPGs g, of random data, and fs, VM vm2 of one ext4 volume, and an
+    NBD server), and g's journal's snapshots."""
     import asyncio
     import socket
     import threading
 
     import uvicorn
-    from helpers.backup import FAST_N, vpg_of
+    from helpers.backup import FAST_N, ext4_journal, vpg_of
 
     from zcore.backup import Repository, Secret
     from zcore.backup.schedule import ScheduleBook
     from zcore.backup.siteops import BackupOps
+    from zcore.journal import Journal
+    from zcore.nbd import NBDServer
     from zcore.site.api import DbSiteBackend, SiteContext, create_app
     from zcore.site.db import SiteDB
 
+    ext4 = Journal.open(ext4_journal(tmp_path, vm="vm2")[0])
     journal, snaps = build_journal(tmp_path / "vm1", sizes=(1 * MiB,), rounds=2, writes=20,
                                    promote_first=False)
     Repository.init(tmp_path / "repo", Secret(passphrase="pw"), chunk_size=1 << 16,
@@ -150,12 +155,19 @@ def api_site(tmp_path, monkeypatch):
 
     async def serve():
         backend = DbSiteBackend(db)
-        backend.backups = BackupOps(lambda name: vpg_of(journal, "g"), backend.runner)
+        nbd = made["nbd"] = NBDServer()
+        await nbd.start_tcp("127.0.0.1", 0)
+        vpgs = {"g": vpg_of(journal, "g"), "fs": vpg_of(ext4, "fs", "vm2")}
+        backend.backups = BackupOps(vpgs.__getitem__, backend.runner, nbd=nbd, uri=nbd.uri)
         backend.backups.book = ScheduleBook(tmp_path)
         made["server"] = uvicorn.Server(uvicorn.Config(
             create_app(SiteContext(db, backend)), log_level="warning", lifespan="off"))
         ready.set()
-        await made["server"].serve(sockets=[sock])
+        try:
+            await made["server"].serve(sockets=[sock])
+        finally:
+            await backend.backups.stop()
+            await nbd.close()
 
     thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
     thread.start()
@@ -172,6 +184,7 @@ def api_site(tmp_path, monkeypatch):
     thread.join(10)
     db.close()
     journal.close()
+    ext4.close()
 
 
 def test_cli_site_runs_lists_restores_checks_prunes_and_schedules(api_site):
@@ -202,33 +215,53 @@ def test_cli_site_runs_lists_restores_checks_prunes_and_schedules(api_site):
     assert "stopped" in run(runner, "site", "schedule", "g", "--delete")
 
 
+def test_cli_site_serves_a_backup_and_restores_files_from_a_backup_and_a_checkpoint(
+        api_site):
+    from conftest import require_tool
+    from helpers.backup import MOTD
+
+    qemu_img = require_tool("qemu-img")
+    tmp, snaps = api_site
+    runner = CliRunner()
+    repo = str(tmp / "repo")
+    g = json.loads(run(runner, "site", "run", "g", repo, "--checkpoint", snaps[0][0].id,
+                       "--json"))["result"]["backup"]
+    (served,) = json.loads(run(runner, "site", "serve", repo, g, "--json"))
+    model = tmp / "model.img"
+    model.write_bytes(snaps[0][1]["disk0"])
+    done = subprocess.run([qemu_img, "compare", "-f", "raw", "-F", "raw", served["uri"],
+                           str(model)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "already" in run(runner, "site", "serve", repo, g, code=1)
+    assert "no longer served" in run(runner, "site", "unserve", g)
+    assert "not served" in run(runner, "site", "unserve", g, code=1)
+
+    fs = json.loads(run(runner, "site", "run", "fs", repo, "--json"))["result"]
+    listed = json.loads(run(runner, "site", "files", fs["backup"], "vm2", "disk0", "/",
+                            "--repository", repo, "--json"))
+    assert {"etc", "notes.txt"} <= {e["name"] for e in listed}
+    assert "motd" in run(runner, "site", "files", "fs", "vm2", "disk0", "/etc",
+                         "--checkpoint", fs["checkpoint"])
+    (tmp / "got").mkdir()
+    got = json.loads(run(runner, "site", "files", "fs", "vm2", "disk0", "/etc/motd",
+                         "--checkpoint", fs["checkpoint"], "--extract", str(tmp / "got"),
+                         "--json"))
+    assert got["state"] == "succeeded" and (tmp / "got" / "motd").read_text() == MOTD
+    assert "--repository" in run(runner, "site", "files", "fs", "vm2", "disk0", code=2)
+
+
 def test_cli_files_lists_and_extracts_from_an_ext4_volume_in_a_backup(tmp_path, monkeypatch):
     import shutil
-    import subprocess
 
-    from conftest import require_tool
+    from helpers.backup import MOTD, ext4_journal
 
     from zcore.backup.files import list_files, view_image
-    from zcore.journal import Journal, VolumeSpec
+    from zcore.journal import Journal
 
-    mkfs = require_tool("mkfs.ext4")
-    require_tool("debugfs")
-    src = tmp_path / "src"
-    (src / "etc").mkdir(parents=True)
-    (src / "etc" / "motd").write_text("eleven months ago\n")
-    (src / "notes.txt").write_text("x" * 5000)
-    image = tmp_path / "disk0.img"
-    with open(image, "wb") as f:
-        f.truncate(16 * MiB)
-    subprocess.run([mkfs, "-F", "-q", "-d", str(src), str(image)], check=True)
-    j = Journal.create(tmp_path / "vm1", [VolumeSpec(0, "disk0", 16 * MiB)], vm="vm1",
-                       replica_files={0: image})
-    j.append([(0, 15 * MiB, b"\1" * 4096)])  # past the file system's data, as a guest would
-    c = j.checkpoint("fs")
-    j.commit()
-    with j.view(c) as view, view_image(view, "disk0") as copy:  # from a journal checkpoint
+    path, _, c = ext4_journal(tmp_path)
+    with Journal.open(path) as j, j.view(c) as view, view_image(view, "disk0") as copy:
+        # from a journal checkpoint
         assert {e.name for e in list_files(copy, "/")} >= {"etc", "notes.txt", "lost+found"}
-    j.close()
     monkeypatch.setenv("ZCORE_BACKUP_PASSPHRASE", "pw")
     runner = CliRunner()
     repo = str(tmp_path / "repo")
@@ -241,7 +274,7 @@ def test_cli_files_lists_and_extracts_from_an_ext4_volume_in_a_backup(tmp_path, 
     (tmp_path / "got").mkdir()
     run(runner, "files", repo, name, "vm1", "disk0", "/etc/motd", "--extract",
         tmp_path / "got")
-    assert (tmp_path / "got" / "motd").read_text() == "eleven months ago\n"
+    assert (tmp_path / "got" / "motd").read_text() == MOTD
     run(runner, "files", repo, name, "vm1", "disk0", "/etc", "--extract", tmp_path / "got2",
         code=2)  # no such directory to extract into
     (tmp_path / "got2").mkdir()

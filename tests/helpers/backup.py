@@ -1,14 +1,16 @@
-"""Test helpers of the backup tests: a one-VM recovery VPG over a journal, a repository
-with cheap key derivation, an object store that crashes after N operations."""
+"""Test helpers of the backup tests: a one-VM recovery VPG over a journal, a journal whose
+volume holds an ext4 file system, a repository with cheap key derivation, an object store
+that crashes after N operations."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 from zcore.backup import DirectoryStore, Repository, Secret
-from zcore.journal import Journal
+from zcore.journal import Journal, VolumeSpec
 from zcore.site.recovery_vpg import RecoveryVPG
 
 SECRET = Secret(passphrase="correct horse battery staple")
@@ -18,6 +20,42 @@ FAST_N = 1 << 10  # scrypt's smallest accepted cost: the tests open many reposit
 
 def vpg_of(journal: Journal, name: str = "vpg1", vm: str = "vm1") -> RecoveryVPG:
     return RecoveryVPG(name, {vm: journal})
+
+
+MOTD = "eleven months ago\n"
+
+
+def ext4_journal(tmp_path: Path, size: int = 16 << 20, vm: str = "vm1"
+                 ) -> tuple[Path, Path, int]:
+    """A journal of VM `vm` (in tmp_path/VM) whose volume disk0 is an ext4 file system
+    holding /etc/motd (MOTD) and /notes.txt (5,000 bytes): (journal dir, the image as
+    made, checkpoint id).
+    The image is the replica; one write lands past the file system's data, as a guest's
+    would, before checkpoint "fs"."""
+    from conftest import require_tool
+
+    mkfs = require_tool("mkfs.ext4")
+    require_tool("debugfs")
+    src = tmp_path / f"ext4-src-{vm}"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / "motd").write_text(MOTD)
+    (src / "notes.txt").write_text("x" * 5000)
+    image = tmp_path / f"{vm}-disk0.img"
+    with open(image, "wb") as f:
+        f.truncate(size)
+    subprocess.run([mkfs, "-F", "-q", "-d", str(src), str(image)], check=True)
+    made = tmp_path / f"{vm}-disk0-as-made.img"
+    made.write_bytes(image.read_bytes())
+    j = Journal.create(tmp_path / vm, [VolumeSpec(0, "disk0", size)], vm=vm,
+                       replica_files={0: image})
+    j.append([(0, size - (1 << 20), b"\1" * 4096)])
+    c = j.checkpoint("fs")
+    j.commit()
+    j.close()
+    with open(made, "r+b") as f:  # the image as the checkpoint sees it
+        f.seek(size - (1 << 20))
+        f.write(b"\1" * 4096)
+    return tmp_path / vm, made, c.id
 
 
 def new_repo(path: Path, secret: Secret = SECRET) -> Repository:

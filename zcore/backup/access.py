@@ -1,14 +1,19 @@
-"""Instant access: a backup's volume read straight from the repository (issue 13), served
+"""Instant access: a backup's volumes read straight from the repository (issue 13), served
 over NBD by zcore.nbd like any other export, so a VM from months ago boots before a
 restore would have finished.
 
-`BackupVolume` has the read-only half of zcore.nbd's `Backend`: a read finds the chunks it
-covers in the manifest, reads each through a small cache of verified plain chunks (every
-chunk decrypted and checked once, ChunkDamagedError or ChunkMissingError and no bytes
-otherwise), and fills zero chunks with zeros without touching the repository."""
+`BackupImage` is the volumes of one VM in one backup, read-only: a read finds the chunks
+it covers in the manifest, reads each through a small cache of verified plain chunks
+(every chunk decrypted and checked once, ChunkDamagedError or ChunkMissingError and no
+bytes otherwise), and fills zero chunks with zeros without touching the repository.  It
+is a zcore.recovery `Image`, so a scratch overlay can stand on it: `backup_export(...,
+writable=True)` serves a volume the VM may write to, its writes kept in a scratch file
+and discarded when the export closes (the repository is only ever read).
+`BackupVolume` is one volume of an image as an NBD backend."""
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -16,31 +21,47 @@ from typing import Any
 from zcore.backup.store import Repository
 from zcore.errors import ConfigError, OutOfRangeError
 from zcore.nbd.exports import Export, ExportKind
+from zcore.records import Checkpoint, CheckpointKind
+from zcore.recovery import ScratchOverlay
 
-# Verified chunks kept per served volume: 64 MiB at the default chunk size, enough for a
+# Verified chunks kept per served VM: 64 MiB at the default chunk size, enough for a
 # guest's boot working set to be read once from the repository.
 CACHE_CHUNKS = 64
 
 
-class BackupVolume:
-    """One volume of one backup, read-only; reads from several threads are safe."""
+class BackupImage:
+    """The volumes of VM `vm` in `backup`, read-only; reads from several threads are safe.
+    Volumes are named by name or id, as a journal view's are."""
 
-    readonly = True
-
-    def __init__(self, repo: Repository, backup: str, vm: str, volume: str | int) -> None:
+    def __init__(self, repo: Repository, backup: str, vm: str) -> None:
         m = repo.manifest(backup)
-        found = [v for x in m["vms"] if x["name"] == vm for v in x["volumes"]
-                 if v["name"] == volume or v["id"] == volume]
+        found = [x for x in m["vms"] if x["name"] == vm]
         if not found:
-            raise ConfigError(f"backup {backup} has no volume {volume!r} of VM {vm!r}")
+            names = ", ".join(x["name"] for x in m["vms"])
+            raise ConfigError(f"backup {backup} has no VM {vm!r}; it holds: {names}")
         self.repo = repo
         self.backup = backup
-        self.name = str(found[0]["name"])
-        self.size = int(found[0]["size"])
-        self._chunks: list[str | None] = list(found[0]["chunks"])
+        self.vm = vm
+        c = m["checkpoint"]
+        self.checkpoint = Checkpoint(int(c["id"]), int(c["seq"]), int(c["time_ns"]),
+                                     CheckpointKind(c["kind"]), c["tag"],
+                                     bool(c["consistent"]))
+        self._volumes: dict[str, dict[str, Any]] = {str(v["name"]): v
+                                                    for v in found[0]["volumes"]}
         self._cs = int(m["chunk_size"])
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._lock = threading.Lock()
+
+    def volume(self, volume: int | str) -> dict[str, Any]:
+        """The manifest entry of `volume` (a name or an id)."""
+        for v in self._volumes.values():
+            if volume in (v["name"], v["id"]):
+                return v
+        raise ConfigError(f"backup {self.backup} has no volume {volume!r} of VM {self.vm!r};"
+                          f" it holds: {', '.join(self._volumes)}")
+
+    def size(self, volume: int | str) -> int:
+        return int(self.volume(volume)["size"])
 
     def _chunk(self, cid: str) -> bytes:
         with self._lock:
@@ -55,25 +76,44 @@ class BackupVolume:
                 self._cache.popitem(last=False)
         return data
 
-    def read_into(self, offset: int, buf: Any) -> None:
+    def read_into(self, volume: int | str, offset: int, buf: Any) -> None:
+        v = self.volume(volume)
         out = memoryview(buf).cast("B")
         end = offset + len(out)
-        if offset < 0 or end > self.size:
-            raise OutOfRangeError(f"read [{offset}, {end}) is past the {self.size}-byte "
-                                  f"volume {self.name} of backup {self.backup}")
+        if offset < 0 or end > v["size"]:
+            raise OutOfRangeError(f"read [{offset}, {end}) is past the {v['size']}-byte "
+                                  f"volume {v['name']} of backup {self.backup}")
+        chunks: list[str | None] = v["chunks"]
         pos = offset
         while pos < end:
             idx = pos // self._cs
             start = idx * self._cs
             stop = min(end, start + self._cs)
             dst = out[pos - offset:stop - offset]
-            cid = self._chunks[idx]
+            cid = chunks[idx]
             if cid is None:
                 dst[:] = bytes(len(dst))
             else:
-                data = self._chunk(cid)
-                dst[:] = data[pos - start:stop - start]
+                dst[:] = self._chunk(cid)[pos - start:stop - start]
             pos = stop
+
+    def close(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+
+class BackupVolume:
+    """One volume of a `BackupImage` as a read-only NBD backend."""
+
+    readonly = True
+
+    def __init__(self, repo: Repository, backup: str, vm: str, volume: str | int) -> None:
+        self.image = BackupImage(repo, backup, vm)
+        self.name = str(self.image.volume(volume)["name"])
+        self.size = self.image.size(self.name)
+
+    def read_into(self, offset: int, buf: Any) -> None:
+        self.image.read_into(self.name, offset, buf)
 
     def read(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)
@@ -90,14 +130,29 @@ class BackupVolume:
         pass
 
     def close(self) -> None:
-        with self._lock:
-            self._cache.clear()
+        self.image.close()
 
 
 def backup_export(repo: Repository, backup: str, vm: str, volume: str | int,
-                  name: str | None = None) -> Export:
-    """An NBD export of one volume of a backup, read-only, read through the repository."""
-    backend = BackupVolume(repo, backup, vm, volume)
-    return Export(name if name is not None else f"{vm}-{backend.name}@{backup}", backend,
-                  f"volume {backend.name} of VM {vm} in backup {backup}",
-                  kind=ExportKind.VIEW)
+                  name: str | None = None, *, writable: bool = False,
+                  scratch_dir: str | os.PathLike[str] | None = None,
+                  scratch_limit: int | None = None) -> Export:
+    """An NBD export of one volume of a backup, read through the repository: read-only,
+    or with `writable` under a scratch overlay (in `scratch_dir`, at most `scratch_limit`
+    bytes) whose writes are discarded when the export closes."""
+    if not writable:
+        backend = BackupVolume(repo, backup, vm, volume)
+        return Export(name if name is not None else f"{vm}-{backend.name}@{backup}", backend,
+                      f"volume {backend.name} of VM {vm} in backup {backup}",
+                      kind=ExportKind.VIEW)
+    image = BackupImage(repo, backup, vm)
+    vol = str(image.volume(volume)["name"])
+    overlay = ScratchOverlay(image, vol, owns_view=True, limit_bytes=scratch_limit,
+                             directory=scratch_dir)
+    try:
+        return Export(name if name is not None else f"{vm}-{vol}@{backup}-scratch", overlay,
+                      f"scratch overlay on volume {vol} of VM {vm} in backup {backup}",
+                      kind=ExportKind.SCRATCH)
+    except BaseException:
+        overlay.close()
+        raise

@@ -6,7 +6,12 @@ Repositories are named by their path at the recovery site (a directory or a moun
 share).  Their secret is the key file a request names (a path at the site), a passphrase
 in the request (used for that request only: never stored, logged or returned), or the
 site process's $ZCORE_BACKUP_PASSPHRASE.  The work runs on a worker thread; the task's
-progress is the bytes done so far."""
+progress is the bytes done so far.
+
+Instant access serves a backup's volumes on the site's NBD server (`serve`, as
+`backup/BACKUP/VM/VOLUME`, read-only or under scratch overlays), until `unserve`.
+File-level restore lists and extracts files of an ext4 volume of a backup or of a
+recovery VPG's checkpoint (zcore.backup.files), the extraction a task."""
 
 from __future__ import annotations
 
@@ -22,12 +27,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from zcore.backup import engine
+from zcore.backup import files as ext4
+from zcore.backup.access import backup_export
 from zcore.backup.crypto import Secret
 from zcore.backup.prune import Retention, check, prune
 from zcore.backup.schedule import Schedule, ScheduleBook
 from zcore.backup.store import Repository
 from zcore.errors import ConfigError, CorruptRecordError, StateError, ZcoreError
+from zcore.nbd import NBDServer
+from zcore.nbd.exports import Export
 from zcore.site.db import TaskRecord
+from zcore.site.errors import NotFoundError
 from zcore.site.recovery_vpg import RecoveryVPG
 from zcore.site.tasks import Progress, TaskRunner
 
@@ -36,6 +46,11 @@ TICK_S = 0.5  # how often a running backup's progress is written to its task
 SCHEDULE_TICK_S = 60.0  # how often the schedules are looked at (a day's window is hours)
 log = logging.getLogger(__name__)
 R = TypeVar("R")
+# (BackupOps has a method named `list`, so its annotations name these instead)
+Docs = list[dict[str, Any]]
+Entries = list[ext4.FileEntry]
+Exports = list[Export]
+Names = list[str]
 
 
 def secret_of(keyfile: str | None, passphrase: str | None) -> Secret:
@@ -73,9 +88,13 @@ class BackupOps:
     """Backups, restores, checks and prunes of one site, each a task; and the site's
     backup schedules (zcore.backup.schedule), ticked once `start` ran."""
 
-    def __init__(self, recovery_vpg: Callable[[str], RecoveryVPG], runner: TaskRunner) -> None:
+    def __init__(self, recovery_vpg: Callable[[str], RecoveryVPG], runner: TaskRunner, *,
+                 nbd: NBDServer | None = None, uri: Callable[[str], str] = str) -> None:
         self._vpg = recovery_vpg
         self._runner = runner
+        self._nbd = nbd  # the site's NBD server, for instant access
+        self._uri = uri  # an export's nbd:// URI on it
+        self._served: dict[str, list[str]] = {}  # backup -> export names being served
         self.book: ScheduleBook | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._scheduled: set[str] = set()  # VPGs whose scheduled backup is running
@@ -97,6 +116,8 @@ class BackupOps:
                                                               name="zcore-backup-schedules")
 
     async def stop(self) -> None:
+        for backup in list(self._served):
+            self.unserve(backup)
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -242,3 +263,143 @@ class BackupOps:
                  "chunks": len(v["chunks"]),
                  "zero_chunks": sum(1 for c in v["chunks"] if c is None)}
                 for v in vm["volumes"]]} for vm in m["vms"]]}
+
+    # ---- instant access ------------------------------------------------------------------
+
+    async def serve(self, repository: str, secret: Secret, backup: str, *,
+                    vms: Names | None = None, writable: bool = False,
+                    scratch_limit: int | None = None) -> Docs:
+        """Export every volume of `backup` (of `vms`, default all) on the site's NBD
+        server, read through the repository; with `writable`, each under a scratch overlay
+        whose writes are discarded by `unserve`.  One {vm, volume, export, uri} each."""
+        if self._nbd is None:
+            raise StateError("instant access needs the site's NBD server (a live site)")
+        if backup in self._served:
+            raise StateError(f"backup {backup} is served already: unserve it first")
+        repo = await asyncio.to_thread(self.open, repository, secret)
+        m = await asyncio.to_thread(repo.manifest, backup)
+        held = [vm["name"] for vm in m["vms"]]
+        missing = sorted(set(vms or ()) - set(held))
+        if missing:
+            raise ConfigError(f"backup {backup} has no VM {', '.join(missing)}; it holds: "
+                              f"{', '.join(held)}")
+
+        def make() -> Exports:
+            made: Exports = []
+            try:
+                for vm in m["vms"]:
+                    if vms and vm["name"] not in vms:
+                        continue
+                    for v in vm["volumes"]:
+                        made.append(backup_export(
+                            repo, backup, vm["name"], v["name"],
+                            f"backup/{backup}/{vm['name']}/{v['name']}", writable=writable,
+                            scratch_limit=scratch_limit))
+            except BaseException:
+                for e in made:
+                    e.backend.close()
+                raise
+            return made
+
+        exports = await asyncio.to_thread(make)
+        for e in exports:
+            if self._nbd.lookup(e.name) is not None:  # served by hand meanwhile
+                for x in exports:
+                    x.backend.close()
+                raise StateError(f"an export named {e.name} exists already")
+        for e in exports:
+            self._nbd.add_export(e)
+        self._served[backup] = [e.name for e in exports]
+        log.info("instant access: backup %s served as %d exports", backup, len(exports))
+        return [{"vm": e.name.split("/")[2], "volume": e.name.split("/")[3],
+                 "export": e.name, "uri": self._uri(e.name), "writable": writable}
+                for e in exports]
+
+    def unserve(self, backup: str) -> Names:
+        """Stop serving `backup` (connections to its exports drop; scratch writes go)."""
+        names = self._served.pop(backup, None)
+        if names is None:
+            raise NotFoundError(f"backup {backup} is not served here")
+        assert self._nbd is not None
+        for name in names:
+            if self._nbd.lookup(name) is not None:
+                self._nbd.remove_export(name)
+        return names
+
+    def served(self) -> dict[str, Docs]:
+        return {b: [{"export": n, "uri": self._uri(n)} for n in names]
+                for b, names in self._served.items()}
+
+    # ---- file-level restore --------------------------------------------------------------
+
+    async def files(self, repository: str, secret: Secret, backup: str, vm: str,
+                    volume: str, path: str) -> Docs:
+        """The entries of directory `path` of an ext4 volume of a backup."""
+        repo = await asyncio.to_thread(self.open, repository, secret)
+
+        def listing() -> Entries:
+            with ext4.backup_image(repo, backup, vm, volume) as image:
+                return ext4.list_files(image, path)
+
+        return [_entry_doc(e) for e in await asyncio.to_thread(listing)]
+
+    async def extract(self, repository: str, secret: Secret, backup: str, vm: str,
+                      volume: str, path: str, dest: str) -> TaskRecord:
+        """Copy file or directory `path` of a backup's ext4 volume into directory `dest`
+        at this site (a task)."""
+        repo = await asyncio.to_thread(self.open, repository, secret)
+        m = await asyncio.to_thread(repo.manifest, backup)
+        _check_dest(dest)
+
+        async def task(progress: Progress) -> dict[str, Any]:
+            def run() -> Path:
+                with ext4.backup_image(repo, backup, vm, volume) as image:
+                    return ext4.extract(image, path, dest)
+            await progress(0.0, f"restoring {vm}/{volume} of {backup} to read {path}")
+            return {"backup": backup, "path": path,
+                    "extracted": str(await asyncio.to_thread(run))}
+
+        return await self._runner.submit("backup_extract", task, vpg=m["vpg"],
+                                         message=f"extract of {path} from {backup}")
+
+    async def checkpoint_files(self, vpg: str, checkpoint: int, vm: str, volume: str,
+                               path: str) -> Docs:
+        """The entries of directory `path` of an ext4 volume at a journal checkpoint."""
+        rvpg = self._vpg(vpg)
+
+        def listing() -> Entries:
+            with rvpg.views(checkpoint) as views, \
+                    ext4.view_image(views[vm], volume) as image:
+                return ext4.list_files(image, path)
+
+        return [_entry_doc(e) for e in await asyncio.to_thread(listing)]
+
+    async def checkpoint_extract(self, vpg: str, checkpoint: int, vm: str, volume: str,
+                                 path: str, dest: str) -> TaskRecord:
+        """Copy `path` of an ext4 volume at a journal checkpoint into `dest` (a task)."""
+        rvpg = self._vpg(vpg)
+        rvpg.by_id(checkpoint)  # refused now when there is no such checkpoint
+        _check_dest(dest)
+
+        async def task(progress: Progress) -> dict[str, Any]:
+            def run() -> Path:
+                with rvpg.views(checkpoint) as views, \
+                        ext4.view_image(views[vm], volume) as image:
+                    return ext4.extract(image, path, dest)
+            await progress(0.0, f"copying {vm}/{volume} at checkpoint {checkpoint} out")
+            return {"vpg": vpg, "checkpoint": checkpoint, "path": path,
+                    "extracted": str(await asyncio.to_thread(run))}
+
+        return await self._runner.submit("checkpoint_extract", task, vpg=vpg,
+                                         message=f"extract of {path} at checkpoint "
+                                                 f"{checkpoint}")
+
+
+def _entry_doc(e: ext4.FileEntry) -> dict[str, Any]:
+    return asdict(e) | {"type": "dir" if e.is_dir else "file"}
+
+
+def _check_dest(dest: str) -> None:
+    if not Path(dest).is_dir():
+        raise ConfigError(f"{dest} is not a directory at this site")
+

@@ -1,4 +1,5 @@
-"""`zcore backup site run|list|show|restore|check|prune|schedule`: the same backups through
+"""`zcore backup site run|list|show|restore|serve|unserve|files|check|prune|schedule`: the
+same backups through
 a running site service's REST API (zcore.site.api.routes.backup), as tasks with a progress
 bar.  The repository is a path at the site; its secret is `--keyfile` (a path at the site)
 or this shell's $ZCORE_BACKUP_PASSPHRASE, sent in the request and never stored (none: the
@@ -119,6 +120,81 @@ def site_restore(client: Client, as_json: bool, repository: str, name: str, dest
     body = _ref(repository, keyfile) | {"dest": dest, "vms": list(vms) or None}
     o.finish_task(client, client.post(f"/backups/{_q(name)}/restore", body), wait, as_json,
                   _result)
+
+
+@backup_site.command("serve")
+@click.argument("repository")
+@click.argument("name")
+@keyfile_option
+@click.option("--vm", "vms", multiple=True, help="only this VM (repeatable)")
+@click.option("--writable", is_flag=True,
+              help="under scratch overlays: writes are discarded by `unserve`")
+@site_options
+def site_serve(client: Client, as_json: bool, repository: str, name: str,
+               keyfile: str | None, vms: tuple[str, ...], writable: bool) -> None:
+    """Instant access: serve backup NAME's volumes on the site's NBD server (until
+    `unserve`); prints one nbd:// URI per volume."""
+    body = _ref(repository, keyfile) | {"vms": list(vms) or None, "writable": writable}
+    served = client.post(f"/backups/{_q(name)}/serve", body)
+    if as_json:
+        print_json(served)
+        return
+    o.table(f"backup {name} served" + (" (writable, scratch)" if writable else ""),
+            ["vm", "volume", "uri"], [(e["vm"], e["volume"], e["uri"]) for e in served])
+
+
+@backup_site.command("unserve")
+@click.argument("name")
+@site_options
+def site_unserve(client: Client, as_json: bool, name: str) -> None:
+    """Stop serving backup NAME (its connections drop, scratch writes are discarded)."""
+    client.delete(f"/backups/{_q(name)}/serve")
+    if as_json:
+        print_json({"unserved": name})
+    else:
+        click.echo(f"backup {name} is no longer served")
+
+
+@backup_site.command("files")
+@click.argument("source")
+@click.argument("vm")
+@click.argument("volume")
+@click.argument("path", default="/")
+@click.option("--repository", help="SOURCE is a backup in this repository (at the site)")
+@click.option("--checkpoint", type=int,
+              help="SOURCE is a recovery VPG, read at this checkpoint of its journals")
+@keyfile_option
+@click.option("--extract", "dest", help="copy PATH into this directory at the site instead")
+@wait_option
+@site_options
+def site_files(client: Client, as_json: bool, source: str, vm: str, volume: str, path: str,
+               repository: str | None, checkpoint: int | None, keyfile: str | None,
+               dest: str | None, wait: bool) -> None:
+    """File-level restore: list directory PATH of an ext4 VOLUME of VM, in backup SOURCE
+    (--repository) or in recovery VPG SOURCE at a checkpoint (--checkpoint), or
+    --extract it into a directory at the site (a task)."""
+    if (repository is None) == (checkpoint is None):
+        raise click.UsageError("give --repository (SOURCE is a backup) or --checkpoint "
+                               "(SOURCE is a recovery VPG)")
+    at: dict[str, Any] = {"vm": vm, "volume": volume, "path": path}
+    if repository is not None:
+        base, body = f"/backups/{_q(source)}/files", _ref(repository, keyfile) | at
+    else:
+        base, body = f"/vpgs/{_q(source)}/checkpoints/{checkpoint}/files", at
+    if dest is not None:
+        task = client.post(f"{base}/extract", body | {"dest": dest})
+        o.finish_task(client, task, wait, as_json, _result)
+        return
+    if repository is not None:
+        entries = client.post(base, body)
+    else:
+        entries = client.request("GET", base, params=at)  # ("path" is get()'s own)
+    if as_json:
+        print_json(entries)
+        return
+    o.table(f"{path} in {source}", ["name", "type", "mode", "uid", "gid", "size"],
+            [(e["name"], e["type"], f"{e['mode'] & 0o7777:o}", e["uid"], e["gid"],
+              e["size"]) for e in entries])
 
 
 @backup_site.command("check")

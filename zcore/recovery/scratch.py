@@ -7,6 +7,8 @@ overlay makes one volume of a view writable without touching what it overlays: t
 writes land in a sparse temporary file of its own, kept apart from the journal and the
 replica, and are discarded when the overlay closes.  It is what a failover test runs a
 recovered VM on, and what the NBD front-end serves as a writable point-in-time export.
+Any read-only `Image` can stand under it: a backup served for instant access is one
+(zcore.backup.access).
 
 This module holds the overlay and `ScratchBudget`, a byte budget several overlays share
 (a failover test bounds the scratch use of a whole VPG with one).  The operations built
@@ -18,7 +20,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from pyroaring import BitMap64
@@ -27,7 +29,7 @@ from zcore import records
 from zcore.bitmap import id_runs
 from zcore.errors import ClosedError, ConfigError, ScratchLimitError
 from zcore.fsutil import preadinto_upto, pwrite_all
-from zcore.journal import Journal, View
+from zcore.journal import Journal
 from zcore.records import Checkpoint
 
 if TYPE_CHECKING:
@@ -37,6 +39,20 @@ SECTOR = records.SECTOR
 # Default scratch limit when none is given: capped by the volume's own size, which the
 # overlay can never pass (a rewritten sector reuses its place in the scratch file).
 DEFAULT_SCRATCH_LIMIT = 16 << 30
+
+
+class Image(Protocol):
+    """What an overlay reads beneath its writes: a journal `View`, or a backup's volumes
+    read through the repository (zcore.backup.access.BackupImage)."""
+
+    @property
+    def checkpoint(self) -> Checkpoint: ...
+
+    def size(self, volume: int | str) -> int: ...
+
+    def read_into(self, volume: int | str, offset: int, buf: Any) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class ScratchBudget:
@@ -83,7 +99,8 @@ def _runs(bitmap: BitMap64, start: int, end: int) -> list[tuple[int, int]]:
 
 
 class ScratchOverlay:
-    """A writable overlay on one volume of a view; its writes are discarded on close.
+    """A writable overlay on one volume of a view (any `Image`); its writes are discarded
+    on close.
 
     Writes go to a sparse, already-unlinked temporary file at their own offsets, and three
     roaring bitmaps of 512-byte sectors say where each sector's current bytes are: in the
@@ -102,7 +119,7 @@ class ScratchOverlay:
 
     def __init__(
         self,
-        view: View,
+        view: Image,
         volume: int | str,
         *,
         limit_bytes: int | None = None,

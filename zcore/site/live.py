@@ -47,6 +47,7 @@ from zcore.site.db import (
 from zcore.site.errors import AlreadyExistsError
 from zcore.site.failover_ops import FailoverOps
 from zcore.site.metrics import Series
+from zcore.site.operations import export_uri
 from zcore.site.reverse_ops import ReverseOps
 from zcore.site.runtime import SiteRuntime, vpg_settings
 from zcore.site.tasks import Progress, TaskRunner
@@ -74,7 +75,8 @@ class LiveSiteBackend(DbSiteBackend):
         self.states = OperationStates()  # the one operation table of this site's VPGs
         self.failovers = FailoverOps(db, runtime, self.runner, self.states)
         self.reverse = ReverseOps(self, self.failovers)
-        self.backups = BackupOps(runtime.recovery_vpg, self.runner)  # issue 13
+        self.backups = BackupOps(runtime.recovery_vpg, self.runner, nbd=runtime.nbd,
+                                 uri=lambda export: export_uri(runtime, export))  # issue 13
 
     # -- sites and pairing -----------------------------------------------------------------
 

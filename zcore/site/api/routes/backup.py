@@ -1,6 +1,7 @@
 """Routes for extended-recovery backups (zcore.backup.siteops): run a backup of a recovery
 VPG, restore one, check and prune a repository (tasks); list and show backups; a VPG's
-backup schedule (daily, in a window, GFS retention).  The
+backup schedule (daily, in a window, GFS retention); instant access (a backup's volumes
+served on the site's NBD server); file-level restore from a backup or a checkpoint.  The
 repository is a path at this site; its secret is a key file path, a passphrase in the body
 (used for this request only), or the site's $ZCORE_BACKUP_PASSPHRASE."""
 
@@ -21,6 +22,7 @@ from zcore.site.errors import NotFoundError
 
 NamePath = Annotated[str, Path(max_length=128)]
 BackupPath = Annotated[str, Path(max_length=64)]
+CheckpointPath = Annotated[int, Path(ge=0, le=(1 << 63) - 1)]
 
 
 class RepoRef(BaseModel):
@@ -41,6 +43,34 @@ class BackupRun(RepoRef):
 class BackupRestore(RepoRef):
     dest: str = Field(max_length=4096, description="directory at this site for the images")
     vms: list[str] | None = None
+
+
+class BackupServe(RepoRef):
+    vms: list[str] | None = Field(None, max_length=1000, description="default: every VM")
+    writable: bool = Field(False, description="under scratch overlays: writes are kept "
+                           "until the backup is unserved, then discarded")
+    scratch_limit_bytes: int | None = Field(None, ge=0, le=1 << 50,
+                                            description="per volume (default its size)")
+
+
+class FileRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    vm: str = Field(max_length=128)
+    volume: str = Field(max_length=128)
+    path: str = Field("/", max_length=4096, description="absolute, in the volume's ext4")
+
+
+class BackupFiles(RepoRef, FileRef):
+    pass
+
+
+class BackupExtract(BackupFiles):
+    dest: str = Field(max_length=4096, description="a directory at this site")
+
+
+class CheckpointExtract(FileRef):
+    dest: str = Field(max_length=4096, description="a directory at this site")
 
 
 class BackupPrune(RepoRef):
@@ -128,6 +158,62 @@ def backup_router(ctx: SiteContext) -> APIRouter:
         policy = Retention(body.daily, body.weekly, body.monthly, body.yearly, body.last)
         task = await _ops(ctx).prune(body.repository, secret_of(body.keyfile, body.passphrase),
                                      policy, body.vpg, body.dry_run)
+        return accepted(response, task)
+
+    @r.post("/backups/{backup}/serve", status_code=201,
+            summary="Instant access: serve a backup's volumes on this site's NBD server")
+    async def backup_serve(backup: BackupPath, body: BackupServe) -> list[dict[str, Any]]:
+        served: list[dict[str, Any]] = await _ops(ctx).serve(
+            body.repository, secret_of(body.keyfile, body.passphrase), backup,
+            vms=body.vms, writable=body.writable, scratch_limit=body.scratch_limit_bytes)
+        return served
+
+    @r.get("/backups/served", summary="The backups served for instant access, by backup")
+    async def backup_served() -> dict[str, Any]:
+        served: dict[str, Any] = _ops(ctx).served()
+        return served
+
+    @r.delete("/backups/{backup}/serve", status_code=204,
+              summary="Stop serving a backup (its scratch writes are discarded)")
+    async def backup_unserve(backup: BackupPath) -> Response:
+        _ops(ctx).unserve(backup)
+        return Response(status_code=204)
+
+    @r.post("/backups/{backup}/files",
+            summary="File-level restore: list a directory of a backup's ext4 volume")
+    async def backup_files(backup: BackupPath, body: BackupFiles) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = await _ops(ctx).files(
+            body.repository, secret_of(body.keyfile, body.passphrase), backup, body.vm,
+            body.volume, body.path)
+        return found
+
+    @r.post("/backups/{backup}/files/extract", status_code=202,
+            summary="File-level restore: copy a file or directory of a backup out (a task)")
+    async def backup_extract(backup: BackupPath, body: BackupExtract,
+                             response: Response) -> Task:
+        task = await _ops(ctx).extract(
+            body.repository, secret_of(body.keyfile, body.passphrase), backup, body.vm,
+            body.volume, body.path, body.dest)
+        return accepted(response, task)
+
+    @r.get("/vpgs/{name}/checkpoints/{checkpoint}/files",
+           summary="File-level restore: list a directory of an ext4 volume at a checkpoint")
+    async def checkpoint_files(name: NamePath, checkpoint: CheckpointPath,
+                               vm: Annotated[str, Query(max_length=128)],
+                               volume: Annotated[str, Query(max_length=128)],
+                               path: Annotated[str, Query(max_length=4096)] = "/"
+                               ) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = await _ops(ctx).checkpoint_files(
+            name, checkpoint, vm, volume, path)
+        return found
+
+    @r.post("/vpgs/{name}/checkpoints/{checkpoint}/files/extract", status_code=202,
+            summary="File-level restore: copy a file or directory out of a checkpoint "
+                    "(a task)")
+    async def checkpoint_extract(name: NamePath, checkpoint: CheckpointPath,
+                                 body: CheckpointExtract, response: Response) -> Task:
+        task = await _ops(ctx).checkpoint_extract(name, checkpoint, body.vm, body.volume,
+                                                  body.path, body.dest)
         return accepted(response, task)
 
     @r.get("/vpgs/{name}/backup-schedule", summary="The VPG's backup schedule")

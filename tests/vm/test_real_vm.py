@@ -12,6 +12,7 @@ its writes into the replica and boots it again on the `recovered/...` export, wh
 file is.  Then reverse protection (B protects the VPG back to A, whose disk becomes the
 replica) and a failback: A protects it again from its original disk, byte-identical to
 what the recovered VM wrote, and the guest booted there shows its files and the new one.
+A second scenario boots the guest from a backup served for instant access (issue 13).
 
 Bounded: every wait has a timeout and the whole scenario a budget (BUDGET_S); under TCG
 each boot takes ~3 s.  In CI (CI=true) a missing tool or guest package fails the test
@@ -242,3 +243,49 @@ def test_ransomed_vm_fails_over_to_its_tag_boots_with_its_files_and_fails_back_h
     assert "GUEST-FILE recovered.txt: written by the recovered VM" in console, console
     for name, text in FILES.items():
         assert f"GUEST-FILE {name}: {text}\n" in console, console
+
+
+def test_a_vm_boots_from_a_backup_served_for_instant_access_and_writes_on_it(
+        kit: VMKit, sites: tuple[SiteProcess, SiteProcess], tmp_path: Path) -> None:
+    """Issue 13's instant access: site B backs the VPG up at a tag, then serves the backup
+    writable on its NBD server; the guest boots on it, shows its files as they were at the
+    tag and writes one of its own, which the scratch overlay keeps until the backup is
+    unserved (the repository is only read: it still checks clean and serves the tag)."""
+    from helpers.backup import FAST_N
+
+    from zcore.backup import Repository, Secret
+
+    budget = Budget(BUDGET_S)
+    a, b = sites
+    disk = make_ext4_image(tmp_path / "vm1-disk0.img", {
+        f"data/{name}": f"{text}\n".encode() for name, text in FILES.items()},
+        size_mib=DISK // MiB)
+    ca, cb, task = protect(a, b, disk)
+    wait_task(ca, task, budget)
+    cid = tag(ca, cb, "backed-up", budget)
+    repo = tmp_path / "repo"
+    Repository.init(repo, Secret(passphrase="pw"), chunk_size=1 << 16, scrypt_n=FAST_N)
+    ref = {"repository": str(repo), "passphrase": "pw"}
+    done = wait_task(cb, ok(cb.post("/vpgs/g1/backups", json=ref | {"checkpoint": cid}),
+                            202), budget)
+    backup = done["result"]["backup"]
+    served = ok(cb.post(f"/backups/{backup}/serve", json=ref | {"writable": True}), 201)
+    assert [s["export"] for s in served] == [f"backup/{backup}/vm1/disk0"]
+
+    console = boot_at_a(kit, GUEST_PRINTS, served[0]["uri"], tmp_path / "run-backup",
+                        "GUEST-PRINTED", budget)
+    for name, text in FILES.items():
+        assert f"GUEST-FILE {name}: {text}\n" in console, console
+    # the guest's own file is on the served disk until the backup is unserved
+    assert "GUEST-FILE recovered.txt" not in console, console
+    again = boot_at_a(kit, GUEST_PRINTS, served[0]["uri"], tmp_path / "run-backup-2",
+                      "GUEST-PRINTED", budget)
+    assert "GUEST-FILE recovered.txt: written by the recovered VM" in again, again
+    ok(cb.delete(f"/backups/{backup}/serve"), 204)  # the guest's writes are discarded
+    served = ok(cb.post(f"/backups/{backup}/serve", json=ref | {"writable": True}), 201)
+    console = boot_at_a(kit, GUEST_PRINTS, served[0]["uri"], tmp_path / "run-backup-3",
+                        "GUEST-PRINTED", budget)
+    assert "GUEST-FILE recovered.txt" not in console, console
+    ok(cb.delete(f"/backups/{backup}/serve"), 204)
+    check = wait_task(cb, ok(cb.post("/backups/check", json=ref), 202), budget)
+    assert check["result"]["ok"], check

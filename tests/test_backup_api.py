@@ -115,6 +115,24 @@ async def test_api_check_reports_damage_and_prune_keeps_a_locked_backup(site):
     assert not report["ok"] and chunk.name in report["damaged"]
 
 
+async def test_api_repair_heals_a_damaged_chunk_from_the_sites_journals(site):
+    client, tmp, snaps, _ = site
+    ref = {"repository": str(tmp / "repo"), "passphrase": "pw"}
+    done = await finished(client, await client.post(f"{V1}/vpgs/g/backups", json=ref))
+    chunk = next(p for p in (tmp / "repo" / "chunks").rglob("*") if p.is_file())
+    os.chmod(chunk, 0o644)
+    chunk.write_bytes(chunk.read_bytes()[:-1] + b"\0")
+    fixed = await finished(client, await client.post(f"{V1}/backups/check",
+                                                     json=ref | {"repair": True}))
+    assert fixed["kind"] == "backup_repair" and fixed["result"]["ok"], fixed
+    assert list(fixed["result"]["healed"]) == [chunk.name]
+    again = await finished(client, await client.post(f"{V1}/backups/check", json=ref))
+    assert again["result"]["ok"], again
+    t = await finished(client, await client.post(
+        f"{V1}/backups/{done['result']['backup']}/restore", json=ref | {"dest": str(tmp / "o")}))
+    assert (tmp / "o" / "vm1" / "disk0.img").read_bytes() == snaps[-1][1]["disk0"], t
+
+
 async def test_api_wrong_passphrase_is_a_clear_error(site):
     client, tmp, _, _ = site
     r = await client.post(f"{V1}/backups/list",

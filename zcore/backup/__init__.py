@@ -7,6 +7,7 @@ The public face of the package; the parts, in data-path order:
     store     the repository: config, chunks, manifests, index, the writers' lock
     engine    backups from journal views (full, incremental, full-dedup) and restores
     prune     GFS retention, crash-safe garbage collection, check
+    repair    check --repair: heal chunks from the journals, set the rest aside, re-index
     access    instant access: a backup's volume as an NBD export
     files     file-level restore through debugfs (zcore.backup.files)
     s3, schedule, siteops   S3 store; schedules; the site service's tasks

@@ -31,6 +31,8 @@ from zcore.backup import files as ext4
 from zcore.backup.access import backup_export
 from zcore.backup.crypto import Secret
 from zcore.backup.prune import Retention, check, prune
+from zcore.backup.repair import repair as do_repair
+from zcore.backup.repair import report_doc
 from zcore.backup.schedule import Schedule, ScheduleBook
 from zcore.backup.store import Repository
 from zcore.errors import ConfigError, CorruptRecordError, StateError, ZcoreError
@@ -224,16 +226,35 @@ class BackupOps:
         return await self._runner.submit("backup_restore", task, vpg=m["vpg"],
                                          message=f"restore of {backup} to {dest}")
 
-    async def check(self, repository: str, secret: Secret) -> TaskRecord:
+    async def check(self, repository: str, secret: Secret, *,
+                    repair: bool = False) -> TaskRecord:
+        """Verify every manifest and chunk (a task); with `repair`, heal from this site's
+        recovery VPGs what their journals still hold and quarantine the rest
+        (zcore.backup.repair)."""
         repo = await asyncio.to_thread(self.open, repository, secret)
 
         async def task(progress: Progress) -> dict[str, Any]:
+            if repair:
+                vpgs = await asyncio.to_thread(self._sources, repo)
+                fixed = await _threaded(lambda p: do_repair(repo, vpgs=vpgs, progress=p),
+                                        progress, f"repairing {repository}")
+                return report_doc(fixed)
             r = await _threaded(lambda p: check(repo, progress=p), progress,
                                 f"checking {repository}")
             return asdict(r) | {"ok": r.ok, "affected": r.affected()}
 
-        return await self._runner.submit("backup_check", task,
-                                         message=f"check of {repository}")
+        return await self._runner.submit("backup_repair" if repair else "backup_check", task,
+                                         message=f"{'repair' if repair else 'check'} of "
+                                                 f"{repository}")
+
+    def _sources(self, repo: Repository) -> dict[str, RecoveryVPG]:
+        """This site's recovery VPGs that the repository's backups name (to heal from)."""
+        out = {}
+        for b in repo.backups():
+            if b.vpg not in out:
+                with contextlib.suppress(ZcoreError):
+                    out[b.vpg] = self._vpg(b.vpg)
+        return out
 
     async def prune(self, repository: str, secret: Secret, policy: Retention,
                     vpg: str | None, dry_run: bool) -> TaskRecord:

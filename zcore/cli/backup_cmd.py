@@ -136,13 +136,23 @@ def init(repository: str, keyfile: Path | None, chunk_size: int, as_json: bool) 
         click.echo(f"repository {repo.repo_id} created at {repository}")
 
 
+def vpg_source_options(fn: F) -> F:
+    """--vpg-dir or --journal (and --vpg): the recovery VPG a command reads."""
+    for option in reversed((
+            click.option("--vpg-dir", type=click.Path(file_okay=False, path_type=Path),
+                         help="a recovery VPG directory (one VM journal per subdirectory)"),
+            click.option("--journal", "journal_dir",
+                         type=click.Path(file_okay=False, path_type=Path),
+                         help="one VM's journal directory"),
+            click.option("--vpg", "vpg_name",
+                         help="the VPG's name (default: the directory's)"))):
+        fn = option(fn)
+    return fn
+
+
 @backup.command()
 @repo_options
-@click.option("--vpg-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="a recovery VPG directory (one VM journal per subdirectory)")
-@click.option("--journal", "journal_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="one VM's journal directory")
-@click.option("--vpg", "vpg_name", help="the VPG's name (default: the directory's)")
+@vpg_source_options
 @click.option("--checkpoint", type=int, help="checkpoint id (default: the newest usable)")
 @click.option("--full", is_flag=True, help="read everything (no incremental)")
 @click.option("--retain", help="retention lock: keep at least this long (e.g. 30d)")
@@ -243,12 +253,25 @@ def restore(repository: str, keyfile: Path | None, name: str, dest: Path,
 
 @backup.command()
 @repo_options
+@click.option("--repair", is_flag=True,
+              help="heal what the journals still hold, set aside what cannot be healed, "
+                   "rebuild the index")
+@vpg_source_options
 @json_option
 @errors
-def check(repository: str, keyfile: Path | None, as_json: bool) -> None:
-    """Decrypt and verify every manifest and every chunk they list."""
+def check(repository: str, keyfile: Path | None, repair: bool, vpg_dir: Path | None,
+          journal_dir: Path | None, vpg_name: str | None, as_json: bool) -> None:
+    """Decrypt and verify every manifest and every chunk they list; with --repair, heal
+    damaged or missing chunks from a recovery VPG's journals (--vpg-dir or --journal)
+    where they still hold the bytes, and quarantine the rest."""
     from zcore.backup import check as do_check
-    r = do_check(_open(repository, keyfile), progress=_progress("check"))
+    repo = _open(repository, keyfile)
+    if repair:
+        _repair(repo, vpg_dir, journal_dir, vpg_name, as_json)
+        return
+    if vpg_dir is not None or journal_dir is not None:
+        raise click.UsageError("--vpg-dir and --journal go with --repair")
+    r = do_check(repo, progress=_progress("check"))
     if as_json:
         click.echo(json.dumps(asdict(r) | {"ok": r.ok, "affected": r.affected()}, indent=2))
     else:
@@ -263,6 +286,33 @@ def check(repository: str, keyfile: Path | None, as_json: bool) -> None:
                 click.echo(f"  chunk {cid} {what}: affects {', '.join(users)}")
         for n, why in sorted(r.bad_manifests.items()):
             click.echo(f"  manifest {n}: {why}")
+    if not r.ok:
+        sys.exit(EXIT_DAMAGE)
+
+
+def _repair(repo: Any, vpg_dir: Path | None, journal_dir: Path | None,
+            vpg_name: str | None, as_json: bool) -> None:
+    from zcore.backup.repair import repair, report_doc
+    if vpg_dir is None and journal_dir is None:
+        r = repair(repo, progress=_progress("check"))
+    else:
+        with _vpg(vpg_dir, journal_dir, vpg_name) as vpg:
+            r = repair(repo, vpgs={vpg.name: vpg}, progress=_progress("check"))
+    if as_json:
+        click.echo(json.dumps(report_doc(r), indent=2))
+    else:
+        c = r.check
+        click.echo(f"{c.backups} backups, {c.chunks} chunks checked; {len(r.healed)} healed, "
+                   f"{len(r.quarantined_chunks)} chunks and {len(r.quarantined_manifests)} "
+                   f"manifests set aside under quarantine/, {len(r.locked)} locked, "
+                   f"{r.leftovers_removed} leftovers removed; the index is rebuilt")
+        for cid, source in sorted(r.healed.items()):
+            click.echo(f"  chunk {cid} healed from {source}")
+        for name, until in sorted(r.locked.items()):
+            click.echo(f"  {name} is damaged but locked until {o.when(until)}: left as is")
+        for cid, users in sorted(r.unrecoverable.items()):
+            click.echo(f"  chunk {cid} is lost: {', '.join(users)} cannot be restored whole "
+                       f"until a backup stores those bytes again")
     if not r.ok:
         sys.exit(EXIT_DAMAGE)
 

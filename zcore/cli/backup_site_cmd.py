@@ -200,13 +200,15 @@ def site_files(client: Client, as_json: bool, source: str, vm: str, volume: str,
 @backup_site.command("check")
 @click.argument("repository")
 @keyfile_option
+@click.option("--repair", is_flag=True, help="heal from the site's journals what they "
+              "still hold, quarantine the rest, rebuild the index")
 @wait_option
 @site_options
 def site_check(client: Client, as_json: bool, repository: str, keyfile: str | None,
-               wait: bool) -> None:
-    """Verify every manifest and chunk of REPOSITORY at the site (a task)."""
-    o.finish_task(client, client.post("/backups/check", _ref(repository, keyfile)), wait,
-                  as_json, _result)
+               repair: bool, wait: bool) -> None:
+    """Verify every manifest and chunk of REPOSITORY at the site, or repair it (a task)."""
+    body = _ref(repository, keyfile) | {"repair": repair}
+    o.finish_task(client, client.post("/backups/check", body), wait, as_json, _result)
 
 
 @backup_site.command("prune")

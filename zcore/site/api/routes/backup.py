@@ -45,6 +45,11 @@ class BackupRestore(RepoRef):
     vms: list[str] | None = None
 
 
+class BackupCheck(RepoRef):
+    repair: bool = Field(False, description="heal chunks from this site's journals where "
+                         "they still hold them, quarantine the rest, rebuild the index")
+
+
 class BackupServe(RepoRef):
     vms: list[str] | None = Field(None, max_length=1000, description="default: every VM")
     writable: bool = Field(False, description="under scratch overlays: writes are kept "
@@ -147,9 +152,11 @@ def backup_router(ctx: SiteContext) -> APIRouter:
         return accepted(response, task)
 
     @r.post("/backups/check", status_code=202,
-            summary="Decrypt and verify every manifest and chunk of a repository (a task)")
-    async def backup_check(body: RepoRef, response: Response) -> Task:
-        task = await _ops(ctx).check(body.repository, secret_of(body.keyfile, body.passphrase))
+            summary="Decrypt and verify every manifest and chunk of a repository; or repair "
+                    "it (a task)")
+    async def backup_check(body: BackupCheck, response: Response) -> Task:
+        task = await _ops(ctx).check(body.repository, secret_of(body.keyfile, body.passphrase),
+                                     repair=body.repair)
         return accepted(response, task)
 
     @r.post("/backups/prune", status_code=202,

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -36,8 +37,10 @@ from zcore.backup.repair import report_doc
 from zcore.backup.schedule import Schedule, ScheduleBook
 from zcore.backup.store import Repository
 from zcore.errors import ConfigError, CorruptRecordError, StateError, ZcoreError
+from zcore.journal import JournalSettings, VolumeSpec
 from zcore.nbd import NBDServer
 from zcore.nbd.exports import Export
+from zcore.replication.recovery_site import RecoverySite
 from zcore.site.db import TaskRecord
 from zcore.site.errors import NotFoundError
 from zcore.site.recovery_vpg import RecoveryVPG
@@ -91,9 +94,12 @@ class BackupOps:
     backup schedules (zcore.backup.schedule), ticked once `start` ran."""
 
     def __init__(self, recovery_vpg: Callable[[str], RecoveryVPG], runner: TaskRunner, *,
-                 nbd: NBDServer | None = None, uri: Callable[[str], str] = str) -> None:
+                 nbd: NBDServer | None = None, uri: Callable[[str], str] = str,
+                 recovery_site: Callable[[], RecoverySite | None] = lambda: None) -> None:
         self._vpg = recovery_vpg
         self._runner = runner
+        self._recovery_site = recovery_site  # the site's, once started: for preseeding
+        self._root: Path | None = None
         self._nbd = nbd  # the site's NBD server, for instant access
         self._uri = uri  # an export's nbd:// URI on it
         self._served: dict[str, list[str]] = {}  # backup -> export names being served
@@ -108,6 +114,7 @@ class BackupOps:
     def start(self, root: str | os.PathLike[str]) -> None:
         """Load the schedules kept under the site directory `root` and tick them every
         SCHEDULE_TICK_S (call on the service's event loop)."""
+        self._root = Path(root)
         try:
             self.book = ScheduleBook(root)
         except CorruptRecordError as exc:  # damage is never read as "no schedules"
@@ -284,6 +291,54 @@ class BackupOps:
                  "chunks": len(v["chunks"]),
                  "zero_chunks": sum(1 for c in v["chunks"] if c is None)}
                 for v in vm["volumes"]]} for vm in m["vms"]]}
+
+    # ---- preseeding a new VPG's replicas -------------------------------------------------
+
+    async def preseed(self, repository: str, secret: Secret, backup: str, vpg: str,
+                      owner: str) -> TaskRecord:
+        """Restore `backup` as the replicas of a new recovery VPG `vpg` protected from
+        paired site `owner` (a site id), a task: its volumes are restored (verified) under
+        the site's `preseed/VPG/` and adopted as the replicas of one journal per VM, as
+        reverse protection adopts disks.  The protected site then creates VPG `vpg` over
+        the same VMs and volumes with `initial_sync="delta"`: its delta sync compares block
+        hashes with these replicas and sends only what differs."""
+        site = self._recovery_site()
+        if site is None or self._root is None:
+            raise StateError("preseeding needs the recovery site of a running site service")
+        if not any(p.site_id == owner for p in site.peers.all()):
+            raise ConfigError(f"site {owner!r} is not paired with this site: preseed for the "
+                              f"site id of the protected site that will create the VPG")
+        if vpg in site.receivers or (site.vpgs_dir / vpg).exists():
+            raise StateError(f"VPG {vpg} exists at this site already: a preseed makes the "
+                             f"replicas of a new VPG")
+        repo = await asyncio.to_thread(self.open, repository, secret)
+        m = await asyncio.to_thread(repo.manifest, backup)
+        # the volume ids the protected site gives them: VMs by name, their volumes by name
+        plan: list[tuple[str, list[VolumeSpec]]] = []
+        for vm in sorted(m["vms"], key=lambda x: x["name"]):
+            vols = sorted(vm["volumes"], key=lambda v: v["name"])
+            first = sum(len(v) for _, v in plan)
+            plan.append((vm["name"], [VolumeSpec(first + i, v["name"], int(v["size"]))
+                                      for i, v in enumerate(vols)]))
+        staging = self._root / "preseed" / vpg
+
+        def run(report: Callable[[int, int], None]) -> list[Path]:
+            shutil.rmtree(staging, ignore_errors=True)  # a crashed preseed's images
+            paths = engine.restore(repo, backup, staging, progress=report)
+            files = {(vm, v.name): staging / vm / f"{v.name}.img"
+                     for vm, vols in plan for v in vols}
+            site.adopt(vpg, owner, plan, JournalSettings(), files)
+            shutil.rmtree(staging, ignore_errors=True)
+            return paths
+
+        async def task(progress: Progress) -> dict[str, Any]:
+            paths = await _threaded(run, progress, f"preseeding VPG {vpg} from {backup}")
+            return {"backup": backup, "vpg": vpg, "owner": owner,
+                    "volumes": [f"{vm}/{v.name}" for vm, vols in plan for v in vols],
+                    "bytes": sum(p.stat().st_size for p in paths if p.exists())}
+
+        return await self._runner.submit("backup_preseed", task, vpg=vpg,
+                                         message=f"preseed of VPG {vpg} from {backup}")
 
     # ---- instant access ------------------------------------------------------------------
 

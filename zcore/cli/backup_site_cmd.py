@@ -1,9 +1,9 @@
-"""`zcore backup site run|list|show|restore|serve|unserve|files|check|prune|schedule`: the
-same backups through
-a running site service's REST API (zcore.site.api.routes.backup), as tasks with a progress
-bar.  The repository is a path at the site; its secret is `--keyfile` (a path at the site)
-or this shell's $ZCORE_BACKUP_PASSPHRASE, sent in the request and never stored (none: the
-site's own $ZCORE_BACKUP_PASSPHRASE).  Sits over zcore.cli.client and zcore.cli.output."""
+"""`zcore backup site run|list|show|restore|preseed|serve|unserve|files|check|prune|schedule`:
+the same backups through a running site service's REST API (zcore.site.api.routes.backup),
+as tasks with a progress bar.  The repository is a path at the site; its secret is
+`--keyfile` (a path at the site) or this shell's $ZCORE_BACKUP_PASSPHRASE, sent in the
+request and never stored (none: the site's own $ZCORE_BACKUP_PASSPHRASE).  Sits over
+zcore.cli.client and zcore.cli.output."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import click
 from zcore.cli import output as o
 from zcore.cli.client import Client, print_json, site_options
 from zcore.cli.params import gfs_options
-from zcore.cli.vpg_cmd import wait_option
+from zcore.cli.vpg_cmd import peer_id, wait_option
 
 PASSPHRASE_ENV = "ZCORE_BACKUP_PASSPHRASE"
 
@@ -119,6 +119,25 @@ def site_restore(client: Client, as_json: bool, repository: str, name: str, dest
     """Restore backup NAME to images under DEST at the site (a task)."""
     body = _ref(repository, keyfile) | {"dest": dest, "vms": list(vms) or None}
     o.finish_task(client, client.post(f"/backups/{_q(name)}/restore", body), wait, as_json,
+                  _result)
+
+
+@backup_site.command("preseed")
+@click.argument("repository")
+@click.argument("name")
+@click.argument("vpg")
+@click.option("--peer", required=True, metavar="SITE",
+              help="the protected site that will create VPG (its name or id)")
+@keyfile_option
+@wait_option
+@site_options
+def site_preseed(client: Client, as_json: bool, repository: str, name: str, vpg: str,
+                 peer: str, keyfile: str | None, wait: bool) -> None:
+    """Restore backup NAME at this recovery site as the replicas of a new VPG VPG; then
+    `zcore vpg create VPG ... --initial-sync delta` at the protected site sends only what
+    differs from them (a task)."""
+    body = _ref(repository, keyfile) | {"vpg": vpg, "peer": peer_id(client, peer)}
+    o.finish_task(client, client.post(f"/backups/{_q(name)}/preseed", body), wait, as_json,
                   _result)
 
 

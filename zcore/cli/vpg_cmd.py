@@ -37,7 +37,7 @@ def _peer(names: dict[str, str], site_id: str | None) -> str | None:
     return None if site_id is None else names.get(site_id, site_id)
 
 
-def _peer_id(client: Client, peer: str | None) -> str | None:
+def peer_id(client: Client, peer: str | None) -> str | None:
     """A paired site's id from its id or its name."""
     if peer is None:
         return None
@@ -127,16 +127,20 @@ def settings_options(fn: F) -> F:
 @click.option("--peer", metavar="SITE", help="the paired recovery site (its name or id)")
 @click.option("--role", type=click.Choice(["protected", "recovery"]), default="protected",
               show_default=True, help="this site's side of the VPG")
+@click.option("--initial-sync", type=click.Choice(["full", "delta"]), default="full",
+              show_default=True, help="delta: the recovery site holds preseeded replicas "
+              "(`zcore backup site preseed`); only what differs is sent")
 @settings_options
 @wait_option
 @site_options
 def create_cmd(client: Client, as_json: bool, wait: bool, name: str, vms: tuple[str, ...],
-               peer: str | None, role: str, settings: dict[str, Any]) -> None:
+               peer: str | None, role: str, initial_sync: str,
+               settings: dict[str, Any]) -> None:
     """Create the VPG NAME of VMs already added (`zcore vm add`), protected to a paired
     site (`zcore site pair`), e.g. `zcore vpg create web --vm web --peer dr --history 7d`.
     Waits for the initial sync."""
-    body = {"name": name, "role": role, "vms": list(vms), "peer": _peer_id(client, peer),
-            "settings": settings}
+    body = {"name": name, "role": role, "vms": list(vms), "peer": peer_id(client, peer),
+            "settings": settings, "initial_sync": initial_sync}
     task = client.post("/vpgs", body)
 
     def done(_task: dict[str, Any]) -> None:

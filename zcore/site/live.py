@@ -75,8 +75,10 @@ class LiveSiteBackend(DbSiteBackend):
         self.states = OperationStates()  # the one operation table of this site's VPGs
         self.failovers = FailoverOps(db, runtime, self.runner, self.states)
         self.reverse = ReverseOps(self, self.failovers)
-        self.backups = BackupOps(runtime.recovery_vpg, self.runner, nbd=runtime.nbd,
-                                 uri=lambda export: export_uri(runtime, export))  # issue 13
+        self.backups = BackupOps(  # issue 13
+            runtime.recovery_vpg, self.runner, nbd=runtime.nbd,
+            uri=lambda export: export_uri(runtime, export),
+            recovery_site=lambda: runtime.recovery)
 
     # -- sites and pairing -----------------------------------------------------------------
 
@@ -152,9 +154,12 @@ class LiveSiteBackend(DbSiteBackend):
                 await asyncio.to_thread(shutil.rmtree, state_dir, True)
             raise
 
+        delta = spec.initial_sync == "delta"
+        sync = "delta sync against the preseeded replicas" if delta else "initial sync"
+
         async def run(progress: Progress) -> dict[str, Any]:
             try:
-                await self.rt.start_protected(record, vms, address)
+                await self.rt.start_protected(record, vms, address, delta_sync=delta)
             except Exception as exc:
                 await self._db(self.db.update_vpg, spec.name, state=VpgState.ERROR)
                 await self._db(self.db.add_event, "vpg_error",
@@ -163,8 +168,8 @@ class LiveSiteBackend(DbSiteBackend):
                 raise
             await self._db(self.db.update_vpg, spec.name, state=VpgState.SYNCING)
             await self._db(self.db.add_event, "vpg_created",
-                           f"VPG {spec.name} created: initial sync to {address}", vpg=spec.name)
-            await self.wait_synced(spec.name, progress, "initial sync")
+                           f"VPG {spec.name} created: {sync} to {address}", vpg=spec.name)
+            await self.wait_synced(spec.name, progress, sync)
             await self._db(self.db.update_vpg, spec.name, state=VpgState.PROTECTING)
             return {"vpg": spec.name}
 

@@ -80,6 +80,7 @@ class VpgSpec:
     vms: list[str]
     peer: str | None
     settings: dict[str, Any]
+    initial_sync: str = "full"  # or "delta": against replicas preseeded at the recovery site
 
 
 @dataclass(frozen=True)

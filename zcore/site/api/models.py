@@ -156,6 +156,10 @@ class VpgCreate(Model):
     vms: list[Name] = Field(default_factory=list, max_length=1000)
     peer: str | None = Field(default=None, max_length=64, description="site id of a paired site")
     settings: VpgSettings = Field(default_factory=VpgSettings)
+    initial_sync: Literal["full", "delta"] = Field(
+        default="full", description="full: copy every volume whole (zero blocks skipped); "
+        "delta: the recovery site holds preseeded replicas (a backup restored there as this "
+        "VPG's, POST /backups/{backup}/preseed): compare block hashes, send what differs")
 
 
 class VpgUpdate(Model):

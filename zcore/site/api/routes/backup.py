@@ -45,6 +45,12 @@ class BackupRestore(RepoRef):
     vms: list[str] | None = None
 
 
+class BackupPreseed(RepoRef):
+    vpg: str = Field(max_length=128, description="the new VPG's name")
+    peer: str = Field(max_length=64, description="site id of the protected site that will "
+                      "create it (with initial_sync=delta)")
+
+
 class BackupCheck(RepoRef):
     repair: bool = Field(False, description="heal chunks from this site's journals where "
                          "they still hold them, quarantine the rest, rebuild the index")
@@ -149,6 +155,16 @@ def backup_router(ctx: SiteContext) -> APIRouter:
         task = await _ops(ctx).restore(body.repository,
                                        secret_of(body.keyfile, body.passphrase), backup,
                                        body.dest, body.vms)
+        return accepted(response, task)
+
+    @r.post("/backups/{backup}/preseed", status_code=202,
+            summary="Restore a backup as the replicas of a new VPG, so that its protection "
+                    "starts with a delta sync (a task)")
+    async def backup_preseed(backup: BackupPath, body: BackupPreseed,
+                             response: Response) -> Task:
+        task = await _ops(ctx).preseed(body.repository, secret_of(body.keyfile,
+                                                                   body.passphrase),
+                                       backup, body.vpg, body.peer)
         return accepted(response, task)
 
     @r.post("/backups/check", status_code=202,

@@ -67,7 +67,8 @@ def vpg_router(ctx: SiteContext) -> APIRouter:
 
     @r.post("/vpgs", status_code=202, summary="Create a VPG (a task: its initial sync)")
     async def create_vpg(body: m.VpgCreate, response: Response) -> m.Task:
-        spec = VpgSpec(body.name, body.role, list(body.vms), body.peer, body.settings.model_dump())
+        spec = VpgSpec(body.name, body.role, list(body.vms), body.peer, body.settings.model_dump(),
+                       body.initial_sync)
         return accepted(response, await b.create_vpg(spec))
 
     @r.get("/vpgs/{name}", summary="One VPG")

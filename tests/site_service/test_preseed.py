@@ -1,11 +1,12 @@
 """A backup restored as the replicas of a new VPG (issue 13, "restore to a new VPG's
 replicas"): site B preseeds VPG g2 from a backup of g1, site A creates g2 over the same
-VM with `initial_sync: delta`, and its delta sync sends only what changed since the
+VM with `initial_sync: delta` (both from the command line), and its delta sync sends only what changed since the
 backup's checkpoint; B's journal then serves A's disk byte for byte.  Two real site
 processes; refusals are 4xx with the reason."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import require_tool
 from helpers.backup import FAST_N
+from helpers.cli import zcore_cmd
 from helpers.failover import DISK, MiB, protect, qemu_io, tag, wait_task
 from helpers.site import SiteProcess, ok, two_sites, wait_for
 
@@ -24,6 +26,14 @@ from zcore.backup import Repository, Secret
 def sites(tmp_path: Path) -> Iterator[tuple[SiteProcess, SiteProcess]]:
     with two_sites(tmp_path) as pair:
         yield pair
+
+
+def cli(site: SiteProcess, *args: str, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(zcore_cmd(*args, "--site", site.api_url, "--token", site.token),
+                          capture_output=True, text=True, timeout=180,
+                          env={**os.environ, **(env or {})})
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
 
 
 def test_a_backup_preseeds_a_new_vpg_whose_protection_sends_only_what_differs(
@@ -47,19 +57,20 @@ def test_a_backup_preseeds_a_new_vpg_whose_protection_sends_only_what_differs(
                       (ref | {"vpg": "g1", "peer": alpha["site_id"]}, "exists")):
         refused = cb.post(f"/backups/{backup}/preseed", json=body)
         assert refused.status_code in (400, 409, 422) and why in refused.text, refused.text
-    done = wait_task(cb, ok(cb.post(f"/backups/{backup}/preseed", json=ref | {
-        "vpg": "g2", "peer": alpha["site_id"]}), 202), timeout=120)
-    assert done["result"]["volumes"] == ["vm1/disk0"], done
+    # from the command line, the peer by name (the passphrase from this shell's variable)
+    done = json.loads(cli(b, "backup", "site", "preseed", str(repo), backup, "g2", "--peer",
+                          "alpha", "--json", env={"ZCORE_BACKUP_PASSPHRASE": "pw"}))
+    assert done["state"] == "succeeded", done
+    assert done["result"]["volumes"] == ["vm1/disk0"] and \
+        done["result"]["owner"] == alpha["site_id"], done
 
     # A changes the disk a little meanwhile, then protects it again, as g2, from the seed
     for i in range(4):
         with open(disk, "r+b") as f:
             f.seek(i * 3 * MiB)
             f.write(os.urandom(64 << 10))
-    beta = next(p for p in ok(ca.get("/sites"))["peers"] if p["name"] == "beta")
-    wait_task(ca, ok(ca.post("/vpgs", json={
-        "name": "g2", "vms": ["vm1"], "peer": beta["site_id"], "initial_sync": "delta",
-        "settings": {"checkpoint_interval_seconds": 1}}), 202), timeout=120)
+    cli(a, "vpg", "create", "g2", "--vm", "vm1", "--peer", "beta", "--initial-sync", "delta",
+        "--checkpoint-interval", "1s")
     def delta_said() -> str | None:
         events = ok(ca.get("/events", params={"vpg": "g2"}))["items"]
         return next((e["text"] for e in events if "bytes differed" in e["text"]), None)

@@ -71,7 +71,8 @@ def test_go_reports_size_flags_and_block_sizes(server):
         f = info["flags"]
         assert f & nbd.TF_HAS_FLAGS and f & nbd.TF_SEND_FLUSH and f & nbd.TF_SEND_FUA
         assert f & nbd.TF_SEND_WRITE_ZEROES and f & nbd.TF_CAN_MULTI_CONN
-        assert not f & (nbd.TF_READ_ONLY | nbd.TF_SEND_TRIM | nbd.TF_SEND_DF)
+        assert f & nbd.TF_SEND_TRIM and f & nbd.TF_SEND_FAST_ZERO  # a file can punch holes
+        assert not f & (nbd.TF_READ_ONLY | nbd.TF_SEND_DF)
         assert c.read(0, 512)[0] == 0
 
 
@@ -241,11 +242,12 @@ def test_oversized_requests_are_refused_and_the_connection_survives(tmp_path, im
 def test_unknown_commands_and_flags_get_einval(server):
     with connect(server, structured=True) as c:
         assert c.simple(42) == nbd.EINVAL
-        assert c.simple(nbd.CMD_TRIM, 0, 4096) == nbd.EINVAL  # not offered by a file export
+        assert c.simple(nbd.CMD_TRIM, 0, 4096) == 0  # a file export punches a hole
+        assert c.read(0, 4096) == (0, bytes(4096))
         assert c.simple(nbd.CMD_FLUSH, flags=0x100) == nbd.EINVAL
         assert c.read(0, 512, flags=0x40)[0] == nbd.EINVAL
-        assert c.simple(nbd.CMD_WRITE_ZEROES, 0, 512,
-                        flags=nbd.CMD_FLAG_FAST_ZERO) == nbd.ENOTSUP
+        assert c.simple(nbd.CMD_WRITE_ZEROES, 0, 512,  # keeping allocation is not fast
+                        flags=nbd.CMD_FLAG_FAST_ZERO | nbd.CMD_FLAG_NO_HOLE) == nbd.ENOTSUP
         assert c.read(0, 512)[0] == 0
 
 

@@ -143,7 +143,15 @@ class HandshakeChannel(Protocol):
 
 
 def transmission_flags(export: Export, structured: bool) -> int:
-    """The transmission flags a client is told for `export`."""
+    """The transmission flags a client is told for `export`.
+
+    NBD_FLAG_CAN_MULTI_CONN on every export: all connections to an export share its one
+    backend, every write is applied before its reply, and FLUSH flushes the backend, not
+    the connection.  So a FLUSH on any connection covers the writes every connection has
+    completed: one fdatasync of the one descriptor of a file or protected volume (page
+    cache is per file), a durable overlay's `flush` of every pending map record; views
+    take no writes and scratch overlays promise no durability, their writes seen by every
+    connection at once (tests/test_nbd_sparse.py)."""
     flags = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_CAN_MULTI_CONN
     if export.readonly:
         flags |= TF_READ_ONLY

@@ -664,8 +664,8 @@ def test_garbage_from_a_client_never_crashes_the_server_nor_writes(tmp_path_fact
 
 
 class NBDModel(RuleBasedStateMachine):
-    """Reads, writes, zeroes, flushes over several connections (simple and structured
-    replies, pipelined), against a bytearray."""
+    """Reads, writes, zeroes, trims, flushes and block status over several connections
+    (simple and structured replies, pipelined, base:allocation), against a bytearray."""
 
     SIZE = 256 * 1024
 
@@ -679,8 +679,36 @@ class NBDModel(RuleBasedStateMachine):
         self.ctx = serving([nbd.file_export(path, "d")], self.tmp, max_request=64 * 1024)
         self.srv = self.ctx.__enter__()
         self.clients = [connect(self.srv, "d"), connect(self.srv, "d", structured=True)]
+        self.status = RawClient(self.srv.address)
+        self.status.connect_export("d", allocation=True)
 
     sectors = st.integers(0, 511)
+
+    @rule(k=st.integers(0, 1), first=sectors, count=st.integers(1, 512))
+    def trim(self, k, first, count):
+        offset, length = first * 512, count * 512
+        err = self.clients[k].simple(nbd.CMD_TRIM, offset, length)
+        if offset + length > self.SIZE:
+            assert err == nbd.ENOSPC
+        else:  # a file export punches: the range reads as zeros
+            assert err == 0
+            self.model[offset : offset + length] = bytes(length)
+
+    @rule(first=sectors, count=st.integers(1, 512), one=st.booleans())
+    def block_status(self, first, count, one):
+        offset, length = first * 512, count * 512
+        err, extents = self.status.block_status(
+            offset, length, flags=nbd.CMD_FLAG_REQ_ONE if one else 0)
+        if offset + length > self.SIZE:
+            assert err == nbd.EINVAL
+            return
+        assert err == 0 and extents and (len(extents) == 1 or not one)
+        assert sum(n for n, _ in extents) <= length
+        for n, state in extents:  # what says zero reads as zeros
+            assert n > 0
+            if state & nbd.STATE_ZERO:
+                assert self.model[offset : offset + n] == bytes(n)
+            offset += n
 
     @rule(k=st.integers(0, 1), first=sectors, count=st.integers(1, 160), byte=st.integers(0, 255))
     def write(self, k, first, count, byte):
@@ -745,7 +773,7 @@ class NBDModel(RuleBasedStateMachine):
             assert f.read() == self.model
 
     def teardown(self):
-        for c in self.clients:
+        for c in [*self.clients, self.status]:
             c.close()
         self.ctx.__exit__(None, None, None)
         shutil.rmtree(self.tmp)

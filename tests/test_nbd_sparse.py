@@ -212,6 +212,30 @@ def test_view_allocation_from_records_and_replica_holes(tmp_path):
         journal.close()
 
 
+def test_req_one_walks_view_and_scratch_exports_extent_by_extent(tmp_path, monkeypatch):
+    from zcore.journal import readthrough
+
+    monkeypatch.setattr(readthrough, "ALLOCATION_WINDOW", 1 * MiB)  # plans in 16 pieces
+    journal, ckpt, expect = journal_with_holes(tmp_path / "j")
+    exports = [nbd.view_export(journal, ckpt, "disk0", "pit"),
+               nbd.scratch_export(journal, ckpt, "disk0", "scratch")]
+    try:
+        with serving(exports, tmp_path) as srv:
+            for name in ("pit", "scratch"):
+                with RawClient(srv.address) as c:
+                    c.connect_export(name, allocation=True)
+                    pos, walked = 0, []
+                    while pos < SIZE:
+                        err, one = c.block_status(pos, SIZE - pos, flags=nbd.CMD_FLAG_REQ_ONE)
+                        assert err == 0 and len(one) == 1
+                        walked.append((pos, *one[0]))
+                        pos += one[0][0]
+                    assert walked == expect, name
+                    assert c.block_status(0, SIZE) == (0, [(n, st) for _, n, st in expect])
+    finally:
+        journal.close()
+
+
 def test_nbdinfo_map_shows_the_holes_of_every_export_kind(tmp_path):
     journal, ckpt, expect = journal_with_holes(tmp_path / "j")
     (tmp_path / "p").mkdir()

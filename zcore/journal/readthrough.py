@@ -151,8 +151,8 @@ class ReadThroughMixin(JournalState):
         a ZERO record is a hole that reads as zeros, a data record data, and where no
         record covers, the replica's holes (SEEK_HOLE) holes and its data data.  Looked
         at in windows of `ALLOCATION_WINDOW` bytes; it stops after the window in which
-        `max_extents` runs are reached, so the runs may end before offset + length
-        (never before the first one)."""
+        more than `max_extents` runs are found, so the runs may end before offset +
+        length, but the first `max_extents` of them are whole."""
         spec = self._volume(volume)
         records.check_range(offset, length, spec.size)
         out: list[tuple[int, int, int]] = []
@@ -161,7 +161,8 @@ class ReadThroughMixin(JournalState):
         with self._index_lock:
             self._check_open()
             fd = self._replica_fds.get(spec.id, -1)
-            while pos < end and len(out) < max_extents:
+            # one run past the cap: the runs before it are then known to be whole
+            while pos < end and len(out) <= max_extents:
                 n = min(ALLOCATION_WINDOW, end - pos)
                 for start, run, kind in self._index.kinds(spec.id, pos, n, at):
                     if kind == records.REC_ZERO:

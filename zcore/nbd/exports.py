@@ -27,7 +27,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from zcore import records
-from zcore.errors import ConfigError, OutOfRangeError
+from zcore.errors import ClosedError, ConfigError, OutOfRangeError
 from zcore.fsutil import STATE_HOLE, STATE_ZERO, data_ranges, preadinto_upto, punch_hole, pwrite_all
 from zcore.nbd.protocol import MAX_NAME, SECTOR
 
@@ -158,6 +158,8 @@ class VolumeBackend:
     def allocation(self, offset: int, length: int,
                    max_extents: int = 1 << 62) -> list[tuple[int, int, int]]:
         """The backing file's holes and data (a block device: all data)."""
+        if self.volume.closed:
+            raise ClosedError(f"volume {self.volume.name!r} is closed")
         return file_allocation(self.volume.fd, offset, length)
 
     def close(self) -> None:

@@ -89,7 +89,8 @@ def overlay_allocation(written: BitMap64, zeroed: BitMap64,
     overlay whose sectors in `written` are data of its own and in `zeroed` zeroes with no
     storage (holes that read as zeros, `zcore.fsutil.STATE_HOLE | STATE_ZERO`); the rest
     is as `under(offset, length, max_extents)` says (the view's allocation, or data when
-    there is none).  The runs may stop early once `max_extents` are reached."""
+    there is none).  The runs may stop early once more than `max_extents` are found (the
+    first `max_extents` are then whole)."""
     s0, s1 = offset // SECTOR, (offset + length) // SECTOR
     own = sorted([(a, b, 0) for a, b in _runs(written, s0, s1)]
                  + [(a, b, STATE_HOLE | STATE_ZERO) for a, b in _runs(zeroed, s0, s1)])
@@ -105,7 +106,7 @@ def overlay_allocation(written: BitMap64, zeroed: BitMap64,
     for a, b, state in [*own, (s1, s1, -1)]:
         if a > cur:
             gap0, gap = cur * SECTOR, (a - cur) * SECTOR
-            runs = under(gap0, gap, max_extents - len(out))
+            runs = under(gap0, gap, max_extents)
             for start, n, st in runs:
                 add(start, n, st)
             if not runs or runs[-1][0] + runs[-1][1] < gap0 + gap:
@@ -113,7 +114,7 @@ def overlay_allocation(written: BitMap64, zeroed: BitMap64,
         if state >= 0:
             add(a * SECTOR, (b - a) * SECTOR, state)
         cur = b
-        if len(out) >= max_extents:
+        if len(out) > max_extents:  # one past the cap: the runs before it are whole
             break
     return out
 

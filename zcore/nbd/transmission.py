@@ -8,9 +8,8 @@ FUA flag, WRITE_ZEROES (punched where the backend can and NO_HOLE is not asked; 
 FAST_ZERO only then, else ENOTSUP at once), TRIM (where the export can) and
 BLOCK_STATUS (base:allocation, when negotiated: at most `MAX_STATUS_EXTENTS` extents
 over at most `MAX_STATUS_SPAN` bytes per reply, one with REQ_ONE); DISC is the
-connection's.  A
-request beyond the end, unaligned (writes), too large, with unknown flags or for a
-read-only export gets its NBD error and the connection stays up.
+connection's.  A request beyond the end, unaligned (writes), too large, with unknown
+flags or for a read-only export gets its NBD error and the connection stays up.
 
 Read data is read into a pooled, 64-byte-aligned buffer behind room for the reply
 header, so a large read goes out in one send with no copy; small replies are batched in

@@ -109,6 +109,33 @@ def test_meta_contexts_are_listed_set_and_tied_to_the_export(tmp_path):
                                                   (2 * MiB, 0), (6 * MiB, HZ)])
 
 
+def test_malformed_meta_context_options_are_refused_and_the_handshake_goes_on(tmp_path):
+    path = sparse_file(tmp_path / "a.img")
+    with serving([nbd.file_export(path, "a")], tmp_path) as srv, RawClient(srv.address) as c:
+        c.hello()
+        c.option(nbd.OPT_STRUCTURED_REPLY)
+        assert c.opt_reply()[1] == nbd.REP_ACK
+        c.structured = True
+        bad = [
+            struct.pack(">I", 1) + b"a" + struct.pack(">I", 2**32 - 1),  # queries missing
+            struct.pack(">I", 99) + b"a" + struct.pack(">I", 0),  # name past the data
+            struct.pack(">I", 1) + b"a" + struct.pack(">II", 1, 5) + b"\xff\xfe:ab",  # not UTF-8
+            struct.pack(">I", 1) + b"a" + struct.pack(">I", 0) + b"junk",  # trailing bytes
+            b"\0\0",  # too short
+        ]
+        for option in (nbd.OPT_LIST_META_CONTEXT, nbd.OPT_SET_META_CONTEXT):
+            for data in bad:
+                c.option(option, data)
+                assert c.opt_reply()[1] == nbd.REP_ERR_INVALID
+        # "base:" lists every base context; an empty SET selects none
+        assert [k for k, _ in c.meta_context(nbd.OPT_LIST_META_CONTEXT, "a", ["base:"])] \
+            == [nbd.REP_META_CONTEXT, nbd.REP_ACK]
+        assert c.meta_context(nbd.OPT_SET_META_CONTEXT, "a", []) == [(nbd.REP_ACK, b"")]
+        assert "error" not in c.go("a")
+        assert c.block_status(0, 4096)[0] == nbd.EINVAL  # nothing was selected
+        assert c.read(1 * MiB, 512) == (0, path.read_bytes()[1 * MiB : 1 * MiB + 512])
+
+
 def test_flags_offer_fast_zero_where_the_backend_can_punch(tmp_path):
     path = sparse_file(tmp_path / "a.img")
     with serving([nbd.file_export(path, "rw"), nbd.file_export(path, "ro", readonly=True)],

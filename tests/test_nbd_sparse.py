@@ -440,3 +440,31 @@ def test_multi_conn_flush_on_b_makes_a_durable_overlay_write_survive_a_crash(tmp
     finally:
         overlay.close()
         journal.close()
+
+
+def test_capture_zero_checks_its_range_and_logs_a_failed_punch_dirty(tmp_path):
+    from zcore._native.capture import CaptureRing
+    from zcore.errors import AlignmentError, ConfigError, NativeIOError, OutOfRangeError
+
+    path = sparse_file(tmp_path / "b.img", size=1 * MiB, data=((0, 1 * MiB),))
+    fd = os.open(path, os.O_RDWR)
+    ring = CaptureRing(1 << 20)
+    try:
+        with pytest.raises(AlignmentError):
+            ring.zero(fd, 1, 1 * MiB, 100, 4096)
+        with pytest.raises(OutOfRangeError):
+            ring.zero(fd, 1, 1 * MiB, 1 * MiB - 512, 1024)
+        with pytest.raises(ConfigError):
+            ring.zero(fd, 1, 1 * MiB, 0, 0)
+        assert ring.stats()["writes"] == 0 and os.pread(fd, 4096, 0) != bytes(4096)
+        assert ring.zero(fd, 1, 1 * MiB, 0, 64 * KiB) > 0
+        assert os.pread(fd, 64 * KiB, 0) == bytes(64 * KiB)
+        assert data_ranges(fd, 0, 1 * MiB) == [(64 * KiB, 1 * MiB - 64 * KiB)]
+        with pytest.raises(NativeIOError):
+            ring.zero(-1, 1, 1 * MiB, 128 * KiB, 4096)
+        volumes, offsets, lengths = ring.take_dirty()
+        assert (volumes.tolist(), offsets.tolist(), lengths.tolist()) == ([1], [128 * KiB],
+                                                                          [4096])
+    finally:
+        ring.close()
+        os.close(fd)

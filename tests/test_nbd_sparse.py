@@ -301,9 +301,14 @@ def test_qemu_img_map_over_nbd_sees_the_view_holes(tmp_path):
     try:
         with serving([nbd.view_export(journal, ckpt, "disk0", "pit")], tmp_path) as srv:
             out = run([qemu_img, "map", "--output=json", "-f", "raw", srv.uri("pit")]).stdout
+            copy = tmp_path / "copy.raw"  # a sparse copy: only the data is written
+            run([qemu_img, "convert", "-f", "raw", "-O", "raw", srv.uri("pit"), str(copy)])
         got = [(e["start"], e["length"], e["data"], e["zero"]) for e in json.loads(out)]
         assert got == [(s, n, not state & STATE_HOLE, bool(state & STATE_ZERO))
                        for s, n, state in expect]
+        with journal.view(ckpt) as view:
+            assert copy.read_bytes() == view.read("disk0", 0, SIZE)
+        assert allocated(copy) <= 1536 * KiB + 256 * KiB  # the 1.5 MiB of data, and slack
     finally:
         journal.close()
 

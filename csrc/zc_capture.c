@@ -1,8 +1,13 @@
 /* zc_capture.c - capture ring with in-flight range ordering and a dirty log. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* fallocate */
+#endif
 #include "zc_capture.h"
 #include "zc_record.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -176,10 +181,41 @@ static int pwrite_full(int fd, const uint8_t *p, size_t n, uint64_t pos)
     return ZC_OK;
 }
 
+static const uint8_t zero_block[64 << 10];
+
+/* Deallocate [pos, pos+n) of fd (it reads as zeros after); where the file system cannot
+ * punch, the range is written with zeros instead. */
+static int punch_full(int fd, uint64_t pos, size_t n)
+{
+    int r;
+    do
+        r = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)pos, (off_t)n);
+    while (r < 0 && errno == EINTR);
+    if (r == 0)
+        return ZC_OK;
+    if (errno != EOPNOTSUPP && errno != ENOSYS)
+        return ZC_E_IO;
+    while (n) {
+        size_t k = n < sizeof zero_block ? n : sizeof zero_block;
+        if (pwrite_full(fd, zero_block, k, pos))
+            return ZC_E_IO;
+        n -= k;
+        pos += k;
+    }
+    return ZC_OK;
+}
+
+int64_t zc_capture_zero(zc_capture *c, int fd, uint32_t volume, uint64_t offset,
+                        uint32_t len)
+{
+    return zc_capture_write(c, fd, volume, offset, NULL, len, ZC_REC_ZERO);
+}
+
 int64_t zc_capture_write(zc_capture *c, int fd, uint32_t volume, uint64_t offset,
                          const uint8_t *data, uint32_t len, uint16_t kind)
 {
-    if (len == 0 || (kind != ZC_REC_WRITE && kind != ZC_REC_ZERO))
+    if (len == 0 || (kind != ZC_REC_WRITE && kind != ZC_REC_ZERO) ||
+        (data == NULL && kind != ZC_REC_ZERO))
         return ZC_E_ARG;
     uint64_t hi = offset + len;
     pthread_mutex_lock(&c->mu);
@@ -209,7 +245,7 @@ int64_t zc_capture_write(zc_capture *c, int fd, uint32_t volume, uint64_t offset
     c->bytes += len;
     pthread_mutex_unlock(&c->mu);
 
-    int io = pwrite_full(fd, data, len, offset);
+    int io = data ? pwrite_full(fd, data, len, offset) : punch_full(fd, offset, len);
     int saved_errno = errno;
     if (e) {
         e->seq = seq;

@@ -74,6 +74,13 @@ void zc_capture_free(zc_capture *c); /* no call may be running; accepts NULL */
 int64_t zc_capture_write(zc_capture *c, int fd, uint32_t volume, uint64_t offset,
                          const uint8_t *data, uint32_t len, uint16_t kind);
 
+/* Zero `len` bytes at `offset` of backing `fd` by deallocating them (fallocate
+ * PUNCH_HOLE | KEEP_SIZE; zeros written where the file system cannot punch) and capture
+ * a ZERO entry, ordered like a write: what TRIM and fast zero of a protected volume do.
+ * Returns as zc_capture_write (data NULL there means exactly this). */
+int64_t zc_capture_zero(zc_capture *c, int fd, uint32_t volume, uint64_t offset,
+                        uint32_t len);
+
 /* Read `len` bytes at `offset` of `fd` into the ring as a SYNC entry, ordered like a
  * write.  All-zero data becomes a ZERO entry, or is skipped (a VOID entry) when
  * skip_zero is set (initial sync onto an empty replica).  Returns the seq, ZC_E_FULL when

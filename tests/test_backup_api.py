@@ -7,6 +7,7 @@ restore from a backup and a checkpoint, and instant access on the site's NBD ser
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import time
@@ -294,6 +295,11 @@ async def test_api_serves_a_backup_for_instant_access_read_only_and_writable(ext
     listed = (await client.get(f"{V1}/backups/served")).json()
     assert [e["uri"] for e in listed[backup]] == [served["uri"]]
     await _tool(qemu_img, "compare", "-f", "raw", "-F", "raw", served["uri"], made)
+    # block status: the backup's zero chunks are holes, so sparse copies skip them
+    extents = json.loads(await _tool(qemu_img, "map", "--output=json", "-f", "raw",
+                                     served["uri"]))
+    holes = sum(e["length"] for e in extents if e["zero"] and not e["data"])
+    assert holes >= 1 << 20 and sum(e["length"] for e in extents) == len(made.read_bytes())
     refused = await asyncio.to_thread(
         subprocess.run, [qemu_io, "-f", "raw", "-c", "write 0 4k", served["uri"]],
         capture_output=True, text=True)

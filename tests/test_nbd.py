@@ -71,7 +71,8 @@ def test_go_reports_size_flags_and_block_sizes(server):
         f = info["flags"]
         assert f & nbd.TF_HAS_FLAGS and f & nbd.TF_SEND_FLUSH and f & nbd.TF_SEND_FUA
         assert f & nbd.TF_SEND_WRITE_ZEROES and f & nbd.TF_CAN_MULTI_CONN
-        assert not f & (nbd.TF_READ_ONLY | nbd.TF_SEND_TRIM | nbd.TF_SEND_DF)
+        assert f & nbd.TF_SEND_TRIM and f & nbd.TF_SEND_FAST_ZERO  # a file can punch holes
+        assert not f & (nbd.TF_READ_ONLY | nbd.TF_SEND_DF)
         assert c.read(0, 512)[0] == 0
 
 
@@ -241,11 +242,12 @@ def test_oversized_requests_are_refused_and_the_connection_survives(tmp_path, im
 def test_unknown_commands_and_flags_get_einval(server):
     with connect(server, structured=True) as c:
         assert c.simple(42) == nbd.EINVAL
-        assert c.simple(nbd.CMD_TRIM, 0, 4096) == nbd.EINVAL  # not offered by a file export
+        assert c.simple(nbd.CMD_TRIM, 0, 4096) == 0  # a file export punches a hole
+        assert c.read(0, 4096) == (0, bytes(4096))
         assert c.simple(nbd.CMD_FLUSH, flags=0x100) == nbd.EINVAL
         assert c.read(0, 512, flags=0x40)[0] == nbd.EINVAL
-        assert c.simple(nbd.CMD_WRITE_ZEROES, 0, 512,
-                        flags=nbd.CMD_FLAG_FAST_ZERO) == nbd.ENOTSUP
+        assert c.simple(nbd.CMD_WRITE_ZEROES, 0, 512,  # keeping allocation is not fast
+                        flags=nbd.CMD_FLAG_FAST_ZERO | nbd.CMD_FLAG_NO_HOLE) == nbd.ENOTSUP
         assert c.read(0, 512)[0] == 0
 
 
@@ -662,8 +664,8 @@ def test_garbage_from_a_client_never_crashes_the_server_nor_writes(tmp_path_fact
 
 
 class NBDModel(RuleBasedStateMachine):
-    """Reads, writes, zeroes, flushes over several connections (simple and structured
-    replies, pipelined), against a bytearray."""
+    """Reads, writes, zeroes, trims, flushes and block status over several connections
+    (simple and structured replies, pipelined, base:allocation), against a bytearray."""
 
     SIZE = 256 * 1024
 
@@ -677,8 +679,36 @@ class NBDModel(RuleBasedStateMachine):
         self.ctx = serving([nbd.file_export(path, "d")], self.tmp, max_request=64 * 1024)
         self.srv = self.ctx.__enter__()
         self.clients = [connect(self.srv, "d"), connect(self.srv, "d", structured=True)]
+        self.status = RawClient(self.srv.address)
+        self.status.connect_export("d", allocation=True)
 
     sectors = st.integers(0, 511)
+
+    @rule(k=st.integers(0, 1), first=sectors, count=st.integers(1, 512))
+    def trim(self, k, first, count):
+        offset, length = first * 512, count * 512
+        err = self.clients[k].simple(nbd.CMD_TRIM, offset, length)
+        if offset + length > self.SIZE:
+            assert err == nbd.ENOSPC
+        else:  # a file export punches: the range reads as zeros
+            assert err == 0
+            self.model[offset : offset + length] = bytes(length)
+
+    @rule(first=sectors, count=st.integers(1, 512), one=st.booleans())
+    def block_status(self, first, count, one):
+        offset, length = first * 512, count * 512
+        err, extents = self.status.block_status(
+            offset, length, flags=nbd.CMD_FLAG_REQ_ONE if one else 0)
+        if offset + length > self.SIZE:
+            assert err == nbd.EINVAL
+            return
+        assert err == 0 and extents and (len(extents) == 1 or not one)
+        assert sum(n for n, _ in extents) <= length
+        for n, state in extents:  # what says zero reads as zeros
+            assert n > 0
+            if state & nbd.STATE_ZERO:
+                assert self.model[offset : offset + n] == bytes(n)
+            offset += n
 
     @rule(k=st.integers(0, 1), first=sectors, count=st.integers(1, 160), byte=st.integers(0, 255))
     def write(self, k, first, count, byte):
@@ -743,7 +773,7 @@ class NBDModel(RuleBasedStateMachine):
             assert f.read() == self.model
 
     def teardown(self):
-        for c in self.clients:
+        for c in [*self.clients, self.status]:
             c.close()
         self.ctx.__exit__(None, None, None)
         shutil.rmtree(self.tmp)

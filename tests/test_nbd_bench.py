@@ -17,7 +17,7 @@ HARNESS = Path(__file__).resolve().parent.parent / "bench" / "harness.py"
 
 
 def test_quick_nbd_suite_reports_every_metric_beside_its_baseline(tmp_path):
-    for tool in ("nbdcopy", "qemu-nbd", "fio"):
+    for tool in ("nbdcopy", "qemu-nbd", "fio", "qemu-io"):
         require_tool(tool)
     report = tmp_path / "nbd.json"
     env = dict(os.environ, ZCORE_BENCH_DIR=str(tmp_path))
@@ -28,7 +28,8 @@ def test_quick_nbd_suite_reports_every_metric_beside_its_baseline(tmp_path):
     doc = json.loads(report.read_text())
     assert doc["suite"] == "nbd"
     metrics = {m["name"]: m for m in doc["metrics"]}
-    assert set(metrics) == {"nbd.write_seq", "nbd.read_pit_seq", "nbd.randwrite_4k"}
+    assert set(metrics) == {"nbd.write_seq", "nbd.read_pit_seq", "nbd.randwrite_4k",
+                            "nbd.copy_sparse", "nbd.trim"}
     for m in metrics.values():
         for key in ("value", "baseline", "ratio"):
             assert isinstance(m[key], float | int) and math.isfinite(m[key]) and m[key] > 0
@@ -36,4 +37,7 @@ def test_quick_nbd_suite_reports_every_metric_beside_its_baseline(tmp_path):
         assert m["target"] and isinstance(m["met"], bool)
     assert metrics["nbd.read_pit_seq"]["details"]["image_equal"] is True
     assert metrics["nbd.write_seq"]["details"]["captured_writes"] > 0
+    assert metrics["nbd.copy_sparse"]["details"]["image_equal"] is True
+    trim = metrics["nbd.trim"]["details"]
+    assert trim["backing_allocated_after"] < trim["backing_allocated_before"]
     assert [p.name for p in tmp_path.iterdir()] == ["nbd.json"]  # scratch removed

@@ -14,49 +14,11 @@ from pathlib import Path
 
 import pytest
 from conftest import require_tool
-from helpers.nbd import MiB, build_journal, run, serving, write_tls_files
+from helpers.nbd import VOLUME, MiB, Protected, build_journal, run, serving, write_tls_files
 
 from zcore import nbd
 from zcore.errors import ConfigError
 from zcore.nbd import TLSConfig
-from zcore.vpg import VPG, LocalLink, VPGSettings
-
-VOLUME = 32 * MiB
-
-
-class Protected:
-    """A VPG with one VM and one volume, its stream feeding a journal in this process."""
-
-    def __init__(self, root: Path, size: int = VOLUME) -> None:
-        self.path = root / "disk0.img"
-        with open(self.path, "wb") as f:
-            f.truncate(size)
-        self.vpg = VPG("g", root / "vpg", VPGSettings(checkpoint_interval=3600))
-        vm = self.vpg.add_vm("vm1")
-        self.volume = self.vpg.add_volume(vm, "disk0", self.path)
-        self.journals = LocalLink.create_journals(self.vpg, root / "journals")
-        self.journal = self.journals["vm1"]
-        self.link = LocalLink(self.vpg, self.journals)
-        self.vpg.start()
-        self.link.start()
-
-    def checkpoint(self, tag: str) -> int:
-        """A tagged checkpoint, delivered with everything before it into the journal."""
-        seq = self.vpg.checkpoint(tag).seq
-        self.link.stop()
-        self.link.drain()
-        self.link.start()
-        return seq
-
-    def captured(self, seq: int) -> bytes:
-        with self.journal.view(seq) as view:
-            return view.read("disk0", 0, self.volume.size)
-
-    def close(self) -> None:
-        self.link.stop()
-        self.vpg.close()
-        for j in self.journals.values():
-            j.close()
 
 
 @pytest.fixture

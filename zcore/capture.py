@@ -32,6 +32,9 @@ class _NoRing:
     def write(self, *args: object) -> int:
         raise self.error
 
+    def zero(self, *args: object) -> int:
+        raise self.error
+
 
 def backing_size(path: str | os.PathLike[str]) -> int:
     """Size in bytes of a raw image file or block device."""
@@ -107,6 +110,20 @@ class ProtectedVolume:
         for at in range(offset, offset + length, chunk):
             n = min(chunk, offset + length - at)
             seq = self.write(at, memoryview(zeros)[:n])
+        return seq
+
+    def trim(self, offset: int, length: int) -> int:
+        """Zero a sector-aligned range by punching a hole in the backing store, captured
+        as zero records (no payload): what TRIM and fast zero of the volume's NBD export
+        do.  The replica gets the range as a hole too, at promotion
+        (zcore.journal.retention).  Returns the last record's seq (0 for no bytes)."""
+        offset = check_int("trim offset", offset)
+        length = check_int("trim length", length)
+        records.check_range(offset, length, self.size)
+        seq = 0
+        for at in range(offset, offset + length, records.MAX_WRITE):
+            seq = self._ring.zero(self._fd, self.id, self.size, at,
+                                  min(records.MAX_WRITE, offset + length - at))
         return seq
 
     def read(self, offset: int, length: int) -> bytes:

@@ -221,3 +221,90 @@ def _extents(fd: int, size: int) -> list[tuple[int, int]]:
     except OSError:
         return [(0, size)] if size else []
     return out
+
+
+# ---- sparse files: allocation and holes ---------------------------------------------------
+
+# The allocation states of a byte range, as bits (the values of NBD's base:allocation
+# context, so the NBD server passes them through): a hole has no storage; a zero range
+# reads as zeros.  A hole of a regular file is both; 0 is allocated data.
+STATE_HOLE = 1
+STATE_ZERO = 2
+
+
+def data_ranges(fd: int, offset: int, length: int) -> list[tuple[int, int]]:
+    """The (start, length) ranges of [offset, offset + length) of the file `fd` that may
+    hold data, in order; the rest is holes (reading zeros).  From SEEK_DATA and SEEK_HOLE;
+    a file system without them (EINVAL, ENOTSUP, or a block device, which reports the
+    whole device as data) gives the whole range as data.  Past the end of the file is a
+    hole."""
+    end = offset + length
+    if offset < 0 or length < 0:
+        raise ValueError(f"range {offset}+{length} is negative")
+    out: list[tuple[int, int]] = []
+    pos = offset
+    try:
+        while pos < end:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data at or past pos
+                    break
+                raise
+            if start >= end:
+                break
+            stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+            out.append((start, stop - start))
+            pos = stop
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ESPIPE):
+            return [(offset, length)] if length else []
+        raise
+    return out
+
+
+_libc: Any = None
+_ffi: Any = None
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def _fallocate() -> tuple[Any, Any]:
+    """cffi's handle on the C library's fallocate (the os module has posix_fallocate
+    only, which cannot punch)."""
+    global _libc, _ffi
+    if _libc is None:
+        import cffi
+
+        ffi = cffi.FFI()
+        ffi.cdef("int fallocate(int fd, int mode, long offset, long len);")
+        _libc = ffi.dlopen(None)
+        _ffi = ffi
+    return _ffi, _libc
+
+
+def _punch(fd: int, offset: int, length: int) -> bool:
+    """The fallocate call of `punch_hole`: False when the file system cannot punch.  One
+    function, so crash simulation and error injection see every punch (tests/reliability
+    records it as a write of zeros)."""
+    ffi, libc = _fallocate()
+    if libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    code = ffi.errno
+    if code in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(code, f"punching a hole at {offset}+{length}: {os.strerror(code)}")
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate [offset, offset + length) of the file `fd`, which reads as zeros after
+    (fallocate PUNCH_HOLE | KEEP_SIZE: the file's size stays).  A file system that cannot
+    punch (EOPNOTSUPP) gets the range written with zeros instead, so the bytes are the
+    same either way; other errors raise `OSError`.  Not durable until an fsync."""
+    if offset < 0 or length < 0:
+        raise ValueError(f"range {offset}+{length} is negative")
+    if length == 0 or _punch(fd, offset, length):
+        return
+    zero = bytes(min(length, _COPY_CHUNK))
+    for pos in range(offset, offset + length, len(zero)):
+        pwrite_all(fd, memoryview(zero)[: min(len(zero), offset + length - pos)], pos)

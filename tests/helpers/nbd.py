@@ -13,8 +13,10 @@ from pathlib import Path
 
 from zcore import nbd
 from zcore.journal import Journal, VolumeSpec
+from zcore.vpg import VPG, LocalLink, VPGSettings
 
 MiB = 1 << 20
+VOLUME = 32 * MiB
 
 
 # ---- a journal whose every checkpoint image is known ---------------------------------------
@@ -56,6 +58,44 @@ def build_journal(path, *, sizes=(8 * MiB, 4 * MiB), rounds=3, writes=60, seed=1
 def write_image(path, data: bytes) -> Path:
     Path(path).write_bytes(data)
     return Path(path)
+
+
+# ---- a protected volume whose stream feeds a journal -----------------------------------
+
+
+class Protected:
+    """A VPG with one VM and one volume, its stream feeding a journal in this process."""
+
+    def __init__(self, root: Path, size: int = VOLUME) -> None:
+        self.path = root / "disk0.img"
+        with open(self.path, "wb") as f:
+            f.truncate(size)
+        self.vpg = VPG("g", root / "vpg", VPGSettings(checkpoint_interval=3600))
+        vm = self.vpg.add_vm("vm1")
+        self.volume = self.vpg.add_volume(vm, "disk0", self.path)
+        self.journals = LocalLink.create_journals(self.vpg, root / "journals")
+        self.journal = self.journals["vm1"]
+        self.link = LocalLink(self.vpg, self.journals)
+        self.vpg.start()
+        self.link.start()
+
+    def checkpoint(self, tag: str) -> int:
+        """A tagged checkpoint, delivered with everything before it into the journal."""
+        seq = self.vpg.checkpoint(tag).seq
+        self.link.stop()
+        self.link.drain()
+        self.link.start()
+        return seq
+
+    def captured(self, seq: int) -> bytes:
+        with self.journal.view(seq) as view:
+            return view.read("disk0", 0, self.volume.size)
+
+    def close(self) -> None:
+        self.link.stop()
+        self.vpg.close()
+        for j in self.journals.values():
+            j.close()
 
 
 # ---- a server in a thread -----------------------------------------------------------------
@@ -183,11 +223,52 @@ class RawClient:
             elif info_type == nbd.INFO_DESCRIPTION:
                 result["description"] = data[2:].decode()
 
-    def connect_export(self, name: str, *, structured: bool = False) -> dict:
+    def connect_export(self, name: str, *, structured: bool = False,
+                       allocation: bool = False) -> dict:
+        """Handshake and GO; with `allocation`, structured replies and base:allocation
+        selected first."""
         self.hello()
+        if allocation:
+            self.option(nbd.OPT_STRUCTURED_REPLY)
+            assert self.opt_reply()[1] == nbd.REP_ACK
+            self.structured = True
+            replies = self.meta_context(nbd.OPT_SET_META_CONTEXT, name, ["base:allocation"])
+            assert replies[-1][0] == nbd.REP_ACK and len(replies) == 2, replies
+            structured = False  # already agreed
         result = self.go(name, structured=structured)
         assert "error" not in result, result
         return result
+
+    def meta_context(self, option: int, name: str, queries) -> list[tuple[int, bytes]]:
+        """NBD_OPT_LIST/SET_META_CONTEXT; the (reply type, data) replies up to the ACK or
+        an error."""
+        raw = name.encode()
+        body = struct.pack(">I", len(raw)) + raw + struct.pack(">I", len(queries))
+        for q in queries:
+            body += struct.pack(">I", len(q.encode())) + q.encode()
+        self.option(option, body)
+        out = []
+        while True:
+            _, kind, data = self.opt_reply()
+            out.append((kind, data))
+            if kind != nbd.REP_META_CONTEXT:
+                return out
+
+    def block_status(self, offset: int, length: int, flags: int = 0):
+        """(error, [(length, state)...]) of an NBD_CMD_BLOCK_STATUS (structured replies)."""
+        handle = self.request(nbd.CMD_BLOCK_STATUS, offset, length, flags=flags)
+        (magic,) = struct.unpack(">I", self.recv_exact(4))
+        assert magic == nbd.STRUCTURED_REPLY_MAGIC, hex(magic)
+        rflags, kind, got, n = struct.unpack(">HHQI", self.recv_exact(16))
+        payload = self.recv_exact(n)
+        assert got == handle and rflags & nbd.REPLY_FLAG_DONE
+        if kind & 0x8000:
+            return struct.unpack_from(">I", payload)[0], []
+        assert kind == nbd.REPLY_TYPE_BLOCK_STATUS
+        (ctx,) = struct.unpack_from(">I", payload)
+        assert ctx == nbd.META_BASE_ALLOCATION_ID
+        words = struct.unpack(f">{(n - 4) // 4}I", payload[4:])
+        return 0, list(zip(words[0::2], words[1::2], strict=True))
 
     # transmission
 

@@ -219,6 +219,12 @@ static void test_capture(void)
         }
         if (i % 3 == 0)
             (void)zc_capture_sync(c, fd, 1, 8192, 8192, i % 2);
+        if (i % 7 == 0) { /* TRIM: a hole punched, a ZERO entry */
+            CHECK(zc_capture_zero(c, fd, 1, 65536, 65536) > 0);
+            uint8_t back[512];
+            CHECK(pread(fd, back, sizeof back, 65536) == (ssize_t)sizeof back);
+            CHECK(zc_all_zero(back, sizeof back) == 1);
+        }
         const uint8_t *ptr;
         uint64_t n;
         zc_capture_peek(c, &ptr, &n, 256 << 10);
@@ -239,6 +245,8 @@ static void test_capture(void)
     CHECK(zc_capture_set_mode(c, ZC_CAPTURE_STREAM) == ZC_CAPTURE_BITMAP);
     /* a failed backing write is reported and logged dirty */
     CHECK(zc_capture_write(c, -1, 1, 0, data, 4096, ZC_REC_WRITE) == ZC_E_IO);
+    CHECK(zc_capture_zero(c, -1, 1, 0, 4096) == ZC_E_IO);
+    CHECK(zc_capture_write(c, fd, 1, 0, NULL, 4096, ZC_REC_WRITE) == ZC_E_ARG);
     zc_capture_close(c);
     CHECK(zc_capture_write(c, fd, 1, 0, data, 4096, ZC_REC_WRITE) == ZC_E_CLOSED);
     zc_capture_close(c);

@@ -2,7 +2,8 @@
 
 `Recorder(root)` patches the `os` functions the journal's Python code writes with (open,
 pwrite, write, writev, pwritev, ftruncate, truncate, fsync, fdatasync, rename, replace,
-unlink, dup, close) and `io.open` for writing (pathlib's `write_bytes`), performs every call
+unlink, dup, close), `io.open` for writing (pathlib's `write_bytes`) and the hole punch of
+`zcore.fsutil` (recorded as a write of zeros: what the range reads as), performs every call
 for real and appends what it did to files directly inside `root` to a trace.  Calls on
 other paths pass through unrecorded.  The harness adds `("mark", ...)` events of its own
 (what was acknowledged so far).
@@ -31,6 +32,8 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from zcore import fsutil
 
 SECTOR = 512
 Event = tuple[Any, ...]
@@ -61,6 +64,7 @@ class Recorder:
         self._lock = threading.RLock()
         self._orig: dict[str, Any] = {}
         self._orig_io_open: Any = None
+        self._orig_punch: Any = None
 
     # ---- bookkeeping ------------------------------------------------------------------------
 
@@ -143,6 +147,16 @@ class Recorder:
         buf = b"".join(bytes(memoryview(b).cast("B")) for b in buffers)
         return self._data_op(fd, "write", offset, buf,
                              lambda: self._orig["pwritev"](fd, buffers, offset, *a))
+
+    def _punch(self, fd: int, offset: int, length: int) -> bool:
+        done: list[bool] = []
+
+        def call() -> int:
+            done.append(self._orig_punch(fd, offset, length))
+            return length if done[0] else 0  # not punched: the zeros written are recorded
+
+        self._data_op(fd, "write", offset, bytes(length), call)
+        return done[0]
 
     def _ftruncate(self, fd: int, size: int) -> None:
         with self._lock:
@@ -237,12 +251,15 @@ class Recorder:
             setattr(os, fn, getattr(self, "_" + fn))
         self._orig_io_open = io.open
         io.open = self._io_open
+        self._orig_punch = fsutil._punch
+        fsutil._punch = self._punch
         return self
 
     def __exit__(self, *exc: object) -> None:
         for fn, orig in self._orig.items():
             setattr(os, fn, orig)
         io.open = self._orig_io_open
+        fsutil._punch = self._orig_punch
 
 
 class _RecordedFile(io.RawIOBase):

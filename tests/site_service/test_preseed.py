@@ -1,7 +1,8 @@
 """A backup restored as the replicas of a new VPG (issue 13, "restore to a new VPG's
 replicas"): site B preseeds VPG g2 from a backup of g1, site A creates g2 over the same
-VM with `initial_sync: delta` (both from the command line), and its delta sync sends only what changed since the
-backup's checkpoint; B's journal then serves A's disk byte for byte.  Two real site
+VM with `initial_sync: delta` (both from the command line), and its delta sync sends only
+what changed since the backup's checkpoint; B's journal then serves A's disk byte for
+byte.  Two real site
 processes; refusals are 4xx with the reason."""
 
 from __future__ import annotations

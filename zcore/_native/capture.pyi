@@ -57,6 +57,9 @@ class CaptureRing:
     def __new__(cls, ring_bytes: int, first_seq: int = 1) -> Self: ...
     def write(self, fd: int, volume: int, size: int, offset: int, data: _Buffer) -> int:
         """Write `data` at `offset` of the backing `fd` and capture it; returns its seq."""
+    def zero(self, fd: int, volume: int, size: int, offset: int, length: int) -> int:
+        """Punch `length` bytes at `offset` of the backing `fd` and capture a zero record;
+        returns its seq."""
     def sync(self, fd: int, volume: int, offset: int, length: int,
              skip_zero: bool = False) -> int | None:
         """Read a range into the stream as a sync record; None when it cannot go now."""

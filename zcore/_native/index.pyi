@@ -90,6 +90,13 @@ class ExtentIndex:
         (dst, length, src, seq), ordered by dst, tiling the range; seq 0 = the replica
         (src is then the volume offset), else src is the offset in that record's data."""
 
+    def kinds(
+        self, volume: int, offset: int, length: int, at: int
+    ) -> list[tuple[int, int, int]]:
+        """What [offset, offset+length) is as of seq `at`: maximal runs (start, length,
+        kind) by offset, tiling the range; kind 0 = the replica, else the type of the
+        newest record there (REC_ZERO for zeroed ranges)."""
+
     def read(self, volume: int, offset: int, length: int, at: int, loader: _Loader) -> bytes:
         """Bytes of [offset, offset+length) of `volume` as of checkpoint seq `at`: the
         newest record with seq < `at` for each byte, else the replica.  `loader` is called

@@ -231,6 +231,30 @@ cdef class ExtentIndex:
             raise status_error(st, "planning a read")
         return [(f[i].dst, f[i].length, f[i].src, f[i].ext.seq) for i in range(n)]
 
+    def kinds(self, unsigned int volume, unsigned long long offset,
+              unsigned long long length, unsigned long long at):
+        """What [offset, offset+length) is as of seq `at`: maximal runs (start, length,
+        kind) by offset, tiling the range; kind 0 = the replica, else the record type
+        (ZC_REC_ZERO for zeroed ranges).  Adjacent fragments of one kind are merged."""
+        cdef const zc_fragment *f
+        cdef size_t n, i
+        cdef uint64_t start = 0, run = 0, kind = 0, k
+        cdef int st = zc_index_plan(self.idx, volume, offset, length, at, &f, &n)
+        if st:
+            raise status_error(st, "planning a read")
+        out = []
+        for i in range(n):
+            k = f[i].ext.type if f[i].ext.seq else 0
+            if run and k == kind and start + run == offset + f[i].dst:
+                run += f[i].length
+                continue
+            if run:
+                out.append((start, run, kind))
+            start, run, kind = offset + f[i].dst, f[i].length, k
+        if run:
+            out.append((start, run, kind))
+        return out
+
     def read(self, unsigned int volume, unsigned long long offset, unsigned long long length,
              unsigned long long at, loader):
         """Bytes of [offset, offset+length) of `volume` as of checkpoint seq `at`.

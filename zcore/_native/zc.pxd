@@ -140,6 +140,8 @@ cdef extern from "zc_capture.h" nogil:
     void zc_capture_close(zc_capture *c)
     long long zc_capture_write(zc_capture *c, int fd, uint32_t volume, uint64_t offset,
                                const uint8_t *data, uint32_t len, uint16_t kind)
+    long long zc_capture_zero(zc_capture *c, int fd, uint32_t volume, uint64_t offset,
+                              uint32_t len)
     long long zc_capture_sync(zc_capture *c, int fd, uint32_t volume, uint64_t offset,
                               uint32_t len, int skip_zero)
     long long zc_capture_marker(zc_capture *c, const uint8_t *payload, uint32_t len)

@@ -20,6 +20,7 @@ from typing import Any
 
 from zcore.backup.store import Repository
 from zcore.errors import ConfigError, OutOfRangeError
+from zcore.fsutil import STATE_HOLE, STATE_ZERO
 from zcore.nbd.exports import Export, ExportKind
 from zcore.records import Checkpoint, CheckpointKind
 from zcore.recovery import ScratchOverlay
@@ -27,6 +28,7 @@ from zcore.recovery import ScratchOverlay
 # Verified chunks kept per served VM: 64 MiB at the default chunk size, enough for a
 # guest's boot working set to be read once from the repository.
 CACHE_CHUNKS = 64
+HOLE = STATE_HOLE | STATE_ZERO  # a zero chunk: stored nowhere, reads as zeros
 
 
 class BackupImage:
@@ -97,6 +99,28 @@ class BackupImage:
                 dst[:] = self._chunk(cid)[pos - start:stop - start]
             pos = stop
 
+    def allocation(self, volume: int | str, offset: int, length: int,
+                   max_extents: int = 1 << 62) -> list[tuple[int, int, int]]:
+        """(start, length, state) runs of the range: zero chunks are holes that read as
+        zeros (no repository read), stored chunks data (NBD base:allocation)."""
+        v = self.volume(volume)
+        end = offset + length
+        if offset < 0 or end > v["size"]:
+            raise OutOfRangeError(f"range [{offset}, {end}) is past the {v['size']}-byte "
+                                  f"volume {v['name']} of backup {self.backup}")
+        chunks: list[str | None] = v["chunks"]
+        out: list[tuple[int, int, int]] = []
+        pos = offset
+        while pos < end and len(out) <= max_extents:
+            stop = min(end, (pos // self._cs + 1) * self._cs)
+            state = HOLE if chunks[pos // self._cs] is None else 0
+            if out and out[-1][2] == state:
+                out[-1] = (out[-1][0], out[-1][1] + stop - pos, state)
+            else:
+                out.append((pos, stop - pos, state))
+            pos = stop
+        return out
+
     def close(self) -> None:
         with self._lock:
             self._cache.clear()
@@ -119,6 +143,10 @@ class BackupVolume:
         buf = bytearray(length)
         self.read_into(offset, buf)
         return bytes(buf)
+
+    def allocation(self, offset: int, length: int,
+                   max_extents: int = 1 << 62) -> list[tuple[int, int, int]]:
+        return self.image.allocation(self.name, offset, length, max_extents)
 
     def write(self, offset: int, data: Any) -> int:
         raise PermissionError("a backup is read-only")

@@ -28,7 +28,7 @@ from zcore.errors import (
     OutOfRangeError,
     StateError,
 )
-from zcore.fsutil import pread_exact
+from zcore.fsutil import STATE_HOLE, STATE_ZERO, data_ranges, pread_exact
 from zcore.journal.damage import refuse_damaged
 from zcore.journal.settings import LZ4_CACHE_BYTES, VolumeSpec
 from zcore.journal.state import JournalState
@@ -144,6 +144,44 @@ class ReadThroughMixin(JournalState):
             self._index.read_into(spec.id, offset, out, at, self._load_lz4)
             return out
 
+    def _allocation(self, at: int, volume: int | str, offset: int, length: int,
+                    max_extents: int = 1 << 62) -> list[tuple[int, int, int]]:
+        """What [offset, offset + length) of `volume` is as of seq `at`: (start, length,
+        state) runs by offset, state a mask of `zcore.fsutil.STATE_HOLE` and `STATE_ZERO`:
+        a ZERO record is a hole that reads as zeros, a data record data, and where no
+        record covers, the replica's holes (SEEK_HOLE) holes and its data data.  Looked
+        at in windows of `ALLOCATION_WINDOW` bytes; it stops after the window in which
+        more than `max_extents` runs are found, so the runs may end before offset +
+        length, but the first `max_extents` of them are whole."""
+        spec = self._volume(volume)
+        records.check_range(offset, length, spec.size)
+        out: list[tuple[int, int, int]] = []
+        end = offset + length
+        pos = offset
+        with self._index_lock:
+            self._check_open()
+            fd = self._replica_fds.get(spec.id, -1)
+            # one run past the cap: the runs before it are then known to be whole
+            while pos < end and len(out) <= max_extents:
+                n = min(ALLOCATION_WINDOW, end - pos)
+                for start, run, kind in self._index.kinds(spec.id, pos, n, at):
+                    if kind == records.REC_ZERO:
+                        _add_run(out, start, run, STATE_HOLE | STATE_ZERO)
+                    elif kind:
+                        _add_run(out, start, run, 0)
+                    else:
+                        cur = start
+                        ranges = data_ranges(fd, start, run) if fd >= 0 else []
+                        for d0, dn in ranges:
+                            if d0 > cur:
+                                _add_run(out, cur, d0 - cur, STATE_HOLE | STATE_ZERO)
+                            _add_run(out, d0, dn, 0)
+                            cur = d0 + dn
+                        if cur < start + run:
+                            _add_run(out, cur, start + run - cur, STATE_HOLE | STATE_ZERO)
+                pos += n
+        return out
+
     def _load_lz4(self, segment: int, pos: int, stored: int, length: int) -> bytes:
         """The native reader's loader for LZ4 records (called under the index lock)."""
         key = (segment, pos)
@@ -164,6 +202,24 @@ class ReadThroughMixin(JournalState):
             raise CorruptRecordError(f"LZ4 record at {seg.path}:{pos} decodes to a wrong size")
         self._lz4_cache.put(key, data)
         return data
+
+
+# Bytes of a volume one step of `_allocation` plans at once: the index's planning is
+# quadratic in the records a range holds, so a 1 GiB block-status request over a busy
+# journal is planned in pieces, and stops early once a reply is full.
+ALLOCATION_WINDOW = 64 << 20
+
+
+def _add_run(out: list[tuple[int, int, int]], start: int, length: int, state: int) -> None:
+    """Append a run to `out`, merged into the last one when it continues it."""
+    if length <= 0:
+        return
+    if out:
+        s0, n0, k0 = out[-1]
+        if k0 == state and s0 + n0 == start:
+            out[-1] = (s0, n0 + length, state)
+            return
+    out.append((start, length, state))
 
 
 class View:
@@ -188,6 +244,15 @@ class View:
 
     def size(self, volume: int | str) -> int:
         return self.journal._volume(volume).size
+
+    def allocation(self, volume: int | str, offset: int, length: int,
+                   max_extents: int = 1 << 62) -> list[tuple[int, int, int]]:
+        """(start, length, state) runs of [offset, offset + length) of `volume` at the
+        checkpoint: holes (ZERO records, replica holes) and data (docs/format.md 8.4); see
+        `Journal._allocation` for `max_extents`."""
+        self._check()
+        return self.journal._allocation(self.checkpoint.seq, volume, offset, length,
+                                        max_extents)
 
     def _check(self) -> None:
         if self._closed:

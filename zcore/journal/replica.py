@@ -45,7 +45,7 @@ import numpy as np
 
 from zcore._native import record as _rec
 from zcore.errors import CorruptRecordError, FormatVersionError, ReplicaChecksumError
-from zcore.fsutil import fsync_dir, pread_exact, preadinto_exact, pwrite_all
+from zcore.fsutil import fsync_dir, pread_exact, preadinto_exact, punch_hole, pwrite_all
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +252,27 @@ class ReplicaSums:
                                 self.volume, lo)
         pwrite_all(fd, data, offset)
         self._set(b0, new)
+
+    def zero(self, fd: int, offset: int, length: int, *, resuming: bool) -> None:
+        """Zero [offset, offset + length) of the replica `fd` and set its sums: the whole
+        blocks inside it are punched out (`zcore.fsutil.punch_hole`: they read as zeros
+        and take no space; a zero block's entry is 0), the partial blocks at its edges
+        written with zeros through `write` (their other bytes checked as there)."""
+        if length <= 0:
+            return
+        B = self.block
+        end = offset + length
+        lo = -(-offset // B) * B
+        hi = end if end == self.size else end // B * B
+        if hi <= lo:
+            self.write(fd, bytes(length), offset, resuming=resuming, zero=True)
+            return
+        if lo > offset:
+            self.write(fd, bytes(lo - offset), offset, resuming=resuming, zero=True)
+        punch_hole(fd, lo, hi - lo)
+        self._set(lo // B, np.zeros(-(-(hi - lo) // B), dtype=np.uint32))
+        if end > hi:
+            self.write(fd, bytes(end - hi), hi, resuming=resuming, zero=True)
 
     def _set(self, first: int, entries: np.ndarray) -> None:
         """Write entries from block `first` on into the sidecar; the read-only map shows

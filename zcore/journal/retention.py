@@ -182,7 +182,6 @@ class RetentionMixin(JournalState):
         write and its sums change together under the index lock, so a read checks every
         replica block against the sum of the bytes it reads."""
         touched: set[int] = set()
-        zeros = b""
         view = buf.data[: seg.size]
         preadinto_exact(seg.fd, view, 0, what=f"segment {seg.path} (shorter than recorded)")
         # records quarantined at reopen are stepped over (their damage stays recorded);
@@ -208,10 +207,14 @@ class RetentionMixin(JournalState):
             payload: bytes | memoryview
             table: memoryview | None = None
             if kind == records.REC_ZERO:
-                if len(zeros) < length:
-                    zeros = bytes(length)
-                payload = memoryview(zeros)[:length]
-            elif flags & records.FLAG_LZ4:
+                # whole blocks become holes in the replica (TRIM, fast zero: the space
+                # is given back); edges are written as zeros
+                with self._index_lock:
+                    self._replica_sums[volume].zero(self._replica_fds[volume], offset,
+                                                    length, resuming=resuming)
+                touched.add(volume)
+                continue
+            if flags & records.FLAG_LZ4:
                 try:
                     payload = lz4.block.decompress(view[pos : pos + stored],
                                                    uncompressed_size=length)
@@ -226,8 +229,7 @@ class RetentionMixin(JournalState):
                 table = view[pos:start]  # its blocks' CRCs, verified by the scan above
             with self._index_lock:
                 self._replica_sums[volume].write(self._replica_fds[volume], payload,
-                                                 offset, resuming=resuming, block_crcs=table,
-                                                 zero=kind == records.REC_ZERO)
+                                                 offset, resuming=resuming, block_crcs=table)
             touched.add(volume)
         del view, scan
         return touched

@@ -234,13 +234,15 @@ class NBDClientConnection(asyncio.BufferedProtocol):
         if export is None:  # NBD_OPT_ABORT, acknowledged
             self._close_gracefully()
         else:
-            self._enter_transmission(export, structured=negotiation.structured)
+            self._enter_transmission(export, structured=negotiation.structured,
+                                     allocation=negotiation.allocation)
 
-    def _enter_transmission(self, export: Export, *, structured: bool) -> None:
+    def _enter_transmission(self, export: Export, *, structured: bool,
+                            allocation: bool = False) -> None:
         self.export = export
         self._tx = Transmission(export, self._transport, self._pool, structured=structured,
                                 max_request=self.server.max_request, peer=self.peer,
-                                start_sync=self._start_sync)
+                                start_sync=self._start_sync, allocation=allocation)
         self._phase = _TRANSMISSION
         log.debug("nbd: %s uses export %r", self.peer, export.name)
         if self._end > self._start:

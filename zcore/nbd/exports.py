@@ -11,7 +11,12 @@ and `Export` (a named backend) with the constructors the CLI and library use.
   kept durably beside it, FLUSH and FUA honoured: a live failover's recovered volume);
 - `file_export`: a plain file, for tools and tests.
 
-Anything with the small `Backend` interface can be served.
+Anything with the small `Backend` interface can be served.  Optional methods add what a
+backend can do beyond it: `trim` (NBD_CMD_TRIM), `punch` (zeroing with no storage,
+offered as fast zero: NBD_FLAG_SEND_FAST_ZERO) and `allocation` (NBD_CMD_BLOCK_STATUS in
+the base:allocation context: holes and data).  Every kind here has `allocation`: files
+and protected volumes from SEEK_DATA/SEEK_HOLE of their file, views from the journal's
+records over the replica's holes, overlays from their own maps over the view.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from zcore import records
-from zcore.errors import ConfigError, OutOfRangeError
-from zcore.fsutil import preadinto_upto, pwrite_all
+from zcore.errors import ClosedError, ConfigError, OutOfRangeError
+from zcore.fsutil import STATE_HOLE, STATE_ZERO, data_ranges, preadinto_upto, punch_hole, pwrite_all
 from zcore.nbd.protocol import MAX_NAME, SECTOR
 
 if TYPE_CHECKING:
@@ -34,7 +39,11 @@ if TYPE_CHECKING:
 class Backend(Protocol):
     """What an export serves.  Offsets and lengths of writes are sector-aligned and
     within `size` (the server checks before calling); reads are sector-aligned too.
-    An optional `trim(offset, length)` method is advertised to clients as TRIM."""
+    Optional methods (advertised to clients where present): `trim(offset, length)` as
+    TRIM; `punch(offset, length)` (the range reads as zeros, nothing stored) as fast
+    zero; `allocation(offset, length, max_extents) -> [(start, length, state)]` (runs
+    by offset from `offset`, state a mask of `zcore.fsutil.STATE_HOLE | STATE_ZERO`;
+    they may end early, never before the first run) as block status."""
 
     size: int
     readonly: bool
@@ -94,6 +103,17 @@ class FileBackend:
                        at)
         return length
 
+    def trim(self, offset: int, length: int) -> int:
+        """Deallocate the range (punch a hole; it reads as zeros)."""
+        punch_hole(self._fd, offset, length)
+        return length
+
+    punch = trim
+
+    def allocation(self, offset: int, length: int,
+                   max_extents: int = 1 << 62) -> list[tuple[int, int, int]]:
+        return file_allocation(self._fd, offset, length)
+
     def flush(self) -> None:
         os.fdatasync(self._fd)
 
@@ -101,6 +121,21 @@ class FileBackend:
         if not self._closed:
             self._closed = True
             os.close(self._fd)
+
+
+def file_allocation(fd: int, offset: int, length: int) -> list[tuple[int, int, int]]:
+    """(start, length, state) runs of [offset, offset + length) of the file `fd`: its data
+    ranges as data, the rest holes that read as zeros."""
+    out: list[tuple[int, int, int]] = []
+    cur = offset
+    for start, n in data_ranges(fd, offset, length):
+        if start > cur:
+            out.append((cur, start - cur, STATE_HOLE | STATE_ZERO))
+        out.append((start, n, 0))
+        cur = start + n
+    if cur < offset + length:
+        out.append((cur, offset + length - cur, STATE_HOLE | STATE_ZERO))
+    return out
 
 
 class VolumeBackend:
@@ -116,7 +151,16 @@ class VolumeBackend:
         self.read_into = volume.read_into
         self.write = volume.write
         self.write_zeroes = volume.write_zeroes
+        self.trim = volume.trim  # a zero record captured, a hole punched in the backing
+        self.punch = volume.trim
         self.flush = volume.flush
+
+    def allocation(self, offset: int, length: int,
+                   max_extents: int = 1 << 62) -> list[tuple[int, int, int]]:
+        """The backing file's holes and data (a block device: all data)."""
+        if self.volume.closed:
+            raise ClosedError(f"volume {self.volume.name!r} is closed")
+        return file_allocation(self.volume.fd, offset, length)
 
     def close(self) -> None:
         if self._owns:
@@ -142,6 +186,12 @@ class ViewBackend:
 
     def write_zeroes(self, offset: int, length: int) -> int:
         raise PermissionError("a point-in-time view is read-only")
+
+    def allocation(self, offset: int, length: int,
+                   max_extents: int = 1 << 62) -> list[tuple[int, int, int]]:
+        runs: list[tuple[int, int, int]] = self.view.allocation(self.volume, offset, length,
+                                                                 max_extents)
+        return runs
 
     def flush(self) -> None:
         pass
@@ -203,6 +253,16 @@ class Export:
     @property
     def can_trim(self) -> bool:
         return not self.readonly and callable(getattr(self.backend, "trim", None))
+
+    @property
+    def can_fast_zero(self) -> bool:
+        """WRITE_ZEROES with NBD_CMD_FLAG_FAST_ZERO is served (by `punch`)."""
+        return not self.readonly and callable(getattr(self.backend, "punch", None))
+
+    @property
+    def can_block_status(self) -> bool:
+        """The base:allocation context is answered (by `allocation`)."""
+        return callable(getattr(self.backend, "allocation", None))
 
 
 def file_export(path: str | os.PathLike[str], name: str | None = None, *,

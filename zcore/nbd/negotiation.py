@@ -4,7 +4,8 @@ Sits between the connection (`zcore.nbd.connection`, which owns the socket and h
 this module a `HandshakeChannel`) and transmission: `Negotiation.run` reads the client's
 options until one of them selects an export (NBD_OPT_GO or NBD_OPT_EXPORT_NAME) or ends
 the handshake (NBD_OPT_ABORT).  Options handled: EXPORT_NAME, GO, INFO, LIST, ABORT,
-STRUCTURED_REPLY and STARTTLS (mandatory when the server has TLS).
+STRUCTURED_REPLY, LIST_META_CONTEXT, SET_META_CONTEXT (one context: `base:allocation`,
+which NBD_CMD_BLOCK_STATUS answers) and STARTTLS (mandatory when the server has TLS).
 
 Hostile clients: option data is bounded before it is read (`MAX_OPTION_DATA`), a
 handshake has at most `MAX_OPTIONS` options, and bad magic, unknown client flags or an
@@ -40,14 +41,18 @@ from zcore.nbd.protocol import (
     MAX_NAME,
     MAX_OPTION_DATA,
     MAX_OPTIONS,
+    META_BASE_ALLOCATION,
+    META_BASE_ALLOCATION_ID,
     NBDMAGIC,
     OPT_ABORT,
     OPT_EXPORT_NAME,
     OPT_GO,
     OPT_INFO,
     OPT_LIST,
+    OPT_LIST_META_CONTEXT,
     OPT_REPLY,
     OPT_REPLY_MAGIC,
+    OPT_SET_META_CONTEXT,
     OPT_STARTTLS,
     OPT_STRUCTURED_REPLY,
     OPTION,
@@ -61,12 +66,14 @@ from zcore.nbd.protocol import (
     REP_ERR_UNKNOWN,
     REP_ERR_UNSUP,
     REP_INFO,
+    REP_META_CONTEXT,
     REP_SERVER,
     SECTOR,
     TF_CAN_MULTI_CONN,
     TF_HAS_FLAGS,
     TF_READ_ONLY,
     TF_SEND_DF,
+    TF_SEND_FAST_ZERO,
     TF_SEND_FLUSH,
     TF_SEND_FUA,
     TF_SEND_TRIM,
@@ -136,7 +143,15 @@ class HandshakeChannel(Protocol):
 
 
 def transmission_flags(export: Export, structured: bool) -> int:
-    """The transmission flags a client is told for `export`."""
+    """The transmission flags a client is told for `export`.
+
+    NBD_FLAG_CAN_MULTI_CONN on every export: all connections to an export share its one
+    backend, every write is applied before its reply, and FLUSH flushes the backend, not
+    the connection.  So a FLUSH on any connection covers the writes every connection has
+    completed: one fdatasync of the one descriptor of a file or protected volume (page
+    cache is per file), a durable overlay's `flush` of every pending map record; views
+    take no writes and scratch overlays promise no durability, their writes seen by every
+    connection at once (tests/test_nbd_sparse.py)."""
     flags = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_CAN_MULTI_CONN
     if export.readonly:
         flags |= TF_READ_ONLY
@@ -144,6 +159,8 @@ def transmission_flags(export: Export, structured: bool) -> int:
         flags |= TF_SEND_FUA | TF_SEND_WRITE_ZEROES
         if export.can_trim:
             flags |= TF_SEND_TRIM
+        if export.can_fast_zero:
+            flags |= TF_SEND_FAST_ZERO
     if structured:
         flags |= TF_SEND_DF
     return flags
@@ -158,15 +175,52 @@ def decode_name(raw: bytes) -> str | None:
     return None if "\0" in name else name
 
 
+def context_matches(query: str) -> bool:
+    """Whether a metadata context query names (or, as `base:`, lists) base:allocation."""
+    return query in (META_BASE_ALLOCATION, "base:")
+
+
+def parse_meta_request(data: bytes) -> tuple[str, list[str]] | None:
+    """(export name, queries) of a metadata context option's data; None when it is
+    malformed (lengths running past the data, names that are not UTF-8 or hold a NUL)."""
+    if len(data) < 8:
+        return None
+    (name_len,) = struct.unpack_from(">I", data)
+    if name_len > len(data) - 8:
+        return None
+    name = decode_name(data[4 : 4 + name_len])
+    pos = 4 + name_len
+    (count,) = struct.unpack_from(">I", data, pos)
+    pos += 4
+    queries: list[str] = []
+    for _ in range(count):
+        if len(data) - pos < 4:
+            return None
+        (n,) = struct.unpack_from(">I", data, pos)
+        pos += 4
+        if n > len(data) - pos:
+            return None
+        query = decode_name(data[pos : pos + n])
+        if query is None:
+            return None
+        queries.append(query)
+        pos += n
+    if pos != len(data) or name is None:
+        return None
+    return name, queries
+
+
 class Negotiation:
     """One client's handshake.  After `run`, `structured` says whether structured replies
-    were agreed."""
+    were agreed and `allocation` whether base:allocation was selected for the export."""
 
     def __init__(self, server: NBDServer, channel: HandshakeChannel, peer: object) -> None:
         self.server = server
         self.channel = channel
         self.peer = peer
         self.structured = False
+        self.allocation = False
+        self._meta_export: str | None = None  # the export SET_META_CONTEXT selected for
         self.no_zeroes = False
         self.tls = False
         self._done = False
@@ -250,6 +304,8 @@ class Negotiation:
                 return
             self.structured = True
             self._reply(option, REP_ACK)
+        elif option in (OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT):
+            self._meta_context(option, data)
         elif option == OPT_STARTTLS:
             await self._starttls(len(data))
         else:
@@ -258,6 +314,40 @@ class Negotiation:
     def _finish(self, export: Export | None) -> None:
         self._done = True
         self._export = export
+        # contexts selected for another export (or none) do not carry over (doc/proto.md)
+        self.allocation = (export is not None and self.structured
+                           and self._meta_export == export.name)
+
+    def _meta_context(self, option: int, data: bytes) -> None:
+        """NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT: export name, then queries;
+        one REP_META_CONTEXT for base:allocation when a query matches (LIST with no query
+        lists it), then REP_ACK.  SET needs structured replies and replaces the selection
+        (a failed SET leaves none)."""
+        setting = option == OPT_SET_META_CONTEXT
+        if setting:
+            self._meta_export = None
+            if not self.structured:
+                self._error(option, REP_ERR_INVALID, "NBD_OPT_SET_META_CONTEXT needs "
+                            "structured replies (NBD_OPT_STRUCTURED_REPLY) first")
+                return
+        parsed = parse_meta_request(data)
+        if parsed is None:
+            self._error(option, REP_ERR_INVALID, "malformed metadata context request")
+            return
+        name, queries = parsed
+        export = self.server.lookup(name)
+        if export is None:
+            self._error(option, REP_ERR_UNKNOWN, f"no export named {name!r}")
+            return
+        matched = export.can_block_status and (any(context_matches(q) for q in queries)
+                                               or (not setting and not queries))
+        if matched:
+            raw = META_BASE_ALLOCATION.encode()
+            self._reply(option, REP_META_CONTEXT,
+                        struct.pack(">I", META_BASE_ALLOCATION_ID) + raw)
+        if setting:
+            self._meta_export = name if matched else None
+        self._reply(option, REP_ACK)
 
     def _export_name(self, data: bytes) -> None:
         name = decode_name(data)

@@ -31,10 +31,13 @@ OPT_STARTTLS = 5
 OPT_INFO = 6
 OPT_GO = 7
 OPT_STRUCTURED_REPLY = 8
+OPT_LIST_META_CONTEXT = 9
+OPT_SET_META_CONTEXT = 10
 
 REP_ACK = 1
 REP_SERVER = 2
 REP_INFO = 3
+REP_META_CONTEXT = 4
 REP_ERR_UNSUP = (1 << 31) + 1
 REP_ERR_POLICY = (1 << 31) + 2
 REP_ERR_INVALID = (1 << 31) + 3
@@ -56,6 +59,7 @@ TF_SEND_TRIM = 1 << 5
 TF_SEND_WRITE_ZEROES = 1 << 6
 TF_SEND_DF = 1 << 7
 TF_CAN_MULTI_CONN = 1 << 8
+TF_SEND_FAST_ZERO = 1 << 11
 
 CMD_READ = 0
 CMD_WRITE = 1
@@ -63,16 +67,20 @@ CMD_DISC = 2
 CMD_FLUSH = 3
 CMD_TRIM = 4
 CMD_WRITE_ZEROES = 6
+CMD_BLOCK_STATUS = 7
 
 CMD_FLAG_FUA = 1 << 0
 CMD_FLAG_NO_HOLE = 1 << 1
 CMD_FLAG_DF = 1 << 2
+CMD_FLAG_REQ_ONE = 1 << 3
 CMD_FLAG_FAST_ZERO = 1 << 4
-KNOWN_CMD_FLAGS = CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_FAST_ZERO
+KNOWN_CMD_FLAGS = (CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE
+                   | CMD_FLAG_FAST_ZERO)
 
 REPLY_FLAG_DONE = 1 << 0
 REPLY_TYPE_NONE = 0
 REPLY_TYPE_OFFSET_DATA = 1
+REPLY_TYPE_BLOCK_STATUS = 5
 REPLY_TYPE_ERROR = (1 << 15) + 1
 
 # NBD error values (the protocol's own numbering, which matches Linux errno)
@@ -97,6 +105,18 @@ EXPORT_REPLY = struct.Struct(">QH")
 INFO_EXPORT_REPLY = struct.Struct(">HQH")
 INFO_BLOCK_REPLY = struct.Struct(">HIII")
 REQUEST_SIZE = REQUEST.size  # 28
+CHUNK_STATUS = struct.Struct(">IHHQII")  # chunk header, then the metadata context id
+
+# the one metadata context served (doc/proto.md "base:allocation"): per extent, bit 0 a
+# hole (no storage), bit 1 reads as zeros (the values of zcore.fsutil.STATE_HOLE / _ZERO)
+META_BASE_ALLOCATION = "base:allocation"
+META_BASE_ALLOCATION_ID = 1
+STATE_HOLE = 1
+STATE_ZERO = 2
+# extents in one BLOCK_STATUS reply (8 bytes each: a 16 KiB reply at most), and the span
+# of the export one request looks at: a client asks again from where the reply ended
+MAX_STATUS_EXTENTS = 2048
+MAX_STATUS_SPAN = 1 << 30
 
 SECTOR = 512
 PREFERRED_BLOCK = 4096

@@ -4,9 +4,12 @@ and its reply queued (simple or structured).
 Sits under the connection (`zcore.nbd.connection`, which receives the bytes, frames
 requests with `zcore.nbd.protocol.parse_request` and hands WRITE payloads over whole)
 and over the export backends (`zcore.nbd.exports`).  Commands: READ, WRITE, FLUSH, the
-FUA flag, WRITE_ZEROES and TRIM (where the export can); DISC is the connection's.  A
-request beyond the end, unaligned (writes), too large, with unknown flags or for a
-read-only export gets its NBD error and the connection stays up.
+FUA flag, WRITE_ZEROES (punched where the backend can and NO_HOLE is not asked; with
+FAST_ZERO only then, else ENOTSUP at once), TRIM (where the export can) and
+BLOCK_STATUS (base:allocation, when negotiated: at most `MAX_STATUS_EXTENTS` extents
+over at most `MAX_STATUS_SPAN` bytes per reply, one with REQ_ONE); DISC is the
+connection's.  A request beyond the end, unaligned (writes), too large, with unknown
+flags or for a read-only export gets its NBD error and the connection stays up.
 
 Read data is read into a pooled, 64-byte-aligned buffer behind room for the reply
 header, so a large read goes out in one send with no copy; small replies are batched in
@@ -27,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import errno as _errno
 import logging
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -44,9 +48,13 @@ from zcore.nbd.protocol import (
     CHUNK,
     CHUNK_DATA,
     CHUNK_ERROR,
+    CHUNK_STATUS,
+    CMD_BLOCK_STATUS,
     CMD_FLAG_DF,
     CMD_FLAG_FAST_ZERO,
     CMD_FLAG_FUA,
+    CMD_FLAG_NO_HOLE,
+    CMD_FLAG_REQ_ONE,
     CMD_FLUSH,
     CMD_READ,
     CMD_TRIM,
@@ -62,7 +70,11 @@ from zcore.nbd.protocol import (
     ESHUTDOWN,
     KNOWN_CMD_FLAGS,
     MAX_NAME,
+    MAX_STATUS_EXTENTS,
+    MAX_STATUS_SPAN,
+    META_BASE_ALLOCATION_ID,
     REPLY_FLAG_DONE,
+    REPLY_TYPE_BLOCK_STATUS,
     REPLY_TYPE_ERROR,
     REPLY_TYPE_NONE,
     REPLY_TYPE_OFFSET_DATA,
@@ -161,7 +173,8 @@ class Transmission:
 
     def __init__(self, export: Export, transport: asyncio.WriteTransport, pool: BufferPool, *,
                  structured: bool, max_request: int, peer: object,
-                 start_sync: Callable[[int, int], None] | None = None) -> None:
+                 start_sync: Callable[[int, int], None] | None = None,
+                 allocation: bool = False) -> None:
         self.export = export
         # FLUSH / FUA: run the backend's flush elsewhere, then reply (None: inline)
         self._start_sync = start_sync if export.sync_in_thread else None
@@ -172,6 +185,9 @@ class Transmission:
         self._size = export.size
         self._readonly = export.readonly
         self._can_trim = export.can_trim
+        self._punch = getattr(self._backend, "punch", None) if export.can_fast_zero else None
+        # base:allocation was negotiated (structured replies come with it)
+        self._allocation = allocation and structured and export.can_block_status
         self._structured = structured
         self._max_request = max_request
         self._peer = peer
@@ -200,14 +216,18 @@ class Transmission:
                 self._run(req.handle, cmd, self._backend.flush)
         elif cmd == CMD_WRITE_ZEROES:
             err, message = self._check(req.flags, req.offset, req.length, writes=True)
-            if not err and req.flags & CMD_FLAG_FAST_ZERO:
-                err, message = ENOTSUP, "fast zeroing is not offered"
-            self._ranged(req, err, message, self._backend.write_zeroes)
+            punch = None if req.flags & CMD_FLAG_NO_HOLE else self._punch
+            if not err and req.flags & CMD_FLAG_FAST_ZERO and punch is None:
+                err, message = ENOTSUP, ("fast zeroing is not offered" if self._punch is None
+                                         else "fast zeroing cannot keep NO_HOLE")
+            self._ranged(req, err, message, punch or self._backend.write_zeroes)
         elif cmd == CMD_TRIM:
             err, message = self._check(req.flags, req.offset, req.length, writes=True)
             if not err and not self._can_trim:
                 err, message = EINVAL, "TRIM is not offered on this export"
             self._ranged(req, err, message, getattr(self._backend, "trim", None))
+        elif cmd == CMD_BLOCK_STATUS:
+            self._block_status(req)
         else:
             self.error(req.handle, cmd, EINVAL, f"unknown command {cmd}")
 
@@ -296,6 +316,51 @@ class Transmission:
             self._backend_error(handle, CMD_READ, exc)
             return
         self._send_read(pbuf, handle, HEADROOM + offset - a0, offset, length)
+
+    def _block_status(self, req: Request) -> None:
+        """BLOCK_STATUS in base:allocation: one reply chunk of extents from `offset`."""
+        flags, cmd, handle, offset, length = req
+        err, message = 0, ""
+        if flags & ~CMD_FLAG_REQ_ONE:
+            err, message = EINVAL, f"flags {flags:#x} on BLOCK_STATUS (only REQ_ONE is known)"
+        elif not self._allocation:
+            err, message = EINVAL, "no metadata context was negotiated (base:allocation)"
+        elif length == 0:
+            err, message = EINVAL, "BLOCK_STATUS of 0 bytes"
+        elif offset + length > self._size:
+            err, message = EINVAL, f"{offset}+{length} passes the export's end ({self._size})"
+        if err:
+            self.error(handle, cmd, err, message)
+            return
+        end = offset + min(length, MAX_STATUS_SPAN)
+        cap = 1 if flags & CMD_FLAG_REQ_ONE else MAX_STATUS_EXTENTS
+        try:
+            runs = self._backend.allocation(offset, end - offset, cap)  # type: ignore[attr-defined]
+        except Exception as exc:
+            self._backend_error(handle, cmd, exc)
+            return
+        words: list[int] = []
+        cur = offset
+        for start, n, state in runs:
+            if start != cur or n <= 0:
+                break  # a gap or overlap in the backend's answer: what came before holds
+            n = min(n, end - cur)
+            if words and words[-1] == state:
+                words[-2] += n
+            else:
+                if len(words) == 2 * cap:
+                    break
+                words += (n, state)
+            cur += n
+            if cur >= end:
+                break
+        if not words:
+            self.error(handle, cmd, EIO, "the export gave no allocation for the range")
+            return
+        self.out += CHUNK_STATUS.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
+                                      REPLY_TYPE_BLOCK_STATUS, handle, 4 + 4 * len(words),
+                                      META_BASE_ALLOCATION_ID)
+        self.out += struct.pack(f">{len(words)}I", *words)
 
     def _send_read(self, pbuf: PooledBuffer, handle: int, at: int, offset: int,
                    length: int) -> None:

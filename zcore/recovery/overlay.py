@@ -47,6 +47,7 @@ from zcore.bitmap import id_runs
 from zcore.errors import ClosedError, ConfigError, StateError
 from zcore.fsutil import atomic_write, fsync_dir, preadinto_upto, pwrite_all, write_all
 from zcore.journal import View
+from zcore.recovery.scratch import overlay_allocation
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -209,6 +210,27 @@ class DurableOverlay:
                 arr = np.frombuffer(out, dtype=np.uint8)
                 for a, b in _runs(self._zeroed, s0, s1):
                     arr[(a - s0) * SECTOR : (b - s0) * SECTOR] = 0
+
+    def allocation(self, offset: int, length: int,
+                   max_extents: int = 1 << 62) -> list[tuple[int, int, int]]:
+        """(start, length, state) runs of the range (`zcore.recovery.scratch.
+        overlay_allocation`): the overlay's writes are data, its zeroes holes, the rest as
+        the view says (data, for an overlay opened without its view)."""
+        with self._lock:
+            self._check(offset, length)
+            view = self.view
+
+            def under(off: int, n: int, cap: int) -> list[tuple[int, int, int]]:
+                if view is None:
+                    return [(off, n, 0)]
+                return view.allocation(self.volume, off, n, cap)
+
+            return overlay_allocation(self._written, self._zeroed, under, offset, length,
+                                      max_extents)
+
+    def punch(self, offset: int, length: int) -> int:
+        """Zero the range with no storage (what a fast zero asks for): `write_zeroes`."""
+        return self.write_zeroes(offset, length)
 
     def _pread(self, out: memoryview, pos: int) -> None:
         done = preadinto_upto(self._data_fd, out, pos)

@@ -28,7 +28,7 @@ from pyroaring import BitMap64
 from zcore import records
 from zcore.bitmap import id_runs
 from zcore.errors import ClosedError, ConfigError, ScratchLimitError
-from zcore.fsutil import preadinto_upto, pwrite_all
+from zcore.fsutil import STATE_HOLE, STATE_ZERO, preadinto_upto, pwrite_all
 from zcore.journal import Journal
 from zcore.records import Checkpoint
 
@@ -51,6 +51,9 @@ class Image(Protocol):
     def size(self, volume: int | str) -> int: ...
 
     def read_into(self, volume: int | str, offset: int, buf: Any) -> None: ...
+
+    def allocation(self, volume: int | str, offset: int, length: int,
+                   max_extents: int = 1 << 62) -> list[tuple[int, int, int]]: ...
 
     def close(self) -> None: ...
 
@@ -96,6 +99,43 @@ def _runs(bitmap: BitMap64, start: int, end: int) -> list[tuple[int, int]]:
         return [(start, end)]
     starts, ends = id_runs(arr)
     return list(zip(starts.tolist(), ends.tolist(), strict=True))
+
+
+def overlay_allocation(written: BitMap64, zeroed: BitMap64,
+                       under: Any, offset: int, length: int,
+                       max_extents: int) -> list[tuple[int, int, int]]:
+    """(start, length, state) runs of [offset, offset + length) (sector-aligned) of an
+    overlay whose sectors in `written` are data of its own and in `zeroed` zeroes with no
+    storage (holes that read as zeros, `zcore.fsutil.STATE_HOLE | STATE_ZERO`); the rest
+    is as `under(offset, length, max_extents)` says (the view's allocation, or data when
+    there is none).  The runs may stop early once more than `max_extents` are found (the
+    first `max_extents` are then whole)."""
+    s0, s1 = offset // SECTOR, (offset + length) // SECTOR
+    own = sorted([(a, b, 0) for a, b in _runs(written, s0, s1)]
+                 + [(a, b, STATE_HOLE | STATE_ZERO) for a, b in _runs(zeroed, s0, s1)])
+    out: list[tuple[int, int, int]] = []
+
+    def add(start: int, n: int, state: int) -> None:
+        if out and out[-1][2] == state and out[-1][0] + out[-1][1] == start:
+            out[-1] = (out[-1][0], out[-1][1] + n, state)
+        elif n:
+            out.append((start, n, state))
+
+    cur = s0
+    for a, b, state in [*own, (s1, s1, -1)]:
+        if a > cur:
+            gap0, gap = cur * SECTOR, (a - cur) * SECTOR
+            runs = under(gap0, gap, max_extents)
+            for start, n, st in runs:
+                add(start, n, st)
+            if not runs or runs[-1][0] + runs[-1][1] < gap0 + gap:
+                return out  # the view stopped early: so does this answer
+        if state >= 0:
+            add(a * SECTOR, (b - a) * SECTOR, state)
+        cur = b
+        if len(out) > max_extents:  # one past the cap: the runs before it are whole
+            break
+    return out
 
 
 class ScratchOverlay:
@@ -227,6 +267,23 @@ class ScratchOverlay:
                 arr = np.frombuffer(out, dtype=np.uint8)
                 for a, b in _runs(self._zeroed, s0, s1):
                     arr[(a - s0) * SECTOR : (b - s0) * SECTOR] = 0
+
+    def allocation(self, offset: int, length: int,
+                   max_extents: int = 1 << 62) -> list[tuple[int, int, int]]:
+        """(start, length, state) runs of the range (`overlay_allocation`): the overlay's
+        writes are data, its zeroes holes, the rest as the view says."""
+        with self._lock:
+            self._check(offset, length)
+
+            def under(off: int, n: int, cap: int) -> list[tuple[int, int, int]]:
+                return self.view.allocation(self.volume, off, n, cap)
+
+            return overlay_allocation(self._written, self._zeroed, under, offset, length,
+                                      max_extents)
+
+    def punch(self, offset: int, length: int) -> int:
+        """Zero the range with no storage (what a fast zero asks for): `write_zeroes`."""
+        return self.write_zeroes(offset, length)
 
     def _pread(self, out: memoryview, pos: int) -> None:
         done = preadinto_upto(self._fd, out, pos)

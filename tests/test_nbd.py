@@ -4,6 +4,7 @@ clients (qemu, libnbd's tools, fio) are in test_nbd_clients.py."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
@@ -351,6 +352,61 @@ def test_an_export_removed_during_a_flush_closes_its_backend_after_the_flush(tmp
         assert eventually(lambda: backend.events[-1:] == ["close"])
         c.close()
     assert backend.events == ["flush", "flushed", "close"]
+
+
+class GatedRead(FileBackend):
+    """A file whose reads wait until `gate` is set (a repository on a slow share), off
+    the loop when its export has `blocking_reads`; records the reading threads, and
+    fails a read at `bad_offset`."""
+
+    def __init__(self, path, bad_offset: int = -1) -> None:
+        super().__init__(path, readonly=True)
+        self.gate = threading.Event()
+        self.threads: list[str] = []
+        self.events: list[str] = []
+        self.bad_offset = bad_offset
+
+    def read_into(self, offset: int, buf) -> None:
+        self.threads.append(threading.current_thread().name)
+        self.events.append("read")
+        assert self.gate.wait(10)
+        if offset == self.bad_offset:
+            raise OSError(errno.EIO, "the share went away")
+        super().read_into(offset, buf)
+        self.events.append("read done")
+
+    def close(self) -> None:
+        self.events.append("close")
+        super().close()
+
+
+def test_blocking_reads_run_off_the_loop_in_order_and_before_their_backend_closes(
+        tmp_path, image):
+    gated = GatedRead(image[0], bad_offset=4096)
+    other = tmp_path / "other.img"
+    other.write_bytes(b"o" * 8192)
+    exports = [Export("slow", gated, blocking_reads=True), Export("fast", FileBackend(other))]
+    with serving(exports, tmp_path) as srv, connect(srv, "slow") as a, \
+            connect(srv, "fast") as b:
+        first = a.request(nbd.CMD_READ, 0, 512)
+        later = a.request(nbd.CMD_READ, 512, 512)  # held until the first is answered
+        assert eventually(lambda: gated.events == ["read"])
+        assert b.read(0, 512) == (0, b"o" * 512)  # the loop serves others meanwhile
+        gated.gate.set()
+        assert a.reply(512) == (first, 0, image[1][:512])
+        assert a.reply(512) == (later, 0, image[1][512:1024])
+        assert a.read(4096, 512) == (nbd.EIO, b"")  # a failed read is an EIO reply
+        assert a.read(0, 512) == (0, image[1][:512])  # and the connection goes on
+        loop_thread = srv.call(threading.current_thread).name
+        assert gated.threads and loop_thread not in gated.threads
+        gated.gate.clear()
+        a.request(nbd.CMD_READ, 0, 512)
+        assert eventually(lambda: gated.events[-1] == "read")
+        srv.call(srv.server.remove_export, "slow")
+        assert "close" not in gated.events  # not under the running read
+        gated.gate.set()
+        assert eventually(lambda: gated.events[-1:] == ["close"])
+        assert gated.events[-2:] == ["read done", "close"]
 
 
 # ---- hostile clients -----------------------------------------------------------------------

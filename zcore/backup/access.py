@@ -9,7 +9,10 @@ bytes otherwise), and fills zero chunks with zeros without touching the reposito
 is a zcore.recovery `Image`, so a scratch overlay can stand on it: `backup_export(...,
 writable=True)` serves a volume the VM may write to, its writes kept in a scratch file
 and discarded when the export closes (the repository is only ever read).
-`BackupVolume` is one volume of an image as an NBD backend."""
+`BackupVolume` is one volume of an image as an NBD backend.  Both exports have
+`blocking_reads`: a chunk fetched from the repository (a share, a bucket) is read and
+decrypted in a worker thread, never on the NBD server's event loop, which in a site
+service is also the loop of its API and replication."""
 
 from __future__ import annotations
 
@@ -172,7 +175,7 @@ def backup_export(repo: Repository, backup: str, vm: str, volume: str | int,
         backend = BackupVolume(repo, backup, vm, volume)
         return Export(name if name is not None else f"{vm}-{backend.name}@{backup}", backend,
                       f"volume {backend.name} of VM {vm} in backup {backup}",
-                      kind=ExportKind.VIEW)
+                      kind=ExportKind.VIEW, blocking_reads=True)
     image = BackupImage(repo, backup, vm)
     vol = str(image.volume(volume)["name"])
     overlay = ScratchOverlay(image, vol, owns_view=True, limit_bytes=scratch_limit,
@@ -180,7 +183,7 @@ def backup_export(repo: Repository, backup: str, vm: str, volume: str | int,
     try:
         return Export(name if name is not None else f"{vm}-{vol}@{backup}-scratch", overlay,
                       f"scratch overlay on volume {vol} of VM {vm} in backup {backup}",
-                      kind=ExportKind.SCRATCH)
+                      kind=ExportKind.SCRATCH, blocking_reads=True)
     except BaseException:
         overlay.close()
         raise

@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING, Any, cast
 from zcore.errors import ProtocolError
 from zcore.nbd.exports import Export
 from zcore.nbd.negotiation import Negotiation
-from zcore.nbd.protocol import CMD_DISC, CMD_WRITE, REQUEST_SIZE, Request, parse_request
+from zcore.nbd.protocol import (
+    CMD_DISC,
+    CMD_WRITE,
+    REQUEST_SIZE,
+    SECTOR,
+    Request,
+    parse_request,
+)
 from zcore.nbd.transmission import BufferPool, PooledBuffer, Transmission
 
 if TYPE_CHECKING:
@@ -79,7 +86,7 @@ class NBDClientConnection(asyncio.BufferedProtocol):
         self._discard = 0
         self._discard_reply: tuple[int, int, str] = (0, 0, "")
         self._write_paused = False
-        self._syncing = False  # a FLUSH/FUA sync runs in a worker thread
+        self._syncing = False  # a FLUSH/FUA sync or a blocking read runs in a worker thread
         self._reading = True
         self._task: asyncio.Task[None] | None = None
         self.peer: object = None
@@ -242,7 +249,8 @@ class NBDClientConnection(asyncio.BufferedProtocol):
         self.export = export
         self._tx = Transmission(export, self._transport, self._pool, structured=structured,
                                 max_request=self.server.max_request, peer=self.peer,
-                                start_sync=self._start_sync, allocation=allocation)
+                                start_sync=self._start_sync, start_read=self._start_read,
+                                allocation=allocation)
         self._phase = _TRANSMISSION
         log.debug("nbd: %s uses export %r", self.peer, export.name)
         if self._end > self._start:
@@ -327,6 +335,30 @@ class NBDClientConnection(asyncio.BufferedProtocol):
             return  # disconnected meanwhile: no reply
         exc = asyncio.CancelledError() if fut.cancelled() else fut.exception()
         self._tx.synced(handle, cmd, exc)
+        self._update_reading()
+        self._process()
+
+    def _start_read(self, handle: int, offset: int, length: int, a0: int,
+                    pbuf: PooledBuffer) -> None:
+        """READ of request `handle` on an export with `blocking_reads`: the backend's
+        read into `pbuf` in a worker thread, the connection paused as for a sync."""
+        assert self.export is not None
+        self._syncing = True
+        self._update_reading()
+        size = -(-(offset + length) // SECTOR) * SECTOR - a0
+        done = self.server.run_blocking(self.export, self.export.backend.read_into, a0,
+                                        pbuf.data[:size])
+        done.add_done_callback(lambda fut: self._read_ended(fut, handle, offset, length, a0,
+                                                             pbuf))
+
+    def _read_ended(self, fut: asyncio.Future[None], handle: int, offset: int, length: int,
+                    a0: int, pbuf: PooledBuffer) -> None:
+        self._syncing = False
+        if self._phase != _TRANSMISSION or self._tx is None:
+            self._pool.put(pbuf)
+            return  # disconnected meanwhile: no reply
+        exc = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+        self._tx.read_done(handle, offset, length, a0, pbuf, exc)
         self._update_reading()
         self._process()
 

@@ -214,13 +214,16 @@ class ExportKind(StrEnum):
 @dataclass
 class Export:
     """A named backend.  `owned`: the server closes the backend when it closes or drops
-    the export.  `kind` is informational."""
+    the export.  `kind` is informational.  `blocking_reads`: a read may wait long (on a
+    remote store: a backup repository), so it runs in a worker thread, not on the loop
+    (the connection takes its next request once it is answered)."""
 
     name: str
     backend: Backend
     description: str = ""
     owned: bool = True
     kind: ExportKind = ExportKind.FILE
+    blocking_reads: bool = False
 
     def __post_init__(self) -> None:
         raw = self.name.encode("utf-8")

@@ -84,7 +84,8 @@ class NBDServer:
         self._listeners: list[asyncio.AbstractServer] = []
         self._addresses: list[Address] = []
         self._connections: set[NBDClientConnection] = set()
-        self._syncs: dict[asyncio.Future[None], Export] = {}  # FLUSHes in worker threads
+        # backend calls in worker threads (FLUSHes, blocking reads), by the export they use
+        self._syncs: dict[asyncio.Future[None], Export] = {}
         self._closing = False
         for export in exports:
             self.add_export(export)
@@ -126,9 +127,14 @@ class NBDServer:
         gathered.add_done_callback(lambda _: export.backend.close())
 
     def run_sync(self, export: Export) -> asyncio.Future[None]:
-        """`export.backend.flush()` in a worker thread (FLUSH, FUA); the backend is not
-        closed before it ends."""
-        fut = asyncio.get_running_loop().run_in_executor(None, export.backend.flush)
+        """`export.backend.flush()` in a worker thread (FLUSH, FUA)."""
+        return self.run_blocking(export, export.backend.flush)
+
+    def run_blocking(self, export: Export, fn: Callable[..., None],
+                     *args: Any) -> asyncio.Future[None]:
+        """`fn(*args)`, a call on `export`'s backend, in a worker thread (a sync, or a read
+        of an export with `blocking_reads`); the backend is not closed before it ends."""
+        fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
         self._syncs[fut] = export
         fut.add_done_callback(self._sync_ended)
         return fut

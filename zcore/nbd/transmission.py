@@ -23,6 +23,8 @@ loop (and so every other connection and the site's API) for 140-190 ms.  They ru
 worker thread (`start_sync`, given by the connection), and the connection runs none of
 its later requests until the sync is done and replied to: every write completed before a
 FLUSH is durable when its reply goes out, and the arrival order of effects still holds.
+READs of an export with `blocking_reads` (a backup read through its repository, which may
+be a share or a bucket) run the same way (`start_read`), for the same reason.
 """
 
 from __future__ import annotations
@@ -174,10 +176,13 @@ class Transmission:
     def __init__(self, export: Export, transport: asyncio.WriteTransport, pool: BufferPool, *,
                  structured: bool, max_request: int, peer: object,
                  start_sync: Callable[[int, int], None] | None = None,
+                 start_read: Callable[[int, int, int, int, PooledBuffer], None] | None = None,
                  allocation: bool = False) -> None:
         self.export = export
         # FLUSH / FUA: run the backend's flush elsewhere, then reply (None: inline)
         self._start_sync = start_sync if export.sync_in_thread else None
+        # READ of an export whose reads may block: read elsewhere, then `read_done`
+        self._start_read = start_read if export.blocking_reads else None
         self.out = bytearray()
         self._transport = transport
         self._pool = pool
@@ -309,6 +314,9 @@ class Transmission:
         a1 = -(-(offset + length) // SECTOR) * SECTOR
         pool = self._pool
         pbuf = pool.get(a1 - a0)
+        if self._start_read is not None:
+            self._start_read(handle, offset, length, a0, pbuf)
+            return
         try:
             self._backend.read_into(a0, pbuf.data[: a1 - a0])
         except Exception as exc:
@@ -316,6 +324,19 @@ class Transmission:
             self._backend_error(handle, CMD_READ, exc)
             return
         self._send_read(pbuf, handle, HEADROOM + offset - a0, offset, length)
+
+    def read_done(self, handle: int, offset: int, length: int, a0: int, pbuf: PooledBuffer,
+                  exc: BaseException | None) -> None:
+        """Reply to the READ `handle` whose read (`start_read`, into `pbuf` from `a0`)
+        ended, with its data or its error."""
+        if exc is None:
+            self._send_read(pbuf, handle, HEADROOM + offset - a0, offset, length)
+            return
+        self._pool.put(pbuf)
+        if isinstance(exc, Exception):
+            self._backend_error(handle, CMD_READ, exc)
+        else:
+            self.error(handle, CMD_READ, EIO, "read interrupted")
 
     def _block_status(self, req: Request) -> None:
         """BLOCK_STATUS in base:allocation: one reply chunk of extents from `offset`."""

@@ -1,0 +1,331 @@
+"""Crash-state enumeration of the backup repository's directory store (issue 13): record
+a workload of backups and a prune on a repository under the recording file layer
+(reliability.fslayer, which follows the store's nested directories), build every crash
+state from the trace, open each one and check it against what was acknowledged.
+
+`record(store_class)` runs the workload (Repository.init, a full backup, incrementals, a
+prune whose GC deletes the oldest backup, one more backup; a mark after each acknowledged
+step) and returns what the states are built from; `enumerate_states(recorded, ...)` checks
+the states and returns the counts and the violations found.  Planted bugs are stores that
+skip the fsync of an object's data (`SkipFileFsyncStore`) or the directory fsyncs of
+`sync` (`SkipDirFsyncStore`): recorded with one of them, the enumeration must report
+violations."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import stat
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from helpers.backup import CHUNK, FAST_N, SECRET
+from helpers.nbd import build_journal
+
+from reliability import fslayer
+from reliability.crashsim import DEEP, scratch_dir
+from zcore.backup import DirectoryStore, Repository, Retention, check, prune, restore, run_backup
+from zcore.errors import ZcoreError
+from zcore.journal import Journal
+from zcore.records import Checkpoint
+from zcore.site.recovery_vpg import RecoveryVPG
+
+KiB, MiB = 1 << 10, 1 << 20
+SIZES = (1 * MiB, 512 * KiB)  # two volumes of 16 and 8 chunks of CHUNK (64 KiB)
+ROUNDS = 4  # checkpoints: one per backup of the workload
+
+__all__ = ["DEEP", "Recorded", "Result", "SkipDirFsyncStore", "SkipFileFsyncStore",
+           "enumerate_states", "record", "summary"]
+
+
+# ---- planted bugs: stores that skip an fsync ------------------------------------------------
+
+_skipping = threading.local()  # .what: "file" or "dir" while a planted store's call runs
+
+
+def _skipping_fsync(orig: Callable[[int], None]) -> Callable[[int], None]:
+    def fsync(fd: Any) -> None:
+        what = getattr(_skipping, "what", None)
+        if what is not None:
+            fd = fd if isinstance(fd, int) else fd.fileno()
+            is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+            if is_dir == (what == "dir"):
+                return  # the planted bug: this fsync never happens
+        orig(fd)
+    return fsync
+
+
+class _Skipping(DirectoryStore):
+    WHAT = ""
+
+    def put(self, name: str, data: bytes) -> None:
+        _skipping.what = self.WHAT
+        try:
+            super().put(name, data)
+        finally:
+            _skipping.what = None
+
+    def sync(self) -> None:
+        _skipping.what = self.WHAT
+        try:
+            super().sync()
+        finally:
+            _skipping.what = None
+
+
+class SkipFileFsyncStore(_Skipping):
+    """A directory store that never fsyncs an object's data before its rename."""
+
+    WHAT = "file"
+
+
+class SkipDirFsyncStore(_Skipping):
+    """A directory store whose `sync` never fsyncs a directory."""
+
+    WHAT = "dir"
+
+
+# ---- the workload --------------------------------------------------------------------------
+
+
+@dataclass
+class Recorded:
+    journal: Journal  # open (outside the scratch tree): what post-crash backups read
+    images: list[dict[str, bytes]]  # the volume images at each checkpoint
+    checkpoints: list[Checkpoint]
+    backups: dict[str, int]  # every backup the workload made -> its checkpoint's index
+    pruned: set[str]  # the backups the workload's prune deleted
+    base: dict[str, bytes]
+    trace: list[fslayer.Event]
+    tmp: Path  # holds the journal: removed by close()
+
+    def close(self) -> None:
+        self.journal.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def record(store_class: type[DirectoryStore] = DirectoryStore, seed: int = 1) -> Recorded:
+    """Build a journal (unrecorded), then record the workload on a new repository."""
+    tmp = Path(scratch_dir("zc-brec-"))
+    journal, snaps = build_journal(tmp / "vm1", sizes=SIZES, rounds=ROUNDS, writes=40,
+                                   seed=seed, promote_first=False)
+    vpg = RecoveryVPG("vpg1", {"vm1": journal})
+    where = tmp / "repo"
+    where.mkdir()
+    backups: dict[str, int] = {}
+    pruned: set[str] = set()
+    orig_fsync = os.fsync
+    with fslayer.Recorder(where) as rec:
+        os.fsync = _skipping_fsync(os.fsync)
+        try:
+            repo = Repository.init(store_class(where, create=True), SECRET, chunk_size=CHUNK,
+                                   scrypt_n=FAST_N)
+            rec.mark(("init",))
+            for i in range(ROUNDS):
+                if i == ROUNDS - 1:
+                    rec.mark(("pruning",))
+                    done = prune(repo, Retention(daily=0, weekly=0, monthly=0, last=2))
+                    assert len(done.deleted) == 1, done
+                    pruned = set(done.deleted)
+                    rec.mark(("pruned", tuple(done.deleted)))
+                b = run_backup(repo, vpg, snaps[i][0], full=i == 0)
+                assert b.mode == ("full" if i == 0 else "incremental"), b
+                backups[b.name] = i
+                rec.mark(("backup", b.name))
+        finally:
+            os.fsync = orig_fsync
+    shutil.rmtree(where)
+    return Recorded(journal, [img for _, img in snaps], [c for c, _ in snaps], backups, pruned,
+                    {},
+                    rec.events, tmp)
+
+
+# ---- checking one crash state --------------------------------------------------------------
+
+
+@dataclass
+class Expect:
+    """What the marks before a crash point acknowledged."""
+
+    init: bool = False
+    acked: list[str] = field(default_factory=list)  # backups acknowledged, oldest first
+    gone: set[str] = field(default_factory=set)  # backups a returned prune deleted
+    pruning: bool = False  # a prune has started: its victims may be gone
+
+    @classmethod
+    def of(cls, marks: list[Any]) -> Expect:
+        e = cls()
+        for m in marks:
+            if m[0] == "init":
+                e.init = True
+            elif m[0] == "backup":
+                e.acked.append(m[1])
+            elif m[0] == "pruning":
+                e.pruning = True
+            elif m[0] == "pruned":
+                e.gone |= set(m[1])
+        return e
+
+    def __str__(self) -> str:
+        if not self.init:
+            return "before init returned"
+        kept = [b for b in self.acked if b not in self.gone]
+        return f"{len(kept)} backups acknowledged, {len(self.gone)} pruned"
+
+
+def _restores(repo: Repository, rec: Recorded, name: str, out: Path) -> str | None:
+    """None when backup `name` restores byte-exact to its checkpoint's images."""
+    dest = out / name
+    try:
+        paths = restore(repo, name, dest)
+        got = {p.stem: p.read_bytes() for p in paths}
+    except ZcoreError as exc:
+        return f"backup {name} does not restore: {type(exc).__name__}: {exc}"
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+    want = rec.images[rec.backups[name]] if name in rec.backups else None
+    if got != want:
+        return f"backup {name} restores to bytes that are not its checkpoint's"
+    return None
+
+
+def check_state(path: Path, rec: Recorded, expect: Expect, out: Path) -> list[str]:
+    """The violations of the repository at `path` (a crash state) against `expect`."""
+    try:
+        repo = Repository.open(path, SECRET)
+    except ZcoreError as exc:
+        if expect.init:
+            return [f"the repository does not open after init returned: "
+                    f"{type(exc).__name__}: {exc}"]
+        return []
+    bad: list[str] = []
+    try:
+        listed = repo.backup_names()
+        doomed = rec.pruned if expect.pruning else set()
+        bad += [f"acknowledged backup {b} is not listed" for b in expect.acked
+                if b not in doomed and b not in listed]
+        bad += [f"backup {b} is listed after a prune deleted it" for b in expect.gone
+                if b in listed]
+        bad += [f"backup {b} is listed but the workload never made it" for b in listed
+                if b not in rec.backups]
+        report = check(repo)
+        if not report.ok:
+            bad.append(f"check: damaged {sorted(report.damaged)} missing "
+                       f"{sorted(report.missing)} bad manifests {report.bad_manifests}")
+        for b in listed:
+            if b in rec.backups:
+                why = _restores(repo, rec, b, out)
+                if why:
+                    bad.append(why)
+    except ZcoreError as exc:
+        bad.append(f"reading the repository failed: {type(exc).__name__}: {exc}")
+    return bad
+
+
+def carry_on(path: Path, rec: Recorded, out: Path) -> list[str]:
+    """After the crash: another backup (of the newest checkpoint) and a prune keeping only
+    it must work, and leave a repository that checks clean and restores it."""
+    try:
+        repo = Repository.open(path, SECRET)
+    except ZcoreError:
+        return []  # before init: check_state has judged that
+    bad: list[str] = []
+    try:
+        b = run_backup(repo, RecoveryVPG("vpg1", {"vm1": rec.journal}), rec.checkpoints[-1])
+        report = check(repo)
+        if not report.ok:
+            bad.append(f"check after a backup run after the crash: {report}")
+        got = restore(repo, b.name, out / "after")
+        if {p.stem: p.read_bytes() for p in got} != rec.images[-1]:
+            bad.append(f"the backup run after the crash ({b.mode}) restores to wrong bytes")
+        shutil.rmtree(out / "after", ignore_errors=True)
+        prune(repo, Retention(daily=0, weekly=0, monthly=0, last=1))
+        report = check(repo)
+        if not report.ok or report.unreferenced or repo.backup_names() != [b.name]:
+            bad.append(f"check after a prune after the crash: {report}, "
+                       f"listed {repo.backup_names()}")
+    except ZcoreError as exc:
+        bad.append(f"a backup or prune after the crash failed: {type(exc).__name__}: {exc}")
+    finally:
+        shutil.rmtree(out / "after", ignore_errors=True)
+    return bad
+
+
+# ---- the enumeration -----------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    states: int = 0  # distinct crash states (by the choices that built them)
+    checked: int = 0  # of which distinct contents, each opened and checked
+    carried_on: int = 0  # of which a backup and a prune were run after the crash
+    duplicates: int = 0
+    violations: list[str] = field(default_factory=list)
+
+
+def enumerate_states(rec: Recorded, *, per_point: int, limit: int, carry_every: int,
+                     seed: int = 0, stop_at_first: bool = False) -> Result:
+    """Check the distinct crash states of `rec.trace`: at most `limit` (the crash points
+    strided evenly when the trace has more), strict, all-pending and `per_point` random
+    ones at each; one in `carry_every` checked states also gets a backup and a prune."""
+    rng = random.Random(seed)
+    result = Result()
+    seen: set[tuple] = set()
+    contents: set[tuple[bytes, int]] = set()
+    root = Path(scratch_dir("zc-bcrash-"))
+    total = sum(1 for ev in rec.trace if ev[0] != "mark") + 1
+    stride = max(1, -(-total * (2 + per_point) // limit))
+    picked = set(range(0, len(rec.trace) + 1, stride))
+    picked |= {i + 1 for i, ev in enumerate(rec.trace) if ev[0] == "mark"}  # acked points
+    picked |= {i for i, ev in enumerate(rec.trace) if ev[0] == "mark"}  # just before them
+    try:
+        states = fslayer.crash_states(rec.base, rec.trace, rng, per_point, picked.__contains__)
+        for point, marks, files, key in states:
+            if key in seen:
+                result.duplicates += 1
+                continue
+            seen.add(key)
+            result.states += 1
+            expect = Expect.of(marks)
+            digest = hashlib.blake2b(digest_size=16)
+            for p, data in sorted(files.items()):
+                digest.update(p.encode() + b"\0" + len(data).to_bytes(8, "little"))
+                digest.update(data)
+            what = (digest.digest(), len(marks))
+            if what in contents:
+                continue  # the same files under the same marks: checked already
+            contents.add(what)
+            result.checked += 1
+            path = root / "s"
+            out = root / "out"
+            path.mkdir()
+            try:
+                fslayer.materialize(files, str(path))
+                bad = check_state(path, rec, expect, out)
+                if not bad and carry_every and result.checked % carry_every == 0:
+                    result.carried_on += 1
+                    bad = carry_on(path, rec, out)
+            finally:
+                shutil.rmtree(path, ignore_errors=True)
+                shutil.rmtree(out, ignore_errors=True)
+            if bad:
+                result.violations.append(f"crash point {point} ({expect}): {'; '.join(bad)}")
+                if stop_at_first:
+                    break
+            if result.states >= limit:
+                break
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
+def summary(result: Result) -> str:
+    head = (f"{result.states} distinct crash states ({result.checked} distinct contents "
+            f"checked, {result.carried_on} with a backup and a prune after the crash, "
+            f"{result.duplicates} duplicates skipped), {len(result.violations)} violations")
+    return "\n".join([head, *result.violations[:10]])

@@ -8,8 +8,8 @@ prune whose GC deletes the oldest backup, one more backup; a mark after each ack
 step) and returns what the states are built from; `enumerate_states(recorded, ...)` checks
 the states and returns the counts and the violations found.  Planted bugs are stores that
 skip the fsync of an object's data (`SkipFileFsyncStore`) or the directory fsyncs of
-`sync` (`SkipDirFsyncStore`): recorded with one of them, the enumeration must report
-violations."""
+`sync` (`SkipDirFsyncStore`): the workload's backups and prune recorded through one of
+them (init is done right), the enumeration must report violations."""
 
 from __future__ import annotations
 
@@ -123,9 +123,11 @@ def record(store_class: type[DirectoryStore] = DirectoryStore, seed: int = 1) ->
     with fslayer.Recorder(where) as rec:
         os.fsync = _skipping_fsync(os.fsync)
         try:
-            repo = Repository.init(store_class(where, create=True), SECRET, chunk_size=CHUNK,
-                                   scrypt_n=FAST_N)
+            Repository.init(DirectoryStore(where, create=True), SECRET, chunk_size=CHUNK,
+                            scrypt_n=FAST_N)
             rec.mark(("init",))
+            # a planted bug starts after init, so its violations are about backups
+            repo = Repository.open(store_class(where), SECRET)
             for i in range(ROUNDS):
                 if i == ROUNDS - 1:
                     rec.mark(("pruning",))

@@ -180,4 +180,6 @@ def test_planted_durability_bug_is_reported_as_a_violation(store: type[Directory
     finally:
         rec.close()
     assert result.violations, f"the harness found no violation with {store.__name__}"
+    # init was done right: what the bug breaks is a backup
+    assert "backup" in result.violations[0], result.violations[0]
     print(result.violations[0])

@@ -19,6 +19,7 @@ import random
 import shutil
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from helpers.nbd import build_journal
 from reliability import fslayer
 from reliability.crashsim import DEEP, scratch_dir
 from zcore.backup import DirectoryStore, Repository, Retention, check, prune, restore, run_backup
+from zcore.backup import format as fmt
 from zcore.errors import ZcoreError
 from zcore.journal import Journal
 from zcore.records import Checkpoint
@@ -38,6 +40,7 @@ from zcore.site.recovery_vpg import RecoveryVPG
 KiB, MiB = 1 << 10, 1 << 20
 SIZES = (1 * MiB, 512 * KiB)  # two volumes of 16 and 8 chunks of CHUNK (64 KiB)
 ROUNDS = 4  # checkpoints: one per backup of the workload
+LOCKED_UNTIL = time.time() + 30 * 86400  # the retain-until of the workload's locked backup
 
 __all__ = ["DEEP", "Recorded", "Result", "SkipDirFsyncStore", "SkipFileFsyncStore",
            "enumerate_states", "record", "summary"]
@@ -135,7 +138,8 @@ def record(store_class: type[DirectoryStore] = DirectoryStore, seed: int = 1) ->
                     assert len(done.deleted) == 1, done
                     pruned = set(done.deleted)
                     rec.mark(("pruned", tuple(done.deleted)))
-                b = run_backup(repo, vpg, snaps[i][0], full=i == 0)
+                until = LOCKED_UNTIL if i == 1 else 0.0  # the first incremental is locked
+                b = run_backup(repo, vpg, snaps[i][0], full=i == 0, retain_until=until)
                 assert b.mode == ("full" if i == 0 else "incremental"), b
                 backups[b.name] = i
                 rec.mark(("backup", b.name))
@@ -196,6 +200,24 @@ def _restores(repo: Repository, rec: Recorded, name: str, out: Path) -> str | No
     return None
 
 
+def _locks_hold(repo: Repository, acked: list[str]) -> list[str]:
+    """An acknowledged locked backup's manifest and every chunk it lists are locked until
+    at least its retain-until (docs/format.md 10d.6)."""
+    bad = []
+    for b in acked:
+        m = repo.manifest(b)
+        until = float(m["retain_until"])
+        if not until:
+            continue
+        chunks = {c for vm in m["vms"] for v in vm["volumes"] for c in v["chunks"] if c}
+        names = [fmt.manifest_name(b), *sorted(map(fmt.chunk_name, chunks))]
+        short = [n for n in names if repo.store.retain_until(n) < until]
+        if short:
+            bad.append(f"locked backup {b}: {len(short)} of its {len(names)} objects lost "
+                       f"their retention lock (e.g. {short[0]})")
+    return bad
+
+
 def check_state(path: Path, rec: Recorded, expect: Expect, out: Path) -> list[str]:
     """The violations of the repository at `path` (a crash state) against `expect`."""
     try:
@@ -215,6 +237,7 @@ def check_state(path: Path, rec: Recorded, expect: Expect, out: Path) -> list[st
                 if b in listed]
         bad += [f"backup {b} is listed but the workload never made it" for b in listed
                 if b not in rec.backups]
+        bad += _locks_hold(repo, [b for b in expect.acked if b in listed])
         report = check(repo)
         if not report.ok:
             bad.append(f"check: damaged {sorted(report.damaged)} missing "
@@ -246,11 +269,18 @@ def carry_on(path: Path, rec: Recorded, out: Path) -> list[str]:
         if {p.stem: p.read_bytes() for p in got} != rec.images[-1]:
             bad.append(f"the backup run after the crash ({b.mode}) restores to wrong bytes")
         shutil.rmtree(out / "after", ignore_errors=True)
+        locked = {x for x in repo.backup_names() if float(repo.manifest(x)["retain_until"])}
         prune(repo, Retention(daily=0, weekly=0, monthly=0, last=1))
         report = check(repo)
-        if not report.ok or report.unreferenced or repo.backup_names() != [b.name]:
+        listed = {c for x in repo.backup_names() for vm in repo.manifest(x)["vms"]
+                  for v in vm["volumes"] for c in v["chunks"] if c}
+        # a locked backup that crashed before its manifest leaves locked chunks: they stay
+        # until their lock expires; any other unreferenced chunk is GC's to delete
+        left = [c for c in repo.chunk_ids() if c not in listed
+                and not repo.store.retain_until(fmt.chunk_name(c))]
+        if not report.ok or left or repo.backup_names() != sorted(locked | {b.name}):
             bad.append(f"check after a prune after the crash: {report}, "
-                       f"listed {repo.backup_names()}")
+                       f"listed {repo.backup_names()}, {len(left)} unlocked chunks left")
     except ZcoreError as exc:
         bad.append(f"a backup or prune after the crash failed: {type(exc).__name__}: {exc}")
     finally:
@@ -297,6 +327,8 @@ def enumerate_states(rec: Recorded, *, per_point: int, limit: int, carry_every: 
             digest = hashlib.blake2b(digest_size=16)
             for p, data in sorted(files.items()):
                 digest.update(p.encode() + b"\0" + len(data).to_bytes(8, "little"))
+                if isinstance(data, fslayer.Stamped):
+                    digest.update(repr(data.mtime).encode())
                 digest.update(data)
             what = (digest.digest(), len(marks))
             if what in contents:

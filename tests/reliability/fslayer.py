@@ -3,7 +3,7 @@ built from its traces.
 
 `Recorder(root)` patches the `os` functions zcore's Python code writes with (open, pwrite,
 write, writev, pwritev, ftruncate, truncate, fsync, fdatasync, rename, replace, unlink,
-mkdir, rmdir, dup, close) and `io.open` for writing (pathlib's `write_bytes`), performs
+mkdir, rmdir, utime, dup, close) and `io.open` for writing (pathlib's `write_bytes`), performs
 every call for real and appends what it did to files and directories anywhere under `root`
 to a trace.  Names in the trace are paths relative to `root` (`/`-separated, any depth;
 "." is `root` itself).  Calls on other paths pass through unrecorded.  The harness adds
@@ -14,7 +14,9 @@ yields, for every prefix of it, file sets a power loss could leave:
 
 * a file's data as of its last fsync/fdatasync is kept; each later write, truncation or
   O_TRUNC is kept, dropped, or torn at 512-byte sectors (a random subset of the sectors it
-  covers reaches the disk);
+  covers reaches the disk); a modification time set by `utime` is inode metadata, kept as
+  of the file's last fsync, each later one kept or dropped (a file whose recorded utime
+  survives comes as `Stamped` bytes, which `materialize` stamps);
 * directory entries (creations, mkdirs, renames, unlinks, rmdirs) are entries of their
   parent directory: one becomes durable when its parent directory is fsynced after it (a
   rename across directories when both are); the entries of a crash state are the durable
@@ -46,7 +48,7 @@ ROOT = -1  # the inode number of `root` itself, in the Recorder and in the model
 Event = tuple[Any, ...]
 
 _PATCHED = ("open", "pwrite", "write", "writev", "pwritev", "ftruncate", "truncate", "fsync",
-            "fdatasync", "rename", "replace", "unlink", "mkdir", "rmdir", "dup", "close")
+            "fdatasync", "rename", "replace", "unlink", "mkdir", "rmdir", "utime", "dup", "close")
 
 
 def _parent(path: str) -> str:
@@ -76,7 +78,7 @@ class Recorder:
 
     Events: ("create", path, ino) ("mkdir", path, ino) ("write", ino, offset, bytes)
     ("trunc", ino, size) ("sync", ino) ("dirsync", dirpath) ("rename", src, dst)
-    ("unlink", path) ("rmdir", path) ("mark", payload).
+    ("unlink", path) ("rmdir", path) ("utime", ino, mtime) ("mark", payload).
     `fail` (optional) is called as fail(opname, name) before each recorded operation and
     may raise an OSError to inject an error (see test_io_errors)."""
 
@@ -296,6 +298,25 @@ class Recorder:
             self._forget(name)
             self.events.append(("rmdir", name))
 
+    def _utime(self, path: Any, times: Any = None, *a: Any, **k: Any) -> None:
+        if isinstance(path, int):
+            ino = self._file_ino(path)
+        else:
+            name = self._name(path)
+            ino = None if name is None else self._names.get(name)
+        with self._lock:
+            if ino is None or ino in self._dirs:
+                return self._orig["utime"](path, times, *a, **k)
+            self._check("utime", self._ino_name(ino))
+            self._orig["utime"](path, times, *a, **k)
+            if times is not None:
+                mtime = float(times[1])
+            elif k.get("ns") is not None:
+                mtime = k["ns"][1] / 1e9
+            else:
+                mtime = os.stat(path).st_mtime
+            self.events.append(("utime", ino, mtime))
+
     def _dup(self, fd: int) -> int:
         with self._lock:
             new = self._orig["dup"](fd)
@@ -374,8 +395,22 @@ def snapshot(root: str | os.PathLike[str]) -> dict[str, bytes]:
     return out
 
 
+class Stamped(bytes):
+    """A file's bytes in a crash state, with the modification time a recorded `utime` left
+    on it (as epoch seconds): `materialize` sets it."""
+
+    mtime: float
+
+    def __new__(cls, data: bytes, mtime: float) -> Stamped:
+        obj = super().__new__(cls, data)
+        obj.mtime = mtime
+        return obj
+
+
 def _apply(data: bytearray, op: Event, keep: Iterable[int] | None = None) -> None:
     """Apply a write or truncation; `keep`, for a torn write, lists the sectors written."""
+    if op[0] == "utime":
+        return  # metadata: see _Model.state
     if op[0] == "trunc":
         size = op[2]
         if size < len(data):
@@ -447,6 +482,7 @@ class _Model:
     pending: dict[int, list[Event]] = field(default_factory=dict)
     version: int = 0  # bumped by every step: with the choices made it identifies a state
     _frozen: dict[int, bytes] = field(default_factory=dict)  # durable bytes, as bytes
+    mtimes: dict[int, float] = field(default_factory=dict)  # durable utime of an inode
 
     def _where(self, path: str) -> tuple[int, str]:
         parent = _parent(path)
@@ -487,12 +523,14 @@ class _Model:
             d, leaf = self._where(ev[1])
             self._live_move(ev[1], None)
             self.dir_pending.append(_DirOp(("drop", d, leaf), {d}))
-        elif kind in ("write", "trunc"):
+        elif kind in ("write", "trunc", "utime"):
             self.pending.setdefault(ev[1], []).append(ev)
         elif kind == "sync":
             data = self.durable.setdefault(ev[1], bytearray())
             ops = self.pending.pop(ev[1], [])
             for op in ops:
+                if op[0] == "utime":
+                    self.mtimes[ev[1]] = op[2]
                 _apply(data, op)
             if ops:
                 self._frozen.pop(ev[1], None)
@@ -534,12 +572,20 @@ class _Model:
                 continue
             choices: list[Any] = [path, ino]
             ops = self.pending.get(ino, [])
+            mtime = self.mtimes.get(ino)
             if not ops:
-                out[path] = self._bytes(ino)
+                out[path] = self._bytes(ino) if mtime is None else Stamped(self._bytes(ino),
+                                                                           mtime)
                 key.append(tuple(choices))
                 continue
             data = bytearray(self.durable.get(ino, b""))
             for op in ops:
+                if op[0] == "utime":
+                    kept = mode == "all" or (mode == "random" and rng.random() < 0.5)
+                    if kept:
+                        mtime = op[2]
+                    choices.append(int(kept))
+                    continue
                 if mode == "strict":
                     choices.append(0)
                     continue
@@ -559,7 +605,7 @@ class _Model:
                     choices.append(keep)
                 else:
                     choices.append(0)
-            out[path] = bytes(data)
+            out[path] = bytes(data) if mtime is None else Stamped(bytes(data), mtime)
             key.append(tuple(choices))
         return out, tuple(key)
 
@@ -634,6 +680,8 @@ def materialize(files: dict[str, bytes], root: str) -> None:
             os.makedirs(os.path.dirname(full), exist_ok=True)
         with open(full, "wb") as f:
             f.write(data)
+        if isinstance(data, Stamped):
+            os.utime(full, (data.mtime, data.mtime))
 
 
 # ---- planted bugs -------------------------------------------------------------------------

@@ -8,7 +8,8 @@ prune whose GC deletes the oldest backup, one more backup; a mark after each ack
 step) and returns what the states are built from; `enumerate_states(recorded, ...)` checks
 the states and returns the counts and the violations found.  Planted bugs are stores that
 skip the fsync of an object's data (`SkipFileFsyncStore`) or the directory fsyncs of
-`sync` (`SkipDirFsyncStore`): the workload's backups and prune recorded through one of
+`sync` (`SkipDirFsyncStore`) or the file fsyncs of `sync` that make retention locks
+durable (`SkipLockFsyncStore`): the workload's backups and prune recorded through one of
 them (init is done right), the enumeration must report violations."""
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ ROUNDS = 4  # checkpoints: one per backup of the workload
 LOCKED_UNTIL = time.time() + 30 * 86400  # the retain-until of the workload's locked backup
 
 __all__ = ["DEEP", "Recorded", "Result", "SkipDirFsyncStore", "SkipFileFsyncStore",
-           "enumerate_states", "record", "summary"]
+           "SkipLockFsyncStore", "enumerate_states", "record", "summary"]
 
 
 # ---- planted bugs: stores that skip an fsync ------------------------------------------------
@@ -93,6 +94,18 @@ class SkipDirFsyncStore(_Skipping):
     WHAT = "dir"
 
 
+class SkipLockFsyncStore(DirectoryStore):
+    """A directory store whose `sync` fsyncs no file (a file's fsync there makes the
+    retain-until `lock` set durable), so a lock may not survive a crash."""
+
+    def sync(self) -> None:
+        _skipping.what = "file"
+        try:
+            super().sync()
+        finally:
+            _skipping.what = None
+
+
 # ---- the workload --------------------------------------------------------------------------
 
 
@@ -103,6 +116,7 @@ class Recorded:
     checkpoints: list[Checkpoint]
     backups: dict[str, int]  # every backup the workload made -> its checkpoint's index
     pruned: set[str]  # the backups the workload's prune deleted
+    objects: dict[str, list[str]]  # each backup's manifest and chunks (object names)
     base: dict[str, bytes]
     trace: list[fslayer.Event]
     tmp: Path  # holds the journal: removed by close()
@@ -122,6 +136,7 @@ def record(store_class: type[DirectoryStore] = DirectoryStore, seed: int = 1) ->
     where.mkdir()
     backups: dict[str, int] = {}
     pruned: set[str] = set()
+    objects: dict[str, list[str]] = {}
     orig_fsync = os.fsync
     with fslayer.Recorder(where) as rec:
         os.fsync = _skipping_fsync(os.fsync)
@@ -142,12 +157,16 @@ def record(store_class: type[DirectoryStore] = DirectoryStore, seed: int = 1) ->
                 b = run_backup(repo, vpg, snaps[i][0], full=i == 0, retain_until=until)
                 assert b.mode == ("full" if i == 0 else "incremental"), b
                 backups[b.name] = i
+                m = repo.manifest(b.name)
+                objects[b.name] = [fmt.manifest_name(b.name), *sorted(
+                    {fmt.chunk_name(c) for vm in m["vms"] for v in vm["volumes"]
+                     for c in v["chunks"] if c})]
                 rec.mark(("backup", b.name))
         finally:
             os.fsync = orig_fsync
     shutil.rmtree(where)
     return Recorded(journal, [img for _, img in snaps], [c for c, _ in snaps], backups, pruned,
-                    {},
+                    objects,                     {},
                     rec.events, tmp)
 
 
@@ -218,8 +237,21 @@ def _locks_hold(repo: Repository, acked: list[str]) -> list[str]:
     return bad
 
 
-def check_state(path: Path, rec: Recorded, expect: Expect, out: Path) -> list[str]:
-    """The violations of the repository at `path` (a crash state) against `expect`."""
+def _restore_key(files: dict[str, bytes], rec: Recorded, name: str) -> bytes:
+    """What a restore of `name` reads: its manifest and its chunks, as in `files`."""
+    digest = hashlib.blake2b(name.encode(), digest_size=16)
+    for obj in rec.objects[name]:
+        data = files.get(obj)
+        digest.update(b"-" if data is None else len(data).to_bytes(8, "little") + data)
+    return digest.digest()
+
+
+def check_state(path: Path, rec: Recorded, expect: Expect, out: Path,
+                files: dict[str, bytes] | None = None,
+                restored: set[bytes] | None = None) -> list[str]:
+    """The violations of the repository at `path` (a crash state) against `expect`.
+    `restored` (with `files`, the state): the restores verified already, by what they
+    read; one that reads the same bytes again is not repeated."""
     try:
         repo = Repository.open(path, SECRET)
     except ZcoreError as exc:
@@ -244,9 +276,14 @@ def check_state(path: Path, rec: Recorded, expect: Expect, out: Path) -> list[st
                        f"{sorted(report.missing)} bad manifests {report.bad_manifests}")
         for b in listed:
             if b in rec.backups:
+                key = None if files is None else _restore_key(files, rec, b)
+                if restored is not None and key in restored:
+                    continue
                 why = _restores(repo, rec, b, out)
                 if why:
                     bad.append(why)
+                elif restored is not None and key is not None:
+                    restored.add(key)
     except ZcoreError as exc:
         bad.append(f"reading the repository failed: {type(exc).__name__}: {exc}")
     return bad
@@ -309,6 +346,7 @@ def enumerate_states(rec: Recorded, *, per_point: int, limit: int, carry_every: 
     result = Result()
     seen: set[tuple] = set()
     contents: set[tuple[bytes, int]] = set()
+    restored: set[bytes] = set()
     root = Path(scratch_dir("zc-bcrash-"))
     total = sum(1 for ev in rec.trace if ev[0] != "mark") + 1
     stride = max(1, -(-total * (2 + per_point) // limit))
@@ -340,7 +378,7 @@ def enumerate_states(rec: Recorded, *, per_point: int, limit: int, carry_every: 
             path.mkdir()
             try:
                 fslayer.materialize(files, str(path))
-                bad = check_state(path, rec, expect, out)
+                bad = check_state(path, rec, expect, out, files, restored)
                 if not bad and carry_every and result.checked % carry_every == 0:
                     result.carried_on += 1
                     bad = carry_on(path, rec, out)

@@ -9,8 +9,10 @@ init returned, check finds no damaged or missing chunk, every backup acknowledge
 pruned is listed, every listed backup restores byte-exact to its checkpoint's images, a
 backup pruned by a returned prune stays gone, and on a sample of states a backup and a
 prune run after the crash and leave a repository that checks clean.  The planted-bug tests
-prove the harness: stores that skip the fsync of an object's data or the directory fsyncs
-of `sync` must produce violations.  The first tests check the tree model itself."""
+prove the harness: stores that skip the fsync of an object's data, the directory fsyncs
+of `sync` or its fsyncs of locked files must produce violations (the last is the
+DirectoryStore before its fix: `lock` set the mtime and nothing fsynced it).  The first
+tests check the tree model itself."""
 
 from __future__ import annotations
 
@@ -169,8 +171,9 @@ def test_no_crash_state_loses_an_acknowledged_backup_or_restores_unchecked_bytes
           f"0 violations, {time.monotonic() - began:.1f} s")
 
 
-@pytest.mark.parametrize("store", [backupsim.SkipFileFsyncStore, backupsim.SkipDirFsyncStore],
-                         ids=["skip-fsync", "skip-dirfsync"])
+@pytest.mark.parametrize("store", [backupsim.SkipFileFsyncStore, backupsim.SkipDirFsyncStore,
+                                   backupsim.SkipLockFsyncStore],
+                         ids=["skip-fsync", "skip-dirfsync", "skip-lock-fsync"])
 def test_planted_durability_bug_is_reported_as_a_violation(store: type[DirectoryStore]
                                                            ) -> None:
     rec = backupsim.record(store)

@@ -10,7 +10,8 @@ over the name, so a name never shows torn bytes; the renames and unlinks become 
 at `sync()` (one fsync per directory touched), which the repository calls before anything
 that depends on them (a manifest after its chunks, a chunk deletion after the manifests').
 Retain-until is the file's modification time (as NetApp SnapLock keeps it in the access
-time); finished files are read-only (0444)."""
+time): inode metadata, durable only once the file is fsynced, so `sync()` also fsyncs every
+file `lock` changed; finished files are read-only (0444)."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ class ObjectStore(Protocol):
     def retain_until(self, name: str) -> float: ...
 
     def sync(self) -> None:
-        """Make every put and delete so far durable."""
+        """Make every put, delete and lock so far durable."""
 
     def writer(self) -> AbstractContextManager[None]:
         """Hold the writers' lock (one backup or prune at a time) for a `with` block."""
@@ -74,6 +75,7 @@ class DirectoryStore:
         elif not self.root.is_dir():
             raise ConfigError(f"backup repository {self.root} does not exist")
         self._dirty: set[Path] = set()
+        self._locked: set[Path] = set()  # files whose mtime `lock` set since the last sync
         self._lock_fd = -1
 
     def _path(self, name: str) -> Path:
@@ -133,6 +135,7 @@ class DirectoryStore:
         st = path.stat()
         if until > st.st_mtime:
             os.utime(path, (st.st_atime, until))
+            self._locked.add(path)
 
     def retain_until(self, name: str) -> float:
         """The file's modification time when it is in the future, else 0."""
@@ -143,6 +146,16 @@ class DirectoryStore:
         return mtime if mtime > time.time() else 0.0
 
     def sync(self) -> None:
+        for path in sorted(self._locked):  # their new mtime is inode metadata: fsync them
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # deleted since
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._locked.clear()
         for d in sorted(self._dirty, key=lambda p: -len(p.parts)):
             if d.exists():
                 fsync_dir(d)

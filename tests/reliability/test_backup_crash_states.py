@@ -139,6 +139,26 @@ def test_a_rename_and_an_unlink_in_a_subdirectory_wait_for_its_fsync_not_the_roo
     assert ("old/",) not in seen
 
 
+def test_an_rmdir_is_an_entry_of_its_parent_and_drops_its_tree() -> None:
+    def work(root: Path, rec: fslayer.Recorder) -> None:
+        (root / "x").mkdir()
+        _fsync_dir(root)
+        rec.mark("made")
+        os.unlink(root / "old" / "f")
+        os.rmdir(root / "old")
+        _fsync_dir(root)
+        rec.mark("removed")
+
+    base, trace = _trace(work)
+    assert ("rmdir", "old") in trace
+    by_point = _states(base, trace)
+    marks = {ev[1]: i + 1 for i, ev in enumerate(trace) if ev[0] == "mark"}
+    strict = {p: f for p, f in by_point[::2]}
+    assert strict[marks["made"] - 1] == {**base, "x/": b""}
+    # old/f's unlink was never made durable (old is not fsynced), but old is gone: so is f
+    assert strict[marks["removed"] - 1] == {"x/": b""}
+
+
 # ---- the repository -----------------------------------------------------------------------
 
 

@@ -137,9 +137,9 @@ def record(store_class: type[DirectoryStore] = DirectoryStore, seed: int = 1) ->
     backups: dict[str, int] = {}
     pruned: set[str] = set()
     objects: dict[str, list[str]] = {}
-    orig_fsync = os.fsync
     with fslayer.Recorder(where) as rec:
-        os.fsync = _skipping_fsync(os.fsync)
+        orig_fsync = os.fsync  # the recording one
+        os.fsync = _skipping_fsync(orig_fsync)
         try:
             Repository.init(DirectoryStore(where, create=True), SECRET, chunk_size=CHUNK,
                             scrypt_n=FAST_N)

@@ -117,7 +117,7 @@ class Recorded:
     backups: dict[str, int]  # every backup the workload made -> its checkpoint's index
     pruned: set[str]  # the backups the workload's prune deleted
     objects: dict[str, list[str]]  # each backup's manifest and chunks (object names)
-    base: dict[str, bytes]
+    base: dict[str, bytes]  # the empty repository directory: init is recorded too
     trace: list[fslayer.Event]
     tmp: Path  # holds the journal: removed by close()
 
@@ -166,8 +166,7 @@ def record(store_class: type[DirectoryStore] = DirectoryStore, seed: int = 1) ->
             os.fsync = orig_fsync
     shutil.rmtree(where)
     return Recorded(journal, [img for _, img in snaps], [c for c, _ in snaps], backups, pruned,
-                    objects,                     {},
-                    rec.events, tmp)
+                    objects, {}, rec.events, tmp)
 
 
 # ---- checking one crash state --------------------------------------------------------------

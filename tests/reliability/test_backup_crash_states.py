@@ -206,3 +206,20 @@ def test_planted_durability_bug_is_reported_as_a_violation(store: type[Directory
     # init was done right: what the bug breaks is a backup
     assert "backup" in result.violations[0], result.violations[0]
     print(result.violations[0])
+
+
+def test_torn_objects_of_a_store_without_fsyncs_are_caught_by_verification() -> None:
+    """With object data unsynced, crash states hold torn and empty chunks and manifests at
+    their final names: every one must be refused when read (check, restore), never
+    restored as if whole."""
+    rec = backupsim.record(backupsim.SkipFileFsyncStore)
+    try:
+        result = backupsim.enumerate_states(rec, per_point=2, limit=600, carry_every=0)
+    finally:
+        rec.close()
+    caught = [v for v in result.violations
+              if any(m in v for m in ("damaged ['", "bad manifests {'", "DamagedError"))]
+    assert caught, backupsim.summary(result)
+    wrong = [v for v in result.violations if "restores to bytes" in v]
+    assert not wrong, wrong[:3]
+    print(f"{len(caught)} of {result.checked} states hold damage that verification caught")

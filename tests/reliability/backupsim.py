@@ -44,7 +44,7 @@ ROUNDS = 4  # checkpoints: one per backup of the workload
 LOCKED_UNTIL = time.time() + 30 * 86400  # the retain-until of the workload's locked backup
 
 __all__ = ["DEEP", "Recorded", "Result", "SkipDirFsyncStore", "SkipFileFsyncStore",
-           "SkipLockFsyncStore", "enumerate_states", "record", "summary"]
+           "SkipLockFsyncStore", "enumerate_states", "plant_gc_order", "record", "summary"]
 
 
 # ---- planted bugs: stores that skip an fsync ------------------------------------------------
@@ -314,9 +314,12 @@ def carry_on(path: Path, rec: Recorded, out: Path) -> list[str]:
         # until their lock expires; any other unreferenced chunk is GC's to delete
         left = [c for c in repo.chunk_ids() if c not in listed
                 and not repo.store.retain_until(fmt.chunk_name(c))]
-        if not report.ok or left or repo.backup_names() != sorted(locked | {b.name}):
+        leftovers = list(repo.store.leftovers())
+        if not report.ok or left or leftovers or repo.backup_names() != sorted(
+                locked | {b.name}):
             bad.append(f"check after a prune after the crash: {report}, "
-                       f"listed {repo.backup_names()}, {len(left)} unlocked chunks left")
+                       f"listed {repo.backup_names()}, {len(left)} unlocked chunks and "
+                       f"{len(leftovers)} interrupted writes left")
     except ZcoreError as exc:
         bad.append(f"a backup or prune after the crash failed: {type(exc).__name__}: {exc}")
     finally:
@@ -332,28 +335,84 @@ class Result:
     states: int = 0  # distinct crash states (by the choices that built them)
     checked: int = 0  # of which distinct contents, each opened and checked
     carried_on: int = 0  # of which a backup and a prune were run after the crash
+    recoveries: int = 0  # states holding a gc-plan whose recovery was recorded too
+    recovery_states: int = 0  # distinct crash states of those recoveries, checked
     duplicates: int = 0
     violations: list[str] = field(default_factory=list)
 
 
+def _recovery_trace(files: dict[str, bytes], root: Path) -> list[fslayer.Event]:
+    """The file operations of the recovery the next writer performs on a crash state that
+    holds a gc-plan (`Repository.writer` finishes the collection first)."""
+    path = root / "r"
+    path.mkdir()
+    try:
+        fslayer.materialize(files, str(path))
+        repo = Repository.open(path, SECRET)
+        with fslayer.Recorder(path) as rec, repo.writer():
+            pass
+        return rec.events
+    except ZcoreError:
+        return []  # the state's own check has judged it
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def plant_gc_order(trace: list[fslayer.Event]) -> list[fslayer.Event]:
+    """The trace of a garbage collection that deletes chunks before the manifests'
+    deletion is durable: the fsync of `manifests/` after their unlinks never happens."""
+    out, armed = [], False
+    for ev in trace:
+        if ev[0] == "unlink" and ev[1].startswith("manifests/"):
+            armed = True
+        elif armed and ev == ("dirsync", "manifests"):
+            armed = False
+            continue
+        out.append(ev)
+    assert len(out) < len(trace), "the trace deletes no manifest"
+    return out
+
+
 def enumerate_states(rec: Recorded, *, per_point: int, limit: int, carry_every: int,
-                     seed: int = 0, stop_at_first: bool = False) -> Result:
+                     recover: int = 0, seed: int = 0, stop_at_first: bool = False,
+                     trace: list[fslayer.Event] | None = None, start: int = 0) -> Result:
     """Check the distinct crash states of `rec.trace`: at most `limit` (the crash points
     strided evenly when the trace has more), strict, all-pending and `per_point` random
-    ones at each; one in `carry_every` checked states also gets a backup and a prune."""
+    ones at each; one in `carry_every` checked states also gets a backup and a prune; the
+    first `recover` states holding a gc-plan are also crashed at every point of the
+    garbage collection the next writer finishes (strict, all-pending and one random).
+    `trace`: another trace of the workload (a planted bug) instead of the recorded one;
+    `start`: the first crash point considered."""
     rng = random.Random(seed)
+    events = rec.trace if trace is None else trace
     result = Result()
     seen: set[tuple] = set()
     contents: set[tuple[bytes, int]] = set()
     restored: set[bytes] = set()
     root = Path(scratch_dir("zc-bcrash-"))
-    total = sum(1 for ev in rec.trace if ev[0] != "mark") + 1
+
+    def judge(files: dict[str, bytes], expect: Expect, carry: bool) -> list[str]:
+        path = root / "s"
+        out = root / "out"
+        path.mkdir()
+        try:
+            fslayer.materialize(files, str(path))
+            bad = check_state(path, rec, expect, out, files, restored)
+            if not bad and carry:
+                bad = carry_on(path, rec, out)
+            return bad
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+
+    total = sum(1 for ev in events if ev[0] != "mark") + 1
     stride = max(1, -(-total * (2 + per_point) // limit))
-    picked = set(range(0, len(rec.trace) + 1, stride))
-    picked |= {i + 1 for i, ev in enumerate(rec.trace) if ev[0] == "mark"}  # acked points
-    picked |= {i for i, ev in enumerate(rec.trace) if ev[0] == "mark"}  # just before them
+    picked = set(range(0, len(events) + 1, stride))
+    picked |= {i + 1 for i, ev in enumerate(events) if ev[0] == "mark"}  # acked points
+    picked |= {i for i, ev in enumerate(events) if ev[0] == "mark"}  # just before them
+    picked = {p for p in picked if p >= start}
     try:
-        states = fslayer.crash_states(rec.base, rec.trace, rng, per_point, picked.__contains__)
+        states = fslayer.crash_states(rec.base, events, rng, per_point, picked.__contains__)
         for point, marks, files, key in states:
             if key in seen:
                 result.duplicates += 1
@@ -372,18 +431,22 @@ def enumerate_states(rec: Recorded, *, per_point: int, limit: int, carry_every: 
                 continue  # the same files under the same marks: checked already
             contents.add(what)
             result.checked += 1
-            path = root / "s"
-            out = root / "out"
-            path.mkdir()
-            try:
-                fslayer.materialize(files, str(path))
-                bad = check_state(path, rec, expect, out, files, restored)
-                if not bad and carry_every and result.checked % carry_every == 0:
-                    result.carried_on += 1
-                    bad = carry_on(path, rec, out)
-            finally:
-                shutil.rmtree(path, ignore_errors=True)
-                shutil.rmtree(out, ignore_errors=True)
+            carry = carry_every and result.checked % carry_every == 0
+            bad = judge(files, expect, carry)
+            result.carried_on += bool(carry and not bad)
+            if not bad and result.recoveries < recover and "gc-plan" in files:
+                result.recoveries += 1
+                sub = _recovery_trace(files, root)
+                for spoint, _, sfiles, skey in fslayer.crash_states(files, sub, rng, 1):
+                    if (key, skey) in seen:
+                        continue
+                    seen.add((key, skey))
+                    result.recovery_states += 1
+                    why = judge(sfiles, expect, False)
+                    if why:
+                        bad.append(f"crash at step {spoint} of the GC recovery: "
+                                   f"{'; '.join(why)}")
+                        break
             if bad:
                 result.violations.append(f"crash point {point} ({expect}): {'; '.join(bad)}")
                 if stop_at_first:
@@ -397,6 +460,7 @@ def enumerate_states(rec: Recorded, *, per_point: int, limit: int, carry_every: 
 
 def summary(result: Result) -> str:
     head = (f"{result.states} distinct crash states ({result.checked} distinct contents "
-            f"checked, {result.carried_on} with a backup and a prune after the crash, "
+            f"checked, {result.carried_on} with a backup and a prune after the crash; "
+            f"{result.recovery_states} more during {result.recoveries} GC recoveries; "
             f"{result.duplicates} duplicates skipped), {len(result.violations)} violations")
     return "\n".join([head, *result.violations[:10]])

@@ -633,6 +633,7 @@ def _model_of(base: dict[str, bytes]) -> _Model:
     dirs: set[int] = set()
     live: dict[str, int] = {}
     durable: dict[int, bytearray] = {}
+    mtimes: dict[int, float] = {}
     for i, path in enumerate(sorted(base)):
         name = path.rstrip("/")
         parent = _parent(name)
@@ -643,7 +644,9 @@ def _model_of(base: dict[str, bytes]) -> _Model:
             entries.setdefault(i, {})
         else:
             durable[i] = bytearray(base[path])
-    return _Model(entries, durable, dirs, live)
+            if isinstance(base[path], Stamped):
+                mtimes[i] = base[path].mtime  # type: ignore[attr-defined]
+    return _Model(entries, durable, dirs, live, mtimes=mtimes)
 
 
 def crash_states(base: dict[str, bytes], trace: list[Event], rng: random.Random,

@@ -6,9 +6,11 @@ prune whose GC deletes the oldest, one more backup) runs on a DirectoryStore und
 recording file layer, which follows the store's nested directories (chunks/XX/<id>,
 manifests/); every crash state built from the trace is opened and checked: it opens once
 init returned, check finds no damaged or missing chunk, every backup acknowledged and not
-pruned is listed, every listed backup restores byte-exact to its checkpoint's images, a
-backup pruned by a returned prune stays gone, and on a sample of states a backup and a
-prune run after the crash and leave a repository that checks clean.  The planted-bug tests
+pruned is listed, every listed backup restores byte-exact to its checkpoint's images, an
+acknowledged locked backup stays locked, a backup pruned by a returned prune stays gone,
+and on a sample of states a backup and a prune run after the crash and leave a repository
+that checks clean; states that crashed mid-GC are crashed again at every point of the
+recovery that finishes it.  The planted-bug tests
 prove the harness: stores that skip the fsync of an object's data, the directory fsyncs
 of `sync` or its fsyncs of locked files must produce violations (the last is the
 DirectoryStore before its fix: `lock` set the mtime and nothing fsynced it).  The first
@@ -32,6 +34,7 @@ from zcore.backup import DirectoryStore
 SEEDS = (1, 2, 3) if crashsim.DEEP else (1,)
 PER_POINT = 12 if crashsim.DEEP else 2
 MIN_STATES = 15_000 if crashsim.DEEP else 1_500
+RECOVER = 40 if crashsim.DEEP else 4  # states mid-GC also crashed during its recovery
 
 
 # ---- the tree model -----------------------------------------------------------------------
@@ -173,21 +176,26 @@ def recorded() -> dict[int, backupsim.Recorded]:
 def test_no_crash_state_loses_an_acknowledged_backup_or_restores_unchecked_bytes(
         recorded: dict[int, backupsim.Recorded]) -> None:
     began = time.monotonic()
-    total = checked = carried = 0
+    total = checked = carried = recovery = 0
     failures: list[str] = []
     for seed, rec in recorded.items():
         kinds = {ev[0] for ev in rec.trace}
         assert {"mkdir", "rename", "unlink", "dirsync", "sync"} <= kinds, kinds
         result = backupsim.enumerate_states(rec, per_point=PER_POINT, seed=seed,
-                                            limit=MIN_STATES * 2, carry_every=20)
+                                            limit=MIN_STATES * 2, carry_every=20,
+                                            recover=RECOVER)
         total += result.states
         checked += result.checked
         carried += result.carried_on
+        recovery += result.recovery_states
+        assert result.recoveries == RECOVER, "too few crash states hold a gc-plan"
+        assert result.recovery_states >= 10 * RECOVER, "the GC recoveries did nothing"
         failures += [f"seed {seed}: {v}" for v in result.violations]
     assert not failures, "\n".join(failures[:20])
     assert total >= MIN_STATES, f"only {total} distinct crash states"
     print(f"{total} crash states ({checked} distinct contents checked, {carried} with a "
-          f"backup and a prune after the crash) over {len(recorded)} workloads, "
+          f"backup and a prune after the crash) + {recovery} during GC recoveries over "
+          f"{len(recorded)} workloads, "
           f"0 violations, {time.monotonic() - began:.1f} s")
 
 
@@ -208,13 +216,25 @@ def test_planted_durability_bug_is_reported_as_a_violation(store: type[Directory
     print(result.violations[0])
 
 
+def test_gc_deleting_chunks_before_the_manifests_deletion_is_durable_is_reported(
+        recorded: dict[int, backupsim.Recorded]) -> None:
+    rec = recorded[SEEDS[0]]
+    trace = backupsim.plant_gc_order(rec.trace)
+    gc = next(i for i, ev in enumerate(trace) if ev[:1] == ("unlink",))
+    result = backupsim.enumerate_states(rec, per_point=1, limit=5_000, carry_every=0,
+                                        stop_at_first=True, trace=trace, start=gc)
+    assert result.violations, "the harness found no violation with the GC order broken"
+    assert "missing [" in result.violations[0], result.violations[0]
+    print(result.violations[0])
+
+
 def test_torn_objects_of_a_store_without_fsyncs_are_caught_by_verification() -> None:
     """With object data unsynced, crash states hold torn and empty chunks and manifests at
     their final names: every one must be refused when read (check, restore), never
     restored as if whole."""
     rec = backupsim.record(backupsim.SkipFileFsyncStore)
     try:
-        result = backupsim.enumerate_states(rec, per_point=2, limit=600, carry_every=0)
+        result = backupsim.enumerate_states(rec, per_point=2, limit=400, carry_every=0)
     finally:
         rec.close()
     caught = [v for v in result.violations

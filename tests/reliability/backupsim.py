@@ -43,8 +43,9 @@ SIZES = (1 * MiB, 512 * KiB)  # two volumes of 16 and 8 chunks of CHUNK (64 KiB)
 ROUNDS = 4  # checkpoints: one per backup of the workload
 LOCKED_UNTIL = time.time() + 30 * 86400  # the retain-until of the workload's locked backup
 
-__all__ = ["DEEP", "Recorded", "Result", "SkipDirFsyncStore", "SkipFileFsyncStore",
-           "SkipLockFsyncStore", "enumerate_states", "plant_gc_order", "record", "summary"]
+__all__ = ["CHUNK", "DEEP", "FAST_N", "SECRET", "Recorded", "Repository", "Result",
+           "SkipDirFsyncStore", "SkipFileFsyncStore", "SkipLockFsyncStore", "enumerate_states",
+           "plant_gc_order", "record", "summary"]
 
 
 # ---- planted bugs: stores that skip an fsync ------------------------------------------------
@@ -414,10 +415,10 @@ def enumerate_states(rec: Recorded, *, per_point: int, limit: int, carry_every: 
     try:
         states = fslayer.crash_states(rec.base, events, rng, per_point, picked.__contains__)
         for point, marks, files, key in states:
-            if key in seen:
-                result.duplicates += 1
+            if (key, len(marks)) in seen:  # the trace's last states come again under its
+                result.duplicates += 1  # last mark
                 continue
-            seen.add(key)
+            seen.add((key, len(marks)))
             result.states += 1
             expect = Expect.of(marks)
             digest = hashlib.blake2b(digest_size=16)

@@ -162,7 +162,32 @@ def test_an_rmdir_is_an_entry_of_its_parent_and_drops_its_tree() -> None:
     assert strict[marks["removed"] - 1] == {"x/": b""}
 
 
-# ---- the repository -----------------------------------------------------------------------
+# ---- the repository --------------------------------------------------------------------
+
+
+def test_a_repository_init_made_is_durable_when_init_returns() -> None:
+    """init creates the repository's directory (and missing parents): their entries must
+    be durable before it returns, or a power loss takes every later backup with them."""
+    root = Path(crashsim.scratch_dir("zc-init-"))
+    try:
+        with fslayer.Recorder(root) as rec:
+            backupsim.Repository.init(root / "share" / "repo", backupsim.SECRET,
+                                      chunk_size=backupsim.CHUNK, scrypt_n=backupsim.FAST_N)
+            rec.mark("init")
+        assert ("mkdir", "share/repo", 1) in rec.events
+        after = [files for _, marks, files, _ in fslayer.crash_states(
+            {}, rec.events, random.Random(0), 4) if marks]
+        assert after
+        for files in after:
+            state = root / "state"
+            state.mkdir()
+            fslayer.materialize(files, str(state))
+            try:
+                backupsim.Repository.open(state / "share" / "repo", backupsim.SECRET)
+            finally:
+                shutil.rmtree(state)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

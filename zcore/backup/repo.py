@@ -11,7 +11,8 @@ at `sync()` (one fsync per directory touched), which the repository calls before
 that depends on them (a manifest after its chunks, a chunk deletion after the manifests').
 Retain-until is the file's modification time (as NetApp SnapLock keeps it in the access
 time): inode metadata, durable only once the file is fsynced, so `sync()` also fsyncs every
-file `lock` changed; finished files are read-only (0444)."""
+file `lock` changed; finished files are read-only (0444).  A store created with
+`create=True` fsyncs the parent of every directory it made (the repository's own entry)."""
 
 from __future__ import annotations
 
@@ -71,7 +72,10 @@ class DirectoryStore:
     def __init__(self, root: str | os.PathLike[str], *, create: bool = False) -> None:
         self.root = Path(root)
         if create:
+            made = [p for p in (self.root, *self.root.parents) if not p.exists()]
             self.root.mkdir(parents=True, exist_ok=True)
+            for d in reversed(made):  # each new directory's entry made durable in its parent
+                fsync_dir(d.parent)
         elif not self.root.is_dir():
             raise ConfigError(f"backup repository {self.root} does not exist")
         self._dirty: set[Path] = set()

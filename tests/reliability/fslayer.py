@@ -38,6 +38,7 @@ import contextlib
 import io
 import os
 import random
+import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -156,6 +157,8 @@ class Recorder:
                                                   | os.O_TRUNC):
                 self._check("open", name)
             fd = self._orig["open"](path, flags, mode, *a, **k)
+            if ino is None and stat.S_ISDIR(os.fstat(fd).st_mode):
+                ino = self._new_ino(name, True)  # made unseen (not by os.mkdir): no event
             if ino is None:
                 ino = self._new_ino(name, False)
                 self.events.append(("create", name, ino))

@@ -29,6 +29,7 @@ from zcore.journal import Journal
 KINDS = {  # what the Recorder calls an operation -> the sweep's class of it
     "write": "write", "fsync": "fsync", "fdatasync": "fsync", "rename": "rename",
     "truncate": "truncate", "unlink": "unlink", "open": "open",
+    "mkdir": "mkdir", "rmdir": "rmdir",
 }
 ERRNOS = (errno.EIO, errno.ENOSPC)
 

@@ -10,7 +10,9 @@ over the name, so a name never shows torn bytes; the renames and unlinks become 
 at `sync()` (one fsync per directory touched), which the repository calls before anything
 that depends on them (a manifest after its chunks, a chunk deletion after the manifests').
 Retain-until is the file's modification time (as NetApp SnapLock keeps it in the access
-time); finished files are read-only (0444)."""
+time): inode metadata, durable only once the file is fsynced, so `sync()` also fsyncs every
+file `lock` changed; finished files are read-only (0444).  A store created with
+`create=True` fsyncs the parent of every directory it made (the repository's own entry)."""
 
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ class ObjectStore(Protocol):
     def retain_until(self, name: str) -> float: ...
 
     def sync(self) -> None:
-        """Make every put and delete so far durable."""
+        """Make every put, delete and lock so far durable."""
 
     def writer(self) -> AbstractContextManager[None]:
         """Hold the writers' lock (one backup or prune at a time) for a `with` block."""
@@ -70,10 +72,14 @@ class DirectoryStore:
     def __init__(self, root: str | os.PathLike[str], *, create: bool = False) -> None:
         self.root = Path(root)
         if create:
+            made = [p for p in (self.root, *self.root.parents) if not p.exists()]
             self.root.mkdir(parents=True, exist_ok=True)
+            for d in reversed(made):  # each new directory's entry made durable in its parent
+                fsync_dir(d.parent)
         elif not self.root.is_dir():
             raise ConfigError(f"backup repository {self.root} does not exist")
         self._dirty: set[Path] = set()
+        self._locked: set[Path] = set()  # files whose mtime `lock` set since the last sync
         self._lock_fd = -1
 
     def _path(self, name: str) -> Path:
@@ -133,6 +139,7 @@ class DirectoryStore:
         st = path.stat()
         if until > st.st_mtime:
             os.utime(path, (st.st_atime, until))
+            self._locked.add(path)
 
     def retain_until(self, name: str) -> float:
         """The file's modification time when it is in the future, else 0."""
@@ -143,6 +150,16 @@ class DirectoryStore:
         return mtime if mtime > time.time() else 0.0
 
     def sync(self) -> None:
+        for path in sorted(self._locked):  # their new mtime is inode metadata: fsync them
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # deleted since
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._locked.clear()
         for d in sorted(self._dirty, key=lambda p: -len(p.parts)):
             if d.exists():
                 fsync_dir(d)

@@ -69,16 +69,22 @@ def _bound(plain: int) -> int:
     return plain + plain // 255 + 16
 
 
-def seal(aead: AESGCM, magic: bytes, name: str, plain: bytes | bytearray | memoryview) -> bytes:
-    """The sealed object `name` holding `plain` (10d.3)."""
+def seal(aead: AESGCM, magic: bytes, name: str, plain: bytes | bytearray | memoryview
+         ) -> bytearray:
+    """The sealed object `name` holding `plain` (10d.3), built in one buffer: the header,
+    then the body encrypted straight after it (no copy of the body or the ciphertext)."""
     body: bytes | bytearray | memoryview = plain
     comp = COMP_STORED
     packed = lz4.block.compress(plain, store_size=False)
     if len(packed) < len(plain):
         body, comp = packed, COMP_LZ4
     nonce = os.urandom(12)
-    head = HEADER.pack(magic, SEALED_VERSION, comp, len(plain), len(body), nonce)
-    return head + aead.encrypt(nonce, bytes(body), head + name.encode())
+    n = len(memoryview(body).cast("B"))
+    head = HEADER.pack(magic, SEALED_VERSION, comp, len(plain), n, nonce)
+    out = bytearray(HEADER.size + n + TAG)
+    out[:HEADER.size] = head
+    aead.encrypt_into(nonce, body, head + name.encode(), memoryview(out)[HEADER.size:])
+    return out
 
 
 def unseal(aead: AESGCM, magic: bytes, name: str, data: bytes, limit: int) -> bytes:

@@ -29,7 +29,7 @@ from typing import Any
 from zcore.backup import format as fmt
 from zcore.backup.store import Repository
 from zcore.errors import CheckpointNotFoundError, ConfigError, CorruptRecordError
-from zcore.fsutil import fsync_dir, pwrite_all
+from zcore.fsutil import fsync_dir, pwrite_all, start_writeback
 from zcore.journal import Journal, View
 from zcore.records import Checkpoint
 from zcore.site.recovery_vpg import RecoveryVPG
@@ -444,6 +444,7 @@ def _restore_volume(repo: Repository, v: dict[str, Any], cs: int, path: Path) ->
             raise CorruptRecordError(f"chunk {cid} ({idx} of a {size}-byte volume) holds "
                                      f"{len(data)} bytes")
         pwrite_all(fd, data, idx * cs)
+        start_writeback(fd, idx * cs, len(data))  # the final fsync finds it written
 
     try:
         os.ftruncate(fd, size)

@@ -102,7 +102,8 @@ def _scratch(n: int) -> memoryview:
     return memoryview(buf)[:n]
 
 
-def unseal(aead: AESGCM, magic: bytes, name: str, data: bytes, limit: int) -> bytes:
+def unseal(aead: AESGCM, magic: bytes, name: str, data: bytes | memoryview,
+           limit: int) -> bytes:
     """The plain bytes of the sealed object `name`, every rule of 10d.3 checked; at most
     `limit` plain bytes.  ChunkDamagedError (or FormatVersionError) otherwise."""
     if len(data) < HEADER.size + TAG:
@@ -121,7 +122,7 @@ def unseal(aead: AESGCM, magic: bytes, name: str, data: bytes, limit: int) -> by
             len(data) != HEADER.size + stored + TAG or (comp == 0 and stored != plain_len):
         raise ChunkDamagedError(f"{name}: lengths (plain {plain_len}, stored {stored}, "
                                 f"object {len(data)}) are inconsistent", name)
-    ad = data[:HEADER.size] + name.encode()
+    ad = bytes(data[:HEADER.size]) + name.encode()
     try:
         if comp == COMP_STORED:
             return aead.decrypt(nonce, memoryview(data)[HEADER.size:], ad)

@@ -481,3 +481,27 @@ def test_directory_store_puts_reach_their_names_only_at_sync(tmp_path):
     fresh = DirectoryStore(tmp_path / "r")
     assert not fresh.exists("chunks/cd/y") and list(fresh.list("chunks/")) == ["chunks/ab/x"]
     assert [n.split(".tmp-")[0] for n in fresh.leftovers()] == ["chunks/cd/y"]
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
+def test_restore_is_byte_exact_with_and_without_o_direct(monkeypatch, tmp_path, direct):
+    """Whole chunks go through O_DIRECT where the file system takes it, a last chunk off
+    the 4 KiB alignment (and every chunk where O_DIRECT is missing) through the page cache;
+    the image is the same either way."""
+    if not direct:
+        monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    journal = Journal.create(tmp_path / "j", [VolumeSpec(0, "disk0", 3 * CHUNK + 1536)],
+                             vm="vm1")
+    try:
+        image = bytearray(3 * CHUNK + 1536)
+        for off, data in ((512, os.urandom(5120)), (2 * CHUNK - 512, os.urandom(CHUNK)),
+                          (3 * CHUNK + 1024, os.urandom(512))):
+            journal.append([(0, off, data)])
+            image[off:off + len(data)] = data
+        c = journal.checkpoint("c")
+        journal.commit()
+        repo = new_repo(tmp_path / "repo")
+        r = run_backup(repo, vpg_of(journal), c)
+        assert images(restore(repo, r.name, tmp_path / "out")) == {"disk0": bytes(image)}
+    finally:
+        journal.close()

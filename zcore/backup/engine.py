@@ -24,7 +24,9 @@ zeroing were half the system time), and read and compared the volume's zero half
 
 from __future__ import annotations
 
+import errno
 import functools
+import mmap
 import os
 import threading
 import time
@@ -51,6 +53,9 @@ Progress = Callable[[int, int], None]
 # one reused read buffer per worker (8 + 2 MiB at the default size).
 WORKERS = 2
 IN_FLIGHT = 8
+# A restore's workers: O_DIRECT writes block (~1 ms a MiB), so two more keep both cores
+# decoding while two wait on the disk (1 GiB through O_DIRECT: 1.2 s with 2, 0.9 s with 4).
+RESTORE_WORKERS = 4
 
 
 class BackupMode:
@@ -443,23 +448,72 @@ def restore_volume(repo: Repository, backup: str, vm: str, volume: str,
     return final
 
 
+class _DirectWriter:
+    """Writes a restored image with O_DIRECT where it can: straight from a page-aligned
+    per-thread buffer to the disk, without filling the page cache (on the bench machine a
+    buffered gigabyte into a new file took 7 s, 3 s of it system time, and the same
+    through O_DIRECT 1.2 s).  A write O_DIRECT cannot take (a length off its alignment,
+    a file system that refuses it) goes through the ordinary descriptor instead, its
+    writeback started at once.  Either way only the fsync that follows makes it durable."""
+
+    ALIGN = 4096  # offsets and lengths of O_DIRECT writes: a multiple of the block size
+
+    def __init__(self, path: Path, fd: int, cs: int) -> None:
+        self.fd = fd
+        self.cs = cs
+        self._local = threading.local()
+        self.direct = -1
+        if hasattr(os, "O_DIRECT"):
+            try:
+                self.direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
+            except OSError:  # EINVAL: no O_DIRECT on this file system (tmpfs)
+                pass
+
+    def write(self, data: bytes, offset: int) -> None:
+        n = len(data)
+        if self.direct >= 0 and n % self.ALIGN == 0 and offset % self.ALIGN == 0 \
+                and n <= self.cs:
+            buf: mmap.mmap | None = getattr(self._local, "buf", None)
+            if buf is None:
+                buf = self._local.buf = mmap.mmap(-1, -(-self.cs // self.ALIGN) * self.ALIGN)
+            view = memoryview(buf)[:n]
+            try:
+                view[:] = data
+                pwrite_all(self.direct, view, offset)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+            finally:
+                view.release()
+        pwrite_all(self.fd, data, offset)
+        start_writeback(self.fd, offset, n)  # the final fsync finds it written
+
+    def close(self) -> None:
+        if self.direct >= 0:
+            os.close(self.direct)
+            self.direct = -1
+
+
 def _restore_volume(repo: Repository, v: dict[str, Any], cs: int, path: Path) -> None:
-    """Each chunk fetched, verified and written by one worker (see _Writer on why)."""
+    """Each chunk fetched, verified and written by one worker (see _Writer on why); the
+    image is sparse: zero chunks are never written.  More workers than for a backup, as
+    an O_DIRECT write holds its worker until the disk has the chunk."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     size: int = v["size"]
+    out = _DirectWriter(path, fd, cs)
 
     def put(idx: int, cid: str) -> None:
         data = repo.get_chunk(cid)
         if len(data) != min(cs, size - idx * cs):
             raise CorruptRecordError(f"chunk {cid} ({idx} of a {size}-byte volume) holds "
                                      f"{len(data)} bytes")
-        pwrite_all(fd, data, idx * cs)
-        start_writeback(fd, idx * cs, len(data))  # the final fsync finds it written
+        out.write(data, idx * cs)
 
     try:
         os.ftruncate(fd, size)
         chunks: list[str | None] = v["chunks"]
-        with ThreadPoolExecutor(WORKERS, thread_name_prefix="zcore-restore") as pool:
+        with ThreadPoolExecutor(RESTORE_WORKERS, thread_name_prefix="zcore-restore") as pool:
             flying: deque[Future[None]] = deque()
             try:
                 for i, c in enumerate(chunks):
@@ -475,4 +529,5 @@ def _restore_volume(repo: Repository, v: dict[str, Any], cs: int, path: Path) ->
                     f.cancel()
         os.fsync(fd)
     finally:
+        out.close()
         os.close(fd)

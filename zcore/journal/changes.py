@@ -72,7 +72,9 @@ class ChangesMixin(ReadThroughMixin):
         whole blocks, would return zeros and raise nothing).  Ranges are cut to whole sum
         blocks.  Empty when the journal records damage (reads refuse damaged ranges) or
         the file system reports no holes: an answer is always safe to skip reading, never
-        the whole truth."""
+        the whole truth.  It stays true while a view of `at` is open: the view pins `at`
+        against promotion, the one writer of replica bytes, and promotion writes only
+        where the index maps records (never a range this answer names)."""
         self.wait_loaded()
         spec = self._volume(volume)
         ckpt = self._checkpoint_of(at)

@@ -34,6 +34,7 @@ from zcore.backup import format as fmt
 from zcore.backup.prune import select_kept
 from zcore.backup.store import BackupInfo
 from zcore.errors import ConfigError, CorruptRecordError, FormatVersionError, StateError
+from zcore.journal import Journal, VolumeSpec
 
 MiB = 1 << 20
 
@@ -71,7 +72,16 @@ def test_incremental_reads_only_the_changed_extents(tmp_path, built):
     inc = run_backup(repo, vpg, snaps[2][0])
     changed = sum(n for v in journal.volumes.values()
                   for _, n in journal.changed_extents(snaps[1][0], snaps[2][0], v.id))
-    assert full.stats.read_bytes == 1 * MiB + 640 * 1024
+    # the full backup reads every chunk but those lying in a replica hole no write covers
+    unread = 0
+    for v in journal.volumes.values():
+        model = snaps[1][1][v.name]
+        for off, n in journal.zero_ranges(snaps[1][0], v.id):
+            assert model[off:off + n] == bytes(n)
+            first, end = -(-off // CHUNK), (off + n) // CHUNK if off + n < v.size \
+                else -(-v.size // CHUNK)
+            unread += sum(min(CHUNK, v.size - i * CHUNK) for i in range(first, end))
+    assert unread and full.stats.read_bytes == 1 * MiB + 640 * 1024 - unread
     assert inc.stats.read_bytes == changed < full.stats.read_bytes // 2
 
 
@@ -357,3 +367,141 @@ def test_backup_of_another_journal_with_the_same_checkpoint_ids_is_no_incrementa
     assert images(restore(repo, again.name, tmp_path / "out")) == snaps_b[1][1]
     a.close()
     b.close()
+
+
+def test_changed_extents_are_volume_offsets_in_every_plan_window(monkeypatch, built):
+    """A volume planned in several windows: each window's fragments are placed at their
+    volume offsets (they were once left window-relative, so an incremental of a volume
+    over one window patched the wrong chunks)."""
+    journal, snaps = built
+    (c0, _), _, (c2, _) = snaps
+    whole = {v.id: journal.changed_extents(c0, c2, v.id) for v in journal.volumes.values()}
+    monkeypatch.setattr("zcore.journal.changes.PLAN_WINDOW", 64 * 1024)
+    for v in journal.volumes.values():
+        assert journal.changed_extents(c0, c2, v.id) == whole[v.id]
+        assert whole[v.id][-1][0] > 64 * 1024  # the fixture writes past the first window
+
+
+def test_incremental_over_several_plan_windows_restores_byte_exact(monkeypatch, tmp_path,
+                                                                  built):
+    monkeypatch.setattr("zcore.journal.changes.PLAN_WINDOW", 64 * 1024)
+    journal, snaps = built
+    repo = new_repo(tmp_path / "repo")
+    vpg = vpg_of(journal)
+    results = [run_backup(repo, vpg, c) for c, _ in snaps]
+    assert results[-1].mode == BackupMode.INCREMENTAL
+    for i, (r, (_, model)) in enumerate(zip(results, snaps, strict=True)):
+        assert images(restore(repo, r.name, tmp_path / f"out{i}")) == model
+
+
+def _adopted_journal(root: Path, image: bytes, chunk: int = CHUNK) -> Journal:
+    """A one-volume journal adopting a sparse image: `image`'s all-zero chunks left as
+    holes of the file."""
+    src = root / "image.img"
+    fd = os.open(src, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, len(image))
+        for off in range(0, len(image), chunk):
+            part = image[off:off + chunk]
+            if part.count(0) != len(part):
+                os.pwrite(fd, part, off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return Journal.create(root / "j", [VolumeSpec(0, "disk0", len(image))], vm="vm1",
+                          replica_files={0: src})
+
+
+def test_zero_ranges_are_replica_holes_no_journaled_write_covers(tmp_path):
+    image = bytearray(6 * CHUNK)
+    image[0:CHUNK] = os.urandom(CHUNK)
+    image[4 * CHUNK:5 * CHUNK] = os.urandom(CHUNK)
+    journal = _adopted_journal(tmp_path, bytes(image))
+    try:
+        journal.append([(0, 2 * CHUNK + 512, bytes(512))])  # zeros, but journaled
+        journal.append([(0, 3 * CHUNK, b"\1" * 4096)])
+        c = journal.checkpoint("c")
+        journal.commit()
+        image[3 * CHUNK:3 * CHUNK + 4096] = b"\1" * 4096
+        zeros = journal.zero_ranges(c, 0)
+        # cut to whole 4 KiB sum blocks: the block a write touches is never in a range
+        assert zeros == [(CHUNK, CHUNK), (2 * CHUNK + 4096, CHUNK - 4096),
+                         (3 * CHUNK + 4096, CHUNK - 4096), (5 * CHUNK, CHUNK)]
+        repo = new_repo(tmp_path / "repo")
+        r = run_backup(repo, vpg_of(journal), c)
+        # chunks 1 and 5 are skipped unread; chunk 2 is read (a write covers part of it)
+        assert r.stats.read_bytes == 4 * CHUNK and r.stats.zero_chunks == 3
+        assert images(restore(repo, r.name, tmp_path / "out")) == {"disk0": bytes(image)}
+    finally:
+        journal.close()
+
+
+def test_a_hole_where_the_replica_sums_say_data_is_read_and_refused(tmp_path):
+    """Replica bytes lost to a hole (its block sums still say data) are never taken for
+    zeros: the backup reads them, the sums fail, and no backup is written."""
+    from zcore.errors import ReplicaChecksumError
+
+    image = os.urandom(4 * CHUNK)
+    journal = _adopted_journal(tmp_path, image)
+    c = journal.checkpoint("c")
+    journal.commit()
+    journal.close()
+    replica = tmp_path / "j" / "replica-0000.img"
+    os.truncate(replica, 2 * CHUNK)  # the second half lost: a hole once extended again
+    os.truncate(replica, 4 * CHUNK)
+    journal = Journal.open(tmp_path / "j")
+    try:
+        assert journal.zero_ranges(c.id, 0) == []
+        repo = new_repo(tmp_path / "repo")
+        with pytest.raises(ReplicaChecksumError):
+            run_backup(repo, vpg_of(journal), c.id)
+        assert repo.backup_names() == []
+    finally:
+        journal.close()
+
+
+def test_directory_store_puts_reach_their_names_only_at_sync(tmp_path):
+    """A put is seen at once by its own store and by no other until `sync`; a store that
+    dies first leaves only a `*.tmp-*` leftover, never a torn or empty object."""
+    from zcore.backup import DirectoryStore
+
+    store = DirectoryStore(tmp_path / "r", create=True)
+    other = DirectoryStore(tmp_path / "r")
+    store.put("chunks/ab/x", b"one")
+    store.lock("chunks/ab/x", time.time() + 3600)
+    assert store.get("chunks/ab/x") == b"one" and store.exists("chunks/ab/x")
+    assert list(store.list("chunks/")) == ["chunks/ab/x"] and not list(store.leftovers())
+    assert not other.exists("chunks/ab/x") and list(other.leftovers())
+    store.sync()
+    assert other.get("chunks/ab/x") == b"one" and other.retain_until("chunks/ab/x") > 0
+    assert not list(other.leftovers())
+    dead = DirectoryStore(tmp_path / "r")
+    dead.put("chunks/cd/y", b"two")
+    del dead  # never synced: as a killed process
+    fresh = DirectoryStore(tmp_path / "r")
+    assert not fresh.exists("chunks/cd/y") and list(fresh.list("chunks/")) == ["chunks/ab/x"]
+    assert [n.split(".tmp-")[0] for n in fresh.leftovers()] == ["chunks/cd/y"]
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
+def test_restore_is_byte_exact_with_and_without_o_direct(monkeypatch, tmp_path, direct):
+    """Whole chunks go through O_DIRECT where the file system takes it, a last chunk off
+    the 4 KiB alignment (and every chunk where O_DIRECT is missing) through the page cache;
+    the image is the same either way."""
+    if not direct:
+        monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    journal = Journal.create(tmp_path / "j", [VolumeSpec(0, "disk0", 3 * CHUNK + 1536)],
+                             vm="vm1")
+    try:
+        image = bytearray(3 * CHUNK + 1536)
+        for off, data in ((512, os.urandom(5120)), (2 * CHUNK - 512, os.urandom(CHUNK)),
+                          (3 * CHUNK + 1024, os.urandom(512))):
+            journal.append([(0, off, data)])
+            image[off:off + len(data)] = data
+        c = journal.checkpoint("c")
+        journal.commit()
+        repo = new_repo(tmp_path / "repo")
+        r = run_backup(repo, vpg_of(journal), c)
+        assert images(restore(repo, r.name, tmp_path / "out")) == {"disk0": bytes(image)}
+    finally:
+        journal.close()

@@ -9,6 +9,7 @@ promises nothing about the order in which unsynced writes reach the disk.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -67,6 +68,39 @@ def write_all(fd: int, data: Buffer) -> None:
     view = memoryview(data).cast("B")
     while view:
         view = view[os.write(fd, view[:_MAX_IO]):]
+
+
+def _sync_file_range() -> Any:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):  # not Linux (or not glibc): start_writeback is a no-op
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
+
+
+def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Start writing the dirty pages of `fd` in [offset, offset + length) (length 0: to the
+    end) to the disk, without waiting: Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)`.
+    A hint, never a durability promise (it writes no metadata and flushes no disk cache):
+    the `fsync` that must still follow finds the data already written and returns sooner.
+    Its errors are ignored (the fsync reports them); a no-op where the call is missing."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """Make the data and metadata of the file at `path` durable (opened read-only)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

@@ -69,7 +69,10 @@ class Crash(Exception):
 class CrashingStore(DirectoryStore):
     """A directory store whose `after`-th put, delete or lock (counting from 1) completes
     and then raises Crash, as a process killed right after that operation; None: never.
-    Every operation before it is complete and durable, as each is in a DirectoryStore."""
+    What the killed process left is what the file system holds: every rename, delete and
+    lock done so far, and each put since the last `sync` only as its `*.tmp-*` file (a
+    DirectoryStore renames puts over their names only at `sync`), which the store then
+    forgets as a dead process would."""
 
     def __init__(self, root: Path, after: int | None = None) -> None:
         super().__init__(root)
@@ -79,10 +82,13 @@ class CrashingStore(DirectoryStore):
     def _tick(self) -> None:
         self.ops += 1
         if self.after is not None and self.ops == self.after:
-            self.sync()
+            with self._mu:
+                self._pending.clear()
+                self._locked.clear()
+                self._dirty.clear()
             raise Crash(f"crash after operation {self.ops}")
 
-    def put(self, name: str, data: bytes) -> None:
+    def put(self, name: str, data: bytes | bytearray) -> None:
         super().put(name, data)
         self._tick()
 

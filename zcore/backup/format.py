@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from typing import Any
 
 import lz4.block
@@ -69,19 +70,40 @@ def _bound(plain: int) -> int:
     return plain + plain // 255 + 16
 
 
-def seal(aead: AESGCM, magic: bytes, name: str, plain: bytes | bytearray | memoryview) -> bytes:
-    """The sealed object `name` holding `plain` (10d.3)."""
+def seal(aead: AESGCM, magic: bytes, name: str, plain: bytes | bytearray | memoryview
+         ) -> bytearray:
+    """The sealed object `name` holding `plain` (10d.3), built in one buffer: the header,
+    then the body encrypted straight after it (no copy of the body or the ciphertext)."""
     body: bytes | bytearray | memoryview = plain
     comp = COMP_STORED
     packed = lz4.block.compress(plain, store_size=False)
     if len(packed) < len(plain):
         body, comp = packed, COMP_LZ4
     nonce = os.urandom(12)
-    head = HEADER.pack(magic, SEALED_VERSION, comp, len(plain), len(body), nonce)
-    return head + aead.encrypt(nonce, bytes(body), head + name.encode())
+    n = len(memoryview(body).cast("B"))
+    head = HEADER.pack(magic, SEALED_VERSION, comp, len(plain), n, nonce)
+    out = bytearray(HEADER.size + n + TAG)
+    out[:HEADER.size] = head
+    aead.encrypt_into(nonce, body, head + name.encode(), memoryview(out)[HEADER.size:])
+    return out
 
 
-def unseal(aead: AESGCM, magic: bytes, name: str, data: bytes, limit: int) -> bytes:
+_local = threading.local()
+
+
+def _scratch(n: int) -> memoryview:
+    """This thread's scratch buffer, `n` bytes of it (grown as needed, never shrunk): a
+    fresh megabyte per chunk costs page faults and zeroing in the kernel each time."""
+    if n > MAX_CHUNK + MAX_CHUNK // 255 + 16:  # a big manifest or index: not kept
+        return memoryview(bytearray(n))
+    buf: bytearray | None = getattr(_local, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = _local.buf = bytearray(max(n, DEFAULT_CHUNK))
+    return memoryview(buf)[:n]
+
+
+def unseal(aead: AESGCM, magic: bytes, name: str, data: bytes | memoryview,
+           limit: int) -> bytes:
     """The plain bytes of the sealed object `name`, every rule of 10d.3 checked; at most
     `limit` plain bytes.  ChunkDamagedError (or FormatVersionError) otherwise."""
     if len(data) < HEADER.size + TAG:
@@ -100,14 +122,15 @@ def unseal(aead: AESGCM, magic: bytes, name: str, data: bytes, limit: int) -> by
             len(data) != HEADER.size + stored + TAG or (comp == 0 and stored != plain_len):
         raise ChunkDamagedError(f"{name}: lengths (plain {plain_len}, stored {stored}, "
                                 f"object {len(data)}) are inconsistent", name)
+    ad = bytes(data[:HEADER.size]) + name.encode()
     try:
-        body = aead.decrypt(nonce, memoryview(data)[HEADER.size:],
-                            data[:HEADER.size] + name.encode())
+        if comp == COMP_STORED:
+            return aead.decrypt(nonce, memoryview(data)[HEADER.size:], ad)
+        body = _scratch(stored)  # decrypted only to be decompressed: no fresh buffer
+        aead.decrypt_into(nonce, memoryview(data)[HEADER.size:], ad, body)
     except InvalidTag:
         raise ChunkDamagedError(f"{name}: fails its authentication tag (damaged, or "
                                 f"sealed under another key)", name) from None
-    if comp == COMP_STORED:
-        return body
     try:
         plain: bytes = lz4.block.decompress(body, uncompressed_size=plain_len)
     except lz4.block.LZ4BlockError:

@@ -62,8 +62,9 @@ class S3Store:
             raise ConfigError(f"bad object name {name!r}")
         return self.prefix + name
 
-    def put(self, name: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
+    def put(self, name: str, data: bytes | bytearray) -> None:
+        body = data if isinstance(data, bytes) else bytes(data)
+        self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=body)
 
     def get(self, name: str) -> bytes:
         try:

@@ -157,8 +157,11 @@ class Repository:
     def get_chunk(self, chunk_id: str) -> bytes:
         """The verified plain bytes of a chunk: ChunkMissingError or ChunkDamagedError."""
         name = fmt.chunk_name(chunk_id)
+        # a store that reads into a reused buffer (DirectoryStore.get_view) spares a fresh
+        # one per chunk; the plain bytes returned never share it
+        get = getattr(self.store, "get_view", None) or self.store.get
         try:
-            raw = self.store.get(name)
+            raw = get(name)
         except FileNotFoundError:
             raise ChunkMissingError(f"chunk {chunk_id} is missing from the repository",
                                     name) from None

@@ -3,11 +3,25 @@
 
 Sits at the bottom of the data path: capture encodes with it, the journal and the
 receiver validate every bundle with `scan` before a byte of it is trusted.
+
+Batch encoding (`encode_items`, used by the capture ring's `seal`; `encode_batch` for
+tests) runs with the GIL released and compresses through LZ4_compress_default of the
+`lz4` package's own extension module (lz4.block._block, found with dlopen(RTLD_NOLOAD):
+no second copy of LZ4 is built or loaded).  It is used only when that module exports the
+function, reports the version lz4.library_version_number() does and compresses a probe
+to exactly the bytes lz4.block.compress gives; otherwise each record is compressed by
+lz4.block.compress, as before (`native_lz4()` says which).
 """
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.memoryview cimport PyMemoryView_FromMemory
+from cpython.buffer cimport PyBUF_READ
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
+import lz4
+import lz4.block
 import numpy as np
 
 from zcore.errors import ConfigError, status_error
@@ -204,3 +218,170 @@ def scan(data, unsigned long long base_pos, unsigned int segment,
     b.min_time = ctx.min_time
     b.max_time = ctx.max_time
     return b
+
+
+# ---- batch encoding -----------------------------------------------------------------------
+
+cdef extern from "<dlfcn.h>" nogil:
+    void *dlopen(const char *filename, int flags)
+    void *dlsym(void *handle, const char *symbol)
+    int dlclose(void *handle)
+    enum:
+        RTLD_NOW
+        RTLD_NOLOAD
+
+ctypedef int (*_version_fn)() noexcept nogil
+
+cdef zc_lz4_fn _lz4_found = NULL   # LZ4_compress_default of lz4.block._block, if usable
+cdef bint _lz4_enabled = True      # set_native_lz4(False): the per-record path (tests)
+
+
+cdef zc_lz4_fn _locate_lz4():
+    """LZ4_compress_default of the loaded lz4.block._block, or NULL when it is not there,
+    is another LZ4 version than the package reports, or compresses differently."""
+    cdef void *handle
+    cdef void *fn
+    cdef void *ver
+    try:
+        import lz4.block._block as block_module
+        path = block_module.__file__.encode()
+    except (ImportError, AttributeError):
+        return NULL
+    handle = dlopen(path, RTLD_NOW | RTLD_NOLOAD)  # the loaded module; never loads one
+    if handle == NULL:
+        return NULL
+    fn = dlsym(handle, "LZ4_compress_default")
+    ver = dlsym(handle, "LZ4_versionNumber")
+    dlclose(handle)  # drops the reference NOLOAD took; Python keeps the module loaded
+    if fn == NULL or ver == NULL or (<_version_fn>ver)() != lz4.library_version_number():
+        return NULL
+    # a probe of text, runs, zeros and noise must compress to lz4.block.compress's bytes
+    probe = (b"zcore probe " * 500 + bytes(3000) + bytes(range(256)) * 20
+             + np.random.default_rng(14).bytes(9000))
+    expect = lz4.block.compress(probe, store_size=False)
+    out = bytearray(len(probe) + len(probe) // 255 + 16)
+    cdef char *o = PyByteArray_AS_STRING(out)
+    cdef int r = (<zc_lz4_fn>fn)(PyBytes_AS_STRING(probe), o, len(probe), len(out))
+    if r <= 0 or bytes(out[:r]) != expect:
+        return NULL
+    return <zc_lz4_fn>fn
+
+
+_lz4_found = _locate_lz4()
+
+
+def native_lz4():
+    """True when batch encoding compresses with the GIL released (the `lz4` package's
+    LZ4_compress_default was found and checked); False: lz4.block.compress per record."""
+    return _lz4_found != NULL and _lz4_enabled
+
+
+def set_native_lz4(bint enabled):
+    """Use (True) or bypass (False) the native compressor in batch encoding; returns the
+    previous setting.  For differential tests and benchmarks: both give the same bytes."""
+    global _lz4_enabled
+    previous = _lz4_enabled
+    _lz4_enabled = enabled
+    return previous
+
+
+cdef int encode_items(const zc_batch_item *items, size_t n, zc_batch_out *outs,
+                      unsigned int nouts, bint compress, double keep, size_t *done) except -1000:
+    cdef zc_lz4_fn fn = _lz4_found if _lz4_enabled else NULL
+    cdef int st = ZC_OK
+    cdef size_t i, one, written
+    cdef const zc_batch_item *it
+    cdef zc_batch_out *o
+    if not compress or fn != NULL:
+        with nogil:
+            st = zc_encode_batch(items, n, outs, nouts, fn if compress else NULL, keep, done)
+        return st
+    # the per-record path: lz4.block.compress (which releases the GIL itself) per write
+    for i in range(n):
+        it = &items[i]
+        if (it.type == ZC_REC_WRITE or it.type == ZC_REC_SYNC) and it.out < nouts \
+                and 0 < it.length <= ZC_MAX_WRITE and not zc_all_zero(it.data, it.length):
+            packed = lz4.block.compress(
+                PyMemoryView_FromMemory(<char *>it.data, it.length, PyBUF_READ),
+                store_size=False)
+            if len(packed) <= it.length * keep:
+                o = &outs[it.out]
+                if o.fill > o.cap:
+                    st = ZC_E_ARG
+                else:
+                    st = zc_encode_stored(o.buf + o.fill, o.cap - o.fill, it.type, ZC_FLAG_LZ4,
+                                          it.volume, it.seq, it.offset, it.length, it.time_ns,
+                                          <const uint8_t *>PyBytes_AS_STRING(packed),
+                                          len(packed), &written)
+                if st:
+                    done[0] = i
+                    return st
+                o.fill += written
+                continue
+        st = zc_encode_batch(it, 1, outs, nouts, NULL, keep, &one)
+        if st:
+            done[0] = i
+            return st
+    done[0] = n
+    return ZC_OK
+
+
+_ITEM_TYPES = (ZC_REC_WRITE, ZC_REC_SYNC, ZC_REC_ZERO, ZC_REC_CHECKPOINT)
+
+
+def encode_batch(list items, unsigned int nouts=1, bint compress=True,
+                 double min_saving=1.0 / 16):
+    """Records of `items`, each (out, type, volume, seq, offset, time_ns, data), encoded
+    into `nouts` outputs in one batch as the capture ring's seal encodes them (out -1: a
+    checkpoint into every output; a ZERO item's data gives only its length).  Returns one
+    bytes per output."""
+    cdef size_t n = len(items), i, done = 0
+    cdef zc_batch_item *arr = <zc_batch_item *>malloc((n + 1) * sizeof(zc_batch_item))
+    cdef zc_batch_out *outs = <zc_batch_out *>malloc((nouts + 1) * sizeof(zc_batch_out))
+    cdef const uint8_t[::1] d
+    cdef uint64_t bound
+    cdef int st
+    if arr == NULL or outs == NULL:
+        free(arr)
+        free(outs)
+        raise MemoryError()
+    keep_alive = []
+    try:
+        caps = [0] * nouts
+        for i in range(n):
+            out, type_, volume, seq, offset, time_ns, data = items[i]
+            if type_ not in _ITEM_TYPES:
+                raise ConfigError(f"item {i}: record type {type_} cannot be batch-encoded")
+            if not -1 <= out < nouts or (out == -1) != (type_ == ZC_REC_CHECKPOINT):
+                raise ConfigError(f"item {i}: output {out} (of {nouts}) for record type "
+                                  f"{type_}")
+            d = _bytes_view(data, "item data") if len(data) else None
+            if len(data) > ZC_MAX_WRITE:
+                raise ConfigError(f"item {i}: {len(data)} bytes exceed {ZC_MAX_WRITE}")
+            keep_alive.append(d)
+            arr[i].data = &d[0] if len(data) else NULL
+            arr[i].seq = seq
+            arr[i].offset = offset
+            arr[i].time_ns = time_ns
+            arr[i].volume = volume
+            arr[i].length = len(data)
+            arr[i].out = ZC_BATCH_EVERY_OUTPUT if out == -1 else out
+            arr[i].type = type_
+            arr[i].reserved = 0
+            bound = zc_batch_item_bound(&arr[i])
+            if out == -1:
+                caps = [c + bound for c in caps]
+            else:
+                caps[out] += bound
+        parts = [PyByteArray_FromStringAndSize(NULL, c) for c in caps]
+        for i in range(nouts):
+            outs[i].buf = <uint8_t *>PyByteArray_AS_STRING(parts[i])
+            outs[i].cap = caps[i]
+            outs[i].fill = 0
+        st = encode_items(arr, n, outs, nouts, compress, 1.0 - min_saving, &done)
+        if st:
+            raise status_error(st, f"encoding batch item {done}")
+        return [bytes(parts[i][:outs[i].fill]) for i in range(nouts)]
+    finally:
+        free(arr)
+        free(outs)

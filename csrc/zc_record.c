@@ -430,7 +430,7 @@ uint64_t zc_batch_item_bound(const zc_batch_item *it)
 
 /* One write as LZ4 into out (room bytes): ZC_OK with *written, or 1 when LZ4 does not
  * save enough (the caller then encodes it raw). */
-static int encode_lz4(uint8_t *out, size_t room, const zc_batch_item *it, zc_lz4_fn lz4,
+static int encode_lz4(uint8_t *out, size_t room, const zc_batch_item *it, const zc_lz4 *lz4,
                       double keep, size_t *written)
 {
     if (room <= ZC_RECORD_HEADER_SIZE)
@@ -444,7 +444,9 @@ static int encode_lz4(uint8_t *out, size_t room, const zc_batch_item *it, zc_lz4
     if (cap > 0x7FFFFFFF)
         cap = 0x7FFFFFFF;
     uint8_t *payload = out + ZC_RECORD_HEADER_SIZE;
-    int r = lz4((const char *)it->data, (char *)payload, (int)it->length, (int)cap);
+    lz4->reset(lz4->stream);
+    int r = lz4->compress(lz4->stream, (const char *)it->data, (char *)payload, (int)it->length,
+                          (int)cap, 1);
     if (r <= 0 || (double)r > limit)
         return 1;
     uint32_t stored = (uint32_t)r;
@@ -460,7 +462,7 @@ static int encode_lz4(uint8_t *out, size_t room, const zc_batch_item *it, zc_lz4
     return ZC_OK;
 }
 
-static int encode_item(uint8_t *out, size_t room, const zc_batch_item *it, zc_lz4_fn lz4,
+static int encode_item(uint8_t *out, size_t room, const zc_batch_item *it, const zc_lz4 *lz4,
                        double keep, size_t *written)
 {
     switch (it->type) {
@@ -496,7 +498,7 @@ static int encode_item(uint8_t *out, size_t room, const zc_batch_item *it, zc_lz
 }
 
 int zc_encode_batch(const zc_batch_item *items, size_t n, zc_batch_out *outs, uint32_t nouts,
-                    zc_lz4_fn lz4, double keep, size_t *done)
+                    const zc_lz4 *lz4, double keep, size_t *done)
 {
     size_t i;
     int st = ZC_OK;

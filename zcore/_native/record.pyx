@@ -5,11 +5,12 @@ Sits at the bottom of the data path: capture encodes with it, the journal and th
 receiver validate every bundle with `scan` before a byte of it is trusted.
 
 Batch encoding (`encode_items`, used by the capture ring's `seal`; `encode_batch` for
-tests) runs with the GIL released and compresses through LZ4_compress_default of the
+tests) runs with the GIL released and compresses as lz4.block.compress does (a fresh
+LZ4 stream, LZ4_compress_fast_continue, acceleration 1) through the functions of the
 `lz4` package's own extension module (lz4.block._block, found with dlopen(RTLD_NOLOAD):
-no second copy of LZ4 is built or loaded).  It is used only when that module exports the
-function, reports the version lz4.library_version_number() does and compresses a probe
-to exactly the bytes lz4.block.compress gives; otherwise each record is compressed by
+no second copy of LZ4 is built or loaded).  They are used only when that module exports
+them, reports the version lz4.library_version_number() does and compresses probes to
+exactly the bytes lz4.block.compress gives; otherwise each record is compressed by
 lz4.block.compress, as before (`native_lz4()` says which).
 """
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
@@ -230,50 +231,83 @@ cdef extern from "<dlfcn.h>" nogil:
         RTLD_NOW
         RTLD_NOLOAD
 
-ctypedef int (*_version_fn)() noexcept nogil
+ctypedef int (*_int_fn)() noexcept nogil
+ctypedef void (*_reset_fn)(void *stream) noexcept nogil
+ctypedef int (*_compress_fn)(void *stream, const char *src, char *dst, int src_size,
+                             int dst_cap, int acceleration) noexcept nogil
 
-cdef zc_lz4_fn _lz4_found = NULL   # LZ4_compress_default of lz4.block._block, if usable
-cdef bint _lz4_enabled = True      # set_native_lz4(False): the per-record path (tests)
+cdef zc_lz4 _lz4_found         # the `lz4` package's stream functions (compress NULL: none)
+cdef size_t _lz4_state_bytes = 0
+cdef bint _lz4_enabled = True  # set_native_lz4(False): the per-record path (tests)
+_lz4_found.compress = NULL
 
 
-cdef zc_lz4_fn _locate_lz4():
-    """LZ4_compress_default of the loaded lz4.block._block, or NULL when it is not there,
-    is another LZ4 version than the package reports, or compresses differently."""
+cdef int _run_lz4(zc_lz4 *z, const char *src, char *dst, int n, int cap) noexcept nogil:
+    z.reset(z.stream)
+    return z.compress(z.stream, src, dst, n, cap, 1)
+
+
+cdef void _locate_lz4():
+    """Fill _lz4_found from the loaded lz4.block._block, which compresses as
+    LZ4_resetStream then LZ4_compress_fast_continue (acceleration 1): left empty when the
+    module does not export them, reports another LZ4 version than the package does, or
+    compresses a probe to other bytes than lz4.block.compress."""
+    global _lz4_found, _lz4_state_bytes
     cdef void *handle
-    cdef void *fn
-    cdef void *ver
+    cdef void *fns[4]
+    cdef zc_lz4 z
     try:
         import lz4.block._block as block_module
         path = block_module.__file__.encode()
     except (ImportError, AttributeError):
-        return NULL
+        return
     handle = dlopen(path, RTLD_NOW | RTLD_NOLOAD)  # the loaded module; never loads one
     if handle == NULL:
-        return NULL
-    fn = dlsym(handle, "LZ4_compress_default")
-    ver = dlsym(handle, "LZ4_versionNumber")
+        return
+    for i, name in enumerate((b"LZ4_resetStream", b"LZ4_compress_fast_continue",
+                              b"LZ4_sizeofState", b"LZ4_versionNumber")):
+        fns[i] = dlsym(handle, name)
     dlclose(handle)  # drops the reference NOLOAD took; Python keeps the module loaded
-    if fn == NULL or ver == NULL or (<_version_fn>ver)() != lz4.library_version_number():
-        return NULL
-    # a probe of text, runs, zeros and noise must compress to lz4.block.compress's bytes
-    probe = (b"zcore probe " * 500 + bytes(3000) + bytes(range(256)) * 20
-             + np.random.default_rng(14).bytes(9000))
-    expect = lz4.block.compress(probe, store_size=False)
-    out = bytearray(len(probe) + len(probe) // 255 + 16)
-    cdef char *o = PyByteArray_AS_STRING(out)
-    cdef int r = (<zc_lz4_fn>fn)(PyBytes_AS_STRING(probe), o, len(probe), len(out))
-    if r <= 0 or bytes(out[:r]) != expect:
-        return NULL
-    return <zc_lz4_fn>fn
+    if fns[0] == NULL or fns[1] == NULL or fns[2] == NULL or fns[3] == NULL:
+        return
+    if (<_int_fn>fns[3])() != lz4.library_version_number():
+        return
+    cdef int state_bytes = (<_int_fn>fns[2])()
+    if state_bytes <= 0 or state_bytes > (1 << 20):
+        return
+    z.reset = <_reset_fn>fns[0]
+    z.compress = <_compress_fn>fns[1]
+    z.stream = malloc(state_bytes)
+    if z.stream == NULL:
+        return
+    # probes of text, runs, zeros and noise, small and large, must compress to exactly
+    # the bytes lz4.block.compress gives
+    rng = np.random.default_rng(14)
+    ok = True
+    for probe in (b"zcore probe " * 40, bytes(512) + rng.bytes(512),
+                  b"zcore probe " * 500 + bytes(3000) + bytes(range(256)) * 20
+                  + rng.bytes(9000), rng.bytes(70000) + b"tail" * 4000):
+        expect = lz4.block.compress(probe, store_size=False)
+        out = bytearray(len(probe) + len(probe) // 255 + 16)
+        r = _run_lz4(&z, PyBytes_AS_STRING(probe), PyByteArray_AS_STRING(out), len(probe),
+                     len(out))
+        if r <= 0 or bytes(out[:r]) != expect:
+            ok = False
+            break
+    free(z.stream)
+    if ok:
+        z.stream = NULL
+        _lz4_found = z
+        _lz4_state_bytes = state_bytes
 
 
-_lz4_found = _locate_lz4()
+_locate_lz4()
 
 
 def native_lz4():
     """True when batch encoding compresses with the GIL released (the `lz4` package's
-    LZ4_compress_default was found and checked); False: lz4.block.compress per record."""
-    return _lz4_found != NULL and _lz4_enabled
+    compressor was found and checked); False: lz4.block.compress per record."""
+    return _lz4_found.compress != NULL and _lz4_enabled
 
 
 def set_native_lz4(bint enabled):
@@ -287,14 +321,22 @@ def set_native_lz4(bint enabled):
 
 cdef int encode_items(const zc_batch_item *items, size_t n, zc_batch_out *outs,
                       unsigned int nouts, bint compress, double keep, size_t *done) except -1000:
-    cdef zc_lz4_fn fn = _lz4_found if _lz4_enabled else NULL
+    cdef zc_lz4 z = _lz4_found
     cdef int st = ZC_OK
     cdef size_t i, one, written
     cdef const zc_batch_item *it
     cdef zc_batch_out *o
-    if not compress or fn != NULL:
+    if not compress:
         with nogil:
-            st = zc_encode_batch(items, n, outs, nouts, fn if compress else NULL, keep, done)
+            st = zc_encode_batch(items, n, outs, nouts, NULL, keep, done)
+        return st
+    if z.compress != NULL and _lz4_enabled:
+        z.stream = malloc(_lz4_state_bytes)  # one stream per call: calls may run in parallel
+        if z.stream == NULL:
+            raise MemoryError()
+        with nogil:
+            st = zc_encode_batch(items, n, outs, nouts, &z, keep, done)
+        free(z.stream)
         return st
     # the per-record path: lz4.block.compress (which releases the GIL itself) per write
     for i in range(n):

@@ -67,7 +67,7 @@ def make_data(kind: str, length: int, seed: int) -> bytes:
 
 def python_record(item: tuple, compress: bool, min_saving: float) -> bytes:
     """One item through the per-record Python path (records.encode_write)."""
-    out, type_, volume, seq, offset, time_ns, data = item
+    _out, type_, volume, seq, offset, time_ns, data = item
     if type_ == records.REC_CHECKPOINT:
         return _rec.encode_stored(type_, 0, 0, seq, 0, len(data), time_ns, data)
     if type_ == records.REC_ZERO:
@@ -80,7 +80,7 @@ def python_record(item: tuple, compress: bool, min_saving: float) -> bytes:
 
 def reference_record(item: tuple, compress: bool, min_saving: float) -> bytes:
     """One item through the pure-Python reference encoders, lz4.block.compress deciding."""
-    out, type_, volume, seq, offset, time_ns, data = item
+    _out, type_, volume, seq, offset, time_ns, data = item
     if type_ == records.REC_CHECKPOINT:
         return ref.encode_stored(type_, 0, 0, seq, 0, len(data), time_ns, data)
     if type_ == records.REC_ZERO or not any(data):
@@ -214,7 +214,7 @@ def test_sealed_ring_bundles_equal_per_record_encoding(tmp_path_factory, native,
         ring = CaptureRing(32 * MiB)
         vm_of_volume = np.array([v % nouts for v in range(volumes)], dtype=np.uint32)
         captured = []
-        for out, type_, volume, _, offset, _, data in items:
+        for _out, type_, volume, _, offset, _, data in items:
             if type_ == records.REC_CHECKPOINT:
                 seq = ring.marker(data)
                 captured.append((-1, type_, 0, seq, 0, data))

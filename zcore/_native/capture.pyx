@@ -5,6 +5,7 @@ Sits at the top of the data path: `zcore.capture.ProtectedVolume.write` is one c
 `CaptureRing.write` (validation, ordering, backing-store write and copy, GIL released);
 `zcore.vpg` seals what the ring holds into per-VM bundles of journal records with `seal`.
 """
+from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_Resize
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
@@ -51,30 +52,47 @@ cdef class CaptureRing:
         zc_capture_free(self.c)
 
     def write(self, int fd, unsigned int volume, unsigned long long size, offset, data):
-        """Write `data` at `offset` of the backing `fd` and capture it; returns its seq."""
-        cdef const uint8_t[::1] d
+        """Write `data` at `offset` of the backing `fd` and capture it; returns its seq.
+
+        `data`: any C-contiguous buffer of 1-byte items (a wider item size is a
+        ConfigError, a buffer with gaps a BufferError).  The checks take the buffer once,
+        without a typed memoryview: this is the protected VM's every write."""
         cdef unsigned long long off
-        # range first, as a Python int: a negative offset is out of range, not an
-        # OverflowError, and offset + length must not wrap around 2**64
-        if not 0 <= offset <= size:
-            raise OutOfRangeError(f"write at {offset} is outside the volume (0..{size})")
-        off = offset
-        try:
-            d = data
-        except (TypeError, ValueError):
-            raise ConfigError("write data must be a contiguous bytes-like buffer") from None
-        cdef size_t n = d.shape[0]
+        cdef Py_buffer view
+        cdef size_t n
         cdef long long seq
         cdef uint16_t kind
-        if n == 0 or n > ZC_MAX_WRITE:
-            raise ConfigError(f"write of {n} bytes: length must be 1 to {ZC_MAX_WRITE}")
-        if off % ZC_SECTOR or n % ZC_SECTOR:
-            raise AlignmentError(f"write {offset}+{n} is not aligned to {ZC_SECTOR}-byte sectors")
-        if n > size - off:
-            raise OutOfRangeError(f"write {offset}+{n} passes the volume's end ({size})")
-        with nogil:
-            kind = ZC_REC_ZERO if zc_all_zero(&d[0], n) else ZC_REC_WRITE
-            seq = zc_capture_write(self.c, fd, volume, off, &d[0], <uint32_t>n, kind)
+        cdef const uint8_t *p
+        # a negative offset is out of range, not an OverflowError; offset + length must
+        # not wrap around 2**64 (checked below against size - off)
+        try:
+            off = offset
+        except OverflowError:
+            raise OutOfRangeError(f"write at {offset} is outside the volume (0..{size})") from None
+        if off > size:
+            raise OutOfRangeError(f"write at {offset} is outside the volume (0..{size})")
+        try:
+            PyObject_GetBuffer(data, &view, PyBUF_C_CONTIGUOUS)
+        except TypeError:
+            raise ConfigError("write data must be a contiguous bytes-like buffer") from None
+        try:
+            if view.itemsize != 1:
+                raise ConfigError(f"write data must be a contiguous buffer of bytes (item "
+                                  f"size {view.itemsize}); cast it to bytes first")
+            n = view.len
+            p = <const uint8_t *>view.buf
+            if n == 0 or n > ZC_MAX_WRITE:
+                raise ConfigError(f"write of {n} bytes: length must be 1 to {ZC_MAX_WRITE}")
+            if off % ZC_SECTOR or n % ZC_SECTOR:
+                raise AlignmentError(f"write {offset}+{n} is not aligned to {ZC_SECTOR}-byte "
+                                     "sectors")
+            if n > size - off:
+                raise OutOfRangeError(f"write {offset}+{n} passes the volume's end ({size})")
+            with nogil:
+                kind = ZC_REC_ZERO if zc_all_zero(p, n) else ZC_REC_WRITE
+                seq = zc_capture_write(self.c, fd, volume, off, p, <uint32_t>n, kind)
+        finally:
+            PyBuffer_Release(&view)
         if seq < 0:
             if seq == ZC_E_CLOSED:
                 raise StateError(f"write {offset}+{n} refused: the capture is closed "

@@ -338,6 +338,11 @@ def measure_writes(ctx: Context, sample: bytes, size: int, name: str, target: st
             "write_bytes": size, "writes_per_pass": n, "volume_bytes": volume,
             "hot_blocks": hot,
             "cpu_seconds_per_mb": {k: v / written_mb for k, v in cpu.items()},
+            # plain / protected writer CPU: the ratio with a core of its own for the sealer
+            # (on a shared machine the sealer's CPU competes with the writer's: the
+            # measured ratio is lower by what the scheduler gives the sealer)
+            "writer_cpu_ratio": cpu["plain_writer"] / cpu["protected_writer"]
+            if cpu["protected_writer"] else None,
             "buffer_bytes": settings.buffer_bytes, "mode_at_end": mode,
             "overflowed": overflowed, "buffer_used_after_chunk_max": max(ring_fill),
             "passes_protected_seconds": [r[0] for r in results],

@@ -218,6 +218,7 @@ cdef class CaptureRing:
         cdef zc_batch_out *outs = NULL
         cdef uint64_t *caps = NULL
         cdef zc_batch_item *it
+        cdef const zc_ring_entry *bad = NULL
         zc_capture_peek(self.c, &base, &nbytes, max_bytes)
         if nbytes == 0:
             return None
@@ -230,40 +231,46 @@ cdef class CaptureRing:
         try:
             if items == NULL or outs == NULL or caps == NULL:
                 raise OutOfMemoryError("allocating a seal batch")
-            while at < nbytes:
-                e = <const zc_ring_entry *>(base + at)
-                at += e.size
-                if e.kind == ZC_ENTRY_VOID:
-                    continue
-                it = &items[n]
-                it.data = <const uint8_t *>e + sizeof(zc_ring_entry)
-                it.seq = e.seq
-                it.offset = e.offset
-                it.time_ns = e.time_ns
-                it.volume = e.volume
-                it.type = e.kind
-                it.reserved = 0
-                if first == 0:
-                    first = e.seq
-                last = e.seq
-                if e.time_ns < oldest:
-                    oldest = e.time_ns
-                n += 1
-                if e.kind == ZC_REC_CHECKPOINT:
-                    it.length = e.stored
-                    it.out = ZC_BATCH_EVERY_OUTPUT
-                    ckpt_bytes += zc_batch_item_bound(it)
-                    continue
-                if e.volume >= nvols:
-                    raise OutOfRangeError(f"captured write names unknown volume {e.volume}")
-                vm = vm_of_volume[e.volume]
-                if vm >= nvms:
-                    raise OutOfRangeError(f"volume {e.volume} belongs to VM {vm} of {nvms}")
-                it.length = e.length
-                it.out = vm
-                caps[vm] += zc_batch_item_bound(it)
-                ndata += 1
-                data_bytes += e.length
+            # the walk touches every entry header (cold memory): done without the GIL
+            with nogil:
+                while at < nbytes:
+                    e = <const zc_ring_entry *>(base + at)
+                    at += e.size
+                    if e.kind == ZC_ENTRY_VOID:
+                        continue
+                    it = &items[n]
+                    it.data = <const uint8_t *>e + sizeof(zc_ring_entry)
+                    it.seq = e.seq
+                    it.offset = e.offset
+                    it.time_ns = e.time_ns
+                    it.volume = e.volume
+                    it.type = e.kind
+                    it.reserved = 0
+                    if e.kind == ZC_REC_CHECKPOINT:
+                        it.length = e.stored
+                        it.out = ZC_BATCH_EVERY_OUTPUT
+                        ckpt_bytes += zc_batch_item_bound(it)
+                    else:
+                        if e.volume >= nvols or vm_of_volume[e.volume] >= nvms:
+                            bad = e
+                            break
+                        vm = vm_of_volume[e.volume]
+                        it.length = e.length
+                        it.out = vm
+                        caps[vm] += zc_batch_item_bound(it)
+                        ndata += 1
+                        data_bytes += e.length
+                    if first == 0:
+                        first = e.seq
+                    last = e.seq
+                    if e.time_ns < oldest:
+                        oldest = e.time_ns
+                    n += 1
+            if bad != NULL:
+                if bad.volume >= nvols:
+                    raise OutOfRangeError(f"captured write names unknown volume {bad.volume}")
+                raise OutOfRangeError(f"volume {bad.volume} belongs to VM "
+                                      f"{vm_of_volume[bad.volume]} of {nvms}")
             parts = []
             for vm in range(nvms):
                 bound = caps[vm] + ckpt_bytes

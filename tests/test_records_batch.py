@@ -241,3 +241,21 @@ def test_sealed_ring_bundles_equal_per_record_encoding(tmp_path_factory, native,
     expect_items = [(out, type_, volume, seq, offset, times[seq], data)
                     for out, type_, volume, seq, offset, data in captured]
     assert parts == expected_parts(expect_items, nouts, compress, records.LZ4_MIN_SAVING)
+
+
+def test_sealing_an_entry_of_an_unknown_volume_or_vm_refuses_and_keeps_it(tmp_path):
+    from zcore.errors import OutOfRangeError
+
+    fd = os.open(tmp_path / "disk.img", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.ftruncate(fd, 1 * MiB)
+        ring = CaptureRing(1 * MiB)
+        seq = ring.write(fd, 3, 1 * MiB, 0, b"x" * 512)
+    finally:
+        os.close(fd)
+    with pytest.raises(OutOfRangeError):  # no volume 3 in the map
+        ring.seal(1 * MiB, np.zeros(2, np.uint32), 1, True, records.LZ4_MIN_SAVING)
+    with pytest.raises(OutOfRangeError):  # volume 3 maps to VM 5 of 2
+        ring.seal(1 * MiB, np.array([0, 0, 0, 5], np.uint32), 2, True, records.LZ4_MIN_SAVING)
+    batch = ring.seal(1 * MiB, np.zeros(4, np.uint32), 1, True, records.LZ4_MIN_SAVING)
+    assert batch is not None and (batch.first_seq, batch.entries) == (seq, 1)

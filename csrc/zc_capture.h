@@ -17,7 +17,10 @@
  *
  * Thread safety: every function may be called from any thread, except that peek and
  * consume must come from one draining thread.  Pointers from peek stay valid until the
- * matching consume.  zc_capture_take_dirty transfers ownership of the array to the
+ * matching consume.  Locking: one mutex per capture, a leaf (no other lock is taken
+ * while it is held, never the GIL: callers release the GIL first).  A write holds it
+ * twice, briefly (seq and ring space; commit), never across its pwrite or copy; the
+ * drainer holds it only in peek and consume, never while encoding.  zc_capture_take_dirty transfers ownership of the array to the
  * caller (release it with free()).
  */
 #ifndef ZC_CAPTURE_H

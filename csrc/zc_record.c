@@ -395,3 +395,146 @@ int zc_read_record(int fd, const zc_extent *e, uint64_t src_off, uint64_t n, uin
     return read_blockcrc(fd, e->pos, e->length, src_off, n, dst,
                          buf + ZC_RECORD_HEADER_SIZE + b * 4);
 }
+
+/* ---- batch encoding ----------------------------------------------------------------- */
+
+static int data_is_zero(const uint8_t *p, size_t n)
+{
+    uint64_t acc = 0;
+    size_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        uint64_t w[8];
+        memcpy(w, p + i, 64);
+        acc |= w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7];
+        if (acc)
+            return 0;
+    }
+    for (; i < n; i++)
+        acc |= p[i];
+    return acc == 0;
+}
+
+uint64_t zc_batch_item_bound(const zc_batch_item *it)
+{
+    if (it->type == ZC_REC_CHECKPOINT)
+        return zc_record_size(it->length);
+    if (it->type == ZC_REC_ZERO)
+        return zc_record_size(0);
+    return zc_record_size((uint64_t)zc_blockcrc_table_size(it->length) + it->length);
+}
+
+/* Bytes of slack LZ4's output may need beyond the largest block kept: LZ4 with a limited
+ * output refuses a step that might not leave room for the block's end (a few bytes), so
+ * a block of at most `limit` bytes always fits limit + this. */
+#define LZ4_LIMIT_SLACK 64u
+
+/* One write as LZ4 into out (room bytes): ZC_OK with *written, or 1 when LZ4 does not
+ * save enough (the caller then encodes it raw). */
+static int encode_lz4(uint8_t *out, size_t room, const zc_batch_item *it, const zc_lz4 *lz4,
+                      double keep, size_t *written)
+{
+    if (room <= ZC_RECORD_HEADER_SIZE)
+        return 1;
+    double limit = (double)it->length * keep;
+    size_t cap = room - ZC_RECORD_HEADER_SIZE;
+    if (limit < 0)
+        return 1;
+    if ((double)cap > limit + LZ4_LIMIT_SLACK)
+        cap = (size_t)limit + LZ4_LIMIT_SLACK;
+    if (cap > 0x7FFFFFFF)
+        cap = 0x7FFFFFFF;
+    uint8_t *payload = out + ZC_RECORD_HEADER_SIZE;
+    lz4->reset(lz4->stream);
+    int r = lz4->compress(lz4->stream, (const char *)it->data, (char *)payload, (int)it->length,
+                          (int)cap, 1);
+    if (r <= 0 || (double)r > limit)
+        return 1;
+    uint32_t stored = (uint32_t)r;
+    int st = check_fields(it->type, ZC_FLAG_LZ4, it->volume, it->seq, it->offset, it->length,
+                          stored);
+    if (st)
+        return st;
+    uint64_t size = zc_record_size(stored);
+    memset(payload + stored, 0, size - ZC_RECORD_HEADER_SIZE - stored);
+    write_header(out, it->type, ZC_FLAG_LZ4, it->volume, it->seq, it->offset, it->length,
+                 stored, it->time_ns, zc_crc32c(0, payload, stored));
+    *written = size;
+    return ZC_OK;
+}
+
+static int encode_item(uint8_t *out, size_t room, const zc_batch_item *it, const zc_lz4 *lz4,
+                       double keep, size_t *written)
+{
+    switch (it->type) {
+    case ZC_REC_CHECKPOINT:
+        return zc_encode_stored(out, room, ZC_REC_CHECKPOINT, 0, 0, it->seq, 0, it->length,
+                                it->time_ns, it->data, it->length, written);
+    case ZC_REC_ZERO:
+        return zc_encode_stored(out, room, ZC_REC_ZERO, 0, it->volume, it->seq, it->offset,
+                                it->length, it->time_ns, NULL, 0, written);
+    case ZC_REC_WRITE:
+    case ZC_REC_SYNC:
+        break;
+    default:
+        return ZC_E_ARG;
+    }
+    if (it->length == 0 || it->length > ZC_MAX_WRITE)
+        return ZC_E_BAD_RECORD;
+    if (data_is_zero(it->data, it->length))
+        return zc_encode_stored(out, room, ZC_REC_ZERO, 0, it->volume, it->seq, it->offset,
+                                it->length, it->time_ns, NULL, 0, written);
+    if (lz4) {
+        /* the raw record's field rules first: a bad write fails as it would raw */
+        int st = check_fields(it->type, ZC_FLAG_BLOCKCRC, it->volume, it->seq, it->offset,
+                              it->length, zc_blockcrc_table_size(it->length) + it->length);
+        if (st)
+            return st;
+        st = encode_lz4(out, room, it, lz4, keep, written);
+        if (st <= 0)
+            return st;
+    }
+    return zc_encode_raw(out, room, it->type, it->volume, it->seq, it->offset, it->data,
+                         it->length, it->time_ns, written);
+}
+
+int zc_encode_batch(const zc_batch_item *items, size_t n, zc_batch_out *outs, uint32_t nouts,
+                    const zc_lz4 *lz4, double keep, size_t *done)
+{
+    size_t i;
+    int st = ZC_OK;
+    for (i = 0; i < n && st == ZC_OK; i++) {
+        const zc_batch_item *it = &items[i];
+        uint32_t lo = it->out, hi = it->out + 1;
+        if (it->out == ZC_BATCH_EVERY_OUTPUT) {
+            if (it->type != ZC_REC_CHECKPOINT) {
+                st = ZC_E_ARG;
+                break;
+            }
+            lo = 0;
+            hi = nouts;
+        } else if (it->out >= nouts) {
+            st = ZC_E_ARG;
+            break;
+        }
+        for (uint32_t k = lo; k < hi; k++) {
+            zc_batch_out *o = &outs[k];
+            size_t written = 0;
+            if (o->fill > o->cap) {
+                st = ZC_E_ARG;
+                break;
+            }
+            st = encode_item(o->buf + o->fill, o->cap - o->fill, it, lz4, keep, &written);
+            if (st) {
+                /* a checkpoint that failed in one output is taken back from the others */
+                for (uint32_t j = lo; j < k; j++)
+                    outs[j].fill -= zc_record_size(it->length);
+                break;
+            }
+            o->fill += written;
+        }
+        if (st)
+            break;
+    }
+    *done = i;
+    return st;
+}

@@ -67,6 +67,59 @@ int zc_encode_stored(uint8_t *out, size_t cap, uint16_t type, uint16_t flags,
                      uint64_t time_ns, const uint8_t *payload, uint32_t stored,
                      size_t *written);
 
+/* ---- batch encoding (the sealer's whole batch in one call, no Python in between) ----- */
+
+/* An LZ4 block compressor, as the `lz4` package runs one for lz4.block.compress: a fresh
+ * stream (`reset`, LZ4_resetStream's contract) then `compress` (LZ4_compress_fast_continue's:
+ * src_size bytes at src into dst, dst_cap bytes, acceleration 1; the compressed size, or 0
+ * when it does not fit).  zcore takes both functions from the package's loaded extension,
+ * so the bytes are exactly those of lz4.block.compress(data, store_size=False).  `stream`
+ * is scratch of LZ4_sizeofState() bytes, 8-byte aligned, used by one call at a time. */
+typedef struct zc_lz4 {
+    void (*reset)(void *stream);
+    int (*compress)(void *stream, const char *src, char *dst, int src_size, int dst_cap,
+                    int acceleration);
+    void *stream;
+} zc_lz4;
+
+#define ZC_BATCH_EVERY_OUTPUT 0xFFFFFFFFu /* item.out of a checkpoint: into every output */
+
+/* One record to encode.  data: `length` bytes of write data (WRITE, SYNC; unused for
+ * ZERO) or the checkpoint payload (CHECKPOINT: `length` = payload bytes). */
+typedef struct zc_batch_item {
+    const uint8_t *data;
+    uint64_t seq;
+    uint64_t offset;
+    uint64_t time_ns;
+    uint32_t volume;
+    uint32_t length;
+    uint32_t out;      /* index of the output buffer, or ZC_BATCH_EVERY_OUTPUT */
+    uint16_t type;     /* ZC_REC_WRITE, ZC_REC_SYNC, ZC_REC_ZERO or ZC_REC_CHECKPOINT */
+    uint16_t reserved;
+} zc_batch_item;
+
+typedef struct zc_batch_out {
+    uint8_t *buf;
+    size_t cap;        /* bytes of buf                                */
+    size_t fill;       /* in: where the next record goes; out: after it */
+} zc_batch_out;
+
+/* Bytes an item may take in its output (each output, for a checkpoint): the raw record
+ * of a write, which bounds its LZ4 and zero encodings too. */
+uint64_t zc_batch_item_bound(const zc_batch_item *it);
+
+/* Encode items[0..n) in order, each appended to its output, exactly as one call each of
+ * today's per-record encoders would: a WRITE or SYNC whose data is all zeros becomes a
+ * ZERO record; otherwise, when `lz4` is not NULL, an LZ4 record when the compressed size
+ * is at most length * keep (keep = 1 - the minimum saving), else a raw record with block
+ * CRC32Cs.  Never calls back into Python: run it with the GIL released (`lz4` is
+ * NULL: no compression).  Returns ZC_OK,
+ * or the status of the first item that failed (ZC_E_ARG: an output too small or a bad
+ * output index; the field statuses of zc_encode_raw/zc_encode_stored); *done receives
+ * the items encoded before it, and the outputs' fill stands after them. */
+int zc_encode_batch(const zc_batch_item *items, size_t n, zc_batch_out *outs, uint32_t nouts,
+                    const zc_lz4 *lz4, double keep, size_t *done);
+
 /* Parse and check one header at buf (ZC_RECORD_HEADER_SIZE bytes).  Verifies the header
  * CRC and the field rules of docs/format.md (type, flags, alignment, lengths); fills
  * *out (segment and pos untouched).  Returns ZC_OK or a negative status. */

@@ -655,8 +655,8 @@ def replay(log, size: int, before_seq: int) -> bytes:
 
 # ---- the benchmark suite still runs ---------------------------------------------------
 
-CAPTURE_METRICS = {"capture.write_64k", "capture.write_4k", "capture.encode", "bitmap.mark",
-                   "bitmap.persist"}
+CAPTURE_METRICS = {"capture.write_64k", "capture.write_4k", "capture.write_hot",
+                   "capture.encode", "bitmap.mark", "bitmap.persist"}
 
 
 def test_the_capture_benchmark_suite_runs_quick_and_reports_every_metric(tmp_path):

@@ -257,9 +257,119 @@ static void test_capture(void)
     (void)seq;
 }
 
+/* A stand-in compressor with LZ4's contract for bounds checking (no LZ4 in this tree):
+ * "compresses" to the first half of the input when that fits dst_cap, else fails. */
+static void toy_reset(void *stream) { memset(stream, 0, 64); }
+static int toy_compress(void *stream, const char *src, char *dst, int src_size, int dst_cap,
+                        int acceleration)
+{
+    (void)stream;
+    (void)acceleration;
+    int n = src_size / 2;
+    if (n > dst_cap)
+        return 0;
+    memcpy(dst, src, (size_t)n);
+    return n;
+}
+
+static void test_batch(void)
+{
+    enum { N = 40, NOUT = 3 };
+    static uint8_t data[64 * 1024];
+    for (size_t i = 0; i < sizeof data; i++)
+        data[i] = (uint8_t)rnd();
+    memset(data + 8192, 0, 4096); /* a zero block */
+    zc_batch_item items[N];
+    uint64_t caps[NOUT] = {0};
+    for (int i = 0; i < N; i++) {
+        zc_batch_item *it = &items[i];
+        memset(it, 0, sizeof *it);
+        it->seq = 100 + (uint64_t)i;
+        it->time_ns = (uint64_t)i;
+        it->volume = (uint32_t)(rnd() % 4);
+        it->offset = 512 * (rnd() % 1000);
+        if (i % 9 == 4) {
+            it->type = ZC_REC_CHECKPOINT;
+            it->data = (const uint8_t *)"\x01\x00\x00\x00";
+            it->length = 4;
+            it->out = ZC_BATCH_EVERY_OUTPUT;
+            for (int k = 0; k < NOUT; k++)
+                caps[k] += zc_batch_item_bound(it);
+            continue;
+        }
+        it->type = i % 7 == 3 ? ZC_REC_ZERO : i % 5 == 2 ? ZC_REC_SYNC : ZC_REC_WRITE;
+        it->length = 512 * (uint32_t)(1 + rnd() % 32);
+        it->data = i % 6 == 1 ? data + 8192 : data + 512 * (rnd() % 32); /* zero or not */
+        if (it->data == data + 8192 && it->length > 4096)
+            it->length = 4096;
+        it->out = (uint32_t)(rnd() % NOUT);
+        caps[it->out] += zc_batch_item_bound(it);
+    }
+    uint64_t stream[64];
+    zc_lz4 toy = {toy_reset, toy_compress, stream};
+    for (int pass = 0; pass < 3; pass++) {
+        zc_batch_out outs[NOUT];
+        for (int k = 0; k < NOUT; k++) {
+            outs[k].cap = (size_t)caps[k];
+            outs[k].fill = 0;
+            outs[k].buf = malloc(outs[k].cap ? outs[k].cap : 1);
+            CHECK(outs[k].buf != NULL);
+        }
+        size_t done = 0;
+        const zc_lz4 *lz4 = pass == 0 ? NULL : &toy;
+        CHECK(zc_encode_batch(items, N, outs, NOUT, lz4, pass == 2 ? 0.25 : 0.9375, &done)
+              == ZC_OK);
+        CHECK(done == N);
+        for (int k = 0; k < NOUT; k++) {
+            zc_extent_vec vec = {0};
+            size_t consumed = 0;
+            zc_scan_ctx ctx = {0};
+            uint64_t sizes[4] = {1ull << 40, 1ull << 40, 1ull << 40, 1ull << 40};
+            ctx.volume_sizes = sizes;
+            ctx.nvolumes = 4;
+            ctx.min_time = UINT64_MAX;
+            CHECK(outs[k].fill <= outs[k].cap);
+            /* the toy's "LZ4" payloads are not LZ4, but every header and CRC is real */
+            CHECK(zc_scan(&ctx, outs[k].buf, outs[k].fill, &vec, &consumed) == ZC_OK);
+            CHECK(consumed == outs[k].fill);
+            zc_extent_vec_free(&vec);
+        }
+        /* too small an output: refused, fills stand after the items before */
+        size_t fills[NOUT];
+        for (int k = 0; k < NOUT; k++) {
+            outs[k].fill = 0;
+            outs[k].cap = 64; /* room for one header each */
+        }
+        CHECK(zc_encode_batch(items, N, outs, NOUT, lz4, 0.9375, &done) == ZC_E_ARG);
+        CHECK(done < N);
+        for (int k = 0; k < NOUT; k++)
+            fills[k] = outs[k].fill;
+        for (int k = 0; k < NOUT; k++) {
+            CHECK(fills[k] <= outs[k].cap);
+            free(outs[k].buf);
+        }
+    }
+    /* a checkpoint that fails in its last output is taken back from the others */
+    zc_batch_item ck = {(const uint8_t *)"\x01\x00\x00\x00", 7, 0, 0, 0, 4,
+                        ZC_BATCH_EVERY_OUTPUT, ZC_REC_CHECKPOINT, 0};
+    uint8_t a[256], b[256];
+    zc_batch_out two[2] = {{a, sizeof a, 0}, {b, 64, 0}};
+    size_t done = 9;
+    CHECK(zc_encode_batch(&ck, 1, two, 2, NULL, 0.9, &done) == ZC_E_ARG);
+    CHECK(done == 0 && two[0].fill == 0 && two[1].fill == 0);
+    /* a write into no output, a bad type */
+    zc_batch_item bad = ck;
+    bad.type = ZC_REC_WRITE;
+    CHECK(zc_encode_batch(&bad, 1, two, 2, NULL, 0.9, &done) == ZC_E_ARG);
+    bad.out = 0;
+    bad.type = 9;
+    CHECK(zc_encode_batch(&bad, 1, two, 2, NULL, 0.9, &done) == ZC_E_ARG);
+}
+
 int main(void)
 {
     test_record();
+    test_batch();
     test_index();
     test_capture();
     if (failures) {

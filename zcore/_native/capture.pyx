@@ -5,15 +5,13 @@ Sits at the top of the data path: `zcore.capture.ProtectedVolume.write` is one c
 `CaptureRing.write` (validation, ordering, backing-store write and copy, GIL released);
 `zcore.vpg` seals what the ring holds into per-VM bundles of journal records with `seal`.
 """
-from cpython.bytes cimport PyBytes_AS_STRING
-from cpython.memoryview cimport PyMemoryView_FromMemory
-from cpython.buffer cimport PyBUF_READ
+from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_Resize
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport free
+from libc.stdlib cimport calloc, free, malloc
 from libc.errno cimport errno
 from libc.string cimport strerror
 
-import lz4.block
 import numpy as np
 
 from zcore.errors import (
@@ -21,6 +19,7 @@ from zcore.errors import (
     StateError, status_error,
 )
 from zcore._native.zc cimport *
+from zcore._native.record cimport encode_items
 
 MODE_STREAM = ZC_CAPTURE_STREAM
 MODE_BITMAP = ZC_CAPTURE_BITMAP
@@ -53,30 +52,47 @@ cdef class CaptureRing:
         zc_capture_free(self.c)
 
     def write(self, int fd, unsigned int volume, unsigned long long size, offset, data):
-        """Write `data` at `offset` of the backing `fd` and capture it; returns its seq."""
-        cdef const uint8_t[::1] d
+        """Write `data` at `offset` of the backing `fd` and capture it; returns its seq.
+
+        `data`: any C-contiguous buffer of 1-byte items (a wider item size is a
+        ConfigError, a buffer with gaps a BufferError).  The checks take the buffer once,
+        without a typed memoryview: this is the protected VM's every write."""
         cdef unsigned long long off
-        # range first, as a Python int: a negative offset is out of range, not an
-        # OverflowError, and offset + length must not wrap around 2**64
-        if not 0 <= offset <= size:
-            raise OutOfRangeError(f"write at {offset} is outside the volume (0..{size})")
-        off = offset
-        try:
-            d = data
-        except (TypeError, ValueError):
-            raise ConfigError("write data must be a contiguous bytes-like buffer") from None
-        cdef size_t n = d.shape[0]
+        cdef Py_buffer view
+        cdef size_t n
         cdef long long seq
         cdef uint16_t kind
-        if n == 0 or n > ZC_MAX_WRITE:
-            raise ConfigError(f"write of {n} bytes: length must be 1 to {ZC_MAX_WRITE}")
-        if off % ZC_SECTOR or n % ZC_SECTOR:
-            raise AlignmentError(f"write {offset}+{n} is not aligned to {ZC_SECTOR}-byte sectors")
-        if n > size - off:
-            raise OutOfRangeError(f"write {offset}+{n} passes the volume's end ({size})")
-        with nogil:
-            kind = ZC_REC_ZERO if zc_all_zero(&d[0], n) else ZC_REC_WRITE
-            seq = zc_capture_write(self.c, fd, volume, off, &d[0], <uint32_t>n, kind)
+        cdef const uint8_t *p
+        # a negative offset is out of range, not an OverflowError; offset + length must
+        # not wrap around 2**64 (checked below against size - off)
+        try:
+            off = offset
+        except OverflowError:
+            raise OutOfRangeError(f"write at {offset} is outside the volume (0..{size})") from None
+        if off > size:
+            raise OutOfRangeError(f"write at {offset} is outside the volume (0..{size})")
+        try:
+            PyObject_GetBuffer(data, &view, PyBUF_C_CONTIGUOUS)
+        except TypeError:
+            raise ConfigError("write data must be a contiguous bytes-like buffer") from None
+        try:
+            if view.itemsize != 1:
+                raise ConfigError(f"write data must be a contiguous buffer of bytes (item "
+                                  f"size {view.itemsize}); cast it to bytes first")
+            n = view.len
+            p = <const uint8_t *>view.buf
+            if n == 0 or n > ZC_MAX_WRITE:
+                raise ConfigError(f"write of {n} bytes: length must be 1 to {ZC_MAX_WRITE}")
+            if off % ZC_SECTOR or n % ZC_SECTOR:
+                raise AlignmentError(f"write {offset}+{n} is not aligned to {ZC_SECTOR}-byte "
+                                     "sectors")
+            if n > size - off:
+                raise OutOfRangeError(f"write {offset}+{n} passes the volume's end ({size})")
+            with nogil:
+                kind = ZC_REC_ZERO if zc_all_zero(p, n) else ZC_REC_WRITE
+                seq = zc_capture_write(self.c, fd, volume, off, p, <uint32_t>n, kind)
+        finally:
+            PyBuffer_Release(&view)
         if seq < 0:
             if seq == ZC_E_CLOSED:
                 raise StateError(f"write {offset}+{n} refused: the capture is closed "
@@ -213,117 +229,125 @@ cdef class CaptureRing:
 
         Writes go to their volume's VM; checkpoint markers go to every VM.  LZ4 is kept
         when it saves at least `min_saving` of a payload.  Returns None when the ring
-        holds nothing committed."""
+        holds nothing committed.
+
+        One pass over the entries in C builds the batch (no Python object per entry),
+        then zcore._native.record.encode_items encodes all of it with the GIL released."""
         cdef const uint8_t *base
         cdef uint64_t nbytes, at = 0
         cdef const zc_ring_entry *e
-        cdef size_t written
-        cdef int st, ndata = 0, nent = 0
+        cdef size_t n = 0, ndata = 0, done = 0
         cdef unsigned int vm
-        cdef uint64_t bound
+        cdef int st
+        cdef uint64_t first = 0, last = 0, oldest = 0xFFFFFFFFFFFFFFFF, data_bytes = 0
+        cdef uint64_t ckpt_bytes = 0, bound
+        cdef uint32_t nvols = vm_of_volume.shape[0]
+        cdef zc_batch_item *items = NULL
+        cdef zc_batch_out *outs = NULL
+        cdef uint64_t *caps = NULL
+        cdef zc_batch_item *it
+        cdef const zc_ring_entry *bad = NULL
         zc_capture_peek(self.c, &base, &nbytes, max_bytes)
         if nbytes == 0:
             return None
-        # pass 1: bound each VM's output, count data entries
-        caps = [0] * nvms
-        while at < nbytes:
-            e = <const zc_ring_entry *>(base + at)
-            at += e.size
-            if e.kind == ZC_ENTRY_VOID:
-                continue
-            nent += 1
-            if e.kind == ZC_REC_CHECKPOINT:
-                for vm in range(nvms):
-                    caps[vm] += zc_record_size(e.stored)
-                continue
-            if e.volume >= <uint32_t>vm_of_volume.shape[0]:
-                raise OutOfRangeError(f"captured write names unknown volume {e.volume}")
-            ndata += 1
-            bound = zc_record_size(<uint64_t>zc_blockcrc_table_size(e.length) + e.length)
-            caps[vm_of_volume[e.volume]] += bound
-        parts = [bytearray(cap) for cap in caps]
-        fill = [0] * nvms
-        vols = np.empty(ndata, dtype=np.uint32)
-        offs = np.empty(ndata, dtype=np.uint64)
-        lens = np.empty(ndata, dtype=np.uint64)
-        cdef uint32_t[::1] vv = vols
-        cdef uint64_t[::1] ov = offs
-        cdef uint64_t[::1] lv = lens
-        cdef int k = 0
-        cdef uint8_t[::1] out
-        cdef uint8_t *dst
-        cdef size_t pos, room
-        cdef uint64_t first = 0, last = 0, oldest = 0xFFFFFFFFFFFFFFFF, data_bytes = 0
-        checkpoints = []
-        at = 0
-        while at < nbytes:
-            e = <const zc_ring_entry *>(base + at)
-            at += e.size
-            if e.kind == ZC_ENTRY_VOID:
-                continue
-            if first == 0:
-                first = e.seq
-            last = e.seq
-            if e.time_ns < oldest:
-                oldest = e.time_ns
-            payload = <const uint8_t *>e + sizeof(zc_ring_entry)
-            if e.kind == ZC_REC_CHECKPOINT:
-                for vm in range(nvms):
-                    out = parts[vm]
-                    st = zc_encode_stored(&out[fill[vm]], out.shape[0] - fill[vm],
-                                          ZC_REC_CHECKPOINT, 0, 0, e.seq, 0, e.stored,
-                                          e.time_ns, payload, e.stored, &written)
-                    if st:
-                        raise status_error(st, f"encoding checkpoint {e.seq}")
-                    fill[vm] += written
-                checkpoints.append((e.seq, e.time_ns, (<char *>payload)[:e.stored]))
-                continue
-            vm = vm_of_volume[e.volume]
-            out = parts[vm]
-            pos = fill[vm]
-            dst = &out[pos]
-            room = out.shape[0] - pos
-            vv[k] = e.volume
-            ov[k] = e.offset
-            lv[k] = e.length
-            k += 1
-            data_bytes += e.length
-            if e.kind == ZC_REC_ZERO:
-                st = zc_encode_stored(dst, room, ZC_REC_ZERO, 0,
-                                      e.volume, e.seq, e.offset, e.length, e.time_ns, NULL, 0,
-                                      &written)
-            else:
-                packed = None
-                if compress:
-                    packed = lz4.block.compress(
-                        PyMemoryView_FromMemory(<char *>payload, e.length, PyBUF_READ),
-                        store_size=False)
-                    if len(packed) > e.length * (1.0 - min_saving):
-                        packed = None
-                if packed is not None:
-                    st = zc_encode_stored(dst, room, e.kind, ZC_FLAG_LZ4, e.volume, e.seq, e.offset, e.length,
-                                          e.time_ns, <const uint8_t *>PyBytes_AS_STRING(packed),
-                                          len(packed), &written)
-                else:
-                    with nogil:
-                        st = zc_encode_raw(dst, room, e.kind,
-                                           e.volume, e.seq, e.offset, payload, e.length,
-                                           e.time_ns, &written)
+        if nvms == 0:
+            raise ConfigError("sealing needs at least one VM")
+        # entries in the peeked span: at most one per 64 bytes
+        items = <zc_batch_item *>malloc((nbytes // 64 + 1) * sizeof(zc_batch_item))
+        outs = <zc_batch_out *>malloc(nvms * sizeof(zc_batch_out))
+        caps = <uint64_t *>calloc(nvms, sizeof(uint64_t))
+        try:
+            if items == NULL or outs == NULL or caps == NULL:
+                raise OutOfMemoryError("allocating a seal batch")
+            # the walk touches every entry header (cold memory): done without the GIL
+            with nogil:
+                while at < nbytes:
+                    e = <const zc_ring_entry *>(base + at)
+                    at += e.size
+                    if e.kind == ZC_ENTRY_VOID:
+                        continue
+                    it = &items[n]
+                    it.data = <const uint8_t *>e + sizeof(zc_ring_entry)
+                    it.seq = e.seq
+                    it.offset = e.offset
+                    it.time_ns = e.time_ns
+                    it.volume = e.volume
+                    it.type = e.kind
+                    it.reserved = 0
+                    if e.kind == ZC_REC_CHECKPOINT:
+                        it.length = e.stored
+                        it.out = ZC_BATCH_EVERY_OUTPUT
+                        ckpt_bytes += zc_batch_item_bound(it)
+                    else:
+                        if e.volume >= nvols or vm_of_volume[e.volume] >= nvms:
+                            bad = e
+                            break
+                        vm = vm_of_volume[e.volume]
+                        it.length = e.length
+                        it.out = vm
+                        caps[vm] += zc_batch_item_bound(it)
+                        ndata += 1
+                        data_bytes += e.length
+                    if first == 0:
+                        first = e.seq
+                    last = e.seq
+                    if e.time_ns < oldest:
+                        oldest = e.time_ns
+                    n += 1
+            if bad != NULL:
+                if bad.volume >= nvols:
+                    raise OutOfRangeError(f"captured write names unknown volume {bad.volume}")
+                raise OutOfRangeError(f"volume {bad.volume} belongs to VM "
+                                      f"{vm_of_volume[bad.volume]} of {nvms}")
+            parts = []
+            for vm in range(nvms):
+                bound = caps[vm] + ckpt_bytes
+                parts.append(PyByteArray_FromStringAndSize(NULL, bound))
+                outs[vm].buf = <uint8_t *>PyByteArray_AS_STRING(parts[vm])
+                outs[vm].cap = bound
+                outs[vm].fill = 0
+            vols = np.empty(ndata, dtype=np.uint32)
+            offs = np.empty(ndata, dtype=np.uint64)
+            lens = np.empty(ndata, dtype=np.uint64)
+            checkpoints = self._fill_batch(items, n, vols, offs, lens)
+            st = encode_items(items, n, outs, nvms, compress, 1.0 - min_saving, &done)
             if st:
-                raise status_error(st, f"encoding write seq {e.seq}")
-            fill[vm] += written
-        zc_capture_consume(self.c, nbytes)
-        out = None  # release the buffer export so each part can shrink in place
-        for vm in range(nvms):
-            del parts[vm][fill[vm]:]
+                raise status_error(st, f"encoding seq {items[done].seq}")
+            zc_capture_consume(self.c, nbytes)
+            encoded = 0
+            for vm in range(nvms):
+                PyByteArray_Resize(parts[vm], outs[vm].fill)
+                encoded += outs[vm].fill
+        finally:
+            free(items)
+            free(outs)
+            free(caps)
         b = SealedBatch()
         b.parts = parts
         b.first_seq = first
         b.last_seq = last
-        b.oldest_time_ns = oldest if nent else 0
+        b.oldest_time_ns = oldest if n else 0
         b.data_bytes = data_bytes
-        b.encoded_bytes = sum(fill)
+        b.encoded_bytes = encoded
         b.volumes, b.offsets, b.lengths = vols, offs, lens
         b.checkpoints = checkpoints
-        b.entries = nent
+        b.entries = n
         return b
+
+    cdef list _fill_batch(self, const zc_batch_item *items, size_t n, vols, offs, lens):
+        """The data entries' (volume, offset, length) into the arrays; the checkpoints."""
+        cdef uint32_t[::1] vv = vols
+        cdef uint64_t[::1] ov = offs
+        cdef uint64_t[::1] lv = lens
+        cdef size_t i, k = 0
+        checkpoints = []
+        for i in range(n):
+            if items[i].type == ZC_REC_CHECKPOINT:
+                checkpoints.append((items[i].seq, items[i].time_ns,
+                                    (<const char *>items[i].data)[:items[i].length]))
+                continue
+            vv[k] = items[i].volume
+            ov[k] = items[i].offset
+            lv[k] = items[i].length
+            k += 1
+        return checkpoints

@@ -153,3 +153,25 @@ def scan(
     strictly increasing, volume ranges against `volume_sizes`, bytes by volume id, 0 = not
     ours).  Never raises for bad records: see ExtentBatch.status and .consumed.  Extents
     get `segment` and pos = `base_pos` + offset of the record in `data`."""
+
+def native_lz4() -> bool:
+    """True when batch encoding (encode_batch, CaptureRing.seal) compresses with the GIL
+    released through the `lz4` package's own compressor (found in its loaded extension and
+    checked to give lz4.block.compress's bytes); False: lz4.block.compress per record."""
+
+def set_native_lz4(enabled: bool) -> bool:
+    """Use (True) or bypass (False) the native compressor in batch encoding; returns the
+    previous setting.  Both give the same bytes (for differential tests and benchmarks)."""
+
+def encode_batch(
+    items: list[tuple[int, int, int, int, int, int, _SizedBuffer]],
+    nouts: int = 1,
+    compress: bool = True,
+    min_saving: float = 0.0625,
+) -> list[bytes]:
+    """Records of `items`, each (out, type, volume, seq, offset, time_ns, data), encoded in
+    one batch into `nouts` outputs exactly as the capture ring's seal encodes them: a
+    WRITE or SYNC of all-zero data as a ZERO record, else LZ4 (when `compress` and it saves
+    `min_saving`) or raw with block CRCs; a ZERO item's data gives only its length; a
+    CHECKPOINT item (out -1) goes into every output.  ConfigError on a bad type or output;
+    the encoders' errors (AlignmentError, CorruptRecordError) on bad fields."""

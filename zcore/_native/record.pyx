@@ -3,11 +3,26 @@
 
 Sits at the bottom of the data path: capture encodes with it, the journal and the
 receiver validate every bundle with `scan` before a byte of it is trusted.
+
+Batch encoding (`encode_items`, used by the capture ring's `seal`; `encode_batch` for
+tests) runs with the GIL released and compresses as lz4.block.compress does (a fresh
+LZ4 stream, LZ4_compress_fast_continue, acceleration 1) through the functions of the
+`lz4` package's own extension module (lz4.block._block, found with dlopen(RTLD_NOLOAD):
+no second copy of LZ4 is built or loaded).  They are used only when that module exports
+them, reports the version lz4.library_version_number() does and compresses probes to
+exactly the bytes lz4.block.compress gives; otherwise each record is compressed by
+lz4.block.compress, as before (`native_lz4()` says which).
 """
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.memoryview cimport PyMemoryView_FromMemory
+from cpython.buffer cimport PyBUF_READ
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
+import lz4
+import lz4.block
 import numpy as np
 
 from zcore.errors import ConfigError, status_error
@@ -204,3 +219,211 @@ def scan(data, unsigned long long base_pos, unsigned int segment,
     b.min_time = ctx.min_time
     b.max_time = ctx.max_time
     return b
+
+
+# ---- batch encoding -----------------------------------------------------------------------
+
+cdef extern from "<dlfcn.h>" nogil:
+    void *dlopen(const char *filename, int flags)
+    void *dlsym(void *handle, const char *symbol)
+    int dlclose(void *handle)
+    enum:
+        RTLD_NOW
+        RTLD_NOLOAD
+
+ctypedef int (*_int_fn)() noexcept nogil
+ctypedef void (*_reset_fn)(void *stream) noexcept nogil
+ctypedef int (*_compress_fn)(void *stream, const char *src, char *dst, int src_size,
+                             int dst_cap, int acceleration) noexcept nogil
+
+cdef zc_lz4 _lz4_found         # the `lz4` package's stream functions (compress NULL: none)
+cdef size_t _lz4_state_bytes = 0
+cdef bint _lz4_enabled = True  # set_native_lz4(False): the per-record path (tests)
+_lz4_found.compress = NULL
+
+
+cdef int _run_lz4(zc_lz4 *z, const char *src, char *dst, int n, int cap) noexcept nogil:
+    z.reset(z.stream)
+    return z.compress(z.stream, src, dst, n, cap, 1)
+
+
+cdef void _locate_lz4():
+    """Fill _lz4_found from the loaded lz4.block._block, which compresses as
+    LZ4_resetStream then LZ4_compress_fast_continue (acceleration 1): left empty when the
+    module does not export them, reports another LZ4 version than the package does, or
+    compresses a probe to other bytes than lz4.block.compress."""
+    global _lz4_found, _lz4_state_bytes
+    cdef void *handle
+    cdef void *fns[4]
+    cdef zc_lz4 z
+    try:
+        import lz4.block._block as block_module
+        path = block_module.__file__.encode()
+    except (ImportError, AttributeError):
+        return
+    handle = dlopen(path, RTLD_NOW | RTLD_NOLOAD)  # the loaded module; never loads one
+    if handle == NULL:
+        return
+    for i, name in enumerate((b"LZ4_resetStream", b"LZ4_compress_fast_continue",
+                              b"LZ4_sizeofState", b"LZ4_versionNumber")):
+        fns[i] = dlsym(handle, name)
+    dlclose(handle)  # drops the reference NOLOAD took; Python keeps the module loaded
+    if fns[0] == NULL or fns[1] == NULL or fns[2] == NULL or fns[3] == NULL:
+        return
+    if (<_int_fn>fns[3])() != lz4.library_version_number():
+        return
+    cdef int state_bytes = (<_int_fn>fns[2])()
+    if state_bytes <= 0 or state_bytes > (1 << 20):
+        return
+    z.reset = <_reset_fn>fns[0]
+    z.compress = <_compress_fn>fns[1]
+    z.stream = malloc(state_bytes)
+    if z.stream == NULL:
+        return
+    # probes of text, runs, zeros and noise, small and large, must compress to exactly
+    # the bytes lz4.block.compress gives
+    rng = np.random.default_rng(14)
+    ok = True
+    for probe in (b"zcore probe " * 40, bytes(512) + rng.bytes(512),
+                  b"zcore probe " * 500 + bytes(3000) + bytes(range(256)) * 20
+                  + rng.bytes(9000), rng.bytes(70000) + b"tail" * 4000):
+        expect = lz4.block.compress(probe, store_size=False)
+        out = bytearray(len(probe) + len(probe) // 255 + 16)
+        r = _run_lz4(&z, PyBytes_AS_STRING(probe), PyByteArray_AS_STRING(out), len(probe),
+                     len(out))
+        if r <= 0 or bytes(out[:r]) != expect:
+            ok = False
+            break
+    free(z.stream)
+    if ok:
+        z.stream = NULL
+        _lz4_found = z
+        _lz4_state_bytes = state_bytes
+
+
+_locate_lz4()
+
+
+def native_lz4():
+    """True when batch encoding compresses with the GIL released (the `lz4` package's
+    compressor was found and checked); False: lz4.block.compress per record."""
+    return _lz4_found.compress != NULL and _lz4_enabled
+
+
+def set_native_lz4(bint enabled):
+    """Use (True) or bypass (False) the native compressor in batch encoding; returns the
+    previous setting.  For differential tests and benchmarks: both give the same bytes."""
+    global _lz4_enabled
+    previous = _lz4_enabled
+    _lz4_enabled = enabled
+    return previous
+
+
+cdef int encode_items(const zc_batch_item *items, size_t n, zc_batch_out *outs,
+                      unsigned int nouts, bint compress, double keep, size_t *done) except -1000:
+    cdef zc_lz4 z = _lz4_found
+    cdef int st = ZC_OK
+    cdef size_t i, one, written
+    cdef const zc_batch_item *it
+    cdef zc_batch_out *o
+    if not compress:
+        with nogil:
+            st = zc_encode_batch(items, n, outs, nouts, NULL, keep, done)
+        return st
+    if z.compress != NULL and _lz4_enabled:
+        z.stream = malloc(_lz4_state_bytes)  # one stream per call: calls may run in parallel
+        if z.stream == NULL:
+            raise MemoryError()
+        with nogil:
+            st = zc_encode_batch(items, n, outs, nouts, &z, keep, done)
+        free(z.stream)
+        return st
+    # the per-record path: lz4.block.compress (which releases the GIL itself) per write
+    for i in range(n):
+        it = &items[i]
+        if (it.type == ZC_REC_WRITE or it.type == ZC_REC_SYNC) and it.out < nouts \
+                and 0 < it.length <= ZC_MAX_WRITE and not zc_all_zero(it.data, it.length):
+            packed = lz4.block.compress(
+                PyMemoryView_FromMemory(<char *>it.data, it.length, PyBUF_READ),
+                store_size=False)
+            if len(packed) <= it.length * keep:
+                o = &outs[it.out]
+                if o.fill > o.cap:
+                    st = ZC_E_ARG
+                else:
+                    st = zc_encode_stored(o.buf + o.fill, o.cap - o.fill, it.type, ZC_FLAG_LZ4,
+                                          it.volume, it.seq, it.offset, it.length, it.time_ns,
+                                          <const uint8_t *>PyBytes_AS_STRING(packed),
+                                          len(packed), &written)
+                if st:
+                    done[0] = i
+                    return st
+                o.fill += written
+                continue
+        st = zc_encode_batch(it, 1, outs, nouts, NULL, keep, &one)
+        if st:
+            done[0] = i
+            return st
+    done[0] = n
+    return ZC_OK
+
+
+_ITEM_TYPES = (ZC_REC_WRITE, ZC_REC_SYNC, ZC_REC_ZERO, ZC_REC_CHECKPOINT)
+
+
+def encode_batch(list items, unsigned int nouts=1, bint compress=True,
+                 double min_saving=1.0 / 16):
+    """Records of `items`, each (out, type, volume, seq, offset, time_ns, data), encoded
+    into `nouts` outputs in one batch as the capture ring's seal encodes them (out -1: a
+    checkpoint into every output; a ZERO item's data gives only its length).  Returns one
+    bytes per output."""
+    cdef size_t n = len(items), i, done = 0
+    cdef zc_batch_item *arr = <zc_batch_item *>malloc((n + 1) * sizeof(zc_batch_item))
+    cdef zc_batch_out *outs = <zc_batch_out *>malloc((nouts + 1) * sizeof(zc_batch_out))
+    cdef const uint8_t[::1] d
+    cdef uint64_t bound
+    cdef int st
+    if arr == NULL or outs == NULL:
+        free(arr)
+        free(outs)
+        raise MemoryError()
+    keep_alive = []
+    try:
+        caps = [0] * nouts
+        for i in range(n):
+            out, type_, volume, seq, offset, time_ns, data = items[i]
+            if type_ not in _ITEM_TYPES:
+                raise ConfigError(f"item {i}: record type {type_} cannot be batch-encoded")
+            if not -1 <= out < nouts or (out == -1) != (type_ == ZC_REC_CHECKPOINT):
+                raise ConfigError(f"item {i}: output {out} (of {nouts}) for record type "
+                                  f"{type_}")
+            d = _bytes_view(data, "item data") if len(data) else None
+            if len(data) > ZC_MAX_WRITE:
+                raise ConfigError(f"item {i}: {len(data)} bytes exceed {ZC_MAX_WRITE}")
+            keep_alive.append(d)
+            arr[i].data = &d[0] if len(data) else NULL
+            arr[i].seq = seq
+            arr[i].offset = offset
+            arr[i].time_ns = time_ns
+            arr[i].volume = volume
+            arr[i].length = len(data)
+            arr[i].out = ZC_BATCH_EVERY_OUTPUT if out == -1 else out
+            arr[i].type = type_
+            arr[i].reserved = 0
+            bound = zc_batch_item_bound(&arr[i])
+            if out == -1:
+                caps = [c + bound for c in caps]
+            else:
+                caps[out] += bound
+        parts = [PyByteArray_FromStringAndSize(NULL, c) for c in caps]
+        for i in range(nouts):
+            outs[i].buf = <uint8_t *>PyByteArray_AS_STRING(parts[i])
+            outs[i].cap = caps[i]
+            outs[i].fill = 0
+        st = encode_items(arr, n, outs, nouts, compress, 1.0 - min_saving, &done)
+        if st:
+            raise status_error(st, f"encoding batch item {done}")
+        return [bytes(parts[i][:outs[i].fill]) for i in range(nouts)]
+    finally:
+        free(arr)
+        free(outs)

@@ -71,6 +71,34 @@ cdef extern from "zc_record.h" nogil:
                          uint32_t volume, uint64_t seq, uint64_t offset, uint32_t length,
                          uint64_t time_ns, const uint8_t *payload, uint32_t stored,
                          size_t *written)
+    ctypedef struct zc_lz4:
+        void (*reset)(void *stream) noexcept nogil
+        int (*compress)(void *stream, const char *src, char *dst, int src_size, int dst_cap,
+                        int acceleration) noexcept nogil
+        void *stream
+
+    enum:
+        ZC_BATCH_EVERY_OUTPUT
+
+    ctypedef struct zc_batch_item:
+        const uint8_t *data
+        uint64_t seq
+        uint64_t offset
+        uint64_t time_ns
+        uint32_t volume
+        uint32_t length
+        uint32_t out
+        uint16_t type
+        uint16_t reserved
+
+    ctypedef struct zc_batch_out:
+        uint8_t *buf
+        size_t cap
+        size_t fill
+
+    uint64_t zc_batch_item_bound(const zc_batch_item *it)
+    int zc_encode_batch(const zc_batch_item *items, size_t n, zc_batch_out *outs,
+                        uint32_t nouts, const zc_lz4 *lz4, double keep, size_t *done)
     int zc_parse_header(const uint8_t *buf, zc_extent *out, uint32_t *payload_crc)
     int zc_verify_payload(const zc_extent *e, uint32_t payload_crc, const uint8_t *payload)
     int zc_scan(zc_scan_ctx *ctx, const uint8_t *buf, size_t len, zc_extent_vec *vec,

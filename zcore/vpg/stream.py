@@ -87,8 +87,9 @@ class VPGStream(VPGSyncs):
         limit = self.settings.buffer_bytes // 2
         sealed = False
         names = self._vm_names
+        vm_of_volume = self._vm_of_volume  # once per round, not once per bundle
         while self._pending_bytes < limit:
-            batch = ring.seal(self.settings.bundle_bytes, self._vm_of_volume, len(names),
+            batch = ring.seal(self.settings.bundle_bytes, vm_of_volume, len(names),
                               self.settings.compression, self.settings.lz4_min_saving)
             if batch is None:
                 break

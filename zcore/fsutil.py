@@ -112,6 +112,15 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def make_dirs(path: str | os.PathLike[str]) -> None:
+    """`mkdir -p path`, each directory it creates made durable in its parent."""
+    path = Path(path)
+    made = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    for d in reversed(made):
+        fsync_dir(d.parent)
+
+
 def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
     """Replace `path` with `data`: temp file, fsync, rename, directory fsync.  After a
     crash the file holds either the old or the new bytes, never a mix."""

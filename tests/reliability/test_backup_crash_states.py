@@ -190,6 +190,37 @@ def test_a_repository_init_made_is_durable_when_init_returns() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def test_a_restores_images_are_durable_when_restore_returns(tmp_path: Path) -> None:
+    """restore creates DEST/VM/ (and missing parents) and renames each image into it:
+    every entry must be durable when it returns, or a power loss loses a restore the
+    caller was told had finished."""
+    from helpers.backup import new_repo, vpg_of
+    from helpers.nbd import build_journal
+
+    from zcore.backup import restore, run_backup
+
+    journal, snaps = build_journal(tmp_path / "j", sizes=(256 * 1024,), rounds=1, writes=10,
+                                   promote_first=False)
+    try:
+        repo = new_repo(tmp_path / "repo")
+        name = run_backup(repo, vpg_of(journal), snaps[0][0]).name
+    finally:
+        journal.close()
+    root = Path(crashsim.scratch_dir("zc-restore-"))
+    try:
+        with fslayer.Recorder(root) as rec:
+            restore(repo, name, root / "out" / "here")
+            rec.mark("restored")
+        after = [files for _, marks, files, _ in fslayer.crash_states(
+            {}, rec.events, random.Random(0), 4) if marks]
+        assert after
+        for files in after:
+            assert files.get("out/here/vm1/disk0.img") == snaps[0][1]["disk0"], \
+                sorted(files)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def recorded() -> dict[int, backupsim.Recorded]:
     out = {seed: backupsim.record(seed=seed) for seed in SEEDS}

@@ -40,7 +40,7 @@ from typing import Any
 from zcore.backup import format as fmt
 from zcore.backup.store import Repository
 from zcore.errors import CheckpointNotFoundError, ConfigError, CorruptRecordError
-from zcore.fsutil import fsync_dir, pwrite_all, start_writeback
+from zcore.fsutil import fsync_dir, make_dirs, pwrite_all, start_writeback
 from zcore.journal import Journal, View
 from zcore.records import Checkpoint
 from zcore.site.recovery_vpg import RecoveryVPG
@@ -392,7 +392,8 @@ def restore(repo: Repository, backup: str, dest: str | os.PathLike[str], *,
             ) -> list[Path]:
     """Restore `backup` to volume images `dest/<vm>/<volume>.img` (sparse; every chunk
     decrypted and verified).  Images are written as `.partial` files and renamed only
-    when complete: on any error every partial file is removed and nothing is left."""
+    when complete: on any error every partial file is removed and nothing is left; when
+    it returns, the images and the directories it made are durable."""
     m = repo.manifest(backup)
     chosen = None if vms is None else set(vms)
     plan = [(vm["name"], v) for vm in m["vms"] if chosen is None or vm["name"] in chosen
@@ -408,7 +409,7 @@ def restore(repo: Repository, backup: str, dest: str | os.PathLike[str], *,
             final = dest / vm / f"{v['name']}.img"
             if final.exists():
                 raise ConfigError(f"{final} already exists; restore into an empty directory")
-            final.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(final.parent)  # durable: a restored image's path survives a crash
             part = final.with_name(final.name + ".partial")
             partials.append((part, final))
             _restore_volume(repo, v, m["chunk_size"], part)

@@ -36,7 +36,14 @@ from typing import Protocol
 
 from zcore.backup.errors import RetentionLockError
 from zcore.errors import ConfigError, StateError
-from zcore.fsutil import fsync_dir, fsync_path, preadinto_upto, start_writeback, write_all
+from zcore.fsutil import (
+    fsync_dir,
+    fsync_path,
+    make_dirs,
+    preadinto_upto,
+    start_writeback,
+    write_all,
+)
 
 TMP_MARK = ".tmp-"
 
@@ -85,10 +92,7 @@ class DirectoryStore:
     def __init__(self, root: str | os.PathLike[str], *, create: bool = False) -> None:
         self.root = Path(root)
         if create:
-            made = [p for p in (self.root, *self.root.parents) if not p.exists()]
-            self.root.mkdir(parents=True, exist_ok=True)
-            for d in reversed(made):  # each new directory's entry made durable in its parent
-                fsync_dir(d.parent)
+            make_dirs(self.root)  # each new directory's entry durable in its parent
         elif not self.root.is_dir():
             raise ConfigError(f"backup repository {self.root} does not exist")
         self._dirty: set[Path] = set()

@@ -415,6 +415,40 @@ def test_sparse_files_sync_without_reading_their_holes(tmp_path):
     assert source.differing_blocks == 3  # 2 blocks at 20 MiB, 1 zeroed at 50 MiB
 
 
+def test_zero_blocks_the_source_sends_are_punched_on_file_and_replica_targets(tmp_path):
+    """Where the target holds data the source has as zeros, the ZERO records it receives
+    punch holes (the space comes back) instead of writing zeros; a journal's replica keeps
+    its block sums right while it is punched."""
+    from zcore.journal import Journal, VolumeSpec
+    from zcore.journal.replicavolume import ReplicaVolume
+
+    size = 16 * MiB
+    sparse_file(tmp_path / "src", size, [(MiB, os.urandom(MiB))])
+    for name in ("dst", "replica"):
+        sparse_file(tmp_path / name, size, [(MiB, os.urandom(MiB)),
+                                            (8 * MiB, os.urandom(4 * MiB))])
+    before = os.stat(tmp_path / "dst").st_blocks * 512
+    with FileVolume(tmp_path / "src") as s, FileVolume(tmp_path / "dst", writable=True) as d:
+        pump(DeltaSource({1: s}), DeltaTarget({1: d}))
+    assert (tmp_path / "src").read_bytes() == (tmp_path / "dst").read_bytes()
+    assert os.stat(tmp_path / "dst").st_blocks * 512 <= before - 4 * MiB + 64 * KiB
+
+    journal = Journal.create(tmp_path / "j", [VolumeSpec(0, "disk0", size)], vm="vm1",
+                             replica_files={0: tmp_path / "replica"})
+    try:
+        with FileVolume(tmp_path / "src") as s:
+            target = ReplicaVolume(journal, 0)
+            pump(DeltaSource({0: s}), DeltaTarget({0: target}))
+        replica = next((tmp_path / "j").rglob("replica-0000.img"))
+        assert os.stat(replica).st_blocks * 512 <= 2 * MiB + 64 * KiB
+        c = journal.checkpoint("after")
+        journal.commit()
+        with journal.view(c) as view:  # read through the sums: no checksum error
+            assert view.read(0, 0, size) == (tmp_path / "src").read_bytes()
+    finally:
+        journal.close()
+
+
 def test_mapped_and_read_hashes_of_a_sparse_file_agree(tmp_path):
     sparse_file(tmp_path / "v", 9 * MiB + 1536, [(MiB + 512, os.urandom(70 * KiB)),
                                                  (9 * MiB, os.urandom(1536))])

@@ -29,7 +29,7 @@ import blake3
 import numpy as np
 
 from zcore.errors import ConfigError
-from zcore.fsutil import preadinto_exact, pwrite_all
+from zcore.fsutil import preadinto_exact, punch_hole, pwrite_all
 
 LEVEL_SIZES = (1 << 20, 64 << 10, 4 << 10)  # docs/format.md 10c.2 (16 children per block)
 LEVELS = len(LEVEL_SIZES)
@@ -68,6 +68,15 @@ class Mappable(Protocol):
     cache then costs no copy, measured 1.4-2.3x faster than pread into a buffer)."""
 
     def view(self, start: int, end: int) -> memoryview: ...
+
+
+@runtime_checkable
+class Punchable(Protocol):
+    """A target volume that can zero a range with no storage: `zero(offset, length)`
+    leaves it reading as zeros, its whole blocks punched out (a ZERO record the source
+    sends gives the space back)."""
+
+    def zero(self, offset: int, length: int) -> None: ...
 
 
 @runtime_checkable
@@ -111,6 +120,9 @@ class FileVolume:
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         pwrite_all(self._fd, data, offset)
+
+    def zero(self, offset: int, length: int) -> None:
+        punch_hole(self._fd, offset, length)
 
     def flush(self) -> None:
         os.fdatasync(self._fd)

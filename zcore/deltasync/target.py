@@ -37,6 +37,7 @@ from zcore.deltasync.hashing import (
     KEY_SIZE,
     LEVEL_SIZES,
     BlockHasher,
+    Punchable,
     TargetVolume,
 )
 from zcore.deltasync.messages import (
@@ -291,6 +292,10 @@ class DeltaTarget:
                payload: memoryview) -> None:
         volume = self.volumes[vid]
         data: bytes | memoryview
+        if kind == records.REC_ZERO and isinstance(volume, Punchable):
+            volume.zero(offset, length)
+            self.bytes_written += length
+            return
         if kind == records.REC_ZERO:
             data = bytes(length)
         elif flags & records.FLAG_LZ4:

@@ -92,6 +92,18 @@ class DiscardMixin(JournalState):
                 self._replica_sums[spec.id].write(self._replica_fds[spec.id], view, offset,
                                                   resuming=False)
 
+    def replica_zero(self, volume: int | str, offset: int, length: int) -> None:
+        """Zero [offset, offset + length) of `volume`'s replica, its whole blocks punched
+        out (only while the journal is empty)."""
+        spec = self._volume(volume)
+        records.check_range(offset, length, spec.size)
+        with self._lock:
+            self._check_usable()
+            self._check_empty()
+            with self._index_lock:  # a read never sees bytes and sums apart
+                self._replica_sums[spec.id].zero(self._replica_fds[spec.id], offset, length,
+                                                 resuming=False)
+
     def replica_sync(self) -> None:
         """fsync every replica, then its sums."""
         with self._lock:

@@ -42,5 +42,8 @@ class ReplicaVolume:
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.journal.replica_write(self.volume.id, offset, data)
 
+    def zero(self, offset: int, length: int) -> None:
+        self.journal.replica_zero(self.volume.id, offset, length)
+
     def flush(self) -> None:
         self.journal.replica_sync()

@@ -66,6 +66,10 @@ def test_query_picks_the_finest_tier_that_reaches_back_to_the_start():
     # a range entirely inside one bucket
     assert history.query("vpg", RPO, now - 48, now - 47).times == [now - 50]
     assert history.query("vpg", RPO, now - 50, now - 45).times == [now - 50, now - 45]
+    # a sample in the current bucket: the hour before it is still the 5-second tier's (a
+    # browser's "last hour" once flipped to 1-minute buckets whenever a sample was fresh)
+    history.record("vpg", RPO, 7, now=now)
+    assert history.query("vpg", RPO, now - 3600, now).resolution == 5
 
 
 def test_samples_older_than_a_tier_s_window_are_not_kept_in_it():

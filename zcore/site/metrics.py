@@ -250,8 +250,9 @@ class MetricHistory:
                 if ring.tier.width >= resolution:
                     return ring
             return rings[-1]
-        for ring in rings:
-            if ring.newest >= 0 and ring.first_held() * ring.tier.width <= start:
+        for ring in rings:  # the bucket holding `start` itself may have aged out of the
+            # window: a range of exactly a tier's span (the UI's last hour) keeps its tier
+            if ring.newest >= 0 and ring.first_held() <= math.floor(start / ring.tier.width) + 1:
                 return ring
         return rings[-1]
 

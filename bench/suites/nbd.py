@@ -186,6 +186,28 @@ def _nbdcopy(src: str, dst: str) -> float:
     return time.perf_counter() - t0
 
 
+def _copy_passes(ctx: Context, label: str, ours: str, qemu: str, raw: Path, root: Path,
+                 size: int, count: int) -> tuple[bool, list[tuple[float, float]]]:
+    """nbdcopy of `ours` (a zcore export of the image `raw`) and of `qemu` (qemu-nbd on
+    it) to null, alternating which goes first, `count` passes (one when quick), after a
+    warm-up that also checks ours serves the image: (equal, [(zcore MB/s, qemu MB/s)])."""
+    check = root / "check.raw"
+    _nbdcopy(ours, str(check))
+    equal = _same(check, raw)
+    check.unlink()
+    _nbdcopy(qemu, "null:")
+    passes = []
+    for r in range(count if not ctx.quick else 1):
+        order = ((ours, "zcore"), (qemu, "qemu"))
+        result = {}
+        for uri, side in (order if r % 2 == 0 else order[::-1]):
+            result[side] = size / _nbdcopy(uri, "null:") / MB
+        passes.append((result["zcore"], result["qemu"]))
+        ctx.log(f"{label} pass {r}: zcore {result['zcore']:.0f} MB/s, qemu-nbd "
+                f"{result['qemu']:.0f} MB/s")
+    return equal, passes
+
+
 def _best(passes: list[tuple[float, float]]) -> tuple[float, float]:
     """(ours, baseline): the best (largest) of each side over the passes."""
     return max(p[0] for p in passes), max(p[1] for p in passes)
@@ -267,21 +289,9 @@ def measure_read_pit_seq(ctx: Context) -> Metric:
     server = nbd.ServerThread(nbd.NBDServer([nbd.view_export(journal, ckpt, "disk0", "pit")]),
                               port=0).start()
     theirs = QemuNbd(raw, readonly=True)
-    passes = []
     try:
-        check = root / "check.raw"  # warm-up, and the export really is the image
-        _nbdcopy(server.uri("pit"), str(check))
-        equal = _same(check, raw)
-        check.unlink()
-        _nbdcopy(theirs.uri, "null:")
-        for r in range(READ_PASSES if not ctx.quick else 1):
-            order = ((server.uri("pit"), "zcore"), (theirs.uri, "qemu"))
-            result = {}
-            for uri, side in (order if r % 2 == 0 else order[::-1]):
-                result[side] = size / _nbdcopy(uri, "null:") / MB
-            passes.append((result["zcore"], result["qemu"]))
-            ctx.log(f"read_pit_seq pass {r}: zcore {result['zcore']:.0f} MB/s, qemu-nbd "
-                    f"{result['qemu']:.0f} MB/s")
+        equal, passes = _copy_passes(ctx, "read_pit_seq", server.uri("pit"), theirs.uri, raw,
+                                     root, size, READ_PASSES)
         status = journal.status()
     finally:
         theirs.close()
@@ -371,21 +381,9 @@ def measure_copy_sparse(ctx: Context) -> Metric:
     server = nbd.ServerThread(nbd.NBDServer([nbd.view_export(journal, ckpt, "disk0", "pit")]),
                               port=0).start()
     theirs = QemuNbd(raw, readonly=True)
-    passes = []
     try:
-        check = root / "check.raw"  # warm-up, and the export really is the image
-        _nbdcopy(server.uri("pit"), str(check))
-        equal = _same(check, raw)
-        check.unlink()
-        _nbdcopy(theirs.uri, "null:")
-        for r in range(SPARSE_PASSES if not ctx.quick else 1):
-            order = ((server.uri("pit"), "zcore"), (theirs.uri, "qemu"))
-            result = {}
-            for uri, side in (order if r % 2 == 0 else order[::-1]):
-                result[side] = size / _nbdcopy(uri, "null:") / MB
-            passes.append((result["zcore"], result["qemu"]))
-            ctx.log(f"copy_sparse pass {r}: zcore {result['zcore']:.0f} MB/s, qemu-nbd "
-                    f"{result['qemu']:.0f} MB/s")
+        equal, passes = _copy_passes(ctx, "copy_sparse", server.uri("pit"), theirs.uri, raw,
+                                     root, size, SPARSE_PASSES)
         # what block status saves: the same copy reading every block
         t0 = time.perf_counter()
         subprocess.run(["nbdcopy", "--no-extents", server.uri("pit"), "null:"], check=True,

@@ -55,7 +55,8 @@ def test_a_backup_preseeds_a_new_vpg_whose_protection_sends_only_what_differs(
     # g1 goes (its journals at B stay until deleted there); the VM lives on at A
     wait_task(ca, ok(ca.delete("/vpgs/g1"), 202))
     for body, why in ((ref | {"vpg": "g2", "peer": "not-a-site"}, "not paired"),
-                      (ref | {"vpg": "g1", "peer": alpha["site_id"]}, "exists")):
+                      (ref | {"vpg": "g1", "peer": alpha["site_id"]}, "exists"),
+                      (ref | {"vpg": "../../b", "peer": alpha["site_id"]}, "not allowed")):
         refused = cb.post(f"/backups/{backup}/preseed", json=body)
         assert refused.status_code in (400, 409, 422) and why in refused.text, refused.text
     # from the command line, the peer by name (the passphrase from this shell's variable)

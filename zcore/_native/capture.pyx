@@ -35,6 +35,19 @@ cdef class SealedBatch:
     cdef readonly int entries
 
 
+cdef object _captured(long long seq, str what, str doing):
+    """The seq of a captured write or zeroing (`what`), or its error: StateError once the
+    capture is closed, NativeIOError from the backing store (while `doing`), else the
+    status's own."""
+    if seq >= 0:
+        return seq
+    if seq == ZC_E_CLOSED:
+        raise StateError(f"{what} refused: the capture is closed (its VPG is stopping)")
+    if seq == ZC_E_IO:
+        raise NativeIOError(errno, f"{doing} the backing store: {strerror(errno).decode()}")
+    raise status_error(<int>seq, f"capturing {what}")
+
+
 cdef class CaptureRing:
     """The VPG-wide capture buffer: seqs, write-order fidelity, overflow to a dirty log."""
     cdef zc_capture *c
@@ -93,15 +106,7 @@ cdef class CaptureRing:
                 seq = zc_capture_write(self.c, fd, volume, off, p, <uint32_t>n, kind)
         finally:
             PyBuffer_Release(&view)
-        if seq < 0:
-            if seq == ZC_E_CLOSED:
-                raise StateError(f"write {offset}+{n} refused: the capture is closed "
-                                 "(its VPG is stopping)")
-            if seq == ZC_E_IO:
-                raise NativeIOError(errno, f"writing {offset}+{n} to the backing store: "
-                                           f"{strerror(errno).decode()}")
-            raise status_error(<int>seq, f"capturing write {offset}+{n}")
-        return seq
+        return _captured(seq, f"write {offset}+{n}", f"writing {offset}+{n} to")
 
     def zero(self, int fd, unsigned int volume, unsigned long long size, offset, length):
         """Zero `length` bytes at `offset` of the backing `fd` by punching a hole there
@@ -121,15 +126,7 @@ cdef class CaptureRing:
             raise OutOfRangeError(f"zeroing {offset}+{n} passes the volume's end ({size})")
         with nogil:
             seq = zc_capture_zero(self.c, fd, volume, off, n)
-        if seq < 0:
-            if seq == ZC_E_CLOSED:
-                raise StateError(f"zeroing {offset}+{n} refused: the capture is closed "
-                                 "(its VPG is stopping)")
-            if seq == ZC_E_IO:
-                raise NativeIOError(errno, f"punching {offset}+{n} in the backing store: "
-                                           f"{strerror(errno).decode()}")
-            raise status_error(<int>seq, f"capturing zeroes {offset}+{n}")
-        return seq
+        return _captured(seq, f"zeroing {offset}+{n}", f"punching {offset}+{n} in")
 
     def sync(self, int fd, unsigned int volume, unsigned long long offset, unsigned int length,
              bint skip_zero=False):

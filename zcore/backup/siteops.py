@@ -27,6 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
+from zcore import wire
 from zcore.backup import engine
 from zcore.backup import files as ext4
 from zcore.backup.access import backup_export
@@ -308,6 +309,9 @@ class BackupOps:
         if not any(p.site_id == owner for p in site.peers.all()):
             raise ConfigError(f"site {owner!r} is not paired with this site: preseed for the "
                               f"site id of the protected site that will create the VPG")
+        if not wire.safe_name(vpg):  # it names directories here, removed on a retry
+            raise ConfigError(f"VPG name {vpg!r} is not allowed (one path component of "
+                              f"letters, digits, '.', '_' and '-')")
         if vpg in site.receivers or (site.vpgs_dir / vpg).exists():
             raise StateError(f"VPG {vpg} exists at this site already: a preseed makes the "
                              f"replicas of a new VPG")

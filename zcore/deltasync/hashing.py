@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import errno
 import mmap
 import os
 import struct
@@ -29,7 +28,7 @@ import blake3
 import numpy as np
 
 from zcore.errors import ConfigError
-from zcore.fsutil import preadinto_exact, punch_hole, pwrite_all
+from zcore.fsutil import data_ranges, preadinto_exact, punch_hole, pwrite_all
 
 LEVEL_SIZES = (1 << 20, 64 << 10, 4 << 10)  # docs/format.md 10c.2 (16 children per block)
 LEVELS = len(LEVEL_SIZES)
@@ -128,21 +127,7 @@ class FileVolume:
         os.fdatasync(self._fd)
 
     def data_extents(self, start: int, end: int) -> list[tuple[int, int]]:
-        out: list[tuple[int, int]] = []
-        at = start
-        while at < end:
-            try:
-                data = os.lseek(self._fd, at, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # no data after `at`
-                    break
-                return [(start, end)]  # no SEEK_DATA here: everything may be data
-            if data >= end:
-                break
-            hole = min(os.lseek(self._fd, data, os.SEEK_HOLE), end)
-            out.append((data, hole))
-            at = hole
-        return out
+        return [(lo, lo + n) for lo, n in data_ranges(self._fd, start, end - start)]
 
     def close(self) -> None:
         if self._map is not None:

@@ -45,7 +45,14 @@ import numpy as np
 
 from zcore._native import record as _rec
 from zcore.errors import CorruptRecordError, FormatVersionError, ReplicaChecksumError
-from zcore.fsutil import fsync_dir, pread_exact, preadinto_exact, punch_hole, pwrite_all
+from zcore.fsutil import (
+    data_ranges,
+    fsync_dir,
+    pread_exact,
+    preadinto_exact,
+    punch_hole,
+    pwrite_all,
+)
 
 log = logging.getLogger(__name__)
 
@@ -287,26 +294,9 @@ class ReplicaSums:
 
 
 def data_extents(fd: int, lo: int, hi: int) -> list[tuple[int, int]]:
-    """[lo, hi) ranges of the file `fd` that may hold data (holes skipped with SEEK_DATA
-    and SEEK_HOLE where the file system has them; the whole range otherwise)."""
-    out: list[tuple[int, int]] = []
-    pos = lo
-    try:
-        while pos < hi:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == 6:  # ENXIO: no data past pos
-                    break
-                raise
-            if start >= hi:
-                break
-            stop = min(os.lseek(fd, start, os.SEEK_HOLE), hi)
-            out.append((start, stop))
-            pos = stop
-    except (AttributeError, OSError):
-        return [(lo, hi)]
-    return out
+    """[lo, hi) ranges of the file `fd` that may hold data (`zcore.fsutil.data_ranges`,
+    as (start, end) pairs)."""
+    return [(start, start + n) for start, n in data_ranges(fd, lo, hi - lo)]
 
 
 def _sum_existing(replica_fd: int, size: int, block: int, sums_fd: int) -> None:

@@ -86,11 +86,12 @@ def qemu_nbd(tmp_path: Path, image: Path, fmt: str, *, readonly: bool = False
         yield sock
 
 
-def holes(extents: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
-    """The hole (bit 0) runs of base:allocation extents, adjacent ones joined."""
+def flagged(extents: list[tuple[int, int, int]], bit: int = p.STATE_HOLE
+            ) -> list[tuple[int, int]]:
+    """The runs of extents with `bit` set (holes by default), adjacent ones joined."""
     out: list[tuple[int, int]] = []
     for offset, length, flags in extents:
-        if flags & p.STATE_HOLE:
+        if flags & bit:
             if out and out[-1][0] + out[-1][1] == offset:
                 out[-1] = (out[-1][0], out[-1][1] + length)
             else:
@@ -135,7 +136,7 @@ def test_qemu_nbd_raw_reads_writes_and_holes_match_seek_data(tmp_path):
             os.close(fd)
         extents = c.block_status(0, SIZE)
         check_cover(extents, 0, SIZE)
-        assert holes(extents) == complement(data, SIZE)
+        assert flagged(extents) == complement(data, SIZE)
         # a range inside: clipped to it, still complete
         part = c.block_status(1 * MiB - 4096, 8192)
         check_cover(part, 1 * MiB - 4096, 8192)
@@ -174,7 +175,7 @@ def test_qemu_nbd_qcow2_holes_are_the_unwritten_clusters(tmp_path):
             assert c.read_only
             extents = c.block_status(0, SIZE)
             check_cover(extents, 0, SIZE)
-            assert holes(extents) == complement(written, SIZE)
+            assert flagged(extents) == complement(written, SIZE)
             assert c.read(0, SIZE) == model
             with pytest.raises(StateError, match="read-only"):
                 c.write(0, bytes(512))
@@ -224,7 +225,7 @@ def test_dirty_bitmap_context_reports_exactly_the_written_granules(tmp_path):
             assert set(c.contexts) == {"base:allocation", context}
             extents = c.block_status(0, SIZE, context)
             check_cover(extents, 0, SIZE)
-            dirty = holes([(o, n, f & 1) for o, n, f in extents])
+            dirty = flagged(extents, p.STATE_DIRTY)
             expected: list[tuple[int, int]] = []
             for offset, length in writes:
                 lo = offset // granularity * granularity
@@ -237,7 +238,7 @@ def test_dirty_bitmap_context_reports_exactly_the_written_granules(tmp_path):
             # and a window of it, clipped
             window = c.block_status(96 * KiB, 100 * KiB, context)
             check_cover(window, 96 * KiB, 100 * KiB)
-            assert [(o, n, f & 1) for o, n, f in window] == [
+            assert [(o, n, f & p.STATE_DIRTY) for o, n, f in window] == [
                 (96 * KiB, 32 * KiB, 1), (128 * KiB, 64 * KiB, 0), (192 * KiB, 4 * KiB, 1)]
             assert c.read(0, 4 * MiB) == image.read_bytes()[:4 * MiB]
 
@@ -270,7 +271,7 @@ def test_zcore_server_over_tcp_and_unix(tmp_path):
                 os.close(fd)
             extents = c.block_status(0, SIZE)
             check_cover(extents, 0, SIZE)
-            assert holes(extents) == complement(data_now, SIZE)
+            assert flagged(extents) == complement(data_now, SIZE)
             assert c.read(0, SIZE) == path.read_bytes()
             c.close()
             with pytest.raises(ClosedError):
@@ -282,6 +283,10 @@ def test_zcore_server_over_tcp_and_unix(tmp_path):
 
 
 Request = tuple[int, int, int, int, int]  # flags, command, handle, offset, length
+
+
+class Hangup(bytes):
+    """Reply bytes after which the fake server closes the connection."""
 
 
 def chunk(handle: int, kind: int, payload: bytes, *, done: bool = True) -> bytes:
@@ -304,6 +309,7 @@ class FakeServer:
         self.path, self.answer, self.size = path, answer, size
         self.magic, self.structured, self.block = magic, structured, block
         self.requests: list[Request] = []
+        self.options: list[int] = []
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with short_socket_path(path) as address:
             self.listener.bind(address)
@@ -337,7 +343,10 @@ class FakeServer:
         self._recv(conn, 4)
         while True:
             _, option, length = struct.unpack(">QII", self._recv(conn, 16))
-            data = self._recv(conn, length)
+            self._recv(conn, length)
+            self.options.append(option)
+            if option == p.OPT_ABORT:
+                return
             if option == p.OPT_STRUCTURED_REPLY:
                 self._reply(conn, option, p.REP_ACK if self.structured else p.REP_ERR_UNSUP)
             elif option == p.OPT_SET_META_CONTEXT:
@@ -356,14 +365,20 @@ class FakeServer:
                 self._reply(conn, option, p.REP_ERR_UNSUP)
         while True:
             magic, *fields = struct.unpack(">IHHQQI", self._recv(conn, 28))
+            if magic != p.REQUEST_MAGIC:
+                return  # the client's fault: it sees the connection close
             request: Request = tuple(fields)  # type: ignore[assignment]
             self.requests.append(request)
             if request[1] == p.CMD_DISC:
                 return
+            if request[1] == p.CMD_WRITE:
+                self._recv(conn, request[4])
             out = self.answer(request)
             if out is None:
                 return
             conn.sendall(out)
+            if isinstance(out, Hangup):
+                return
 
     def close(self) -> None:
         self.listener.close()
@@ -402,6 +417,7 @@ def test_a_server_without_structured_replies_is_refused(tmp_path):
     with fake(tmp_path, structured=False) as srv:
         with pytest.raises(ProtocolError, match="structured replies"):
             NBDClient.connect_unix(srv.path, "x")
+    assert srv.options == [p.OPT_STRUCTURED_REPLY, p.OPT_ABORT]  # a soft disconnect
 
 
 def hostile(reply: Callable[[int, int, int], bytes]) -> Callable[[Request], bytes | None]:
@@ -416,7 +432,8 @@ def hostile(reply: Callable[[int, int, int], bytes]) -> Callable[[Request], byte
     # a chunk before it
     (lambda h, o, n: data_chunk(h, o - 512, b"\x01" * n), "outside the read"),
     # a truncated reply: the header promises more than comes before the server hangs up
-    (lambda h, o, n: data_chunk(h, o, b"\x01" * n)[:-100], "closed the connection"),
+    (lambda h, o, n: Hangup(data_chunk(h, o, b"\x01" * n)[:-100]), "closed the connection"),
+    (lambda h, o, n: Hangup(data_chunk(h, o, b"")[:10]), "closed the connection"),
     # overlapping chunks
     (lambda h, o, n: data_chunk(h, o, b"\x01" * n, done=False) + data_chunk(h, o, b"\x02"),
      "overlaps"),
@@ -446,7 +463,7 @@ def test_a_hostile_read_reply_raises_and_closes(tmp_path, reply, match):
 
 def test_an_error_chunk_names_the_errno_and_the_connection_stays_usable(tmp_path):
     def answer(r: Request) -> bytes:
-        _, _, h, o, n = r
+        _, _, h, o, _ = r
         if o == 0:
             return (data_chunk(h, o, b"\x01" * 512, done=False)
                     + chunk(h, p.REPLY_TYPE_ERROR_OFFSET,
@@ -456,7 +473,7 @@ def test_an_error_chunk_names_the_errno_and_the_connection_stays_usable(tmp_path
         return good_read(r)
 
     with fake(tmp_path, answer) as srv, NBDClient.connect_unix(srv.path, "x") as c:
-        with pytest.raises(RemoteIOError, match="EIO.*at offset 512: oops") as info:
+        with pytest.raises(RemoteIOError, match=r"EIO.*at offset 512: oops") as info:
             c.read(0, 4096)
         assert info.value.errno == 5
         assert c.read(4096, 10) == b"\x00" * 10  # 4096 & 0xff
@@ -547,3 +564,25 @@ def test_a_silent_server_times_out(tmp_path):
         stall.set()
         with pytest.raises(ClosedError):
             c.read(0, 512)
+
+
+def test_write_errors_name_the_errno_and_eshutdown_disconnects(tmp_path):
+    def answer(r: Request) -> bytes:
+        _, cmd, h, o, _ = r
+        if cmd == p.CMD_WRITE and o == 0:
+            return struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, p.ENOSPC, h)
+        if cmd == p.CMD_WRITE:
+            return struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 0, h)
+        return chunk(h, p.REPLY_TYPE_ERROR, struct.pack(">IH", p.ESHUTDOWN, 3) + b"bye")
+
+    with fake(tmp_path, answer) as srv, NBDClient.connect_unix(srv.path, "x") as c:
+        with pytest.raises(RemoteIOError, match="ENOSPC") as info:
+            c.write(0, b"x" * 4096)
+        assert info.value.errno == p.ENOSPC
+        c.write(4096, b"y" * 4096)  # still usable
+        with pytest.raises(RemoteIOError, match=r"ESHUTDOWN.*bye"):
+            c.flush()
+        with pytest.raises(ClosedError):
+            c.read(0, 1)
+    assert [cmd for _, cmd, _, _, _ in srv.requests] == [
+        p.CMD_WRITE, p.CMD_WRITE, p.CMD_FLUSH, p.CMD_DISC]

@@ -186,6 +186,7 @@ class NBDClient:
         self._send_option(p.OPT_STRUCTURED_REPLY)
         kind, data = self._option_reply(p.OPT_STRUCTURED_REPLY)
         if kind == p.REP_ERR_UNSUP:
+            self._abort()
             raise ProtocolError("NBD server does not support structured replies "
                                 "(NBD_OPT_STRUCTURED_REPLY), which this client requires")
         self._check_ack(p.OPT_STRUCTURED_REPLY, kind, data)
@@ -282,6 +283,12 @@ class NBDClient:
             raise ProtocolError(f"NBD option reply of {length} bytes")
         return kind, self._recv(length)
 
+    def _abort(self) -> None:
+        """End a refused negotiation softly (doc/proto.md: NBD_OPT_ABORT, no reply awaited),
+        as a client must after NBD_REP_ERR_SHUTDOWN."""
+        with contextlib.suppress(OSError):
+            self._send_option(p.OPT_ABORT)
+
     def _check_ack(self, option: int, kind: int, data: bytes) -> None:
         what = _OPT_NAMES.get(option, f"option {option}")
         if kind == p.REP_ACK:
@@ -291,6 +298,7 @@ class NBDClient:
         if kind & p.REP_FLAG_ERROR:
             reason = _REP_ERRORS.get(kind, f"error reply {kind:#x}")
             message = data.decode(errors="replace")
+            self._abort()
             raise ProtocolError(f"NBD server refused {what} for export {self.export!r}: "
                                 f"{reason}" + (f": {message}" if message else ""))
         raise ProtocolError(f"NBD server sent reply type {kind:#x} to {what}")
@@ -479,7 +487,12 @@ class NBDClient:
             self._live()
             try:
                 yield
-            except RemoteIOError:
+            except RemoteIOError as exc:
+                if exc.errno == p.ESHUTDOWN:
+                    # the server is going away: doc/proto.md asks for a soft disconnect
+                    with contextlib.suppress(OSError):
+                        self._send_request(p.CMD_DISC, 0, 0)
+                    self._drop()
                 raise
             except BaseException:
                 self._drop()
@@ -553,8 +566,8 @@ class NBDClient:
                      context: str = p.META_BASE_ALLOCATION) -> list[tuple[int, int, int]]:
         """(offset, length, flags) extents of metadata `context` that cover
         [offset, offset+length) exactly, in order, as the server gave them (clipped to the
-        range, not merged).  base:allocation flags: 1 hole, 2 zero; a dirty bitmap's: 1
-        dirty."""
+        range, not merged).  base:allocation flags: `STATE_HOLE` (1), `STATE_ZERO` (2); a
+        qemu:dirty-bitmap:NAME context's: `STATE_DIRTY` (1)."""
         self._check_range(offset, length)
         if context not in self.contexts:
             raise StateError(f"metadata context {context!r} was not negotiated with "

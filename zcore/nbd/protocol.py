@@ -121,6 +121,8 @@ META_BASE_ALLOCATION = "base:allocation"
 META_BASE_ALLOCATION_ID = 1
 STATE_HOLE = 1
 STATE_ZERO = 2
+# the one flag of QEMU's qemu:dirty-bitmap:NAME contexts (QEMU docs/interop/nbd.rst), bit 0
+STATE_DIRTY = 1
 # extents in one BLOCK_STATUS reply (8 bytes each: a 16 KiB reply at most), and the span
 # of the export one request looks at: a client asks again from where the reply ended
 MAX_STATUS_EXTENTS = 2048

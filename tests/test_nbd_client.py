@@ -437,6 +437,8 @@ def hostile(reply: Callable[[int, int, int], bytes]) -> Callable[[Request], byte
     # overlapping chunks
     (lambda h, o, n: data_chunk(h, o, b"\x01" * n, done=False) + data_chunk(h, o, b"\x02"),
      "overlaps"),
+    (lambda h, o, n: data_chunk(h, o, b"\x01" * 1024, done=False)
+     + data_chunk(h, o + 512, b"\x02"), "overlaps"),
     # done before every byte was sent
     (lambda h, o, n: data_chunk(h, o, b"\x01" * (n // 2)), "covered"),
     # a hole chunk of the wrong size
@@ -528,6 +530,21 @@ def test_short_block_status_replies_are_asked_again(tmp_path):
     assert got == [(512, 1024, 1), (1536, 4096, 0), (5632, 1024, 1), (6656, 2048, 0)]
     status = [(o, n) for _, cmd, _, o, n in srv.requests if cmd == p.CMD_BLOCK_STATUS]
     assert status == [(512, 8192), (5632, 3072)]
+
+
+def test_an_extent_past_a_capped_request_is_cut_at_it(tmp_path):
+    # a 2 GiB span takes two 1 GiB requests; the server's last extent may reach past the
+    # request, and the next request starts where the first one ended, not beyond
+    span = nbd.client.MAX_STATUS_REQUEST
+
+    def answer(r: Request) -> bytes:
+        return status_reply([(r[4] + 512, 0)])(r)
+
+    with fake(tmp_path, answer, size=2 * span + 4096) as srv:
+        with NBDClient.connect_unix(srv.path, "x") as c:
+            assert c.block_status(0, 2 * span) == [(0, span, 0), (span, span, 0)]
+    status = [(o, n) for _, cmd, _, o, n in srv.requests if cmd == p.CMD_BLOCK_STATUS]
+    assert status == [(0, span), (span, span)]
 
 
 @pytest.mark.parametrize("answer, match", [

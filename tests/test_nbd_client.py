@@ -603,3 +603,25 @@ def test_write_errors_name_the_errno_and_eshutdown_disconnects(tmp_path):
             c.read(0, 1)
     assert [cmd for _, cmd, _, _, _ in srv.requests] == [
         p.CMD_WRITE, p.CMD_WRITE, p.CMD_FLUSH, p.CMD_DISC]
+
+
+def test_threads_sharing_one_client_each_get_their_own_bytes(tmp_path):
+    path = sparse_file(tmp_path / "f.img", data=((0, SIZE),))
+    image = path.read_bytes()
+    failures: list[BaseException] = []
+    with serving([nbd.file_export(path, "f")], tmp_path):
+        with NBDClient.connect_unix(tmp_path / "nbd.sock", "f") as c:
+            def reader(k: int) -> None:
+                try:
+                    for i in range(20):
+                        offset = ((k * 20 + i) * 97 * KiB) % (SIZE - 256 * KiB)
+                        assert c.read(offset, 256 * KiB) == image[offset:offset + 256 * KiB]
+                except BaseException as exc:
+                    failures.append(exc)
+
+            threads = [threading.Thread(target=reader, args=(k,)) for k in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    assert not failures, failures

@@ -25,7 +25,7 @@ The package, bottom up:
 - `connection`: one client's asyncio protocol (receive buffering, framing, phases);
 - `server`: `NBDServer` (exports, listeners, connections) and `ServerThread`.
 
-Beside the server, on `protocol` alone: `client`, `NBDClient`, a small blocking client
+Beside the server, sharing only `protocol` with it: `client`, `NBDClient`, a small blocking client
 (how the site service reads a running QEMU's disk through QEMU's own NBD export).
 
 Hostile clients: every length is bounded before anything is allocated (option data,

@@ -81,9 +81,13 @@ class NBDClient:
     """One connection to one export of an NBD server; blocking, thread-safe (one request
     in flight).  Made by `connect_unix` or `connect_tcp`; a context manager."""
 
-    size: int
-    read_only: bool
-    contexts: dict[str, int]
+    size: int  # the export's size in bytes
+    read_only: bool  # NBD_FLAG_READ_ONLY
+    contexts: dict[str, int]  # metadata context name -> the id the server gave it
+    flags: int  # the transmission flags
+    min_block: int  # the server's block sizes (NBD_INFO_BLOCK_SIZE, or the defaults)
+    preferred_block: int
+    max_block: int
 
     def __init__(self, sock: socket.socket, export: str, meta_contexts: Sequence[str]) -> None:
         """Negotiate `export` on the connected `sock` (use `connect_unix`/`connect_tcp`)."""
@@ -158,13 +162,6 @@ class NBDClient:
         buf = bytearray(size)
         self._recv_into(memoryview(buf))
         return bytes(buf)
-
-    def _skip(self, size: int) -> None:
-        scratch = memoryview(bytearray(min(size, 1 << 16)))
-        while size:
-            n = min(size, len(scratch))
-            self._recv_into(scratch[:n])
-            size -= n
 
     # ---- handshake ----------------------------------------------------------------------
 
@@ -507,6 +504,8 @@ class NBDClient:
         """Fill `buf` (a writable byte buffer) with the export's bytes at `offset`.
         Unaligned ranges are widened to the server's minimum block and cut back."""
         view = memoryview(buf).cast("B")
+        if view.readonly:
+            raise ConfigError("readinto needs a writable buffer")
         self._check_range(offset, len(view))
         with self._request():
             self._readinto(offset, view)

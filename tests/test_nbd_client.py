@@ -1,6 +1,6 @@
 """zcore.nbd.NBDClient against real servers (qemu-nbd, qemu-storage-daemon with a dirty
-bitmap, zcore's own NBD server) and against a scripted fake that breaks the protocol on
-purpose: a hostile or buggy server gives an exception, never bytes."""
+bitmap, nbdkit refusing unaligned requests, zcore's own NBD server) and against a scripted fake
+that breaks the protocol on purpose: a hostile or buggy server gives an exception, never bytes."""
 
 from __future__ import annotations
 
@@ -186,6 +186,25 @@ def test_unknown_export_is_a_clear_error(tmp_path):
     with qemu_nbd(tmp_path, image, "raw") as sock:
         with pytest.raises(ProtocolError, match="NBD_REP_ERR_UNKNOWN"):
             NBDClient.connect_unix(sock, "nope")
+
+
+def test_nbdkit_that_refuses_unaligned_requests_gets_none(tmp_path):
+    # blocksize-policy with error-policy=error answers EINVAL to any request off its
+    # 4 KiB minimum or past its 64 KiB maximum: the client's requests must all fit
+    sock = tmp_path / "nbdkit.sock"
+    args = [require_tool("nbdkit"), "-f", "-U", str(sock), "--filter=blocksize-policy",
+            "memory", str(SIZE), "blocksize-minimum=4096", "blocksize-preferred=65536",
+            "blocksize-maximum=65536", "blocksize-error-policy=error"]
+    with process(args, sock), NBDClient.connect_unix(sock, "") as c:
+        assert (c.min_block, c.preferred_block, c.max_block) == (4096, 65536, 65536)
+        data = os.urandom(300 * KiB)
+        c.write(4096, data)
+        assert c.read(4096, len(data)) == data
+        assert c.read(4096 + 5, 10000) == data[5:10005]
+        assert c.read(SIZE - 3, 3) == bytes(3)
+        check_cover(c.block_status(100, 9000), 100, 9000)
+        with pytest.raises(AlignmentError):
+            c.write(4096 + 512, data[:4096])
 
 
 # ---- qemu-storage-daemon and a dirty bitmap ------------------------------------------------

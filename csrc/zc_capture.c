@@ -19,6 +19,13 @@ typedef struct inflight {
     uint64_t lo, hi;
 } inflight;
 
+typedef struct watch {
+    uint64_t id;
+    uint32_t volume;
+    int spoiled; /* a write or zeroing overlapped the range since the watch began */
+    uint64_t lo, hi;
+} watch;
+
 struct zc_capture {
     pthread_mutex_t mu;
     pthread_cond_t done; /* an in-flight write finished */
@@ -31,6 +38,9 @@ struct zc_capture {
     size_t nfl, fl_cap;
     zc_dirty *dirty;
     size_t ndirty, dirty_cap;
+    watch *watches;
+    size_t nwatch, watch_cap;
+    uint64_t next_watch;
     uint64_t writes, bytes;
 };
 
@@ -70,6 +80,7 @@ void zc_capture_free(zc_capture *c)
     free(c->ring);
     free(c->fl);
     free(c->dirty);
+    free(c->watches);
     free(c);
 }
 
@@ -230,6 +241,9 @@ int64_t zc_capture_write(zc_capture *c, int fd, uint32_t volume, uint64_t offset
         return ZC_E_NOMEM;
     }
     uint64_t seq = c->next_seq++;
+    for (size_t i = 0; i < c->nwatch; i++)
+        if (c->watches[i].volume == volume && c->watches[i].lo < hi && offset < c->watches[i].hi)
+            c->watches[i].spoiled = 1;
     zc_ring_entry *e = NULL;
     if (c->mode == ZC_CAPTURE_STREAM) {
         e = reserve(c, kind == ZC_REC_ZERO ? 0 : len);
@@ -245,7 +259,8 @@ int64_t zc_capture_write(zc_capture *c, int fd, uint32_t volume, uint64_t offset
     c->bytes += len;
     pthread_mutex_unlock(&c->mu);
 
-    int io = data ? pwrite_full(fd, data, len, offset) : punch_full(fd, offset, len);
+    int io = fd < 0 ? ZC_OK : data ? pwrite_full(fd, data, len, offset)
+                                   : punch_full(fd, offset, len);
     int saved_errno = errno;
     if (e) {
         e->seq = seq;
@@ -326,6 +341,92 @@ int64_t zc_capture_sync(zc_capture *c, int fd, uint32_t volume, uint64_t offset,
         errno = saved_errno;
         return io;
     }
+    return (int64_t)seq;
+}
+
+static watch *find_watch(zc_capture *c, uint64_t id)
+{
+    for (size_t i = 0; i < c->nwatch; i++)
+        if (c->watches[i].id == id)
+            return &c->watches[i];
+    return NULL;
+}
+
+static void drop_watch(zc_capture *c, watch *w)
+{
+    *w = c->watches[--c->nwatch];
+}
+
+int64_t zc_capture_watch(zc_capture *c, uint32_t volume, uint64_t offset, uint32_t len)
+{
+    if (len == 0)
+        return ZC_E_ARG;
+    pthread_mutex_lock(&c->mu);
+    if (c->closed) {
+        pthread_mutex_unlock(&c->mu);
+        return ZC_E_CLOSED;
+    }
+    void *arr = c->watches;
+    int st = room_for_one(&arr, c->nwatch, &c->watch_cap, sizeof(watch), 8);
+    c->watches = arr;
+    if (st) {
+        pthread_mutex_unlock(&c->mu);
+        return st;
+    }
+    uint64_t id = ++c->next_watch;
+    c->watches[c->nwatch++] = (watch){id, volume, 0, offset, offset + len};
+    pthread_mutex_unlock(&c->mu);
+    return (int64_t)id;
+}
+
+void zc_capture_unwatch(zc_capture *c, uint64_t id)
+{
+    pthread_mutex_lock(&c->mu);
+    watch *w = find_watch(c, id);
+    if (w)
+        drop_watch(c, w);
+    pthread_mutex_unlock(&c->mu);
+}
+
+int64_t zc_capture_sync_from(zc_capture *c, uint64_t id, const uint8_t *data, uint32_t len,
+                             int skip_zero)
+{
+    pthread_mutex_lock(&c->mu);
+    watch *w = find_watch(c, id);
+    if (!w || c->mode != ZC_CAPTURE_STREAM || len != w->hi - w->lo) {
+        pthread_mutex_unlock(&c->mu);
+        return ZC_E_ARG;
+    }
+    if (c->closed) {
+        pthread_mutex_unlock(&c->mu);
+        return ZC_E_CLOSED;
+    }
+    if (w->spoiled) {
+        drop_watch(c, w);
+        pthread_mutex_unlock(&c->mu);
+        return 0;
+    }
+    uint32_t volume = w->volume;
+    uint64_t offset = w->lo;
+    int zero = data == NULL || zc_all_zero(data, len);
+    zc_ring_entry *e = reserve(c, zero ? 0 : len);
+    if (!e) {
+        pthread_mutex_unlock(&c->mu);
+        return ZC_E_FULL;
+    }
+    drop_watch(c, w);
+    uint64_t seq = c->next_seq++;
+    e->seq = seq;
+    e->offset = offset;
+    e->volume = volume;
+    e->length = len;
+    e->time_ns = now_ns();
+    /* skipped zeros still take a seq and an entry, as zc_capture_sync's do */
+    e->kind = zero ? (skip_zero ? ZC_ENTRY_VOID : ZC_REC_ZERO) : ZC_REC_SYNC;
+    if (!zero)
+        memcpy((uint8_t *)e + 64, data, len);
+    commit_entry(e);
+    pthread_mutex_unlock(&c->mu);
     return (int64_t)seq;
 }
 

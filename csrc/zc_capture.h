@@ -71,7 +71,8 @@ zc_capture *zc_capture_new(uint64_t ring_bytes, uint64_t first_seq);
 void zc_capture_free(zc_capture *c); /* no call may be running; accepts NULL */
 
 /* Write `len` bytes of `data` at `offset` of backing `fd` (volume id `volume`) and
- * capture them.  kind is ZC_REC_WRITE, or ZC_REC_ZERO when data is all zeros (no copy).
+ * capture them; fd < 0: a capture-only volume, whose data the caller's source (a
+ * hypervisor) already holds, so only the ring or the dirty log gets the write.  kind is ZC_REC_WRITE, or ZC_REC_ZERO when data is all zeros (no copy).
  * Returns the seq (> 0), ZC_E_IO (errno set; the range is logged dirty) or ZC_E_CLOSED
  * (nothing written).  Never blocks on a full ring: it switches to BITMAP mode instead. */
 int64_t zc_capture_write(zc_capture *c, int fd, uint32_t volume, uint64_t offset,
@@ -90,6 +91,23 @@ int64_t zc_capture_zero(zc_capture *c, int fd, uint32_t volume, uint64_t offset,
  * the ring lacks room, ZC_E_IO, or ZC_E_ARG in BITMAP mode. */
 int64_t zc_capture_sync(zc_capture *c, int fd, uint32_t volume, uint64_t offset,
                         uint32_t len, int skip_zero);
+
+/* Sync from a source outside the capture (a hypervisor's disk, read over the network):
+ * the data is read after zc_capture_watch registered its range and before
+ * zc_capture_sync_from appends it.  Every write or zeroing of the range captured in
+ * between spoils the watch, since the source may have been read before that write reached
+ * it: the append then refuses (returns 0, the watch dropped: read again).  A write captured
+ * before the watch began reached the source first, so the data holds it.
+ * watch: returns the watch id (> 0), ZC_E_CLOSED or ZC_E_NOMEM.
+ * sync_from: `data` holds the watched range's bytes (`len`, the watch's length), NULL
+ * for zeros (a hole the source reported).  Zero data becomes a ZERO entry, or a VOID one when skip_zero.  Returns the seq (the watch dropped), 0 when spoiled, ZC_E_FULL when the
+ * ring lacks room (the watch kept: retry after draining), ZC_E_ARG for an unknown watch, a
+ * wrong len or BITMAP mode (the watch kept), ZC_E_CLOSED.  unwatch drops a watch (unknown ids are
+ * ignored). */
+int64_t zc_capture_watch(zc_capture *c, uint32_t volume, uint64_t offset, uint32_t len);
+int64_t zc_capture_sync_from(zc_capture *c, uint64_t id, const uint8_t *data, uint32_t len,
+                             int skip_zero);
+void zc_capture_unwatch(zc_capture *c, uint64_t id);
 
 /* Append a checkpoint marker with `payload` (stored bytes).  Returns its seq, ZC_E_FULL
  * when the ring lacks room, ZC_E_ARG in BITMAP mode. */

@@ -684,3 +684,86 @@ def test_the_capture_benchmark_suite_runs_quick_and_reports_every_metric(tmp_pat
     writes = [m for m in doc["metrics"] if m["name"].startswith("capture.write")]
     assert all(not m["details"]["overflowed"] for m in writes)
     assert [p.name for p in tmp_path.iterdir()] == ["capture.json"]
+
+
+# ---- capture-only volumes and syncs from an outside source (zcore.hypervisor) ------------
+
+
+class _Source:
+    """A plain in-memory source: what a hypervisor's disk is to a capture-only volume."""
+
+    def __init__(self, size: int) -> None:
+        self.data = bytearray(size)
+        self.size = size
+        self.changed: list[tuple[int, int]] | None = []
+
+    def read_into(self, offset, buf):
+        view = memoryview(buf).cast("B")
+        view[:] = self.data[offset:offset + len(view)]
+
+    def zero_extents(self):
+        return []
+
+    def changed_extents(self):
+        return self.changed
+
+
+def test_a_capture_only_volume_writes_no_backing_store_and_reads_its_source():
+    src = _Source(1 << 20)
+    src.data[4096:8192] = b"s" * 4096
+    vol = ProtectedVolume("vm", 0, "d", None, 1 << 20, source=src)
+    assert vol.fd == -1 and vol.path is None
+    ring = CaptureRing(1 << 20)
+    vol._attach(ring)
+    assert vol.write(0, b"w" * 4096) == 1
+    assert vol.trim(8192, 4096) == 2  # no hole punched anywhere: only the record
+    assert vol.read(4096, 4096) == b"s" * 4096  # reads are the source's
+    vol.flush()  # nothing of its own to make durable
+    vol.close()
+    with pytest.raises(ConfigError, match="not both"):
+        ProtectedVolume("vm", 0, "d", "/dev/null", 1 << 20, source=src)
+    with pytest.raises(ConfigError, match="neither"):
+        ProtectedVolume("vm", 0, "d", None, 1 << 20)
+    with pytest.raises(ConfigError, match="source holds"):
+        ProtectedVolume("vm", 0, "d", None, 2 << 20, source=src)
+
+
+def test_a_write_captured_between_watch_and_append_spoils_a_source_sync():
+    ring = CaptureRing(1 << 20)
+    # a write of the range after the watch: the source may have been read before it
+    watch = ring.watch(0, 0, 8192)
+    assert ring.write(-1, 0, 1 << 20, 4096, b"n" * 512) == 1
+    assert ring.sync_from(watch, 8192, b"o" * 8192) == 0
+    assert ring.sync_from(watch, 8192, b"o" * 8192) is None  # the watch is gone
+    # a write of another volume or range does not spoil it
+    watch = ring.watch(0, 0, 8192)
+    ring.write(-1, 1, 1 << 20, 0, b"x" * 512)
+    ring.write(-1, 0, 1 << 20, 8192, b"x" * 512)
+    assert ring.sync_from(watch, 8192, b"o" * 8192) == 4
+    # zeros: a ZERO record, or VOID with skip_zero; both take a seq
+    assert ring.sync_from(ring.watch(0, 0, 4096), 4096, None) == 5
+    assert ring.sync_from(ring.watch(0, 0, 4096), 4096, bytes(4096), True) == 6
+    with pytest.raises(ConfigError, match="for a watch of"):
+        ring.sync_from(ring.watch(0, 0, 4096), 4096, b"short")
+    with pytest.raises(AlignmentError):
+        ring.watch(0, 1, 4096)
+    batch = ring.seal(1 << 20, np.zeros(2, dtype=np.uint32), 1, False, 0.0)
+    ranges = {(int(o), int(n)) for o, n in zip(batch.offsets, batch.lengths, strict=True)}
+    assert (0, 8192) in ranges and (4096, 512) in ranges
+    assert batch.last_seq == 5  # a VOID entry at the end (skipped zeros) is not sent
+
+
+def test_a_source_sync_waits_for_room_and_bitmap_mode_refuses_it():
+    ring = CaptureRing(1 << 20)
+    big = b"b" * (records.MAX_WRITE if records.MAX_WRITE < (1 << 20) else 512 * 1024)
+    watch = ring.watch(0, 0, len(big))
+    filler = ring.watch(1, 0, len(big))
+    assert ring.sync_from(filler, len(big), big)
+    assert ring.sync_from(watch, len(big), big) is None  # full: the watch stays
+    ring.seal(1 << 20, np.zeros(2, dtype=np.uint32), 1, False, 0.0)
+    assert ring.sync_from(watch, len(big), big)
+    ring.set_mode(MODE_BITMAP)
+    watch = ring.watch(0, 0, 4096)
+    assert ring.sync_from(watch, 4096, b"a" * 4096) is None
+    ring.unwatch(watch)
+    ring.unwatch(12345)  # unknown ids are ignored

@@ -6,13 +6,19 @@ VPG-wide seq, writes the backing store and copies the data into the VPG's captur
 (all with the GIL released).  The write is complete when the backing store has it;
 replication is asynchronous (like DRBD protocol A).  Volumes are created and owned by a
 `zcore.vpg.VPG`.
+
+A capture-only volume has no backing store here: its data lives in a hypervisor (a
+running QEMU's block node, zcore.hypervisor), which mirrors every guest write to the
+volume's NBD export after writing its own disk.  Writes are then only captured, and
+syncs read the hypervisor's disk through the volume's `VolumeSource`.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from zcore import records
 from zcore.errors import ClosedError, ConfigError, StateError
@@ -21,6 +27,24 @@ from zcore.records import check_int as check_int  # re-exported: its home is rec
 
 if TYPE_CHECKING:
     from zcore._native.capture import CaptureRing
+
+
+class VolumeSource(Protocol):
+    """Where a capture-only volume's bytes are (zcore.hypervisor.QemuDisk): what its
+    syncs, compares and reads see.  Calls block; errors are zcore.errors exceptions."""
+
+    @property
+    def size(self) -> int: ...
+
+    def read_into(self, offset: int, buf: bytearray | memoryview) -> None:
+        """Fill `buf` with the bytes at `offset`."""
+
+    def zero_extents(self) -> Sequence[tuple[int, int]]:
+        """Ranges the source knows read as zeros (holes): an initial sync skips them."""
+
+    def changed_extents(self) -> Sequence[tuple[int, int]] | None:
+        """Ranges written since the source last confirmed them durable at the recovery
+        site, or None when it cannot tell (its dirty bitmap is gone)."""
 
 
 class _NoRing:
@@ -49,25 +73,37 @@ def backing_size(path: str | os.PathLike[str]) -> int:
 
 
 class ProtectedVolume:
-    """One virtual disk of a protected VM, backed by a raw image file or block device."""
+    """One virtual disk of a protected VM, backed by a raw image file or block device, or
+    capture-only over a `source` (then `path` is None and `fd` is -1)."""
 
-    def __init__(self, vm: str, volume_id: int, name: str, path: str | os.PathLike[str],
-                 size: int) -> None:
+    def __init__(self, vm: str, volume_id: int, name: str,
+                 path: str | os.PathLike[str] | None, size: int, *,
+                 source: VolumeSource | None = None) -> None:
         volume_id = check_int("volume id", volume_id)
         size = check_int("volume size", size)
         if size <= 0 or size % records.SECTOR:
             raise ConfigError(f"volume {name!r}: size {size} is not a positive multiple of "
                               f"{records.SECTOR}")
-        actual = backing_size(path)
-        if actual < size:
-            raise ConfigError(f"volume {name!r}: backing store {path} holds {actual} bytes, "
-                              f"less than the volume's {size}")
+        if (path is None) == (source is None):
+            raise ConfigError(f"volume {name!r}: give a backing store or a source, not "
+                              f"{'both' if source is not None else 'neither'}")
+        if source is not None and source.size != size:
+            raise ConfigError(f"volume {name!r}: its source holds {source.size} bytes, not "
+                              f"the volume's {size}")
+        if path is not None:
+            actual = backing_size(path)
+            if actual < size:
+                raise ConfigError(f"volume {name!r}: backing store {path} holds {actual} "
+                                  f"bytes, less than the volume's {size}")
         self.vm = vm
         self.id = volume_id
         self.name = name
-        self.path = os.fspath(path)
+        self.path = os.fspath(path) if path is not None else None
         self.size = size
-        self._fd = os.open(self.path, os.O_RDWR)
+        self.source = source
+        # a capture-only volume's fd is -1 from the start: the ring writes no backing store
+        self._open = True
+        self._fd = os.open(self.path, os.O_RDWR) if self.path is not None else -1
         self._ring: CaptureRing | _NoRing = _NoRing(
             StateError(f"volume {name!r}: its VPG is not started"))
 
@@ -78,6 +114,7 @@ class ProtectedVolume:
 
     @property
     def fd(self) -> int:
+        """The backing store's descriptor (-1 for a capture-only volume)."""
         return self._fd
 
     @property
@@ -88,7 +125,7 @@ class ProtectedVolume:
 
     @property
     def closed(self) -> bool:
-        return self._fd < 0
+        return not self._open
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Write sector-aligned `data` at `offset` and capture it; returns its seq.  An
@@ -131,35 +168,40 @@ class ProtectedVolume:
         return seq
 
     def read(self, offset: int, length: int) -> bytes:
-        """Bytes of the backing store (reads are not captured)."""
-        self._check_open()
-        offset = check_int("read offset", offset)
-        length = check_int("read length", length)
-        records.check_range(offset, length, self.size)
-        return os.pread(self._fd, length, offset)
+        """Bytes of the backing store or the source (reads are not captured)."""
+        out = bytearray(check_int("read length", length))
+        self.read_into(offset, out)
+        return bytes(out)
 
     def read_into(self, offset: int, buf: bytearray | memoryview) -> None:
         self._check_open()
         view = memoryview(buf).cast("B")
         offset = check_int("read offset", offset)
         records.check_range(offset, len(view), self.size)
+        if self.source is not None:
+            self.source.read_into(offset, view)
+            return
         done = preadinto_upto(self._fd, view, offset)
         if done < len(view):
             raise ConfigError(f"backing store {self.path} ends before {offset + done}")
 
     def flush(self) -> None:
-        """Make completed writes durable on the backing store."""
+        """Make completed writes durable on the backing store (a capture-only volume's
+        are the source's to keep: its hypervisor wrote them first)."""
         self._check_open()
-        os.fdatasync(self._fd)
+        if self._fd >= 0:
+            os.fdatasync(self._fd)
 
     def _check_open(self) -> None:
-        if self._fd < 0:
+        if not self._open:
             raise ClosedError(f"volume {self.name!r} is closed")
 
     def close(self) -> None:
-        if self._fd >= 0:
+        if self._open:
+            self._open = False
             self._ring = _NoRing(ClosedError(f"volume {self.name!r} is closed"))
-            os.close(self._fd)
+            if self._fd >= 0:
+                os.close(self._fd)
             self._fd = -1
 
     def __repr__(self) -> str:

@@ -155,6 +155,13 @@ def _digests(read: Callable[[int, int], bytes], size: int) -> list[bytes]:
             for off in range(0, size, CHUNK)]
 
 
+def _backing(volume: ProtectedVolume) -> Path:
+    """The demo's volumes are files."""
+    if volume.path is None:
+        raise StateError(f"volume {volume.name} has no backing file")
+    return Path(volume.path)
+
+
 def _file_reader(path: Path) -> Callable[[int, int], bytes]:
     def read(offset: int, length: int) -> bytes:
         with open(path, "rb") as f:
@@ -226,7 +233,7 @@ async def _demo(base: Path, prod: Site, dr: Site, volume_bytes: int, seconds: fl
     await prod.wait_protecting()
     say(f"failed back: prod protects {VPG_NAME} again, on its own disks")
     back = sum(a != b for v in volumes
-               for a, b in zip(_digests(_file_reader(Path(v.path)), v.size),
+               for a, b in zip(_digests(_file_reader(_backing(v)), v.size),
                                expected[v.vm], strict=True))
     return DemoReport(written, elapsed, rpo_max, steady, cid, tag, recovered, mismatches,
                       back, delta)
@@ -284,7 +291,7 @@ async def _tag_durably(prod: Site, volumes: list[ProtectedVolume],
     while vpg.mode != "streaming":  # a checkpoint during a sync is not crash-consistent
         await asyncio.sleep(0.05)
     cid = int((await prod.call("POST", f"/vpgs/{VPG_NAME}/checkpoints", {"tag": tag}))["id"])
-    expected = {v.vm: _digests(_file_reader(Path(v.path)), v.size) for v in volumes}
+    expected = {v.vm: _digests(_file_reader(_backing(v)), v.size) for v in volumes}
     while (report := vpg.checkpoint_state(cid)) and report.state == CheckpointState.PENDING:
         await asyncio.sleep(0.01)  # durable means in the journals, not acked_seq >= seq
     if report is None or report.state != CheckpointState.DURABLE:

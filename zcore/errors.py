@@ -115,6 +115,12 @@ class AdapterError(ZcoreError, RuntimeError):
     did not come up or go down in time, or it exited)."""
 
 
+class HypervisorError(AdapterError):
+    """A hypervisor cannot protect a disk in place, or stopped doing it: its QMP socket,
+    block node, version or image format refuses what zcore.hypervisor asks (a dirty
+    bitmap, an NBD export of the node, a mirror job), or it went away."""
+
+
 class ScriptError(AdapterError):
     """A user's script (an adapter's start/stop/status command, a pre- or post-operation
     script) failed or timed out.  `script` names it, `status` is its exit status (None when

@@ -63,6 +63,13 @@ class CaptureRing:
     def sync(self, fd: int, volume: int, offset: int, length: int,
              skip_zero: bool = False) -> int | None:
         """Read a range into the stream as a sync record; None when it cannot go now."""
+    def watch(self, volume: int, offset: int, length: int) -> int:
+        """Begin a sync of a range read from an outside source; returns the watch id."""
+    def sync_from(self, watch: int, length: int, data: _Buffer | None,
+                  skip_zero: bool = False) -> int | None:
+        """Append a watched range as a sync record: its seq, 0 if spoiled, None if not now."""
+    def unwatch(self, watch: int) -> None:
+        """Drop a watch."""
     def marker(self, payload: _Buffer) -> int | None:
         """Append a checkpoint marker; None when the ring is full or in bitmap mode."""
     def close(self) -> None:

@@ -149,6 +149,47 @@ cdef class CaptureRing:
             raise status_error(<int>seq, f"sync read {offset}+{length}")
         return seq
 
+    def watch(self, unsigned int volume, unsigned long long offset, unsigned int length):
+        """Begin a sync of a range read from a source outside the capture (a hypervisor's
+        disk): returns the watch id to give `sync_from` once the data is read.  A write of
+        the range captured in between spoils it (csrc/zc_capture.h)."""
+        if length == 0 or length > ZC_MAX_WRITE or offset % ZC_SECTOR or length % ZC_SECTOR:
+            raise AlignmentError(f"sync read {offset}+{length} must be sector-aligned, "
+                                 f"1 to {ZC_MAX_WRITE} bytes")
+        cdef long long wid = zc_capture_watch(self.c, volume, offset, length)
+        if wid == ZC_E_CLOSED:
+            raise StateError("sync refused: the capture is closed (its VPG is stopping)")
+        if wid < 0:
+            raise status_error(<int>wid, f"watching {offset}+{length} for a sync")
+        return wid
+
+    def sync_from(self, unsigned long long watch, unsigned int length, data,
+                  bint skip_zero=False):
+        """Append the watched range's bytes (`data`, its `length` bytes; None for zeros)
+        as a sync record.  Returns its seq; 0 when a write of the range was captured since
+        the watch began (the watch is gone: read the range again); None when it cannot go
+        now (ring full: the watch stays, retry after draining; bitmap mode or closed)."""
+        cdef const uint8_t[::1] view
+        cdef const uint8_t *p = NULL
+        cdef long long seq
+        if data is not None:
+            view = data
+            if <unsigned int>view.shape[0] != length:
+                raise ConfigError(f"sync data of {view.shape[0]} bytes for a watch of "
+                                  f"{length}")
+            p = &view[0]
+        with nogil:
+            seq = zc_capture_sync_from(self.c, watch, p, length, skip_zero)
+        if seq == ZC_E_FULL or seq == ZC_E_ARG or seq == ZC_E_CLOSED:
+            return None
+        if seq < 0:
+            raise status_error(<int>seq, "appending a sync record")
+        return seq
+
+    def unwatch(self, unsigned long long watch):
+        """Drop a watch (a sync abandoned); unknown ids are ignored."""
+        zc_capture_unwatch(self.c, watch)
+
     def marker(self, payload):
         """Append a checkpoint marker; returns its seq, or None when the ring is full or
         the capture is in bitmap mode."""

@@ -172,6 +172,10 @@ cdef extern from "zc_capture.h" nogil:
                               uint32_t len)
     long long zc_capture_sync(zc_capture *c, int fd, uint32_t volume, uint64_t offset,
                               uint32_t len, int skip_zero)
+    long long zc_capture_watch(zc_capture *c, uint32_t volume, uint64_t offset, uint32_t len)
+    long long zc_capture_sync_from(zc_capture *c, uint64_t id, const uint8_t *data,
+                                   uint32_t len, int skip_zero)
+    void zc_capture_unwatch(zc_capture *c, uint64_t id)
     long long zc_capture_marker(zc_capture *c, const uint8_t *payload, uint32_t len)
     void zc_capture_peek(zc_capture *c, const uint8_t **ptr, uint64_t *nbytes,
                          uint64_t max_bytes)

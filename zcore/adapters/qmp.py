@@ -37,6 +37,8 @@ class QMPClient:
                 self._sock.connect(address)
             self._file = self._sock.makefile("rb")
             greeting = self._read()
+            while "event" in greeting and "QMP" not in greeting:
+                greeting = self._read()  # an event QEMU queued before the greeting
             if "QMP" not in greeting:
                 raise AdapterError(f"{path} does not speak QMP: {greeting!r}")
             self.execute("qmp_capabilities")

@@ -157,9 +157,12 @@ class VolumeBackend:
 
     def allocation(self, offset: int, length: int,
                    max_extents: int = 1 << 62) -> list[tuple[int, int, int]]:
-        """The backing file's holes and data (a block device: all data)."""
+        """The backing file's holes and data (a block device or a capture-only volume,
+        whose source this export does not ask: all data)."""
         if self.volume.closed:
             raise ClosedError(f"volume {self.volume.name!r} is closed")
+        if self.volume.fd < 0:
+            return [(offset, length, 0)]
         return file_allocation(self.volume.fd, offset, length)
 
     def close(self) -> None:
@@ -277,9 +280,13 @@ def file_export(path: str | os.PathLike[str], name: str | None = None, *,
 
 
 def volume_export(volume: Any, name: str | None = None, *, owned: bool = False) -> Export:
-    """A protected volume, read-write; every write is captured."""
+    """A protected volume, read-write; every write is captured.  A capture-only
+    volume's export is its hypervisor's mirror target; reads of it go to the source,
+    over the network, so they run in a worker thread."""
+    capture_only = getattr(volume, "source", None) is not None
     return Export(name if name is not None else volume.name, VolumeBackend(volume, owns=owned),
-                  f"protected volume {volume.name}", owned=True, kind=ExportKind.VOLUME)
+                  f"{'capture-only' if capture_only else 'protected'} volume {volume.name}",
+                  owned=True, kind=ExportKind.VOLUME, blocking_reads=capture_only)
 
 
 def view_export(journal: Journal, checkpoint: Any, volume: int | str,

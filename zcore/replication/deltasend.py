@@ -92,14 +92,32 @@ async def _beat(writer: asyncio.StreamWriter) -> None:
         writer.write(wire.heartbeat(time.time_ns()))
 
 
+def _source_volumes(vpg: VPG) -> tuple[list[FileVolume], dict[int, Volume]]:
+    """What a delta sync or compare reads of each volume: its backing file (opened here:
+    the caller closes them), or a capture-only volume's source through the volume."""
+    files: list[FileVolume] = []
+    volumes: dict[int, Volume] = {}
+    try:
+        for vid, v in vpg.volumes.items():
+            if v.path is None:
+                volumes[vid] = v
+            else:
+                files.append(FileVolume(v.path, v.size))
+                volumes[vid] = files[-1]
+    except BaseException:
+        for f in files:
+            f.close()
+        raise
+    return files, volumes
+
+
 async def run_delta_source(vpg: VPG, frames: FrameStream, writer: asyncio.StreamWriter,
                            throttle: Throttle) -> DeltaSyncReport:
     """The whole delta sync of `vpg` on an attached connection; the VPG is told when
     it is done.  ProtocolError (or OSError) ends the session: the next resumes."""
     await asyncio.to_thread(vpg.delta_started)
-    files = {vid: FileVolume(v.path, v.size) for vid, v in vpg.volumes.items()}
+    files, volumes = _source_volumes(vpg)
     try:
-        volumes: dict[int, Volume] = dict(files)
         source = DeltaSource(volumes, compress=vpg.settings.compression)
         channel = SenderChannel(frames, writer, throttle, vpg.settings.priority, vpg,
                                 source)
@@ -110,9 +128,9 @@ async def run_delta_source(vpg: VPG, frames: FrameStream, writer: asyncio.Stream
             beat.cancel()
             await asyncio.gather(beat, return_exceptions=True)
     finally:
-        for f in files.values():
+        for f in files:
             f.close()
-    report = DeltaSyncReport(volumes=len(files), differing_blocks=source.differing_blocks,
+    report = DeltaSyncReport(volumes=len(volumes), differing_blocks=source.differing_blocks,
                              differing_bytes=source.data_bytes, bytes_sent=stats.bytes_sent,
                              bytes_received=stats.bytes_received, seconds=stats.seconds)
     await asyncio.to_thread(vpg.delta_done, report)
@@ -126,9 +144,8 @@ async def run_resync_compare(vpg: VPG, frames: FrameStream, writer: asyncio.Stre
     done.  A ProtocolError (the recovery site failed it, or broke a check here) makes
     the VPG resend every volume, then ends the session; OSError or a timeout only ends
     it (the next session compares again)."""
-    files = {vid: FileVolume(v.path, v.size) for vid, v in vpg.volumes.items()}
+    files, volumes = _source_volumes(vpg)
     try:
-        volumes: dict[int, Volume] = dict(files)
         source = DeltaSource(volumes, compress=False, compare=True,
                              on_differ=vpg.resync_differs)
         channel = SenderChannel(frames, writer, throttle, vpg.settings.priority, vpg,
@@ -143,9 +160,9 @@ async def run_resync_compare(vpg: VPG, frames: FrameStream, writer: asyncio.Stre
             beat.cancel()
             await asyncio.gather(beat, return_exceptions=True)
     finally:
-        for f in files.values():
+        for f in files:
             f.close()
-    report = ResyncReport(volumes=len(files), compared_bytes=source.total_bytes,
+    report = ResyncReport(volumes=len(volumes), compared_bytes=source.total_bytes,
                           differing_bytes=source.differing_bytes,
                           bytes_sent=stats.bytes_sent, bytes_received=stats.bytes_received,
                           seconds=stats.seconds)

@@ -28,12 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zcore.capture import ProtectedVolume
 from zcore.errors import (
     ConfigError,
     ProtocolError,
     StateError,
     ZcoreError,
 )
+from zcore.hypervisor import QemuAddress, QemuDisk, QemuTarget
 from zcore.journal import Journal, JournalSettings
 from zcore.nbd import Export, NBDServer, view_export, volume_export
 from zcore.recovery.choice import CheckpointChoice
@@ -43,8 +45,10 @@ from zcore.security import Peer, trust
 from zcore.site.config import SiteDir
 from zcore.site.db import VmRecord, VpgRecord
 from zcore.site.metrics import MetricHistory
+from zcore.site.mirrors import MirrorKeeper
 from zcore.site.recovery_vpg import JOURNAL_MARKER, RecoveryVPG
 from zcore.vpg import VPG, VPGSettings
+from zcore.vpg.state import STATE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +207,7 @@ class ProtectedEntry:
     vpg: VPG
     replication: Replication
     exports: list[str]
+    mirrors: MirrorKeeper | None = None  # the mirrors of QEMU-hosted volumes
 
 
 class SiteRuntime:
@@ -304,7 +309,13 @@ class SiteRuntime:
                 for vol in sorted(vm.volumes, key=lambda v: v.name):
                     if not vol.path:
                         raise ConfigError(f"volume {vm.name}/{vol.name} has no backing path")
+                    qemu = QemuAddress.parse(vol.path)
                     try:
+                        if qemu is not None:  # a running QEMU's disk, protected in place
+                            disk = QemuDisk(qemu.qmp, qemu.node, QemuAddress.prefix_for(
+                                record.name, vm.name, vol.name), nbd_socket=qemu.nbd)
+                            vpg.add_volume(vm.name, vol.name, None, vol.size, source=disk)
+                            continue
                         vpg.add_volume(vm.name, vol.name, vol.path, vol.size)
                     except OSError as exc:
                         raise ConfigError(f"volume {vm.name}/{vol.name}: cannot open "
@@ -329,6 +340,7 @@ class SiteRuntime:
             raise ConfigError(f"VPG {record.name!r} names no recovery site")
         host, port = split_address(address)
         vpg = await asyncio.to_thread(self.build_vpg, record, vms)
+        first = not (self.site.vpg_state_dir(record.name) / STATE_NAME).exists()
         try:
             if delta_sync:
                 await asyncio.to_thread(vpg.start, delta_sync=True)
@@ -343,10 +355,35 @@ class SiteRuntime:
             rep.on_failed_over = lambda msg: hook(record.name, msg)
         if paused:
             rep.pause()
-        rep.start()
         entry = self.protected[record.name] = ProtectedEntry(vpg, rep, [])
+        mirrors = MirrorKeeper(vpg, self._mirror_target)
+        if mirrors.disks:
+            # the capture exports first, then QEMU's mirrors into them, then the sender:
+            # a sync reads QEMU's disks only once every later write is mirrored
+            self.allow_writes(record.name)
+            try:
+                await asyncio.to_thread(mirrors.start_all, resync=not first)
+            except BaseException:
+                self.protected.pop(record.name, None)
+                await asyncio.to_thread(vpg.close)
+                raise
+            entry.mirrors = mirrors
+            mirrors.start()
+        rep.start()
         self.allow_writes(record.name)
         return entry.vpg
+
+    def _mirror_target(self, volume: ProtectedVolume) -> QemuTarget:
+        """Where a QEMU-hosted volume's mirror writes: its export on this site's NBD
+        server (on loopback when the server listens on every address)."""
+        if self.nbd_address is None:
+            raise StateError("the site's NBD server is not listening: no mirror target")
+        host, port = self.nbd_address[:2]
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        vpg = next(e.vpg.name for e in self.protected.values()
+                   if volume in e.vpg.volumes.values())
+        return QemuTarget(host, port, export_name(vpg, volume.vm, volume.name))
 
     def allow_writes(self, name: str) -> None:
         """Export a running protected VPG's volumes (read-write, captured)."""
@@ -383,6 +420,8 @@ class SiteRuntime:
         for export in entry.exports:
             if self.nbd.lookup(export) is not None:
                 self.nbd.remove_export(export)
+        if entry.mirrors is not None:
+            await entry.mirrors.stop()
         await entry.replication.stop()
         await asyncio.to_thread(entry.vpg.close)
 

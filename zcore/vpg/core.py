@@ -147,6 +147,8 @@ class VPGCore:
         self._link_up = True
         self._skip_zero = False  # the replicas are still empty: zero blocks need not go
         self._initial = False  # an initial sync has not completed yet
+        self._source_failed = False  # a sync read of a volume's source failed (said once)
+        self._folds = 0  # times streaming stopped into the bitmaps (zcore.vpg.syncs._fold)
         self._delta = False  # a delta sync (reverse protection) has not completed yet
         self._delta_fresh = False  # ...and its next session must start over (after a crash)
         self._delta_report: DeltaSyncReport | None = None

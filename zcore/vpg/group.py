@@ -11,11 +11,12 @@ import asyncio
 import os
 import threading
 import time
+from collections.abc import Sequence
 
 from zcore import records
 from zcore._native.capture import MODE_BITMAP, CaptureRing
 from zcore.bitmap import DirtyBitmap
-from zcore.capture import ProtectedVolume, backing_size
+from zcore.capture import ProtectedVolume, VolumeSource, backing_size
 from zcore.errors import ConfigError, StateError
 from zcore.journal import VolumeSpec
 from zcore.records import Checkpoint, CheckpointKind
@@ -38,9 +39,11 @@ class VPG(VPGStream):
             vm = self.vms[name] = VM(name)
             return vm
 
-    def add_volume(self, vm: VM | str, name: str, path: str | os.PathLike[str],
-                   size: int | None = None) -> ProtectedVolume:
-        """Protect the raw image or block device at `path` (size: the whole store)."""
+    def add_volume(self, vm: VM | str, name: str, path: str | os.PathLike[str] | None,
+                   size: int | None = None, *,
+                   source: VolumeSource | None = None) -> ProtectedVolume:
+        """Protect the raw image or block device at `path` (size: the whole store), or,
+        with `source` and no path, a capture-only volume over a hypervisor's disk."""
         with self._lock:
             self._require_stopped("add a volume")
             vm_obj = self.vms.get(vm if isinstance(vm, str) else vm.name)
@@ -48,12 +51,16 @@ class VPG(VPGStream):
                 raise ConfigError(f"VPG {self.name} has no VM {vm!r}")
             if any(v.name == name for v in vm_obj.volumes):
                 raise ConfigError(f"VM {vm_obj.name} already has a volume {name!r}")
-            if size is None:
+            if size is None and source is not None:
+                size = source.size
+            elif size is None and path is not None:
                 size = backing_size(path) // records.SECTOR * records.SECTOR
+            elif size is None:
+                raise ConfigError(f"volume {name!r}: give a backing store or a source")
             volume_id = len(self.volumes)
             if volume_id >= 65536:
                 raise ConfigError("a VPG holds at most 65536 volumes")
-            volume = ProtectedVolume(vm_obj.name, volume_id, name, path, size)
+            volume = ProtectedVolume(vm_obj.name, volume_id, name, path, size, source=source)
             vm_obj.volumes.append(volume)
             self.volumes[volume_id] = volume
             return volume
@@ -144,11 +151,17 @@ class VPG(VPGStream):
             self._event("unclean shutdown during the delta sync: it starts over")
             return
         self._resync = bool(state.get("resync_pending"))
+        sourced = any(v.source is not None for v in self.volumes.values())
         if state["clean"]:
             self.files.load_bitmaps(self.volumes, self.bitmaps,
                                     self.settings.bitmap_max_bytes, self._event)
             if self._resync:  # the marks so far are kept; blocks not compared are not
                 self._event("a stop interrupted the resync's compare: it compares again")
+            # a hypervisor went on writing while zcore was stopped: its bitmaps say where
+            elif sourced and not self._mark_from_sources("a clean stop"):
+                self._resync = True
+        elif sourced and self._mark_from_sources("an unclean shutdown"):
+            self._resync = False
         else:
             # the marks of writes not acknowledged are lost: what the recovery site holds
             # is compared with the volumes instead (blocks not compared yet stay unknown,
@@ -156,6 +169,65 @@ class VPG(VPGStream):
             self._resync = True
             self._event("unclean shutdown: the volumes will be compared with the recovery "
                         "site's journals and what differs resent")
+
+    def _mark_from_sources(self, after: str) -> bool:
+        """Mark what every volume's source says changed since the recovery site last had
+        it (a hypervisor's dirty bitmaps); False when a volume has no source or its
+        source cannot tell (then the volumes are compared instead)."""
+        changed: dict[int, Sequence[tuple[int, int]]] = {}
+        for vid, vol in self.volumes.items():
+            extents = vol.source.changed_extents() if vol.source is not None else None
+            if extents is None:
+                if vol.source is not None:
+                    self._event(f"volume {vol.vm}/{vol.name}: its source's dirty bitmap is "
+                                "gone: the volumes are compared with the recovery site's "
+                                "journals (a delta sync) instead")
+                return False
+            changed[vid] = extents
+        total = 0
+        for vid, extents in changed.items():
+            for offset, length in extents:
+                self.bitmaps[vid].mark(offset, length)
+                total += length
+        self._event(f"after {after}, the hypervisor's dirty bitmaps name {total} bytes "
+                    "that may not be at the recovery site: a bitmap sync resends them")
+        return True
+
+    def note(self, text: str) -> None:
+        """Record an event of this VPG from outside it (its hypervisor's mirrors)."""
+        with self._lock:
+            self._event(text)
+
+    def source_mark(self) -> tuple[int, int] | None:
+        """A point after every write captured so far, while streaming (None otherwise):
+        what a hypervisor's bitmap generation taken just before covers."""
+        with self._lock:
+            if self._mode != VPGMode.STREAMING or self._ring is None:
+                return None
+            return int(self._ring.stats()["next_seq"]), self._folds
+
+    def source_mark_durable(self, mark: tuple[int, int]) -> bool:
+        """True when every write captured before `mark` is at the recovery site: acked,
+        and never folded into the bitmaps since (a fold's data goes again in a sync)."""
+        with self._lock:
+            next_seq, folds = mark
+            return (self._mode == VPGMode.STREAMING and self._folds == folds
+                    and self._acked_seq >= next_seq - 1)
+
+    def resync_from_sources(self, reason: str) -> None:
+        """The hypervisor wrote without mirroring to this VPG (its mirror broke, `reason`):
+        fold into bitmap mode and mark what the sources' dirty bitmaps say changed; the
+        bitmap sync resends it.  When a source cannot tell, every block is marked (a
+        restart instead compares the volumes with the journals)."""
+        with self._lock:
+            if self._mode == VPGMode.STOPPED:
+                return  # the next start asks the sources
+            if self._mode not in (VPGMode.DELTA_SYNC, VPGMode.RESYNC_COMPARE):
+                self._fold(reason)  # those two only mark writes already: the sync follows
+            if not self._mark_from_sources(reason):
+                for bm in self.bitmaps.values():
+                    bm.mark_all()
+                self._event("every block of the VPG is resent by the bitmap sync")
 
     def _ring_bytes(self) -> int:
         return self.settings.buffer_bytes // 2 // 64 * 64

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from zcore.capture import ProtectedVolume
 from zcore.errors import ConfigError, StateError, ZcoreError
-from zcore.fsutil import preadinto_exact
 from zcore.journal import HeadView, Journal
 from zcore.vpg.core import ResyncReport
 from zcore.vpg.group import VPG
@@ -75,7 +75,7 @@ class LocalLink:
                 journal.commit()
                 head = journal.head_view()
                 for vol in vpg.vms[vm].volumes:
-                    differing += self._compare_volume(head, vol.id, vol.fd, vol.size)
+                    differing += self._compare_volume(head, vol)
                     compared += vol.size
         except (ZcoreError, OSError) as exc:
             vpg.resync_failed(f"journal unreadable: {exc}")
@@ -86,14 +86,16 @@ class LocalLink:
         vpg.resync_done(report)
         return report
 
-    def _compare_volume(self, head: HeadView, vid: int, fd: int, size: int) -> int:
-        """Mark the blocks of volume `vid` (backing `fd`) unlike `head`'s; their bytes."""
+    def _compare_volume(self, head: HeadView, vol: ProtectedVolume) -> int:
+        """Mark the blocks of `vol` (its backing store or source) unlike `head`'s; their
+        bytes."""
+        vid, size = vol.id, vol.size
         ours, theirs = bytearray(COMPARE_CHUNK), bytearray(COMPARE_CHUNK)
         differing = 0
         for start in range(0, size, COMPARE_CHUNK):
             n = min(COMPARE_CHUNK, size - start)
             a, b = memoryview(ours)[:n], memoryview(theirs)[:n]
-            preadinto_exact(fd, a, start, what=f"volume {vid}")
+            vol.read_into(start, a)
             head.read_into(vid, start, b)
             if a == b:
                 continue

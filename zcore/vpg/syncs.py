@@ -2,8 +2,9 @@
 
 Sits on `VPGCore`, under the stream thread (zcore.vpg.stream) that drives it.  The fold
 turns queued and pending writes into dirty bits (buffer overflow, link down, stop); a
-sync then reads the dirty blocks from the backing stores into the ring as sync records,
-leaving room for the guest's writes.  Checkpoints taken while it runs are flagged not
+sync then reads the dirty blocks from the backing stores (or a capture-only volume's
+source, a hypervisor's disk) into the ring as sync records, leaving room for the guest's
+writes.  Checkpoints taken while it runs are flagged not
 crash-consistent; the consistent one that closes it returns the VPG to streaming.
 """
 
@@ -12,7 +13,9 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from zcore._native.capture import MODE_BITMAP, MODE_STREAM
+from zcore._native.capture import MODE_BITMAP, MODE_STREAM, CaptureRing
+from zcore.capture import ProtectedVolume
+from zcore.errors import ZcoreError
 from zcore.records import CheckpointKind
 from zcore.vpg.core import Bundle, SyncItem, VPGCore
 from zcore.vpg.settings import SYNC_HEADROOM, VPGMode
@@ -27,6 +30,7 @@ class VPGSyncs(VPGCore):
 
     def _fold(self, reason: str | None) -> None:
         """Stop streaming: queued and pending writes become dirty bits."""
+        self._folds += 1
         # Part of an initial sync may already be journaled: a block zeroed since must be
         # resent as zeros, so the sync that follows skips no zero block.
         self._skip_zero = False
@@ -111,6 +115,8 @@ class VPGSyncs(VPGCore):
 
     def _begin_sync(self) -> None:
         self._live_ring().set_mode(MODE_STREAM)
+        if self._skip_zero:  # onto empty replicas: a source's holes need not be read
+            self._unmark_source_holes()
         self._mode = VPGMode.INITIAL_SYNC if self._initial else VPGMode.BITMAP_SYNCING
         self._sync_total = sum(bm.dirty_bytes for bm in self.bitmaps.values())
         self._sync_done = 0
@@ -123,6 +129,47 @@ class VPGSyncs(VPGCore):
         for vid, bm in self.bitmaps.items():
             for offset, length in bm.extents(max_length=chunk):
                 yield vid, offset, length
+
+    def _unmark_source_holes(self) -> None:
+        for vid, vol in self.volumes.items():
+            if vol.source is None:
+                continue
+            try:
+                holes = vol.source.zero_extents()
+            except (ZcoreError, OSError) as exc:
+                self._event(f"volume {vol.vm}/{vol.name}: its source's holes are unknown "
+                            f"({exc}): the initial sync reads every block")
+                continue
+            for offset, length in holes:
+                self.bitmaps[vid].clear(offset, length)
+
+    def _sync_from_source(self, ring: CaptureRing, vol: ProtectedVolume, item: SyncItem) -> bool:
+        """One sync record of a capture-only volume, read from its source (a hypervisor's
+        disk) between a watch and its append (csrc/zc_capture.h: a write of the range
+        captured meanwhile spoils the read, which is then read again).  False when it
+        cannot go now (no room, not streaming, or the source failed: said once)."""
+        vid, offset, length = item
+        assert vol.source is not None
+        for _attempt in range(3):
+            watch = ring.watch(vid, offset, length)
+            data = bytearray(length)
+            try:
+                vol.source.read_into(offset, data)
+            except (ZcoreError, OSError) as exc:
+                ring.unwatch(watch)
+                if not self._source_failed:
+                    self._event(f"volume {vol.vm}/{vol.name}: reading its source for the "
+                                f"sync failed ({exc}): retrying")
+                self._source_failed = True
+                return False
+            self._source_failed = False
+            seq = ring.sync_from(watch, length, data, self._skip_zero)
+            if seq is None:
+                ring.unwatch(watch)
+                return False
+            if seq:
+                return True
+        return False  # a hot range: the next round reads it again
 
     def _sync_step(self) -> bool:
         """Send dirty blocks as sync records while the ring has room, leaving a part of it
@@ -143,8 +190,9 @@ class VPGSyncs(VPGCore):
             vol = self.volumes[vid]
             stats = ring.stats()
             room = stats["ring_size"] - stats["ring_size"] // SYNC_HEADROOM - stats["ring_used"]
-            if length + 64 > room or ring.sync(vol.fd, vid, offset, length,
-                                               self._skip_zero) is None:
+            if length + 64 > room or not (
+                    self._sync_from_source(ring, vol, item) if vol.source is not None else
+                    ring.sync(vol.fd, vid, offset, length, self._skip_zero) is not None):
                 # ring full: retry after sealing.  Not "busy": when sealing is blocked too
                 # (pending bound, no acks), the thread must wait for an ack, not spin.
                 self._sync_next = item

@@ -1,0 +1,283 @@
+"""Protection in the hypervisor (zcore.hypervisor): a qemu-storage-daemon's block node,
+mirrored into a capture-only volume, checked against a model of what the guest wrote.
+
+The guest is qemu-io writing through the daemon's own NBD export; QEMU writes its disk
+and then, write-blocking, the zcore capture export; the VPG's journal must hold exactly
+what the guest wrote at each checkpoint, through restarts of zcore (no full resync: the
+daemon's dirty bitmaps say what to resend) and a mirror broken under load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import require_tool
+from tests.helpers.nbd import serving
+from zcore import nbd
+from zcore.adapters.qmp import QMPClient
+from zcore.errors import HypervisorError
+from zcore.hypervisor import QemuDisk, QemuTarget
+from zcore.journal import Journal
+from zcore.nbd.client import NBDClient
+from zcore.vpg import VPG, LocalLink, VPGSettings
+from zcore.vpg.settings import VPGMode
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+
+
+class Daemon:
+    """qemu-storage-daemon on a qcow2 image: QMP, node `disk0`, an NBD server on a Unix
+    socket exporting the node writable as `guest`."""
+
+    def __init__(self, tmp_path, fmt: str = "qcow2") -> None:
+        self.tmp = tmp_path
+        self.image = tmp_path / f"disk.{fmt}"
+        if not self.image.exists():
+            subprocess.run([require_tool("qemu-img"), "create", "-q", "-f", fmt,
+                            str(self.image), str(SIZE)], check=True)
+        self.fmt = fmt
+        self.qmp = tmp_path / "qmp.sock"
+        self.nbd = tmp_path / "qsd-nbd.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Daemon:
+        for p in (self.qmp, self.nbd):
+            p.unlink(missing_ok=True)
+        blockdev = {"driver": self.fmt, "node-name": "disk0",
+                    "file": {"driver": "file", "filename": str(self.image)}}
+        self.log = open(self.tmp / "qsd.log", "ab")
+        self.proc = subprocess.Popen(
+            [require_tool("qemu-storage-daemon"),
+             "--chardev", f"socket,id=m,path={self.qmp},server=on,wait=off",
+             "--monitor", "chardev=m",
+             "--blockdev", json.dumps(blockdev),
+             "--nbd-server", f"addr.type=unix,addr.path={self.nbd}",
+             "--export", "type=nbd,id=guest,node-name=disk0,name=guest,writable=on"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while not (self.qmp.exists() and self.nbd.exists()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("qemu-storage-daemon did not start: "
+                                     + (self.tmp / "qsd.log").read_text())
+            time.sleep(0.02)
+        return self
+
+    def write(self, offset: int, data: bytes) -> None:
+        """One guest write through the daemon's export (qemu-io, a pattern per write)."""
+        pattern = data[0]
+        assert data == bytes([pattern]) * len(data)
+        subprocess.run([require_tool("qemu-io"), "-f", "raw", "-c",
+                        f"write -P {pattern} {offset} {len(data)}",
+                        f"nbd+unix:///guest?socket={self.nbd}"],
+                       check=True, capture_output=True, timeout=60)
+
+    def stop(self) -> None:
+        """A clean quit (persistent bitmaps stored in the qcow2)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(Exception), QMPClient(self.qmp) as q:
+                q.execute("quit")
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+class Site:
+    """The protected site in this process: a VPG over the daemon's node, its capture
+    export on zcore's NBD server, a LocalLink into the VM's journal."""
+
+    def __init__(self, tmp_path, daemon: Daemon) -> None:
+        self.tmp = tmp_path
+        self.daemon = daemon
+        self.vpg: VPG | None = None
+
+    def start(self, *, initial: bool) -> Site:
+        self.disk = QemuDisk(self.daemon.qmp, "disk0", "zc-g-0", nbd_socket=str(self.daemon.nbd))
+        self.disk.ensure_tracking()
+        self.vpg = VPG("g", self.tmp / "vpg", VPGSettings(checkpoint_interval=3600))
+        self.vpg.add_vm("vm1")
+        self.volume = self.vpg.add_volume("vm1", "disk0", None, source=self.disk)
+        self.journals = LocalLink.create_journals(self.vpg, self.tmp / "journals")
+        self.journal: Journal = self.journals["vm1"]
+        self.vpg.start(initial_sync=initial)
+        self.server = serving([nbd.volume_export(self.volume, "g/vm1/disk0")], self.tmp)
+        thread = self.server.__enter__()
+        host, port = thread.address[:2]
+        self.target = QemuTarget(host, port, "g/vm1/disk0")
+        self.disk.start_mirror(self.target)
+        if not initial:
+            # what the guest wrote between the start's look at the bitmaps and the mirror
+            self.vpg.resync_from_sources("the mirror started")
+        self.gen = self.disk.checkpoint()
+        self.link = LocalLink(self.vpg, self.journals)
+        self.link.start()
+        return self
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Wait until the VPG streams again (syncs done) and everything is delivered."""
+        assert self.vpg is not None
+        deadline = time.monotonic() + timeout
+        while self.vpg.status().mode != VPGMode.STREAMING:
+            assert time.monotonic() < deadline, self.vpg.status()
+            time.sleep(0.05)
+
+    def image_at_tag(self, tag: str) -> bytes:
+        assert self.vpg is not None
+        seq = self.vpg.checkpoint(tag).seq
+        self.link.stop()
+        self.link.drain()
+        self.link.start()
+        with self.journal.view(seq) as view:
+            return view.read("disk0", 0, SIZE)
+
+    def crash(self) -> None:
+        """zcore dies: the link, the server and the VPG go without a clean stop."""
+        self.link.stop()
+        self.server.__exit__(None, None, None)
+        assert self.vpg is not None
+        self.vpg.abandon()
+        for j in self.journals.values():
+            j.close()
+        self.disk.close()
+        self.vpg = None
+
+    def stop(self) -> None:
+        if self.vpg is None:
+            return
+        self.link.stop()
+        self.link.drain()
+        # QEMU 7.2's storage daemon was seen dying (heap corruption, about 1 run in 8 of
+        # the concurrent-guest test, after its checks passed): nothing to stop then
+        if self.daemon.proc is not None and self.daemon.proc.poll() is None:
+            self.disk.stop_mirror()
+        self.server.__exit__(None, None, None)
+        self.vpg.close()
+        for j in self.journals.values():
+            j.close()
+        self.disk.close()
+        self.vpg = None
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = Daemon(tmp_path).start()
+    yield d
+    d.stop()
+
+
+def _writes(rng: random.Random, model: bytearray, daemon: Daemon, n: int) -> None:
+    for _ in range(n):
+        length = rng.choice((4096, 65536, 512 * rng.randrange(1, 300)))
+        offset = rng.randrange(0, (SIZE - length) // 512) * 512
+        pattern = rng.randrange(1, 256)
+        daemon.write(offset, bytes([pattern]) * length)
+        model[offset:offset + length] = bytes([pattern]) * length
+
+
+def test_mirrored_writes_and_restarts_match_the_model(tmp_path, daemon):
+    rng = random.Random(15)
+    model = bytearray(SIZE)
+    # the guest wrote before protection began: the initial sync reads it from QEMU
+    _writes(rng, model, daemon, 5)
+    site = Site(tmp_path, daemon).start(initial=True)
+    try:
+        site.settle()
+        _writes(rng, model, daemon, 20)
+        assert site.image_at_tag("mirrored") == model
+
+        # a clean stop: the guest goes on writing, the restart resends only what the
+        # daemon's bitmaps recorded (no compare, no full resync)
+        site.stop()
+        _writes(rng, model, daemon, 5)
+        site = Site(tmp_path, daemon).start(initial=False)
+        site.settle()
+        assert site.image_at_tag("after clean stop") == model
+        status = site.vpg.status()
+        assert status.mode == VPGMode.STREAMING
+
+        # zcore crashes mid-stream: the mirror's target fails, QEMU's guest writes on
+        site.crash()
+        _writes(rng, model, daemon, 5)
+        site = Site(tmp_path, daemon).start(initial=False)
+        site.settle()
+        events = " ".join(site.vpg.events)
+        assert "dirty bitmaps name" in events and "compared" not in events
+        assert site.image_at_tag("after crash") == model
+    finally:
+        site.stop()
+
+
+def test_a_broken_mirror_is_resynced_from_the_bitmaps(tmp_path, daemon):
+    rng = random.Random(7)
+    model = bytearray(SIZE)
+    site = Site(tmp_path, daemon).start(initial=True)
+    try:
+        site.settle()
+        site.disk.stop_mirror()  # as if the target failed: writes go on unmirrored
+        _writes(rng, model, daemon, 8)
+        # the mirror first, then the marks: every unmirrored write is in the bitmaps read
+        site.disk.start_mirror(site.target)
+        site.vpg.resync_from_sources("the mirror ended")
+        _writes(rng, model, daemon, 3)
+        site.settle()
+        assert site.image_at_tag("resynced") == model
+    finally:
+        site.stop()
+
+
+def test_clear_errors_for_what_cannot_be_protected(tmp_path, daemon):
+    with pytest.raises(HypervisorError, match="no block node 'nope'"):
+        QemuDisk(daemon.qmp, "nope", "zc-x")
+    with pytest.raises(HypervisorError, match="cannot connect"):
+        QemuDisk(tmp_path / "missing.sock", "disk0", "zc-x")
+    with pytest.raises(HypervisorError, match="not a QEMU node name"):
+        QemuDisk(daemon.qmp, "disk0", "../x")
+
+
+def _fio(daemon: Daemon, seconds: float, seed: int) -> subprocess.Popen[bytes]:
+    """A guest writing 4 KiB-64 KiB random blocks through the daemon for `seconds`."""
+    return subprocess.Popen(
+        [require_tool("fio"), "--name=guest", "--ioengine=nbd",
+         f"--uri=nbd+unix:///guest?socket={daemon.nbd}", "--rw=randwrite",
+         "--bsrange=4k-64k", "--iodepth=4", f"--size={SIZE}", "--time_based",
+         f"--runtime={seconds}", f"--randseed={seed}", "--refill_buffers", "--norandommap"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _guest_image(daemon: Daemon) -> bytes:
+    with NBDClient.connect_unix(daemon.nbd, "guest") as client:
+        return client.read(0, SIZE)
+
+
+def test_a_guest_writing_throughout_syncs_and_a_broken_mirror_is_captured_exactly(
+        tmp_path, daemon):
+    """Syncs read QEMU's disk while the guest rewrites it: every read a mirrored write
+    overtook is read again (csrc/zc_capture.h's watches), so the journal ends exactly
+    like the disk."""
+    daemon.write(0, b"\x11" * SIZE)
+    guest = _fio(daemon, 4, seed=3)
+    site = Site(tmp_path, daemon).start(initial=True)
+    try:
+        site.settle()
+        time.sleep(1)
+        site.disk.stop_mirror()  # writes go on unmirrored, into QEMU's bitmaps only
+        time.sleep(0.5)
+        site.disk.start_mirror(site.target)
+        site.vpg.resync_from_sources("the mirror ended")
+        assert guest.wait(30) == 0, guest.stderr.read() if guest.stderr else ""
+        site.settle()
+        assert site.image_at_tag("after the guest") == _guest_image(daemon)
+        assert site.vpg.status().writes > 100  # most writes came through the mirror
+    finally:
+        if guest.poll() is None:
+            guest.kill()
+        site.stop()

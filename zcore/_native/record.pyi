@@ -113,8 +113,8 @@ def encode_stored(
     payload: _SizedBuffer = b"",
 ) -> bytes:
     """A record whose payload is stored as given: an LZ4 block or zstd frame (flags FLAG_LZ4
-    or FLAG_ZSTD, `length` = uncompressed size), a zero record (no payload) or a checkpoint.  FLAG_BLOCKCRC is
-    refused (ConfigError): raw writes go through encode_raw."""
+    or FLAG_ZSTD, `length` = uncompressed size), a zero record (no payload) or a checkpoint.
+    FLAG_BLOCKCRC is refused (ConfigError): raw writes go through encode_raw."""
 
 def parse_header(data: _Buffer) -> tuple[_HeaderFields, int]:
     """Check the 64-byte record header at the start of `data` (CRC, reserved bytes, field

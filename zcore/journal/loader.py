@@ -305,10 +305,10 @@ class LoaderMixin(JournalState):
         if not version:
             raise CorruptRecordError(f"segment {seg.path} has a damaged header; the journal "
                                      "needs a resync from that segment")
-        mark = segments.read_mark(data) if version >= segments.SEGMENT_VERSION else None
+        mark = segments.read_mark(data) if version >= segments.SEGMENT_V2 else None
         committed = (mark[0] if mark else 64) if is_last else len(data)
         scan = scan_segment_records(data, 64, committed, seg.number, last_seq,
-                                    self._volume_sizes)
+                                    self._volume_sizes, segments.record_flags(version))
         for batch, arr in scan.batches:
             self._take_batch(seg, batch, arr, self._batch_checkpoints(arr, data, 0), ordered)
         found = seg.max_seq if seg.records else last_seq

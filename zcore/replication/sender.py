@@ -19,10 +19,13 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from zcore import wire
+import numpy as np
+
+from zcore import records, wire
 from zcore.errors import ProtocolError, StateError, ZcoreError
-from zcore.records import Checkpoint
+from zcore.records import Checkpoint, Codec
 from zcore.replication import timing
+from zcore.replication.compression import CompressionController
 from zcore.replication.deltasend import attach_fields, run_delta_source, run_resync_compare
 from zcore.replication.status import ReplicationStatus, ThroughputMeter, replication_state
 from zcore.security import SERVER_NAME, client_context, fingerprint
@@ -94,6 +97,9 @@ class Replication:
         self.paused = False
         self.sent_seq = 0
         self.last_error = ""
+        self.protocol = 0  # the wire protocol version of the session (0: none yet)
+        # adaptive compression: how the stream seals the next bundles (compression.py)
+        self.compression = CompressionController(vpg)
         self._rate = ThroughputMeter()
         self._inflight: deque[tuple[int, int]] = deque()  # (last seq, data bytes)
         self._task: asyncio.Task[None] | None = None
@@ -288,8 +294,8 @@ class Replication:
         """HELLO and ATTACH; returns the recovery site's durable seq for the VPG."""
         writer.write(self.site.hello())
         hello = await asyncio.wait_for(frames.expect(wire.HELLO), timing.HANDSHAKE_TIMEOUT)
-        if hello["protocol"] != wire.PROTOCOL_VERSION:
-            raise ProtocolError(f"recovery site speaks protocol {hello['protocol']}")
+        self.protocol = wire.accepted_version(hello)
+        self.compression.reset(zstd_allowed=self.protocol >= 2)  # a v1 peer has no zstd
         writer.write(wire.control(wire.ATTACH, self.CHANNEL, **self.attach_message()))
         attached = await asyncio.wait_for(frames.expect(wire.ATTACHED),
                                           timing.HANDSHAKE_TIMEOUT)
@@ -349,16 +355,23 @@ class Replication:
         loop = asyncio.get_running_loop()
         vm_index = {name: i for i, name in enumerate(self.vpg.vms)}
         priority = self.vpg.settings.priority
+        clock, compression = time.monotonic, self.compression
         while True:
             await self._resume.wait()
+            compression.tick()
             bundles = await loop.run_in_executor(None, self.vpg.wait_bundles,
                                                  self.sent_seq, 0.1)
             for b in bundles:
                 if b.last_seq <= self.sent_seq:
                     continue
                 await self._resume.wait()
-                await self.site.throttle.acquire(b.encoded_bytes, priority)
                 parts = [(vm_index[vm], data) for vm, data in b.parts.items() if data]
+                size = b.encoded_bytes
+                if b.codec.codec == Codec.ZSTD and self.protocol < 2:
+                    # sealed with zstd before the link went to a v1 peer: raw for it
+                    parts, size = await loop.run_in_executor(None, self._without_zstd, parts)
+                t = clock()
+                await self.site.throttle.acquire(size, priority)
                 writer.writelines(wire.bundle_frames(self.CHANNEL, b.first_seq, b.last_seq,
                                                      parts))
                 if not self._inflight:  # the ack clock starts at the first unacked send
@@ -366,6 +379,17 @@ class Replication:
                 self._inflight.append((b.last_seq, b.data_bytes))
                 self.sent_seq = b.last_seq
                 await writer.drain()
+                compression.waited(clock() - t)  # the link's share of the time
+                compression.tick()
+
+    def _without_zstd(self, parts: list[tuple[int, bytes | bytearray]]
+                      ) -> tuple[list[tuple[int, bytes | bytearray]], int]:
+        sizes = np.zeros(max(self.vpg.volumes, default=-1) + 1, dtype=np.uint64)
+        for vid, vol in self.vpg.volumes.items():
+            sizes[vid] = vol.size
+        out: list[tuple[int, bytes | bytearray]] = [
+            (i, records.unzstd_part(data, sizes)) for i, data in parts]
+        return out, sum(len(d) for _, d in out)
 
     async def _recv_loop(self, frames: FrameStream) -> None:
         while True:
@@ -451,7 +475,11 @@ class Replication:
             buffer_used=s.buffer_used, buffer_bytes=s.buffer_bytes, sent_seq=self.sent_seq,
             acked_seq=s.acked_seq, connected=self.connected,
             sync_total_bytes=s.sync_total_bytes, sync_done_bytes=s.sync_done_bytes,
-            last_error=self.last_error)
+            last_error=self.last_error, codec=s.link_codec, bytes_saved=s.bytes_saved,
+            compression={k: asdict(v) for k, v in s.compression.items()},
+            link_wait=round(self.compression.load.link_wait, 3),
+            sealer_busy=round(self.compression.load.sealer_busy, 3),
+            protocol=self.protocol)
 
 
 def _quiet_call(fn: Callable[..., None], *args: Any) -> None:

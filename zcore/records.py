@@ -119,6 +119,7 @@ def decode_payload(flags: int, payload: bytes | bytearray | memoryview, length: 
     payloads: a payload that does not decode to exactly `length` bytes, a zstd frame
     that does not state that size or has bytes after it, is CorruptRecordError naming
     `where`; no byte of it is returned."""
+    data: bytes
     try:
         if flags & FLAG_LZ4:
             data = lz4.block.decompress(payload, uncompressed_size=length)
@@ -202,8 +203,10 @@ def encode_write(
     *,
     compress: bool = True,
     sync: bool = False,
+    zstd_level: int = 0,
 ) -> bytes:
-    """One write as a record: zero, LZ4 (when it pays) or raw with block CRCs."""
+    """One write as a record: zero, LZ4 (when it pays) or raw with block CRCs; with
+    `zstd_level` (1-19) a zstd record instead of LZ4 (segment v3, wire protocol v2)."""
     data = byte_view(data)
     length = len(data)
     check_range(offset, length)
@@ -212,10 +215,12 @@ def encode_write(
     if is_zero(data):
         return _rec.encode_stored(REC_ZERO, 0, volume, seq, offset, length, time_ns)
     if compress:
-        packed = lz4.block.compress(data, store_size=False)
+        flag = FLAG_ZSTD if zstd_level else FLAG_LZ4
+        packed = (zstd_compress(data, zstd_level) if zstd_level else
+                  lz4.block.compress(data, store_size=False))
         if len(packed) <= length * (1 - LZ4_MIN_SAVING):
             kind = REC_SYNC if sync else REC_WRITE
-            return _rec.encode_stored(kind, FLAG_LZ4, volume, seq, offset, length, time_ns, packed)
+            return _rec.encode_stored(kind, flag, volume, seq, offset, length, time_ns, packed)
     return _rec.encode_raw(volume, seq, offset, data, time_ns, sync)
 
 

@@ -233,7 +233,8 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ChangesMixin, ReadThr
             batch = _rec.scan(bundle, seg.size, seg.number, self.last_seq, self._volume_sizes,
                               flags)
             if (not batch.status and seg.version < segments.SEGMENT_VERSION
-                    and np.any(batch.array()["flags"] & ~segments.record_flags(seg.version))):
+                    and np.any(batch.array()["flags"] & (records.FLAGS_KNOWN
+                                                         & ~segments.record_flags(seg.version)))):
                 # a segment of an older version cannot hold these records: they go to one
                 # of the current version (format.md 2)
                 seg = self._rotate() if seg.records else self._restamp(seg)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import socket
@@ -637,7 +638,7 @@ def disk_like_pool(nbytes: int, seed: int) -> bytes:
     lens = rng.integers(2, 11, size=WAN_VOCABULARY)
     letters = rng.integers(97, 123, size=int(lens.sum()), dtype=np.uint8).tobytes()
     cuts = np.concatenate([[0], np.cumsum(lens)]).tolist()
-    words = [letters[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    words = [letters[a:b] for a, b in itertools.pairwise(cuts)]
     zipf = 1.0 / np.arange(1, WAN_VOCABULARY + 1)
     picks = rng.choice(WAN_VOCABULARY, size=(4 << 20) // 6, p=zipf / zipf.sum())
     seps = rng.choice([b" ", b" ", b" ", b" ", b" ", b" ", b" ", b" ", b", ", b".\n"],

@@ -153,6 +153,15 @@ def test_zstd_part_and_back_keep_every_record_exact():
     assert records.unzstd_part(z, sizes) == part  # raw again, byte for byte
     with pytest.raises(ZcoreError):
         records.zstd_part(part[:-64], 3, sizes)
+    # an LZ4 record sealed before zstd was chosen becomes zstd where the frame is smaller
+    lz4 = records.encode_write(0, 6, 0, text(16384, 4), 16)
+    assert _rec.parse_header(lz4[:64])[0]["flags"] == records.FLAG_LZ4
+    z = records.zstd_part(lz4, 3, sizes)
+    head, _ = _rec.parse_header(z[:64])
+    assert head["flags"] == records.FLAG_ZSTD and head["stored"] < _rec.parse_header(
+        lz4[:64])[0]["stored"]
+    assert records.decode_payload(head["flags"], z[64 : 64 + head["stored"]], 16384,
+                                  "t") == text(16384, 4)
 
 
 # ---- journal readers of zstd records --------------------------------------------------------

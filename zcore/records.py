@@ -227,10 +227,12 @@ def encode_write(
 def zstd_part(part: bytes | bytearray | memoryview, level: int,
               volume_sizes: npt.NDArray[np.uint64],
               min_saving: float = LZ4_MIN_SAVING) -> bytes:
-    """A sealed part (records of one VM, validated by the sealer) with each raw WRITE or
-    SYNC record re-encoded as a zstd record where that saves `min_saving` of its data;
-    every other record is kept byte for byte.  The link's adaptive compression seals raw
-    natively and calls this when the link, not the CPU, is the bottleneck."""
+    """A sealed part (records of one VM) with each raw or LZ4 WRITE or SYNC record
+    re-encoded as a zstd record where that pays: a raw one when zstd saves `min_saving`
+    of its data, an LZ4 one when the zstd frame is smaller than its block.  Every other
+    record is kept byte for byte.  The link's adaptive compression calls this when the
+    link, not the CPU, is the bottleneck: the stream on the parts it sealed raw, the
+    sender on bundles sealed with LZ4 before zstd was chosen."""
     view = memoryview(part).cast("B")
     batch = _rec.scan(view, 0, 0, 0, volume_sizes)
     if batch.status:
@@ -242,17 +244,23 @@ def zstd_part(part: bytes | bytearray | memoryview, level: int,
     for e in arr.tolist():  # (seq, offset, pos, length, segment, volume, stored, type, flags, _)
         seq, offset, at, length, _seg, volume, stored, type_, flags, _res = e
         size = HEADER_SIZE + (stored + 63) // 64 * 64
+        payload = view[at + HEADER_SIZE : at + HEADER_SIZE + stored]
         if flags == FLAG_BLOCKCRC:
             table = _rec.blockcrc_table_size(length)
-            data = view[at + HEADER_SIZE + table : at + HEADER_SIZE + table + length]
-            packed = compress(data)
-            if len(packed) <= length * (1 - min_saving):
-                if at > pos:
-                    out.append(view[pos:at])
-                time_ns = int.from_bytes(view[at + 32 : at + 40], "little")
-                out.append(_rec.encode_stored(type_, FLAG_ZSTD, volume, seq, offset, length,
-                                              time_ns, packed))
-                pos = at + size
+            packed = compress(payload[table:])
+            keep = len(packed) <= length * (1 - min_saving)
+        elif flags == FLAG_LZ4:
+            packed = compress(decode_payload(flags, payload, length, f"sealed seq {seq}"))
+            keep = len(packed) < stored
+        else:
+            continue
+        if keep:
+            if at > pos:
+                out.append(view[pos:at])
+            time_ns = int.from_bytes(view[at + 32 : at + 40], "little")
+            out.append(_rec.encode_stored(type_, FLAG_ZSTD, volume, seq, offset, length,
+                                          time_ns, packed))
+            pos = at + size
     if pos == 0:
         return bytes(view)
     out.append(view[pos:])

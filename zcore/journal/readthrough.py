@@ -34,7 +34,7 @@ from zcore.records import Checkpoint
 
 
 class Lz4Cache:
-    """Decompressed LZ4 payloads by (segment, pos), least recently used dropped first.
+    """Decompressed payloads (LZ4, zstd) by (segment, pos), least recently used dropped first.
     Not thread-safe: used under the journal's index lock."""
 
     def __init__(self, limit: int = LZ4_CACHE_BYTES) -> None:

@@ -23,13 +23,14 @@ import numpy as np
 
 from zcore import records, wire
 from zcore.errors import ProtocolError, StateError, ZcoreError
-from zcore.records import Checkpoint, Codec
+from zcore.records import Checkpoint, Codec, CodecChoice
 from zcore.replication import timing
 from zcore.replication.compression import CompressionController
 from zcore.replication.deltasend import attach_fields, run_delta_source, run_resync_compare
 from zcore.replication.status import ReplicationStatus, ThroughputMeter, replication_state
 from zcore.security import SERVER_NAME, client_context, fingerprint
 from zcore.vpg import VPG, DeltaSyncReport, ResyncReport, VPGMode
+from zcore.vpg.core import CodecUse
 
 if TYPE_CHECKING:
     from zcore.replication.protected_site import ProtectedSite
@@ -100,6 +101,7 @@ class Replication:
         self.protocol = 0  # the wire protocol version of the session (0: none yet)
         # adaptive compression: how the stream seals the next bundles (compression.py)
         self.compression = CompressionController(vpg)
+        self._sent_use: dict[str, CodecUse] = {}  # what went to the link, per encoding
         self._rate = ThroughputMeter()
         self._inflight: deque[tuple[int, int]] = deque()  # (last seq, data bytes)
         self._task: asyncio.Task[None] | None = None
@@ -366,10 +368,18 @@ class Replication:
                     continue
                 await self._resume.wait()
                 parts = [(vm_index[vm], data) for vm, data in b.parts.items() if data]
-                size = b.encoded_bytes
+                size, sent = b.encoded_bytes, b.codec
+                now = self.vpg.link_codec
                 if b.codec.codec == Codec.ZSTD and self.protocol < 2:
                     # sealed with zstd before the link went to a v1 peer: raw for it
-                    parts, size = await loop.run_in_executor(None, self._without_zstd, parts)
+                    parts, size = await loop.run_in_executor(None, self._recode, parts, None)
+                    sent = CodecChoice(Codec.NONE)
+                elif now.codec == Codec.ZSTD and b.codec.codec != Codec.ZSTD:
+                    # sealed ahead of the link before zstd was chosen (the buffer lets
+                    # the stream run up to half of it ahead): zstd now, off the loop
+                    parts, size = await loop.run_in_executor(None, self._recode, parts, now)
+                    sent = now
+                self._count_sent(sent, b.data_bytes, size)
                 t = clock()
                 await self.site.throttle.acquire(size, priority)
                 writer.writelines(wire.bundle_frames(self.CHANNEL, b.first_seq, b.last_seq,
@@ -382,14 +392,23 @@ class Replication:
                 compression.waited(clock() - t)  # the link's share of the time
                 compression.tick()
 
-    def _without_zstd(self, parts: list[tuple[int, bytes | bytearray]]
-                      ) -> tuple[list[tuple[int, bytes | bytearray]], int]:
+    def _recode(self, parts: list[tuple[int, bytes | bytearray]], to: CodecChoice | None
+                ) -> tuple[list[tuple[int, bytes | bytearray]], int]:
+        """The parts re-encoded for the link: zstd at `to`'s level, or without zstd (None)."""
         sizes = np.zeros(max(self.vpg.volumes, default=-1) + 1, dtype=np.uint64)
         for vid, vol in self.vpg.volumes.items():
             sizes[vid] = vol.size
+        saving = self.vpg.settings.lz4_min_saving
         out: list[tuple[int, bytes | bytearray]] = [
-            (i, records.unzstd_part(data, sizes)) for i, data in parts]
+            (i, records.unzstd_part(data, sizes) if to is None else
+             records.zstd_part(data, to.level, sizes, saving)) for i, data in parts]
         return out, sum(len(d) for _, d in out)
+
+    def _count_sent(self, codec: CodecChoice, data_bytes: int, encoded_bytes: int) -> None:
+        key = str(codec)
+        use = self._sent_use.get(key, CodecUse())
+        self._sent_use[key] = CodecUse(use.bundles + 1, use.data_bytes + data_bytes,
+                                       use.encoded_bytes + encoded_bytes)
 
     async def _recv_loop(self, frames: FrameStream) -> None:
         while True:
@@ -475,8 +494,9 @@ class Replication:
             buffer_used=s.buffer_used, buffer_bytes=s.buffer_bytes, sent_seq=self.sent_seq,
             acked_seq=s.acked_seq, connected=self.connected,
             sync_total_bytes=s.sync_total_bytes, sync_done_bytes=s.sync_done_bytes,
-            last_error=self.last_error, codec=s.link_codec, bytes_saved=s.bytes_saved,
-            compression={k: asdict(v) for k, v in s.compression.items()},
+            last_error=self.last_error, codec=s.link_codec,
+            bytes_saved=sum(u.data_bytes - u.encoded_bytes for u in self._sent_use.values()),
+            compression={k: asdict(v) for k, v in self._sent_use.items()},
             link_wait=round(self.compression.load.link_wait, 3),
             sealer_busy=round(self.compression.load.sealer_busy, 3),
             protocol=self.protocol)

@@ -66,8 +66,8 @@ class ReplicationStatus:
     sync_done_bytes: int
     last_error: str
     # adaptive compression (zcore.replication.compression): the encoding bundles are
-    # sealed with now ("lz4", "zstd-3", "none"), the data bytes less the bytes sealed for
-    # the link since start, per encoding {bundles, data_bytes, encoded_bytes}, and the
+    # sealed with now ("lz4", "zstd-3", "none"), the data bytes less the bytes sent to the
+    # link since start, per encoding sent {bundles, data_bytes, encoded_bytes}, and the
     # smoothed load behind the choice
     codec: str = "lz4"
     bytes_saved: int = 0

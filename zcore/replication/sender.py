@@ -374,7 +374,8 @@ class Replication:
                     # sealed with zstd before the link went to a v1 peer: raw for it
                     parts, size = await loop.run_in_executor(None, self._recode, parts, None)
                     sent = CodecChoice(Codec.NONE)
-                elif now.codec == Codec.ZSTD and b.codec.codec != Codec.ZSTD:
+                elif (now.codec == Codec.ZSTD and b.codec.codec != Codec.ZSTD
+                      and self.vpg.settings.compression):
                     # sealed ahead of the link before zstd was chosen (the buffer lets
                     # the stream run up to half of it ahead): zstd now, off the loop
                     parts, size = await loop.run_in_executor(None, self._recode, parts, now)

@@ -101,6 +101,11 @@ class ProtocolError(ZcoreError, ValueError):
     """A peer broke its protocol (bad magic, impossible lengths): the connection is dropped."""
 
 
+class RemoteIOError(ZcoreError, OSError):
+    """A server answered a request with an error (an NBD server's EIO, ENOSPC...):
+    `errno` is its error number, the request was not done; the connection stays usable."""
+
+
 class ScratchLimitError(ZcoreError, OSError):
     """A scratch overlay would pass its size limit: the write is refused, nothing is kept."""
 

@@ -9,10 +9,12 @@ promises nothing about the order in which unsynced writes reach the disk.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -351,3 +353,23 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     zero = bytes(min(length, _COPY_CHUNK))
     for pos in range(offset, offset + length, len(zero)):
         pwrite_all(fd, memoryview(zero)[: min(len(zero), offset + length - pos)], pos)
+
+
+# sun_path holds 108 bytes including the terminating NUL
+_SUN_PATH_MAX = 107
+
+
+@contextlib.contextmanager
+def short_socket_path(path: str | os.PathLike[str]) -> Iterator[str]:
+    """A path naming the Unix socket `path` that fits in sun_path: `path` itself when
+    short, else /proc/self/fd/N/NAME through a descriptor of its directory, open while in
+    use (it holds for bind and connect alike)."""
+    path = Path(path)
+    if len(os.fsencode(path)) <= _SUN_PATH_MAX:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)

@@ -7,39 +7,22 @@ between (skipped here).  One client at a time: the adapter connects per call, un
 per-VM lock.  Everything blocks (socket timeouts bound it).
 
 Unix socket paths are limited to 107 bytes; a longer one is reached through the directory's
-/proc/self/fd entry (`short_socket_path`), which holds for bind and connect alike.
+/proc/self/fd entry (`zcore.fsutil.short_socket_path`), which holds for bind and connect alike.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from zcore.errors import AdapterError
+from zcore.fsutil import short_socket_path
 
-# sun_path holds 108 bytes including the terminating NUL
-_SUN_PATH_MAX = 107
 # QMP's greeting and replies are small; a line longer than this is not QMP
 _MAX_LINE = 1 << 20
-
-
-@contextlib.contextmanager
-def short_socket_path(path: Path) -> Iterator[str]:
-    """A path naming the socket `path` that fits in sun_path: `path` itself when short,
-    else /proc/self/fd/N/NAME through a descriptor of its directory, open while in use."""
-    if len(os.fsencode(path)) <= _SUN_PATH_MAX:
-        yield str(path)
-        return
-    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        yield f"/proc/self/fd/{fd}/{path.name}"
-    finally:
-        os.close(fd)
 
 
 class QMPClient:

@@ -25,6 +25,9 @@ The package, bottom up:
 - `connection`: one client's asyncio protocol (receive buffering, framing, phases);
 - `server`: `NBDServer` (exports, listeners, connections) and `ServerThread`.
 
+Beside the server, sharing only `protocol` with it: `client`, `NBDClient`, a small blocking client
+(how the site service reads a running QEMU's disk through QEMU's own NBD export).
+
 Hostile clients: every length is bounded before anything is allocated (option data,
 request payloads); bad magic, unknown client flags, a stalled handshake or an
 out-of-protocol byte drop the connection; a request beyond the end, unaligned, too large,
@@ -37,6 +40,7 @@ This module is the public facade: everything below is importable from `zcore.nbd
 
 from __future__ import annotations
 
+from zcore.nbd.client import NBDClient
 from zcore.nbd.connection import (
     STAGING_BYTES,
     STAGING_LIMIT,
@@ -255,6 +259,7 @@ __all__ = [
     "Export",
     "ExportKind",
     "FileBackend",
+    "NBDClient",
     "NBDClientConnection",
     "NBDServer",
     "Request",

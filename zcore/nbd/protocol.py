@@ -41,10 +41,13 @@ REP_META_CONTEXT = 4
 REP_ERR_UNSUP = (1 << 31) + 1
 REP_ERR_POLICY = (1 << 31) + 2
 REP_ERR_INVALID = (1 << 31) + 3
+REP_ERR_PLATFORM = (1 << 31) + 4
 REP_ERR_TLS_REQD = (1 << 31) + 5
 REP_ERR_UNKNOWN = (1 << 31) + 6
 REP_ERR_SHUTDOWN = (1 << 31) + 7
+REP_ERR_BLOCK_SIZE_REQD = (1 << 31) + 8
 REP_ERR_TOO_BIG = (1 << 31) + 9
+REP_FLAG_ERROR = 1 << 31
 
 INFO_EXPORT = 0
 INFO_NAME = 1
@@ -80,8 +83,11 @@ KNOWN_CMD_FLAGS = (CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_
 REPLY_FLAG_DONE = 1 << 0
 REPLY_TYPE_NONE = 0
 REPLY_TYPE_OFFSET_DATA = 1
+REPLY_TYPE_OFFSET_HOLE = 2
 REPLY_TYPE_BLOCK_STATUS = 5
 REPLY_TYPE_ERROR = (1 << 15) + 1
+REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2
+REPLY_TYPE_FLAG_ERROR = 1 << 15  # every error chunk type has it
 
 # NBD error values (the protocol's own numbering, which matches Linux errno)
 EPERM = 1
@@ -106,6 +112,8 @@ INFO_EXPORT_REPLY = struct.Struct(">HQH")
 INFO_BLOCK_REPLY = struct.Struct(">HIII")
 REQUEST_SIZE = REQUEST.size  # 28
 CHUNK_STATUS = struct.Struct(">IHHQII")  # chunk header, then the metadata context id
+CLIENT_FLAGS = struct.Struct(">I")
+MAX_ERROR_MESSAGE = 4096  # doc/proto.md: an error chunk's message is at most 4096 bytes
 
 # the one metadata context served (doc/proto.md "base:allocation"): per extent, bit 0 a
 # hole (no storage), bit 1 reads as zeros (the values of zcore.fsutil.STATE_HOLE / _ZERO)
@@ -113,6 +121,8 @@ META_BASE_ALLOCATION = "base:allocation"
 META_BASE_ALLOCATION_ID = 1
 STATE_HOLE = 1
 STATE_ZERO = 2
+# the one flag of QEMU's qemu:dirty-bitmap:NAME contexts (QEMU docs/interop/nbd.rst), bit 0
+STATE_DIRTY = 1
 # extents in one BLOCK_STATUS reply (8 bytes each: a 16 KiB reply at most), and the span
 # of the export one request looks at: a client asks again from where the reply ended
 MAX_STATUS_EXTENTS = 2048

@@ -455,6 +455,36 @@ def test_zstd_record_in_a_v2_segment_is_refused_as_damage(tmp_path):
     journal.close()
 
 
+def test_a_v2_segment_whose_index_lists_zstd_records_is_rescanned_and_reported(tmp_path):
+    """golden-v3 with one sealed segment's header turned into a v2 header (CRCs fixed
+    up): its .zci still lists the zstd records, so the index is not trusted; the rescan
+    reports them as damage instead of serving them."""
+    from zcore.journal import segments
+
+    path = tmp_path / "journal"
+    shutil.copytree(GOLDEN_V3 / "journal", path)
+    sizes = np.full(4, 1 << 20, dtype=np.uint64)
+    for seg in sorted(path.glob("seg-*.zcj"))[:-1]:
+        data = bytearray(seg.read_bytes())
+        exts = _rec.scan(bytes(data[64:]), 64, 0, 0, sizes).array()
+        if np.any(exts["flags"] == records.FLAG_ZSTD):
+            break
+    zstd_seqs = [int(e["seq"]) for e in exts if e["flags"] == records.FLAG_ZSTD]
+    struct.pack_into("<I", data, 8, 2)
+    struct.pack_into("<I", data, 60, _rec.crc32c(bytes(data[:48])))
+    mark = segments.read_mark(bytes(data[:64]))
+    if mark is not None:
+        data[48:60] = segments.pack_mark(bytes(data[:48]), mark[0], mark[1])
+    seg.write_bytes(bytes(data))
+    journal = Journal.open(path)
+    journal.wait_loaded()
+    report = journal.reopen_report
+    assert report.rescanned_segments >= 1
+    damaged = {lo for lo, _hi in report.damaged_seqs}
+    assert set(zstd_seqs) <= damaged, (zstd_seqs, report)
+    journal.close()
+
+
 def test_make_golden_v3_reproduces_the_fixture(tmp_path):
     _load_v3_maker().main(["", str(tmp_path / "out")])
     for name in ("records.bin", "records.json", "journal.json"):

@@ -172,6 +172,8 @@ class LoaderMixin(JournalState):
                     break
                 if seg.fd < 0:
                     self._open_segment(seg)
+                if parsed is not None and not indexfile.fits_version(parsed, seg.version):
+                    parsed = None
                 if parsed is None or not self._adopt_index(seg, parsed, ordered):
                     seg.sealed = False  # collect the extents the rebuilt index needs
                     self._scan_segment(seg, last_seq, is_last=False, ordered=ordered)

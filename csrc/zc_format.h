@@ -30,7 +30,11 @@ enum zc_record_type {
 /* record flags */
 #define ZC_FLAG_LZ4 0x0001u       /* payload is one LZ4 block of `length` bytes            */
 #define ZC_FLAG_BLOCKCRC 0x0002u  /* payload = CRC table (padded to 64) + raw data         */
-#define ZC_FLAGS_KNOWN (ZC_FLAG_LZ4 | ZC_FLAG_BLOCKCRC)
+#define ZC_FLAG_ZSTD 0x0004u      /* payload is one zstd frame of `length` bytes (segment
+                                   * v3 and wire protocol v2 only; format.md 4.5a)     */
+#define ZC_FLAGS_KNOWN (ZC_FLAG_LZ4 | ZC_FLAG_BLOCKCRC | ZC_FLAG_ZSTD)
+#define ZC_FLAGS_V2 (ZC_FLAG_LZ4 | ZC_FLAG_BLOCKCRC) /* segments v1-v2, wire protocol v1 */
+#define ZC_FLAGS_COMPRESSED (ZC_FLAG_LZ4 | ZC_FLAG_ZSTD) /* payloads decoded whole       */
 
 /* Record header layout (64 bytes):
  *   0  u16 type        2  u16 flags        4  u32 volume
@@ -56,11 +60,11 @@ enum zc_record_type {
 
 /* ---- journal segment file ------------------------------------------------------------ */
 #define ZC_SEGMENT_MAGIC "ZCJSEG\r\n"      /* 8 bytes */
-#define ZC_SEGMENT_VERSION 2u          /* 1 is still read */
+#define ZC_SEGMENT_VERSION 3u          /* v3: records may be ZC_FLAG_ZSTD; 1 and 2 still read */
 #define ZC_SEGMENT_HEADER_SIZE 64u
 /* header: 0 magic[8], 8 u32 version, 12 u32 header_size, 16 u64 segment number,
  *         24 u8 journal_id[16], 40 u64 created_ns,
- *         v2: 48 u32 mark_units, 52 u32 mark_seq, 56 u32 mark_crc (of 0..55),
+ *         v2, v3: 48 u32 mark_units, 52 u32 mark_seq, 56 u32 mark_crc (of 0..55),
  *             60 u32 header_crc (of 0..47);
  *         v1: 48..59 reserved, 60 u32 header_crc (of 0..59) */
 

@@ -74,7 +74,7 @@ static int check_fields(uint16_t type, uint16_t flags, uint32_t volume, uint64_t
             return ZC_E_RANGE;
         if (flags == ZC_FLAG_BLOCKCRC)
             return stored == zc_blockcrc_table_size(length) + length ? ZC_OK : ZC_E_BAD_RECORD;
-        if (flags == ZC_FLAG_LZ4)
+        if (flags == ZC_FLAG_LZ4 || flags == ZC_FLAG_ZSTD)
             return stored > 0 && stored <= ZC_MAX_PAYLOAD ? ZC_OK : ZC_E_BAD_RECORD;
         return ZC_E_BAD_RECORD;
     case ZC_REC_ZERO:
@@ -204,6 +204,8 @@ int zc_scan(zc_scan_ctx *ctx, const uint8_t *buf, size_t len, zc_extent_vec *vec
         zc_extent e;
         uint32_t pcrc;
         st = zc_parse_header(h, &e, &pcrc);
+        if (st == ZC_OK && (e.flags & ctx->refuse_flags))
+            st = ZC_E_BAD_RECORD; /* a flag this stream's version does not have */
         if (st) {
             if (all_zero(h, ZC_RECORD_HEADER_SIZE))
                 st = ZC_E_TRUNCATED;

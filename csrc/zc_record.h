@@ -60,7 +60,8 @@ int zc_encode_raw(uint8_t *out, size_t cap, uint16_t type, uint32_t volume, uint
                   uint64_t offset, const uint8_t *data, uint32_t len, uint64_t time_ns,
                   size_t *written);
 
-/* Encode a record whose payload is given as stored: an LZ4 block (flags ZC_FLAG_LZ4,
+/* Encode a record whose payload is given as stored: an LZ4 block or zstd frame (flags
+ * ZC_FLAG_LZ4 or ZC_FLAG_ZSTD,
  * `length` = uncompressed size), a zero record (stored = 0) or a checkpoint. */
 int zc_encode_stored(uint8_t *out, size_t cap, uint16_t type, uint16_t flags,
                      uint32_t volume, uint64_t seq, uint64_t offset, uint32_t length,
@@ -136,6 +137,9 @@ typedef struct zc_scan_ctx {
     uint64_t base_pos;            /* added to each record's offset within buf          */
     uint64_t last_seq;            /* in: records need seq > it; out: highest seq seen   */
     uint64_t min_time, max_time;  /* out: widened by each record's time_ns             */
+    uint16_t refuse_flags;        /* known flags this stream's version lacks (0: none;
+                                   * ZC_FLAG_ZSTD in a v1-v2 segment or a v1 peer's
+                                   * bundle): such a record is ZC_E_BAD_RECORD          */
 } zc_scan_ctx;
 
 /* Validate the records in buf[0..len) in order (headers, payload checksums, seq order,

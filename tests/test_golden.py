@@ -1,4 +1,5 @@
-"""Format v1 golden fixtures (tests/data/golden-v1, written by tests/data/make_golden.py).
+"""Golden fixtures: format v1 (tests/data/golden-v1, written by tests/data/make_golden.py),
+journal format v2 (golden-v2) and segment v3 with zstd records (golden-v3).
 
 A failure here means the bytes zcore writes or reads changed: that is a format change
 (docs/format.md 2), which needs a version bump and a reader for version 1, never a
@@ -306,10 +307,187 @@ def test_golden_v2_files_are_what_format_md_says(tmp_path):
     assert units * 64 == len(active) and crc == _rec.crc32c(active[:56])
 
 
-def test_make_golden_v2_reproduces_the_fixture(tmp_path):
-    spec = importlib.util.spec_from_file_location("make_golden_v2", DATA / "make_golden_v2.py")
+# ---- segment v3, wire protocol v2: zstd records (tests/data/golden-v3, written by
+# tests/data/make_golden_v3.py) -----------------------------------------------------------
+
+GOLDEN_V3 = DATA / "golden-v3"
+RECORDS_V3_BIN = (GOLDEN_V3 / "records.bin").read_bytes()
+RECORDS_V3_JSON = json.loads((GOLDEN_V3 / "records.json").read_text())
+JOURNAL_V3_JSON = json.loads((GOLDEN_V3 / "journal.json").read_text())
+
+
+def _load_v3_maker():
+    spec = importlib.util.spec_from_file_location("make_golden_v3", DATA / "make_golden_v3.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.main(["", str(tmp_path / "out")])
-    for f in (GOLDEN_V2 / "journal").iterdir():
+    return module
+
+
+def _v3_sizes() -> np.ndarray:
+    sizes = np.zeros(65536, dtype=np.uint64)
+    sizes[[0, 1, 2, 3, 65535]] = 1 << 41
+    return sizes
+
+
+def test_golden_v3_records_bin_is_one_valid_bundle_of_the_new_version_only():
+    batch = _rec.scan(RECORDS_V3_BIN, 0, 1, 0, _v3_sizes())
+    assert batch.status == 0 and batch.consumed == len(RECORDS_V3_BIN)
+    exts = batch.array()
+    for ext, entry in zip(exts, RECORDS_V3_JSON, strict=True):
+        for field in ("type", "flags", "volume", "seq", "offset", "length", "stored"):
+            assert int(ext[field]) == entry[field], (entry["name"], field)
+    kinds = {(e["type"], e["flags"]) for e in RECORDS_V3_JSON}
+    assert {(records.REC_WRITE, records.FLAG_ZSTD), (records.REC_SYNC, records.FLAG_ZSTD)} <= kinds
+    # a v1-v2 segment, or a wire protocol v1 peer, refuses the first zstd record
+    first = next(e for e in RECORDS_V3_JSON if e["flags"] == records.FLAG_ZSTD)
+    old = _rec.scan(RECORDS_V3_BIN, 0, 1, 0, _v3_sizes(), records.FLAGS_V2)
+    assert old.status == -4 and old.consumed == first["pos"]
+
+
+def test_golden_v3_records_decode_to_their_inputs_through_the_one_decoder():
+    v3 = _load_v3_maker()
+    inputs = list(v3.record_inputs())
+    for spec, entry in zip(inputs, RECORDS_V3_JSON, strict=True):
+        assert spec["name"] == entry["name"]
+        rec = RECORDS_V3_BIN[entry["pos"] : entry["pos"] + entry["size"]]
+        if spec["data"] is not None:
+            assert sha(spec["data"]) == entry["data_sha256"]
+        if entry["flags"] & records.FLAGS_COMPRESSED:
+            _rec.verify_payload(rec[:64], rec[64:])
+            got = records.decode_payload(entry["flags"], rec[64 : 64 + entry["stored"]],
+                                         entry["length"], entry["name"])
+            assert got == spec["data"], entry["name"]
+            if entry["flags"] == records.FLAG_ZSTD:
+                # zstd's output may change with the library: the codec frames the frozen
+                # frame into exactly the frozen record, and today's encoding decodes too
+                frame = rec[64 : 64 + entry["stored"]]
+                again = _rec.encode_stored(entry["type"], entry["flags"], entry["volume"],
+                                           entry["seq"], entry["offset"], entry["length"],
+                                           entry["time_ns"], frame)
+                assert again == rec
+                today = v3.encode(spec)
+                head, _ = _rec.parse_header(today[:64])
+                assert head["flags"] == records.FLAG_ZSTD
+                assert records.decode_payload(head["flags"], today[64 : 64 + head["stored"]],
+                                              head["length"], "today") == spec["data"]
+        elif spec["kind"] != "checkpoint" and entry["type"] != records.REC_ZERO:
+            assert v3.encode(spec) == rec, entry["name"]
+
+
+def test_golden_v3_journal_opens_clean_reads_back_and_changes_nothing(tmp_path):
+    path = tmp_path / "journal"
+    shutil.copytree(GOLDEN_V3 / "journal", path)
+    journal = Journal.open(path)
+    assert journal.reopen_report == ReopenReport()
+    assert journal.last_seq == journal.durable_seq == JOURNAL_V3_JSON["last_seq"]
+    expect = JOURNAL_V3_JSON["checkpoints"]
+    assert [c.seq for c in journal.checkpoints()] == [int(s) for s in expect]
+    for c in journal.checkpoints():
+        with journal.view(c) as view:
+            for v in JOURNAL_V3_JSON["volumes"]:
+                image = view.read(v["id"], 0, v["size"])
+                assert sha(image) == expect[str(c.seq)]["sha256"][str(v["id"])]
+    journal.close()
+    for f in (GOLDEN_V3 / "journal").iterdir():
+        assert (path / f.name).read_bytes() == f.read_bytes(), f.name
+    for seg in path.glob("seg-*.zcj"):
+        assert struct.unpack_from("<I", seg.read_bytes(), 8)[0] == 3
+
+
+def test_golden_v3_journal_promotes_its_zstd_records_into_the_replicas(tmp_path):
+    path = tmp_path / "journal"
+    shutil.copytree(GOLDEN_V3 / "journal", path)
+    newest = max(int(s) for s in JOURNAL_V3_JSON["checkpoints"])
+    journal = Journal.open(path)
+    journal.promote_to(newest)
+    assert journal.promoted_seq == newest
+    journal.close()
+    want = JOURNAL_V3_JSON["checkpoints"][str(newest)]["sha256"]
+    for v in JOURNAL_V3_JSON["volumes"]:
+        image = (path / f"replica-{v['id']:04d}.img").read_bytes()
+        image += bytes(v["size"] - len(image))
+        assert sha(image) == want[str(v["id"])]
+
+
+def test_v2_journal_takes_zstd_records_into_a_new_v3_segment(tmp_path):
+    path = tmp_path / "journal"
+    shutil.copytree(GOLDEN_V2 / "journal", path)
+    journal = Journal.open(path)
+    active = journal.segments()[-1].number
+    data = (b"zcore golden v3 " * 256)
+    rec = records.encode_write(0, journal.last_seq + 1, 0, data, 1, zstd_level=3)
+    assert _rec.parse_header(rec[:64])[0]["flags"] == records.FLAG_ZSTD
+    journal.append_encoded(rec)
+    c = journal.checkpoint("after zstd")
+    segs = journal.segments()
+    journal.close()
+    assert segs[-1].number == active + 1  # the v2 segment was sealed, not given zstd
+    heads = {s.number: struct.unpack_from("<I", s.path.read_bytes(), 8)[0] for s in segs}
+    assert heads[active] == 2 and heads[active + 1] == 3
+    journal = Journal.open(path)
+    assert journal.reopen_report == ReopenReport()
+    with journal.view(c) as view:
+        assert view.read(0, 0, len(data)) == data
+    journal.close()
+
+
+def test_zstd_record_in_a_v2_segment_is_refused_as_damage(tmp_path):
+    """A committed zstd record in a v2 segment was written by no zcore: reopening
+    reports it as damage and never serves it."""
+    from zcore.journal import segments
+
+    path = tmp_path / "journal"
+    shutil.copytree(GOLDEN_V2 / "journal", path)
+    seg = sorted(path.glob("seg-*.zcj"))[-1]
+    last = JOURNAL_V2_JSON["last_seq"]
+    data = (b"zstd " * 1000)[:4096]
+    rec = records.encode_write(0, last + 1, 0, data, 1, zstd_level=3)
+    with open(seg, "r+b") as f:
+        head = f.read(64)
+        end = f.seek(0, 2) + len(rec)
+        f.write(rec)
+        f.seek(48)
+        f.write(segments.pack_mark(head[:48], end, last + 1))  # committed: not a torn tail
+    journal = Journal.open(path)
+    report = journal.reopen_report
+    assert report.damaged_seqs == ((last + 1, last + 1),) and report.dropped_bytes == 0
+    assert "malformed record" in report.damage[0]
+    journal.close()
+
+
+def test_a_v2_segment_whose_index_lists_zstd_records_is_rescanned_and_reported(tmp_path):
+    """golden-v3 with one sealed segment's header turned into a v2 header (CRCs fixed
+    up): its .zci still lists the zstd records, so the index is not trusted; the rescan
+    reports them as damage instead of serving them."""
+    from zcore.journal import segments
+
+    path = tmp_path / "journal"
+    shutil.copytree(GOLDEN_V3 / "journal", path)
+    sizes = np.full(4, 1 << 20, dtype=np.uint64)
+    for seg in sorted(path.glob("seg-*.zcj"))[:-1]:
+        data = bytearray(seg.read_bytes())
+        exts = _rec.scan(bytes(data[64:]), 64, 0, 0, sizes).array()
+        if np.any(exts["flags"] == records.FLAG_ZSTD):
+            break
+    zstd_seqs = [int(e["seq"]) for e in exts if e["flags"] == records.FLAG_ZSTD]
+    struct.pack_into("<I", data, 8, 2)
+    struct.pack_into("<I", data, 60, _rec.crc32c(bytes(data[:48])))
+    mark = segments.read_mark(bytes(data[:64]))
+    if mark is not None:
+        data[48:60] = segments.pack_mark(bytes(data[:48]), mark[0], mark[1])
+    seg.write_bytes(bytes(data))
+    journal = Journal.open(path)
+    journal.wait_loaded()
+    report = journal.reopen_report
+    assert report.rescanned_segments >= 1
+    damaged = {lo for lo, _hi in report.damaged_seqs}
+    assert set(zstd_seqs) <= damaged, (zstd_seqs, report)
+    journal.close()
+
+
+def test_make_golden_v3_reproduces_the_fixture(tmp_path):
+    _load_v3_maker().main(["", str(tmp_path / "out")])
+    for name in ("records.bin", "records.json", "journal.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (GOLDEN_V3 / name).read_bytes()
+    for f in (GOLDEN_V3 / "journal").iterdir():
         assert (tmp_path / "out" / "journal" / f.name).read_bytes() == f.read_bytes(), f.name

@@ -91,7 +91,10 @@ STORED_TYPES = st.sampled_from([0, records.REC_WRITE, records.REC_ZERO, records.
                                 records.REC_SYNC, 5, 0xFFFF])
 
 
-@given(type_=STORED_TYPES, flags=st.sampled_from([0, 1, 2, 3, 4, 0x8001]), volume=st.sampled_from(
+STORED_FLAGS = st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 8, 0x8001])
+
+
+@given(type_=STORED_TYPES, flags=STORED_FLAGS, volume=st.sampled_from(
     [0, 1, 2**32 - 1]), seq=st.sampled_from([0, 1, 2**64 - 1]), offset=st.sampled_from(
     [0, 512, 100, 2**64 - 512]), length=st.sampled_from([0, 4, 5, 512, 1028, 1029, 2**32 - 512,
                                                         ref.MAX_WRITE, ref.MAX_WRITE + 512]),
@@ -117,6 +120,9 @@ def test_encode_stored_accepts_each_valid_kind():
         (records.REC_WRITE, records.FLAG_LZ4, 1, 3, 4096, 8192, lz4.block.compress(
             bytes(8192), store_size=False)),
         (records.REC_SYNC, records.FLAG_LZ4, 1, 4, 0, 512, b"x"),
+        (records.REC_WRITE, records.FLAG_ZSTD, 1, 5, 8192, 8192,
+         records.zstd_compress(bytes(8192), 3)),
+        (records.REC_SYNC, records.FLAG_ZSTD, 2, 6, 512, 1024, b"z" * 17),
     ]
     for type_, flags, volume, seq, offset, length, payload in cases:
         got = _rec.encode_stored(type_, flags, volume, seq, offset, length, 9, payload)
@@ -138,6 +144,7 @@ def headers(draw):
         ref.encode_stored(records.REC_ZERO, 0, 1, 3, 0, 4096, 5),
         ref.encode_stored(records.REC_CHECKPOINT, 0, 0, 4, 0, 5, 6, b"\x01\x00\x01\x00a")[:64],
         ref.encode_stored(records.REC_WRITE, records.FLAG_LZ4, 0, 5, 512, 2048, 7, b"q" * 40)[:64],
+        ref.encode_stored(records.REC_SYNC, records.FLAG_ZSTD, 0, 6, 0, 4096, 8, b"z" * 30)[:64],
     ]))
     if how == "valid":
         return base
@@ -156,7 +163,7 @@ def headers(draw):
     for name in draw(st.lists(st.sampled_from(FIELD_NAMES), min_size=1, max_size=2)):
         fields[name] = draw(st.sampled_from({
             "type": [0, 1, 2, 3, 4, 5],
-            "flags": [0, 1, 2, 3, 4],
+            "flags": [0, 1, 2, 3, 4, 5, 6, 8],
             "volume": [0, 1, 2**32 - 1],
             "seq": [0, 1, 2**64 - 1],
             "offset": [0, 100, 512, 2**64 - 512],
@@ -328,11 +335,13 @@ def journaled_writes(draw):
 @given(case=journaled_writes(), qseed=st.integers(0, 2**32))
 def test_index_read_matches_reference(case, qseed):
     """Verified reads through the index (raw records block by block, zero records, LZ4
-    records through the loader, replica images) against painting the writes in order."""
+    and zstd records through the loader, replica images) against painting the writes in
+    order."""
     sizes, writes, replicas, last_seq = case
     with tempfile.TemporaryDirectory() as tmp:
         seg_path = os.path.join(tmp, "seg")
-        blob = b"".join(records.encode_write(v, s, o, d, 1) for s, v, o, d in writes)
+        blob = b"".join(records.encode_write(v, s, o, d, 1, zstd_level=3 if s % 2 else 0)
+                        for s, v, o, d in writes)
         with open(seg_path, "wb") as f:
             f.write(bytes(64) + blob)
         vol_sizes = np.zeros(6, dtype=np.uint64)
@@ -355,7 +364,8 @@ def test_index_read_matches_reference(case, qseed):
             def loader(segment, pos, stored, length):
                 raw = os.pread(fds[0], 64 + stored, pos)
                 _rec.verify_payload(raw[:64], raw[64:])
-                return lz4.block.decompress(raw[64:], uncompressed_size=length)
+                head, _crc = _rec.parse_header(raw[:64])
+                return records.decode_payload(head["flags"], raw[64:], length, "test")
 
             rng = random.Random(qseed)
             for _ in range(10):

@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT / "bench" / "harness.py"
 METRICS = {"replication.e2e", "replication.rpo_p99", "replication.resync_bytes",
-           "replication.initial_sync"}
+           "replication.initial_sync", "replication.wan_20mb"}
 
 
 def test_quick_replication_suite_reports_every_metric(tmp_path):
@@ -34,5 +34,9 @@ def test_quick_replication_suite_reports_every_metric(tmp_path):
         assert m["note"] and m["unit"]
     targets = {m["name"]: m["target"] for m in doc["metrics"]}
     assert targets == {"replication.e2e": ">= 0.7", "replication.rpo_p99": "<= 1",
-                       "replication.resync_bytes": "<= 1.05", "replication.initial_sync": None}
+                       "replication.resync_bytes": "<= 1.05", "replication.initial_sync": None,
+                       "replication.wan_20mb": ">= 1.2"}
+    wan = next(m for m in doc["metrics"] if m["name"] == "replication.wan_20mb")
+    for p in wan["details"]["passes"]["adaptive"] + wan["details"]["passes"]["lz4"]:
+        assert p["cpu_seconds_per_mb"]["protected"] and p["codecs"], p
     assert [p.name for p in tmp_path.iterdir()] == ["replication.json"]  # scratch removed

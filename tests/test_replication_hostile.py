@@ -92,8 +92,8 @@ class Raw:
             return wire.parse_control(f)
 
     async def hello(self, **fields) -> dict:
-        msg = dict(protocol=wire.PROTOCOL_VERSION, site_id="x", site_name="hostile",
-                   role="protected")
+        msg = dict(protocol=wire.PROTOCOL_V1, max_protocol=wire.PROTOCOL_VERSION, site_id="x",
+                   site_name="hostile", role="protected")
         msg.update(fields)
         self.send(wire.control(wire.HELLO, **msg))
         return await self.expect(wire.HELLO)
@@ -234,7 +234,7 @@ def _head(ftype, channel=0, length=0, payload=b"", *, magic=wire.MAGIC, flags=0,
 
 
 def _hostile(send_before_hello=None, after_hello=None, attach=False, pattern=".",
-             pairing=False):
+             pairing=False, hello=None):
     """A test body: connect, optionally HELLO (and ATTACH a VPG of its own), send the
     hostile bytes, and expect the refusal."""
     def body_factory():
@@ -244,7 +244,7 @@ def _hostile(send_before_hello=None, after_hello=None, attach=False, pattern="."
                 if send_before_hello is not None:
                     raw.send(send_before_hello(bench))
                 else:
-                    await raw.hello()
+                    await raw.hello(**(hello or {}))
                     if attach:
                         await raw.attach(1, bench.hostile_vpg())
                     raw.send(after_hello(bench))
@@ -292,6 +292,14 @@ CASES = {
     "deeply_nested_pair": _hostile(
         after_hello=lambda b: wire.frame(wire.PAIR, 0, b"[" * 60_000), pairing=True,
         pattern="PAIR payload nests too deeply"),
+    "hello_with_a_bad_max_protocol": _hostile(
+        lambda b: wire.control(wire.HELLO, protocol=1, max_protocol="2", site_id="x",
+                               site_name="y", role="protected"), pattern="max_protocol"),
+    # a v1 connection (the client offers no newer version) has no zstd record (format 10.3)
+    "zstd_bundle_on_a_v1_connection": _hostile(
+        after_hello=lambda b: _bundle(1, 1, 1, [(0, records.encode_write(
+            0, 1, 0, b"zstd " * 819 + b"z", time.time_ns(), zstd_level=3))]),
+        attach=True, hello={"max_protocol": 1}, pattern="bundle refused"),
     "hello_missing_fields": _hostile(lambda b: wire.frame(wire.HELLO, 0, b'{"protocol": 1}'),
                                      pattern="lacks"),
     "attach_on_channel_zero": _hostile(
@@ -684,10 +692,10 @@ def _against(sites, fake: FakeRecovery, check) -> None:
 
 
 def test_sender_refuses_a_recovery_site_speaking_another_protocol_version(sites):
-    fake = FakeRecovery(sites / "rs", hello={"protocol": 2})
+    fake = FakeRecovery(sites / "rs", hello={"protocol": 3})  # 1 and 2 are this one's
 
     def check(vpg, rep, error):
-        assert "protocol 2" in error
+        assert "protocol 3" in error
         assert wire.ATTACH not in fake.received
         assert vpg.acked_seq == 0
     _against(sites, fake, check)

@@ -1,6 +1,7 @@
-"""Wire protocol v1 (zcore.wire): frames, control messages, bundles and acks, parsed as
-hostile input.  Every malformed frame is refused with ProtocolError, lengths are refused
-before anything is allocated, and no damaged frame is ever returned as a frame."""
+"""Wire protocol v2 (zcore.wire; v1 peers are still served): frames, control messages,
+bundles and acks, parsed as hostile input.  Every malformed frame is refused with
+ProtocolError, lengths are refused before anything is allocated, and no damaged frame is
+ever returned as a frame."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Site-to-site protocol v1: frames and messages (docs/format.md, "Wire protocol v1").
+"""Site-to-site protocol v2 (and v1): frames and messages (docs/format.md, "Wire protocol").
 
 Sits between the replication endpoints and the socket.  Every frame is a 24-byte header
 (magic, type, channel, payload length, payload CRC32C, header CRC32C) and a payload.
@@ -17,10 +17,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from zcore._native.record import crc32c
+from zcore._native.record import FLAGS_KNOWN, FLAGS_V2, crc32c
 from zcore.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+# v2: BUNDLE records may be zstd (FLAG_ZSTD).  A HELLO says `protocol` 1 (what a v1 peer
+# checks) and `max_protocol`, the newest it speaks; the server answers with the version
+# of the connection, the newest both speak (docs/format.md 10.3).
+PROTOCOL_VERSION = 2
+PROTOCOL_V1 = 1
 MAGIC = b"ZCWF"
 HEADER = struct.Struct("<4sHHIIII")  # magic, type, flags, channel, length, payload crc, crc
 assert HEADER.size == 24
@@ -205,6 +209,37 @@ def parse_control(f: Frame) -> dict[str, Any]:
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ProtocolError(f"{f.name} lacks a valid {key!r}")
     return msg
+
+
+def client_hello(role: str, site_id: str, site_name: str) -> bytes:
+    """A client's HELLO: readable by a v1 server (`protocol` 1), offering the newest."""
+    return control(HELLO, protocol=PROTOCOL_V1, max_protocol=PROTOCOL_VERSION,
+                   site_id=site_id, site_name=site_name, role=role)
+
+
+def negotiate(msg: dict[str, Any]) -> int:
+    """The version of a connection whose client sent HELLO `msg` (the server's side):
+    the newest both speak.  A HELLO without `max_protocol` is a v1 client's."""
+    if msg["protocol"] != PROTOCOL_V1:
+        raise ProtocolError(f"protocol version {msg['protocol']} is not supported")
+    top = msg.get("max_protocol", PROTOCOL_V1)
+    if not isinstance(top, int) or isinstance(top, bool) or top < PROTOCOL_V1:
+        raise ProtocolError(f"HELLO has a bad max_protocol {top!r}")
+    return min(top, PROTOCOL_VERSION)
+
+
+def accepted_version(msg: dict[str, Any]) -> int:
+    """The version the server's HELLO `msg` chose (the client's side): a v1 server says
+    1, a newer one the version it agreed; anything this client does not speak is refused."""
+    version = msg["protocol"]
+    if not PROTOCOL_V1 <= version <= PROTOCOL_VERSION:
+        raise ProtocolError(f"recovery site speaks protocol {version}")
+    return int(version)
+
+
+def record_flags(version: int) -> int:
+    """The record flags BUNDLE parts may carry on a connection of `version`."""
+    return FLAGS_KNOWN if version >= 2 else FLAGS_V2
 
 
 def parse_attach_vms(msg: dict[str, Any]) -> list[tuple[str, list[tuple[int, str, int]]]]:

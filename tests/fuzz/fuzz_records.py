@@ -46,7 +46,7 @@ def build(fdp: "atheris.FuzzedDataProvider", first_seq: int) -> bytes:
     out = bytearray()
     seq = first_seq
     for _ in range(fdp.ConsumeIntInRange(1, 4)):
-        kind = fdp.ConsumeIntInRange(0, 3)
+        kind = fdp.ConsumeIntInRange(0, 4)  # 4: a zstd record (segment v3, wire v2)
         vol = fdp.ConsumeIntInRange(1, 2)
         offset = fdp.ConsumeIntInRange(0, 2040) * 512
         if kind == 3:
@@ -55,9 +55,10 @@ def build(fdp: "atheris.FuzzedDataProvider", first_seq: int) -> bytes:
         else:
             length = fdp.ConsumeIntInRange(1, 16) * 512
             data = bytes(length) if kind == 0 else (
-                bytes([fdp.ConsumeInt(1) & 0xFF]) * length if kind == 1
+                bytes([fdp.ConsumeInt(1) & 0xFF]) * length if kind in (1, 4)
                 else fdp.ConsumeBytes(length).ljust(length, b"\1"))
-            rec = records.encode_write(vol, seq, offset, data, 1, compress=kind == 1)
+            rec = records.encode_write(vol, seq, offset, data, 1, compress=kind in (1, 4),
+                                       zstd_level=3 if kind == 4 else 0)
         rec = bytearray(rec)
         # overwrite some header fields below the header CRC, then fix the CRC
         for _ in range(fdp.ConsumeIntInRange(0, 3)):

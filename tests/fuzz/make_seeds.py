@@ -19,6 +19,8 @@ def seeds() -> dict[str, dict[str, bytes]]:
     lz4 = records.encode_write(1, 2, 0, b"\1" * 8192, 1)
     zero = records.encode_write(2, 3, 0, bytes(4096), 1)
     ckpt = records.encode_checkpoint(4, 1, records.CKPT_TAGGED, True, "tag")
+    zstd = records.encode_write(1, 5, 8192, b"zcore " * 682 + b"zcor", 1,
+                                zstd_level=3)
     bundle_payload = wire.BUNDLE_HEAD.pack(1, 4, 1, 0) + wire.PART_HEAD.pack(0, len(write)) \
         + write
     bm = bitmap.DirtyBitmap(64 << 20)
@@ -31,7 +33,7 @@ def seeds() -> dict[str, dict[str, bytes]]:
                                                                        bundle_payload),
                  "attach": b"\x07" + b'{"vms": [["vm", [[1, "a", 4096]]]]}',
                  "ack": b"\0" + wire.ack(1, 5)},
-        "records": {"raw": b"\0" + write + lz4 + zero + ckpt, "built": b"\1" * 64},
+        "records": {"raw": b"\0" + write + lz4 + zero + ckpt + zstd, "built": b"\1" * 64},
         "bitmap": {"file": b"\0" + bm.serialize(), "payload": b"\1" + bm._bm.serialize()},
         "journal_dir": {"a": bytes(range(64)), "b": b"\xff" * 32},
         "nbd": {"read": b"\1" + read, "write": b"\1" + wr,

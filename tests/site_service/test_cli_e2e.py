@@ -179,6 +179,8 @@ def test_the_readme_two_site_flow_through_the_cli_survives_kill_9_of_either_site
     assert shell.json("vpg", "show", "web")["vpg"]["role"] == "protected"
     qemu_io(f"{prod.nbd}/web/web/disk0", "write -P 0xcd 1M 1M")
     after = tag_when_streaming(shell, "after restart")
+    shown = shell.run("vpg", "show", "web").stdout  # the protected side's link compression
+    assert "link compression" in shown and "(saved" in shown, shown
     shell.env["ZCORE_SITE_DIR"] = "dr"
     wait_for("the second tag at dr", lambda: tagged(shell, "after restart"), timeout=60)
     same_image(f"{dr.nbd}/web/web/disk0@{after['id']}", disk)

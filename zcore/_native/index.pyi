@@ -23,7 +23,7 @@ _WritableBuffer: TypeAlias = Buffer | npt.NDArray[np.uint8]
 
 _Loader: TypeAlias = Callable[[int, int, int, int], _Buffer]
 """loader(segment, pos, stored, length) -> the verified, decompressed `length` bytes of
-the LZ4 record whose header is at `pos` of segment `segment` (`stored` payload bytes)."""
+the LZ4 or zstd record whose header is at `pos` of segment `segment` (`stored` payload bytes)."""
 
 @disjoint_base  # a cdef class: holds a C struct, cannot share a layout
 class ExtentIndex:
@@ -100,7 +100,7 @@ class ExtentIndex:
     def read(self, volume: int, offset: int, length: int, at: int, loader: _Loader) -> bytes:
         """Bytes of [offset, offset+length) of `volume` as of checkpoint seq `at`: the
         newest record with seq < `at` for each byte, else the replica.  `loader` is called
-        only for LZ4 records.  Every journal byte returned has passed its CRC32C."""
+        only for LZ4 and zstd records.  Every journal byte returned has passed its CRC32C."""
 
     def read_into(
         self, volume: int, offset: int, buf: _WritableBuffer, at: int, loader: _Loader

@@ -3,7 +3,8 @@
 
 Sits under `zcore.journal`: the journal feeds it every validated record and asks it to
 read a volume as of a checkpoint.  Newest-wins planning and verified copies run in C
-with the GIL released; only LZ4 payloads come back through the journal's loader.
+with the GIL released; only compressed (LZ4, zstd) payloads come back through the journal's
+loader.
 The caller serialises every call on one index (the journal holds its lock).
 """
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
@@ -260,7 +261,7 @@ cdef class ExtentIndex:
         """Bytes of [offset, offset+length) of `volume` as of checkpoint seq `at`.
 
         `loader(segment, pos, stored, length)` returns the verified, decompressed data of
-        an LZ4 record.  Every journal byte returned has passed its CRC32C."""
+        an LZ4 or zstd record.  Every journal byte returned has passed its CRC32C."""
         out = PyBytes_FromStringAndSize(NULL, length)
         self._read_into(volume, offset, length, at, <uint8_t *>PyBytes_AS_STRING(out), loader)
         return out
@@ -304,7 +305,7 @@ cdef class ExtentIndex:
                         st = zc_check_record_header(fd, &fr.ext)
                         if st == 0:
                             memset(out + fr.dst, 0, fr.length)
-                    elif fr.ext.flags & ZC_FLAG_LZ4:
+                    elif fr.ext.flags & ZC_FLAGS_COMPRESSED:
                         st = zc_check_record_header(fd, &fr.ext)
                         pending_lz4 += 1
                     else:
@@ -327,7 +328,7 @@ cdef class ExtentIndex:
         if pending_lz4:
             for i in range(n):
                 fr = &f[i]
-                if fr.ext.type != ZC_REC_RESERVED and fr.ext.flags & ZC_FLAG_LZ4:
+                if fr.ext.type != ZC_REC_RESERVED and fr.ext.flags & ZC_FLAGS_COMPRESSED:
                     data = loader(fr.ext.segment, fr.ext.pos, fr.ext.stored, fr.ext.length)
                     self._copy_lz4(data, fr, out)
         return 0

@@ -52,6 +52,13 @@ REC_CHECKPOINT: Final = 3
 REC_SYNC: Final = 4
 FLAG_LZ4: Final = 0x0001
 FLAG_BLOCKCRC: Final = 0x0002
+FLAG_ZSTD: Final = 0x0004
+FLAGS_KNOWN: Final = 0x0007
+"""Every record flag of the newest version (segment v3, wire protocol v2)."""
+FLAGS_V2: Final = 0x0003
+"""The flags of segments v1-v2 and wire protocol v1 (no FLAG_ZSTD)."""
+FLAGS_COMPRESSED: Final = 0x0005
+"""Flags whose payload is decoded whole (LZ4 block, zstd frame)."""
 
 EXTENT_DTYPE: Final[np.dtype[np.void]]
 """numpy twin of struct zc_extent (48 bytes, little-endian): seq u8, offset u8, pos u8,
@@ -105,9 +112,9 @@ def encode_stored(
     time_ns: int,
     payload: _SizedBuffer = b"",
 ) -> bytes:
-    """A record whose payload is stored as given: an LZ4 block (flags FLAG_LZ4, `length` =
-    uncompressed size), a zero record (no payload) or a checkpoint.  FLAG_BLOCKCRC is
-    refused (ConfigError): raw writes go through encode_raw."""
+    """A record whose payload is stored as given: an LZ4 block or zstd frame (flags FLAG_LZ4
+    or FLAG_ZSTD, `length` = uncompressed size), a zero record (no payload) or a checkpoint.
+    FLAG_BLOCKCRC is refused (ConfigError): raw writes go through encode_raw."""
 
 def parse_header(data: _Buffer) -> tuple[_HeaderFields, int]:
     """Check the 64-byte record header at the start of `data` (CRC, reserved bytes, field
@@ -147,11 +154,13 @@ class ExtentBatch:
         """A numpy copy of the extents (dtype EXTENT_DTYPE)."""
 
 def scan(
-    data: _Buffer, base_pos: int, segment: int, last_seq: int, volume_sizes: _U64Array
+    data: _Buffer, base_pos: int, segment: int, last_seq: int, volume_sizes: _U64Array,
+    flags: int = 0x0007,
 ) -> ExtentBatch:
     """Validate the records of `data` in order (headers, checksums, seq > `last_seq` and
     strictly increasing, volume ranges against `volume_sizes`, bytes by volume id, 0 = not
-    ours).  Never raises for bad records: see ExtentBatch.status and .consumed.  Extents
+    ours; a record with a known flag outside `flags`, the flags of the stream's version,
+    is bad).  Never raises for bad records: see ExtentBatch.status and .consumed.  Extents
     get `segment` and pos = `base_pos` + offset of the record in `data`."""
 
 def native_lz4() -> bool:

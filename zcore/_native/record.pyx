@@ -37,6 +37,10 @@ REC_CHECKPOINT = ZC_REC_CHECKPOINT
 REC_SYNC = ZC_REC_SYNC
 FLAG_LZ4 = ZC_FLAG_LZ4
 FLAG_BLOCKCRC = ZC_FLAG_BLOCKCRC
+FLAG_ZSTD = ZC_FLAG_ZSTD
+FLAGS_KNOWN = ZC_FLAGS_KNOWN
+FLAGS_V2 = ZC_FLAGS_V2
+FLAGS_COMPRESSED = ZC_FLAGS_COMPRESSED
 
 # numpy twin of zc_extent (48 bytes); also the entry layout of segment index files
 EXTENT_DTYPE = np.dtype([
@@ -195,10 +199,12 @@ cdef class ExtentBatch:
 
 
 def scan(data, unsigned long long base_pos, unsigned int segment,
-         unsigned long long last_seq, const uint64_t[::1] volume_sizes):
+         unsigned long long last_seq, const uint64_t[::1] volume_sizes,
+         unsigned int flags=ZC_FLAGS_KNOWN):
     """Validate the records of `data` in order.  Returns an ExtentBatch whose `status` is
     0 when every byte was consumed, else the native status of the first bad record
-    (`consumed` bytes before it are valid)."""
+    (`consumed` bytes before it are valid).  `flags`: the record flags the stream's
+    version has (FLAGS_V2 for a v1-v2 segment or a wire protocol v1 peer)."""
     cdef const uint8_t[::1] d = _bytes_view(data, "bundle")
     cdef ExtentBatch b = ExtentBatch()
     cdef zc_scan_ctx ctx
@@ -211,6 +217,7 @@ def scan(data, unsigned long long base_pos, unsigned int segment,
     ctx.last_seq = last_seq
     ctx.min_time = 0xFFFFFFFFFFFFFFFF
     ctx.max_time = 0
+    ctx.refuse_flags = ZC_FLAGS_KNOWN & ~flags
     with nogil:
         st = zc_scan(&ctx, &d[0] if n else NULL, n, &b.vec, &consumed)
     b.status = st

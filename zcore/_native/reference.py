@@ -33,8 +33,9 @@ MAX_TAG = 1024
 U64 = (1 << 64) - 1
 
 REC_WRITE, REC_ZERO, REC_CHECKPOINT, REC_SYNC = 1, 2, 3, 4
-FLAG_LZ4, FLAG_BLOCKCRC = 0x0001, 0x0002
-FLAGS_KNOWN = FLAG_LZ4 | FLAG_BLOCKCRC
+FLAG_LZ4, FLAG_BLOCKCRC, FLAG_ZSTD = 0x0001, 0x0002, 0x0004
+FLAGS_KNOWN = FLAG_LZ4 | FLAG_BLOCKCRC | FLAG_ZSTD
+FLAGS_V2 = FLAG_LZ4 | FLAG_BLOCKCRC  # segments v1-v2, wire protocol v1
 
 # the status codes are named once, in zcore.errors.Status (the twin of zc_format.h)
 OK = Status.OK
@@ -119,7 +120,7 @@ def check_fields(type_: int, flags: int, volume: int, seq: int, offset: int, len
             return E_RANGE
         if flags == FLAG_BLOCKCRC:
             return OK if stored == blockcrc_table_size(length) + length else E_BAD_RECORD
-        if flags == FLAG_LZ4:
+        if flags in (FLAG_LZ4, FLAG_ZSTD):
             return OK if 1 <= stored <= MAX_PAYLOAD else E_BAD_RECORD
         return E_BAD_RECORD
     if type_ == REC_ZERO:

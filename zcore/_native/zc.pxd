@@ -13,6 +13,10 @@ cdef extern from "zc_format.h":
         ZC_REC_SYNC
         ZC_FLAG_LZ4
         ZC_FLAG_BLOCKCRC
+        ZC_FLAG_ZSTD
+        ZC_FLAGS_KNOWN
+        ZC_FLAGS_V2
+        ZC_FLAGS_COMPRESSED
 
     # the status codes (zcore.errors.Status is their Python twin)
     enum zc_status:
@@ -60,6 +64,7 @@ cdef extern from "zc_record.h" nogil:
         uint64_t last_seq
         uint64_t min_time
         uint64_t max_time
+        uint16_t refuse_flags
 
     void zc_extent_vec_free(zc_extent_vec *vec)
     uint64_t zc_record_size(uint64_t stored)

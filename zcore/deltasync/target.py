@@ -28,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import lz4.block
 import numpy as np
 
 from zcore import records, wire
@@ -268,7 +267,7 @@ class DeltaTarget:
         batch = self._batch(number, vid)
         sizes = np.zeros(vid + 1, dtype=np.uint64)
         sizes[vid] = batch.end  # records must end inside the batch...
-        scanned = _rec.scan(recs, 0, 0, self._last_seq, sizes)
+        scanned = _rec.scan(recs, 0, 0, self._last_seq, sizes, records.FLAGS_V2)  # no zstd (10c.3)
         if scanned.status:
             raise ProtocolError(f"DSYNC_DATA records are invalid: "
                                 f"{status_error(scanned.status, 'checking records')}")
@@ -298,13 +297,12 @@ class DeltaTarget:
             return
         if kind == records.REC_ZERO:
             data = bytes(length)
-        elif flags & records.FLAG_LZ4:
+        elif flags & records.FLAGS_COMPRESSED:
             try:
-                data = lz4.block.decompress(payload, uncompressed_size=length)
-            except lz4.block.LZ4BlockError:
-                data = b""
-            if len(data) != length:
-                raise ProtocolError(f"DSYNC_DATA LZ4 record at {offset} does not decode")
+                data = records.decode_payload(flags, payload, length,
+                                              f"DSYNC_DATA offset {offset}")
+            except CorruptRecordError as exc:
+                raise ProtocolError(str(exc)) from exc
         else:
             data = payload[_rec.blockcrc_table_size(length) :]
         volume.pwrite(offset, data)

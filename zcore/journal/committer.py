@@ -49,7 +49,7 @@ class CommitterMixin(JournalState):
     def _write_mark(self, seg: Segment, fd: int) -> None:
         """Write `seg`'s mark for what its last completed fdatasync covered, when the mark
         on disk states less (no fsync: the caller's next fdatasync carries it)."""
-        if seg.version < segments.SEGMENT_VERSION or seg.synced[0] <= seg.marked_end:
+        if seg.version < segments.SEGMENT_V2 or seg.synced[0] <= seg.marked_end:
             return
         with self._mark_lock:
             end, seq = seg.synced
@@ -64,7 +64,7 @@ class CommitterMixin(JournalState):
         """Make the active segment's mark state everything committed (at close: one more
         fdatasync, so a cleanly closed journal has no unmarked committed bytes)."""
         seg = self._active
-        if seg.version < segments.SEGMENT_VERSION or seg.synced[0] <= seg.marked_end:
+        if seg.version < segments.SEGMENT_V2 or seg.synced[0] <= seg.marked_end:
             return
         try:
             self._write_mark(seg, seg.fd)

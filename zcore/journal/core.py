@@ -210,11 +210,13 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ChangesMixin, ReadThr
         if self._closed:
             raise ClosedError(f"journal {self.path} is closed")
 
-    def append_encoded(self, bundle: bytes | bytearray | memoryview) -> int:
+    def append_encoded(self, bundle: bytes | bytearray | memoryview, *,
+                       flags: int = records.FLAGS_KNOWN) -> int:
         """Append a bundle of records encoded by the protected site, byte for byte.
 
-        Every record is validated first (checksums, order, volume ranges); a bundle with
-        one bad record is refused whole.  Returns the bundle's last seq; it is durable
+        Every record is validated first (checksums, order, volume ranges, record flags
+        within `flags`: those of the peer's wire protocol); a bundle with one bad record is
+        refused whole.  Returns the bundle's last seq; it is durable
         once `commit` (or the automatic group commit) has returned a seq at least as high.
         """
         with self._lock:
@@ -228,7 +230,16 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ChangesMixin, ReadThr
             seg = self._active
             if seg.records and seg.size + size > self._segment_limit():
                 seg = self._rotate()
-            batch = _rec.scan(bundle, seg.size, seg.number, self.last_seq, self._volume_sizes)
+            batch = _rec.scan(bundle, seg.size, seg.number, self.last_seq, self._volume_sizes,
+                              flags)
+            if (not batch.status and seg.version < segments.SEGMENT_VERSION
+                    and np.any(batch.array()["flags"] & (records.FLAGS_KNOWN
+                                                         & ~segments.record_flags(seg.version)))):
+                # a segment of an older version cannot hold these records: they go to one
+                # of the current version (format.md 2)
+                seg = self._rotate() if seg.records else self._restamp(seg)
+                batch = _rec.scan(bundle, seg.size, seg.number, self.last_seq,
+                                  self._volume_sizes, flags)
             if batch.status:
                 raise status_error(
                     batch.status,
@@ -305,6 +316,19 @@ class Journal(LoaderMixin, CommitterMixin, CatalogueMixin, ChangesMixin, ReadThr
         except OSError as exc:  # appending on would go to a segment marked sealed
             raise self._stop(exc, f"sealing segment {old.path}") from exc
         return self._active
+
+    def _restamp(self, seg: Segment) -> Segment:
+        """Rewrite the header of the empty active segment `seg`, of an older version, as
+        the current version's (one 64-byte write inside the first sector, so a crash
+        leaves the old header or the new one; either is a valid empty segment)."""
+        head = segments.pack_header(seg.number, self.journal_id)
+        try:
+            pwrite_all(seg.fd, head, 0)
+            os.fdatasync(seg.fd)
+        except OSError as exc:
+            raise self._stop(exc, f"rewriting the header of {seg.path}") from exc
+        seg.version, seg.head, seg.marked_end = segments.SEGMENT_VERSION, head[:48], 0
+        return seg
 
     def _new_segment(self, number: int) -> Segment:
         seg = segments.create_segment(self.path, number, self.journal_id)

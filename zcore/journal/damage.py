@@ -83,16 +83,17 @@ class Scan:
 
 
 def scan_segment_records(data: Any, start: int, committed_end: int, number: int,
-                         last_seq: int, sizes: np.ndarray) -> Scan:
+                         last_seq: int, sizes: np.ndarray, flags: int) -> Scan:
     """Validate the records of segment `number` (its bytes `data`, records from `start`).
 
     A failure before `committed_end` is damage to committed records: it is recorded and
     the scan resumes at the next intact record.  A failure at or past it ends the scan
-    (for the active segment: a torn unsynced tail)."""
+    (for the active segment: a torn unsynced tail).  `flags`: the record flags of the
+    segment's version (segments.record_flags)."""
     out = Scan([], [], start, 0)
     pos = start
     while True:
-        batch = _rec.scan(data[pos:], pos, number, last_seq, sizes)
+        batch = _rec.scan(data[pos:], pos, number, last_seq, sizes, flags)
         if len(batch):
             out.batches.append((batch, batch.array()))
             last_seq = batch.last_seq

@@ -17,6 +17,7 @@ from zcore import records
 from zcore._native import record as _rec
 from zcore.errors import CorruptRecordError
 from zcore.fsutil import pread_exact
+from zcore.journal import segments
 from zcore.journal.segments import Segment
 from zcore.records import Checkpoint
 
@@ -149,10 +150,21 @@ def read_index(seg: Segment, journal_id: bytes, last_seq: int) -> SegmentIndex |
     version, body, count, ckpt_bytes = checked
     try:
         if version == INDEX_VERSION:
-            return parse_index_v2(seg, last_seq, body, count, ckpt_bytes)
-        return parse_index_v1(seg, last_seq, body, count, ckpt_bytes)
+            index = parse_index_v2(seg, last_seq, body, count, ckpt_bytes)
+        else:
+            index = parse_index_v1(seg, last_seq, body, count, ckpt_bytes)
     except (struct.error, CorruptRecordError):
         return None
+    return index
+
+
+def fits_version(index: SegmentIndex, version: int) -> bool:
+    """False when the index lists a record flag the segment's `version` lacks (zstd in a
+    v1-v2 segment): no record zcore wrote there, so the segment is rescanned, which
+    reports it as damage (format.md 7.3)."""
+    lacks = records.FLAGS_KNOWN & ~segments.record_flags(version)
+    flags = np.frombuffer(index.extents, dtype=records.EXTENT_DTYPE)["flags"]
+    return not np.any(flags & lacks)
 
 
 def tail_max_seq(seg: Segment, journal_id: bytes) -> int | None:

@@ -172,6 +172,8 @@ class LoaderMixin(JournalState):
                     break
                 if seg.fd < 0:
                     self._open_segment(seg)
+                if parsed is not None and not indexfile.fits_version(parsed, seg.version):
+                    parsed = None
                 if parsed is None or not self._adopt_index(seg, parsed, ordered):
                     seg.sealed = False  # collect the extents the rebuilt index needs
                     self._scan_segment(seg, last_seq, is_last=False, ordered=ordered)
@@ -305,10 +307,10 @@ class LoaderMixin(JournalState):
         if not version:
             raise CorruptRecordError(f"segment {seg.path} has a damaged header; the journal "
                                      "needs a resync from that segment")
-        mark = segments.read_mark(data) if version >= segments.SEGMENT_VERSION else None
+        mark = segments.read_mark(data) if version >= segments.SEGMENT_V2 else None
         committed = (mark[0] if mark else 64) if is_last else len(data)
         scan = scan_segment_records(data, 64, committed, seg.number, last_seq,
-                                    self._volume_sizes)
+                                    self._volume_sizes, segments.record_flags(version))
         for batch, arr in scan.batches:
             self._take_batch(seg, batch, arr, self._batch_checkpoints(arr, data, 0), ordered)
         found = seg.max_seq if seg.records else last_seq

@@ -17,8 +17,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-import lz4.block
-
 from zcore import records
 from zcore._native import record as _rec
 from zcore.errors import (
@@ -36,7 +34,7 @@ from zcore.records import Checkpoint
 
 
 class Lz4Cache:
-    """Decompressed LZ4 payloads by (segment, pos), least recently used dropped first.
+    """Decompressed payloads (LZ4, zstd) by (segment, pos), least recently used dropped first.
     Not thread-safe: used under the journal's index lock."""
 
     def __init__(self, limit: int = LZ4_CACHE_BYTES) -> None:
@@ -183,7 +181,8 @@ class ReadThroughMixin(JournalState):
         return out
 
     def _load_lz4(self, segment: int, pos: int, stored: int, length: int) -> bytes:
-        """The native reader's loader for LZ4 records (called under the index lock)."""
+        """The native reader's loader for compressed (LZ4, zstd) records (called under the
+        index lock)."""
         key = (segment, pos)
         cached = self._lz4_cache.get(key)
         if cached is not None:
@@ -194,12 +193,9 @@ class ReadThroughMixin(JournalState):
         raw = pread_exact(seg.fd, 64 + stored, pos,
                           what=f"segment {seg.path} (inside the record at {pos})")
         _rec.verify_payload(raw[:64], memoryview(raw)[64:])
-        try:
-            data: bytes = lz4.block.decompress(memoryview(raw)[64:], uncompressed_size=length)
-        except lz4.block.LZ4BlockError as exc:
-            raise CorruptRecordError(f"LZ4 record at {seg.path}:{pos} fails to decode") from exc
-        if len(data) != length:
-            raise CorruptRecordError(f"LZ4 record at {seg.path}:{pos} decodes to a wrong size")
+        flags = int.from_bytes(raw[2:4], "little")  # the header passed its CRC just now
+        data = records.decode_payload(flags, memoryview(raw)[64:], length,
+                                      f"{seg.path}:{pos}")
         self._lz4_cache.put(key, data)
         return data
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import time
 
-import lz4.block
 import numpy as np
 import numpy.typing as npt
 
@@ -26,7 +25,7 @@ from zcore.errors import (
 from zcore.fsutil import preadinto_exact
 from zcore.journal.damage import scan_segment_records
 from zcore.journal.meta import write_meta
-from zcore.journal.segments import Segment
+from zcore.journal.segments import Segment, record_flags
 from zcore.journal.state import JournalState
 
 
@@ -186,7 +185,8 @@ class RetentionMixin(JournalState):
         preadinto_exact(seg.fd, view, 0, what=f"segment {seg.path} (shorter than recorded)")
         # records quarantined at reopen are stepped over (their damage stays recorded);
         # damage found only now is recorded and refused this once (damage.py)
-        scan = scan_segment_records(view, 64, seg.size, seg.number, 0, self._volume_sizes)
+        scan = scan_segment_records(view, 64, seg.size, seg.number, 0, self._volume_sizes,
+                                    record_flags(seg.version))
         if scan.status:
             raise status_error(scan.status, f"promoting from segment {seg.path}")
         if self._new_damage(scan.damage):
@@ -214,15 +214,9 @@ class RetentionMixin(JournalState):
                                                     length, resuming=resuming)
                 touched.add(volume)
                 continue
-            if flags & records.FLAG_LZ4:
-                try:
-                    payload = lz4.block.decompress(view[pos : pos + stored],
-                                                   uncompressed_size=length)
-                except lz4.block.LZ4BlockError:
-                    payload = b""
-                if len(payload) != length:
-                    raise CorruptRecordError(f"LZ4 record seq {seq} in {seg.path} does not "
-                                             f"decode to its {length} bytes")
+            if flags & records.FLAGS_COMPRESSED:
+                payload = records.decode_payload(flags, view[pos : pos + stored], length,
+                                                 f"seq {seq} in {seg.path}")
             else:
                 start = pos + _rec.blockcrc_table_size(length)
                 payload = view[start : start + length]

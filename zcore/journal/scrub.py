@@ -169,7 +169,8 @@ class ScrubMixin(JournalState):
             if not good:
                 report.damage.append(Damage(DamageKind.SEGMENT, str(path), 0, 64,
                                             detail=why))
-            extents, clean = self._scrub_records(report, path, number, data, seqs)
+            flags = segments.record_flags(good or segments.SEGMENT_VERSION)
+            extents, clean = self._scrub_records(report, path, number, data, seqs, flags)
             if sealed and clean and got == size:
                 self._scrub_index(report, path, number, fd, size, extents, seqs)
             return True
@@ -177,14 +178,15 @@ class ScrubMixin(JournalState):
             os.close(fd)
 
     def _scrub_records(self, report: ScrubReport, path: Path, number: int,
-                       data: memoryview, seqs: tuple[int, int]) -> tuple[np.ndarray, bool]:
+                       data: memoryview, seqs: tuple[int, int],
+                       flags: int) -> tuple[np.ndarray, bool]:
         """Scan the records of a segment's bytes, going on after a record whose header
         still holds (its payload failed); returns the good extents and whether all were."""
         parts = []
         pos, end, last = 64, len(data), 0
         clean = True
         while pos < end:
-            batch = _rec.scan(data[pos:end], pos, number, 0, self._volume_sizes)
+            batch = _rec.scan(data[pos:end], pos, number, 0, self._volume_sizes, flags)
             arr = batch.array()
             parts.append(arr)
             report.records += len(arr)

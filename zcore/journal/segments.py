@@ -20,8 +20,10 @@ from zcore.errors import CorruptRecordError, FormatVersionError
 from zcore.fsutil import fsync_dir, preadinto_upto, pwrite_all
 
 SEGMENT_MAGIC = b"ZCJSEG\r\n"
-SEGMENT_VERSION = 2  # v2: durable-length mark in bytes 48..59, header CRC over 0..47
+SEGMENT_VERSION = 3  # v3: the v2 layout; its records may be zstd (FLAG_ZSTD, format 4.5a)
+SEGMENT_V2 = 2  # v2: durable-length mark in bytes 48..59, header CRC over 0..47; still read
 SEGMENT_V1 = 1  # v1: bytes 48..59 reserved, header CRC over 0..59; still read
+SEGMENT_VERSIONS = (SEGMENT_V1, SEGMENT_V2, SEGMENT_VERSION)
 SEGMENT_HEADER = struct.Struct("<8sII Q 16s Q 12x I")  # 64 bytes, crc last
 assert SEGMENT_HEADER.size == 64
 # The durable-length mark (v2): committed end / 64, low 32 bits of the last committed
@@ -71,7 +73,7 @@ def list_segments(directory: Path) -> dict[int, int]:
 
 
 def pack_header(number: int, journal_id: bytes) -> bytes:
-    """A v2 header with no mark (bytes 48..59 zero)."""
+    """A header of the current version with no mark (bytes 48..59 zero)."""
     head = SEGMENT_HEADER.pack(SEGMENT_MAGIC, SEGMENT_VERSION, 64, number, journal_id,
                                time.time_ns(), 0)
     return head[:60] + struct.pack("<I", _rec.crc32c(head[:48]))
@@ -85,14 +87,19 @@ def check_header(path: Path, number: int, journal_id: bytes, head: bytes | memor
     magic, version, hsize, num, jid, _created, crc = SEGMENT_HEADER.unpack(head[:64])
     if magic != SEGMENT_MAGIC:
         return 0
-    covered = 48 if version == SEGMENT_VERSION else 60
+    covered = 48 if version >= SEGMENT_V2 else 60
     if _rec.crc32c(head[:covered]) != crc:
         return 0
-    if version not in (SEGMENT_V1, SEGMENT_VERSION):
+    if version not in SEGMENT_VERSIONS:
         raise FormatVersionError(f"segment {path} has format version {version}")
     if hsize != 64 or num != number or jid != journal_id:
         raise CorruptRecordError(f"segment {path} belongs to another journal or slot")
     return int(version)
+
+
+def record_flags(version: int) -> int:
+    """The record flags a segment of `version` may hold (zstd from v3 on)."""
+    return _rec.FLAGS_KNOWN if version >= SEGMENT_VERSION else _rec.FLAGS_V2
 
 
 def pack_mark(head: bytes, end: int, seq: int) -> bytes | None:

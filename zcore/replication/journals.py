@@ -163,7 +163,7 @@ class VPGReceiver:
                     journal = self.journals[self.vms[vm_index]]
                     fresh = _skip_existing(part, journal.last_seq)
                     if len(fresh):
-                        journal.append_encoded(fresh)
+                        journal.append_encoded(fresh, flags=conn.record_flags)
                         touched.add(self.vms[vm_index])
             except JournalFullError as exc:
                 conn.fail_threadsafe(f"VPG {self.name}: {exc}", channel)

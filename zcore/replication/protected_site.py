@@ -41,9 +41,7 @@ class ProtectedSite:
         self.replications: dict[str, Replication] = {}
 
     def hello(self) -> bytes:
-        return wire.control(wire.HELLO, protocol=wire.PROTOCOL_VERSION,
-                            site_id=self.identity.site_id, site_name=self.identity.name,
-                            role="protected")
+        return wire.client_hello("protected", self.identity.site_id, self.identity.name)
 
     def recovery_peer(self) -> Peer:
         peers = self.peers.all()

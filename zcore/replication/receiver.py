@@ -23,7 +23,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from zcore import wire
+from zcore import records, wire
 from zcore.deltasync import DeltaTarget
 from zcore.errors import ProtocolError, ZcoreError
 from zcore.replication import timing
@@ -56,6 +56,8 @@ class RecoveryConnection(asyncio.BufferedProtocol):
         self.peer: Peer | None = None
         self.pairing = False
         self.greeted = False
+        self.protocol = 0  # the version HELLO agreed (docs/format.md 10.3)
+        self.record_flags = records.FLAGS_V2  # what its BUNDLE records may carry
         self.closed = False
         self.channels: dict[int, VPGReceiver] = {}
         self.queued = 0  # bundle bytes received and not yet acknowledged
@@ -173,15 +175,16 @@ class RecoveryConnection(asyncio.BufferedProtocol):
             raise ProtocolError(f"unexpected {f.name}")
 
     def _hello(self, msg: dict[str, Any]) -> None:
-        if msg["protocol"] != wire.PROTOCOL_VERSION:
-            raise ProtocolError(f"protocol version {msg['protocol']} is not supported")
+        version = wire.negotiate(msg)
         if msg["role"] != "protected":
             raise ProtocolError("only protected sites connect to a recovery site")
         self.greeted = True
+        self.protocol = version
+        self.record_flags = wire.record_flags(version)  # a v1 peer's bundles hold no zstd
         if not self.pairing:
             self.reader.max_payload = wire.MAX_PAYLOAD
         identity = self.site.identity
-        self._send(wire.control(wire.HELLO, protocol=wire.PROTOCOL_VERSION,
+        self._send(wire.control(wire.HELLO, protocol=version,
                                 site_id=identity.site_id, site_name=identity.name,
                                 role="recovery"))
 

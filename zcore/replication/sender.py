@@ -19,14 +19,18 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from zcore import wire
+import numpy as np
+
+from zcore import records, wire
 from zcore.errors import ProtocolError, StateError, ZcoreError
-from zcore.records import Checkpoint
+from zcore.records import Checkpoint, Codec, CodecChoice
 from zcore.replication import timing
+from zcore.replication.compression import CompressionController
 from zcore.replication.deltasend import attach_fields, run_delta_source, run_resync_compare
 from zcore.replication.status import ReplicationStatus, ThroughputMeter, replication_state
 from zcore.security import SERVER_NAME, client_context, fingerprint
 from zcore.vpg import VPG, DeltaSyncReport, ResyncReport, VPGMode
+from zcore.vpg.core import CodecUse
 
 if TYPE_CHECKING:
     from zcore.replication.protected_site import ProtectedSite
@@ -94,6 +98,10 @@ class Replication:
         self.paused = False
         self.sent_seq = 0
         self.last_error = ""
+        self.protocol = 0  # the wire protocol version of the session (0: none yet)
+        # adaptive compression: how the stream seals the next bundles (compression.py)
+        self.compression = CompressionController(vpg)
+        self._sent_use: dict[str, CodecUse] = {}  # what went to the link, per encoding
         self._rate = ThroughputMeter()
         self._inflight: deque[tuple[int, int]] = deque()  # (last seq, data bytes)
         self._task: asyncio.Task[None] | None = None
@@ -288,8 +296,8 @@ class Replication:
         """HELLO and ATTACH; returns the recovery site's durable seq for the VPG."""
         writer.write(self.site.hello())
         hello = await asyncio.wait_for(frames.expect(wire.HELLO), timing.HANDSHAKE_TIMEOUT)
-        if hello["protocol"] != wire.PROTOCOL_VERSION:
-            raise ProtocolError(f"recovery site speaks protocol {hello['protocol']}")
+        self.protocol = wire.accepted_version(hello)
+        self.compression.reset(zstd_allowed=self.protocol >= 2)  # a v1 peer has no zstd
         writer.write(wire.control(wire.ATTACH, self.CHANNEL, **self.attach_message()))
         attached = await asyncio.wait_for(frames.expect(wire.ATTACHED),
                                           timing.HANDSHAKE_TIMEOUT)
@@ -349,16 +357,32 @@ class Replication:
         loop = asyncio.get_running_loop()
         vm_index = {name: i for i, name in enumerate(self.vpg.vms)}
         priority = self.vpg.settings.priority
+        clock, compression = time.monotonic, self.compression
         while True:
             await self._resume.wait()
+            compression.tick()
             bundles = await loop.run_in_executor(None, self.vpg.wait_bundles,
                                                  self.sent_seq, 0.1)
             for b in bundles:
                 if b.last_seq <= self.sent_seq:
                     continue
                 await self._resume.wait()
-                await self.site.throttle.acquire(b.encoded_bytes, priority)
                 parts = [(vm_index[vm], data) for vm, data in b.parts.items() if data]
+                size, sent = b.encoded_bytes, b.codec
+                now = self.vpg.link_codec
+                if b.codec.codec == Codec.ZSTD and self.protocol < 2:
+                    # sealed with zstd before the link went to a v1 peer: raw for it
+                    parts, size = await loop.run_in_executor(None, self._recode, parts, None)
+                    sent = CodecChoice(Codec.NONE)
+                elif (now.codec == Codec.ZSTD and b.codec.codec != Codec.ZSTD
+                      and self.vpg.settings.compression):
+                    # sealed ahead of the link before zstd was chosen (the buffer lets
+                    # the stream run up to half of it ahead): zstd now, off the loop
+                    parts, size = await loop.run_in_executor(None, self._recode, parts, now)
+                    sent = now
+                self._count_sent(sent, b.data_bytes, size)
+                t = clock()
+                await self.site.throttle.acquire(size, priority)
                 writer.writelines(wire.bundle_frames(self.CHANNEL, b.first_seq, b.last_seq,
                                                      parts))
                 if not self._inflight:  # the ack clock starts at the first unacked send
@@ -366,6 +390,26 @@ class Replication:
                 self._inflight.append((b.last_seq, b.data_bytes))
                 self.sent_seq = b.last_seq
                 await writer.drain()
+                compression.waited(clock() - t)  # the link's share of the time
+                compression.tick()
+
+    def _recode(self, parts: list[tuple[int, bytes | bytearray]], to: CodecChoice | None
+                ) -> tuple[list[tuple[int, bytes | bytearray]], int]:
+        """The parts re-encoded for the link: zstd at `to`'s level, or without zstd (None)."""
+        sizes = np.zeros(max(self.vpg.volumes, default=-1) + 1, dtype=np.uint64)
+        for vid, vol in self.vpg.volumes.items():
+            sizes[vid] = vol.size
+        saving = self.vpg.settings.lz4_min_saving
+        out: list[tuple[int, bytes | bytearray]] = [
+            (i, records.unzstd_part(data, sizes) if to is None else
+             records.zstd_part(data, to.level, sizes, saving)) for i, data in parts]
+        return out, sum(len(d) for _, d in out)
+
+    def _count_sent(self, codec: CodecChoice, data_bytes: int, encoded_bytes: int) -> None:
+        key = str(codec)
+        use = self._sent_use.get(key, CodecUse())
+        self._sent_use[key] = CodecUse(use.bundles + 1, use.data_bytes + data_bytes,
+                                       use.encoded_bytes + encoded_bytes)
 
     async def _recv_loop(self, frames: FrameStream) -> None:
         while True:
@@ -451,7 +495,12 @@ class Replication:
             buffer_used=s.buffer_used, buffer_bytes=s.buffer_bytes, sent_seq=self.sent_seq,
             acked_seq=s.acked_seq, connected=self.connected,
             sync_total_bytes=s.sync_total_bytes, sync_done_bytes=s.sync_done_bytes,
-            last_error=self.last_error)
+            last_error=self.last_error, codec=s.link_codec,
+            bytes_saved=sum(u.data_bytes - u.encoded_bytes for u in self._sent_use.values()),
+            compression={k: asdict(v) for k, v in self._sent_use.items()},
+            link_wait=round(self.compression.load.link_wait, 3),
+            sealer_busy=round(self.compression.load.sealer_busy, 3),
+            protocol=self.protocol)
 
 
 def _quiet_call(fn: Callable[..., None], *args: Any) -> None:

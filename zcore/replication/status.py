@@ -65,6 +65,16 @@ class ReplicationStatus:
     sync_total_bytes: int
     sync_done_bytes: int
     last_error: str
+    # adaptive compression (zcore.replication.compression): the encoding bundles are
+    # sealed with now ("lz4", "zstd-3", "none"), the data bytes less the bytes sent to the
+    # link since start, per encoding sent {bundles, data_bytes, encoded_bytes}, and the
+    # smoothed load behind the choice
+    codec: str = "lz4"
+    bytes_saved: int = 0
+    compression: dict[str, dict[str, int]] = field(default_factory=dict)
+    link_wait: float = 0.0  # fraction of time the sender waited for the link
+    sealer_busy: float = 0.0  # CPU seconds per second the stream spent sealing
+    protocol: int = 0  # wire protocol version of the session (0: none yet)
 
 
 @dataclass

@@ -301,7 +301,8 @@ class LiveSiteBackend(DbSiteBackend):
             history_seconds_configured=record.settings.get("history_seconds"),
             journal_limit_bytes=record.settings.get("journal_hard_limit_bytes"),
             sync_progress=(done / total if total else 0.0) if syncing else None,
-            sync_eta_seconds=eta)
+            sync_eta_seconds=eta, compression=s.codec, compression_bytes_saved=s.bytes_saved,
+            compression_use=s.compression)
 
     def _recovery_status(self, record: VpgRecord) -> VpgStatus:
         s = self.rt.recovery_vpg(record.name).status()

@@ -532,6 +532,12 @@ class VPG(VPGStream):
         return self._acked_seq
 
     @property
+    def seal_cpu_seconds(self) -> float:
+        """Thread CPU seconds the stream has spent sealing bundles (encoding included):
+        the compression controller's measure of the sealer's load."""
+        return self._seal_cpu
+
+    @property
     def stream_rounds(self) -> int:
         """Rounds the stream thread has run since the VPG was made: an idle or stalled
         VPG adds about one per `bundle_age`, so a spinning thread shows here."""
@@ -590,5 +596,10 @@ class VPG(VPGStream):
                 checkpoints_lost=self._tagged.lost,
                 delta_sync=self._delta_report,
                 resync=self._resync_report,
+                link_codec=str(self.link_codec if self.settings.compression
+                               else records.CodecChoice(records.Codec.NONE)),
+                compression=dict(self._codec_use),
+                bytes_saved=sum(u.data_bytes - u.encoded_bytes
+                                for u in self._codec_use.values()),
             )
 

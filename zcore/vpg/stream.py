@@ -16,8 +16,9 @@ import time
 import numpy as np
 import numpy.typing as npt
 
-from zcore.records import Checkpoint, CheckpointKind
-from zcore.vpg.core import Bundle, log
+from zcore import records
+from zcore.records import Checkpoint, CheckpointKind, Codec, CodecChoice
+from zcore.vpg.core import Bundle, CodecUse, log
 from zcore.vpg.settings import SEQ_RESERVE, VPGMode
 from zcore.vpg.syncs import VPGSyncs
 
@@ -88,27 +89,49 @@ class VPGStream(VPGSyncs):
         sealed = False
         names = self._vm_names
         vm_of_volume = self._vm_of_volume  # once per round, not once per bundle
+        sizes: npt.NDArray[np.uint64] | None = None
         while self._pending_bytes < limit:
+            # the link's encoding (zcore.replication.compression): LZ4 natively, or raw
+            # natively and then zstd here (python-zstandard releases the GIL), or raw
+            choice = (self.link_codec if self.settings.compression
+                      else CodecChoice(Codec.NONE))
+            cpu0 = time.thread_time()
             batch = ring.seal(self.settings.bundle_bytes, vm_of_volume, len(names),
-                              self.settings.compression, self.settings.lz4_min_saving)
+                              choice.codec == Codec.LZ4, self.settings.lz4_min_saving)
             if batch is None:
+                self._seal_cpu += time.thread_time() - cpu0
                 break
             self._last_seal_ns = time.time_ns()
             if batch.entries == 0:
+                self._seal_cpu += time.thread_time() - cpu0
                 continue
+            parts: list[bytes | bytearray] = list(batch.parts)
+            encoded = batch.encoded_bytes
+            if choice.codec == Codec.ZSTD:
+                if sizes is None:
+                    sizes = self._volume_sizes
+                parts = [records.zstd_part(p, choice.level, sizes, self.settings.lz4_min_saving)
+                         if p else p for p in parts]
+                encoded = sum(len(p) for p in parts)
+            self._seal_cpu += time.thread_time() - cpu0
+            key = str(choice)
+            use = self._codec_use.get(key, CodecUse())
+            self._codec_use[key] = CodecUse(use.bundles + 1, use.data_bytes + batch.data_bytes,
+                                            use.encoded_bytes + encoded)
             ckpts = tuple(Checkpoint.from_payload(seq, t, payload)
                           for seq, t, payload in batch.checkpoints)
             bundle = Bundle(
                 first_seq=batch.first_seq,
                 last_seq=batch.last_seq,
-                parts=dict(zip(names, batch.parts, strict=True)),
+                parts=dict(zip(names, parts, strict=True)),
                 data_bytes=batch.data_bytes,
-                encoded_bytes=batch.encoded_bytes,
+                encoded_bytes=encoded,
                 oldest_time_ns=batch.oldest_time_ns,
                 volumes=batch.volumes,
                 offsets=batch.offsets,
                 lengths=batch.lengths,
                 checkpoints=ckpts,
+                codec=choice,
             )
             self._pending.append(bundle)
             self._pending_bytes += bundle.encoded_bytes
@@ -123,6 +146,13 @@ class VPGStream(VPGSyncs):
     @property
     def _vm_names(self) -> list[str]:
         return list(self.vms)
+
+    @property
+    def _volume_sizes(self) -> npt.NDArray[np.uint64]:
+        out = np.zeros(len(self.volumes), dtype=np.uint64)
+        for vid, vol in self.volumes.items():
+            out[vid] = vol.size
+        return out
 
     @property
     def _vm_of_volume(self) -> npt.NDArray[np.uint32]:

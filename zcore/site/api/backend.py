@@ -102,6 +102,12 @@ class VpgStatus:
     operation_state: str | None = None
     scratch_used_bytes: int | None = None
     scratch_limit_bytes: int | None = None
+    # protected site: the link's adaptive compression (zcore.replication.compression): the
+    # encoding bundles are sealed with now, the bytes it saved since start, and per
+    # encoding {bundles, data_bytes, encoded_bytes}
+    compression: str | None = None
+    compression_bytes_saved: int | None = None
+    compression_use: dict[str, dict[str, int]] | None = None
 
 
 @dataclass(frozen=True)

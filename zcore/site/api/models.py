@@ -223,6 +223,13 @@ class VpgStatus(Model):
     scratch_used_bytes: int | None = Field(
         default=None, description="a running failover test's scratch use over its volumes")
     scratch_limit_bytes: int | None = None
+    compression: str | None = Field(
+        default=None, description="protected site: the link's encoding now (lz4, zstd-3, "
+                                  "none), chosen by the adaptive compression")
+    compression_bytes_saved: int | None = Field(
+        default=None, description="data bytes less the bytes sealed for the link, since start")
+    compression_use: dict[str, dict[str, int]] | None = Field(
+        default=None, description="per encoding: bundles, data_bytes, encoded_bytes")
 
 
 # -- activity ----------------------------------------------------------------------------

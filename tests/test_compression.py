@@ -1,0 +1,350 @@
+"""Adaptive compression on the link (zcore/replication/compression.py, issue 14): the
+decision, the one payload decoder, zstd records through every journal reader, and a
+replication over a throttled link that picks zstd and reads back exact."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import struct
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import zstandard
+from helpers.replication import (
+    KiB,
+    MiB,
+    Model,
+    catch_up,
+    checkpoint,
+    fast_timeouts,
+    make_vpg,
+    pair_sites,
+    verify_journals,
+    wait_until,
+)
+
+from zcore import records, wire
+from zcore._native import record as _rec
+from zcore.errors import ChecksumError, CorruptRecordError, ProtocolError, ZcoreError
+from zcore.journal import Journal, VolumeSpec
+from zcore.records import LZ4_CHOICE, Codec, CodecChoice
+from zcore.replication import ProtectedSite, RecoverySite
+from zcore.replication.compression import (
+    CPU_BOUND,
+    LINK_BOUND,
+    LINK_FREE,
+    WINDOW,
+    ZSTD_HIGH,
+    ZSTD_LOW,
+    CompressionController,
+    LinkLoad,
+    choose,
+)
+from zcore.vpg import VPGSettings
+
+NONE = CodecChoice(Codec.NONE)
+ZSTD3 = CodecChoice(Codec.ZSTD, ZSTD_HIGH)
+TEXT = (b"the quick brown fox jumps over the lazy dog; zcore journals every write. " * 60)
+
+
+def text(n: int, seed: int = 0) -> bytes:
+    rng = random.Random(seed)
+    words = TEXT.split()
+    out = bytearray()
+    while len(out) < n:
+        out += rng.choice(words) + b" "
+    return bytes(out[:n])
+
+
+# ---- the decision ------------------------------------------------------------------------
+
+def test_link_bound_with_cpu_to_spare_picks_zstd_at_the_high_level():
+    assert choose(LinkLoad(0.9, 0.05), LZ4_CHOICE) == ZSTD3
+
+
+def test_cpu_bound_with_a_free_link_turns_compression_off():
+    assert choose(LinkLoad(0.0, 0.95), LZ4_CHOICE) == NONE
+    assert choose(LinkLoad(0.1, 0.7), NONE) == NONE  # stays off until the load falls
+    assert choose(LinkLoad(0.1, 0.5), NONE) == LZ4_CHOICE
+
+
+def test_neither_bound_or_both_bound_keeps_lz4():
+    assert choose(LinkLoad(0.1, 0.1), LZ4_CHOICE) == LZ4_CHOICE
+    assert choose(LinkLoad(0.9, 0.95), LZ4_CHOICE) == LZ4_CHOICE
+    assert choose(LinkLoad(0.9, 0.95), ZSTD3) == LZ4_CHOICE  # zstd made the sealer the limit
+
+
+def test_zstd_is_not_turned_on_when_the_sealer_would_not_keep_up_with_it():
+    assert choose(LinkLoad(0.9, 0.3), LZ4_CHOICE) == LZ4_CHOICE
+
+
+def test_zstd_steps_down_a_level_as_the_sealer_gets_busy_and_has_hysteresis():
+    assert choose(LinkLoad(0.9, 0.5), ZSTD3) == CodecChoice(Codec.ZSTD, ZSTD_LOW)
+    between = (LINK_FREE + LINK_BOUND) / 2
+    assert choose(LinkLoad(between, 0.1), ZSTD3) == ZSTD3  # stays on...
+    assert choose(LinkLoad(between, 0.1), LZ4_CHOICE) == LZ4_CHOICE  # ...but does not start
+    assert choose(LinkLoad(LINK_FREE / 2, 0.1), ZSTD3) == LZ4_CHOICE
+    assert choose(LinkLoad(0.9, CPU_BOUND), ZSTD3) == LZ4_CHOICE
+
+
+def test_a_v1_peer_never_gets_zstd():
+    assert choose(LinkLoad(1.0, 0.0), LZ4_CHOICE, zstd_allowed=False) == LZ4_CHOICE
+
+
+def test_controller_smooths_windows_and_applies_the_choice():
+    vpg = SimpleNamespace(link_codec=LZ4_CHOICE, seal_cpu_seconds=0.0)
+    ctl = CompressionController(vpg)
+    ctl.reset(zstd_allowed=True)
+    t = ctl._t0
+    for i in range(1, 6):  # windows where the sender waited for the link all the time
+        ctl.waited(WINDOW)
+        vpg.seal_cpu_seconds += 0.01
+        ctl.tick(t + i * WINDOW)
+    assert vpg.link_codec == ZSTD3 and ctl.load.link_wait > 0.9
+    ctl.reset(zstd_allowed=False)  # a v1 peer next: zstd goes at once
+    assert vpg.link_codec == LZ4_CHOICE
+    ctl.enabled = False
+    ctl.reset(zstd_allowed=True)
+    ctl.waited(WINDOW)
+    assert ctl.tick(ctl._t0 + WINDOW) == LZ4_CHOICE
+
+
+# ---- the one decoder, and zstd parts ---------------------------------------------------------
+
+def test_corrupt_zstd_payloads_raise_corrupt_record_error_and_return_nothing():
+    data = text(8192)
+    frame = records.zstd_compress(data, 3)
+    assert records.decode_payload(records.FLAG_ZSTD, frame, len(data), "t") == data
+    other = records.zstd_compress(data[:4096], 3)
+    bad = {
+        "truncated": frame[:-3],
+        "trailing bytes": frame + b"\0",
+        "two frames": frame + other,
+        "declares another size": other,
+        "no content size": zstandard.ZstdCompressor(write_content_size=False).compress(data),
+        "garbage": b"\x28\xb5\x2f\xfd" + bytes(60),
+        "not zstd": b"hello world",
+        "empty": b"",
+    }
+    for why, payload in bad.items():
+        with pytest.raises(CorruptRecordError):
+            records.decode_payload(records.FLAG_ZSTD, payload, len(data), why)
+    with pytest.raises(CorruptRecordError):
+        records.decode_payload(records.FLAG_LZ4, b"\xff" * 20, 4096, "lz4")
+
+
+def test_zstd_part_and_back_keep_every_record_exact():
+    sizes = np.array([1 << 20, 1 << 20], dtype=np.uint64)
+    rng = random.Random(3)
+    recs = [records.encode_write(0, 1, 0, text(8192, 1), 11, compress=False),
+            records.encode_write(1, 2, 4096, rng.randbytes(4096), 12, compress=False),
+            records.encode_checkpoint(3, 13, records.CKPT_AUTO, True, None),
+            records.encode_write(0, 4, 65536, bytes(4096), 14),
+            records.encode_write(1, 5, 0, text(512, 2), 15, compress=False, sync=True)]
+    part = b"".join(recs)
+    z = records.zstd_part(part, 3, sizes)
+    assert len(z) < len(part)
+    exts = _rec.scan(z, 0, 0, 0, sizes).array()
+    assert exts["flags"].tolist() == [records.FLAG_ZSTD, records.FLAG_BLOCKCRC, 0, 0,
+                                      records.FLAG_ZSTD]
+    assert exts["type"].tolist()[-1] == records.REC_SYNC
+    assert records.unzstd_part(z, sizes) == part  # raw again, byte for byte
+    with pytest.raises(ZcoreError):
+        records.zstd_part(part[:-64], 3, sizes)
+    # an LZ4 record sealed before zstd was chosen becomes zstd where the frame is smaller
+    lz4 = records.encode_write(0, 6, 0, text(16384, 4), 16)
+    assert _rec.parse_header(lz4[:64])[0]["flags"] == records.FLAG_LZ4
+    z = records.zstd_part(lz4, 3, sizes)
+    head, _ = _rec.parse_header(z[:64])
+    assert head["flags"] == records.FLAG_ZSTD and head["stored"] < _rec.parse_header(
+        lz4[:64])[0]["stored"]
+    assert records.decode_payload(head["flags"], z[64 : 64 + head["stored"]], 16384,
+                                  "t") == text(16384, 4)
+
+
+# ---- journal readers of zstd records --------------------------------------------------------
+
+def _zstd_journal(tmp_path, settings=None):
+    vols = [VolumeSpec(0, "d0", 1 * MiB), VolumeSpec(1, "d1", 256 * KiB)]
+    journal = Journal.create(tmp_path / "j", vols, vm="vm")
+    rng = random.Random(5)
+    model = {0: bytearray(1 * MiB), 1: bytearray(256 * KiB)}
+    for i in range(40):
+        vid = i % 2
+        n = rng.randrange(1, 33) * 512
+        off = rng.randrange(0, (len(model[vid]) - n) // 512 + 1) * 512
+        data = text(n, i) if i % 3 else rng.randbytes(n)
+        rec = records.encode_write(vid, journal.last_seq + 1, off, data, 1, zstd_level=3)
+        journal.append_encoded(rec)
+        model[vid][off : off + n] = data
+    c = journal.checkpoint("zstd")
+    return journal, model, c
+
+
+def test_views_promotion_and_head_view_read_zstd_records_exactly(tmp_path):
+    journal, model, c = _zstd_journal(tmp_path)
+    with journal.view(c) as view:
+        for vid, image in model.items():
+            assert view.read(vid, 0, len(image)) == image
+            assert view.read(vid, 4096 + 512, 9000 // 512 * 512) == \
+                image[4608 : 4608 + 9000 // 512 * 512]
+    journal.commit()  # what a resync's compare (delta sync, compare mode) reads
+    assert journal.head_view().read(0, 0, len(model[0])) == model[0]
+    journal.promote_to(c.seq)
+    journal.close()
+    for vid, image in model.items():
+        got = (tmp_path / "j" / f"replica-{vid:04d}.img").read_bytes()
+        assert got + bytes(len(image) - len(got)) == image
+    journal = Journal.open(tmp_path / "j")
+    with journal.view(journal.checkpoints()[-1]) as view:
+        assert view.read(1, 0, len(model[1])) == model[1]
+    journal.close()
+
+
+def test_a_flipped_byte_in_a_zstd_payload_is_a_checksum_error_never_data(tmp_path):
+    journal, model, c = _zstd_journal(tmp_path)
+    seg = journal.segments()[-1].path
+    journal.close()
+    raw = bytearray(seg.read_bytes())
+    sizes = np.array([1 * MiB, 256 * KiB], dtype=np.uint64)
+    exts = _rec.scan(bytes(raw[64:]), 64, 1, 0, sizes).array()
+    z = next(e for e in exts if e["flags"] == records.FLAG_ZSTD)
+    raw[int(z["pos"]) + 64 + int(z["stored"]) // 2] ^= 0x10
+    journal = Journal.open(tmp_path / "j")
+    with journal.view(c) as view:  # intact: reads back
+        off, n = int(z["offset"]), int(z["length"])
+        assert view.read(int(z["volume"]), off, n) == model[int(z["volume"])][off : off + n]
+    journal.close()
+    seg.write_bytes(bytes(raw))  # damaged after the journal accepted it
+    journal = Journal.open(tmp_path / "j")
+    try:
+        with journal.view(journal.checkpoints()[-1]) as view, \
+                pytest.raises((ChecksumError, CorruptRecordError)):
+            view.read(int(z["volume"]), int(z["offset"]), int(z["length"]))
+    finally:
+        journal.close()
+
+
+def test_a_journal_refuses_zstd_from_a_v1_peer(tmp_path):
+    journal, _model, _c = _zstd_journal(tmp_path)
+    rec = records.encode_write(0, journal.last_seq + 1, 0, text(4096), 1, zstd_level=3)
+    with pytest.raises(ZcoreError):
+        journal.append_encoded(rec, flags=records.FLAGS_V2)
+    journal.append_encoded(rec)  # the same bundle from a v2 peer is fine
+    journal.close()
+
+
+# ---- the handshake ---------------------------------------------------------------------------
+
+def test_hello_negotiates_the_newest_version_both_speak():
+    raw = wire.client_hello("protected", "a", "b")
+    client = wire.parse_control(wire.Frame(wire.HELLO, 0, memoryview(raw)[24:]))
+    assert client["protocol"] == 1  # what a v1 server checks
+    assert wire.negotiate(client) == 2
+    v1_client = dict(client)
+    del v1_client["max_protocol"]
+    assert wire.negotiate(v1_client) == 1
+    assert wire.negotiate({**client, "max_protocol": 9}) == wire.PROTOCOL_VERSION
+    for bad in ({**client, "protocol": 2}, {**client, "max_protocol": 0},
+                {**client, "max_protocol": True}, {**client, "max_protocol": "2"}):
+        with pytest.raises(ProtocolError):
+            wire.negotiate(bad)
+    assert wire.accepted_version({"protocol": 1}) == 1  # a v1 recovery site
+    assert wire.accepted_version({"protocol": 2}) == 2
+    with pytest.raises(ProtocolError):
+        wire.accepted_version({"protocol": 3})
+    assert wire.record_flags(1) == records.FLAGS_V2
+    assert wire.record_flags(2) == records.FLAGS_KNOWN
+
+
+# ---- replication over a throttled link ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zrep")
+    asyncio.run(pair_sites(root / "rs", root / "ps"))
+    return root
+
+
+def _run(coro):
+    async def main():
+        with fast_timeouts():
+            return await coro
+    return asyncio.run(main())
+
+
+def _replicate_throttled(sites, name: str, seconds: float):
+    """Text-like writes through a site capped at 2 MB/s for up to `seconds` (until five
+    zstd bundles were sealed): the sender waits for the link, the sealer idles, so the
+    controller picks zstd when the peer speaks wire protocol v2."""
+    async def main():
+        rs = RecoverySite(sites / "rs")
+        host, port = await rs.start()
+        ps = ProtectedSite(sites / "ps", rate_limit_bytes=2e6)
+        vpg = make_vpg(sites / name, name, {"vm1": [4 * MiB]},
+                       VPGSettings(buffer_bytes=16 << 20, bundle_bytes=64 * KiB,
+                                   checkpoint_interval=0.5))
+        vpg.start()
+        model = Model(vpg)
+        rep = ps.protect(vpg, host, port)
+        rng = random.Random(11)
+        try:
+            await wait_until(lambda: rep.connected, 10, "the connection")
+            deadline = asyncio.get_running_loop().time() + seconds
+            while asyncio.get_running_loop().time() < deadline:
+                for _ in range(64):  # a backlog behind the link, never an overflow
+                    if vpg.status().buffer_used >= 2 << 20:
+                        break
+                    n = rng.randrange(1, 65) * 512
+                    off = rng.randrange(0, (4 * MiB - n) // 512 + 1) * 512
+                    model.write(0, off, text(n, rng.randrange(1 << 30)))
+                await asyncio.sleep(0.005)
+                use = vpg.status().compression.get("zstd-3")
+                if use is not None and use.bundles >= 5:
+                    break
+            status = rep.status()
+            await checkpoint(vpg, "done")
+            ps.throttle.set_rate(None)
+            await catch_up(vpg, rep, rs)
+            assert verify_journals(rs, model) >= 1
+            return status, vpg.status()
+        finally:
+            await ps.stop()
+            vpg.close()
+            await rs.stop()
+    return _run(main())
+
+
+def test_throttled_link_picks_zstd_and_the_journal_reads_back_exact(sites):
+    rep_status, vpg_status = _replicate_throttled(sites, "zlink", 30)
+    use = vpg_status.compression
+    assert use["zstd-3"].bundles >= 5, use
+    assert use["zstd-3"].encoded_bytes < use["zstd-3"].data_bytes
+    assert rep_status.protocol == 2 and rep_status.link_wait > LINK_FREE
+    assert vpg_status.bytes_saved == sum(u.data_bytes - u.encoded_bytes for u in use.values())
+    assert rep_status.bytes_saved > 0
+
+
+def test_a_v1_recovery_site_never_gets_zstd_over_the_same_throttled_link(sites,
+                                                                            monkeypatch):
+    """The recovery site answers HELLO as a v1 site does (protocol 1) and so refuses any
+    zstd record: the sender keeps LZ4 although the link is the bottleneck."""
+    from zcore.replication import receiver
+
+    monkeypatch.setattr(receiver.wire, "negotiate", lambda msg: 1)
+    rep_status, vpg_status = _replicate_throttled(sites, "zold", 6)
+    assert rep_status.protocol == 1 and rep_status.link_wait > LINK_BOUND
+    assert not any(k.startswith("zstd") for k in vpg_status.compression)
+    assert vpg_status.compression["lz4"].bundles > 0
+
+
+def test_zstd_bundles_sealed_before_a_v1_session_are_sent_raw(tmp_path):
+    sizes = np.array([1 << 20], dtype=np.uint64)
+    part = records.zstd_part(records.encode_write(0, 1, 0, text(8192), 1, compress=False),
+                             3, sizes)
+    raw = records.unzstd_part(part, sizes)
+    assert _rec.scan(raw, 0, 0, 0, sizes, records.FLAGS_V2).status == 0
+    head = struct.unpack_from("<H", raw, 2)[0]
+    assert head == records.FLAG_BLOCKCRC

@@ -10,7 +10,8 @@ of issue 15 as it exists today, `zcore nbd serve --protect`, for QEMU to mirror 
   `cache=none` a production VM disk uses);
 - an NBD server on a Unix socket and a writable export of that node, `export` (default
   "disk0"), through which "guest" writes come: `nbd_uri` is its nbd+unix URI for qemu-io,
-  qemu-img and fio's nbd engine.
+  qemu-img and fio's nbd engine.  No iothread: QEMU 7.2's daemon aborts (an assertion in
+  nbd_blockdev_client_closed) when a client of an export in an iothread disconnects.
 
 `start_mirror(host, port, export)` adds an `nbd` node for the target and starts the issue's
 mirror job (`blockdev-mirror` sync=none, copy-mode=write-blocking, on-target-error=report:
@@ -179,11 +180,13 @@ class QemuStorageDaemon:
 
     def start_mirror(self, target_host: str, target_port: int, export_name: str, *,
                      job_id: str = "zcore-mirror", target_node: str = "zcore-target",
+                     granularity: int | None = None,
                      timeout: float = JOB_TIMEOUT) -> dict[str, Any]:
         """Mirror every write to the node into NBD export `export_name` at
-        host:port (sync=none, copy-mode=write-blocking, on-target-error=report).  Returns
-        the job's query-block-jobs entry once it is ready; the target must have the
-        node's size."""
+        host:port (sync=none, copy-mode=write-blocking, on-target-error=report;
+        `granularity` is the job's dirty-bitmap granularity, QEMU's default when None).
+        Returns the job's query-block-jobs entry once it is ready; the target must have
+        the node's size."""
         if self.mirror_job is not None:
             raise QemuError(f"mirror {self.mirror_job} is already running")
         self.qmp("blockdev-add", driver="nbd", node_name=target_node,
@@ -192,7 +195,8 @@ class QemuStorageDaemon:
         self.mirror_target = target_node
         try:
             self.qmp("blockdev-mirror", job_id=job_id, device=self.node, target=target_node,
-                     sync="none", copy_mode="write-blocking", on_target_error="report")
+                     sync="none", copy_mode="write-blocking", on_target_error="report",
+                     **({"granularity": granularity} if granularity else {}))
         except QemuError:
             self._del_target()
             raise

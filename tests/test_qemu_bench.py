@@ -18,7 +18,7 @@ HARNESS = BENCH / "harness.py"
 
 
 def test_quick_qemu_suite_reports_every_mirror_metric_beside_its_baseline(tmp_path):
-    for tool in ("qemu-storage-daemon", "qemu-img", "fio"):
+    for tool in ("qemu-storage-daemon", "qemu-nbd", "fio"):
         require_tool(tool)
     report = tmp_path / "qemu.json"
     env = dict(os.environ, ZCORE_BENCH_DIR=str(tmp_path))
@@ -44,7 +44,7 @@ def test_quick_qemu_suite_reports_every_mirror_metric_beside_its_baseline(tmp_pa
 
 
 def test_resync_measurement_counts_what_the_bitmap_marked_during_the_outage(tmp_path):
-    for tool in ("qemu-storage-daemon", "qemu-img", "fio"):
+    for tool in ("qemu-storage-daemon", "qemu-nbd", "fio"):
         require_tool(tool)
     if str(BENCH) not in sys.path:
         sys.path.insert(0, str(BENCH))

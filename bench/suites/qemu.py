@@ -18,9 +18,15 @@ copy and journal through the page cache, as it does in production.  The images a
 with zeros first, so no side pays for block allocation.  fio's nbd engine speaks to the
 daemon's Unix-socket export (libaio cannot reach an NBD export without the kernel nbd
 module); the mirror reaches zcore over loopback TCP.  The two sides run alternately, the
-best pass of each counts, every pass is in the details.  After the runs the mirror and
-zcore stop and the suite checks that zcore's journal's latest checkpoint and its copy hold
-exactly the mirrored image (`details.captured_equal`).
+best pass of each counts, every pass is in the details with the CPU seconds of the
+processes serving it.  After the runs the mirror and zcore stop and the suite checks that
+zcore's journal's latest checkpoint and its copy hold exactly the mirrored image
+(`details.captured_equal`).
+
+Two more sides run in full mode, in the details only, to say where the cost lies:
+`into_qemu_nbd`, a third daemon mirroring the same way into qemu-nbd on a raw file (the
+mirror's own cost with QEMU's NBD server as the target), and `zcore_direct`, fio straight
+into a second `zcore nbd serve --protect` without QEMU (zcore's own ceiling).
 
 The fixture is the tests' (tests/helpers/qsd.py).  ZCORE_DEEP=1 runs longer passes.
 """
@@ -55,7 +61,7 @@ DEEP = os.environ.get("ZCORE_DEEP") == "1"
 
 # The image both daemons serve: larger than the disk's write cache matters less than
 # that fio's random offsets rarely repeat within a pass (256 MiB = 64 Ki blocks of 4 KiB,
-# ~20 k writes a pass); small enough that filling three copies with zeros takes ~1 s.
+# ~20 k writes a pass); small enough that filling the six images with zeros takes seconds.
 IMAGE_BYTES = 256 * MiB
 # Seconds of fio per pass and side; passes alternate which side runs first.  Two 4 s
 # passes of each side keep the suite near a minute; ZCORE_DEEP=1 runs 3 passes of 15 s.
@@ -71,7 +77,7 @@ SEQ_TARGET = ">= 0.8"
 OUTAGE_SECONDS = 30
 RESYNC_TARGET = "<= 1.05"
 
-TOOLS = ("qemu-storage-daemon", "qemu-img", "fio")
+TOOLS = ("qemu-storage-daemon", "qemu-nbd", "fio")
 NOT_MEASURABLE = ("qemu.resync_bytes: not yet measurable: zcore has no bitmap sync from "
                   "QEMU's dirty bitmap yet (issue 15); bench/suites/qemu.py "
                   "measure_resync_bytes(ctx, sync) measures it once one exists")
@@ -142,12 +148,24 @@ class MirrorRig:
             out["zcore_direct"] = f"nbd://127.0.0.1:{self.targets['zcore_direct'].port}/disk0"
         return out
 
+    def processes(self, side: str) -> dict[str, int]:
+        """The pids serving `side`: its daemon and its mirror's target."""
+        out = {}
+        if side in self.daemons:
+            out["qemu-storage-daemon"] = self.daemons[side].proc.pid
+        if side in self.targets:
+            out["zcore"] = self.targets[side].proc.pid
+        elif side == "into_qemu_nbd" and self.qemu_nbd is not None:
+            out["qemu-nbd"] = self.qemu_nbd.proc.pid
+        return out
+
     def finish(self) -> dict[str, Any]:
         """Stop the mirror and zcore; compare what zcore captured with the mirrored image."""
-        daemon, zcore = self.daemons.pop("mirrored"), self.targets.pop("mirrored")
+        daemon, zcore = self.daemons["mirrored"], self.targets["mirrored"]
         daemon.stop_mirror()
         daemon.close()
-        log = zcore.stop()
+        log = zcore.stop()  # on failure, close() still kills what is left of both
+        del self.daemons["mirrored"], self.targets["mirrored"]
         image = self.root / "mirrored.raw"
         equal_copy = _same(zcore.image, image)
         with Journal.open(self.journal) as j, j.view(j.latest_checkpoint()) as view:
@@ -167,6 +185,12 @@ class MirrorRig:
             target.kill()
         if self.qemu_nbd is not None:
             self.qemu_nbd.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used (/proc/PID/stat), all threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -193,7 +217,11 @@ def _passes(ctx: Context, rig: MirrorRig, label: str, rw: str, bs: str, iodepth:
     for r in range(1 if ctx.quick else PASSES):
         result = {}
         for side, uri in (sides if r % 2 == 0 else sides[::-1]):
+            procs = rig.processes(side)
+            before = {name: _cpu_seconds(pid) for name, pid in procs.items()}
             result[side] = _fio(uri, rw, bs, iodepth, seconds, rig.size)
+            result[side]["cpu_s"] = {name: round(_cpu_seconds(pid) - before[name], 3)
+                                     for name, pid in procs.items()}
         runs.append(result)
         unit = "IOPS" if key == "iops" else "MB/s"
         ctx.log(f"{label} pass {r}: " + ", ".join(f"{side} {v[key]:.0f}"

@@ -119,9 +119,13 @@ class QemuStorageDaemon:
                 "--export", f"type=nbd,id={export}-export,node-name={node},name={export},"
                             "writable=on"]
         self.workdir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT)
+        try:
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                             stderr=subprocess.STDOUT)
+        except BaseException:
+            self._cleanup()
+            raise
         try:
             self._wait_started(timeout)
         except BaseException:

@@ -28,6 +28,13 @@ Two more sides run in full mode, in the details only, to say where the cost lies
 mirror's own cost with QEMU's NBD server as the target), and `zcore_direct`, fio straight
 into a second `zcore nbd serve --protect` without QEMU (zcore's own ceiling).
 
+What bounds the ratios: QEMU 7.2's write-blocking mode is serial per guest write
+(block/mirror.c, bdrv_mirror_top_do_write: the source write completes, then the target
+write, then the guest's completion), and its NBD client keeps at most 16 requests in
+flight, so a mirrored write costs the source's latency plus the target's plus QEMU's own.
+Where the source disk answers faster than a loopback NBD round trip, the ratio stays far
+below 1 whatever the target; `into_qemu_nbd` shows it for QEMU's own NBD server.
+
 The fixture is the tests' (tests/helpers/qsd.py).  ZCORE_DEEP=1 runs longer passes.
 """
 

@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from tests.conftest import require_tool
-from tests.helpers.nbd import serving
+from conftest import require_tool
+from helpers.nbd import serving
 from zcore import nbd
 from zcore.adapters.qmp import QMPClient
 from zcore.errors import HypervisorError

@@ -16,9 +16,9 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import require_tool
 from helpers.nbd import serving
+
 from zcore import nbd
 from zcore.adapters.qmp import QMPClient
 from zcore.errors import HypervisorError

@@ -9,20 +9,19 @@ daemon's dirty bitmaps say what to resend) and a mirror broken under load.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import random
 import subprocess
 import time
+import warnings
 
 import pytest
 from conftest import require_tool
 from helpers.nbd import serving
+from helpers.qsd import QemuError, QemuStorageDaemon
 
 from zcore import nbd
-from zcore.adapters.qmp import QMPClient
 from zcore.errors import HypervisorError
-from zcore.hypervisor import QemuDisk, QemuTarget
+from zcore.hypervisor import QemuAddress, QemuDisk, QemuTarget
 from zcore.journal import Journal
 from zcore.nbd.client import NBDClient
 from zcore.vpg import VPG, LocalLink, VPGSettings
@@ -32,76 +31,27 @@ MiB = 1 << 20
 SIZE = 16 * MiB
 
 
-class Daemon:
-    """qemu-storage-daemon on a qcow2 image: QMP, node `disk0`, an NBD server on a Unix
-    socket exporting the node writable as `guest`."""
-
-    def __init__(self, tmp_path, fmt: str = "qcow2") -> None:
-        self.tmp = tmp_path
-        self.image = tmp_path / f"disk.{fmt}"
-        if not self.image.exists():
-            subprocess.run([require_tool("qemu-img"), "create", "-q", "-f", fmt,
-                            str(self.image), str(SIZE)], check=True)
-        self.fmt = fmt
-        self.qmp = tmp_path / "qmp.sock"
-        self.nbd = tmp_path / "qsd-nbd.sock"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Daemon:
-        for p in (self.qmp, self.nbd):
-            p.unlink(missing_ok=True)
-        blockdev = {"driver": self.fmt, "node-name": "disk0",
-                    "file": {"driver": "file", "filename": str(self.image)}}
-        self.log = open(self.tmp / "qsd.log", "ab")
-        self.proc = subprocess.Popen(
-            [require_tool("qemu-storage-daemon"),
-             "--chardev", f"socket,id=m,path={self.qmp},server=on,wait=off",
-             "--monitor", "chardev=m",
-             "--blockdev", json.dumps(blockdev),
-             "--nbd-server", f"addr.type=unix,addr.path={self.nbd}",
-             "--export", "type=nbd,id=guest,node-name=disk0,name=guest,writable=on"],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while not (self.qmp.exists() and self.nbd.exists()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("qemu-storage-daemon did not start: "
-                                     + (self.tmp / "qsd.log").read_text())
-            time.sleep(0.02)
-        return self
-
-    def write(self, offset: int, data: bytes) -> None:
-        """One guest write through the daemon's export (qemu-io, a pattern per write)."""
-        pattern = data[0]
-        assert data == bytes([pattern]) * len(data)
-        subprocess.run([require_tool("qemu-io"), "-f", "raw", "-c",
-                        f"write -P {pattern} {offset} {len(data)}",
-                        f"nbd+unix:///guest?socket={self.nbd}"],
-                       check=True, capture_output=True, timeout=60)
-
-    def stop(self) -> None:
-        """A clean quit (persistent bitmaps stored in the qcow2)."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(Exception), QMPClient(self.qmp) as q:
-                q.execute("quit")
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+def _write(daemon: QemuStorageDaemon, offset: int, data: bytes) -> None:
+    """One guest write through the daemon's export (qemu-io, one pattern per write)."""
+    pattern = data[0]
+    assert data == bytes([pattern]) * len(data)
+    subprocess.run([require_tool("qemu-io"), "-f", "raw", "-c",
+                    f"write -P {pattern} {offset} {len(data)}", daemon.nbd_uri],
+                   check=True, capture_output=True, timeout=60)
 
 
 class Site:
     """The protected site in this process: a VPG over the daemon's node, its capture
     export on zcore's NBD server, a LocalLink into the VM's journal."""
 
-    def __init__(self, tmp_path, daemon: Daemon) -> None:
+    def __init__(self, tmp_path, daemon: QemuStorageDaemon) -> None:
         self.tmp = tmp_path
         self.daemon = daemon
         self.vpg: VPG | None = None
 
     def start(self, *, initial: bool) -> Site:
-        self.disk = QemuDisk(self.daemon.qmp, "disk0", "zc-g-0", nbd_socket=str(self.daemon.nbd))
+        self.disk = QemuDisk(self.daemon.qmp_path, "disk0", "zc-g-0",
+                             nbd_socket=str(self.daemon.nbd_path))
         self.disk.ensure_tracking()
         self.vpg = VPG("g", self.tmp / "vpg", VPGSettings(checkpoint_interval=3600))
         self.vpg.add_vm("vm1")
@@ -169,17 +119,24 @@ class Site:
 
 @pytest.fixture
 def daemon(tmp_path):
-    d = Daemon(tmp_path).start()
+    require_tool("qemu-storage-daemon")
+    d = QemuStorageDaemon(tmp_path, tmp_path / "disk.qcow2", fmt="qcow2", size=SIZE,
+                          export="guest")
     yield d
-    d.stop()
+    try:
+        d.close()
+    except QemuError as exc:
+        # QEMU 7.2's daemon was seen dying of heap corruption (about 1 run in 8 of the
+        # concurrent-guest test, after its checks passed): said, not failed on
+        warnings.warn(f"qemu-storage-daemon did not exit cleanly: {exc}", stacklevel=1)
 
 
-def _writes(rng: random.Random, model: bytearray, daemon: Daemon, n: int) -> None:
+def _writes(rng: random.Random, model: bytearray, daemon: QemuStorageDaemon, n: int) -> None:
     for _ in range(n):
         length = rng.choice((4096, 65536, 512 * rng.randrange(1, 300)))
         offset = rng.randrange(0, (SIZE - length) // 512) * 512
         pattern = rng.randrange(1, 256)
-        daemon.write(offset, bytes([pattern]) * length)
+        _write(daemon, offset, bytes([pattern]) * length)
         model[offset:offset + length] = bytes([pattern]) * length
 
 
@@ -236,25 +193,25 @@ def test_a_broken_mirror_is_resynced_from_the_bitmaps(tmp_path, daemon):
 
 def test_clear_errors_for_what_cannot_be_protected(tmp_path, daemon):
     with pytest.raises(HypervisorError, match="no block node 'nope'"):
-        QemuDisk(daemon.qmp, "nope", "zc-x")
+        QemuDisk(daemon.qmp_path, "nope", "zc-x")
     with pytest.raises(HypervisorError, match="cannot connect"):
         QemuDisk(tmp_path / "missing.sock", "disk0", "zc-x")
     with pytest.raises(HypervisorError, match="not a QEMU node name"):
-        QemuDisk(daemon.qmp, "disk0", "../x")
+        QemuDisk(daemon.qmp_path, "disk0", "../x")
 
 
-def _fio(daemon: Daemon, seconds: float, seed: int) -> subprocess.Popen[bytes]:
+def _fio(daemon: QemuStorageDaemon, seconds: float, seed: int) -> subprocess.Popen[bytes]:
     """A guest writing 4 KiB-64 KiB random blocks through the daemon for `seconds`."""
     return subprocess.Popen(
         [require_tool("fio"), "--name=guest", "--ioengine=nbd",
-         f"--uri=nbd+unix:///guest?socket={daemon.nbd}", "--rw=randwrite",
+         f"--uri={daemon.nbd_uri}", "--rw=randwrite",
          "--bsrange=4k-64k", "--iodepth=4", f"--size={SIZE}", "--time_based",
          f"--runtime={seconds}", f"--randseed={seed}", "--refill_buffers", "--norandommap"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def _guest_image(daemon: Daemon) -> bytes:
-    with NBDClient.connect_unix(daemon.nbd, "guest") as client:
+def _guest_image(daemon: QemuStorageDaemon) -> bytes:
+    with NBDClient.connect_unix(daemon.nbd_path, "guest") as client:
         return client.read(0, SIZE)
 
 
@@ -263,7 +220,7 @@ def test_a_guest_writing_throughout_syncs_and_a_broken_mirror_is_captured_exactl
     """Syncs read QEMU's disk while the guest rewrites it: every read a mirrored write
     overtook is read again (csrc/zc_capture.h's watches), so the journal ends exactly
     like the disk."""
-    daemon.write(0, b"\x11" * SIZE)
+    _write(daemon, 0, b"\x11" * SIZE)
     guest = _fio(daemon, 4, seed=3)
     site = Site(tmp_path, daemon).start(initial=True)
     try:
@@ -281,3 +238,19 @@ def test_a_guest_writing_throughout_syncs_and_a_broken_mirror_is_captured_exactl
         if guest.poll() is None:
             guest.kill()
         site.stop()
+
+
+@pytest.mark.parametrize("text", ["qemu:relative.sock?node=d", "qemu:/q.sock", "qemu:/q.sock?node=",
+                                  "qemu:/q.sock?node=a&node=b", "qemu:/q.sock?node=d&x=1"])
+def test_a_malformed_qemu_volume_address_is_refused(text):
+    with pytest.raises(HypervisorError, match="is not qemu:"):
+        QemuAddress.parse(text)
+
+
+def test_a_qemu_volume_address_round_trips_and_files_are_not_one():
+    a = QemuAddress.parse("qemu:/run/vm 1/qmp.sock?node=drive0&nbd=/run/n.sock")
+    assert a == QemuAddress("/run/vm 1/qmp.sock", "drive0", "/run/n.sock")
+    assert QemuAddress.parse(str(a)) == a
+    assert QemuAddress.parse("/images/disk0.img") is None
+    assert QemuAddress.prefix_for("g", "vm", "d") == QemuAddress.prefix_for("g", "vm", "d")
+    assert QemuAddress.prefix_for("g", "vm", "d") != QemuAddress.prefix_for("g", "vm", "e")

@@ -4,7 +4,8 @@ of issue 15 as it exists today, `zcore nbd serve --protect`, for QEMU to mirror 
 
 `QemuStorageDaemon(workdir, image, ...)` starts the daemon with
 
-- a QMP monitor on a Unix socket (`qmp(command, **args)`, through zcore's `QMPClient`);
+- a QMP monitor on a Unix socket (`qmp(command, **args)`, one `QMPClient` session per
+  command, so zcore's own QMP client can use the monitor between them);
 - one block node named `node` (default "disk0"): a `file` node under a `raw` or `qcow2`
   node, given as `--blockdev` JSON (with `direct=True`, O_DIRECT and Linux native AIO, the
   `cache=none` a production VM disk uses);
@@ -97,7 +98,7 @@ class QemuStorageDaemon:
         self.log_path = self.workdir / "qsd.log"
         self.mirror_job: str | None = None
         self.mirror_target: str | None = None
-        self._qmp: QMPClient | None = None
+        self._running = False  # QMP answered once: qmp() may connect
         if size is not None:
             create_image(self.image, fmt, size)
         elif not self.image.exists():
@@ -155,7 +156,8 @@ class QemuStorageDaemon:
                 raise self.fail(f"qemu-storage-daemon exited with {self.proc.returncode}")
             if self.nbd_path.exists() and self.qmp_path.exists():
                 try:
-                    self._qmp = QMPClient(self.qmp_path)
+                    QMPClient(self.qmp_path).close()
+                    self._running = True
                     return
                 except (OSError, EOFError, AdapterError):
                     pass
@@ -167,11 +169,14 @@ class QemuStorageDaemon:
         """Run a QMP command; keyword names have `_` spelled `-` (node_name= is
         "node-name"), nested values are passed as they are.  Its "return" value; a QMP
         error raises `QemuError` with the log."""
-        if self._qmp is None:
+        if not self._running:
             raise QemuError(f"QMP {command}: qemu-storage-daemon is not running")
         arguments = {key.replace("_", "-"): value for key, value in args.items()}
         try:
-            return self._qmp.execute(command, arguments or None)
+            # a session per command: QEMU's monitor serves one client at a time, and
+            # zcore.hypervisor.QemuDisk needs it between the fixture's calls
+            with QMPClient(self.qmp_path) as q:
+                return q.execute(command, arguments or None)
         except (AdapterError, OSError, EOFError) as exc:
             raise self.fail(f"QMP {command} {arguments}: {exc}") from None
 
@@ -253,7 +258,7 @@ class QemuStorageDaemon:
 
     def kill(self) -> None:
         """SIGKILL the daemon (a hypervisor crash); close() still cleans up."""
-        self._close_qmp()
+        self._running = False
         _stop_process(self.proc, signal.SIGKILL, STOP_TIMEOUT)
         self.mirror_job = self.mirror_target = None
 
@@ -261,19 +266,14 @@ class QemuStorageDaemon:
         """Stop the mirror if one runs, then the daemon (SIGTERM: it flushes its images
         and exits), and remove the sockets' directory."""
         try:
-            if self.proc.poll() is None and self._qmp is not None:
+            if self.proc.poll() is None and self._running:
                 self.stop_mirror()
         finally:
-            self._close_qmp()
+            self._running = False
             status = _stop_process(self.proc, signal.SIGTERM, STOP_TIMEOUT)
             self._cleanup()
         if status not in (0, -signal.SIGTERM, -signal.SIGKILL):
             raise self.fail(f"qemu-storage-daemon exited with {status}")
-
-    def _close_qmp(self) -> None:
-        if self._qmp is not None:
-            self._qmp.close()
-            self._qmp = None
 
     def _cleanup(self) -> None:
         shutil.rmtree(self._sockdir, ignore_errors=True)

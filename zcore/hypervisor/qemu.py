@@ -138,7 +138,6 @@ class QemuDisk:
         info = self._probe()
         self.size: int = info["size"]
         self.persistent: bool = info["format"] == "qcow2"
-        self.format: str = info["format"]
 
     # ---- QMP ------------------------------------------------------------------------------
 
@@ -255,13 +254,6 @@ class QemuDisk:
                           name=f"{self.prefix}.{gen}")
                 dropped += 1
         return dropped
-
-    def forget(self) -> None:
-        """Remove every zcore bitmap and export of the node (the volume is unprotected)."""
-        self.stop_mirror()
-        self._close_reader()
-        self._del_export(f"{self.prefix}-read")
-        self.release(1 << 62)
 
     # ---- reads through QEMU's NBD server -------------------------------------------------
 
@@ -460,7 +452,7 @@ class QemuDisk:
             self._qmp("blockdev-del", **{"node-name": self.target_node})
 
     def close(self) -> None:
-        """Let go of the reader (the mirror and bitmaps stay: `stop_mirror`, `forget`)."""
+        """Let go of the reader (the mirror and the bitmaps stay: `stop_mirror`, `release`)."""
         self._close_reader()
 
 

@@ -365,6 +365,9 @@ class SiteRuntime:
                 await asyncio.to_thread(mirrors.start_all, resync=not first)
             except BaseException:
                 self.protected.pop(record.name, None)
+                for export in entry.exports:
+                    if self.nbd.lookup(export) is not None:
+                        self.nbd.remove_export(export)
                 await asyncio.to_thread(vpg.close)
                 raise
             entry.mirrors = mirrors

@@ -259,7 +259,7 @@ int64_t zc_capture_write(zc_capture *c, int fd, uint32_t volume, uint64_t offset
     c->bytes += len;
     pthread_mutex_unlock(&c->mu);
 
-    int io = fd < 0 ? ZC_OK : data ? pwrite_full(fd, data, len, offset)
+    int io = fd == ZC_NO_BACKING ? ZC_OK : data ? pwrite_full(fd, data, len, offset)
                                    : punch_full(fd, offset, len);
     int saved_errno = errno;
     if (e) {

@@ -31,6 +31,10 @@
 
 #include "zc_format.h"
 
+/* the fd of a capture-only volume (its data is in a hypervisor): no backing store is
+ * written; any other negative fd is an error (EBADF), as for a closed volume */
+#define ZC_NO_BACKING (-2)
+
 #define ZC_CAPTURE_STREAM 0
 #define ZC_CAPTURE_BITMAP 1
 
@@ -71,7 +75,7 @@ zc_capture *zc_capture_new(uint64_t ring_bytes, uint64_t first_seq);
 void zc_capture_free(zc_capture *c); /* no call may be running; accepts NULL */
 
 /* Write `len` bytes of `data` at `offset` of backing `fd` (volume id `volume`) and
- * capture them; fd < 0: a capture-only volume, whose data the caller's source (a
+ * capture them; fd ZC_NO_BACKING: a capture-only volume, whose data the caller's source (a
  * hypervisor) already holds, so only the ring or the dirty log gets the write.  kind is ZC_REC_WRITE, or ZC_REC_ZERO when data is all zeros (no copy).
  * Returns the seq (> 0), ZC_E_IO (errno set; the range is logged dirty) or ZC_E_CLOSED
  * (nothing written).  Never blocks on a full ring: it switches to BITMAP mode instead. */

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from zcore import records
 from zcore._native import record as _rec
-from zcore._native.capture import MODE_BITMAP, MODE_STREAM, CaptureRing
+from zcore._native.capture import MODE_BITMAP, MODE_STREAM, NO_BACKING, CaptureRing
 from zcore.capture import ProtectedVolume
 from zcore.errors import (
     AlignmentError,
@@ -712,7 +712,7 @@ def test_a_capture_only_volume_writes_no_backing_store_and_reads_its_source():
     src = _Source(1 << 20)
     src.data[4096:8192] = b"s" * 4096
     vol = ProtectedVolume("vm", 0, "d", None, 1 << 20, source=src)
-    assert vol.fd == -1 and vol.path is None
+    assert vol.fd == NO_BACKING and vol.path is None
     ring = CaptureRing(1 << 20)
     vol._attach(ring)
     assert vol.write(0, b"w" * 4096) == 1
@@ -732,13 +732,13 @@ def test_a_write_captured_between_watch_and_append_spoils_a_source_sync():
     ring = CaptureRing(1 << 20)
     # a write of the range after the watch: the source may have been read before it
     watch = ring.watch(0, 0, 8192)
-    assert ring.write(-1, 0, 1 << 20, 4096, b"n" * 512) == 1
+    assert ring.write(NO_BACKING, 0, 1 << 20, 4096, b"n" * 512) == 1
     assert ring.sync_from(watch, 8192, b"o" * 8192) == 0
     assert ring.sync_from(watch, 8192, b"o" * 8192) is None  # the watch is gone
     # a write of another volume or range does not spoil it
     watch = ring.watch(0, 0, 8192)
-    ring.write(-1, 1, 1 << 20, 0, b"x" * 512)
-    ring.write(-1, 0, 1 << 20, 8192, b"x" * 512)
+    ring.write(NO_BACKING, 1, 1 << 20, 0, b"x" * 512)
+    ring.write(NO_BACKING, 0, 1 << 20, 8192, b"x" * 512)
     assert ring.sync_from(watch, 8192, b"o" * 8192) == 4
     # zeros: a ZERO record, or VOID with skip_zero; both take a seq
     assert ring.sync_from(ring.watch(0, 0, 4096), 4096, None) == 5

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from zcore import records
+from zcore._native.capture import NO_BACKING
 from zcore.errors import ClosedError, ConfigError, StateError
 from zcore.fsutil import preadinto_upto
 from zcore.records import check_int as check_int  # re-exported: its home is records
@@ -74,7 +75,7 @@ def backing_size(path: str | os.PathLike[str]) -> int:
 
 class ProtectedVolume:
     """One virtual disk of a protected VM, backed by a raw image file or block device, or
-    capture-only over a `source` (then `path` is None and `fd` is -1)."""
+    capture-only over a `source` (then `path` is None and `fd` is NO_BACKING, < 0)."""
 
     def __init__(self, vm: str, volume_id: int, name: str,
                  path: str | os.PathLike[str] | None, size: int, *,
@@ -101,9 +102,10 @@ class ProtectedVolume:
         self.path = os.fspath(path) if path is not None else None
         self.size = size
         self.source = source
-        # a capture-only volume's fd is -1 from the start: the ring writes no backing store
+        # a capture-only volume's fd is NO_BACKING: the ring writes no backing store (a
+        # closed volume's -1 is an error there, never taken for it)
         self._open = True
-        self._fd = os.open(self.path, os.O_RDWR) if self.path is not None else -1
+        self._fd = os.open(self.path, os.O_RDWR) if self.path is not None else NO_BACKING
         self._ring: CaptureRing | _NoRing = _NoRing(
             StateError(f"volume {name!r}: its VPG is not started"))
 
@@ -114,7 +116,7 @@ class ProtectedVolume:
 
     @property
     def fd(self) -> int:
-        """The backing store's descriptor (-1 for a capture-only volume)."""
+        """The backing store's descriptor (negative for a capture-only volume)."""
         return self._fd
 
     @property

@@ -10,6 +10,7 @@ _Buffer: TypeAlias = Buffer | npt.NDArray[np.uint8]
 
 MODE_STREAM: int
 MODE_BITMAP: int
+NO_BACKING: int
 
 class _Stats(TypedDict):
     writes: int

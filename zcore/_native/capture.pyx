@@ -23,6 +23,7 @@ from zcore._native.record cimport encode_items
 
 MODE_STREAM = ZC_CAPTURE_STREAM
 MODE_BITMAP = ZC_CAPTURE_BITMAP
+NO_BACKING = ZC_NO_BACKING  # the fd of a capture-only volume: no backing store written
 
 
 cdef class SealedBatch:

@@ -139,6 +139,7 @@ cdef extern from "zc_index.h" nogil:
 
 cdef extern from "zc_capture.h" nogil:
     enum:
+        ZC_NO_BACKING
         ZC_CAPTURE_STREAM
         ZC_CAPTURE_BITMAP
         ZC_ENTRY_VOID

@@ -37,6 +37,8 @@ HTTP_STATUS: dict[type[BaseException], int] = {
     zerr.OutOfRangeError: 422,
     zerr.ScratchLimitError: 507,
     zerr.ProtocolError: 502,
+    zerr.HypervisorError: 502,  # QEMU refused or went away: a gateway's failure
+    zerr.RemoteIOError: 502,
 }
 
 HTTP_CODES = {

@@ -68,17 +68,48 @@ def vm() -> None:
     """The VMs of a site and their volumes (disks)."""
 
 
+def parse_node(text: str, qmp: str, nbd: str | None) -> dict[str, Any]:
+    """"[VOL=]NODE" of the QEMU at `qmp` -> a volume spec (the site probes its size)."""
+    name, sep, node = text.rpartition("=")
+    if not node or (sep and not name):
+        raise click.BadParameter(f"--node takes [VOLUME=]NODE, not {text!r}")
+    spec = {"name": name or node, "qmp": os.path.abspath(qmp), "node": node}
+    if nbd is not None:
+        spec["nbd"] = os.path.abspath(nbd)
+    return spec
+
+
 @vm.command("add")
 @click.argument("name")
-@click.option("--volume", "volumes", multiple=True, required=True, metavar="NAME=PATH[:SIZE]",
+@click.option("--volume", "volumes", multiple=True, metavar="NAME=PATH[:SIZE]",
               help="a disk of the VM: its image or device PATH and SIZE (like 4G; default: "
                    "the size of the file at PATH); repeat for each disk")
+@click.option("--qmp", metavar="SOCKET",
+              help="the QMP socket of the VM's running QEMU, whose disks --node names")
+@click.option("--node", "nodes", multiple=True, metavar="[VOLUME=]NODE",
+              help="a disk of the running QEMU at --qmp, by block node name, protected in "
+                   "place (the volume is named NODE unless VOLUME= is given); repeatable")
+@click.option("--nbd", metavar="SOCKET",
+              help="with --qmp: the NBD server socket that QEMU already runs, if any "
+                   "(otherwise zcore starts one of its own)")
 @site_options
-def add_cmd(client: Client, as_json: bool, name: str, volumes: tuple[str, ...]) -> None:
+def add_cmd(client: Client, as_json: bool, name: str, volumes: tuple[str, ...],
+            qmp: str | None, nodes: tuple[str, ...], nbd: str | None) -> None:
     """Add the VM NAME with its volumes, e.g.
-    `zcore vm add web --volume disk0=/images/web.img --volume data=/dev/vg/web-data:100G`."""
-    body = {"name": name, "volumes": [parse_volume(v) for v in volumes]}
-    created = client.post("/vms", body)
+    `zcore vm add web --volume disk0=/images/web.img --volume data=/dev/vg/web-data:100G`,
+    or a running QEMU VM whose disks stay where they are:
+    `zcore vm add db --qmp /run/qemu/db.qmp --node disk0=drive-virtio0`."""
+    if (qmp is None) != (not nodes):
+        raise click.UsageError("--qmp and --node go together: the QMP socket of a running "
+                               "QEMU and the block nodes of its disks")
+    if nbd is not None and qmp is None:
+        raise click.UsageError("--nbd goes with --qmp")
+    if not volumes and not nodes:
+        raise click.UsageError("give the VM's disks: --volume NAME=PATH, or --qmp SOCKET "
+                               "--node NODE")
+    specs = [parse_volume(v) for v in volumes]
+    specs += [parse_node(n, qmp, nbd) for n in nodes if qmp is not None]
+    created = client.post("/vms", {"name": name, "volumes": specs})
     if as_json:
         print_json(created)
         return

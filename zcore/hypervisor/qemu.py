@@ -61,6 +61,72 @@ def _qmp_lock(path: Path) -> threading.Lock:
 
 
 @dataclass(frozen=True)
+class NodeInfo:
+    """What `probe_node` found of a block node: its virtual size and image format."""
+
+    size: int
+    format: str
+
+
+@contextlib.contextmanager
+def qmp_session(path: Path, timeout: float) -> Iterator[QMPClient]:
+    """One QMP session; sessions on one socket are one at a time in this process (a
+    QEMU monitor serves one client: a second one is refused while the first is on,
+    so a refusal is retried briefly too, for a client of another process)."""
+    with _qmp_lock(path):
+        deadline = time.monotonic() + _CONNECT_RETRY
+        while True:
+            try:
+                client = QMPClient(path, timeout=timeout)
+                break
+            except ConnectionRefusedError as exc:
+                if time.monotonic() > deadline:
+                    raise HypervisorError(f"QMP socket {path}: cannot connect "
+                                          f"({exc})") from None
+                time.sleep(0.05)
+            except (OSError, EOFError, AdapterError) as exc:
+                raise HypervisorError(f"QMP socket {path}: cannot connect "
+                                      f"({exc})") from None
+        try:
+            yield client
+        except (OSError, EOFError) as exc:
+            raise HypervisorError(f"QMP socket {path}: {exc}") from None
+        finally:
+            client.close()
+
+
+def probe_node(qmp: str | os.PathLike[str], node: str, *, timeout: float = 10.0) -> NodeInfo:
+    """The size and format of block node `node` of the QEMU at `qmp`: HypervisorError,
+    saying why, when it cannot be protected (no such socket or node, QEMU too old, a
+    read-only node or an odd size).  Blocks."""
+    path = Path(qmp)
+    with qmp_session(path, timeout) as q:
+        try:
+            version = q.execute("query-version")["qemu"]
+            nodes = q.execute("query-named-block-nodes", {"flat": True})
+        except (AdapterError, KeyError, TypeError) as exc:
+            raise HypervisorError(f"QEMU at {path} did not answer its version "
+                                  f"and block nodes: {exc}") from None
+    have = (int(version["major"]), int(version["minor"]))
+    if have < MIN_QEMU:
+        raise HypervisorError(
+            f"QEMU {have[0]}.{have[1]} at {path} cannot mirror with dirty "
+            f"bitmaps over NBD: {MIN_QEMU[0]}.{MIN_QEMU[1]} or newer is needed")
+    for n in nodes:
+        if n.get("node-name") == node:
+            size = int(n["image"]["virtual-size"])
+            if size <= 0 or size % 512:
+                raise HypervisorError(f"node {node}: size {size} is not a multiple "
+                                      "of 512")
+            if n.get("ro"):
+                raise HypervisorError(f"node {node} is read-only: nothing to protect")
+            return NodeInfo(size, str(n.get("drv", "")))
+    names = sorted(str(n.get("node-name")) for n in nodes if n.get("node-name"))
+    raise HypervisorError(f"QEMU at {path} has no block node {node!r} "
+                          f"(it has: {', '.join(names[:12]) or 'none'})")
+
+
+@dataclass(frozen=True)
 class QemuAddress:
     """A volume's place in a running QEMU, as the site's inventory records it in the
     volume's path: `qemu:QMP_SOCKET?node=NODE[&nbd=QEMU_NBD_SOCKET]`."""
@@ -135,37 +201,14 @@ class QemuDisk:
         self._lock = threading.Lock()  # one NBD reader, shared by sync reads
         self._reader: NBDClient | None = None
         self._reader_failed_at = 0.0
-        info = self._probe()
-        self.size: int = info["size"]
-        self.persistent: bool = info["format"] == "qcow2"
+        info = probe_node(self.qmp_path, node, timeout=timeout)
+        self.size: int = info.size
+        self.persistent: bool = info.format == "qcow2"
 
     # ---- QMP ------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _session(self) -> Iterator[QMPClient]:
-        """One QMP session; sessions on one socket are one at a time in this process (a
-        QEMU monitor serves one client: a second one is refused while the first is on,
-        so a refusal is retried briefly too, for a client of another process)."""
-        with _qmp_lock(self.qmp_path):
-            deadline = time.monotonic() + _CONNECT_RETRY
-            while True:
-                try:
-                    client = QMPClient(self.qmp_path, timeout=self.timeout)
-                    break
-                except ConnectionRefusedError as exc:
-                    if time.monotonic() > deadline:
-                        raise HypervisorError(f"QMP socket {self.qmp_path}: cannot connect "
-                                              f"({exc})") from None
-                    time.sleep(0.05)
-                except (OSError, EOFError, AdapterError) as exc:
-                    raise HypervisorError(f"QMP socket {self.qmp_path}: cannot connect "
-                                          f"({exc})") from None
-            try:
-                yield client
-            except (OSError, EOFError) as exc:
-                raise HypervisorError(f"QMP socket {self.qmp_path}: {exc}") from None
-            finally:
-                client.close()
+    def _session(self) -> contextlib.AbstractContextManager[QMPClient]:
+        return qmp_session(self.qmp_path, self.timeout)
 
     def _qmp(self, command: str, **arguments: Any) -> Any:
         with self._session() as q:
@@ -174,33 +217,6 @@ class QemuDisk:
             except AdapterError as exc:
                 raise HypervisorError(f"QEMU at {self.qmp_path} refused {command}: {exc}") \
                     from None
-
-    def _probe(self) -> dict[str, Any]:
-        """QEMU's version and the node: clear errors for what cannot be protected."""
-        with self._session() as q:
-            try:
-                version = q.execute("query-version")["qemu"]
-                nodes = q.execute("query-named-block-nodes", {"flat": True})
-            except (AdapterError, KeyError, TypeError) as exc:
-                raise HypervisorError(f"QEMU at {self.qmp_path} did not answer its version "
-                                      f"and block nodes: {exc}") from None
-        have = (int(version["major"]), int(version["minor"]))
-        if have < MIN_QEMU:
-            raise HypervisorError(
-                f"QEMU {have[0]}.{have[1]} at {self.qmp_path} cannot mirror with dirty "
-                f"bitmaps over NBD: {MIN_QEMU[0]}.{MIN_QEMU[1]} or newer is needed")
-        for n in nodes:
-            if n.get("node-name") == self.node:
-                size = int(n["image"]["virtual-size"])
-                if size <= 0 or size % 512:
-                    raise HypervisorError(f"node {self.node}: size {size} is not a multiple "
-                                          "of 512")
-                if n.get("ro"):
-                    raise HypervisorError(f"node {self.node} is read-only: nothing to protect")
-                return {"size": size, "format": str(n.get("drv", ""))}
-        names = sorted(str(n.get("node-name")) for n in nodes if n.get("node-name"))
-        raise HypervisorError(f"QEMU at {self.qmp_path} has no block node {self.node!r} "
-                              f"(it has: {', '.join(names[:12]) or 'none'})")
 
     def _bitmaps(self) -> dict[int, dict[str, Any]]:
         """zcore's bitmap generations on the node: N -> QEMU's description."""

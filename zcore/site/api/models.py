@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from zcore.records import CheckpointKind
 from zcore.site.db.records import Severity, TaskState, VolumeRole, VpgRole, VpgState
@@ -97,10 +97,37 @@ class PairRequest(Model):
 
 
 class VolumeSpec(Model):
+    """A volume: an image or device at `path` of `size` bytes, or the block node `node` of
+    a running QEMU reached at its QMP socket `qmp`, protected in place (its size is
+    QEMU's; `nbd`: QEMU's own NBD server socket, if it runs one)."""
+
     name: Name
-    size: int = Field(ge=SECTOR, le=MAX_VOLUME_BYTES, multiple_of=SECTOR)
+    size: int | None = Field(default=None, ge=SECTOR, le=MAX_VOLUME_BYTES, multiple_of=SECTOR,
+                             description="bytes; required unless `qmp` is given")
     path: str | None = Field(default=None, max_length=4096)
     role: VolumeRole = VolumeRole.PROTECTED
+    qmp: str | None = Field(default=None, min_length=2, max_length=107, pattern=r"^/",
+                            description="a running QEMU's QMP socket (absolute path)")
+    node: str | None = Field(default=None, min_length=1, max_length=128,
+                             description="the QEMU block node (query-named-block-nodes)")
+    nbd: str | None = Field(default=None, min_length=2, max_length=107, pattern=r"^/",
+                            description="QEMU's NBD server socket, if it already runs one")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> VolumeSpec:
+        if self.qmp is None:
+            if self.node is not None or self.nbd is not None:
+                raise ValueError("`node` and `nbd` go with `qmp` (a running QEMU's disk)")
+            if self.size is None:
+                raise ValueError("`size` is required (unless `qmp` names a running QEMU)")
+        else:
+            if self.node is None:
+                raise ValueError("`qmp` needs `node`: the block node to protect")
+            if self.path is not None:
+                raise ValueError("give `path` or `qmp`, not both")
+            if self.role != VolumeRole.PROTECTED:
+                raise ValueError("a running QEMU's disk can only be a protected volume")
+        return self
 
 
 class Volume(Model):

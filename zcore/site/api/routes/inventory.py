@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response
 
+from zcore.errors import ConfigError, HypervisorError
+from zcore.hypervisor import QemuAddress, probe_node
 from zcore.site.api import models as m
 from zcore.site.api.auth import PREFIX
 from zcore.site.api.backend import SiteContext, VolumeSpec
@@ -24,8 +27,19 @@ NamePath = Annotated[str, Path(max_length=128)]
 VMS_JSON = RecordsJson(VmRecord, m.Vm, {"volumes": (VolumeRecord, m.Volume)})
 
 
-def _spec(v: m.VolumeSpec) -> VolumeSpec:
-    return VolumeSpec(v.name, v.size, v.path, str(v.role))
+async def _spec(v: m.VolumeSpec) -> VolumeSpec:
+    """The backend's spec; a running QEMU's disk is probed (its size, and whether it can
+    be protected: a clear 422 when not) and recorded as its `qemu:` address."""
+    if v.qmp is None or v.node is None:  # a file or device: the model requires its size
+        return VolumeSpec(v.name, v.size or 0, v.path, str(v.role))
+    try:
+        info = await asyncio.to_thread(probe_node, v.qmp, v.node)
+    except HypervisorError as exc:
+        raise ConfigError(f"volume {v.name}: {exc}") from None
+    if v.size is not None and v.size != info.size:
+        raise ConfigError(f"volume {v.name}: node {v.node} is {info.size} bytes, not "
+                          f"{v.size}")
+    return VolumeSpec(v.name, info.size, str(QemuAddress(v.qmp, v.node, v.nbd)), str(v.role))
 
 
 # long by design: the routes are nested functions closing over ctx, one per endpoint
@@ -63,7 +77,7 @@ def inventory_router(ctx: SiteContext) -> APIRouter:
 
     @r.post("/vms", tags=["vms"], status_code=201, summary="Add a VM and its volumes")
     async def create_vm(body: m.VmCreate, response: Response) -> m.Vm:
-        vm = await b.create_vm(body.name, [_spec(v) for v in body.volumes])
+        vm = await b.create_vm(body.name, [await _spec(v) for v in body.volumes])
         response.headers["Location"] = f"{PREFIX}/vms/{vm.name}"
         return out(m.Vm, vm)
 
@@ -88,7 +102,7 @@ def inventory_router(ctx: SiteContext) -> APIRouter:
 
     @r.post("/vms/{vm}/volumes", tags=["volumes"], status_code=201, summary="Add a volume")
     async def create_volume(vm: NamePath, body: m.VolumeSpec) -> m.Volume:
-        return out(m.Volume, await b.create_volume(vm, _spec(body)))
+        return out(m.Volume, await b.create_volume(vm, await _spec(body)))
 
     @r.get("/vms/{vm}/volumes/{name}", tags=["volumes"], summary="One volume")
     async def get_volume(vm: NamePath, name: NamePath) -> m.Volume:

@@ -76,6 +76,10 @@ def show_vpg(vpg: dict[str, Any], names: dict[str, str],
              f"{latest['id']} at {o.when_ns(latest['time_ns'])}"
              + (f" tag {latest['tag']!r}" if latest.get("tag") else "")),
         ]
+        pairs += [(f"disk {d['vm']}/{d['volume']}",
+                   f"{d['state']} (QEMU node {d['node']}"
+                   + (f": {d['error']})" if d.get("error") else ")"))
+                  for d in status.get("hypervisor_disks") or ()]
     pairs += [(f"setting {k}", v) for k, v in sorted(vpg["settings"].items())]
     o.fields(f"VPG {vpg['name']}", pairs)
 

@@ -147,6 +147,13 @@ class MirrorKeeper:
         if mark is not None:
             self._pending = (gens, mark)
 
+    def disk_states(self, syncing: bool) -> list[dict[str, object]]:
+        """Each disk as the site's status shows it (`syncing`: the VPG resends now)."""
+        return [{"vm": st.vm, "volume": st.volume, "node": st.node,
+                 "state": "syncing" if syncing and st.state == "mirroring" else st.state,
+                 "error": st.error, "bitmap_generation": st.bitmap_generation}
+                for st in self.states.values()]
+
     def stop_all(self) -> None:
         """End the mirrors (a clean stop: QEMU's bitmaps go on recording)."""
         for vid, disk in self.disks.items():

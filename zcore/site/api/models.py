@@ -232,6 +232,20 @@ class CheckpointBuckets(Model):
     buckets: list[CheckpointBucket]
 
 
+class HypervisorDisk(Model):
+    """A disk protected in its running QEMU, as the VPG's mirror keeper sees it."""
+
+    vm: str
+    volume: str
+    node: str
+    state: Literal["mirroring", "syncing", "tracking"] = Field(
+        description="mirroring: every guest write reaches zcore; syncing: mirrored, and "
+                    "what QEMU's bitmap marked is being resent; tracking: the mirror is "
+                    "down and QEMU's dirty bitmap records the writes")
+    error: str | None = Field(default=None, description="why the mirror is down")
+    bitmap_generation: int = Field(description="zcore's newest bitmap generation on the node")
+
+
 class VpgStatus(Model):
     name: str
     role: VpgRole
@@ -257,6 +271,9 @@ class VpgStatus(Model):
         default=None, description="data bytes less the bytes sealed for the link, since start")
     compression_use: dict[str, dict[str, int]] | None = Field(
         default=None, description="per encoding: bundles, data_bytes, encoded_bytes")
+    hypervisor_disks: list[HypervisorDisk] | None = Field(
+        default=None, description="protected site: the disks protected in running QEMUs")
+
 
 
 # -- activity ----------------------------------------------------------------------------

@@ -89,7 +89,7 @@ export function badge(text, kind) { return h("span", { class: `badge ${kind || "
 export function stateBadge(state) {
   const kinds = { protecting: "ok", replicating: "ok", syncing: "warn", creating: "warn",
     paused: "warn", testing: "warn", failing_over: "warn", failed_over: "bad", error: "bad",
-    deleting: "warn", moved: "", committed: "" };
+    deleting: "warn", moved: "", committed: "", mirroring: "ok", tracking: "bad" };
   return badge(state || "–", kinds[state] || "");
 }
 

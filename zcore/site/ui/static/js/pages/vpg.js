@@ -19,7 +19,9 @@ function statusList(s) {
     s.sync_progress !== null && s.sync_progress !== undefined
       ? row("Sync", `${(s.sync_progress * 100).toFixed(0)}%, ${duration(s.sync_eta_seconds)} left`) : null,
     s.latest_checkpoint ? row("Latest checkpoint", `${s.latest_checkpoint.id} at ${time(s.latest_checkpoint.time_ns / 1e9)}`) : null,
-    s.scratch_limit_bytes ? row("Test scratch", `${bytes(s.scratch_used_bytes)} of ${bytes(s.scratch_limit_bytes)}`) : null);
+    s.scratch_limit_bytes ? row("Test scratch", `${bytes(s.scratch_used_bytes)} of ${bytes(s.scratch_limit_bytes)}`) : null,
+    (s.hypervisor_disks || []).map((d) => row(`Disk ${d.vm}/${d.volume}`,
+      [stateBadge(d.state), ` QEMU node ${d.node}`, d.error ? h("span", { class: "muted" }, `: ${d.error}`) : null])));
 }
 
 async function vmList(vpg) {

@@ -14,7 +14,8 @@ of issue 15 as it exists today, `zcore nbd serve --protect`, for QEMU to mirror 
   qemu-img and fio's nbd engine.  No iothread: QEMU 7.2's daemon aborts (an assertion in
   nbd_blockdev_client_closed) when a client of an export in an iothread disconnects.
 
-`start_mirror(host, port, export)` adds an `nbd` node for the target and starts the issue's
+`restart(kill=False)` stops the daemon (SIGTERM, or SIGKILL: a crash) and starts it again
+on the same image and sockets.  `start_mirror(host, port, export)` adds an `nbd` node for the target and starts the issue's
 mirror job (`blockdev-mirror` sync=none, copy-mode=write-blocking, on-target-error=report:
 every guest write is written to the target before the guest sees it complete), returning
 once query-block-jobs reports it ready; `stop_mirror()` cancels it (for a ready mirror, a
@@ -120,10 +121,9 @@ class QemuStorageDaemon:
                 "--export", f"type=nbd,id={export}-export,node-name={node},name={export},"
                             "writable=on"]
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._argv = argv
         try:
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                             stderr=subprocess.STDOUT)
+            self._spawn()
         except BaseException:
             self._cleanup()
             raise
@@ -132,6 +132,27 @@ class QemuStorageDaemon:
         except BaseException:
             self.kill()
             self._cleanup()
+            raise
+
+    def _spawn(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self._argv, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT)
+
+    def restart(self, *, kill: bool = False, timeout: float = START_TIMEOUT) -> None:
+        """The hypervisor restarts on the same image and sockets: an orderly exit
+        (SIGTERM: persistent bitmaps are saved in a qcow2) or, with `kill`, SIGKILL (they
+        come back inconsistent); whatever a mirror or client had is gone."""
+        self._running = False
+        _stop_process(self.proc, signal.SIGKILL if kill else signal.SIGTERM, STOP_TIMEOUT)
+        self.mirror_job = self.mirror_target = None
+        for sock in (self.qmp_path, self.nbd_path):
+            sock.unlink(missing_ok=True)
+        self._spawn()
+        try:
+            self._wait_started(timeout)
+        except BaseException:
+            self.kill()
             raise
 
     def __enter__(self) -> QemuStorageDaemon:

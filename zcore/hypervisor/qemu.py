@@ -52,6 +52,7 @@ _PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,40}")
 _CONNECT_RETRY = 2.0
 _QMP_LOCKS: dict[str, threading.Lock] = {}
 _QMP_LOCKS_GUARD = threading.Lock()
+_NBD_STARTED: set[str] = set()  # QMP sockets whose QEMU runs an NBD server of this process
 
 
 def _qmp_lock(path: Path) -> threading.Lock:
@@ -201,6 +202,11 @@ class QemuDisk:
         self._lock = threading.Lock()  # one NBD reader, shared by sync reads
         self._reader: NBDClient | None = None
         self._reader_failed_at = 0.0
+        # the generation started after QEMU lost every one this object had seen (it
+        # restarted without persistent bitmaps): until the generations below it are
+        # released, `changed_extents` cannot tell what changed
+        self._seen_gen = 0
+        self._lost_gen: int | None = None
         info = probe_node(self.qmp_path, node, timeout=timeout)
         self.size: int = info.size
         self.persistent: bool = info.format == "qcow2"
@@ -237,8 +243,21 @@ class QemuDisk:
         """Make sure a bitmap records the node's writes; returns the newest generation.
         A first call adds generation 1: the node's contents before it are what the
         initial sync reads."""
-        gens = self._usable(self._bitmaps())
-        return max(gens) if gens else self.checkpoint()
+        gens = self._usable(self._generations())
+        if gens:
+            return max(gens)
+        gen = self.checkpoint()
+        if self._seen_gen and self._lost_gen is None:
+            self._lost_gen = gen  # tracking again, after writes no bitmap recorded
+        self._seen_gen = gen
+        return gen
+
+    def _generations(self) -> dict[int, dict[str, Any]]:
+        """zcore's generations on the node, noting the newest seen."""
+        gens = self._bitmaps()
+        if gens:
+            self._seen_gen = max(self._seen_gen, *gens)
+        return gens
 
     def _usable(self, gens: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
         """Generations QEMU can still vouch for (a persistent bitmap of a QEMU that crashed
@@ -252,7 +271,7 @@ class QemuDisk:
         Read the capture's next seq after this returns: every write the new bitmap does
         not hold has a lower one."""
         gens = self._bitmaps()
-        gen = max(gens, default=0) + 1
+        gen = max(max(gens, default=0), self._seen_gen) + 1  # never reused in this process
         args: dict[str, Any] = {"node": self.node, "name": f"{self.prefix}.{gen}",
                                 "granularity": 65536}
         if self.persistent:
@@ -263,6 +282,8 @@ class QemuDisk:
     def release(self, below: int) -> int:
         """Drop the generations older than `below` (the recovery site holds what they
         recorded); returns how many went."""
+        if self._lost_gen is not None and below > self._lost_gen:
+            self._lost_gen = None  # what no bitmap recorded is at the recovery site
         dropped = 0
         for gen in sorted(self._bitmaps()):
             if gen < below:
@@ -274,21 +295,27 @@ class QemuDisk:
     # ---- reads through QEMU's NBD server -------------------------------------------------
 
     def _nbd_address(self) -> str:
-        """QEMU's NBD server's socket (started here on an abstract socket if none runs)."""
+        """QEMU's NBD server's socket.  Unless one was given, zcore runs it, on an abstract
+        socket named for this process and QMP socket, shared by every disk of that QEMU;
+        it is (re)started on each use, so a restarted QEMU gets it back."""
         if self._nbd_socket is not None:
             return self._nbd_socket
-        name = f"zcore-{self.prefix}-{os.getpid()}"
+        key = os.fspath(self.qmp_path)
+        name = f"zcore-nbd-{hashlib.sha256(key.encode()).hexdigest()[:16]}-{os.getpid()}"
         try:
             self._qmp("nbd-server-start", addr={"type": "unix", "path": name,
                                                 "abstract": True})
         except HypervisorError as exc:
             if "already running" not in str(exc):
                 raise
-            raise HypervisorError(
-                f"QEMU at {self.qmp_path} already runs an NBD server zcore did not start: "
-                "give its Unix socket (nbd=PATH in the volume's qemu: address)") from None
-        self._nbd_socket = "\0" + name
-        return self._nbd_socket
+            if key not in _NBD_STARTED:
+                raise HypervisorError(
+                    f"QEMU at {self.qmp_path} already runs an NBD server zcore did not "
+                    "start: give its Unix socket (nbd=PATH in the volume's qemu: "
+                    "address)") from None
+        with _QMP_LOCKS_GUARD:
+            _NBD_STARTED.add(key)
+        return "\0" + name
 
     def _add_export(self, export: str, bitmaps: Sequence[str] = ()) -> str:
         address = self._nbd_address()
@@ -372,10 +399,10 @@ class QemuDisk:
     def changed_extents(self) -> list[tuple[int, int]] | None:
         """The union of zcore's bitmap generations on the node: what was written since
         the recovery site last held it (None when no usable generation is left: a QEMU
-        that crashed with them, or a node that never had one)."""
-        gens = self._bitmaps()
+        that crashed with them or restarted without them, or a node that never had one)."""
+        gens = self._generations()
         usable = self._usable(gens)
-        if not usable or len(usable) < len(gens):
+        if not usable or len(usable) < len(gens) or self._lost_gen is not None:
             return None
         merged = f"{self.prefix}.merge"
         with contextlib.suppress(HypervisorError):
@@ -455,8 +482,12 @@ class QemuDisk:
         state = self.mirror_state()
         if state.status != "absent":
             if state.status not in ("concluded", "null"):
+                # a ready mirror ends by a cancel without force (it completes without a
+                # pivot, in-flight writes drained): QEMU 7.2's storage daemon was seen
+                # corrupting its heap when forced while a guest wrote
                 with contextlib.suppress(HypervisorError):
-                    self._qmp("block-job-cancel", device=self.job, force=True)
+                    self._qmp("block-job-cancel", device=self.job,
+                              force=state.status != "ready")
                 deadline = time.monotonic() + _JOB_WAIT
                 while self.mirror_state().status not in ("concluded", "null", "absent"):
                     if time.monotonic() > deadline:

@@ -46,6 +46,11 @@ class LinkStalledError(TimeoutError):
 _LINK_ERRORS = (OSError, ssl.SSLError, ZcoreError, asyncio.IncompleteReadError, TimeoutError)
 
 
+class _CompareRequested(Exception):
+    """The VPG asked for a compare with the recovery site's journals mid-stream (a
+    source's dirty bitmaps were lost): the session ends, the next one runs it."""
+
+
 class FrameStream:
     """Frames from an asyncio StreamReader (the protected side receives only small ones)."""
 
@@ -270,6 +275,9 @@ class Replication:
                 self.resync_report = await run_resync_compare(self.vpg, frames, writer,
                                                               self.site.throttle)
             await self._stream(frames, writer)
+        except _CompareRequested:
+            log.info("VPG %s: a compare with the recovery site's journals was asked for: "
+                     "a new session runs it", self.vpg.name)
         except _LINK_ERRORS as exc:
             # reported now: closing a dead link's stream waits up to a second more, and a
             # link declared down (the peer timeout, a stall) is not "connected" meanwhile
@@ -363,6 +371,8 @@ class Replication:
             compression.tick()
             bundles = await loop.run_in_executor(None, self.vpg.wait_bundles,
                                                  self.sent_seq, 0.1)
+            if self.vpg.resync_pending:  # its hypervisor's bitmaps were lost: compare
+                raise _CompareRequested
             for b in bundles:
                 if b.last_seq <= self.sent_seq:
                     continue

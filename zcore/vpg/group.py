@@ -217,17 +217,27 @@ class VPG(VPGStream):
     def resync_from_sources(self, reason: str) -> None:
         """The hypervisor wrote without mirroring to this VPG (its mirror broke, `reason`):
         fold into bitmap mode and mark what the sources' dirty bitmaps say changed; the
-        bitmap sync resends it.  When a source cannot tell, every block is marked (a
-        restart instead compares the volumes with the journals)."""
+        bitmap sync resends it.  When a source cannot tell (its bitmaps are gone), the
+        volumes are compared with the recovery site's journals, as after an unclean
+        restart (`resync_pending`: the link starts a new session for it); when that is
+        under way already, every block is marked instead."""
         with self._lock:
             if self._mode == VPGMode.STOPPED:
                 return  # the next start asks the sources
-            if self._mode not in (VPGMode.DELTA_SYNC, VPGMode.RESYNC_COMPARE):
+            comparing = self._mode in (VPGMode.DELTA_SYNC, VPGMode.RESYNC_COMPARE)
+            if not comparing:
                 self._fold(reason)  # those two only mark writes already: the sync follows
-            if not self._mark_from_sources(reason):
+            if self._mark_from_sources(reason):
+                return
+            if comparing:  # blocks it compared already may have changed unmirrored since
                 for bm in self.bitmaps.values():
                     bm.mark_all()
                 self._event("every block of the VPG is resent by the bitmap sync")
+                return
+            self._resync = True
+            self._mode = VPGMode.RESYNC_COMPARE
+            self._save_state(clean=False)  # a crash from now on compares too
+            self._wake.notify_all()
 
     def _ring_bytes(self) -> int:
         return self.settings.buffer_bytes // 2 // 64 * 64

@@ -116,7 +116,10 @@ class LocalLink:
 
     def pump(self, timeout: float = 0.0) -> int:
         """Deliver pending bundles (waiting up to `timeout` for one), commit, ack.
-        Returns the number of bundles delivered."""
+        Returns the number of bundles delivered; a compare the VPG asked for meanwhile
+        (`VPG.resync_pending`) runs first."""
+        if self.vpg.resync_pending:
+            self.resync()
         bundles = self.vpg.wait_bundles(self.sent_seq, timeout)
         bundles = [b for b in bundles if b.first_seq > self.sent_seq]
         for b in bundles:

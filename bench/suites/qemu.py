@@ -345,7 +345,6 @@ class ProtectedSite:
     VM's journal standing for the recovery site.  `crash()` is zcore dying."""
 
     def __init__(self, root: Path, daemon: QemuStorageDaemon, *, first: bool) -> None:
-        self.daemon = daemon
         self.disk = CountingDisk(daemon.qmp_path, daemon.node, PREFIX,
                                  nbd_socket=str(daemon.nbd_path))
         self.vpg = VPG(VPG_NAME, root / "vpg", VPGSettings())

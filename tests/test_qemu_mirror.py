@@ -58,7 +58,7 @@ class Site:
         self.volume = self.vpg.add_volume("vm1", "disk0", None, source=self.disk)
         self.journals = LocalLink.create_journals(self.vpg, self.tmp / "journals")
         self.journal: Journal = self.journals["vm1"]
-        self.vpg.start(initial_sync=initial)
+        self.vpg.start(initial_sync=initial, await_sources=not initial)
         self.server = serving([nbd.volume_export(self.volume, "g/vm1/disk0")], self.tmp)
         thread = self.server.__enter__()
         host, port = thread.address[:2]

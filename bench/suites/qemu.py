@@ -354,7 +354,8 @@ class ProtectedSite:
         self.server: nbd.ServerThread | None = None
         self.link: LocalLink | None = None
         try:
-            self.vpg.start(initial_sync=True)  # a restart: the state file decides
+            # a restart: the state file decides; the sync waits for the keeper's marks
+            self.vpg.start(initial_sync=True, await_sources=True)
             self.server = nbd.ServerThread(nbd.NBDServer(
                 [nbd.volume_export(self.volume, EXPORT)])).start()
             assert self.server.address is not None

@@ -341,11 +341,13 @@ class SiteRuntime:
         host, port = split_address(address)
         vpg = await asyncio.to_thread(self.build_vpg, record, vms)
         first = not (self.site.vpg_state_dir(record.name) / STATE_NAME).exists()
+        # QEMU-hosted volumes: their mirrors start below, then mark what QEMU recorded
+        sourced = any(v.source is not None for v in vpg.volumes.values())
         try:
             if delta_sync:
-                await asyncio.to_thread(vpg.start, delta_sync=True)
+                await asyncio.to_thread(vpg.start, delta_sync=True, await_sources=sourced)
             else:
-                await asyncio.to_thread(vpg.start, initial_sync=True)
+                await asyncio.to_thread(vpg.start, initial_sync=True, await_sources=sourced)
         except BaseException:
             await asyncio.to_thread(vpg.close)
             raise

@@ -174,6 +174,9 @@ class VPGCore:
         self._delta_fresh = False  # ...and its next session must start over (after a crash)
         self._delta_report: DeltaSyncReport | None = None
         self._resync = False  # an unclean restart's compare has not completed yet
+        # a restart of a VPG whose hypervisor mirrors start after it: the bitmap sync
+        # waits for their `resync_from_sources`, so one sync reads what the sources marked
+        self._await_sources = False
         self._resync_report: ResyncReport | None = None
         self._sync_iter: Iterator[SyncItem] | None = None
         self._sync_next: SyncItem | None = None

@@ -72,7 +72,7 @@ class VPG(VPGStream):
     # ---- lifetime ------------------------------------------------------------------------
 
     def start(self, *, initial_sync: bool = False, delta_sync: bool = False,
-              min_seq: int = 0) -> None:
+              min_seq: int = 0, await_sources: bool = False) -> None:
         """Start capturing.  `initial_sync` copies the volumes' current contents (zero
         blocks skipped) before the first consistent checkpoint; `delta_sync` says the
         recovery site's replicas hold an older copy of the volumes (reverse protection):
@@ -84,7 +84,10 @@ class VPG(VPGStream):
         after a crash the volumes are compared with the recovery site's journals (mode
         RESYNC_COMPARE, run by the sender: `resync_pending`), what differs marked dirty
         and sent by the bitmap sync, except while a delta sync is pending: that sync
-        then starts over (it compares every block, so nothing needs marking)."""
+        then starts over (it compares every block, so nothing needs marking).
+        `await_sources`: the volumes' sources (a hypervisor's mirrors) start after this and
+        then call `resync_from_sources`; until then no bitmap sync begins (it would read
+        what that call marks again)."""
         if initial_sync and delta_sync:
             raise ConfigError("a VPG starts with an initial sync or a delta sync, not both")
         with self._lock:
@@ -113,6 +116,7 @@ class VPG(VPGStream):
                 vol._attach(ring)
             self._stopping = False
             self._error = None
+            self._await_sources = await_sources and state is not None
             self._next_checkpoint = time.monotonic() + self.settings.checkpoint_interval
             self._last_persist = time.monotonic()
             self._thread = threading.Thread(target=self._run, name=f"vpg-{self.name}",
@@ -224,11 +228,16 @@ class VPG(VPGStream):
         with self._lock:
             if self._mode == VPGMode.STOPPED:
                 return  # the next start asks the sources
+            # just started (`await_sources`): no sync began, no compare either
+            waited, self._await_sources = self._await_sources, False
+            self._wake.notify_all()
             comparing = self._mode in (VPGMode.DELTA_SYNC, VPGMode.RESYNC_COMPARE)
-            if not comparing:
+            if not comparing and not (waited and self._mode == VPGMode.BITMAP):
                 self._fold(reason)  # those two only mark writes already: the sync follows
             if self._mark_from_sources(reason):
                 return
+            if comparing and waited:
+                return  # the compare, not begun, reads the volumes after the mirrors began
             if comparing:  # blocks it compared already may have changed unmirrored since
                 for bm in self.bitmaps.values():
                     bm.mark_all()

@@ -496,3 +496,87 @@ def test_a_head_view_reads_every_durable_record_and_nothing_appended_after(tmp_p
         assert j.head_view().read(0, 0, 4096) == b"c" * 4096
     finally:
         j.close()
+
+
+class _HypervisorDisk:
+    """A VolumeSource over a file standing for a hypervisor's disk: `guest_write` is a
+    mirrored write (the disk, then the capture), `unmirrored` one the mirror missed;
+    `lost` says its dirty bitmap is gone (`changed_extents` cannot tell)."""
+
+    def __init__(self, path: Path, size: int, data: bytes) -> None:
+        self.path, self._size = path, size
+        path.write_bytes(data)
+        self.marked: list[tuple[int, int]] = []
+        self.lost = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read_into(self, offset: int, buf: bytearray | memoryview) -> None:
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            f.readinto(buf)
+
+    def zero_extents(self) -> list[tuple[int, int]]:
+        return []
+
+    def changed_extents(self) -> list[tuple[int, int]] | None:
+        return None if self.lost else list(self.marked)
+
+    def unmirrored(self, offset: int, data: bytes) -> None:
+        with open(self.path, "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+        self.marked.append((offset, len(data)))
+
+
+def test_a_source_whose_bitmap_is_lost_mid_stream_is_compared_not_resent(sites):
+    """A hypervisor's bitmaps go while the VPG streams (QEMU restarted without
+    persistent bitmaps): the VPG asks for a compare, the sender starts a new session
+    that runs it, and only what differs crosses; the newest checkpoint is the disk."""
+    async def main():
+        rng = random.Random(5)
+        size = 6 * MiB
+        rs = RecoverySite(sites / "rs")
+        host, port = await rs.start()
+        name = f"rs{next(_names)}"
+        disk = _HypervisorDisk(sites / f"{name}.img", size, rng.randbytes(size))
+        vpg = VPG(name, sites / name, VPGSettings(checkpoint_interval=0.3))
+        vpg.add_vm("vm1")
+        vol = vpg.add_volume("vm1", "disk0", None, size, source=disk)
+        vpg.start(initial_sync=True)
+        ps = ProtectedSite(sites / "ps")
+        rep = ps.protect(vpg, host, port)
+        try:
+            await catch_up(vpg, rep, rs)
+            for _ in range(10):  # mirrored: the disk, then the capture
+                offset = rng.randrange(0, size // (4 * KiB)) * 4 * KiB
+                data = rng.randbytes(4 * KiB)
+                disk.unmirrored(offset, data)
+                vol.write(offset, data)
+            await catch_up(vpg, rep, rs)
+            sessions = rep.sessions
+            missed = 0
+            for _ in range(6):
+                offset = rng.randrange(0, size // (8 * KiB)) * 8 * KiB
+                disk.unmirrored(offset, rng.randbytes(8 * KiB))
+                missed += 8 * KiB
+            disk.lost = True
+            await asyncio.to_thread(vpg.resync_from_sources, "QEMU restarted")
+            assert vpg.resync_pending
+            await catch_up(vpg, rep, rs)
+            report = rep.resync_report
+            assert report is not None and report.compared_bytes == size
+            assert 0 < report.differing_bytes <= missed
+            assert rep.sessions > sessions  # a new session ran the compare
+            events = " ".join(vpg.events)
+            assert "dirty bitmap is gone" in events and "every block" not in events
+            journal = rs.journals(vpg.name)["vm1"]
+            with journal.view(journal.checkpoints()[-1]) as view:
+                assert view.read(vol.id, 0, size) == disk.path.read_bytes()
+        finally:
+            await ps.stop()
+            vpg.close()
+            await rs.stop()
+    run(main())

@@ -49,6 +49,7 @@ from zcore.errors import (
     ZcoreError,
 )
 from zcore.fsutil import fsync_dir, move_file, read_state, write_state
+from zcore.hypervisor import QemuAddress
 from zcore.journal import JournalSettings, VolumeSpec
 from zcore.recovery.states import Operation
 from zcore.security import Peer
@@ -501,6 +502,15 @@ class ReverseOps:
         if {k: s for k, (s, _) in local.items()} != wanted:
             raise ProtocolError(f"VPG {name} is attached with other VMs or volumes than it "
                                 f"protects here")
+        in_qemu = sorted(f"{vm}/{vol}" for (vm, vol), (_, path) in local.items()
+                         if QemuAddress.parse(path) is not None)
+        if in_qemu:
+            # the disk is a running QEMU's, which may still have it open: never written
+            raise ConfigError(
+                f"VPG {name}: volume(s) {', '.join(in_qemu)} here are running QEMUs' disks; "
+                "reverse protection into them is not supported: shut the VM down, then "
+                "replace each such volume with its image file (DELETE and POST "
+                "/vms/VM/volumes with its path) so it becomes the replica")
         if name in self.rt.protected:  # failed over while this site was away: it stops
             await self.failovers.vms.stop_exports(name, self._exports(name), StopMode.FORCE)
             await self.rt.stop_protected(name)

@@ -263,8 +263,9 @@ class QemuDisk:
             return self._nbd_socket
         name = f"zcore-{self.prefix}-{os.getpid()}"
         try:
-            self._qmp("nbd-server-start", addr={"type": "unix", "path": name,
-                                                "abstract": True})
+            # nbd-server-start takes the legacy address form ("data" wraps the address)
+            self._qmp("nbd-server-start", addr={"type": "unix", "data": {
+                "path": name, "abstract": True}})
         except HypervisorError as exc:
             if "already running" not in str(exc):
                 raise

@@ -258,10 +258,12 @@ class QemuDisk:
     # ---- reads through QEMU's NBD server -------------------------------------------------
 
     def _nbd_address(self) -> str:
-        """QEMU's NBD server's socket (started here on an abstract socket if none runs)."""
+        """QEMU's NBD server's socket (started here on an abstract socket if none runs).
+        The socket is named after the QMP socket, not the volume or the process: QEMU runs
+        one NBD server, which every volume on it and a restarted zcore then find again."""
         if self._nbd_socket is not None:
             return self._nbd_socket
-        name = f"zcore-{self.prefix}-{os.getpid()}"
+        name = "zcore-nbd-" + hashlib.sha256(os.fsencode(self.qmp_path)).hexdigest()[:16]
         try:
             # nbd-server-start takes the legacy address form ("data" wraps the address)
             self._qmp("nbd-server-start", addr={"type": "unix", "data": {
@@ -269,9 +271,11 @@ class QemuDisk:
         except HypervisorError as exc:
             if "already running" not in str(exc):
                 raise
-            raise HypervisorError(
-                f"QEMU at {self.qmp_path} already runs an NBD server zcore did not start: "
-                "give its Unix socket (nbd=PATH in the volume's qemu: address)") from None
+            if not _serves_nbd("\0" + name):
+                raise HypervisorError(
+                    f"QEMU at {self.qmp_path} already runs an NBD server zcore did not "
+                    "start: give its Unix socket (nbd=PATH in the volume's qemu: address)"
+                ) from None
         self._nbd_socket = "\0" + name
         return self._nbd_socket
 
@@ -455,6 +459,20 @@ class QemuDisk:
     def close(self) -> None:
         """Let go of the reader (the mirror and the bitmaps stay: `stop_mirror`, `release`)."""
         self._close_reader()
+
+
+def _serves_nbd(address: str) -> bool:
+    """Whether an NBD server answers on the Unix socket `address` (asked for an export
+    that no one names: its refusal ends the negotiation cleanly, unlike a bare connect,
+    which QEMU logs as a failed negotiation)."""
+    try:
+        NBDClient.connect_unix(address, "zcore-probe", meta_contexts=(),
+                               timeout=_CONNECT_RETRY).close()
+    except OSError:
+        return False
+    except ZcoreError:
+        pass
+    return True
 
 
 def _merge(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:

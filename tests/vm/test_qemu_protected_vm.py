@@ -104,8 +104,12 @@ class LiveVM:
     def go(self, phase: str) -> None:
         """Wait until the guest waits for `phase`, then let it run."""
         self.until(f"GUEST-WAITING {phase}")
-        with open(f"{self.fifo}.in", "w") as f:
-            f.write("go\n")
+        # non-blocking: with no QEMU holding the FIFO the open fails instead of waiting
+        fd = os.open(f"{self.fifo}.in", os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            assert os.write(fd, b"go\n") == 3
+        finally:
+            os.close(fd)
 
     def stop(self) -> None:
         self.adapter.stop("vm1", StopMode.FORCE, timeout=10)

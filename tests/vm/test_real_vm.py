@@ -22,15 +22,14 @@ each boot takes ~3 s.  In CI (CI=true) a missing tool or guest package fails the
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import require_tool
-from helpers.site import SiteProcess, ok, two_sites, wait_for
-from helpers.vm import VMKit, make_ext4_image, read_ext4_file, vm_kit
+from helpers.site import SiteProcess, ok, wait_for
+from helpers.vm import VMKit, make_ext4_image, read_ext4_file
+from helpers.vmsite import BOOT_S, Budget, console_until, tag, wait_task
 
 from zcore.adapters import QemuAdapter, VMState
 
@@ -38,7 +37,6 @@ pytestmark = pytest.mark.vm
 
 MiB = 1 << 20
 DISK = 32 * MiB
-BOOT_S = 120.0  # one boot, generous for TCG on a loaded 2-core machine
 BUDGET_S = 600.0  # the whole scenario
 
 FILES = {"ledger.txt": "quarterly figures: 42", "customers.txt": "alice bob carol"}
@@ -61,64 +59,6 @@ for f in /mnt/data/*.txt; do echo "GUEST-FILE ${f##*/}: $(cat $f)"; done
 [ -f /mnt/data/recovered.txt ] || echo 'written by the recovered VM' > /mnt/data/recovered.txt
 umount /mnt && sync && echo GUEST-PRINTED
 """
-
-
-class Budget:
-    """The scenario's deadline: each wait gets what is left, at most its own timeout."""
-
-    def __init__(self, seconds: float) -> None:
-        self.deadline = time.monotonic() + seconds
-
-    def left(self, at_most: float) -> float:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"the real-VM scenario ran past its {BUDGET_S:g} s budget")
-        return min(left, at_most)
-
-
-@pytest.fixture(scope="module")
-def kit(tmp_path_factory: pytest.TempPathFactory) -> VMKit:
-    require_tool("qemu-system-x86_64")
-    return vm_kit(tmp_path_factory.mktemp("vmkit"))
-
-
-@pytest.fixture
-def sites(tmp_path: Path) -> Iterator[tuple[SiteProcess, SiteProcess]]:
-    with two_sites(tmp_path) as pair:
-        yield pair
-
-
-def wait_task(client: httpx.Client, task: dict[str, Any], budget: Budget) -> dict[str, Any]:
-    def done() -> dict[str, Any] | None:
-        t: dict[str, Any] = ok(client.get(f"/tasks/{task['id']}"))
-        return t if t["state"] in ("succeeded", "failed", "cancelled") else None
-
-    result: dict[str, Any] = wait_for("the task", done, timeout=budget.left(120))
-    assert result["state"] == "succeeded", result
-    return result
-
-
-def tag(ca: httpx.Client, cb: httpx.Client, name: str, budget: Budget) -> int:
-    """Tag a checkpoint at A and wait until B holds it (replicated into B's journal)."""
-    t = ok(ca.post("/vpgs/g1/checkpoints", json={"tag": name}), 201)
-    wait_for(f"{name} at B", lambda: ok(cb.get("/vpgs/g1/checkpoints",
-                                               params={"tag": name}))["items"],
-             timeout=budget.left(120))
-    return int(t["id"])
-
-
-def console_until(path: Path, marker: str, budget: Budget,
-                  adapter: QemuAdapter | None = None, vm: str = "vm1") -> str:
-    """The console log once it shows `marker` (fails early when the VM is gone without)."""
-    deadline = time.monotonic() + budget.left(BOOT_S)
-    while True:
-        text = path.read_text(errors="replace") if path.exists() else ""
-        if marker in text:
-            return text
-        gone = adapter is not None and adapter.status(vm) is VMState.STOPPED
-        if gone or time.monotonic() > deadline:
-            raise AssertionError(f"{marker!r} not on the console {path}:\n{text[-3000:]}")
-        time.sleep(0.1)
 
 
 def boot_at_a(kit: VMKit, script: str, uri: str, run_dir: Path, marker: str,

@@ -52,7 +52,6 @@ _PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,40}")
 _CONNECT_RETRY = 2.0
 _QMP_LOCKS: dict[str, threading.Lock] = {}
 _QMP_LOCKS_GUARD = threading.Lock()
-_NBD_STARTED: set[str] = set()  # QMP sockets whose QEMU runs an NBD server of this process
 
 
 def _qmp_lock(path: Path) -> threading.Lock:
@@ -295,26 +294,25 @@ class QemuDisk:
     # ---- reads through QEMU's NBD server -------------------------------------------------
 
     def _nbd_address(self) -> str:
-        """QEMU's NBD server's socket.  Unless one was given, zcore runs it, on an abstract
-        socket named for this process and QMP socket, shared by every disk of that QEMU;
-        it is (re)started on each use, so a restarted QEMU gets it back."""
+        """QEMU's NBD server's socket.  Unless one was given, zcore runs it on an abstract
+        socket named after the QMP socket (not the volume or the process: QEMU runs one NBD
+        server, which every volume on it and a restarted zcore then find again), started
+        again on each use, so a restarted QEMU gets it back."""
         if self._nbd_socket is not None:
             return self._nbd_socket
-        key = os.fspath(self.qmp_path)
-        name = f"zcore-nbd-{hashlib.sha256(key.encode()).hexdigest()[:16]}-{os.getpid()}"
+        name = "zcore-nbd-" + hashlib.sha256(os.fsencode(self.qmp_path)).hexdigest()[:16]
         try:
-            self._qmp("nbd-server-start", addr={"type": "unix", "path": name,
-                                                "abstract": True})
+            # nbd-server-start takes the legacy address form ("data" wraps the address)
+            self._qmp("nbd-server-start", addr={"type": "unix", "data": {
+                "path": name, "abstract": True}})
         except HypervisorError as exc:
             if "already running" not in str(exc):
                 raise
-            if key not in _NBD_STARTED:
+            if not _serves_nbd("\0" + name):
                 raise HypervisorError(
                     f"QEMU at {self.qmp_path} already runs an NBD server zcore did not "
-                    "start: give its Unix socket (nbd=PATH in the volume's qemu: "
-                    "address)") from None
-        with _QMP_LOCKS_GUARD:
-            _NBD_STARTED.add(key)
+                    "start: give its Unix socket (nbd=PATH in the volume's qemu: address)"
+                ) from None
         return "\0" + name
 
     def _add_export(self, export: str, bitmaps: Sequence[str] = ()) -> str:
@@ -501,6 +499,20 @@ class QemuDisk:
     def close(self) -> None:
         """Let go of the reader (the mirror and the bitmaps stay: `stop_mirror`, `release`)."""
         self._close_reader()
+
+
+def _serves_nbd(address: str) -> bool:
+    """Whether an NBD server answers on the Unix socket `address` (asked for an export
+    that no one names: its refusal ends the negotiation cleanly, unlike a bare connect,
+    which QEMU logs as a failed negotiation)."""
+    try:
+        NBDClient.connect_unix(address, "zcore-probe", meta_contexts=(),
+                               timeout=_CONNECT_RETRY).close()
+    except OSError:
+        return False
+    except ZcoreError:
+        pass
+    return True
 
 
 def _merge(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:

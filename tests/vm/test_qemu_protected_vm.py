@@ -13,7 +13,9 @@ test at that tag shows; no event says a mirror ended).  Site B fails the VPG ove
 to the first tag with the qemu adapter: the recovered VM boots on B's failover export and
 its console shows the files as they were at the tag, not the overwrite.  The
 failover is rolled back (the source VM never stopped), and a tag at A reaches B again:
-the running VM is still protected.  Then the guest unmounts and powers itself off.
+the running VM is still protected (its status says the disk is mirroring).  Last, a
+planned move: A pauses the VM in QEMU before the move's checkpoint (its disk takes no
+more writes), and the VM B boots after the commit shows the overwritten files.
 
 Bounded: every wait has a timeout and the scenario a budget (BUDGET_S).  In CI (CI=true)
 a missing tool or guest package fails the test; elsewhere it skips.
@@ -31,11 +33,12 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers.site import SiteProcess, ok, wait_for
+from helpers.site import SiteProcess, ok
 from helpers.vm import VMKit, make_ext4_image
 from helpers.vmsite import Budget, console_until, tag, wait_task
 
-from zcore.adapters import QemuAdapter, StopMode, VMState
+from zcore.adapters import QemuAdapter, StopMode
+from zcore.adapters.qmp import QMPClient
 from zcore.hypervisor import QemuAddress
 
 pytestmark = pytest.mark.vm
@@ -89,6 +92,7 @@ class LiveVM:
             "-blockdev", json.dumps(disk),
             "-device", f"virtio-blk-pci,drive={NODE},bootindex=1",
             "-chardev", f"pipe,id=ctl,path={self.fifo}", "-serial", "chardev:ctl")))
+        self.image = image
         self.console = self.adapter.console_path("vm1")
         # QemuAdapter's documented layout: the VM's QMP socket is in its directory
         self.qmp = self.adapter.vm_dir("vm1") / "qmp.sock"
@@ -132,8 +136,10 @@ def protect(a: SiteProcess, b: SiteProcess, qmp: Path
     ca, cb = a.client(), b.client()
     token = ok(cb.post("/pairing/tokens"))["token"]
     beta = ok(ca.post("/pairing", json={"address": b.replication, "token": token}))
-    ok(ca.post("/vms", json={"name": "vm1", "volumes": [
-        {"name": "disk0", "size": DISK, "path": str(QemuAddress(str(qmp), NODE))}]}), 201)
+    vm = ok(ca.post("/vms", json={"name": "vm1", "volumes": [
+        {"name": "disk0", "qmp": str(qmp), "node": NODE}]}), 201)  # the size is QEMU's
+    assert vm["volumes"][0]["size"] == DISK
+    assert vm["volumes"][0]["path"] == str(QemuAddress(str(qmp), NODE))
     task = ok(ca.post("/vpgs", json={"name": "g1", "vms": ["vm1"], "peer": beta["site_id"],
                                      "settings": {"checkpoint_interval_seconds": 1}}), 202)
     return ca, cb, task
@@ -194,9 +200,21 @@ def test_a_vm_protected_in_qemu_while_it_writes_fails_over_to_its_tag_with_its_f
     assert any("initial sync complete" in e for e in events), events
     assert not [e for e in events if "mirror" in e or "bitmap" in e], events
 
-    live_vm.go("end")
-    live_vm.until("GUEST-DONE")
-    wait_for("the guest to power off",
-             lambda: live_vm.adapter.status("vm1") is VMState.STOPPED,
-             timeout=budget.left(60), interval=0.2)
+    disks = ok(ca.get("/vpgs/g1/status"))["hypervisor_disks"]
+    assert [(d["vm"], d["volume"], d["node"], d["state"], d["error"]) for d in disks] == [
+        ("vm1", "disk0", NODE, "mirroring", None)], disks
+
+    # a planned move: A pauses the VM in QEMU (its guest writes nothing after the move's
+    # checkpoint), B fails over to that checkpoint, commits and boots it: the overwrite
+    live_vm.until("GUEST-WAITING end")
+    image = live_vm.image.read_bytes()
+    moved = wait_task(ca, ok(ca.post("/vpgs/g1/move", json={"reverse": False}), 202), budget)
+    assert moved["result"]["checkpoint_id"] > after
+    with QMPClient(live_vm.qmp) as q:
+        assert q.execute("query-status")["status"] == "paused"
+    assert live_vm.image.read_bytes() == image  # nothing written since
+    console = console_until(b.root / "vms" / "failover" / "g1" / "vm1" / "console.log",
+                            "GUEST-PRINTED", budget)
+    for name in BEFORE:
+        assert f"GUEST-FILE {name}: {AFTER}\n" in console, console
     print(f"scenario: {time.monotonic() - t0:.1f} s")

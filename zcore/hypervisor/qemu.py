@@ -496,6 +496,21 @@ class QemuDisk:
         with contextlib.suppress(HypervisorError):
             self._qmp("blockdev-del", **{"node-name": self.target_node})
 
+    # ---- the guest ------------------------------------------------------------------------
+
+    def pause_guest(self) -> None:
+        """Pause the VM (QMP `stop`: its vCPUs stop and its disk requests drain), so no
+        write is issued past this point: a planned move's last checkpoint comes after it."""
+        try:
+            self._qmp("stop")
+        except HypervisorError as exc:
+            raise HypervisorError(f"the VM at {self.qmp_path} cannot be paused ({exc}): its "
+                                  "guest would go on writing unprotected") from None
+
+    def resume_guest(self) -> None:
+        """Let a paused VM run again (QMP `cont`)."""
+        self._qmp("cont")
+
     def close(self) -> None:
         """Let go of the reader (the mirror and the bitmaps stay: `stop_mirror`, `release`)."""
         self._close_reader()

@@ -154,6 +154,29 @@ class MirrorKeeper:
                  "error": st.error, "bitmap_generation": st.bitmap_generation}
                 for st in self.states.values()]
 
+    def _guests(self) -> list[QemuDisk]:
+        """One disk per QEMU (its QMP socket) of this VPG."""
+        return list({disk.qmp_path: disk for disk in self.disks.values()}.values())
+
+    def pause_guests(self) -> None:
+        """Pause every QEMU of the VPG (no guest write after this); when one cannot be,
+        those paused run again and the error says why."""
+        paused: list[QemuDisk] = []
+        try:
+            for disk in self._guests():
+                disk.pause_guest()
+                paused.append(disk)
+        except ZcoreError:
+            for disk in paused:
+                disk.resume_guest()
+            raise
+        names = ", ".join(sorted({f"{st.vm}" for st in self.states.values()}))
+        self.vpg.note(f"the VMs {names} are paused in QEMU: their disks take no more writes")
+
+    def resume_guests(self) -> None:
+        for disk in self._guests():
+            disk.resume_guest()
+
     def stop_all(self) -> None:
         """End the mirrors (a clean stop: QEMU's bitmaps go on recording)."""
         for vid, disk in self.disks.items():

@@ -197,6 +197,8 @@ class ReverseOps:
         except BaseException:
             if name in self.rt.protected:
                 self.rt.allow_writes(name)  # nothing moved: the VMs may write again
+                if entry.mirrors is not None:
+                    await asyncio.to_thread(entry.mirrors.resume_guests)
             raise
         await self.rt.stop_protected(name)
         await self._db(self.db.update_vpg, name, state=VpgState.MOVED)

@@ -403,8 +403,11 @@ class SiteRuntime:
     async def refuse_writes(self, name: str, timeout: float = 10.0) -> None:
         """Drop a protected VPG's exports and wait until their connections have ended
         (no write of theirs is in flight any more: a planned move's checkpoint comes
-        after every write)."""
+        after every write).  QEMU-hosted disks do not write through the exports: their
+        VMs are paused first (HypervisorError when one cannot be; nothing changed then)."""
         entry = self.entry(name)
+        if entry.mirrors is not None:
+            await asyncio.to_thread(entry.mirrors.pause_guests)
         for export in entry.exports:
             if self.nbd.lookup(export) is not None:
                 self.nbd.remove_export(export)

@@ -1,7 +1,7 @@
 """The mirrors of a protected VPG whose volumes live in running QEMUs (zcore.hypervisor).
 
 Sits in the site service beside its runtime: `MirrorKeeper` starts each disk's mirror
-into the volume's capture export before the VPG's sender starts (so an initial sync reads
+into the volume's capture export before the VPG's sync and sender start (so a sync reads
 only what the mirror no longer misses), then watches them.  A mirror that ended (zcore's
 link to QEMU broke, the target failed, QEMU restarted) is started again and the VPG told
 to resend what QEMU's dirty bitmaps recorded meanwhile: the mirror first, then the marks,
@@ -64,11 +64,14 @@ class MirrorKeeper:
 
     def start_all(self, *, resync: bool) -> None:
         """Start every mirror; with `resync` (not a first start) the VPG then marks what
-        the bitmaps hold, which covers what the guest wrote before the mirror."""
+        the bitmaps hold, which covers what the guest wrote before the mirror.  Then the
+        VPG's sync may begin (`VPG.start(hold_sync=True)` held it): every block it reads
+        from QEMU is read after the mirror forwards the block's later writes."""
         for vid in self.disks:
             self._start(vid)
         if resync:
             self.vpg.resync_from_sources("the mirrors started")
+        self.vpg.release_sync()
         self._rotate()
 
     def _start(self, vid: int) -> bool:

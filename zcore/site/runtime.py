@@ -341,11 +341,16 @@ class SiteRuntime:
         host, port = split_address(address)
         vpg = await asyncio.to_thread(self.build_vpg, record, vms)
         first = not (self.site.vpg_state_dir(record.name) / STATE_NAME).exists()
+        mirrors = MirrorKeeper(vpg, self._mirror_target)
+        # a sync reads QEMU's disks only once their mirrors forward every later write
+        # (MirrorKeeper.start_all releases it): what the guest writes to a block after
+        # its read would be lost otherwise
+        hold = bool(mirrors.disks)
         try:
             if delta_sync:
-                await asyncio.to_thread(vpg.start, delta_sync=True)
+                await asyncio.to_thread(vpg.start, delta_sync=True, hold_sync=hold)
             else:
-                await asyncio.to_thread(vpg.start, initial_sync=True)
+                await asyncio.to_thread(vpg.start, initial_sync=True, hold_sync=hold)
         except BaseException:
             await asyncio.to_thread(vpg.close)
             raise
@@ -356,10 +361,9 @@ class SiteRuntime:
         if paused:
             rep.pause()
         entry = self.protected[record.name] = ProtectedEntry(vpg, rep, [])
-        mirrors = MirrorKeeper(vpg, self._mirror_target)
         if mirrors.disks:
-            # the capture exports first, then QEMU's mirrors into them, then the sender:
-            # a sync reads QEMU's disks only once every later write is mirrored
+            # the capture exports first, then QEMU's mirrors into them, then the sync
+            # and the sender
             self.allow_writes(record.name)
             try:
                 await asyncio.to_thread(mirrors.start_all, resync=not first)

@@ -166,6 +166,7 @@ class VPGCore:
         self._last_seq = 0
         self._mode = VPGMode.STOPPED
         self._link_up = True
+        self._sync_held = False  # VPG.start(hold_sync=True) until VPG.release_sync
         self._skip_zero = False  # the replicas are still empty: zero blocks need not go
         self._initial = False  # an initial sync has not completed yet
         self._source_failed = False  # a sync read of a volume's source failed (said once)

@@ -72,7 +72,7 @@ class VPG(VPGStream):
     # ---- lifetime ------------------------------------------------------------------------
 
     def start(self, *, initial_sync: bool = False, delta_sync: bool = False,
-              min_seq: int = 0) -> None:
+              min_seq: int = 0, hold_sync: bool = False) -> None:
         """Start capturing.  `initial_sync` copies the volumes' current contents (zero
         blocks skipped) before the first consistent checkpoint; `delta_sync` says the
         recovery site's replicas hold an older copy of the volumes (reverse protection):
@@ -84,7 +84,9 @@ class VPG(VPGStream):
         after a crash the volumes are compared with the recovery site's journals (mode
         RESYNC_COMPARE, run by the sender: `resync_pending`), what differs marked dirty
         and sent by the bitmap sync, except while a delta sync is pending: that sync
-        then starts over (it compares every block, so nothing needs marking)."""
+        then starts over (it compares every block, so nothing needs marking).  With
+        `hold_sync`, a sync the start calls for waits for `release_sync` (a source must
+        first forward every later write: a hypervisor's mirror)."""
         if initial_sync and delta_sync:
             raise ConfigError("a VPG starts with an initial sync or a delta sync, not both")
         with self._lock:
@@ -112,6 +114,7 @@ class VPG(VPGStream):
             for vol in self.volumes.values():
                 vol._attach(ring)
             self._stopping = False
+            self._sync_held = hold_sync
             self._error = None
             self._next_checkpoint = time.monotonic() + self.settings.checkpoint_interval
             self._last_persist = time.monotonic()
@@ -192,6 +195,12 @@ class VPG(VPGStream):
         self._event(f"after {after}, the hypervisor's dirty bitmaps name {total} bytes "
                     "that may not be at the recovery site: a bitmap sync resends them")
         return True
+
+    def release_sync(self) -> None:
+        """Let the sync held by `start(hold_sync=True)` begin."""
+        with self._lock:
+            self._sync_held = False
+            self._wake.notify_all()
 
     def note(self, text: str) -> None:
         """Record an event of this VPG from outside it (its hypervisor's mirrors)."""

@@ -136,8 +136,9 @@ class MirrorKeeper:
         """A new bitmap generation on every mirrored disk, then the VPG's mark: every
         write not in the new generations was captured before the mark."""
         self._rotated_at = time.monotonic()
-        if any(st.state != "mirroring" for st in self.states.values()):
-            return
+        if any(st.state != "mirroring" for st in self.states.values()) \
+                or self.vpg.source_mark() is None:
+            return  # not streaming: no mark the new generations could be dropped at
         gens: dict[int, int] = {}
         try:
             for vid, disk in self.disks.items():

@@ -254,3 +254,25 @@ def test_a_qemu_volume_address_round_trips_and_files_are_not_one():
     assert QemuAddress.parse("/images/disk0.img") is None
     assert QemuAddress.prefix_for("g", "vm", "d") == QemuAddress.prefix_for("g", "vm", "d")
     assert QemuAddress.prefix_for("g", "vm", "d") != QemuAddress.prefix_for("g", "vm", "e")
+
+
+def test_disks_of_a_qemu_without_an_nbd_server_share_the_one_zcore_starts(daemon):
+    """Without nbd= in its address, a disk is read through an NBD server zcore starts on
+    QEMU: a second disk of that QEMU, and the same disk after a restart of zcore (a new
+    process), use it too; a server zcore did not start is refused with what to give."""
+    with pytest.raises(HypervisorError, match="give its Unix socket"):
+        QemuDisk(daemon.qmp_path, "disk0", "zc-a").zero_extents()
+    daemon.qmp("nbd-server-stop")  # the guest's export goes with it: nothing writes here
+    assert daemon.qmp("query-block-exports") == []
+    disks = [QemuDisk(daemon.qmp_path, "disk0", prefix) for prefix in ("zc-a", "zc-b")]
+    try:
+        for disk in disks:
+            assert disk.zero_extents() == [(0, SIZE)]
+        disks[0].close()
+        disks[0] = QemuDisk(daemon.qmp_path, "disk0", "zc-a")  # as a restarted zcore
+        buf = bytearray(4096)
+        disks[0].read_into(0, buf)
+        assert buf == bytes(4096)
+    finally:
+        for disk in disks:
+            disk.close()

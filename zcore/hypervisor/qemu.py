@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import os
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -258,19 +259,24 @@ class QemuDisk:
     # ---- reads through QEMU's NBD server -------------------------------------------------
 
     def _nbd_address(self) -> str:
-        """QEMU's NBD server's socket (started here on an abstract socket if none runs)."""
+        """QEMU's NBD server's socket: the one given, else zcore's own, on an abstract
+        socket named after the QMP socket (so every disk of that QEMU, and a zcore
+        started again, finds the one started first)."""
         if self._nbd_socket is not None:
             return self._nbd_socket
-        name = f"zcore-{self.prefix}-{os.getpid()}"
-        try:
-            self._qmp("nbd-server-start", addr={"type": "unix", "path": name,
-                                                "abstract": True})
+        name = "zcore-nbd-" + hashlib.sha256(
+            os.fsencode(os.path.realpath(self.qmp_path))).hexdigest()[:16]
+        try:  # nbd-server-start takes a SocketAddressLegacy: the address under "data"
+            self._qmp("nbd-server-start", addr={"type": "unix",
+                                                "data": {"path": name, "abstract": True}})
         except HypervisorError as exc:
             if "already running" not in str(exc):
                 raise
-            raise HypervisorError(
-                f"QEMU at {self.qmp_path} already runs an NBD server zcore did not start: "
-                "give its Unix socket (nbd=PATH in the volume's qemu: address)") from None
+            if not _listening("\0" + name):  # not zcore's: where it listens is unknown
+                raise HypervisorError(
+                    f"QEMU at {self.qmp_path} already runs an NBD server zcore did not "
+                    "start: give its Unix socket (nbd=PATH in the volume's qemu: address)"
+                ) from None
         self._nbd_socket = "\0" + name
         return self._nbd_socket
 
@@ -454,6 +460,17 @@ class QemuDisk:
     def close(self) -> None:
         """Let go of the reader (the mirror and the bitmaps stay: `stop_mirror`, `release`)."""
         self._close_reader()
+
+
+def _listening(address: str) -> bool:
+    """True when something accepts connections on Unix socket `address`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2.0)
+        try:
+            sock.connect(address)
+        except OSError:
+            return False
+    return True
 
 
 def _merge(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:

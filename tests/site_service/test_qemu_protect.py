@@ -258,7 +258,8 @@ def test_a_clean_stop_and_a_mirror_ended_under_the_site_resend_what_the_bitmaps_
         tmp_path: Path, daemon: QemuStorageDaemon) -> None:
     """A SIGTERM of site A (its mirrors stopped, the VPG's bitmaps kept) while the guest
     writes on; then the mirror job cancelled in QEMU behind site A's back: its watch
-    restarts it and the bitmap sync resends what was written meanwhile."""
+    restarts it and the bitmap sync resends what was written meanwhile; then the VPG
+    deleted."""
     guest = Guest(daemon, seed=5)
     with two_sites(tmp_path) as (a, b):
         ca, cb = protect(a, b, daemon)
@@ -286,3 +287,11 @@ def test_a_clean_stop_and_a_mirror_ended_under_the_site_resend_what_the_bitmaps_
         said = texts(vpg_events(ca, before))
         assert "the mirror of node disk0 ended" in said, said
         assert "dirty bitmaps name" in said and "every block" not in said, said
+
+        # deleting the VPG leaves nothing of zcore's in QEMU (its bitmaps are persistent)
+        assert generations(daemon) != []
+        wait_task(ca, ok(ca.delete("/vpgs/g1"), 202))
+        assert daemon.qmp("query-block-jobs") == [] and generations(daemon) == []
+        assert [e["id"] for e in daemon.qmp("query-block-exports")] == ["guest-export"]
+        assert [n["node-name"] for n in daemon.qmp("query-named-block-nodes", flat=True)
+                ] == [daemon.node, f"{daemon.node}-file"]

@@ -458,8 +458,21 @@ class QemuDisk:
             self._qmp("blockdev-del", **{"node-name": self.target_node})
 
     def close(self) -> None:
-        """Let go of the reader (the mirror and the bitmaps stay: `stop_mirror`, `release`)."""
+        """Let go of the reader (the mirror and the bitmaps stay: `stop_mirror`, `release`
+        or `forget`)."""
         self._close_reader()
+
+    def forget(self) -> None:
+        """Leave nothing of zcore's on the node (its volume is no longer protected): the
+        mirror, the read export and every bitmap generation, persistent ones included
+        (an NBD server zcore started stays: other disks of that QEMU may read through it)."""
+        self.stop_mirror()
+        self._close_reader()
+        for export in (f"{self.prefix}-read", f"{self.prefix}-bitmap"):
+            self._del_export(export)
+        with contextlib.suppress(HypervisorError):
+            self._qmp("block-dirty-bitmap-remove", node=self.node, name=f"{self.prefix}.merge")
+        self.release(max(self._bitmaps(), default=0) + 1)
 
 
 def _listening(address: str) -> bool:

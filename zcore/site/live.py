@@ -269,7 +269,7 @@ class LiveSiteBackend(DbSiteBackend):
         a recovery one's journals.  Also what a restart does for a VPG left deleting."""
         name = record.name
         if record.role == VpgRole.PROTECTED:
-            await self.rt.stop_protected(name)
+            await self.rt.stop_protected(name, forget=True)
             path = self.rt.site.vpg_state_dir(name)
         else:
             path = await self.rt.drop_recovery(name)

@@ -151,11 +151,15 @@ class MirrorKeeper:
         if mark is not None:
             self._pending = (gens, mark)
 
-    def stop_all(self) -> None:
-        """End the mirrors (a clean stop: QEMU's bitmaps go on recording)."""
+    def stop_all(self, *, forget: bool = False) -> None:
+        """End the mirrors (a clean stop: QEMU's bitmaps go on recording); with `forget`
+        (the VPG is deleted), remove the bitmaps and exports too."""
         for vid, disk in self.disks.items():
             try:
-                disk.stop_mirror()
+                if forget:
+                    disk.forget()
+                else:
+                    disk.stop_mirror()
             except ZcoreError as exc:
                 log.warning("VPG %s: stopping the mirror of %s: %s", self.vpg.name,
                             self.states[vid].node, exc)
@@ -175,9 +179,9 @@ class MirrorKeeper:
             except Exception:  # the watch must go on: it is what restarts the mirrors
                 log.exception("VPG %s: watching its mirrors", self.vpg.name)
 
-    async def stop(self) -> None:
+    async def stop(self, *, forget: bool = False) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        await asyncio.to_thread(self.stop_all)
+        await asyncio.to_thread(self.stop_all, forget=forget)

@@ -419,8 +419,9 @@ class SiteRuntime:
                                  f"disconnect in {timeout:.0f} s")
             await asyncio.sleep(0.05)
 
-    async def stop_protected(self, name: str) -> None:
-        """Stop a protected VPG cleanly: exports dropped, sender stopped, bitmaps saved."""
+    async def stop_protected(self, name: str, *, forget: bool = False) -> None:
+        """Stop a protected VPG cleanly: exports dropped, sender stopped, bitmaps saved;
+        with `forget` (it is deleted), QEMU-hosted volumes keep no zcore bitmap."""
         entry = self.protected.pop(name, None)
         if entry is None:
             return
@@ -428,7 +429,7 @@ class SiteRuntime:
             if self.nbd.lookup(export) is not None:
                 self.nbd.remove_export(export)
         if entry.mirrors is not None:
-            await entry.mirrors.stop()
+            await entry.mirrors.stop(forget=forget)
         await entry.replication.stop()
         await asyncio.to_thread(entry.vpg.close)
 

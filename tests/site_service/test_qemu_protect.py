@@ -337,6 +337,7 @@ def test_a_restart_of_qemu_resends_what_its_persistent_bitmaps_name(
             said = texts(vpg_events(ca, before))
             assert "restarted, the hypervisor's dirty bitmaps name" in said, said
             assert "gone" not in said and "every block" not in said, said
+            assert "reading its source for the sync failed" not in said, said  # reconnected
         finally:
             if again is not None:
                 try:

@@ -339,18 +339,23 @@ class QemuDisk:
                 self._reader = None
 
     def read_into(self, offset: int, buf: bytearray | memoryview) -> None:
-        """Fill `buf` from the node at `offset` (a sync's read)."""
+        """Fill `buf` from the node at `offset` (a sync's read).  A connection that
+        served earlier reads and fails is replaced once at once (QEMU restarted since)."""
         with self._lock:
-            client = self._read_client()
-            try:
-                client.readinto(offset, memoryview(buf).cast("B"))
-            except (OSError, ZcoreError) as exc:
-                with contextlib.suppress(OSError, ZcoreError):
-                    client.close()
-                self._reader = None
-                self._reader_failed_at = time.monotonic()
-                raise HypervisorError(f"reading node {self.node} at {offset}: {exc}") \
-                    from None
+            while True:
+                fresh = self._reader is None
+                client = self._read_client()
+                try:
+                    client.readinto(offset, memoryview(buf).cast("B"))
+                    return
+                except (OSError, ZcoreError) as exc:
+                    with contextlib.suppress(OSError, ZcoreError):
+                        client.close()
+                    self._reader = None
+                    if fresh:
+                        self._reader_failed_at = time.monotonic()
+                        raise HypervisorError(f"reading node {self.node} at {offset}: "
+                                              f"{exc}") from None
 
     def zero_extents(self) -> list[tuple[int, int]]:
         """The node's ranges that read as zeros (base:allocation's ZERO flag)."""

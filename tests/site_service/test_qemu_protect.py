@@ -13,13 +13,11 @@ zcore's in QEMU.
 
 from __future__ import annotations
 
-import random
 import re
 import signal
 import subprocess
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ import httpx
 import pytest
 from conftest import require_tool
 from helpers.failover import pair, tag, wait_task
-from helpers.qsd import QemuError, QemuStorageDaemon
+from helpers.qsd import Guest, QemuStorageDaemon, close_daemon
 from helpers.site import SiteProcess, ok, two_sites, wait_for
 
 from zcore.hypervisor import QemuAddress
@@ -46,44 +44,7 @@ def daemon(tmp_path: Path) -> Iterator[QemuStorageDaemon]:
     d = QemuStorageDaemon(tmp_path / "qsd", tmp_path / "disk.qcow2", fmt="qcow2",
                           size=SIZE, export="guest")
     yield d
-    try:
-        d.close()
-    except QemuError as exc:
-        # QEMU 7.2's daemon was seen dying of heap corruption at the end (see
-        # tests/test_qemu_mirror.py): said, not failed on
-        warnings.warn(f"qemu-storage-daemon did not exit cleanly: {exc}", stacklevel=1)
-
-
-class Guest:
-    """Writes through the daemon's export with qemu-io, each one into `model` once
-    qemu-io says it completed."""
-
-    def __init__(self, daemon: QemuStorageDaemon, seed: int) -> None:
-        self.daemon = daemon
-        self.rng = random.Random(seed)
-        self.model = bytearray(SIZE)
-        self.lock = threading.Lock()
-        self.writes: list[tuple[int, int]] = []  # (offset, length), in completion order
-
-    def write(self, n: int) -> None:
-        for _ in range(n):
-            length = self.rng.choice((4096, 65536, 512 * self.rng.randrange(1, 300)))
-            offset = self.rng.randrange(0, (SIZE - length) // 512) * 512
-            pattern = self.rng.randrange(1, 256)
-            subprocess.run([require_tool("qemu-io"), "-f", "raw", "-c",
-                            f"write -P {pattern} {offset} {length}", self.daemon.nbd_uri],
-                           check=True, capture_output=True, timeout=30)
-            with self.lock:
-                self.model[offset:offset + length] = bytes([pattern]) * length
-                self.writes.append((offset, length))
-
-    @property
-    def count(self) -> int:
-        return len(self.writes)
-
-    def image(self) -> bytes:
-        with self.lock:
-            return bytes(self.model)
+    close_daemon(d)
 
 
 def granules(writes: list[tuple[int, int]]) -> int:
@@ -180,7 +141,7 @@ class Fio:
 
 def test_a_qemu_node_protected_through_the_site_survives_a_kill_of_the_site(
         tmp_path: Path, daemon: QemuStorageDaemon) -> None:
-    guest = Guest(daemon, seed=15)
+    guest = Guest(daemon, SIZE, seed=15)
     guest.write(6)  # before protection: the initial sync reads it from QEMU
     with two_sites(tmp_path) as (a, b):
         ca, cb = protect(a, b, daemon)
@@ -265,7 +226,7 @@ def test_a_clean_stop_and_a_mirror_ended_under_the_site_resend_what_the_bitmaps_
     writes on; then the mirror job cancelled in QEMU behind site A's back: its watch
     restarts it and the bitmap sync resends what was written meanwhile; then the VPG
     deleted."""
-    guest = Guest(daemon, seed=5)
+    guest = Guest(daemon, SIZE, seed=5)
     with two_sites(tmp_path) as (a, b):
         ca, cb = protect(a, b, daemon)
         guest.write(5)
@@ -312,7 +273,7 @@ def test_a_restart_of_qemu_resends_what_its_persistent_bitmaps_name(
     qmp, nbd = vm / "qmp.sock", vm / "nbd.sock"  # where the VM's sockets are: links here
     qmp.symlink_to(daemon.qmp_path)
     nbd.symlink_to(daemon.nbd_path)
-    guest = Guest(daemon, seed=9)
+    guest = Guest(daemon, SIZE, seed=9)
     again: QemuStorageDaemon | None = None
     with two_sites(tmp_path) as (a, b):
         try:
@@ -340,8 +301,4 @@ def test_a_restart_of_qemu_resends_what_its_persistent_bitmaps_name(
             assert "reading its source for the sync failed" not in said, said  # reconnected
         finally:
             if again is not None:
-                try:
-                    again.close()
-                except QemuError as exc:  # as the fixture's: said, not failed on
-                    warnings.warn(f"qemu-storage-daemon did not exit cleanly: {exc}",
-                                  stacklevel=1)
+                close_daemon(again)

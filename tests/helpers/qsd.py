@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import shutil
 import signal
@@ -128,8 +129,10 @@ class QemuStorageDaemon:
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
             with open(self.log_path, "ab") as log:
+                # glibc writes a heap corruption's message to /dev/tty unless told
                 self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                             stderr=subprocess.STDOUT)
+                                             stderr=subprocess.STDOUT,
+                                             env={**os.environ, "LIBC_FATAL_STDERR_": "1"})
         except BaseException:
             self._cleanup()
             raise

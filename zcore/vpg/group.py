@@ -163,6 +163,8 @@ class VPG(VPGStream):
             # a hypervisor went on writing while zcore was stopped: its bitmaps say where
             elif sourced and not self._mark_from_sources("a clean stop"):
                 self._resync = True
+                self._event("the volumes will be compared with the recovery site's "
+                            "journals and what differs resent")
         elif sourced and self._mark_from_sources("an unclean shutdown"):
             self._resync = False
         else:
@@ -176,15 +178,14 @@ class VPG(VPGStream):
     def _mark_from_sources(self, after: str) -> bool:
         """Mark what every volume's source says changed since the recovery site last had
         it (a hypervisor's dirty bitmaps); False when a volume has no source or its
-        source cannot tell (then the volumes are compared instead)."""
+        source cannot tell (then the caller resends more: a compare, or every block)."""
         changed: dict[int, Sequence[tuple[int, int]]] = {}
         for vid, vol in self.volumes.items():
             extents = vol.source.changed_extents() if vol.source is not None else None
             if extents is None:
                 if vol.source is not None:
                     self._event(f"volume {vol.vm}/{vol.name}: its source's dirty bitmap is "
-                                "gone: the volumes are compared with the recovery site's "
-                                "journals (a delta sync) instead")
+                                "gone")  # the caller says what is resent instead
                 return False
             changed[vid] = extents
         total = 0

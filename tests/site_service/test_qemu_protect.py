@@ -267,38 +267,54 @@ def test_a_restart_of_qemu_resends_what_its_persistent_bitmaps_name(
         tmp_path: Path, daemon: QemuStorageDaemon) -> None:
     """The hypervisor stops cleanly (qcow2 keeps zcore's bitmaps in the image) and
     starts again on the same image and sockets: site A's watch finds it, starts the
-    mirror again and resends what the bitmaps name; no full resync."""
+    mirror again and resends what the bitmaps name; no full resync.  Then it is killed
+    (its persistent bitmaps come back inconsistent): every block is resent."""
     vm = tmp_path / "vm"
     vm.mkdir()
     qmp, nbd = vm / "qmp.sock", vm / "nbd.sock"  # where the VM's sockets are: links here
     qmp.symlink_to(daemon.qmp_path)
     nbd.symlink_to(daemon.nbd_path)
     guest = Guest(daemon, SIZE, seed=9)
-    again: QemuStorageDaemon | None = None
+    running = [daemon]
+
+    def restart(ca: httpx.Client, *, kill: bool) -> str:
+        """QEMU stopped (or killed) and started again on its image, the guest writing
+        before the mirror is back; the events since, once the bitmap sync is done."""
+        before = vpg_events(ca)[-1]["id"]
+        old = running[-1]
+        old.kill() if kill else old.close()
+        new = QemuStorageDaemon(tmp_path / f"qsd-{len(running)}", old.image, fmt="qcow2",
+                                export="guest")
+        running.append(new)
+        for link, target in ((qmp, new.qmp_path), (nbd, new.nbd_path)):
+            link.unlink()
+            link.symlink_to(target)
+        guest.daemon = new
+        guest.write(5)  # before the mirror is back: in the bitmaps only
+        wait_for("the mirror on the restarted QEMU", lambda: new.qmp("query-block-jobs")
+                 and mirror(new)["status"] == "ready", timeout=20)
+        wait_for("the bitmap sync", lambda: "complete: consistent checkpoint emitted"
+                 in texts(vpg_events(ca, before)), timeout=30)
+        return texts(vpg_events(ca, before))
+
     with two_sites(tmp_path) as (a, b):
         try:
             ca, cb = protect(a, b, daemon, (qmp, nbd))
             guest.write(5)
             assert checkpoint_image(b, tag(ca, cb, "before")) == guest.image()
-            before = vpg_events(ca)[-1]["id"]
-            daemon.close()
-            again = QemuStorageDaemon(tmp_path / "qsd-again", daemon.image, fmt="qcow2",
-                                      export="guest")
-            for link, target in ((qmp, again.qmp_path), (nbd, again.nbd_path)):
-                link.unlink()
-                link.symlink_to(target)
-            guest.daemon = again
-            guest.write(5)  # before the mirror is back: in the persistent bitmaps only
-            wait_for("the mirror on the restarted QEMU", lambda: again.qmp(
-                "query-block-jobs") and mirror(again)["status"] == "ready", timeout=20)
-            wait_for("the bitmap sync", lambda: "complete: consistent checkpoint emitted"
-                     in texts(vpg_events(ca, before)), timeout=30)
+
+            said = restart(ca, kill=False)
             guest.write(3)
-            assert checkpoint_image(b, tag(ca, cb, "after")) == guest.image()
-            said = texts(vpg_events(ca, before))
+            assert checkpoint_image(b, tag(ca, cb, "after a stop")) == guest.image()
             assert "restarted, the hypervisor's dirty bitmaps name" in said, said
             assert "gone" not in said and "every block" not in said, said
             assert "reading its source for the sync failed" not in said, said  # reconnected
+
+            said = restart(ca, kill=True)
+            guest.write(3)
+            assert checkpoint_image(b, tag(ca, cb, "after a kill")) == guest.image()
+            assert "its source's dirty bitmap is gone" in said, said
+            assert "every block of the VPG is resent" in said, said
         finally:
-            if again is not None:
-                close_daemon(again)
+            for d in running[1:]:
+                close_daemon(d)

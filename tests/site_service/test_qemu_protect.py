@@ -58,8 +58,9 @@ def generations(daemon: QemuStorageDaemon) -> list[int]:
     prefix = QemuAddress.prefix_for("g1", "vm1", "disk0") + "."
     [node] = [n for n in daemon.qmp("query-named-block-nodes", flat=True)
               if n["node-name"] == daemon.node]
-    names = [str(b.get("name", "")) for b in node.get("dirty-bitmaps", ())]  # the mirror's
-    return sorted(int(n.removeprefix(prefix)) for n in names if n.startswith(prefix))  # has none
+    # the mirror job's own bitmap has no name
+    names = [str(b.get("name", "")) for b in node.get("dirty-bitmaps", ())]
+    return sorted(int(n.removeprefix(prefix)) for n in names if n.startswith(prefix))
 
 
 def checkpoint_image(b: SiteProcess, checkpoint: int) -> bytes:
@@ -123,15 +124,14 @@ class Fio:
                  f"--randseed={seed}", "--refill_buffers", "--norandommap"],
                 stdout=f, stderr=subprocess.STDOUT)
 
-    def stop(self) -> str:
-        """Stop it (SIGINT: its in-flight writes complete first); its report, which
-        must say that no write failed."""
+    def stop(self) -> None:
+        """Stop it (SIGINT: its in-flight writes complete first); its report must say
+        that no write failed."""
         assert self.proc.poll() is None, self.out.read_text()  # it wrote throughout
         self.proc.send_signal(signal.SIGINT)
         self.proc.wait(30)
         report = self.out.read_text()
         assert "err= 0" in report, report
-        return report
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -340,7 +340,8 @@ class QemuDisk:
 
     def read_into(self, offset: int, buf: bytearray | memoryview) -> None:
         """Fill `buf` from the node at `offset` (a sync's read).  A connection that
-        served earlier reads and fails is replaced once at once (QEMU restarted since)."""
+        served earlier reads and then fails is replaced at once, one time (QEMU may have
+        restarted since); a new one that fails pauses reads for a moment."""
         with self._lock:
             while True:
                 fresh = self._reader is None

@@ -9,15 +9,13 @@ daemon's dirty bitmaps say what to resend) and a mirror broken under load.
 
 from __future__ import annotations
 
-import random
 import subprocess
 import time
-import warnings
 
 import pytest
 from conftest import require_tool
 from helpers.nbd import serving
-from helpers.qsd import QemuError, QemuStorageDaemon
+from helpers.qsd import Guest, QemuStorageDaemon, close_daemon
 
 from zcore import nbd
 from zcore.errors import HypervisorError
@@ -29,15 +27,6 @@ from zcore.vpg.settings import VPGMode
 
 MiB = 1 << 20
 SIZE = 16 * MiB
-
-
-def _write(daemon: QemuStorageDaemon, offset: int, data: bytes) -> None:
-    """One guest write through the daemon's export (qemu-io, one pattern per write)."""
-    pattern = data[0]
-    assert data == bytes([pattern]) * len(data)
-    subprocess.run([require_tool("qemu-io"), "-f", "raw", "-c",
-                    f"write -P {pattern} {offset} {len(data)}", daemon.nbd_uri],
-                   check=True, capture_output=True, timeout=60)
 
 
 class Site:
@@ -58,7 +47,7 @@ class Site:
         self.volume = self.vpg.add_volume("vm1", "disk0", None, source=self.disk)
         self.journals = LocalLink.create_journals(self.vpg, self.tmp / "journals")
         self.journal: Journal = self.journals["vm1"]
-        self.vpg.start(initial_sync=initial, await_sources=not initial)
+        self.vpg.start(initial_sync=initial, hold_sync=True)  # until the mirror runs
         self.server = serving([nbd.volume_export(self.volume, "g/vm1/disk0")], self.tmp)
         thread = self.server.__enter__()
         host, port = thread.address[:2]
@@ -67,6 +56,7 @@ class Site:
         if not initial:
             # what the guest wrote between the start's look at the bitmaps and the mirror
             self.vpg.resync_from_sources("the mirror started")
+        self.vpg.release_sync()
         self.gen = self.disk.checkpoint()
         self.link = LocalLink(self.vpg, self.journals)
         self.link.start()
@@ -120,73 +110,58 @@ class Site:
 @pytest.fixture
 def daemon(tmp_path):
     require_tool("qemu-storage-daemon")
+    require_tool("qemu-io")
     d = QemuStorageDaemon(tmp_path, tmp_path / "disk.qcow2", fmt="qcow2", size=SIZE,
                           export="guest")
     yield d
-    try:
-        d.close()
-    except QemuError as exc:
-        # QEMU 7.2's daemon was seen dying of heap corruption (about 1 run in 8 of the
-        # concurrent-guest test, after its checks passed): said, not failed on
-        warnings.warn(f"qemu-storage-daemon did not exit cleanly: {exc}", stacklevel=1)
-
-
-def _writes(rng: random.Random, model: bytearray, daemon: QemuStorageDaemon, n: int) -> None:
-    for _ in range(n):
-        length = rng.choice((4096, 65536, 512 * rng.randrange(1, 300)))
-        offset = rng.randrange(0, (SIZE - length) // 512) * 512
-        pattern = rng.randrange(1, 256)
-        _write(daemon, offset, bytes([pattern]) * length)
-        model[offset:offset + length] = bytes([pattern]) * length
+    close_daemon(d)
 
 
 def test_mirrored_writes_and_restarts_match_the_model(tmp_path, daemon):
-    rng = random.Random(15)
-    model = bytearray(SIZE)
+    guest = Guest(daemon, SIZE, seed=15)
     # the guest wrote before protection began: the initial sync reads it from QEMU
-    _writes(rng, model, daemon, 5)
+    guest.write(5)
     site = Site(tmp_path, daemon).start(initial=True)
     try:
         site.settle()
-        _writes(rng, model, daemon, 20)
-        assert site.image_at_tag("mirrored") == model
+        guest.write(20)
+        assert site.image_at_tag("mirrored") == guest.image()
 
         # a clean stop: the guest goes on writing, the restart resends only what the
         # daemon's bitmaps recorded (no compare, no full resync)
         site.stop()
-        _writes(rng, model, daemon, 5)
+        guest.write(5)
         site = Site(tmp_path, daemon).start(initial=False)
         site.settle()
-        assert site.image_at_tag("after clean stop") == model
+        assert site.image_at_tag("after clean stop") == guest.image()
         status = site.vpg.status()
         assert status.mode == VPGMode.STREAMING
 
         # zcore crashes mid-stream: the mirror's target fails, QEMU's guest writes on
         site.crash()
-        _writes(rng, model, daemon, 5)
+        guest.write(5)
         site = Site(tmp_path, daemon).start(initial=False)
         site.settle()
         events = " ".join(site.vpg.events)
         assert "dirty bitmaps name" in events and "compared" not in events
-        assert site.image_at_tag("after crash") == model
+        assert site.image_at_tag("after crash") == guest.image()
     finally:
         site.stop()
 
 
 def test_a_broken_mirror_is_resynced_from_the_bitmaps(tmp_path, daemon):
-    rng = random.Random(7)
-    model = bytearray(SIZE)
+    guest = Guest(daemon, SIZE, seed=7)
     site = Site(tmp_path, daemon).start(initial=True)
     try:
         site.settle()
         site.disk.stop_mirror()  # as if the target failed: writes go on unmirrored
-        _writes(rng, model, daemon, 8)
+        guest.write(8)
         # the mirror first, then the marks: every unmirrored write is in the bitmaps read
         site.disk.start_mirror(site.target)
         site.vpg.resync_from_sources("the mirror ended")
-        _writes(rng, model, daemon, 3)
+        guest.write(3)
         site.settle()
-        assert site.image_at_tag("resynced") == model
+        assert site.image_at_tag("resynced") == guest.image()
     finally:
         site.stop()
 
@@ -196,21 +171,20 @@ def test_a_restarted_qemu_is_resynced_without_a_full_resync(tmp_path, daemon, ki
     """QEMU restarts under a running VPG: after an orderly exit its persistent bitmaps
     (qcow2) name what to resend; after SIGKILL they are inconsistent, so the volumes are
     compared with the journal (a delta sync, said in the events); never every block."""
-    rng = random.Random(21 + killed)
-    model = bytearray(SIZE)
-    _writes(rng, model, daemon, 4)
+    guest = Guest(daemon, SIZE, seed=21 + killed)
+    guest.write(4)
     site = Site(tmp_path, daemon).start(initial=True)
     try:
         site.settle()
-        _writes(rng, model, daemon, 10)
-        assert site.image_at_tag("before the restart") == model
+        guest.write(10)
+        assert site.image_at_tag("before the restart") == guest.image()
         daemon.restart(kill=killed)
-        _writes(rng, model, daemon, 6)  # unmirrored: only QEMU's bitmaps may know
+        guest.write(6)  # unmirrored: only QEMU's bitmaps may know
         # what the site's mirror keeper does: tracking, the mirror, then the marks
         site.disk.ensure_tracking()
         site.disk.start_mirror(site.target)
         site.vpg.resync_from_sources("QEMU restarted")
-        _writes(rng, model, daemon, 3)
+        guest.write(3)
         site.settle()
         events = " ".join(site.vpg.events)
         assert "every block" not in events
@@ -218,7 +192,7 @@ def test_a_restarted_qemu_is_resynced_without_a_full_resync(tmp_path, daemon, ki
             assert "dirty bitmap is gone" in events and "compared" in events
         else:
             assert "dirty bitmaps name" in events and "compared" not in events
-        assert site.image_at_tag("after the restart") == model
+        assert site.image_at_tag("after the restart") == guest.image()
     finally:
         site.stop()
 
@@ -252,7 +226,7 @@ def test_a_guest_writing_throughout_syncs_and_a_broken_mirror_is_captured_exactl
     """Syncs read QEMU's disk while the guest rewrites it: every read a mirrored write
     overtook is read again (csrc/zc_capture.h's watches), so the journal ends exactly
     like the disk."""
-    _write(daemon, 0, b"\x11" * SIZE)
+    Guest(daemon, SIZE, seed=0).put(0, SIZE, 0x11)
     guest = _fio(daemon, 4, seed=3)
     site = Site(tmp_path, daemon).start(initial=True)
     try:
@@ -286,3 +260,25 @@ def test_a_qemu_volume_address_round_trips_and_files_are_not_one():
     assert QemuAddress.parse("/images/disk0.img") is None
     assert QemuAddress.prefix_for("g", "vm", "d") == QemuAddress.prefix_for("g", "vm", "d")
     assert QemuAddress.prefix_for("g", "vm", "d") != QemuAddress.prefix_for("g", "vm", "e")
+
+
+def test_disks_of_a_qemu_without_an_nbd_server_share_the_one_zcore_starts(daemon):
+    """Without nbd= in its address, a disk is read through an NBD server zcore starts on
+    QEMU: a second disk of that QEMU, and the same disk after a restart of zcore (a new
+    process), use it too; a server zcore did not start is refused with what to give."""
+    with pytest.raises(HypervisorError, match="give its Unix socket"):
+        QemuDisk(daemon.qmp_path, "disk0", "zc-a").zero_extents()
+    daemon.qmp("nbd-server-stop")  # the guest's export goes with it: nothing writes here
+    assert daemon.qmp("query-block-exports") == []
+    disks = [QemuDisk(daemon.qmp_path, "disk0", prefix) for prefix in ("zc-a", "zc-b")]
+    try:
+        for disk in disks:
+            assert disk.zero_extents() == [(0, SIZE)]
+        disks[0].close()
+        disks[0] = QemuDisk(daemon.qmp_path, "disk0", "zc-a")  # as a restarted zcore
+        buf = bytearray(4096)
+        disks[0].read_into(0, buf)
+        assert buf == bytes(4096)
+    finally:
+        for disk in disks:
+            disk.close()

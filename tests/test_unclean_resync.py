@@ -137,7 +137,7 @@ def test_an_unclean_restart_sends_only_the_blocks_the_journals_lack(sites):
             assert report is not None and report.compared_bytes == TOTAL
             assert 0 < report.differing_bytes <= differ
             assert vpg.status().resync == report
-            assert any(f"resync after an unclean shutdown: compared {TOTAL} bytes, "
+            assert any(f"resync compare with the recovery site: compared {TOTAL} bytes, "
                        f"{report.differing_bytes} bytes differ" in e for e in vpg.events)
             bundles = rs.receivers[vpg.name].stats.bytes - received
             # what crossed: the compare's frames and the differing blocks' records,
@@ -344,7 +344,7 @@ def test_journals_the_recovery_site_cannot_read_make_every_volume_resent(sites, 
         rep = ps.protect(vpg, host, port)
         try:
             await wait_until(lambda: not vpg.resync_pending, 20, "the compare to fail")
-            assert any("the compare failed" in e and "every volume will be resent" in e
+            assert any("it failed" in e and "every volume will be resent" in e
                        for e in vpg.events)
             monkeypatch.undo()
             await catch_up(vpg, rep, rs)

@@ -582,6 +582,25 @@ def test_initial_sync_copies_the_volumes_before_the_first_consistent_checkpoint(
         s.close()
 
 
+def test_a_held_sync_begins_only_once_released(tmp_path):
+    """start(hold_sync=True): the initial sync waits for release_sync (a hypervisor's
+    mirror must forward every later write first); writes meanwhile are only marked."""
+    s = Site(tmp_path, fill=True)
+    try:
+        s.start(initial_sync=True, hold_sync=True)
+        scribble(s, 10, 9)
+        time.sleep(0.3)  # many stream rounds (bundle_age is milliseconds)
+        st = s.vpg.status()
+        assert st.mode == VPGMode.BITMAP and not any("bytes started" in e for e in st.events)
+        assert st.pending_bundles == 0 and s.journals["vm1"].last_seq == 0
+        s.vpg.release_sync()
+        wait_for(lambda: s.vpg.status().mode == VPGMode.STREAMING, what="the initial sync")
+        assert sum("bytes started" in e for e in s.vpg.status().events) == 1
+        s.check_latest()
+    finally:
+        s.close()
+
+
 def _interrupted_initial_sync(tmp_path) -> Site:
     """An initial sync of striped data through a 4 MiB buffer: part of it is journaled,
     the rest waits for the link."""

@@ -354,8 +354,8 @@ class ProtectedSite:
         self.server: nbd.ServerThread | None = None
         self.link: LocalLink | None = None
         try:
-            # a restart: the state file decides; the sync waits for the keeper's marks
-            self.vpg.start(initial_sync=True, await_sources=True)
+            # a restart: the state file decides; the sync waits for the keeper's mirrors
+            self.vpg.start(initial_sync=True, hold_sync=True)
             self.server = nbd.ServerThread(nbd.NBDServer(
                 [nbd.volume_export(self.volume, EXPORT)])).start()
             assert self.server.address is not None

@@ -300,7 +300,8 @@ class QemuDisk:
         again on each use, so a restarted QEMU gets it back."""
         if self._nbd_socket is not None:
             return self._nbd_socket
-        name = "zcore-nbd-" + hashlib.sha256(os.fsencode(self.qmp_path)).hexdigest()[:16]
+        name = "zcore-nbd-" + hashlib.sha256(
+            os.fsencode(os.path.realpath(self.qmp_path))).hexdigest()[:16]
         try:
             # nbd-server-start takes the legacy address form ("data" wraps the address)
             self._qmp("nbd-server-start", addr={"type": "unix", "data": {
@@ -374,18 +375,24 @@ class QemuDisk:
                 self._reader = None
 
     def read_into(self, offset: int, buf: bytearray | memoryview) -> None:
-        """Fill `buf` from the node at `offset` (a sync's read)."""
+        """Fill `buf` from the node at `offset` (a sync's read).  A connection that
+        served earlier reads and then fails is replaced at once, one time (QEMU may have
+        restarted since); a new one that fails pauses reads for a moment."""
         with self._lock:
-            client = self._read_client()
-            try:
-                client.readinto(offset, memoryview(buf).cast("B"))
-            except (OSError, ZcoreError) as exc:
-                with contextlib.suppress(OSError, ZcoreError):
-                    client.close()
-                self._reader = None
-                self._reader_failed_at = time.monotonic()
-                raise HypervisorError(f"reading node {self.node} at {offset}: {exc}") \
-                    from None
+            while True:
+                fresh = self._reader is None
+                client = self._read_client()
+                try:
+                    client.readinto(offset, memoryview(buf).cast("B"))
+                    return
+                except (OSError, ZcoreError) as exc:
+                    with contextlib.suppress(OSError, ZcoreError):
+                        client.close()
+                    self._reader = None
+                    if fresh:
+                        self._reader_failed_at = time.monotonic()
+                        raise HypervisorError(f"reading node {self.node} at {offset}: "
+                                              f"{exc}") from None
 
     def zero_extents(self) -> list[tuple[int, int]]:
         """The node's ranges that read as zeros (base:allocation's ZERO flag)."""
@@ -512,8 +519,21 @@ class QemuDisk:
         self._qmp("cont")
 
     def close(self) -> None:
-        """Let go of the reader (the mirror and the bitmaps stay: `stop_mirror`, `release`)."""
+        """Let go of the reader (the mirror and the bitmaps stay: `stop_mirror`, `release`
+        or `forget`)."""
         self._close_reader()
+
+    def forget(self) -> None:
+        """Leave nothing of zcore's on the node (its volume is no longer protected): the
+        mirror, the read export and every bitmap generation, persistent ones included
+        (an NBD server zcore started stays: other disks of that QEMU may read through it)."""
+        self.stop_mirror()
+        self._close_reader()
+        for export in (f"{self.prefix}-read", f"{self.prefix}-bitmap"):
+            self._del_export(export)
+        with contextlib.suppress(HypervisorError):
+            self._qmp("block-dirty-bitmap-remove", node=self.node, name=f"{self.prefix}.merge")
+        self.release(max(self._bitmaps(), default=0) + 1)
 
 
 def _serves_nbd(address: str) -> bool:

@@ -176,12 +176,19 @@ class LiveSiteBackend(DbSiteBackend):
         return await self.runner.submit("vpg_create", run, vpg=spec.name)
 
     async def wait_synced(self, name: str, progress: Progress, what: str) -> None:
-        """Until the VPG streams with nothing unacknowledged from its sync."""
+        """Until the VPG streams with nothing unacknowledged from its sync: every seq
+        up to the one it had when first seen streaming (a guest writing on keeps later
+        seqs unacknowledged for good)."""
         last = -1.0
+        synced_at: int | None = None  # the last seq when first seen streaming
         while True:
             entry = self.rt.entry(name)
             status = await asyncio.to_thread(entry.vpg.status)
-            if status.mode == VPGMode.STREAMING and status.acked_seq >= status.last_seq \
+            if status.mode != VPGMode.STREAMING:
+                synced_at = None  # folded again: a new sync to wait for
+            elif synced_at is None:
+                synced_at = status.last_seq
+            if synced_at is not None and status.acked_seq >= synced_at \
                     and entry.replication.connected:
                 return
             total = status.sync_total_bytes
@@ -269,7 +276,7 @@ class LiveSiteBackend(DbSiteBackend):
         a recovery one's journals.  Also what a restart does for a VPG left deleting."""
         name = record.name
         if record.role == VpgRole.PROTECTED:
-            await self.rt.stop_protected(name)
+            await self.rt.stop_protected(name, forget=True)
             path = self.rt.site.vpg_state_dir(name)
         else:
             path = await self.rt.drop_recovery(name)

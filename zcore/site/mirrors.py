@@ -1,7 +1,7 @@
 """The mirrors of a protected VPG whose volumes live in running QEMUs (zcore.hypervisor).
 
 Sits in the site service beside its runtime: `MirrorKeeper` starts each disk's mirror
-into the volume's capture export before the VPG's sender starts (so an initial sync reads
+into the volume's capture export before the VPG's sync and sender start (so a sync reads
 only what the mirror no longer misses), then watches them.  A mirror that ended (zcore's
 link to QEMU broke, the target failed, QEMU restarted) is started again and the VPG told
 to resend what QEMU's dirty bitmaps recorded meanwhile: the mirror first, then the marks,
@@ -64,11 +64,14 @@ class MirrorKeeper:
 
     def start_all(self, *, resync: bool) -> None:
         """Start every mirror; with `resync` (not a first start) the VPG then marks what
-        the bitmaps hold, which covers what the guest wrote before the mirror."""
+        the bitmaps hold, which covers what the guest wrote before the mirror.  Then the
+        VPG's sync may begin (`VPG.start(hold_sync=True)` held it): every block it reads
+        from QEMU is read after the mirror forwards the block's later writes."""
         for vid in self.disks:
             self._start(vid)
         if resync:
             self.vpg.resync_from_sources("the mirrors started")
+        self.vpg.release_sync()
         self._rotate()
 
     def _start(self, vid: int) -> bool:
@@ -133,8 +136,9 @@ class MirrorKeeper:
         """A new bitmap generation on every mirrored disk, then the VPG's mark: every
         write not in the new generations was captured before the mark."""
         self._rotated_at = time.monotonic()
-        if any(st.state != "mirroring" for st in self.states.values()):
-            return
+        if any(st.state != "mirroring" for st in self.states.values()) \
+                or self.vpg.source_mark() is None:
+            return  # not streaming: no mark the new generations could be dropped at
         gens: dict[int, int] = {}
         try:
             for vid, disk in self.disks.items():
@@ -177,11 +181,15 @@ class MirrorKeeper:
         for disk in self._guests():
             disk.resume_guest()
 
-    def stop_all(self) -> None:
-        """End the mirrors (a clean stop: QEMU's bitmaps go on recording)."""
+    def stop_all(self, *, forget: bool = False) -> None:
+        """End the mirrors (a clean stop: QEMU's bitmaps go on recording); with `forget`
+        (the VPG is deleted), remove the bitmaps and exports too."""
         for vid, disk in self.disks.items():
             try:
-                disk.stop_mirror()
+                if forget:
+                    disk.forget()
+                else:
+                    disk.stop_mirror()
             except ZcoreError as exc:
                 log.warning("VPG %s: stopping the mirror of %s: %s", self.vpg.name,
                             self.states[vid].node, exc)
@@ -201,9 +209,9 @@ class MirrorKeeper:
             except Exception:  # the watch must go on: it is what restarts the mirrors
                 log.exception("VPG %s: watching its mirrors", self.vpg.name)
 
-    async def stop(self) -> None:
+    async def stop(self, *, forget: bool = False) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        await asyncio.to_thread(self.stop_all)
+        await asyncio.to_thread(self.stop_all, forget=forget)

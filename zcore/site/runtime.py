@@ -341,13 +341,16 @@ class SiteRuntime:
         host, port = split_address(address)
         vpg = await asyncio.to_thread(self.build_vpg, record, vms)
         first = not (self.site.vpg_state_dir(record.name) / STATE_NAME).exists()
-        # QEMU-hosted volumes: their mirrors start below, then mark what QEMU recorded
-        sourced = any(v.source is not None for v in vpg.volumes.values())
+        mirrors = MirrorKeeper(vpg, self._mirror_target)
+        # a sync reads QEMU's disks only once their mirrors forward every later write
+        # (MirrorKeeper.start_all releases it): what the guest writes to a block after
+        # its read would be lost otherwise
+        hold = bool(mirrors.disks)
         try:
             if delta_sync:
-                await asyncio.to_thread(vpg.start, delta_sync=True, await_sources=sourced)
+                await asyncio.to_thread(vpg.start, delta_sync=True, hold_sync=hold)
             else:
-                await asyncio.to_thread(vpg.start, initial_sync=True, await_sources=sourced)
+                await asyncio.to_thread(vpg.start, initial_sync=True, hold_sync=hold)
         except BaseException:
             await asyncio.to_thread(vpg.close)
             raise
@@ -358,10 +361,9 @@ class SiteRuntime:
         if paused:
             rep.pause()
         entry = self.protected[record.name] = ProtectedEntry(vpg, rep, [])
-        mirrors = MirrorKeeper(vpg, self._mirror_target)
         if mirrors.disks:
-            # the capture exports first, then QEMU's mirrors into them, then the sender:
-            # a sync reads QEMU's disks only once every later write is mirrored
+            # the capture exports first, then QEMU's mirrors into them, then the sync
+            # and the sender
             self.allow_writes(record.name)
             try:
                 await asyncio.to_thread(mirrors.start_all, resync=not first)
@@ -420,8 +422,9 @@ class SiteRuntime:
                                  f"disconnect in {timeout:.0f} s")
             await asyncio.sleep(0.05)
 
-    async def stop_protected(self, name: str) -> None:
-        """Stop a protected VPG cleanly: exports dropped, sender stopped, bitmaps saved."""
+    async def stop_protected(self, name: str, *, forget: bool = False) -> None:
+        """Stop a protected VPG cleanly: exports dropped, sender stopped, bitmaps saved;
+        with `forget` (it is deleted), QEMU-hosted volumes keep no zcore bitmap."""
         entry = self.protected.pop(name, None)
         if entry is None:
             return
@@ -429,7 +432,7 @@ class SiteRuntime:
             if self.nbd.lookup(export) is not None:
                 self.nbd.remove_export(export)
         if entry.mirrors is not None:
-            await entry.mirrors.stop()
+            await entry.mirrors.stop(forget=forget)
         await entry.replication.stop()
         await asyncio.to_thread(entry.vpg.close)
 

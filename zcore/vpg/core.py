@@ -166,6 +166,7 @@ class VPGCore:
         self._last_seq = 0
         self._mode = VPGMode.STOPPED
         self._link_up = True
+        self._sync_held = False  # VPG.start(hold_sync=True) until VPG.release_sync
         self._skip_zero = False  # the replicas are still empty: zero blocks need not go
         self._initial = False  # an initial sync has not completed yet
         self._source_failed = False  # a sync read of a volume's source failed (said once)
@@ -174,9 +175,6 @@ class VPGCore:
         self._delta_fresh = False  # ...and its next session must start over (after a crash)
         self._delta_report: DeltaSyncReport | None = None
         self._resync = False  # an unclean restart's compare has not completed yet
-        # a restart of a VPG whose hypervisor mirrors start after it: the bitmap sync
-        # waits for their `resync_from_sources`, so one sync reads what the sources marked
-        self._await_sources = False
         self._resync_report: ResyncReport | None = None
         self._sync_iter: Iterator[SyncItem] | None = None
         self._sync_next: SyncItem | None = None

@@ -72,7 +72,7 @@ class VPG(VPGStream):
     # ---- lifetime ------------------------------------------------------------------------
 
     def start(self, *, initial_sync: bool = False, delta_sync: bool = False,
-              min_seq: int = 0, await_sources: bool = False) -> None:
+              min_seq: int = 0, hold_sync: bool = False) -> None:
         """Start capturing.  `initial_sync` copies the volumes' current contents (zero
         blocks skipped) before the first consistent checkpoint; `delta_sync` says the
         recovery site's replicas hold an older copy of the volumes (reverse protection):
@@ -84,10 +84,9 @@ class VPG(VPGStream):
         after a crash the volumes are compared with the recovery site's journals (mode
         RESYNC_COMPARE, run by the sender: `resync_pending`), what differs marked dirty
         and sent by the bitmap sync, except while a delta sync is pending: that sync
-        then starts over (it compares every block, so nothing needs marking).
-        `await_sources`: the volumes' sources (a hypervisor's mirrors) start after this and
-        then call `resync_from_sources`; until then no bitmap sync begins (it would read
-        what that call marks again)."""
+        then starts over (it compares every block, so nothing needs marking).  With
+        `hold_sync`, a sync the start calls for waits for `release_sync` (a source must
+        first forward every later write: a hypervisor's mirror)."""
         if initial_sync and delta_sync:
             raise ConfigError("a VPG starts with an initial sync or a delta sync, not both")
         with self._lock:
@@ -115,8 +114,8 @@ class VPG(VPGStream):
             for vol in self.volumes.values():
                 vol._attach(ring)
             self._stopping = False
+            self._sync_held = hold_sync
             self._error = None
-            self._await_sources = await_sources and state is not None
             self._next_checkpoint = time.monotonic() + self.settings.checkpoint_interval
             self._last_persist = time.monotonic()
             self._thread = threading.Thread(target=self._run, name=f"vpg-{self.name}",
@@ -164,6 +163,8 @@ class VPG(VPGStream):
             # a hypervisor went on writing while zcore was stopped: its bitmaps say where
             elif sourced and not self._mark_from_sources("a clean stop"):
                 self._resync = True
+                self._event("the volumes will be compared with the recovery site's "
+                            "journals and what differs resent")
         elif sourced and self._mark_from_sources("an unclean shutdown"):
             self._resync = False
         else:
@@ -177,15 +178,14 @@ class VPG(VPGStream):
     def _mark_from_sources(self, after: str) -> bool:
         """Mark what every volume's source says changed since the recovery site last had
         it (a hypervisor's dirty bitmaps); False when a volume has no source or its
-        source cannot tell (then the volumes are compared instead)."""
+        source cannot tell (then the caller resends more: a compare, or every block)."""
         changed: dict[int, Sequence[tuple[int, int]]] = {}
         for vid, vol in self.volumes.items():
             extents = vol.source.changed_extents() if vol.source is not None else None
             if extents is None:
                 if vol.source is not None:
                     self._event(f"volume {vol.vm}/{vol.name}: its source's dirty bitmap is "
-                                "gone: the volumes are compared with the recovery site's "
-                                "journals (a delta sync) instead")
+                                "gone")  # the caller says what is resent instead
                 return False
             changed[vid] = extents
         total = 0
@@ -196,6 +196,12 @@ class VPG(VPGStream):
         self._event(f"after {after}, the hypervisor's dirty bitmaps name {total} bytes "
                     "that may not be at the recovery site: a bitmap sync resends them")
         return True
+
+    def release_sync(self) -> None:
+        """Let the sync held by `start(hold_sync=True)` begin."""
+        with self._lock:
+            self._sync_held = False
+            self._wake.notify_all()
 
     def note(self, text: str) -> None:
         """Record an event of this VPG from outside it (its hypervisor's mirrors)."""
@@ -228,16 +234,15 @@ class VPG(VPGStream):
         with self._lock:
             if self._mode == VPGMode.STOPPED:
                 return  # the next start asks the sources
-            # just started (`await_sources`): no sync began, no compare either
-            waited, self._await_sources = self._await_sources, False
-            self._wake.notify_all()
             comparing = self._mode in (VPGMode.DELTA_SYNC, VPGMode.RESYNC_COMPARE)
-            if not comparing and not (waited and self._mode == VPGMode.BITMAP):
+            if not comparing:
                 self._fold(reason)  # those two only mark writes already: the sync follows
             if self._mark_from_sources(reason):
                 return
-            if comparing and waited:
-                return  # the compare, not begun, reads the volumes after the mirrors began
+            if comparing and self._sync_held:  # just started: the compare follows this
+                self._event("the volumes are compared with the recovery site's journals "
+                            "(a delta sync) instead")
+                return
             if comparing:  # blocks it compared already may have changed unmirrored since
                 for bm in self.bitmaps.values():
                     bm.mark_all()
@@ -246,6 +251,8 @@ class VPG(VPGStream):
             self._resync = True
             self._mode = VPGMode.RESYNC_COMPARE
             self._save_state(clean=False)  # a crash from now on compares too
+            self._event("the volumes are compared with the recovery site's journals (a "
+                        "delta sync) instead: the link starts a new session for it")
             self._wake.notify_all()
 
     def _ring_bytes(self) -> int:
@@ -486,7 +493,7 @@ class VPG(VPGStream):
             self._resync_report = report
             self._save_state(clean=False)  # a crash from now on compares again
             self._mode = VPGMode.BITMAP
-            self._event(f"resync after an unclean shutdown: compared "
+            self._event(f"resync compare with the recovery site: compared "
                         f"{report.compared_bytes} bytes, {report.differing_bytes} bytes "
                         f"differ ({report.seconds:.1f} s)")
             self._wake.notify_all()
@@ -504,7 +511,7 @@ class VPG(VPGStream):
             self._resync = False
             self._save_state(clean=False)
             self._mode = VPGMode.BITMAP
-            self._event(f"resync after an unclean shutdown: the compare failed ({reason}): "
+            self._event(f"resync compare with the recovery site: it failed ({reason}): "
                         "every volume will be resent")
             self._wake.notify_all()
 

@@ -74,7 +74,7 @@ class VPGStream(VPGSyncs):
             # bitmap sync of what was written (or found different) meanwhile starts once
             # it is done (VPG.delta_done, VPG.resync_done)
             if (self._mode == VPGMode.BITMAP and self._link_up and self._pending_bytes == 0
-                    and not self._sync_awaits_ack and not self._await_sources):
+                    and not self._sync_awaits_ack and not self._sync_held):
                 self._begin_sync()
                 busy = True
         if (self._mode != VPGMode.STREAMING and

@@ -114,7 +114,11 @@ class VPGSyncs(VPGCore):
                         f"sync: appended again at seq {marker.seq}, not crash-consistent")
 
     def _begin_sync(self) -> None:
-        self._live_ring().set_mode(MODE_STREAM)
+        ring = self._live_ring()
+        ring.set_mode(MODE_STREAM)
+        # what bitmap mode logged since the stream's last look (writes racing this
+        # round): marked now, so that from here the log holds only failed writes
+        self._mark(*ring.take_dirty())
         if self._skip_zero:  # onto empty replicas: a source's holes need not be read
             self._unmark_source_holes()
         self._mode = VPGMode.INITIAL_SYNC if self._initial else VPGMode.BITMAP_SYNCING

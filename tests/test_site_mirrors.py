@@ -64,6 +64,7 @@ class FakeVPG:
         self.log = disk.log
         self.volumes = {0: SimpleNamespace(vm="vm1", name="disk0", source=disk)}
         self.streaming = True
+        self.sync_held = True  # VPG.start(hold_sync=True)
         self.next_seq, self.folds, self.acked = 10, 0, 0
         self.notes: list[str] = []
 
@@ -74,6 +75,7 @@ class FakeVPG:
         self.log.append(f"resync: {reason}")
 
     def release_sync(self) -> None:
+        self.sync_held = False
         self.log.append("sync released")
 
     def source_mark(self) -> tuple[int, int] | None:
@@ -122,10 +124,14 @@ def test_a_mirror_that_cannot_start_is_tracked_said_once_and_retried():
     k.step()
     assert len(vpg.notes) == 1 and "cannot start" in vpg.notes[0]
     assert not any(e.startswith("resync") for e in disk.log)  # nothing mirrors yet
+    assert vpg.sync_held  # its reads would miss the guest's writes
     disk.refuse = None
     k.step()
-    assert disk.log[-2:] == ["start g/vm1/disk0", "resync: the mirrors of vm1/disk0 restarted"]
+    assert disk.log[-3:] == ["start g/vm1/disk0", "resync: the mirrors of vm1/disk0 restarted",
+                             "sync released"]
     assert k.states[0].state == "mirroring"
+    k.step()
+    assert disk.log.count("sync released") == 1
 
 
 def test_an_older_generation_is_dropped_only_once_its_mark_is_durable():

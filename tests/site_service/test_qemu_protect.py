@@ -322,6 +322,25 @@ def test_a_restart_of_qemu_resends_what_its_persistent_bitmaps_name(
             # a compare over a new replication session; only what differs is resent
             assert "compared with the recovery site's journals" in said, said
             assert "every block" not in said and f"compared {SIZE} bytes" in said, said
+
+            # site A dies and comes back while QEMU is down: the VPG starts anyway (its
+            # disk probed later), waits, and once QEMU is back compares, resends no block
+            before = vpg_events(ca)[-1]["id"]
+            a.kill()
+            running[-1].close()
+            a.start()
+            ca = a.client()
+            wait_for("the VPG running without its QEMU", lambda: "cannot start" in texts(
+                vpg_events(ca, before)), timeout=30)
+            assert ok(ca.get("/vpgs/g1"))["state"] != "error"
+            disks = ok(ca.get("/vpgs/g1/status"))["hypervisor_disks"]
+            assert [d["state"] for d in disks] == ["tracking"] and disks[0]["error"], disks
+            restart(ca, kill=False)
+            guest.write(3)
+            assert checkpoint_image(b, tag(ca, cb, "after QEMU was away")) == guest.image()
+            said = texts(vpg_events(ca, before))
+            assert "its source cannot be asked what changed" in said, said
+            assert "every block" not in said and f"compared {SIZE} bytes" in said, said
         finally:
             for d in running[1:]:
                 close_daemon(d)

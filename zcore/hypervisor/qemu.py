@@ -187,10 +187,14 @@ class QemuDisk:
     `qmp`: the VM's QMP socket; `node`: the block node's name (query-named-block-nodes);
     `prefix`: names zcore's bitmaps, export, target node and job on it (unique per volume
     on that QEMU); `nbd_socket`: QEMU's NBD server if it already runs one (zcore starts
-    its own, on an abstract Unix socket, otherwise)."""
+    its own, on an abstract Unix socket, otherwise); `size`: what the site's inventory
+    says the node holds, so that a QEMU unreachable now (restarting, say) is probed later
+    instead of failing the VPG's start (every call raises HypervisorError until it
+    answers; `offline` says why)."""
 
     def __init__(self, qmp: str | os.PathLike[str], node: str, prefix: str, *,
-                 nbd_socket: str | None = None, timeout: float = 10.0) -> None:
+                 nbd_socket: str | None = None, timeout: float = 10.0,
+                 size: int | None = None) -> None:
         if not _PREFIX.fullmatch(prefix):
             raise HypervisorError(f"bitmap prefix {prefix!r} is not a QEMU node name")
         self.qmp_path = Path(qmp)
@@ -206,9 +210,27 @@ class QemuDisk:
         # released, `changed_extents` cannot tell what changed
         self._seen_gen = 0
         self._lost_gen: int | None = None
-        info = probe_node(self.qmp_path, node, timeout=timeout)
-        self.size: int = info.size
-        self.persistent: bool = info.format == "qcow2"
+        self.offline: str | None = None
+        self._persistent: bool | None = None  # a qcow2 node: bitmaps survive QEMU restarts
+        try:
+            info = probe_node(self.qmp_path, node, timeout=timeout)
+        except HypervisorError as exc:
+            if size is None:
+                raise
+            self.size, self.offline = size, str(exc)
+        else:
+            self.size, self._persistent = info.size, info.format == "qcow2"
+
+    @property
+    def persistent(self) -> bool:
+        """Whether zcore's bitmaps persist in the image (probed when first needed)."""
+        if self._persistent is None:
+            info = probe_node(self.qmp_path, self.node, timeout=self.timeout)
+            if info.size != self.size:
+                raise HypervisorError(f"node {self.node} now holds {info.size} bytes, not "
+                                      f"the volume's {self.size}")
+            self._persistent, self.offline = info.format == "qcow2", None
+        return self._persistent
 
     # ---- QMP ------------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ class LinkStalledError(TimeoutError):
 
 
 # What ends a session: the sender reconnects after any of these.
+POLL_HELD = 0.2  # seconds between looks at a VPG whose compare waits for its sources
 _LINK_ERRORS = (OSError, ssl.SSLError, ZcoreError, asyncio.IncompleteReadError, TimeoutError)
 
 
@@ -241,6 +242,9 @@ class Replication:
         delay = timing.RECONNECT_BACKOFF[0]
         while not self._stopping:
             sessions = self.sessions
+            if self.vpg.sync_held and (self.vpg.resync_pending or self.vpg.delta_pending):
+                await asyncio.sleep(POLL_HELD)  # its sources' mirrors are not running yet
+                continue
             try:
                 await self._session()
             except asyncio.CancelledError:

@@ -65,14 +65,22 @@ class MirrorKeeper:
     def start_all(self, *, resync: bool) -> None:
         """Start every mirror; with `resync` (not a first start) the VPG then marks what
         the bitmaps hold, which covers what the guest wrote before the mirror.  Then the
-        VPG's sync may begin (`VPG.start(hold_sync=True)` held it): every block it reads
-        from QEMU is read after the mirror forwards the block's later writes."""
+        VPG's sync may begin (`VPG.start(hold_sync=True)` held it) once every mirror runs
+        (else `step` releases it when they do): every block it reads from QEMU is read
+        after the mirror forwards the block's later writes."""
         for vid in self.disks:
             self._start(vid)
         if resync:
             self.vpg.resync_from_sources("the mirrors started")
-        self.vpg.release_sync()
+        self._release_when_mirrored()
         self._rotate()
+
+    def _release_when_mirrored(self) -> None:
+        """Let the VPG's sync (and a pending compare) begin once every disk is mirrored:
+        before, its reads of a disk would miss the guest's later writes."""
+        if self.vpg.sync_held and all(st.state == "mirroring"
+                                      for st in self.states.values()):
+            self.vpg.release_sync()
 
     def _start(self, vid: int) -> bool:
         disk, st = self.disks[vid], self.states[vid]
@@ -111,6 +119,7 @@ class MirrorKeeper:
             names = ", ".join(f"{s.vm}/{s.volume}" for s in restarted)
             self.vpg.resync_from_sources(f"the mirrors of {names} restarted")
             self._pending = None
+        self._release_when_mirrored()
         self._release_or_rotate()
 
     def _release_or_rotate(self) -> None:

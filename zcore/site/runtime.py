@@ -301,6 +301,8 @@ class SiteRuntime:
         their volumes in name order: volume ids and the ATTACH order follow from it."""
         vpg = VPG(record.name, self.site.vpg_state_dir(record.name),
                   vpg_settings(record.settings))
+        # a restart: a QEMU unreachable now is probed later (its mirror keeper retries)
+        restart = (vpg.state_dir / STATE_NAME).exists()
         try:
             for vm in sorted(vms, key=lambda v: v.name):
                 if not vm.volumes:
@@ -313,7 +315,8 @@ class SiteRuntime:
                     try:
                         if qemu is not None:  # a running QEMU's disk, protected in place
                             disk = QemuDisk(qemu.qmp, qemu.node, QemuAddress.prefix_for(
-                                record.name, vm.name, vol.name), nbd_socket=qemu.nbd)
+                                record.name, vm.name, vol.name), nbd_socket=qemu.nbd,
+                                size=vol.size if restart else None)
                             vpg.add_volume(vm.name, vol.name, None, vol.size, source=disk)
                             continue
                         vpg.add_volume(vm.name, vol.name, vol.path, vol.size)

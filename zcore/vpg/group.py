@@ -17,7 +17,7 @@ from zcore import records
 from zcore._native.capture import MODE_BITMAP, CaptureRing
 from zcore.bitmap import DirtyBitmap
 from zcore.capture import ProtectedVolume, VolumeSource, backing_size
-from zcore.errors import ConfigError, StateError
+from zcore.errors import ConfigError, StateError, ZcoreError
 from zcore.journal import VolumeSpec
 from zcore.records import Checkpoint, CheckpointKind
 from zcore.vpg.core import VM, Bundle, DeltaSyncReport, ResyncReport, VPGStatus
@@ -181,7 +181,12 @@ class VPG(VPGStream):
         source cannot tell (then the caller resends more: a compare, or every block)."""
         changed: dict[int, Sequence[tuple[int, int]]] = {}
         for vid, vol in self.volumes.items():
-            extents = vol.source.changed_extents() if vol.source is not None else None
+            try:
+                extents = vol.source.changed_extents() if vol.source is not None else None
+            except ZcoreError as exc:  # unreachable now: what it recorded is unknown
+                self._event(f"volume {vol.vm}/{vol.name}: its source cannot be asked what "
+                            f"changed ({exc})")
+                return False
             if extents is None:
                 if vol.source is not None:
                     self._event(f"volume {vol.vm}/{vol.name}: its source's dirty bitmap is "
@@ -196,6 +201,12 @@ class VPG(VPGStream):
         self._event(f"after {after}, the hypervisor's dirty bitmaps name {total} bytes "
                     "that may not be at the recovery site: a bitmap sync resends them")
         return True
+
+    @property
+    def sync_held(self) -> bool:
+        """True while `start(hold_sync=True)` holds the sync (and a pending compare: its
+        reads would fail or miss writes until the sources' mirrors run)."""
+        return self._sync_held
 
     def release_sync(self) -> None:
         """Let the sync held by `start(hold_sync=True)` begin."""

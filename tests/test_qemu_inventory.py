@@ -6,6 +6,11 @@ combination that cannot be protected is refused with a message saying why."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import socket
+import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,3 +113,50 @@ def test_qmp_and_node_go_together_on_the_command_line(site: Site) -> None:
         assert result.exit_code == 2, (args, result.output)
     result = cli(site, "vm", "add", "y", "--qmp", "/run/q.sock", "--node", "=disk0")
     assert result.exit_code == 2 and "[VOLUME=]NODE" in result.stderr
+
+
+class OldQemu:
+    """A QMP monitor that says it is QEMU 6.2 (too old to mirror with dirty bitmaps over
+    NBD): a Unix socket served in a thread, one session at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(4)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        replies = {"qmp_capabilities": {}, "query-version": {
+            "qemu": {"major": 6, "minor": 2, "micro": 0}, "package": ""},
+            "query-named-block-nodes": [{"node-name": "disk0", "ro": False, "drv": "raw",
+                                         "image": {"virtual-size": SIZE}}]}
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rwb") as f:
+                f.write(json.dumps({"QMP": {"version": {}, "capabilities": []}}).encode()
+                        + b"\n")
+                f.flush()
+                for line in f:
+                    command = json.loads(line)["execute"]
+                    f.write(json.dumps({"return": replies[command]}).encode() + b"\n")
+                    f.flush()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_qemu_too_old_to_mirror_with_bitmaps_is_refused(site: Site) -> None:
+    short = Path(tempfile.mkdtemp(prefix="zc-old-"))  # sun_path holds 107 bytes
+    old = OldQemu(short / "qmp.sock")
+    try:
+        result = cli(site, "vm", "add", "old", "--qmp", str(old.path), "--node", "disk0")
+    finally:
+        old.close()
+        shutil.rmtree(short, ignore_errors=True)
+    assert result.exit_code == 1, result.output
+    assert "QEMU 6.2" in result.stderr and "7.1 or newer is needed" in result.stderr

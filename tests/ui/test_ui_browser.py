@@ -3,7 +3,8 @@ against two real site services on loopback (alpha protects VM vm1 to beta).
 
 In order, over one pair of sites: a wrong token is refused and the right one logs in; a
 state-changing request without the CSRF token is a 403; a VPG created in the browser
-protects its VM; the RPO chart fills while writes run; a checkpoint tagged in the
+protects its VM; a running QEMU's VM is added by its QMP socket and node (a wrong node
+refused with the API's reason); the RPO chart fills while writes run; a checkpoint tagged in the
 browser is found in the recovery site's picker; screenshots of every page at phone and
 desktop width (under $ZCORE_UI_SCREENSHOTS, else the test's temporary directory); a
 failover test started and stopped; an alert (a test period run out) acknowledged; an
@@ -24,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import require_tool
 from helpers.browser import Console, chromium_path, playwright_module, screenshot_dir
 from helpers.failover import MiB, pair, qemu_io
+from helpers.qsd import QemuStorageDaemon
 from helpers.site import SiteProcess, init_site_dir, ok, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-io") is None, reason="needs qemu-io")
@@ -161,6 +164,27 @@ def test_a_vpg_created_in_the_browser_protects_its_vm(flow: Flow) -> None:
         v["name"] == "g1" for v in ok(cb.get("/vpgs"))))
     flow.go(flow.page_b, flow.b, "/")
     flow.page_b.locator("tr[data-vpg=g1]", has_text="recovery").wait_for()
+
+
+def test_a_running_qemu_vm_is_added_in_the_browser(flow: Flow, tmp_path: Path) -> None:
+    require_tool("qemu-storage-daemon")
+    with QemuStorageDaemon(tmp_path, tmp_path / "q.qcow2", fmt="qcow2", size=8 * MiB) as d:
+        page = flow.go(flow.page_a, flow.a, "/create")
+        form = page.locator("#qemu-vm-form")
+        form.get_by_label("QEMU VM name").fill("qvm")
+        form.get_by_label("QMP socket").fill(str(d.qmp_path))
+        form.get_by_label("Block node").fill("nope")
+        flow.console.expect("/vms", 422)
+        form.get_by_role("button", name="Add QEMU VM").click()
+        refused = form.locator(".message")
+        refused.first.wait_for()
+        assert "no block node 'nope'" in refused.first.inner_text()
+        form.get_by_label("Block node").fill(d.node)
+        form.get_by_role("button", name="Add QEMU VM").click()
+        form.get_by_text("VM qvm added: 8.0 MiB in QEMU.").wait_for()
+        page.get_by_label(re.compile(r"^qvm: disk0 8\.0 MiB")).wait_for()
+    vm = ok(flow.a.client().get("/vms/qvm"))
+    assert vm["volumes"][0]["path"].startswith("qemu:")
 
 
 def test_the_rpo_chart_fills_while_writes_run(flow: Flow) -> None:

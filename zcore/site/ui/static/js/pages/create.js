@@ -1,5 +1,6 @@
 // Create VPG: pick VMs (their volumes shown) and a paired site, settings with the API's
-// ranges and defaults; the initial sync is a task followed here.  A VM can be added too.
+// ranges and defaults; the initial sync is a task followed here.  A VM can be added too,
+// with an image file or as a running QEMU's disk.
 
 import { enc, follow, get, model, post } from "../api.js";
 import { bytes, field, h, messageBox, replace, select } from "../dom.js";
@@ -23,6 +24,30 @@ function addVmForm(onAdded) {
     h("div", { class: "row" }, field("VM name", name), field("Volume name", vol),
       field("Size (MiB)", size), field("Backing file", path, "empty: the site's own"))),
   h("button", { type: "submit" }, "Add VM"), box);
+}
+
+// A VM running in QEMU on this site's host, its disk protected in place: the site asks
+// QEMU (its QMP socket) for the block node's size, or says why it cannot protect it.
+function addQemuVmForm(onAdded) {
+  const box = messageBox();
+  const name = h("input", { type: "text", name: "qemu-vm-name", required: true, maxlength: 128 });
+  const qmp = h("input", { type: "text", name: "qemu-qmp", required: true, maxlength: 107,
+    placeholder: "/run/qemu/vm.qmp" });
+  const node = h("input", { type: "text", name: "qemu-node", required: true, maxlength: 128,
+    placeholder: "drive-virtio-disk0" });
+  const vol = h("input", { type: "text", name: "qemu-volume", maxlength: 128 });
+  return h("form", { id: "qemu-vm-form", onsubmit: async (ev) => {
+    ev.preventDefault();
+    try {
+      const vm = await post("/vms", { name: name.value, volumes: [{ name: vol.value || node.value,
+        qmp: qmp.value, node: node.value }] });
+      box.show("ok", `VM ${vm.name} added: ${bytes(vm.volumes[0].size)} in QEMU.`);
+      onAdded();
+    } catch (err) { box.error(err); }
+  } }, h("fieldset", {}, h("legend", {}, "Add a running QEMU VM (its disk stays in place)"),
+    h("div", { class: "row" }, field("QEMU VM name", name), field("QMP socket", qmp),
+      field("Block node", node), field("QEMU volume name", vol, "empty: the node's name"))),
+  h("button", { type: "submit" }, "Add QEMU VM"), box);
 }
 
 export async function createPage(root) {
@@ -65,6 +90,7 @@ export async function createPage(root) {
     sites.peers.length ? field("Recovery site", peer) : h("p", { class: "message error" }, "Pair this site with a recovery site first."),
     vmBox, settings.element,
     h("button", { type: "submit", class: "primary" }, "Create VPG"), box, progress),
-    h("section", { class: "card" }, addVmForm(() => loadVms().catch((err) => box.error(err)))));
+    h("section", { class: "card" }, addVmForm(() => loadVms().catch((err) => box.error(err)))),
+    h("section", { class: "card" }, addQemuVmForm(() => loadVms().catch((err) => box.error(err)))));
   return null;
 }

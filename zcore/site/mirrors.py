@@ -14,6 +14,7 @@ Every QMP call runs in a worker thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -181,9 +182,10 @@ class MirrorKeeper:
                 paused.append(disk)
         except ZcoreError:
             for disk in paused:
-                disk.resume_guest()
+                with contextlib.suppress(ZcoreError):  # the first error is the one to say
+                    disk.resume_guest()
             raise
-        names = ", ".join(sorted({f"{st.vm}" for st in self.states.values()}))
+        names = ", ".join(sorted({st.vm for st in self.states.values()}))
         self.vpg.note(f"the VMs {names} are paused in QEMU: their disks take no more writes")
 
     def resume_guests(self) -> None:

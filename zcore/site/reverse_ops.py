@@ -44,6 +44,7 @@ from zcore.errors import (
     AdapterError,
     CheckpointNotFoundError,
     ConfigError,
+    HypervisorError,
     ProtocolError,
     StateError,
     ZcoreError,
@@ -284,7 +285,13 @@ class ReverseOps:
             exports = self._exports(name)
             if policy == "graceful":  # the guests flush and power off, then writes stop
                 await self.failovers.vms.stop_exports(name, exports, StopMode.GRACEFUL)
-            await self.rt.refuse_writes(name)
+            try:
+                await self.rt.refuse_writes(name)
+            except HypervisorError as exc:  # the VPG stops here all the same
+                await self._db(self.db.add_event, "vpg_vms_not_paused",
+                               f"VPG {name}: its VMs could not be paused in QEMU ({exc})",
+                               vpg=name, severity=Severity.WARNING)
+                await self.rt.refuse_writes(name, pause=False)
             if policy == "force":
                 await self.failovers.vms.stop_exports(name, exports, StopMode.FORCE)
             await self.rt.stop_protected(name)

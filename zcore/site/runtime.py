@@ -405,13 +405,15 @@ class SiteRuntime:
             if export not in entry.exports:
                 entry.exports.append(export)
 
-    async def refuse_writes(self, name: str, timeout: float = 10.0) -> None:
+    async def refuse_writes(self, name: str, timeout: float = 10.0, *,
+                            pause: bool = True) -> None:
         """Drop a protected VPG's exports and wait until their connections have ended
         (no write of theirs is in flight any more: a planned move's checkpoint comes
         after every write).  QEMU-hosted disks do not write through the exports: their
-        VMs are paused first (HypervisorError when one cannot be; nothing changed then)."""
+        VMs are paused first (HypervisorError when one cannot be; nothing changed then),
+        unless `pause` is False."""
         entry = self.entry(name)
-        if entry.mirrors is not None:
+        if entry.mirrors is not None and pause:
             await asyncio.to_thread(entry.mirrors.pause_guests)
         for export in entry.exports:
             if self.nbd.lookup(export) is not None:

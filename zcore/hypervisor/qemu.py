@@ -190,7 +190,7 @@ class QemuDisk:
     its own, on an abstract Unix socket, otherwise); `size`: what the site's inventory
     says the node holds, so that a QEMU unreachable now (restarting, say) is probed later
     instead of failing the VPG's start (every call raises HypervisorError until it
-    answers; `offline` says why)."""
+    answers)."""
 
     def __init__(self, qmp: str | os.PathLike[str], node: str, prefix: str, *,
                  nbd_socket: str | None = None, timeout: float = 10.0,
@@ -210,14 +210,13 @@ class QemuDisk:
         # released, `changed_extents` cannot tell what changed
         self._seen_gen = 0
         self._lost_gen: int | None = None
-        self.offline: str | None = None
         self._persistent: bool | None = None  # a qcow2 node: bitmaps survive QEMU restarts
         try:
             info = probe_node(self.qmp_path, node, timeout=timeout)
-        except HypervisorError as exc:
+        except HypervisorError:
             if size is None:
                 raise
-            self.size, self.offline = size, str(exc)
+            self.size = size
         else:
             self.size, self._persistent = info.size, info.format == "qcow2"
 
@@ -229,7 +228,7 @@ class QemuDisk:
             if info.size != self.size:
                 raise HypervisorError(f"node {self.node} now holds {info.size} bytes, not "
                                       f"the volume's {self.size}")
-            self._persistent, self.offline = info.format == "qcow2", None
+            self._persistent = info.format == "qcow2"
         return self._persistent
 
     # ---- QMP ------------------------------------------------------------------------------

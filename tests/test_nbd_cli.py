@@ -18,6 +18,7 @@ from conftest import require_tool
 from helpers.nbd import MiB, run, write_tls_files
 
 from zcore.journal import Journal
+from zcore.vpg import STATE_NAME, read_vpg_state
 
 # `python -m` puts the working directory first on sys.path: run from outside the source
 # tree, so the subprocess imports the installed (compiled) package, not the sources.
@@ -167,6 +168,45 @@ def test_serve_stopped_during_the_initial_sync_resumes_it_next_time(tmp_path):
     finally:
         served.stop()
     assert (tmp_path / "v.raw").read_bytes() == image.read_bytes()
+
+
+def test_serve_stopped_after_an_overflow_lets_the_bitmap_sync_catch_up(tmp_path):
+    """A 4 MiB buffer overflows under a 96 MiB nbdcopy: writes fall back to the dirty
+    bitmap.  A SIGTERM at once after the copy waits for the bitmap sync, so the final
+    checkpoint holds every acknowledged write (it had stopped with no final checkpoint,
+    the journal's latest checkpoint older than the disk)."""
+    nbdcopy = require_tool("nbdcopy")
+    image, source = tmp_path / "disk0.img", tmp_path / "new.raw"
+    image.write_bytes(bytes(96 * MiB))
+    source.write_bytes(os.urandom(96 * MiB))
+    journal_dir = tmp_path / "journals" / "vm1"
+    served = Served("--journal", str(journal_dir), "--protect", f"disk0={image}",
+                    "--buffer", "4M", lines=1)
+    try:
+        deadline = time.monotonic() + 60  # the initial sync first: it is not waited for
+        while read_vpg_state(journal_dir.with_suffix(".vpg") / STATE_NAME)[
+                "initial_sync_pending"]:
+            assert time.monotonic() < deadline, "the initial sync did not end in 60 s"
+            time.sleep(0.05)
+        run([nbdcopy, str(source), served.uris["disk0"]])
+    finally:
+        err = served.stop()
+    assert "bitmap mode: buffer overflow" in err, err
+    assert "protected volumes stopped at checkpoint" in err, err
+    expected = source.read_bytes()
+    assert image.read_bytes() == expected
+    with Journal.open(journal_dir) as journal, \
+            journal.view(journal.latest_checkpoint()) as view:
+        assert view.read("disk0", 0, 96 * MiB) == expected
+
+
+def test_serve_refuses_a_buffer_below_4m(tmp_path):
+    (tmp_path / "a.img").write_bytes(bytes(MiB))
+    proc = zcore("nbd", "serve", "--port", "0", "--journal", str(tmp_path / "j" / "vm1"),
+                 "--protect", f"disk0={tmp_path / 'a.img'}", "--buffer", "1M")
+    assert proc.returncode == 2
+    assert "--buffer" in proc.stderr and "at least 4M" in proc.stderr
+    assert not (tmp_path / "j").exists()
 
 
 def zcore(*args: str) -> subprocess.CompletedProcess[str]:

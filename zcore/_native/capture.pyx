@@ -36,16 +36,15 @@ cdef class SealedBatch:
     cdef readonly int entries
 
 
-cdef object _captured(long long seq, str what, str doing):
-    """The seq of a captured write or zeroing (`what`), or its error: StateError once the
-    capture is closed, NativeIOError from the backing store (while `doing`), else the
-    status's own."""
-    if seq >= 0:
-        return seq
+cdef object _capture_error(long long seq, int err, str what, str doing):
+    """The error of a write or zeroing (`what`) that failed with status `seq` < 0:
+    StateError once the capture is closed, NativeIOError from the backing store (while
+    `doing`; `err` the errno the native call left), else the status's own.  Only called
+    on failure: formatting the messages costs more than a capture does."""
     if seq == ZC_E_CLOSED:
         raise StateError(f"{what} refused: the capture is closed (its VPG is stopping)")
     if seq == ZC_E_IO:
-        raise NativeIOError(errno, f"{doing} the backing store: {strerror(errno).decode()}")
+        raise NativeIOError(err, f"{doing} the backing store: {strerror(err).decode()}")
     raise status_error(<int>seq, f"capturing {what}")
 
 
@@ -107,7 +106,9 @@ cdef class CaptureRing:
                 seq = zc_capture_write(self.c, fd, volume, off, p, <uint32_t>n, kind)
         finally:
             PyBuffer_Release(&view)
-        return _captured(seq, f"write {offset}+{n}", f"writing {offset}+{n} to")
+        if seq < 0:
+            _capture_error(seq, errno, f"write {offset}+{n}", f"writing {offset}+{n} to")
+        return seq
 
     def zero(self, int fd, unsigned int volume, unsigned long long size, offset, length):
         """Zero `length` bytes at `offset` of the backing `fd` by punching a hole there
@@ -127,7 +128,9 @@ cdef class CaptureRing:
             raise OutOfRangeError(f"zeroing {offset}+{n} passes the volume's end ({size})")
         with nogil:
             seq = zc_capture_zero(self.c, fd, volume, off, n)
-        return _captured(seq, f"zeroing {offset}+{n}", f"punching {offset}+{n} in")
+        if seq < 0:
+            _capture_error(seq, errno, f"zeroing {offset}+{n}", f"punching {offset}+{n} in")
+        return seq
 
     def sync(self, int fd, unsigned int volume, unsigned long long offset, unsigned int length,
              bint skip_zero=False):

@@ -36,8 +36,10 @@ from zcore.replication.compression import (
     LINK_BOUND,
     LINK_FREE,
     WINDOW,
-    ZSTD_HIGH,
-    ZSTD_LOW,
+    ZSTD_BUDGET,
+    ZSTD_CLIMB,
+    ZSTD_LADDER,
+    ZSTD_START,
     CompressionController,
     LinkLoad,
     choose,
@@ -45,7 +47,7 @@ from zcore.replication.compression import (
 from zcore.vpg import VPGSettings
 
 NONE = CodecChoice(Codec.NONE)
-ZSTD3 = CodecChoice(Codec.ZSTD, ZSTD_HIGH)
+ZSTD3 = CodecChoice(Codec.ZSTD, ZSTD_START)
 TEXT = (b"the quick brown fox jumps over the lazy dog; zcore journals every write. " * 60)
 
 
@@ -81,12 +83,28 @@ def test_zstd_is_not_turned_on_when_the_sealer_would_not_keep_up_with_it():
 
 
 def test_zstd_steps_down_a_level_as_the_sealer_gets_busy_and_has_hysteresis():
-    assert choose(LinkLoad(0.9, 0.5), ZSTD3) == CodecChoice(Codec.ZSTD, ZSTD_LOW)
+    assert choose(LinkLoad(0.9, ZSTD_BUDGET), ZSTD3) == CodecChoice(Codec.ZSTD, 1)
     between = (LINK_FREE + LINK_BOUND) / 2
-    assert choose(LinkLoad(between, 0.1), ZSTD3) == ZSTD3  # stays on...
+    assert choose(LinkLoad(between, 0.2), ZSTD3) == ZSTD3  # stays on...
     assert choose(LinkLoad(between, 0.1), LZ4_CHOICE) == LZ4_CHOICE  # ...but does not start
     assert choose(LinkLoad(LINK_FREE / 2, 0.1), ZSTD3) == LZ4_CHOICE
     assert choose(LinkLoad(0.9, CPU_BOUND), ZSTD3) == LZ4_CHOICE
+
+
+def test_zstd_climbs_the_ladder_while_the_spare_cpu_affords_the_next_level():
+    def at(level: int, busy: float) -> int:
+        choice = choose(LinkLoad(0.9, busy), CodecChoice(Codec.ZSTD, level))
+        return choice.level if choice.codec == Codec.ZSTD else 0
+
+    assert sorted(ZSTD_LADDER) == [1, 3, 6]
+    assert at(1, 0.2) == 3 and at(3, 0.12) == 6  # predicted 0.28 and 0.33 of a core
+    assert at(3, 0.2) == 3  # level 6 would take ~0.54: over ZSTD_CLIMB
+    assert at(6, ZSTD_BUDGET - 0.01) == 6 and at(6, ZSTD_BUDGET) == 3
+    # no flapping: what level 6's budget predicts at level 3 does not climb again
+    assert at(3, ZSTD_BUDGET * ZSTD_LADDER[3] / ZSTD_LADDER[6]) == 3
+    assert ZSTD_CLIMB < ZSTD_BUDGET
+    assert at(1, 0.9) == 0  # the sealer became the limit: LZ4
+    assert at(4, 0.01) == 6 and at(19, 0.45) == 6  # off the ladder: the rung below
 
 
 def test_a_v1_peer_never_gets_zstd():
@@ -102,7 +120,8 @@ def test_controller_smooths_windows_and_applies_the_choice():
         ctl.waited(WINDOW)
         vpg.seal_cpu_seconds += 0.01
         ctl.tick(t + i * WINDOW)
-    assert vpg.link_codec == ZSTD3 and ctl.load.link_wait > 0.9
+    # zstd at ZSTD_START, then up the ladder: the sealer is nearly idle
+    assert vpg.link_codec == CodecChoice(Codec.ZSTD, 6) and ctl.load.link_wait > 0.9
     ctl.reset(zstd_allowed=False)  # a v1 peer next: zstd goes at once
     assert vpg.link_codec == LZ4_CHOICE
     ctl.enabled = False
@@ -162,6 +181,16 @@ def test_zstd_part_and_back_keep_every_record_exact():
         lz4[:64])[0]["stored"]
     assert records.decode_payload(head["flags"], z[64 : 64 + head["stored"]], 16384,
                                   "t") == text(16384, 4)
+    # a zstd record sealed at a lower level than the link now affords is re-encoded at
+    # the new level where its frame gets smaller, and kept as it is where it does not
+    low = records.encode_write(0, 7, 0, text(65536, 5), 17, zstd_level=1)
+    up = records.zstd_part(low, 6, sizes)
+    head, _ = _rec.parse_header(up[:64])
+    assert head["flags"] == records.FLAG_ZSTD and head["stored"] < _rec.parse_header(
+        low[:64])[0]["stored"]
+    assert records.decode_payload(head["flags"], up[64 : 64 + head["stored"]], 65536,
+                                  "t") == text(65536, 5)
+    assert records.zstd_part(up, 6, sizes) == up  # the same level again: nothing to gain
 
 
 # ---- journal readers of zstd records --------------------------------------------------------

@@ -227,12 +227,13 @@ def encode_write(
 def zstd_part(part: bytes | bytearray | memoryview, level: int,
               volume_sizes: npt.NDArray[np.uint64],
               min_saving: float = LZ4_MIN_SAVING) -> bytes:
-    """A sealed part (records of one VM) with each raw or LZ4 WRITE or SYNC record
-    re-encoded as a zstd record where that pays: a raw one when zstd saves `min_saving`
-    of its data, an LZ4 one when the zstd frame is smaller than its block.  Every other
-    record is kept byte for byte.  The link's adaptive compression calls this when the
-    link, not the CPU, is the bottleneck: the stream on the parts it sealed raw, the
-    sender on bundles sealed with LZ4 before zstd was chosen."""
+    """A sealed part (records of one VM) with each raw, LZ4 or zstd WRITE or SYNC record
+    re-encoded as a zstd record at `level` where that pays: a raw one when zstd saves
+    `min_saving` of its data, an LZ4 or zstd one when the new frame is smaller than its
+    payload.  Every other record is kept byte for byte.  The link's adaptive compression
+    calls this when the link, not the CPU, is the bottleneck: the stream on the parts it
+    sealed raw, the sender on bundles sealed before zstd or its present level was
+    chosen."""
     view = memoryview(part).cast("B")
     batch = _rec.scan(view, 0, 0, 0, volume_sizes)
     if batch.status:
@@ -249,7 +250,7 @@ def zstd_part(part: bytes | bytearray | memoryview, level: int,
             table = _rec.blockcrc_table_size(length)
             packed = compress(payload[table:])
             keep = len(packed) <= length * (1 - min_saving)
-        elif flags == FLAG_LZ4:
+        elif flags in (FLAG_LZ4, FLAG_ZSTD):
             packed = compress(decode_payload(flags, payload, length, f"sealed seq {seq}"))
             keep = len(packed) < stored
         else:

@@ -46,6 +46,7 @@ from benchkit import MB, Context, GiB, KiB, Metric, MiB, gc_paused, vm_like_pool
 from replication_peer import thread_cpu
 
 from zcore.replication import ProtectedSite
+from zcore.replication.compression import WINDOW
 from zcore.vpg import VPG, VPGSettings
 
 DESCRIPTION = ("replication end to end, RPO under load, bitmap resync bytes, initial sync "
@@ -684,8 +685,14 @@ async def measure_wan(ctx: Context, peer: Peer) -> Metric:
         await wait_for(lambda: rep.connected, "the connection")
         for r in range(WAN_PASSES if not ctx.quick else 1):
             for kind in ("lz4", "adaptive"):
-                rep.compression.enabled = kind == "adaptive"
-                rep.compression.tick(time.monotonic() + 1)  # apply it before the pass
+                ctl = rep.compression
+                ctl.enabled = kind == "adaptive"
+                # decide now, on the load of the pass before, then start a fresh window
+                # (a tick at a future time alone left the window's start in the future:
+                # the first real window counted ~1.5 s of sealing as 0.5 s, a sealer
+                # "busy" over two cores that put the adaptive pass on LZ4 for seconds)
+                ctl.tick(time.monotonic() + WINDOW)
+                ctl.reset(ctl.zstd_allowed)
                 before = vpg.status().compression
                 p = await _e2e_pass(vpg, pool, ops, peer)
                 after = vpg.status().compression

@@ -7,7 +7,8 @@ bundles to send) and how much CPU the VPG's stream thread spent sealing, and set
 encoding the stream seals the next bundles with (`VPG.link_codec`):
 
 - the link is the bottleneck and the sealer has CPU to spare: zstd, at a level the spare
-  CPU affords (more bytes through the same link);
+  CPU affords (more bytes through the same link), climbing or stepping down a ladder of
+  levels as the sealer's load allows;
 - the sealer is the bottleneck and the link is not: no compression (raw records, the
   cheapest to seal);
 - otherwise LZ4, the default.
@@ -41,15 +42,19 @@ LINK_FREE = 0.2
 # full); raw sealing stays on until its load falls below CPU_FREE.
 CPU_BOUND = 0.85
 CPU_FREE = 0.6
-# zstd costs 3-4 times LZ4's CPU per byte (records.ZSTD_LEVELS' measurements): it is
-# turned on only while sealing with LZ4 takes less than ZSTD_ENTER of a core (so that
-# zstd at the same byte rate stays under one core), at level ZSTD_HIGH while sealing
-# takes less than ZSTD_BUSY, else at ZSTD_LOW (about 1.4 times faster than level 3).
+# zstd costs 3-4 times LZ4's CPU per byte: it is turned on only while sealing with LZ4
+# takes less than ZSTD_ENTER of a core, at level ZSTD_START.  Then the level climbs the
+# ladder while the link stays the bottleneck and the spare CPU affords it: the sealer's
+# load at the next level is predicted from its load now and the levels' relative CPU per
+# byte (records.ZSTD_LEVELS' measurements: 250, 175 and 65 MB/s per core), and the step
+# is taken when the prediction is under ZSTD_CLIMB of a core; a level whose sealing takes
+# ZSTD_BUDGET of a core or more steps down one.  The gap between the two is the
+# hysteresis (the prediction overestimates: raw sealing does not grow with the level).
 ZSTD_ENTER = 0.2
-ZSTD_BUSY = 0.4
-ZSTD_HIGH = 3
-ZSTD_LOW = 1
-
+ZSTD_START = 3
+ZSTD_LADDER = {1: 1.0, 3: 1.4, 6: 3.8}
+ZSTD_CLIMB = 0.5
+ZSTD_BUDGET = 0.65
 
 class Sealer(Protocol):
     """What the controller needs of a VPG (zcore.vpg.VPG has it)."""
@@ -76,10 +81,26 @@ def choose(load: LinkLoad, current: CodecChoice, zstd_allowed: bool = True) -> C
     if cpu_bound and not link_bound:
         return CodecChoice(Codec.NONE)
     if link_bound and zstd_allowed and not cpu_bound:
-        if zstd_now or load.sealer_busy < ZSTD_ENTER:
-            return CodecChoice(Codec.ZSTD,
-                               ZSTD_HIGH if load.sealer_busy < ZSTD_BUSY else ZSTD_LOW)
+        if zstd_now:
+            return CodecChoice(Codec.ZSTD, zstd_level(current.level, load.sealer_busy))
+        if load.sealer_busy < ZSTD_ENTER:
+            return CodecChoice(Codec.ZSTD, ZSTD_START)
     return LZ4_CHOICE
+
+
+def zstd_level(level: int, sealer_busy: float) -> int:
+    """The next zstd level on ZSTD_LADDER for a sealer `sealer_busy` at `level` (a level
+    off the ladder counts as the highest rung below it)."""
+    rungs = sorted(ZSTD_LADDER)
+    at = max([r for r in rungs if r <= level], default=rungs[0])
+    i = rungs.index(at)
+    if sealer_busy >= ZSTD_BUDGET:
+        return rungs[max(0, i - 1)]
+    if i + 1 < len(rungs):
+        up = rungs[i + 1]
+        if sealer_busy * ZSTD_LADDER[up] / ZSTD_LADDER[at] < ZSTD_CLIMB:
+            return up
+    return at
 
 
 class CompressionController:

@@ -388,10 +388,12 @@ class Replication:
                     # sealed with zstd before the link went to a v1 peer: raw for it
                     parts, size = await loop.run_in_executor(None, self._recode, parts, None)
                     sent = CodecChoice(Codec.NONE)
-                elif (now.codec == Codec.ZSTD and b.codec.codec != Codec.ZSTD
-                      and self.vpg.settings.compression):
-                    # sealed ahead of the link before zstd was chosen (the buffer lets
-                    # the stream run up to half of it ahead): zstd now, off the loop
+                elif (now.codec == Codec.ZSTD and self.vpg.settings.compression and
+                      (b.codec.codec != Codec.ZSTD or b.codec.level < now.level)):
+                    # sealed ahead of the link before zstd or its present level was
+                    # chosen (the buffer lets the stream run up to half of it ahead, and
+                    # a burst seals at a lower level than the link then affords): zstd
+                    # at the present level now, off the loop
                     parts, size = await loop.run_in_executor(None, self._recode, parts, now)
                     sent = now
                 self._count_sent(sent, b.data_bytes, size)

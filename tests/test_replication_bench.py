@@ -33,7 +33,7 @@ def test_quick_replication_suite_reports_every_metric(tmp_path):
             assert isinstance(m[key], (int, float)) and math.isfinite(m[key]) and m[key] > 0, m
         assert m["note"] and m["unit"]
     targets = {m["name"]: m["target"] for m in doc["metrics"]}
-    assert targets == {"replication.e2e": ">= 0.7", "replication.rpo_p99": "<= 1",
+    assert targets == {"replication.e2e": ">= 0.85", "replication.rpo_p99": "<= 1",
                        "replication.resync_bytes": "<= 1.05", "replication.initial_sync": None,
                        "replication.wan_20mb": ">= 1.2"}
     wan = next(m for m in doc["metrics"] if m["name"] == "replication.wan_20mb")

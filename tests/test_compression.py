@@ -130,19 +130,6 @@ def test_controller_smooths_windows_and_applies_the_choice():
     assert ctl.tick(ctl._t0 + WINDOW) == LZ4_CHOICE
 
 
-def test_the_senders_re_encoding_counts_in_the_sealers_load():
-    vpg = SimpleNamespace(link_codec=CodecChoice(Codec.ZSTD, 6), seal_cpu_seconds=0.0)
-    ctl = CompressionController(vpg)
-    ctl.reset(zstd_allowed=True)
-    t = ctl._t0
-    for i in range(1, 8):  # the stream idle, the sender re-encoding 0.7 s a second
-        ctl.waited(WINDOW)
-        ctl.recoded(0.7 * WINDOW)
-        ctl.tick(t + i * WINDOW)
-    assert 0.65 < ctl.load.sealer_busy <= 0.7
-    assert vpg.link_codec.codec == Codec.ZSTD and vpg.link_codec.level < 6
-
-
 # ---- the one decoder, and zstd parts ---------------------------------------------------------
 
 def test_corrupt_zstd_payloads_raise_corrupt_record_error_and_return_nothing():

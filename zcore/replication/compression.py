@@ -3,9 +3,8 @@
 Beside the sender (zcore.replication.sender) and the site-wide throttle
 (zcore.replication.throttle): the controller samples, every `WINDOW` seconds, how long the
 sender waited for the link (the throttle's grants and the socket's drain, while it had
-bundles to send) and how much CPU the VPG's stream thread spent sealing (and the sender
-re-encoding what was sealed ahead), and sets the encoding the stream seals the next
-bundles with (`VPG.link_codec`):
+bundles to send) and how much CPU the VPG's stream thread spent sealing, and sets the
+encoding the stream seals the next bundles with (`VPG.link_codec`):
 
 - the link is the bottleneck and the sealer has CPU to spare: zstd, at a level the spare
   CPU affords (more bytes through the same link), climbing or stepping down a ladder of
@@ -118,16 +117,10 @@ class CompressionController:
         self.decisions = 0
         self._wait = 0.0
         self._t0 = time.monotonic()
-        self._recode_cpu = 0.0
         self._cpu0 = vpg.seal_cpu_seconds
 
     def waited(self, seconds: float) -> None:
         self._wait += seconds
-
-    def recoded(self, cpu_seconds: float) -> None:
-        """CPU the sender spent re-encoding bundles sealed ahead at another encoding: the
-        sealer's load too (it is compression the link's choice costs)."""
-        self._recode_cpu += cpu_seconds
 
     def tick(self, now: float | None = None) -> CodecChoice:
         """Close the window when it is WINDOW long; returns the VPG's encoding."""
@@ -135,7 +128,7 @@ class CompressionController:
         span = now - self._t0
         if span < WINDOW:
             return self.vpg.link_codec
-        cpu = self.vpg.seal_cpu_seconds + self._recode_cpu
+        cpu = self.vpg.seal_cpu_seconds
         sample = LinkLoad(min(1.0, self._wait / span), (cpu - self._cpu0) / span)
         a = SMOOTHING
         self.load = LinkLoad(a * sample.link_wait + (1 - a) * self.load.link_wait,
@@ -155,7 +148,6 @@ class CompressionController:
         self.zstd_allowed = zstd_allowed
         if not zstd_allowed and self.vpg.link_codec.codec == Codec.ZSTD:
             self.vpg.link_codec = LZ4_CHOICE
-        self._wait, self._t0 = 0.0, time.monotonic()
-        self._cpu0 = self.vpg.seal_cpu_seconds + self._recode_cpu
+        self._wait, self._t0, self._cpu0 = 0.0, time.monotonic(), self.vpg.seal_cpu_seconds
 
 

@@ -411,9 +411,7 @@ class Replication:
 
     def _recode(self, parts: list[tuple[int, bytes | bytearray]], to: CodecChoice | None
                 ) -> tuple[list[tuple[int, bytes | bytearray]], int]:
-        """The parts re-encoded for the link: zstd at `to`'s level, or without zstd (None).
-        Its CPU counts in the compression controller's sealer load."""
-        cpu0 = time.thread_time()
+        """The parts re-encoded for the link: zstd at `to`'s level, or without zstd (None)."""
         sizes = np.zeros(max(self.vpg.volumes, default=-1) + 1, dtype=np.uint64)
         for vid, vol in self.vpg.volumes.items():
             sizes[vid] = vol.size
@@ -421,7 +419,6 @@ class Replication:
         out: list[tuple[int, bytes | bytearray]] = [
             (i, records.unzstd_part(data, sizes) if to is None else
              records.zstd_part(data, to.level, sizes, saving)) for i, data in parts]
-        self.compression.recoded(time.thread_time() - cpu0)
         return out, sum(len(d) for _, d in out)
 
     def _count_sent(self, codec: CodecChoice, data_bytes: int, encoded_bytes: int) -> None:

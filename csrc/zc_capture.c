@@ -174,10 +174,11 @@ static zc_ring_entry *reserve(zc_capture *c, uint32_t stored)
     return e;
 }
 
-/* Copy a write's data into its ring entry (the payload is 64-byte aligned).  With SSE2 the copy streams past the caches: the ring is far larger than they
- * are and the sealer reads an entry long after, so a plain memcpy's read-for-ownership
- * of every cold line cost a 64 KiB write ~2.4x the time (8.4 vs 3.4 us here).  The
- * stores are weakly ordered: ring_copy_done() before the entry is committed. */
+/* Copy a write's data into its ring entry (the payload is 64-byte aligned).  With SSE2
+ * the copy streams past the caches: the ring is far larger than they are and the sealer
+ * reads an entry long after, so a plain memcpy's read-for-ownership of every cold line
+ * cost a 64 KiB write ~2.4x the time (8.4 vs 3.4 us here).  The stores are weakly
+ * ordered: ring_copy_done() before the entry is committed. */
 static void ring_copy(uint8_t *dst, const uint8_t *src, size_t n)
 {
     size_t i = 0;

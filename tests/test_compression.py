@@ -102,6 +102,8 @@ def test_zstd_climbs_the_ladder_while_the_spare_cpu_affords_the_next_level():
     assert at(6, ZSTD_BUDGET - 0.01) == 6 and at(6, ZSTD_BUDGET) == 3
     # no flapping: what level 6's budget predicts at level 3 does not climb again
     assert at(3, ZSTD_BUDGET * ZSTD_LADDER[3] / ZSTD_LADDER[6]) == 3
+    # nor at the bottom: what level 3's budget predicts at level 1 does not climb again
+    assert at(1, ZSTD_BUDGET * ZSTD_LADDER[1] / ZSTD_LADDER[3]) == 1
     assert ZSTD_CLIMB < ZSTD_BUDGET
     assert at(1, 0.9) == 0  # the sealer became the limit: LZ4
     assert at(4, 0.01) == 6 and at(19, 0.45) == 6  # off the ladder: the rung below
@@ -191,6 +193,12 @@ def test_zstd_part_and_back_keep_every_record_exact():
     assert records.decode_payload(head["flags"], up[64 : 64 + head["stored"]], 65536,
                                   "t") == text(65536, 5)
     assert records.zstd_part(up, 6, sizes) == up  # the same level again: nothing to gain
+    # a part sealed with zstd keeps its raw records as they are with raw=False (zstd did
+    # not pay for them once); with raw=True they are tried again
+    mixed = records.encode_write(0, 6, 0, text(16384, 6), 18, compress=False) + up
+    assert records.zstd_part(mixed, 6, sizes, raw=False)[:len(mixed) - len(up)] == (
+        mixed[:len(mixed) - len(up)])
+    assert len(records.zstd_part(mixed, 6, sizes)) < len(mixed)
 
 
 # ---- journal readers of zstd records --------------------------------------------------------

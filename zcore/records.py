@@ -226,14 +226,15 @@ def encode_write(
 
 def zstd_part(part: bytes | bytearray | memoryview, level: int,
               volume_sizes: npt.NDArray[np.uint64],
-              min_saving: float = LZ4_MIN_SAVING) -> bytes:
+              min_saving: float = LZ4_MIN_SAVING, *, raw: bool = True) -> bytes:
     """A sealed part (records of one VM) with each raw, LZ4 or zstd WRITE or SYNC record
     re-encoded as a zstd record at `level` where that pays: a raw one when zstd saves
     `min_saving` of its data, an LZ4 or zstd one when the new frame is smaller than its
-    payload.  Every other record is kept byte for byte.  The link's adaptive compression
-    calls this when the link, not the CPU, is the bottleneck: the stream on the parts it
-    sealed raw, the sender on bundles sealed before zstd or its present level was
-    chosen."""
+    payload.  Every other record is kept byte for byte; so are raw ones with `raw` False
+    (a part sealed with zstd: its raw records are those zstd did not pay for).  The link's
+    adaptive compression calls this when the link, not the CPU, is the bottleneck: the
+    stream on the parts it sealed raw, the sender on bundles sealed before zstd or its
+    present level was chosen."""
     view = memoryview(part).cast("B")
     batch = _rec.scan(view, 0, 0, 0, volume_sizes)
     if batch.status:
@@ -246,7 +247,7 @@ def zstd_part(part: bytes | bytearray | memoryview, level: int,
         seq, offset, at, length, _seg, volume, stored, type_, flags, _res = e
         size = HEADER_SIZE + (stored + 63) // 64 * 64
         payload = view[at + HEADER_SIZE : at + HEADER_SIZE + stored]
-        if flags == FLAG_BLOCKCRC:
+        if flags == FLAG_BLOCKCRC and raw:
             table = _rec.blockcrc_table_size(length)
             packed = compress(payload[table:])
             keep = len(packed) <= length * (1 - min_saving)

@@ -394,7 +394,8 @@ class Replication:
                     # chosen (the buffer lets the stream run up to half of it ahead, and
                     # a burst seals at a lower level than the link then affords): zstd
                     # at the present level now, off the loop
-                    parts, size = await loop.run_in_executor(None, self._recode, parts, now)
+                    parts, size = await loop.run_in_executor(
+                        None, self._recode, parts, now, b.codec.codec != Codec.ZSTD)
                     sent = now
                 self._count_sent(sent, b.data_bytes, size)
                 t = clock()
@@ -409,16 +410,19 @@ class Replication:
                 compression.waited(clock() - t)  # the link's share of the time
                 compression.tick()
 
-    def _recode(self, parts: list[tuple[int, bytes | bytearray]], to: CodecChoice | None
-                ) -> tuple[list[tuple[int, bytes | bytearray]], int]:
-        """The parts re-encoded for the link: zstd at `to`'s level, or without zstd (None)."""
+    def _recode(self, parts: list[tuple[int, bytes | bytearray]], to: CodecChoice | None,
+                raw: bool = True) -> tuple[list[tuple[int, bytes | bytearray]], int]:
+        """The parts re-encoded for the link: zstd at `to`'s level (raw records too, with
+        `raw`), or without zstd (None).  Runs in an executor thread, serially before each
+        send: when it cannot keep up with the link, the sender waits less for the link and
+        the controller leaves zstd, so its CPU is bounded by the link's pace."""
         sizes = np.zeros(max(self.vpg.volumes, default=-1) + 1, dtype=np.uint64)
         for vid, vol in self.vpg.volumes.items():
             sizes[vid] = vol.size
         saving = self.vpg.settings.lz4_min_saving
         out: list[tuple[int, bytes | bytearray]] = [
             (i, records.unzstd_part(data, sizes) if to is None else
-             records.zstd_part(data, to.level, sizes, saving)) for i, data in parts]
+             records.zstd_part(data, to.level, sizes, saving, raw=raw)) for i, data in parts]
         return out, sum(len(d) for _, d in out)
 
     def _count_sent(self, codec: CodecChoice, data_bytes: int, encoded_bytes: int) -> None:

@@ -174,16 +174,21 @@ static zc_ring_entry *reserve(zc_capture *c, uint32_t stored)
     return e;
 }
 
-/* Copy a write's data into its ring entry (the payload is 64-byte aligned).  With SSE2
- * the copy streams past the caches: the ring is far larger than they are and the sealer
- * reads an entry long after, so a plain memcpy's read-for-ownership of every cold line
- * cost a 64 KiB write ~2.4x the time (8.4 vs 3.4 us here).  The stores are weakly
- * ordered: ring_copy_done() before the entry is committed. */
+/* Copies of at least this many bytes stream past the caches (below, a plain memcpy). */
+#define RING_STREAM_MIN (16u << 10)
+
+/* Copy a write's data into its ring entry (the payload is 64-byte aligned).  With SSE2 a
+ * large copy streams past the caches: the ring is far larger than they are and the
+ * sealer reads an entry long after, so a plain memcpy's read-for-ownership of every
+ * cold line cost a 64 KiB write ~2.4x the time (8.4 vs 3.4 us here).  A small one does
+ * not pay for the wait its fence makes (a 4 KiB capture was ~8 % slower streamed; 8-32
+ * KiB even).  Streamed stores are weakly ordered: ring_copy_done() before the entry is
+ * committed. */
 static void ring_copy(uint8_t *dst, const uint8_t *src, size_t n)
 {
     size_t i = 0;
 #ifdef __SSE2__
-    for (; i + 64 <= n; i += 64) {
+    for (; n >= RING_STREAM_MIN && i + 64 <= n; i += 64) {
         __m128i a = _mm_loadu_si128((const __m128i *)(src + i));
         __m128i b = _mm_loadu_si128((const __m128i *)(src + i + 16));
         __m128i c = _mm_loadu_si128((const __m128i *)(src + i + 32));

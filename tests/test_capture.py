@@ -270,8 +270,9 @@ def test_writes_reach_the_backing_store_and_the_stream_in_seq_order(tmp_path, ba
 
 
 def test_writes_from_sources_at_any_address_are_captured_exactly(tmp_path, backing):
-    """The ring copy streams 64 bytes at a time with unaligned loads: a source at any
-    byte address (a guest buffer inside a larger one) reaches the stream intact."""
+    """The ring copy (streamed 64 bytes at a time with unaligned loads from 16 KiB on,
+    memcpy below): a write's or a source sync's data at any byte address (a guest buffer
+    inside a larger one) reaches the stream intact."""
     path, fd = backing
     ring = CaptureRing(4 * MiB)
     rng = random.Random(7)
@@ -284,6 +285,12 @@ def test_writes_from_sources_at_any_address_are_captured_exactly(tmp_path, backi
             src = memoryview(pool)[shift:shift + n]
             ring.write(fd, 0, VOL, off, src)
             model[off:off + n] = src
+        for n in (4096, 65536):  # a sync read from a source outside the capture
+            off = rng.randrange(0, (VOL - n) // 512) * 512
+            src = memoryview(pool)[shift + 1:shift + 1 + n]
+            assert ring.sync_from(ring.watch(0, off, n), n, src) > 0
+            model[off:off + n] = src
+            os.pwrite(fd, src, off)  # the source's bytes are the disk's
         batches += seal_all(ring, compress=False)  # raw records: the copy, verbatim
     assert read_file(path) == bytes(model)
     assert journal_image(tmp_path, batches) == bytes(model)

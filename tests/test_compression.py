@@ -174,24 +174,25 @@ def test_zstd_part_and_back_keep_every_record_exact():
     assert records.unzstd_part(z, sizes) == part  # raw again, byte for byte
     with pytest.raises(ZcoreError):
         records.zstd_part(part[:-64], 3, sizes)
+    def recoded_smaller(record: bytes, level: int, data: bytes, flags: int) -> bytes:
+        """`record` (of `data`, with `flags`) re-encoded at zstd `level`: a smaller zstd
+        record of the same data."""
+        before, _ = _rec.parse_header(record[:64])
+        assert before["flags"] == flags
+        out = records.zstd_part(record, level, sizes)
+        head, _ = _rec.parse_header(out[:64])
+        assert head["flags"] == records.FLAG_ZSTD and head["stored"] < before["stored"]
+        assert records.decode_payload(head["flags"], out[64 : 64 + head["stored"]],
+                                      len(data), "t") == data
+        return out
+
     # an LZ4 record sealed before zstd was chosen becomes zstd where the frame is smaller
-    lz4 = records.encode_write(0, 6, 0, text(16384, 4), 16)
-    assert _rec.parse_header(lz4[:64])[0]["flags"] == records.FLAG_LZ4
-    z = records.zstd_part(lz4, 3, sizes)
-    head, _ = _rec.parse_header(z[:64])
-    assert head["flags"] == records.FLAG_ZSTD and head["stored"] < _rec.parse_header(
-        lz4[:64])[0]["stored"]
-    assert records.decode_payload(head["flags"], z[64 : 64 + head["stored"]], 16384,
-                                  "t") == text(16384, 4)
+    recoded_smaller(records.encode_write(0, 6, 0, text(16384, 4), 16), 3, text(16384, 4),
+                    records.FLAG_LZ4)
     # a zstd record sealed at a lower level than the link now affords is re-encoded at
     # the new level where its frame gets smaller, and kept as it is where it does not
-    low = records.encode_write(0, 7, 0, text(65536, 5), 17, zstd_level=1)
-    up = records.zstd_part(low, 6, sizes)
-    head, _ = _rec.parse_header(up[:64])
-    assert head["flags"] == records.FLAG_ZSTD and head["stored"] < _rec.parse_header(
-        low[:64])[0]["stored"]
-    assert records.decode_payload(head["flags"], up[64 : 64 + head["stored"]], 65536,
-                                  "t") == text(65536, 5)
+    up = recoded_smaller(records.encode_write(0, 7, 0, text(65536, 5), 17, zstd_level=1), 6,
+                         text(65536, 5), records.FLAG_ZSTD)
     assert records.zstd_part(up, 6, sizes) == up  # the same level again: nothing to gain
     # a part sealed with zstd keeps its raw records as they are with raw=False (zstd did
     # not pay for them once); with raw=True they are tried again

@@ -354,7 +354,7 @@ class _Session:
         vpg, link = self.vpg, self.link
         if vpg is None:
             return
-        if vpg.mode in (VPGMode.BITMAP, VPGMode.BITMAP_SYNCING):
+        if vpg.mode in (VPGMode.BITMAP, VPGMode.BITMAP_SYNCING) and self.opts.stop_wait:
             click.echo(f"letting the bitmap sync catch up before the final checkpoint "
                        f"({self.opts.stop_wait:g} s at most)", err=True)
             deadline = time.monotonic() + self.opts.stop_wait

@@ -56,6 +56,7 @@ ZSTD_LADDER = {1: 1.0, 3: 1.4, 6: 3.8}
 ZSTD_CLIMB = 0.5
 ZSTD_BUDGET = 0.65
 
+
 class Sealer(Protocol):
     """What the controller needs of a VPG (zcore.vpg.VPG has it)."""
 

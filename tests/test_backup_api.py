@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers.backup import FAST_N, vpg_of
+from helpers.backup import FAST_N, flip, vpg_of
 from helpers.nbd import build_journal
 
 from zcore.backup import Repository, Secret
@@ -109,8 +109,7 @@ async def test_api_check_reports_damage_and_prune_keeps_a_locked_backup(site):
         f"{V1}/backups/prune", json=ref | {"daily": 0, "weekly": 0, "monthly": 0}))
     assert list(pruned["result"]["locked"]) == [locked["result"]["backup"]]
     chunk = next(p for p in (tmp / "repo" / "chunks").rglob("*") if p.is_file())
-    os.chmod(chunk, 0o644)
-    chunk.write_bytes(chunk.read_bytes()[:-1] + b"\0")
+    flip(chunk)
     report = (await finished(client, await client.post(f"{V1}/backups/check",
                                                        json=ref)))["result"]
     assert not report["ok"] and chunk.name in report["damaged"]
@@ -121,8 +120,7 @@ async def test_api_repair_heals_a_damaged_chunk_from_the_sites_journals(site):
     ref = {"repository": str(tmp / "repo"), "passphrase": "pw"}
     done = await finished(client, await client.post(f"{V1}/vpgs/g/backups", json=ref))
     chunk = next(p for p in (tmp / "repo" / "chunks").rglob("*") if p.is_file())
-    os.chmod(chunk, 0o644)
-    chunk.write_bytes(chunk.read_bytes()[:-1] + b"\0")
+    flip(chunk)
     fixed = await finished(client, await client.post(f"{V1}/backups/check",
                                                      json=ref | {"repair": True}))
     assert fixed["kind"] == "backup_repair" and fixed["result"]["ok"], fixed

@@ -11,7 +11,7 @@ import os
 
 import pytest
 from click.testing import CliRunner
-from helpers.backup import SECRET, new_repo, vpg_of
+from helpers.backup import SECRET, flip, new_repo, vpg_of
 from helpers.nbd import build_journal
 
 from zcore.backup import Repository, check, restore, run_backup
@@ -36,17 +36,6 @@ def images(paths):
 
 def chunk_path(repo: Repository, cid: str):
     return repo.store.root / fmt.chunk_name(cid)
-
-
-def flip(path) -> None:
-    """Flip a bit of the file; its times are kept (a directory store's retain-until is
-    the mtime: bit rot does not touch it)."""
-    st = path.stat()
-    os.chmod(path, 0o644)
-    raw = bytearray(path.read_bytes())
-    raw[len(raw) // 2] ^= 0x10
-    path.write_bytes(bytes(raw))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def listed(repo: Repository, backup: str) -> list[str]:

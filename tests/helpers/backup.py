@@ -1,9 +1,10 @@
 """Test helpers of the backup tests: a one-VM recovery VPG over a journal, a journal whose
 volume holds an ext4 file system, a repository with cheap key derivation, an object store
-that crashes after N operations."""
+that crashes after N operations, bit rot."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -16,6 +17,17 @@ from zcore.site.recovery_vpg import RecoveryVPG
 SECRET = Secret(passphrase="correct horse battery staple")
 CHUNK = 1 << 16  # the smallest chunk size, so small volumes span many chunks
 FAST_N = 1 << 10  # scrypt's smallest accepted cost: the tests open many repositories
+
+
+def flip(path: Path) -> None:
+    """Flip a bit of the file; its times are kept (a directory store's retain-until is
+    the mtime: bit rot does not touch it)."""
+    st = path.stat()
+    os.chmod(path, 0o644)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def vpg_of(journal: Journal, name: str = "vpg1", vm: str = "vm1") -> RecoveryVPG:

@@ -35,10 +35,13 @@ from zcore.replication.compression import (
     CPU_BOUND,
     LINK_BOUND,
     LINK_FREE,
+    TRIAL_WINDOWS,
     WINDOW,
     ZSTD_BUDGET,
     ZSTD_CLIMB,
     ZSTD_LADDER,
+    ZSTD_PAYS,
+    ZSTD_RETRY,
     ZSTD_START,
     CompressionController,
     LinkLoad,
@@ -118,11 +121,12 @@ def test_controller_smooths_windows_and_applies_the_choice():
     ctl = CompressionController(vpg)
     ctl.reset(zstd_allowed=True)
     t = ctl._t0
-    for i in range(1, 6):  # windows where the sender waited for the link all the time
+    # windows where the sender waited for the link all the time: two to judge by, zstd at
+    # ZSTD_START, its trial, then up the ladder (the sealer is nearly idle)
+    for i in range(1, 3 + TRIAL_WINDOWS + 2):
         ctl.waited(WINDOW)
         vpg.seal_cpu_seconds += 0.01
         ctl.tick(t + i * WINDOW)
-    # zstd at ZSTD_START, then up the ladder: the sealer is nearly idle
     assert vpg.link_codec == CodecChoice(Codec.ZSTD, 6) and ctl.load.link_wait > 0.9
     ctl.reset(zstd_allowed=False)  # a v1 peer next: zstd goes at once
     assert vpg.link_codec == LZ4_CHOICE
@@ -130,6 +134,76 @@ def test_controller_smooths_windows_and_applies_the_choice():
     ctl.reset(zstd_allowed=True)
     ctl.waited(WINDOW)
     assert ctl.tick(ctl._t0 + WINDOW) == LZ4_CHOICE
+
+
+class Link:
+    """A controller driven window by window: the sender waited for the link all the time
+    and sent `rate` data bytes per second, the sealer nearly idle."""
+
+    def __init__(self) -> None:
+        self.vpg = SimpleNamespace(link_codec=LZ4_CHOICE, seal_cpu_seconds=0.0)
+        self.ctl = CompressionController(self.vpg)
+        self.ctl.reset(zstd_allowed=True)
+        self.now = self.ctl._t0
+
+    def window(self, rate: float, wait: float = 1.0) -> CodecChoice:
+        self.ctl.waited(wait * WINDOW)
+        self.ctl.sent(int(rate * WINDOW))
+        self.vpg.seal_cpu_seconds += 0.01
+        self.now += WINDOW
+        return self.ctl.tick(self.now)
+
+    def until(self, choice: CodecChoice, rate: float, limit: int = 10) -> int:
+        """Windows at `rate` until the controller picks `choice`."""
+        for i in range(1, limit + 1):
+            if self.window(rate) == choice:
+                return i
+        raise AssertionError(f"still {self.vpg.link_codec} after {limit} windows")
+
+
+def test_a_step_to_zstd_that_delivers_less_data_is_undone_and_held_back():
+    """The sender waits for the socket, but the receiver (or the host's CPU) is the
+    limit: zstd's CPU slows everything and the link carries fewer data bytes."""
+    link = Link()
+    for _ in range(3):  # idle windows measure the demand, not the link: no reference
+        link.window(1e6, wait=0.0)
+    assert link.until(ZSTD3, 100e6) == TRIAL_WINDOWS + 1  # link-bound windows to judge by
+    for _ in range(TRIAL_WINDOWS):  # the trial: no further step while it runs
+        assert link.window(60e6) == ZSTD3
+    assert link.window(60e6) == LZ4_CHOICE  # 0.6 of the rate before: undone
+    assert link.ctl.ceiling == LZ4_CHOICE and link.ctl.failed_steps == 1
+    assert link.ctl.held_seconds(link.now) == pytest.approx(ZSTD_RETRY)
+    while link.ctl.held_seconds(link.now) > WINDOW:  # held, though choose wants zstd
+        assert link.window(100e6) == LZ4_CHOICE
+    link.until(ZSTD3, 100e6, limit=3)  # tried again once the hold is over
+    for _ in range(TRIAL_WINDOWS):
+        link.window(90e6)
+    assert link.window(90e6) == LZ4_CHOICE  # a second failure holds twice as long
+    assert link.ctl.held_seconds(link.now) == pytest.approx(2 * ZSTD_RETRY)
+
+
+def test_a_step_that_pays_stays_and_a_climb_that_does_not_steps_back_one_rung():
+    link = Link()
+    link.until(ZSTD3, 40e6)
+    for _ in range(TRIAL_WINDOWS):
+        assert link.window(45e6) == ZSTD3
+    # zstd-3 delivered more: kept, and the spare CPU takes it up the ladder
+    assert link.window(45e6) == CodecChoice(Codec.ZSTD, 6)
+    for _ in range(TRIAL_WINDOWS):
+        link.window(45e6 * ZSTD_PAYS * 0.9)
+    assert link.window(40e6) == ZSTD3  # level 6 lost data: back to 3, held there
+    assert link.ctl.ceiling == ZSTD3
+    assert all(link.window(45e6) == ZSTD3 for _ in range(10))
+
+
+def test_a_trial_has_no_verdict_when_the_link_stops_being_the_bottleneck():
+    link = Link()
+    link.until(ZSTD3, 100e6)
+    link.window(10e6, wait=0.0)  # the guest went quiet: the link freed
+    link.window(10e6, wait=0.0)
+    link.window(10e6, wait=0.0)
+    assert link.vpg.link_codec == LZ4_CHOICE and link.ctl.trial is None
+    assert link.ctl.ceiling is None and link.ctl.failed_steps == 0
 
 
 # ---- the one decoder, and zstd parts ---------------------------------------------------------

@@ -346,6 +346,7 @@ async def _e2e_pass(vpg: VPG, pool: bytes, ops: np.ndarray, peer: Peer) -> dict:
     before = peer0["vpgs"].get(vpg.name, {})
     cpu0 = _cpu()
     threads0 = thread_cpu()
+    codecs0 = vpg.status().compression
     guest = Guest(vpg, pool, ops)
     guest.start()
     await wait_for(lambda: not guest.is_alive() or guest.last_seq, "the guest's first write")
@@ -360,6 +361,11 @@ async def _e2e_pass(vpg: VPG, pool: bytes, ops: np.ndarray, peer: Peer) -> dict:
     threads["guest"] = guest.cpu
     after = peer.stats()
     mine = after["vpgs"][vpg.name]
+    codecs = {k: {"bundles": u.bundles - (codecs0[k].bundles if k in codecs0 else 0),
+                  "data_bytes": u.data_bytes - (codecs0[k].data_bytes if k in codecs0 else 0),
+                  "encoded_bytes": u.encoded_bytes - (codecs0[k].encoded_bytes
+                                                      if k in codecs0 else 0)}
+              for k, u in vpg.status().compression.items()}
     return {
         "seconds": done - guest.start_time,
         "guest_seconds": guest.end_time - guest.start_time,
@@ -373,6 +379,7 @@ async def _e2e_pass(vpg: VPG, pool: bytes, ops: np.ndarray, peer: Peer) -> dict:
         "bundles": mine["bundles"] - before.get("bundles", 0),
         "mode_after": vpg.mode,
         "overflowed": any("overflow" in e for e in vpg.events),
+        "codecs": {k: c for k, c in codecs.items() if c["bundles"]},
     }
 
 
@@ -399,7 +406,9 @@ async def measure_e2e(ctx: Context, peer: Peer, pool: bytes) -> Metric:
             ctx.log(f"e2e pass {r}: replication {size / p['seconds'] / MB:.0f} MB/s "
                     f"(guest {p['guest_seconds']:.2f} s, backpressure "
                     f"{p['guest_backpressure_seconds']:.2f} s, protected cpu "
-                    f"{p['protected_cpu_seconds']:.2f} s)")
+                    f"{p['protected_cpu_seconds']:.2f} s, recovery cpu "
+                    f"{p['recovery_cpu_seconds']:.2f} s, codecs "
+                    f"{ {k: v['bundles'] for k, v in p['codecs'].items()} })")
         peer_cpu = peer.stats()["cpu"]
     finally:
         await site.stop()
@@ -693,23 +702,14 @@ async def measure_wan(ctx: Context, peer: Peer) -> Metric:
                 # "busy" over two cores that put the adaptive pass on LZ4 for seconds)
                 ctl.tick(time.monotonic() + WINDOW)
                 ctl.reset(ctl.zstd_allowed)
-                before = vpg.status().compression
                 p = await _e2e_pass(vpg, pool, ops, peer)
-                after = vpg.status().compression
-                p["codecs"] = {k: {"bundles": u.bundles - before[k].bundles if k in before
-                                   else u.bundles,
-                                   "data_bytes": u.data_bytes - (before[k].data_bytes
-                                                                 if k in before else 0),
-                                   "encoded_bytes": u.encoded_bytes - (
-                                       before[k].encoded_bytes if k in before else 0)}
-                               for k, u in after.items()}
                 p["cpu_seconds_per_mb"] = {
                     "protected": _per_mb(p["protected_thread_cpu_seconds"], size),
                     "recovery": _per_mb(p["recovery_thread_cpu_seconds"], size)}
                 runs[kind].append(p)
                 ctx.log(f"wan pass {r} {kind}: {size / p['seconds'] / MB:.1f} MB/s "
                         f"(wire {p['wire_payload_bytes'] / MB:.0f} MB, codecs "
-                        f"{ {k: v['bundles'] for k, v in p['codecs'].items() if v['bundles']} })")
+                        f"{ {k: v['bundles'] for k, v in p['codecs'].items()} })")
     finally:
         await site.stop()
         vpg.close()

@@ -13,15 +13,20 @@ encoding the stream seals the next bundles with (`VPG.link_codec`):
   cheapest to seal);
 - otherwise LZ4, the default.
 
-`choose` is the whole decision, a pure function of the smoothed load and the current
-choice (with hysteresis, so a load near a threshold does not flip it every window).  A
-peer that speaks wire protocol v1 has no zstd record (docs/format.md 2, 10.3): there the
+`choose` is the decision, a pure function of the smoothed load and the current choice
+(with hysteresis, so a load near a threshold does not flip it every window).  The wait
+alone cannot tell a slow link from a slow receiver or a host short of CPU, where zstd's
+extra CPU slows the sealer and the guest and the same link carries fewer data bytes: so
+every step up (LZ4 to zstd, or a zstd level up the ladder) is a trial the controller
+judges on the data bytes the link then delivers per second, and undoes if it did not pay.
+A peer that speaks wire protocol v1 has no zstd record (docs/format.md 2, 10.3): there the
 choice is LZ4 or none.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -55,6 +60,16 @@ ZSTD_START = 3
 ZSTD_LADDER = {1: 1.0, 3: 1.4, 6: 3.8}
 ZSTD_CLIMB = 0.5
 ZSTD_BUDGET = 0.65
+# A step up is judged on the data bytes sent per second over TRIAL_WINDOWS windows after
+# the first one (which still sends bundles sealed before the step), against as many
+# link-bound windows just before it: under ZSTD_PAYS of that rate, with the link still the
+# bottleneck, the step is undone and not tried again for ZSTD_RETRY seconds, doubled on
+# each consecutive failure up to ZSTD_RETRY_MAX (the host's load may change; a link
+# that did get slower in the trial costs one retry period at the lower level).
+TRIAL_WINDOWS = 2
+ZSTD_PAYS = 0.95
+ZSTD_RETRY = 30.0
+ZSTD_RETRY_MAX = 480.0
 
 
 class Sealer(Protocol):
@@ -104,11 +119,30 @@ def zstd_level(level: int, sealer_busy: float) -> int:
     return at
 
 
-class CompressionController:
-    """Feeds `choose` from one VPG's sender and applies its choice to the VPG.
+def rank(choice: CodecChoice) -> int:
+    """How hard `choice` compresses: its zstd level, 0 for LZ4 or none."""
+    return choice.level if choice.codec == Codec.ZSTD else 0
 
-    The sender adds the seconds it waited for the link (`waited`); `tick` (called at
-    least every WINDOW seconds) closes a window, smooths the load and decides."""
+
+@dataclass
+class Trial:
+    """A step up being judged: the choice it left and the data rate under that."""
+
+    before: CodecChoice
+    to: CodecChoice
+    rate_before: float  # data bytes sent per second under `before`
+    windows: int = 0  # windows closed since the step
+    data: int = 0  # data bytes sent in the judged windows...
+    seconds: float = 0.0  # ...and their length
+
+
+class CompressionController:
+    """Feeds `choose` from one VPG's sender, judges its steps up and applies its choice
+    to the VPG.
+
+    The sender adds the seconds it waited for the link (`waited`) and the data bytes of
+    each bundle it sent (`sent`); `tick` (called at least every WINDOW seconds) closes a
+    window, smooths the load and decides."""
 
     def __init__(self, vpg: Sealer, *, enabled: bool = True) -> None:
         self.vpg = vpg
@@ -116,12 +150,27 @@ class CompressionController:
         self.zstd_allowed = False  # set when the handshake agreed wire protocol v2
         self.load = LinkLoad(0.0, 0.0)
         self.decisions = 0
+        self.trial: Trial | None = None
+        self.ceiling: CodecChoice | None = None  # after a step that did not pay...
+        self.held_until = 0.0  # ...until this time.monotonic()
+        self.failed_steps = 0  # steps undone since start
+        self._retry = ZSTD_RETRY
+        self._recent: deque[tuple[int, float]] = deque(maxlen=TRIAL_WINDOWS)
         self._wait = 0.0
+        self._data = 0
         self._t0 = time.monotonic()
         self._cpu0 = vpg.seal_cpu_seconds
 
     def waited(self, seconds: float) -> None:
         self._wait += seconds
+
+    def sent(self, data_bytes: int) -> None:
+        self._data += data_bytes
+
+    def held_seconds(self, now: float | None = None) -> float:
+        """Seconds until a step up past `ceiling` may be tried again (0: none held)."""
+        now = time.monotonic() if now is None else now
+        return max(0.0, self.held_until - now) if self.ceiling is not None else 0.0
 
     def tick(self, now: float | None = None) -> CodecChoice:
         """Close the window when it is WINDOW long; returns the VPG's encoding."""
@@ -130,25 +179,66 @@ class CompressionController:
         if span < WINDOW:
             return self.vpg.link_codec
         cpu = self.vpg.seal_cpu_seconds
+        data = self._data
         sample = LinkLoad(min(1.0, self._wait / span), (cpu - self._cpu0) / span)
         a = SMOOTHING
         self.load = LinkLoad(a * sample.link_wait + (1 - a) * self.load.link_wait,
                              a * sample.sealer_busy + (1 - a) * self.load.sealer_busy)
-        self._wait, self._t0, self._cpu0 = 0.0, now, cpu
-        if self.enabled:
-            self.vpg.link_codec = choose(self.load, self.vpg.link_codec, self.zstd_allowed)
-        elif self.vpg.link_codec != LZ4_CHOICE:
-            self.vpg.link_codec = LZ4_CHOICE
-        if not self.zstd_allowed and self.vpg.link_codec.codec == Codec.ZSTD:
-            self.vpg.link_codec = LZ4_CHOICE
+        self._wait, self._data, self._t0, self._cpu0 = 0.0, 0, now, cpu
+        current = self.vpg.link_codec
+        if self.enabled and self.zstd_allowed:
+            choice = self._judged(choose(self.load, current), current, data, span, now)
+        else:
+            self.trial = None
+            choice = choose(self.load, current, zstd_allowed=False) if self.enabled \
+                else LZ4_CHOICE
+        if choice != current or sample.link_wait < LINK_BOUND:
+            self._recent.clear()  # a window the link did not bound measures the demand
+        else:
+            self._recent.append((data, span))
+        self.vpg.link_codec = choice
         self.decisions += 1
-        return self.vpg.link_codec
+        return choice
+
+    def _judged(self, choice: CodecChoice, current: CodecChoice, data: int, span: float,
+                now: float) -> CodecChoice:
+        """`choose`'s `choice` after the trial of the last step up and any hold."""
+        trial = self.trial
+        if trial is not None:
+            trial.windows += 1
+            if trial.windows > 1:
+                trial.data += data
+                trial.seconds += span
+            if rank(choice) < rank(trial.to) or self.load.link_wait < LINK_FREE:
+                self.trial = None  # the load moved the choice (or the link freed): no verdict
+                return choice
+            if trial.windows <= TRIAL_WINDOWS:
+                return trial.to  # no further step until this one is judged
+            self.trial = None
+            if trial.data / trial.seconds < ZSTD_PAYS * trial.rate_before:
+                self.failed_steps += 1
+                self.ceiling, self.held_until = trial.before, now + self._retry
+                self._retry = min(2 * self._retry, ZSTD_RETRY_MAX)
+                return trial.before
+            self._retry = ZSTD_RETRY
+        if self.ceiling is not None and now >= self.held_until:
+            self.ceiling = None
+        if self.ceiling is not None and rank(choice) > rank(self.ceiling):
+            choice = self.ceiling if self.ceiling.codec == Codec.ZSTD else LZ4_CHOICE
+        if rank(choice) > rank(current):
+            if len(self._recent) < TRIAL_WINDOWS:
+                return current  # not yet the link-bound windows to judge the step against
+            before = sum(d for d, _ in self._recent) / sum(s for _, s in self._recent)
+            self.trial = Trial(current, choice, before)
+        return choice
 
     def reset(self, zstd_allowed: bool) -> None:
-        """A new session: what the peer allows, and a fresh window."""
+        """A new session: what the peer allows, and a fresh window (a hold stays: it is
+        about the path and the hosts, not the session)."""
         self.zstd_allowed = zstd_allowed
+        self.trial = None
+        self._recent.clear()
         if not zstd_allowed and self.vpg.link_codec.codec == Codec.ZSTD:
             self.vpg.link_codec = LZ4_CHOICE
-        self._wait, self._t0, self._cpu0 = 0.0, time.monotonic(), self.vpg.seal_cpu_seconds
-
-
+        self._wait, self._data = 0.0, 0
+        self._t0, self._cpu0 = time.monotonic(), self.vpg.seal_cpu_seconds

@@ -408,6 +408,7 @@ class Replication:
                 self.sent_seq = b.last_seq
                 await writer.drain()
                 compression.waited(clock() - t)  # the link's share of the time
+                compression.sent(b.data_bytes)  # what it delivered (a step up's verdict)
                 compression.tick()
 
     def _recode(self, parts: list[tuple[int, bytes | bytearray]], to: CodecChoice | None,
@@ -520,6 +521,7 @@ class Replication:
             compression={k: asdict(v) for k, v in self._sent_use.items()},
             link_wait=round(self.compression.load.link_wait, 3),
             sealer_busy=round(self.compression.load.sealer_busy, 3),
+            zstd_held_seconds=round(self.compression.held_seconds(), 1),
             protocol=self.protocol)
 
 

@@ -74,6 +74,9 @@ class ReplicationStatus:
     compression: dict[str, dict[str, int]] = field(default_factory=dict)
     link_wait: float = 0.0  # fraction of time the sender waited for the link
     sealer_busy: float = 0.0  # CPU seconds per second the stream spent sealing
+    # seconds before zstd (or its next level) is tried again after a step up that did
+    # not deliver more data through the link (0: nothing held)
+    zstd_held_seconds: float = 0.0
     protocol: int = 0  # wire protocol version of the session (0: none yet)
 
 

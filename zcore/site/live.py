@@ -309,7 +309,7 @@ class LiveSiteBackend(DbSiteBackend):
             journal_limit_bytes=record.settings.get("journal_hard_limit_bytes"),
             sync_progress=(done / total if total else 0.0) if syncing else None,
             sync_eta_seconds=eta, compression=s.codec, compression_bytes_saved=s.bytes_saved,
-            compression_use=s.compression,
+            compression_use=s.compression, compression_held_seconds=s.zstd_held_seconds,
             hypervisor_disks=None if entry.mirrors is None
             else entry.mirrors.disk_states(syncing))
 

@@ -104,10 +104,12 @@ class VpgStatus:
     scratch_limit_bytes: int | None = None
     # protected site: the link's adaptive compression (zcore.replication.compression): the
     # encoding bundles are sealed with now, the bytes it saved since start, and per
-    # encoding {bundles, data_bytes, encoded_bytes}
+    # encoding {bundles, data_bytes, encoded_bytes}, and how long a step up that did not
+    # pay is held
     compression: str | None = None
     compression_bytes_saved: int | None = None
     compression_use: dict[str, dict[str, int]] | None = None
+    compression_held_seconds: float | None = None
     # protected site: the disks that live in running QEMUs (zcore.site.mirrors), each
     # {vm, volume, node, state: mirroring|syncing|tracking, error, bitmap_generation}
     hypervisor_disks: list[dict[str, Any]] | None = None

@@ -271,6 +271,9 @@ class VpgStatus(Model):
         default=None, description="data bytes less the bytes sealed for the link, since start")
     compression_use: dict[str, dict[str, int]] | None = Field(
         default=None, description="per encoding: bundles, data_bytes, encoded_bytes")
+    compression_held_seconds: float | None = Field(
+        default=None, description="seconds before zstd (or its next level) is tried again "
+                                  "after a step up that did not deliver more data")
     hypervisor_disks: list[HypervisorDisk] | None = Field(
         default=None, description="protected site: the disks protected in running QEMUs")
 

@@ -156,7 +156,9 @@ async def test_api_schedule_backs_up_once_a_day_inside_its_window_and_prunes(sit
         task = await finished(client, _TaskResponse(first[0].id))
         assert task["state"] == "succeeded" and task["result"]["mode"] == "full", task
         assert await ops.tick(now) == []  # one a day
-        second = await ops.tick(now + 86400)
+        # two days on: the first backup is stamped when it ended, on the next UTC date
+        # if midnight fell while it ran
+        second = await ops.tick(now + 2 * 86400)
         task = await finished(client, _TaskResponse(second[0].id))
         assert task["result"]["mode"] == "incremental" and len(task["result"]["pruned"]) == 1
         repo = Repository.open(tmp / "repo", Secret(passphrase="pw"))

@@ -13,6 +13,7 @@ import os
 import random
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -455,14 +456,16 @@ def test_a_closed_ring_refuses_writes_before_touching_the_backing_store(backing)
     assert [b.last_seq for b in seal_all(ring)] == [1]  # what it held stays drainable
 
 
-def test_closing_waits_for_writes_in_flight_and_refuses_those_queued_behind_them(tmp_path):
-    """A 32 MiB write is in flight; writers of overlapping ranges queue behind it.  close()
-    returns only after the big write completed (so it is in the ring or the dirty log),
-    and the queued writers are refused without writing."""
-    path = tmp_path / "big.img"
+def _close_behind_a_big_write(root: Path) -> bool:
+    """A 32 MiB write is in flight; writers of ranges it overlaps start behind it, then
+    close().  Checks what always holds and returns whether all of them were refused (the
+    big write outlasted close(); on fast storage it may finish first, and the writers
+    behind it are then admitted before close() runs, as they should be)."""
+    root.mkdir()
+    path = root / "big.img"
     with open(path, "wb") as f:
         f.truncate(64 * MiB)
-    fd = os.open(path, os.O_RDWR | os.O_DSYNC)  # the big write waits for the disk: ~0.1 s
+    fd = os.open(path, os.O_RDWR | os.O_DSYNC)  # the big write waits for the disk
     try:
         ring = CaptureRing(1 * MiB)  # the big write overflows it: a dirty log entry
         big = os.urandom(records.MAX_WRITE)
@@ -483,17 +486,36 @@ def test_closing_waits_for_writes_in_flight_and_refuses_those_queued_behind_them
         for t in queued:
             t.start()
         ring.close()
-        # the big write completed before close() returned
-        assert read_file(path)[: records.MAX_WRITE] == big
+        # the big write completed before close() returned (a writer admitted after it
+        # overwrote a block of its start)
+        assert read_file(path)[16384 : records.MAX_WRITE] == big[16384:]
         for t in [first, *queued]:
             t.join()
         assert outcome["big"] == 1
-        assert all(isinstance(outcome[f"q{i}"], StateError) for i in range(4))
+        admitted = {i for i in range(4) if not isinstance(outcome[f"q{i}"], StateError)}
+        image = read_file(path)
+        for i in range(4):  # a refused writer wrote nothing, an admitted one its block
+            assert image[4096 * i : 4096 * (i + 1)] == (
+                b"\x07" * 4096 if i in admitted else big[4096 * i : 4096 * (i + 1)]), i
+        assert sorted(outcome[f"q{i}"] for i in admitted) == list(range(2, 2 + len(admitted)))
         _vols, offs, lens = ring.take_dirty()
-        assert (offs.tolist(), lens.tolist()) == ([0], [records.MAX_WRITE])
-        assert read_file(path)[records.MAX_WRITE:][:4096 * 4] == bytes(4096 * 4)
+        assert (0, records.MAX_WRITE) in zip(offs.tolist(), lens.tolist(), strict=True)
+        assert image[records.MAX_WRITE:][:4096 * 4] == bytes(4096 * 4)
+        return not admitted
     finally:
         os.close(fd)
+
+
+def test_closing_waits_for_writes_in_flight_and_refuses_those_queued_behind_them(tmp_path):
+    """close() returns only after the big write in flight completed (so it is in the ring
+    or the dirty log), and the writers queued behind it are refused without writing.
+    Storage fast enough to finish the write before close() admits the writers instead:
+    the scenario runs until one attempt has them queued (on ext4 the first; measured on
+    tmpfs, 43 % of attempts)."""
+    for attempt in range(30):
+        if _close_behind_a_big_write(tmp_path / str(attempt)):
+            return
+    pytest.fail("in 30 attempts the 32 MiB O_DSYNC write never outlasted close()")
 
 
 def test_a_failed_backing_write_raises_and_its_range_is_logged_dirty(tmp_path, backing):

@@ -1335,9 +1335,11 @@ def test_close_during_background_load_stops_it(tmp_path, monkeypatch):
     calls = []
     real = Journal._read_segment_index
 
-    def slow(self, *args, **kwargs):
+    def slow(self, *args, **kwargs):  # the first segment's index is read once close began
         calls.append(1)
-        time.sleep(0.05)
+        deadline = time.monotonic() + 10
+        while not self._closing and time.monotonic() < deadline:
+            time.sleep(0.001)
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Journal, "_read_segment_index", slow)

@@ -313,7 +313,7 @@ class SlowFlush(FileBackend):
 
 
 def test_a_slow_flush_does_not_stall_other_connections_and_keeps_its_order(tmp_path, image):
-    backend = SlowFlush(image[0], 0.6)
+    backend = SlowFlush(image[0], 2.0)
     with serving([Export("disk", backend)], tmp_path) as srv, connect(srv) as a, \
             connect(srv) as b:
         assert a.write(0, b"w" * 512) == 0
@@ -510,7 +510,7 @@ def test_connection_limit_refuses_the_excess(tmp_path, image):
                 c.hello()
         a.close()
         b.close()
-        time.sleep(0.2)
+        assert eventually(lambda: srv.call(lambda: srv.server.connections) == 0)
         with connect(srv) as c:
             assert c.read(0, 512)[0] == 0
 

@@ -790,7 +790,7 @@ def test_backoff_returns_to_its_minimum_after_a_successful_session(sites):
             proxy.reset_all()
             t0 = time.monotonic()
             await wait_until(lambda: proxy.accepted > accepted, 10, "a reconnect attempt")
-            assert time.monotonic() - t0 < 0.5  # not the 1 s maximum
+            assert time.monotonic() - t0 < 0.9  # not the 1 s maximum
         finally:
             timing.RECONNECT_BACKOFF = saved
             await ps.stop()

@@ -330,18 +330,18 @@ def test_vpg_create_waits_and_shows_the_vpg(site: Site, tmp_path: Path) -> None:
     assert "vpg-app" in ok(site, "vpg", "list")
 
 
-def test_vpg_show_says_how_the_link_compresses_and_when_zstd_is_held_back(capsys) -> None:
+def test_vpg_show_says_how_the_link_compresses_and_where_it_is_held(capsys) -> None:
     from zcore.cli.vpg_cmd import show_vpg
 
     vpg = {"name": "v", "role": "protected", "state": "protecting", "vms": ["a"],
            "peer": None, "created_at": 1.7e9, "updated_at": 1.7e9, "settings": {}}
-    status = {"compression": "lz4", "compression_bytes_saved": 3 << 20,
-              "compression_held_seconds": 25.0}
+    status = {"compression": "zstd-3", "compression_bytes_saved": 3 << 20,
+              "compression_held_seconds": 25.0, "compression_held_at": "zstd-3"}
     show_vpg(vpg, {}, status)
     held = " ".join(re.sub("[│┌┐└┘├┤┬┴┼─]", " ", capsys.readouterr().out).split())
-    assert "lz4 (saved 3.0 MiB; zstd held back 25.0s, it did not pay)" in held, held
+    assert "zstd-3 (saved 3.0 MiB; held at zstd-3 for 25.0s: a step up did not pay)" in held
     show_vpg(vpg, {}, status | {"compression_held_seconds": 0.0})
-    assert "held back" not in capsys.readouterr().out
+    assert "held at" not in capsys.readouterr().out
 
 
 def test_vpg_update_changes_only_the_settings_given(site: Site, tmp_path: Path) -> None:

@@ -40,8 +40,8 @@ from zcore.replication.compression import (
     ZSTD_BUDGET,
     ZSTD_CLIMB,
     ZSTD_LADDER,
-    ZSTD_PAYS,
     ZSTD_RETRY,
+    ZSTD_RETRY_MAX,
     ZSTD_START,
     CompressionController,
     LinkLoad,
@@ -125,6 +125,7 @@ def test_controller_smooths_windows_and_applies_the_choice():
     # ZSTD_START, its trial, then up the ladder (the sealer is nearly idle)
     for i in range(1, 3 + TRIAL_WINDOWS + 2):
         ctl.waited(WINDOW)
+        ctl.sent(10 << 20)
         vpg.seal_cpu_seconds += 0.01
         ctl.tick(t + i * WINDOW)
     assert vpg.link_codec == CodecChoice(Codec.ZSTD, 6) and ctl.load.link_wait > 0.9
@@ -137,8 +138,8 @@ def test_controller_smooths_windows_and_applies_the_choice():
 
 
 class Link:
-    """A controller driven window by window: the sender waited for the link all the time
-    and sent `rate` data bytes per second, the sealer nearly idle."""
+    """A controller driven window by window: the sender waited `wait` of the time for
+    the link and sent `rate` data bytes per second; the sealer used `busy` of a core."""
 
     def __init__(self) -> None:
         self.vpg = SimpleNamespace(link_codec=LZ4_CHOICE, seal_cpu_seconds=0.0)
@@ -146,10 +147,10 @@ class Link:
         self.ctl.reset(zstd_allowed=True)
         self.now = self.ctl._t0
 
-    def window(self, rate: float, wait: float = 1.0) -> CodecChoice:
+    def window(self, rate: float, wait: float = 1.0, busy: float = 0.02) -> CodecChoice:
         self.ctl.waited(wait * WINDOW)
         self.ctl.sent(int(rate * WINDOW))
-        self.vpg.seal_cpu_seconds += 0.01
+        self.vpg.seal_cpu_seconds += busy * WINDOW
         self.now += WINDOW
         return self.ctl.tick(self.now)
 
@@ -160,6 +161,14 @@ class Link:
                 return i
         raise AssertionError(f"still {self.vpg.link_codec} after {limit} windows")
 
+    def wait_out_the_hold(self, rate: float) -> None:
+        held = self.ctl.ceiling
+        while self.ctl.held_seconds(self.now) > WINDOW:  # held, though choose wants more
+            assert self.window(rate) == (held if held.codec == Codec.ZSTD else LZ4_CHOICE)
+
+
+ZSTD6 = CodecChoice(Codec.ZSTD, 6)
+
 
 def test_a_step_to_zstd_that_delivers_less_data_is_undone_and_held_back():
     """The sender waits for the socket, but the receiver (or the host's CPU) is the
@@ -167,43 +176,91 @@ def test_a_step_to_zstd_that_delivers_less_data_is_undone_and_held_back():
     link = Link()
     for _ in range(3):  # idle windows measure the demand, not the link: no reference
         link.window(1e6, wait=0.0)
-    assert link.until(ZSTD3, 100e6) == TRIAL_WINDOWS + 1  # link-bound windows to judge by
+    assert link.until(ZSTD3, 100e6) == TRIAL_WINDOWS  # link-bound windows to judge by
     for _ in range(TRIAL_WINDOWS):  # the trial: no further step while it runs
         assert link.window(60e6) == ZSTD3
     assert link.window(60e6) == LZ4_CHOICE  # 0.6 of the rate before: undone
     assert link.ctl.ceiling == LZ4_CHOICE and link.ctl.failed_steps == 1
     assert link.ctl.held_seconds(link.now) == pytest.approx(ZSTD_RETRY)
-    while link.ctl.held_seconds(link.now) > WINDOW:  # held, though choose wants zstd
-        assert link.window(100e6) == LZ4_CHOICE
-    link.until(ZSTD3, 100e6, limit=3)  # tried again once the hold is over
+    link.wait_out_the_hold(100e6)
+    link.until(ZSTD3, 100e6, limit=2)  # tried again once the hold is over
     for _ in range(TRIAL_WINDOWS):
         link.window(90e6)
-    assert link.window(90e6) == LZ4_CHOICE  # a second failure holds twice as long
+    assert link.window(90e6) == LZ4_CHOICE  # a second failure in a row: twice as long
     assert link.ctl.held_seconds(link.now) == pytest.approx(2 * ZSTD_RETRY)
+
+
+def test_holds_double_up_to_a_cap_and_start_again_after_a_quiet_spell():
+    link = Link()
+    holds = []
+    for _ in range(7):
+        link.until(ZSTD3, 100e6, limit=3)
+        for _ in range(TRIAL_WINDOWS + 1):
+            link.window(50e6)
+        holds.append(round(link.ctl.held_seconds(link.now)))
+        link.wait_out_the_hold(100e6)
+    assert holds == [30, 60, 120, 240, 480, 480, 480] and ZSTD_RETRY == 30
+    for _ in range(int(ZSTD_RETRY_MAX / WINDOW) + 1):  # a long spell at LZ4, link free
+        link.window(1e6, wait=0.0)
+    link.until(ZSTD3, 100e6, limit=3)
+    for _ in range(TRIAL_WINDOWS + 1):
+        link.window(50e6)
+    assert link.ctl.held_seconds(link.now) == pytest.approx(ZSTD_RETRY)
 
 
 def test_a_step_that_pays_stays_and_a_climb_that_does_not_steps_back_one_rung():
     link = Link()
     link.until(ZSTD3, 40e6)
-    for _ in range(TRIAL_WINDOWS):
+    # the step's first window sends what was sealed before it: not judged
+    assert link.window(10e6) == ZSTD3
+    for _ in range(TRIAL_WINDOWS - 1):
         assert link.window(45e6) == ZSTD3
-    # zstd-3 delivered more: kept, and the spare CPU takes it up the ladder
-    assert link.window(45e6) == CodecChoice(Codec.ZSTD, 6)
-    for _ in range(TRIAL_WINDOWS):
-        link.window(45e6 * ZSTD_PAYS * 0.9)
-    assert link.window(40e6) == ZSTD3  # level 6 lost data: back to 3, held there
-    assert link.ctl.ceiling == ZSTD3
-    assert all(link.window(45e6) == ZSTD3 for _ in range(10))
+    # zstd-3 delivered more: kept, and the spare CPU takes it up the ladder, judged
+    # against zstd-3's windows (not the step's first)
+    assert link.window(45e6) == ZSTD6 and link.ctl.trial.rate_before == pytest.approx(45e6)
+    for _ in range(TRIAL_WINDOWS + 1):
+        link.window(40e6)
+    assert link.vpg.link_codec == ZSTD3 and link.ctl.ceiling == ZSTD3  # back to 3, held
+    link.wait_out_the_hold(45e6)
+    link.until(ZSTD6, 45e6, limit=2)  # the hold over, level 6 is tried again
 
 
-def test_a_trial_has_no_verdict_when_the_link_stops_being_the_bottleneck():
+def test_a_step_whose_own_cpu_makes_the_sealer_step_down_is_judged_on_what_it_had():
     link = Link()
     link.until(ZSTD3, 100e6)
-    link.window(10e6, wait=0.0)  # the guest went quiet: the link freed
-    link.window(10e6, wait=0.0)
-    link.window(10e6, wait=0.0)
+    link.window(100e6, busy=0.95)
+    # the sealer is over budget: choose steps down, and the step is judged now
+    assert link.window(70e6, busy=0.95) == LZ4_CHOICE
+    assert link.ctl.ceiling == LZ4_CHOICE and link.ctl.failed_steps == 1
+    link = Link()
+    link.until(ZSTD3, 100e6)
+    link.window(100e6, busy=0.9)
+    assert link.window(130e6, busy=0.9) == CodecChoice(Codec.ZSTD, 1)  # it paid: one down
+    assert link.ctl.ceiling is None and link.ctl.trial is None
+
+
+def test_a_step_cut_short_goes_back_to_the_choice_before_it_without_a_hold():
+    link = Link()  # the link freed during the trial: its windows measured the demand
+    link.until(ZSTD3, 100e6)
+    link.window(100e6)
+    assert link.window(10e6, wait=0.1) == LZ4_CHOICE
+    assert link.ctl.trial is None and link.ctl.ceiling is None and link.ctl.failed_steps == 0
+    link = Link()  # a new session mid-trial
+    link.until(ZSTD3, 100e6)
+    link.ctl.reset(zstd_allowed=True)
     assert link.vpg.link_codec == LZ4_CHOICE and link.ctl.trial is None
-    assert link.ctl.ceiling is None and link.ctl.failed_steps == 0
+    link = Link()  # the controller turned off mid-trial
+    link.until(ZSTD3, 100e6)
+    link.ctl.enabled = False
+    assert link.window(100e6) == LZ4_CHOICE and link.ctl.trial is None
+
+
+def test_from_raw_a_link_bound_sealer_goes_to_lz4_first_and_zstd_is_judged_against_it():
+    link = Link()
+    link.vpg.link_codec = NONE
+    assert link.window(100e6) == LZ4_CHOICE  # not straight to zstd (nor raw held)
+    assert link.until(ZSTD3, 100e6) == TRIAL_WINDOWS
+    assert link.ctl.trial.before == LZ4_CHOICE
 
 
 # ---- the one decoder, and zstd parts ---------------------------------------------------------

@@ -70,8 +70,9 @@ def show_vpg(vpg: dict[str, Any], names: dict[str, str],
             ("link compression", None if status.get("compression") is None else
              f"{status['compression']} (saved "
              f"{o.size(status.get('compression_bytes_saved') or 0)}"
-             + (f"; zstd held back {o.seconds(status['compression_held_seconds'])}, "
-                "it did not pay" if status.get("compression_held_seconds") else "") + ")"),
+             + (f"; held at {status.get('compression_held_at') or 'lz4'} for "
+                f"{o.seconds(status['compression_held_seconds'])}: a step up did not pay"
+                if status.get("compression_held_seconds") else "") + ")"),
             ("sync", None if status.get("sync_progress") is None else
              f"{status['sync_progress']:.0%} (ETA {o.seconds(status.get('sync_eta_seconds'))})"),
             ("latest checkpoint", None if latest is None else

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from zcore.records import LZ4_CHOICE, Codec, CodecChoice
@@ -60,12 +60,16 @@ ZSTD_START = 3
 ZSTD_LADDER = {1: 1.0, 3: 1.4, 6: 3.8}
 ZSTD_CLIMB = 0.5
 ZSTD_BUDGET = 0.65
-# A step up is judged on the data bytes sent per second over TRIAL_WINDOWS windows after
-# the first one (which still sends bundles sealed before the step), against as many
-# link-bound windows just before it: under ZSTD_PAYS of that rate, with the link still the
-# bottleneck, the step is undone and not tried again for ZSTD_RETRY seconds, doubled on
-# each consecutive failure up to ZSTD_RETRY_MAX (the host's load may change; a link
-# that did get slower in the trial costs one retry period at the lower level).
+# A step up waits for TRIAL_WINDOWS windows under the present choice in which the sender
+# waited for the link at least LINK_BOUND of the time (their data rate is the link's, not
+# the demand's), and is judged on the data bytes sent per second over TRIAL_WINDOWS
+# windows after the first one (in which the sender re-encodes the backlog sealed before
+# the step): under ZSTD_PAYS of the rate before, the step is undone and not tried again
+# for ZSTD_RETRY seconds, doubled on each failure within ZSTD_RETRY_MAX of the last
+# hold's end, up to ZSTD_RETRY_MAX (the host's load may change; a link that did get
+# slower in the trial costs one hold at the lower level).  A judged window in which the
+# sender waited less than LINK_FREE of the time measured the demand: the trial ends
+# without a verdict and goes back to the choice before it.
 TRIAL_WINDOWS = 2
 ZSTD_PAYS = 0.95
 ZSTD_RETRY = 30.0
@@ -126,14 +130,18 @@ def rank(choice: CodecChoice) -> int:
 
 @dataclass
 class Trial:
-    """A step up being judged: the choice it left and the data rate under that."""
+    """A step up being judged: the choice it left, the data rate under that, and the
+    windows since the step (the first one, sending what was sealed before, is not
+    judged)."""
 
     before: CodecChoice
     to: CodecChoice
     rate_before: float  # data bytes sent per second under `before`
     windows: int = 0  # windows closed since the step
-    data: int = 0  # data bytes sent in the judged windows...
-    seconds: float = 0.0  # ...and their length
+    judged: list[tuple[int, float]] = field(default_factory=list)  # (data bytes, seconds)
+
+    def rate(self) -> float:
+        return sum(d for d, _ in self.judged) / sum(s for _, s in self.judged)
 
 
 class CompressionController:
@@ -142,7 +150,10 @@ class CompressionController:
 
     The sender adds the seconds it waited for the link (`waited`) and the data bytes of
     each bundle it sent (`sent`); `tick` (called at least every WINDOW seconds) closes a
-    window, smooths the load and decides."""
+    window, smooths the load and decides.  A step up stays only once judged to pay: a
+    trial cut short (the link freed, the session ended, the controller was turned off)
+    goes back to the choice before it; one cut short because the step's own CPU made
+    `choose` step down is judged on the windows it had."""
 
     def __init__(self, vpg: Sealer, *, enabled: bool = True) -> None:
         self.vpg = vpg
@@ -155,6 +166,7 @@ class CompressionController:
         self.held_until = 0.0  # ...until this time.monotonic()
         self.failed_steps = 0  # steps undone since start
         self._retry = ZSTD_RETRY
+        # link-bound windows under the present choice: what a step up is judged against
         self._recent: deque[tuple[int, float]] = deque(maxlen=TRIAL_WINDOWS)
         self._wait = 0.0
         self._data = 0
@@ -179,65 +191,93 @@ class CompressionController:
         if span < WINDOW:
             return self.vpg.link_codec
         cpu = self.vpg.seal_cpu_seconds
-        data = self._data
+        window = (self._data, span)
         sample = LinkLoad(min(1.0, self._wait / span), (cpu - self._cpu0) / span)
         a = SMOOTHING
         self.load = LinkLoad(a * sample.link_wait + (1 - a) * self.load.link_wait,
                              a * sample.sealer_busy + (1 - a) * self.load.sealer_busy)
         self._wait, self._data, self._t0, self._cpu0 = 0.0, 0, now, cpu
         current = self.vpg.link_codec
+        if self.ceiling is not None and now >= self.held_until:
+            self.ceiling = None
         if self.enabled and self.zstd_allowed:
-            choice = self._judged(choose(self.load, current), current, data, span, now)
+            if self.trial is None:
+                if sample.link_wait >= LINK_BOUND:
+                    self._recent.append(window)
+                else:
+                    self._recent.clear()  # a window the link did not bound: the demand
+            choice = self._judged(choose(self.load, current), current, window,
+                                  sample.link_wait, now)
         else:
-            self.trial = None
+            self._abandon()
+            current = self.vpg.link_codec
             choice = choose(self.load, current, zstd_allowed=False) if self.enabled \
                 else LZ4_CHOICE
-        if choice != current or sample.link_wait < LINK_BOUND:
-            self._recent.clear()  # a window the link did not bound measures the demand
-        else:
-            self._recent.append((data, span))
+        if choice != current:
+            self._recent.clear()
         self.vpg.link_codec = choice
         self.decisions += 1
         return choice
 
-    def _judged(self, choice: CodecChoice, current: CodecChoice, data: int, span: float,
-                now: float) -> CodecChoice:
+    def _judged(self, choice: CodecChoice, current: CodecChoice, window: tuple[int, float],
+                link_wait: float, now: float) -> CodecChoice:
         """`choose`'s `choice` after the trial of the last step up and any hold."""
         trial = self.trial
         if trial is not None:
             trial.windows += 1
             if trial.windows > 1:
-                trial.data += data
-                trial.seconds += span
-            if rank(choice) < rank(trial.to) or self.load.link_wait < LINK_FREE:
-                self.trial = None  # the load moved the choice (or the link freed): no verdict
-                return choice
-            if trial.windows <= TRIAL_WINDOWS:
+                trial.judged.append(window)
+            if link_wait < LINK_FREE:  # this window measured the demand: no verdict
+                self.trial = None
+                return trial.before if rank(choice) >= rank(trial.before) else choice
+            if rank(choice) < rank(trial.to):
+                # the step's own CPU made choose step down: judged on what it had
+                if not trial.judged:
+                    trial.judged.append(window)
+            elif trial.windows <= TRIAL_WINDOWS:
                 return trial.to  # no further step until this one is judged
             self.trial = None
-            if trial.data / trial.seconds < ZSTD_PAYS * trial.rate_before:
-                self.failed_steps += 1
-                self.ceiling, self.held_until = trial.before, now + self._retry
-                self._retry = min(2 * self._retry, ZSTD_RETRY_MAX)
-                return trial.before
+            if trial.rate() < ZSTD_PAYS * trial.rate_before:
+                self._fail(trial.before, now)
+                return trial.before if rank(choice) >= rank(trial.before) else choice
+            self._recent.clear()
+            self._recent.extend(trial.judged[-TRIAL_WINDOWS:])
             self._retry = ZSTD_RETRY
-        if self.ceiling is not None and now >= self.held_until:
-            self.ceiling = None
+            if rank(choice) < rank(trial.to):
+                return choice
+            current = trial.to
+        if current.codec == Codec.NONE and choice.codec == Codec.ZSTD:
+            return LZ4_CHOICE  # from raw, LZ4 first: zstd is judged against it
         if self.ceiling is not None and rank(choice) > rank(self.ceiling):
             choice = self.ceiling if self.ceiling.codec == Codec.ZSTD else LZ4_CHOICE
         if rank(choice) > rank(current):
             if len(self._recent) < TRIAL_WINDOWS:
                 return current  # not yet the link-bound windows to judge the step against
-            before = sum(d for d, _ in self._recent) / sum(s for _, s in self._recent)
-            self.trial = Trial(current, choice, before)
+            rate = sum(d for d, _ in self._recent) / sum(s for _, s in self._recent)
+            self.trial = Trial(current, choice, rate)
         return choice
+
+    def _fail(self, before: CodecChoice, now: float) -> None:
+        """A step up did not pay: hold at `before`.  Failures in a row (each within
+        ZSTD_RETRY_MAX of the last hold's end) double the hold."""
+        if now - self.held_until > ZSTD_RETRY_MAX:
+            self._retry = ZSTD_RETRY
+        self.failed_steps += 1
+        self.ceiling, self.held_until = before, now + self._retry
+        self._retry = min(2 * self._retry, ZSTD_RETRY_MAX)
+
+    def _abandon(self) -> None:
+        """An unjudged step up does not stay: back to the choice before it."""
+        if self.trial is not None and self.vpg.link_codec == self.trial.to:
+            self.vpg.link_codec = self.trial.before
+        self.trial = None
+        self._recent.clear()
 
     def reset(self, zstd_allowed: bool) -> None:
         """A new session: what the peer allows, and a fresh window (a hold stays: it is
         about the path and the hosts, not the session)."""
+        self._abandon()
         self.zstd_allowed = zstd_allowed
-        self.trial = None
-        self._recent.clear()
         if not zstd_allowed and self.vpg.link_codec.codec == Codec.ZSTD:
             self.vpg.link_codec = LZ4_CHOICE
         self._wait, self._data = 0.0, 0

@@ -522,6 +522,8 @@ class Replication:
             link_wait=round(self.compression.load.link_wait, 3),
             sealer_busy=round(self.compression.load.sealer_busy, 3),
             zstd_held_seconds=round(self.compression.held_seconds(), 1),
+            zstd_held_at=str(self.compression.ceiling or "") if self.compression.held_seconds()
+            else "",
             protocol=self.protocol)
 
 

@@ -77,6 +77,7 @@ class ReplicationStatus:
     # seconds before zstd (or its next level) is tried again after a step up that did
     # not deliver more data through the link (0: nothing held)
     zstd_held_seconds: float = 0.0
+    zstd_held_at: str = ""  # the encoding it is held at ("lz4", "zstd-3"; "": none)
     protocol: int = 0  # wire protocol version of the session (0: none yet)
 
 

@@ -310,6 +310,7 @@ class LiveSiteBackend(DbSiteBackend):
             sync_progress=(done / total if total else 0.0) if syncing else None,
             sync_eta_seconds=eta, compression=s.codec, compression_bytes_saved=s.bytes_saved,
             compression_use=s.compression, compression_held_seconds=s.zstd_held_seconds,
+            compression_held_at=s.zstd_held_at or None,
             hypervisor_disks=None if entry.mirrors is None
             else entry.mirrors.disk_states(syncing))
 

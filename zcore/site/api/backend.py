@@ -110,6 +110,7 @@ class VpgStatus:
     compression_bytes_saved: int | None = None
     compression_use: dict[str, dict[str, int]] | None = None
     compression_held_seconds: float | None = None
+    compression_held_at: str | None = None
     # protected site: the disks that live in running QEMUs (zcore.site.mirrors), each
     # {vm, volume, node, state: mirroring|syncing|tracking, error, bitmap_generation}
     hypervisor_disks: list[dict[str, Any]] | None = None

@@ -274,6 +274,8 @@ class VpgStatus(Model):
     compression_held_seconds: float | None = Field(
         default=None, description="seconds before zstd (or its next level) is tried again "
                                   "after a step up that did not deliver more data")
+    compression_held_at: str | None = Field(
+        default=None, description="the encoding the link is held at meanwhile (lz4, zstd-3)")
     hypervisor_disks: list[HypervisorDisk] | None = Field(
         default=None, description="protected site: the disks protected in running QEMUs")
 

@@ -350,7 +350,11 @@ async def _e2e_pass(vpg: VPG, pool: bytes, ops: np.ndarray, peer: Peer) -> dict:
     guest = Guest(vpg, pool, ops)
     guest.start()
     await wait_for(lambda: not guest.is_alive() or guest.last_seq, "the guest's first write")
-    await wait_for(lambda: not guest.is_alive(), "the guest")
+    # joined off the loop: a 1 ms poll would wake the sender's own loop ~1000 times a
+    # second while it is measured
+    await asyncio.get_running_loop().run_in_executor(None, guest.join, DEADLINE_SECONDS)
+    if guest.is_alive():
+        raise RuntimeError(f"timed out after {DEADLINE_SECONDS} s waiting for the guest")
     if guest.error:
         raise guest.error
     target = guest.last_seq

@@ -35,6 +35,7 @@ from zcore.replication.compression import (
     CPU_BOUND,
     LINK_BOUND,
     LINK_FREE,
+    REFERENCE_AGE,
     TRIAL_WINDOWS,
     WINDOW,
     ZSTD_BUDGET,
@@ -253,6 +254,24 @@ def test_a_step_cut_short_goes_back_to_the_choice_before_it_without_a_hold():
     link.until(ZSTD3, 100e6)
     link.ctl.enabled = False
     assert link.window(100e6) == LZ4_CHOICE and link.ctl.trial is None
+
+
+def test_link_bound_windows_under_lz4_count_while_off_and_across_a_session_unless_stale():
+    link = Link()
+    link.ctl.enabled = False  # LZ4 forced (the benchmark's baseline passes)
+    for _ in range(TRIAL_WINDOWS):
+        assert link.window(50e6) == LZ4_CHOICE
+    link.ctl.enabled = True
+    link.ctl.reset(zstd_allowed=True)  # a new session right after: still fresh
+    link.now = link.ctl._t0
+    assert link.window(50e6) == ZSTD3 and link.ctl.trial.rate_before == pytest.approx(50e6)
+    link = Link()
+    for _ in range(TRIAL_WINDOWS):
+        link.window(50e6, busy=0.3)  # the sealer too busy for zstd meanwhile
+    link.ctl.reset(zstd_allowed=True)
+    link.now = link.ctl._t0 = link.now + REFERENCE_AGE + 1  # the next session, later
+    assert link.window(50e6) == LZ4_CHOICE  # its windows are stale: one more first
+    assert link.window(50e6) == ZSTD3
 
 
 def test_from_raw_a_link_bound_sealer_goes_to_lz4_first_and_zstd_is_judged_against_it():

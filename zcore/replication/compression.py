@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -60,17 +61,20 @@ ZSTD_START = 3
 ZSTD_LADDER = {1: 1.0, 3: 1.4, 6: 3.8}
 ZSTD_CLIMB = 0.5
 ZSTD_BUDGET = 0.65
-# A step up waits for TRIAL_WINDOWS windows under the present choice in which the sender
-# waited for the link at least LINK_BOUND of the time (their data rate is the link's, not
-# the demand's), and is judged on the data bytes sent per second over TRIAL_WINDOWS
-# windows after the first one (in which the sender re-encodes the backlog sealed before
-# the step): under ZSTD_PAYS of the rate before, the step is undone and not tried again
-# for ZSTD_RETRY seconds, doubled on each failure within ZSTD_RETRY_MAX of the last
-# hold's end, up to ZSTD_RETRY_MAX (the host's load may change; a link that did get
-# slower in the trial costs one hold at the lower level).  A judged window in which the
-# sender waited less than LINK_FREE of the time measured the demand: the trial ends
-# without a verdict and goes back to the choice before it.
+# A step up waits for TRIAL_WINDOWS windows in a row under the present choice, ended
+# within REFERENCE_AGE, in which the sender waited for the link at least LINK_BOUND of
+# the time (their data rate is the link's, not the demand's; windows under LZ4 count
+# while the controller is off, and across a new session).  It is judged on the data
+# bytes sent per second over TRIAL_WINDOWS windows after the first one (in which the
+# sender re-encodes the backlog sealed before the step): under ZSTD_PAYS of the rate
+# before, the step is undone and not tried again for ZSTD_RETRY seconds, doubled on each
+# failure within ZSTD_RETRY_MAX of the last hold's end, up to ZSTD_RETRY_MAX (the host's
+# load may change; a link that did get slower in the trial costs one hold at the lower
+# level).  A judged window in which the sender waited less than LINK_FREE of the time
+# measured the demand: the trial ends without a verdict and goes back to the choice
+# before it.
 TRIAL_WINDOWS = 2
+REFERENCE_AGE = 2.0  # seconds: a reference window that ended longer ago is stale
 ZSTD_PAYS = 0.95
 ZSTD_RETRY = 30.0
 ZSTD_RETRY_MAX = 480.0
@@ -123,6 +127,17 @@ def zstd_level(level: int, sealer_busy: float) -> int:
     return at
 
 
+Window = tuple[int, float, float]  # data bytes sent, seconds, when it ended
+
+
+def data_rate(windows: Iterable[Window]) -> float:
+    """Data bytes per second over `windows`."""
+    data = seconds = 0.0
+    for d, s, _ in windows:
+        data, seconds = data + d, seconds + s
+    return data / seconds
+
+
 def rank(choice: CodecChoice) -> int:
     """How hard `choice` compresses: its zstd level, 0 for LZ4 or none."""
     return choice.level if choice.codec == Codec.ZSTD else 0
@@ -138,10 +153,10 @@ class Trial:
     to: CodecChoice
     rate_before: float  # data bytes sent per second under `before`
     windows: int = 0  # windows closed since the step
-    judged: list[tuple[int, float]] = field(default_factory=list)  # (data bytes, seconds)
+    judged: list[Window] = field(default_factory=list)
 
     def rate(self) -> float:
-        return sum(d for d, _ in self.judged) / sum(s for _, s in self.judged)
+        return data_rate(self.judged)
 
 
 class CompressionController:
@@ -167,7 +182,7 @@ class CompressionController:
         self.failed_steps = 0  # steps undone since start
         self._retry = ZSTD_RETRY
         # link-bound windows under the present choice: what a step up is judged against
-        self._recent: deque[tuple[int, float]] = deque(maxlen=TRIAL_WINDOWS)
+        self._recent: deque[Window] = deque(maxlen=TRIAL_WINDOWS)
         self._wait = 0.0
         self._data = 0
         self._t0 = time.monotonic()
@@ -191,7 +206,7 @@ class CompressionController:
         if span < WINDOW:
             return self.vpg.link_codec
         cpu = self.vpg.seal_cpu_seconds
-        window = (self._data, span)
+        window = (self._data, span, now)
         sample = LinkLoad(min(1.0, self._wait / span), (cpu - self._cpu0) / span)
         a = SMOOTHING
         self.load = LinkLoad(a * sample.link_wait + (1 - a) * self.load.link_wait,
@@ -200,12 +215,12 @@ class CompressionController:
         current = self.vpg.link_codec
         if self.ceiling is not None and now >= self.held_until:
             self.ceiling = None
+        if self.trial is None:
+            if sample.link_wait >= LINK_BOUND:
+                self._recent.append(window)
+            else:
+                self._recent.clear()  # a window the link did not bound: the demand
         if self.enabled and self.zstd_allowed:
-            if self.trial is None:
-                if sample.link_wait >= LINK_BOUND:
-                    self._recent.append(window)
-                else:
-                    self._recent.clear()  # a window the link did not bound: the demand
             choice = self._judged(choose(self.load, current), current, window,
                                   sample.link_wait, now)
         else:
@@ -219,7 +234,7 @@ class CompressionController:
         self.decisions += 1
         return choice
 
-    def _judged(self, choice: CodecChoice, current: CodecChoice, window: tuple[int, float],
+    def _judged(self, choice: CodecChoice, current: CodecChoice, window: Window,
                 link_wait: float, now: float) -> CodecChoice:
         """`choose`'s `choice` after the trial of the last step up and any hold."""
         trial = self.trial
@@ -251,10 +266,10 @@ class CompressionController:
         if self.ceiling is not None and rank(choice) > rank(self.ceiling):
             choice = self.ceiling if self.ceiling.codec == Codec.ZSTD else LZ4_CHOICE
         if rank(choice) > rank(current):
-            if len(self._recent) < TRIAL_WINDOWS:
+            fresh = [w for w in self._recent if now - w[2] <= REFERENCE_AGE]
+            if len(fresh) < TRIAL_WINDOWS:
                 return current  # not yet the link-bound windows to judge the step against
-            rate = sum(d for d, _ in self._recent) / sum(s for _, s in self._recent)
-            self.trial = Trial(current, choice, rate)
+            self.trial = Trial(current, choice, data_rate(fresh))
         return choice
 
     def _fail(self, before: CodecChoice, now: float) -> None:
@@ -270,8 +285,8 @@ class CompressionController:
         """An unjudged step up does not stay: back to the choice before it."""
         if self.trial is not None and self.vpg.link_codec == self.trial.to:
             self.vpg.link_codec = self.trial.before
+            self._recent.clear()
         self.trial = None
-        self._recent.clear()
 
     def reset(self, zstd_allowed: bool) -> None:
         """A new session: what the peer allows, and a fresh window (a hold stays: it is
@@ -280,5 +295,6 @@ class CompressionController:
         self.zstd_allowed = zstd_allowed
         if not zstd_allowed and self.vpg.link_codec.codec == Codec.ZSTD:
             self.vpg.link_codec = LZ4_CHOICE
+            self._recent.clear()
         self._wait, self._data = 0.0, 0
         self._t0, self._cpu0 = time.monotonic(), self.vpg.seal_cpu_seconds

@@ -131,3 +131,41 @@ def test_failover_whose_vm_does_not_start_stays_started_with_the_error_and_rolls
     assert ok(cb.get("/vpgs/g1/failover"))["state"] is None
     uri = f"nbd://{b.nbd.split('://', 1)[1]}/failover/g1/vm1/disk0"
     assert log.read_text().splitlines() == ["pre failover g1 vm1", f"stop failover vm1 {uri}"]
+
+
+def test_a_rollback_during_the_boot_waits_for_it_and_a_commit_at_once_boots_only_after_it(
+        sites: tuple[SiteProcess, SiteProcess], tmp_path: Path) -> None:
+    a, b = sites
+    ca, cb = protect(a, b, tmp_path / "disk0.img")
+    t1 = tag(ca, cb, "t1")
+    log = tmp_path / "vms.log"
+    ok(cb.patch("/vpgs/g1/recovery-settings", json={
+        "adapter": "command",
+        "start_command": f"sh -c 'echo begin $ZCORE_PURPOSE >> {log}; sleep 2; "
+                         f"echo end $ZCORE_PURPOSE >> {log}'",
+        "stop_command": f"sh -c 'echo stop $ZCORE_PURPOSE >> {log}'"}))
+
+    def lines() -> list[str]:
+        return log.read_text().splitlines() if log.exists() else []
+
+    # a rollback while the start's VM is booting: the rollback stops it once it has started
+    # (a stop before the start ended left a VM running behind the rollback)
+    start = ok(cb.post("/vpgs/g1/failover", json={"checkpoint": t1}), 202)
+    wait_for("the boot", lambda: lines() == ["begin failover"], timeout=30)
+    wait_task(cb, ok(cb.post("/vpgs/g1/failover/rollback"), 202))
+    wait_task(cb, start)  # its boot stopped by the rollback is no failure
+    assert lines() == ["begin failover", "end failover", "stop failover"]
+    assert not [e for e in ok(cb.get("/events", params={"vpg": "g1"}))["items"]
+                if e["code"] == "failover_vms_failed"]
+
+    # committed at once (a move's failover): the VMs boot once, on the replicas, after the
+    # commit's stop of any that ran (a boot on the failover exports raced the commit that
+    # unexported them)
+    log.unlink()
+    wait_task(cb, ok(cb.post("/vpgs/g1/failover", json={
+        "checkpoint": t1, "commit_policy": "commit", "commit_after_minutes": 0}), 202))
+    status = wait_for("the commit and its boot", lambda: (s := ok(cb.get("/vpgs/g1/failover")))
+                      ["state"] == "committed" and s["vms"] and s["vms"]["started"] and s,
+                      timeout=60)
+    assert status["vms"]["phase"] == "recovered", status
+    assert lines() == ["stop failover", "begin recovered", "end recovered"]

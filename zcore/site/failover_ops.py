@@ -14,8 +14,11 @@ starts (so no retention round runs on a journal a failover pins).
 
 VMs (zcore.site.failover_vms): a start boots the recovered VMs on the failover exports
 through the VPG's adapter and boot plan; rollback and commit stop them first; a commit
-boots them again on the `recovered/...` exports.  A boot that fails fails its task and
-leaves the failover as it is (its status' `vms` holds the error).
+boots them again on the `recovered/...` exports.  A failover committed at once (a commit
+policy of 0 minutes: a move) boots them only after its commit.  A commit or rollback that
+comes while the start's boot runs cancels the boot and waits for the step in flight, then
+stops what it started.  A boot that fails fails its task and leaves the failover as it is
+(its status' `vms` holds the error).
 
 Shutdown policy: recorded; the recovery site closes the VPG's replication connection and
 refuses its ATTACH whatever the policy.  Stopping the protected site's VMs and refusing
@@ -108,17 +111,26 @@ class FailoverOps:
         self._refuse_attach(name, FailoverState.PROMOTING, plan)
         requested = time.monotonic()
 
+        # committed at once (a move): the VMs boot once, on the replicas, after the commit
+        at_once = plan.commit_policy == CommitPolicy.COMMIT and plan.commit_after_minutes == 0
+
         async def run(progress: Progress) -> dict[str, Any]:
             fo = await asyncio.to_thread(Failover.start, name, rvpg.journals,
                                          self.directory(name), plan)
+            vms = None if at_once else self.vms.reserve(name, "failover")
             self.states.finish(t, True)  # failed over, whatever its VMs do next
-            self._activate(fo)
-            await self._event("failover_started",
-                              f"VPG {name} failed over to checkpoint {ckpt.id}: recovered "
-                              f"volumes served after {time.monotonic() - requested:.3f} s, "
-                              f"promoting", name)
-            await progress(0.0, "starting the recovered VMs")
-            await self.vms.boot(fo, FAILOVER_PREFIX, "failover")
+            try:
+                self._activate(fo)
+                await self._event("failover_started",
+                                  f"VPG {name} failed over to checkpoint {ckpt.id}: recovered "
+                                  f"volumes served after {time.monotonic() - requested:.3f} "
+                                  f"s, promoting", name)
+                if vms is not None:
+                    await progress(0.0, "starting the recovered VMs")
+                    await self.vms.boot(fo, FAILOVER_PREFIX, "failover", vms)
+            finally:
+                if vms is not None:
+                    vms.finished.set()  # a stop waiting for this boot goes on
             while not fo.wait_promoted(0) and fo.state == FailoverState.PROMOTING:
                 p = fo.promotion
                 await progress(p.done_bytes / p.total_bytes if p.total_bytes else 0.0,

@@ -56,6 +56,7 @@ class VMRun:
     report: BootReport = field(default_factory=BootReport)
     error: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)  # the boot has ended
 
     def status(self) -> dict[str, Any]:
         return {"phase": self.phase, "adapter": self.adapter, "started": self.report.started,
@@ -94,31 +95,44 @@ class FailoverVMs:
                      for spec in journal.volumes.values()}
                 for vm, journal in fo.journals.items()}
 
-    async def boot(self, fo: Failover, prefix: str, phase: str) -> dict[str, Any]:
+    def reserve(self, name: str, phase: str) -> VMRun:
+        """The run of a boot about to begin, registered now: a commit or rollback that
+        comes before the boot has started its VMs cancels it and waits for it to end
+        (call it with no await before the operation that allows them)."""
+        run = VMRun(phase, "?")
+        self.runs[name] = run
+        return run
+
+    async def boot(self, fo: Failover, prefix: str, phase: str,
+                   run: VMRun | None = None) -> dict[str, Any]:
         """Run the VPG's boot plan on the exports under `prefix` (blocking work in a thread);
         `BootPlanError` (after an event) when a step fails."""
         return await self.boot_exports(fo.name, self.exports(fo, prefix), phase,
-                                       str(fo.plan.checkpoint_id))
+                                       str(fo.plan.checkpoint_id), run)
 
     async def boot_exports(self, name: str, volumes: dict[str, dict[str, str]], phase: str,
-                           checkpoint: str = "") -> dict[str, Any]:
+                           checkpoint: str = "", run: VMRun | None = None) -> dict[str, Any]:
         """`boot` on any exports (VM -> volume -> export name): reverse protection boots
-        the VMs on the volumes it protects."""
-        run = VMRun(phase, "?")
-        self.runs[name] = run
-        run.plan = plan = await self._plan(name, volumes, phase, checkpoint, run.cancel)
-        run.adapter = plan.adapter.name
+        the VMs on the volumes it protects.  A boot a stop cancels ends without error."""
+        run = self.reserve(name, phase) if run is None else run
         try:
-            run.report = await asyncio.to_thread(plan.run)
-        except BootPlanError as exc:
-            run.report, run.error = exc.report, str(exc)
-            await asyncio.to_thread(
-                self.db.add_event, "failover_vms_failed",
-                f"VPG {name}: the recovered VMs did not all start ({phase}): {exc}; the "
-                f"operation stays as it is: start the rest yourself, or roll back",
-                vpg=name, severity=Severity.ERROR)
-            raise
-        return run.status()
+            run.plan = plan = await self._plan(name, volumes, phase, checkpoint, run.cancel)
+            run.adapter = plan.adapter.name
+            try:
+                run.report = await asyncio.to_thread(plan.run)
+            except BootPlanError as exc:
+                run.report, run.error = exc.report, str(exc)
+                if run.cancel.is_set():  # a commit or rollback stops these VMs anyway
+                    return run.status()
+                await asyncio.to_thread(
+                    self.db.add_event, "failover_vms_failed",
+                    f"VPG {name}: the recovered VMs did not all start ({phase}): {exc}; the "
+                    f"operation stays as it is: start the rest yourself, or roll back",
+                    vpg=name, severity=Severity.ERROR)
+                raise
+            return run.status()
+        finally:
+            run.finished.set()
 
     async def stop(self, fo: Failover, mode: StopMode) -> None:
         """Stop every VM of the VPG (reverse boot order; a graceful stop that fails is
@@ -132,7 +146,8 @@ class FailoverVMs:
         stops the VMs at the protected site before it refuses their writes."""
         run = self.runs.get(name)
         if run is not None:
-            run.cancel.set()  # a boot still running stops at its next step
+            run.cancel.set()  # a boot still running stops at its next step:
+            await run.finished.wait()  # the VM it is starting is then stopped too
         plan = run.plan if run is not None and run.plan is not None else \
             await self._plan(name, volumes, "failover", checkpoint)
         everyone = BootReport(started=[s.vm for s in plan.steps])

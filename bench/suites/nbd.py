@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from benchkit import MB, Context, GiB, KiB, Metric, MiB, read_through
+from benchkit import MB, Context, GiB, KiB, Metric, MiB, read_through, sync_dirty
 
 from zcore import nbd
 from zcore.journal import Journal, VolumeSpec
@@ -176,10 +176,6 @@ def _sparse(path: Path, size: int) -> Path:
     return path
 
 
-def _sync() -> None:
-    os.sync()
-
-
 def _nbdcopy(src: str, dst: str) -> float:
     t0 = time.perf_counter()
     subprocess.run(["nbdcopy", src, dst], check=True, capture_output=True)
@@ -228,7 +224,7 @@ def measure_write_seq(ctx: Context) -> Metric:
             order = ((ours.uri, "zcore"), (theirs.uri, "qemu"))
             result = {}
             for uri, side in (order if r % 2 == 0 else order[::-1]):
-                _sync()
+                sync_dirty()
                 result[side] = size / _nbdcopy(str(src), uri) / MB
             passes.append((result["zcore"], result["qemu"]))
             ctx.log(f"write_seq pass {r}: zcore {result['zcore']:.0f} MB/s, qemu-nbd "
@@ -328,7 +324,7 @@ def measure_randwrite_4k(ctx: Context) -> Metric:
             order = ((ours.uri, "zcore"), (theirs.uri, "qemu"))
             result = {}
             for uri, side in (order if r % 2 == 0 else order[::-1]):
-                _sync()
+                sync_dirty()
                 result[side] = _fio(uri, seconds, size)
             passes.append((result["zcore"]["iops"], result["qemu"]["iops"]))
             runs.append(result)

@@ -70,11 +70,13 @@ def boot_at_a(kit: VMKit, script: str, uri: str, run_dir: Path, marker: str,
     t0 = time.monotonic()
     adapter.start("vm1", [uri], None, timeout=budget.left(BOOT_S))
     try:
-        console = console_until(adapter.console_path("vm1"), marker, budget)
+        console_until(adapter.console_path("vm1"), marker, budget)
         wait_for("the guest to power off", lambda: adapter.status("vm1") is VMState.STOPPED,
                  timeout=budget.left(60), interval=0.05)
     finally:
         adapter.stop("vm1", timeout=10)  # by now a no-op, unless the wait failed
+    # read once it is off: the marker's read can come before the kit's "script exit" line
+    console = adapter.console_path("vm1").read_text(errors="replace")
     print(f"guest {marker}: {time.monotonic() - t0:.1f} s from start to power-off")
     assert "GUEST-MOUNT-FAILED" not in console, console
     return console

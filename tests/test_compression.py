@@ -274,6 +274,17 @@ def test_link_bound_windows_under_lz4_count_while_off_and_across_a_session_unles
     assert link.window(50e6) == ZSTD3
 
 
+def test_windows_under_another_encoding_are_no_reference_however_it_changed():
+    link = Link()
+    for _ in range(TRIAL_WINDOWS):
+        assert link.window(50e6, busy=0.3) == LZ4_CHOICE  # the sealer too busy for zstd
+    zstd1 = CodecChoice(Codec.ZSTD, 1)
+    link.vpg.link_codec = zstd1  # set from outside the controller, as the bench does
+    # one window under zstd-1 (the LZ4 ones before it judge no step from it), then a climb
+    assert link.window(50e6) == zstd1 and link.ctl.trial is None
+    assert link.window(50e6) == ZSTD3 and link.ctl.trial.before == zstd1
+
+
 def test_from_raw_a_link_bound_sealer_goes_to_lz4_first_and_zstd_is_judged_against_it():
     link = Link()
     link.vpg.link_codec = NONE

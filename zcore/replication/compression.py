@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from zcore.records import LZ4_CHOICE, Codec, CodecChoice
 
@@ -127,15 +127,18 @@ def zstd_level(level: int, sealer_busy: float) -> int:
     return at
 
 
-Window = tuple[int, float, float]  # data bytes sent, seconds, when it ended
+class Window(NamedTuple):
+    """One closed window: what the link delivered in it, under which choice."""
+
+    data: int  # data bytes sent
+    seconds: float
+    end: float  # time.monotonic() when it closed
+    codec: CodecChoice  # the VPG's encoding during it
 
 
 def data_rate(windows: Iterable[Window]) -> float:
     """Data bytes per second over `windows`."""
-    data = seconds = 0.0
-    for d, s, _ in windows:
-        data, seconds = data + d, seconds + s
-    return data / seconds
+    return sum(w.data for w in windows) / sum(w.seconds for w in windows)
 
 
 def rank(choice: CodecChoice) -> int:
@@ -181,7 +184,8 @@ class CompressionController:
         self.held_until = 0.0  # ...until this time.monotonic()
         self.failed_steps = 0  # steps undone since start
         self._retry = ZSTD_RETRY
-        # link-bound windows under the present choice: what a step up is judged against
+        # the last link-bound windows in a row: those under the present choice and fresh
+        # are what a step up is judged against
         self._recent: deque[Window] = deque(maxlen=TRIAL_WINDOWS)
         self._wait = 0.0
         self._data = 0
@@ -206,13 +210,13 @@ class CompressionController:
         if span < WINDOW:
             return self.vpg.link_codec
         cpu = self.vpg.seal_cpu_seconds
-        window = (self._data, span, now)
+        current = self.vpg.link_codec
+        window = Window(self._data, span, now, current)
         sample = LinkLoad(min(1.0, self._wait / span), (cpu - self._cpu0) / span)
         a = SMOOTHING
         self.load = LinkLoad(a * sample.link_wait + (1 - a) * self.load.link_wait,
                              a * sample.sealer_busy + (1 - a) * self.load.sealer_busy)
         self._wait, self._data, self._t0, self._cpu0 = 0.0, 0, now, cpu
-        current = self.vpg.link_codec
         if self.ceiling is not None and now >= self.held_until:
             self.ceiling = None
         if self.trial is None:
@@ -228,8 +232,6 @@ class CompressionController:
             current = self.vpg.link_codec
             choice = choose(self.load, current, zstd_allowed=False) if self.enabled \
                 else LZ4_CHOICE
-        if choice != current:
-            self._recent.clear()
         self.vpg.link_codec = choice
         self.decisions += 1
         return choice
@@ -266,10 +268,12 @@ class CompressionController:
         if self.ceiling is not None and rank(choice) > rank(self.ceiling):
             choice = self.ceiling if self.ceiling.codec == Codec.ZSTD else LZ4_CHOICE
         if rank(choice) > rank(current):
-            fresh = [w for w in self._recent if now - w[2] <= REFERENCE_AGE]
+            fresh = [w for w in self._recent
+                     if w.codec == current and now - w.end <= REFERENCE_AGE]
             if len(fresh) < TRIAL_WINDOWS:
                 return current  # not yet the link-bound windows to judge the step against
             self.trial = Trial(current, choice, data_rate(fresh))
+            self._recent.clear()  # in a row: none from before the trial counts after it
         return choice
 
     def _fail(self, before: CodecChoice, now: float) -> None:
@@ -285,7 +289,6 @@ class CompressionController:
         """An unjudged step up does not stay: back to the choice before it."""
         if self.trial is not None and self.vpg.link_codec == self.trial.to:
             self.vpg.link_codec = self.trial.before
-            self._recent.clear()
         self.trial = None
 
     def reset(self, zstd_allowed: bool) -> None:
@@ -295,6 +298,5 @@ class CompressionController:
         self.zstd_allowed = zstd_allowed
         if not zstd_allowed and self.vpg.link_codec.codec == Codec.ZSTD:
             self.vpg.link_codec = LZ4_CHOICE
-            self._recent.clear()
         self._wait, self._data = 0.0, 0
         self._t0, self._cpu0 = time.monotonic(), self.vpg.seal_cpu_seconds

@@ -10,7 +10,9 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from conftest import require_tool
 from helpers.failover import DISK, MiB, protect, qemu_io, tag, wait_task
@@ -101,17 +103,26 @@ def test_failover_commit_rollback_and_a_recovery_site_crash_through_the_api(
     assert {"failover_started", "failover_rolled_back", "failover_committed"} <= set(kinds)
 
 
-def test_failover_whose_vm_does_not_start_stays_started_with_the_error_and_rolls_back(
-        sites: tuple[SiteProcess, SiteProcess], tmp_path: Path) -> None:
+def commanded(sites: tuple[SiteProcess, SiteProcess], tmp_path: Path,
+              commands: dict[str, Any]) -> tuple[httpx.Client, int]:
+    """VPG g1 protected from A to B with checkpoint t1 tagged, its recovered VMs run by
+    the command adapter with `commands`; B's client and t1's id."""
     a, b = sites
     ca, cb = protect(a, b, tmp_path / "disk0.img")
     t1 = tag(ca, cb, "t1")
+    ok(cb.patch("/vpgs/g1/recovery-settings", json={"adapter": "command", **commands}))
+    return cb, t1
+
+
+def test_failover_whose_vm_does_not_start_stays_started_with_the_error_and_rolls_back(
+        sites: tuple[SiteProcess, SiteProcess], tmp_path: Path) -> None:
+    b = sites[1]
     log = tmp_path / "vms.log"
     record = f"sh -c 'echo $ZCORE_PURPOSE $ZCORE_VM $ZCORE_NBD_DISK0 >> {log}'"
-    ok(cb.patch("/vpgs/g1/recovery-settings", json={
-        "adapter": "command", "start_command": "sh -c 'echo no hypervisor; exit 4'",
+    cb, t1 = commanded(sites, tmp_path, {
+        "start_command": "sh -c 'echo no hypervisor; exit 4'",
         "stop_command": record.replace("echo", "echo stop"),
-        "pre_scripts": [f"sh -c 'echo pre $ZCORE_OPERATION $ZCORE_VPG $ZCORE_VMS >> {log}'"]}))
+        "pre_scripts": [f"sh -c 'echo pre $ZCORE_OPERATION $ZCORE_VPG $ZCORE_VMS >> {log}'"]})
     task = ok(cb.post("/vpgs/g1/failover", json={"checkpoint": t1}), 202)
     failed = wait_for("the start task", lambda: (t := ok(cb.get(f"/tasks/{task['id']}")))
                       ["state"] in ("failed", "succeeded") and t, timeout=60)
@@ -135,15 +146,11 @@ def test_failover_whose_vm_does_not_start_stays_started_with_the_error_and_rolls
 
 def test_a_rollback_during_the_boot_waits_for_it_and_a_commit_at_once_boots_only_after_it(
         sites: tuple[SiteProcess, SiteProcess], tmp_path: Path) -> None:
-    a, b = sites
-    ca, cb = protect(a, b, tmp_path / "disk0.img")
-    t1 = tag(ca, cb, "t1")
     log = tmp_path / "vms.log"
-    ok(cb.patch("/vpgs/g1/recovery-settings", json={
-        "adapter": "command",
+    cb, t1 = commanded(sites, tmp_path, {
         "start_command": f"sh -c 'echo begin $ZCORE_PURPOSE >> {log}; sleep 2; "
                          f"echo end $ZCORE_PURPOSE >> {log}'",
-        "stop_command": f"sh -c 'echo stop $ZCORE_PURPOSE >> {log}'"}))
+        "stop_command": f"sh -c 'echo stop $ZCORE_PURPOSE >> {log}'"})
 
     def lines() -> list[str]:
         return log.read_text().splitlines() if log.exists() else []

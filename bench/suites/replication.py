@@ -492,7 +492,7 @@ async def measure_rpo(ctx: Context, peer: Peer, pool: bytes, e2e_bytes_per_s: fl
     latencies: list[float] = []
     try:
         await wait_for(lambda: rep.connected, "the connection")
-        sync_dirty()  # the e2e passes' writeback, due now, made the p99 swing (27 to 230 ms)
+        sync_dirty()  # the e2e passes' dirty pages go to disk now, not under the paced load
         guest = PacedGuest(vpg, pool, ops, rate, seconds)
         guest.start()
         k = 0

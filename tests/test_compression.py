@@ -250,10 +250,11 @@ def test_a_step_cut_short_goes_back_to_the_choice_before_it_without_a_hold():
     link.until(ZSTD3, 100e6)
     link.ctl.reset(zstd_allowed=True)
     assert link.vpg.link_codec == LZ4_CHOICE and link.ctl.trial is None
-    link = Link()  # the controller turned off mid-trial
+    link = Link()  # the controller turned off mid-trial: LZ4 at once, not a window later
     link.until(ZSTD3, 100e6)
     link.ctl.enabled = False
-    assert link.window(100e6) == LZ4_CHOICE and link.ctl.trial is None
+    assert link.vpg.link_codec == LZ4_CHOICE and link.ctl.trial is None
+    assert link.window(100e6) == LZ4_CHOICE
 
 
 def test_link_bound_windows_under_lz4_count_while_off_and_across_a_session_unless_stale():

@@ -45,7 +45,6 @@ import numpy as np
 from benchkit import MB, Context, GiB, KiB, Metric, MiB, gc_paused, sync_dirty, vm_like_pool
 from replication_peer import thread_cpu
 
-from zcore.records import LZ4_CHOICE
 from zcore.replication import ProtectedSite
 from zcore.vpg import VPG, VPGSettings
 
@@ -702,13 +701,9 @@ async def measure_wan(ctx: Context, peer: Peer) -> Metric:
         for r in range(WAN_PASSES if not ctx.quick else 1):
             for kind in ("lz4", "adaptive"):
                 ctl = rep.compression
-                ctl.enabled = kind == "adaptive"
+                ctl.enabled = kind == "adaptive"  # off: LZ4 from the pass's first write
                 # a fresh window (the link-bound windows of the pass before stay the
-                # reference a step up is judged against, as across a new session); the
-                # LZ4 pass seals LZ4 from its first write (the adaptive pass before it
-                # left zstd-6 on: its first window sealed ~50 MB of the baseline so)
-                if kind == "lz4":
-                    vpg.link_codec = LZ4_CHOICE
+                # reference a step up is judged against, as across a new session)
                 ctl.reset(ctl.zstd_allowed)
                 p = await _e2e_pass(vpg, pool, ops, peer)
                 p["cpu_seconds_per_mb"] = {

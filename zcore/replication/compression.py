@@ -175,7 +175,6 @@ class CompressionController:
 
     def __init__(self, vpg: Sealer, *, enabled: bool = True) -> None:
         self.vpg = vpg
-        self.enabled = enabled  # False: the VPG keeps LZ4 (benchmark baseline, tests)
         self.zstd_allowed = False  # set when the handshake agreed wire protocol v2
         self.load = LinkLoad(0.0, 0.0)
         self.decisions = 0
@@ -191,6 +190,19 @@ class CompressionController:
         self._data = 0
         self._t0 = time.monotonic()
         self._cpu0 = vpg.seal_cpu_seconds
+        self.enabled = enabled
+
+    @property
+    def enabled(self) -> bool:
+        """False: the VPG seals LZ4 from now on (benchmark baselines, tests)."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, on: bool) -> None:
+        self._enabled = on
+        if not on:
+            self._abandon()
+            self.vpg.link_codec = LZ4_CHOICE
 
     def waited(self, seconds: float) -> None:
         self._wait += seconds
